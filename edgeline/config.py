@@ -1,0 +1,324 @@
+"""The site configuration: one pydantic tree, loaded from YAML by :func:`load`.
+
+Errors name the YAML path of each problem (``machines[1].cameras[0].models: at most 2 models
+per camera``). Camera defaults are merged into every camera after validation, so edge code reads
+one complete :class:`CameraConfig` per camera.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stream.messages import Identifier
+from stream.rule_config import RuleConfig
+
+MAX_MODELS_PER_CAMERA = 2
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_PACKAGES = Path(__file__).resolve().parent.parent / "models" / "packages"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` holds one ``path: what is wrong`` line each."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: invalid configuration\n" + "\n".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------- cameras
+
+
+class SyntheticSource(_Strict):
+    type: Literal["synthetic"] = "synthetic"
+    seed: int = Field(0, description="random seed: the same seed gives the same frames and defects")
+    defect_rate: float = Field(0.15, ge=0, le=1, description="probability that a part carries a defect")
+    part_speed: float = Field(0.2, gt=0, le=2, description="conveyor speed in frame widths per second")
+
+
+class FileSource(_Strict):
+    type: Literal["file"] = "file"
+    path: Path = Field(description="video file read with OpenCV")
+    loop: bool = Field(True, description="start again at the end of the file")
+
+
+class UrlSource(_Strict):
+    type: Literal["rtsp"] = "rtsp"
+    url: Annotated[str, Field(pattern=r"^(rtsps?|https?)://")] = Field(description="RTSP or HTTP stream URL")
+
+
+class UsbSource(_Strict):
+    type: Literal["usb"] = "usb"
+    index: int = Field(0, ge=0, description="V4L2 device index (/dev/videoN)")
+
+
+class GStreamerSource(_Strict):
+    type: Literal["gstreamer"] = "gstreamer"
+    pipeline: str = Field(min_length=1, description="GStreamer pipeline ending in appsink")
+
+
+CameraSource = Annotated[
+    SyntheticSource | FileSource | UrlSource | UsbSource | GStreamerSource, Field(discriminator="type")
+]
+Resolution = tuple[Annotated[int, Field(gt=0, le=8192)], Annotated[int, Field(gt=0, le=8192)]]
+
+
+def _at_most_two_models(models: list[str]) -> list[str]:
+    if len(models) > MAX_MODELS_PER_CAMERA:
+        raise ValueError(f"at most {MAX_MODELS_PER_CAMERA} models per camera (got {len(models)})")
+    if len(set(models)) != len(models):
+        raise ValueError("a model is listed twice")
+    return models
+
+
+class CameraDefaults(_Strict):
+    fps: float = Field(10.0, gt=0, le=120, description="frames per second captured and offered to inference")
+    resolution: Resolution = Field((320, 240), description="capture width, height in pixels")
+    queue_size: int = Field(2, ge=1, le=64, description="latest-frame queue length; a full queue drops the oldest")
+
+
+class CameraConfig(_Strict):
+    id: Identifier = Field(description="camera id, unique on its machine")
+    source: CameraSource = Field(default_factory=SyntheticSource, description="where frames come from")
+    models: Annotated[list[Identifier], AfterValidator(_at_most_two_models)] = Field(
+        default_factory=list, description="names from the top-level models catalog; 0, 1 or 2"
+    )
+    fps: float | None = Field(None, gt=0, le=120, description="overrides camera_defaults.fps")
+    resolution: Resolution | None = Field(None, description="overrides camera_defaults.resolution")
+    queue_size: int | None = Field(None, ge=1, le=64, description="overrides camera_defaults.queue_size")
+
+
+# ---------------------------------------------------------------- sensors
+
+
+class SyntheticSensorSource(_Strict):
+    type: Literal["synthetic"] = "synthetic"
+    seed: int = Field(0, description="random seed of the simulated pump")
+    anomaly_rate: float = Field(0.01, ge=0, le=1, description="chance per sample that an anomaly episode starts")
+
+
+class CsvSensorSource(_Strict):
+    type: Literal["csv"] = "csv"
+    path: Path = Field(description="SKAB-format CSV (';' separated, datetime column first)")
+    speed: float = Field(1.0, gt=0, description="replay speed: 1 is real time, 10 is ten times faster")
+    loop: bool = Field(False, description="start again at the end of the file")
+
+
+class MqttSensorSource(_Strict):
+    type: Literal["mqtt"] = "mqtt"
+    topic: str = Field(min_length=1, description="MQTT topic a sensor gateway publishes JSON samples on")
+
+
+SensorSource = Annotated[SyntheticSensorSource | CsvSensorSource | MqttSensorSource, Field(discriminator="type")]
+
+
+class SensorGroupConfig(_Strict):
+    id: Identifier = Field(description="sensor group id, unique on its machine (e.g. pump1)")
+    source: SensorSource = Field(default_factory=SyntheticSensorSource, description="where samples come from")
+    model: Identifier | None = Field(None, description="anomaly model name from the models catalog")
+    rate_hz: float = Field(1.0, gt=0, le=1000, description="samples per second")
+
+
+# ---------------------------------------------------------------- machines and site
+
+
+class MachineConfig(_Strict):
+    id: Identifier = Field(description="machine id, unique in the site")
+    line: Identifier = Field("line-1", description="production line the machine belongs to")
+    cameras: list[CameraConfig] = Field(default_factory=list, max_length=16, description="cameras on this machine")
+    sensors: list[SensorGroupConfig] = Field(default_factory=list, max_length=64, description="sensor groups")
+
+
+class ModelRef(_Strict):
+    path: str = Field(description=f"model package folder: absolute, relative to this file, or '{BUILTIN_PREFIX}<name>'")
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(
+        default_factory=lambda: ["cpu"], description="execution-provider preference, first available wins"
+    )
+    threads: int = Field(1, ge=0, le=64, description="intra-op threads per session (0: ONNX Runtime default)")
+
+
+class TlsConfig(_Strict):
+    ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="client private key (mutual TLS)")
+
+
+class BrokerConfig(_Strict):
+    host: str = Field("127.0.0.1", min_length=1, description="MQTT broker host")
+    port: int = Field(1883, ge=1, le=65535, description="MQTT broker port")
+    username: str | None = Field(None, description="MQTT user name")
+    password: str | None = Field(None, description="MQTT password")
+    tls: TlsConfig | None = Field(None, description="TLS settings; absent means plain TCP")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive in seconds")
+
+
+class OutboxConfig(_Strict):
+    path: Path = Field(Path("edgeline-outbox.sqlite"), description="SQLite file of the store-and-forward outbox")
+    max_messages: int = Field(100_000, ge=10, description="size bound; the lowest priority is dropped first")
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = Field(True, description="serve Prometheus metrics")
+    host: str = Field("127.0.0.1", description="address the metrics endpoint binds")
+    port: int = Field(9100, ge=0, le=65535, description="metrics port (0: pick a free one)")
+
+
+class EngineConfig(_Strict):
+    allowed_lateness_s: float = Field(2.0, ge=0, description="event-time lateness accepted before an observation is dropped")
+    dedupe_ttl_s: float = Field(600.0, gt=0, description="how long a msg_id is remembered for dedupe")
+
+
+class SiteConfig(_Strict):
+    site: Identifier = Field(description="site id: first level of every topic")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="MQTT broker")
+    camera_defaults: CameraDefaults = Field(default_factory=CameraDefaults, description="merged into every camera")
+    models: dict[Identifier, ModelRef] = Field(default_factory=dict, description="model catalog: name -> package")
+    machines: list[MachineConfig] = Field(default_factory=list, max_length=1000, description="vision machines")
+    rules: list[RuleConfig] = Field(default_factory=list, description="decision rules")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="rules engine settings")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="edge outbox")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
+
+    @model_validator(mode="after")
+    def _merge_camera_defaults(self) -> "SiteConfig":
+        for machine in self.machines:
+            for camera in machine.cameras:
+                for field in ("fps", "resolution", "queue_size"):
+                    if getattr(camera, field) is None:
+                        setattr(camera, field, getattr(self.camera_defaults, field))
+        return self
+
+    def machine(self, machine_id: str) -> MachineConfig:
+        for machine in self.machines:
+            if machine.id == machine_id:
+                return machine
+        raise KeyError(f"no machine {machine_id!r} in site {self.site!r}")
+
+    def lines(self) -> dict[str, str]:
+        """machine id -> line id."""
+        return {machine.id: machine.line for machine in self.machines}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | Path) -> SiteConfig:
+    """Read, validate and cross-check a site YAML file; raise :class:`ConfigError` on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}".replace("\n", " ")]) from None
+    return from_dict(raw, base_dir=path.parent, source=str(path))
+
+
+def from_dict(raw: Any, base_dir: Path = Path("."), source: str = "<config>") -> SiteConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping, got {type(raw).__name__}"])
+    try:
+        config = SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(error, raw) for error in exc.errors(include_url=False)]) from None
+    problems = _cross_check(config, base_dir)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def resolve_model_path(ref: ModelRef, base_dir: Path) -> Path:
+    if ref.path.startswith(BUILTIN_PREFIX):
+        return BUILTIN_PACKAGES / ref.path[len(BUILTIN_PREFIX):]
+    path = Path(ref.path).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _cross_check(config: SiteConfig, base_dir: Path) -> list[str]:
+    """Checks that span the tree: unique ids, model names that exist, files that exist."""
+    problems: list[str] = []
+    for name, ref in config.models.items():
+        package = resolve_model_path(ref, base_dir)
+        if not (package / "manifest.json").is_file():
+            problems.append(f"models.{name}.path: no model package (manifest.json) at {package}")
+    problems += _duplicates("machines", [m.id for m in config.machines], "machine id")
+    problems += _duplicates("rules", [r.name for r in config.rules], "rule name")
+    for i, machine in enumerate(config.machines):
+        where = f"machines[{i}]"
+        problems += _duplicates(f"{where}.cameras", [c.id for c in machine.cameras], "camera id")
+        problems += _duplicates(f"{where}.sensors", [s.id for s in machine.sensors], "sensor group id")
+        for j, camera in enumerate(machine.cameras):
+            for k, model in enumerate(camera.models):
+                if model not in config.models:
+                    problems.append(f"{where}.cameras[{j}].models[{k}]: unknown model {model!r}{_known(config)}")
+            if isinstance(camera.source, FileSource) and not (base_dir / camera.source.path).exists():
+                problems.append(f"{where}.cameras[{j}].source.path: file not found: {camera.source.path}")
+        for j, sensor in enumerate(machine.sensors):
+            if sensor.model is not None and sensor.model not in config.models:
+                problems.append(f"{where}.sensors[{j}].model: unknown model {sensor.model!r}{_known(config)}")
+            if isinstance(sensor.source, CsvSensorSource) and not (base_dir / sensor.source.path).exists():
+                problems.append(f"{where}.sensors[{j}].source.path: file not found: {sensor.source.path}")
+    return problems
+
+
+def _known(config: SiteConfig) -> str:
+    return f" (known: {', '.join(sorted(config.models))})" if config.models else " (the models catalog is empty)"
+
+
+def _duplicates(where: str, ids: list[str], what: str) -> list[str]:
+    seen: set[str] = set()
+    problems = []
+    for index, item in enumerate(ids):
+        if item in seen:
+            problems.append(f"{where}[{index}].id: duplicate {what} {item!r}")
+        seen.add(item)
+    return problems
+
+
+def _describe(error: dict[str, Any], raw: Any) -> str:
+    return f"{yaml_path(error['loc'], raw)}: {_message(error)}"
+
+
+def _message(error: dict[str, Any]) -> str:
+    message = str(error["msg"])
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    if error["type"] == "union_tag_invalid":
+        return message.replace("Input tag", "type").replace("found using 'type' ", "")
+    return message
+
+
+def yaml_path(loc: tuple[Any, ...], raw: Any) -> str:
+    """``('machines', 1, 'cameras', 0, 'source', 'file', 'path')`` -> ``machines[1].cameras[0].source.path``.
+
+    Pydantic puts union tags and validator names in the location; walking the raw document tells
+    them apart from real keys, which are kept.
+    """
+    text = ""
+    node = raw
+    for position, part in enumerate(loc):
+        last = position == len(loc) - 1
+        if isinstance(part, int) and isinstance(node, list):
+            text += f"[{part}]"
+            node = node[part] if 0 <= part < len(node) else None
+        elif isinstance(node, dict) and (part in node or last):
+            text += f".{part}" if text else str(part)
+            node = node.get(part)
+        elif isinstance(node, dict) and isinstance(part, str) and part.startswith(("function-", "tagged-union")):
+            continue
+        elif isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue  # discriminated-union tag
+        else:
+            text += f".{part}" if text else str(part)
+            node = None
+    return text or "(top level)"

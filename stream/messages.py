@@ -1,0 +1,256 @@
+"""Wire messages: pydantic schemas shared by edge, stream and central.
+
+Every message is one JSON object with a versioned ``schema`` (``edgeline.<kind>/<n>``), a
+``msg_id`` that stays the same across retries (consumers dedupe on it), the ``site`` and
+``machine`` it belongs to, and ``ts``: capture time as UTC epoch seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
+"""Names that become MQTT topic levels: no '/', '+', '#' or spaces."""
+
+Scalar = str | int | float | bool
+Severity = Literal["info", "warning", "critical"]
+Scope = Literal["camera", "machine", "line"]
+Timestamp = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+UnitFloat = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+_MSG_ID_NAMESPACE = uuid.UUID("6f1c3c8e-8f5e-4d0e-9d2b-6a1f0e7c2b11")
+
+
+class MessageError(ValueError):
+    """Raised for bytes that are not a valid Edgeline message; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+def stable_msg_id(*parts: object) -> str:
+    """A msg_id derived from what identifies the message, so a regenerated copy dedupes."""
+    return uuid.uuid5(_MSG_ID_NAMESPACE, "/".join(str(p) for p in parts)).hex
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, ser_json_inf_nan="null")
+
+
+class Envelope(_Strict):
+    """Fields every message carries."""
+
+    SCHEMA: ClassVar[str]
+    KIND: ClassVar[str]
+
+    msg_id: Annotated[str, Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")] = Field(
+        default_factory=new_msg_id
+    )
+    site: Identifier
+    machine: Identifier
+    ts: Timestamp
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+# ---------------------------------------------------------------- results
+
+
+class EncodedMask(_Strict):
+    """A class-index mask as a PNG, base64-encoded: small, lossless, decodable anywhere."""
+
+    format: Literal["png-b64"] = "png-b64"
+    height: Annotated[int, Field(gt=0, le=8192)]
+    width: Annotated[int, Field(gt=0, le=8192)]
+    data: Annotated[str, Field(max_length=4_000_000)]
+
+    @classmethod
+    def encode(cls, mask: np.ndarray) -> "EncodedMask":
+        ok, png = cv2.imencode(".png", mask.astype(np.uint8))
+        if not ok:
+            raise ValueError("mask could not be encoded as PNG")
+        return cls(height=mask.shape[0], width=mask.shape[1], data=base64.b64encode(png.tobytes()).decode())
+
+    def decode(self) -> np.ndarray:
+        raw = np.frombuffer(base64.b64decode(self.data), dtype=np.uint8)
+        mask = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        if mask is None or mask.shape[:2] != (self.height, self.width):
+            raise MessageError("mask data does not decode to the stated shape")
+        return mask
+
+
+class DefectRegion(_Strict):
+    cls: Annotated[str, Field(min_length=1, max_length=64)]
+    area: Annotated[int, Field(ge=0)]
+    bbox: tuple[int, int, int, int] = Field(description="x, y, width, height in frame pixels")
+    score: UnitFloat
+
+
+class ModelOutput(_Strict):
+    model: Identifier
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    defect_ratio: UnitFloat
+    regions: list[DefectRegion] = Field(default_factory=list, max_length=256)
+    mask: EncodedMask | None = None
+
+
+class FrameResult(_Strict):
+    seq: Annotated[int, Field(ge=0)]
+    ts: Timestamp
+    outputs: list[ModelOutput] = Field(min_length=1, max_length=2)
+    gated: bool = Field(False, description="scene unchanged: outputs reused from the last inferred frame")
+
+
+class Result(Envelope):
+    """Inference results of one camera, grouped over a short window (one or more frames)."""
+
+    SCHEMA: ClassVar[str] = "edgeline.result/1"
+    KIND: ClassVar[str] = "result"
+    schema_: Literal["edgeline.result/1"] = Field("edgeline.result/1", alias="schema")
+    camera: Identifier
+    frames: list[FrameResult] = Field(min_length=1, max_length=1000)
+
+
+# ---------------------------------------------------------------- anomalies
+
+
+class Anomaly(Envelope):
+    """Anomaly score of one sensor group for one time step."""
+
+    SCHEMA: ClassVar[str] = "edgeline.anomaly/1"
+    KIND: ClassVar[str] = "anomaly"
+    schema_: Literal["edgeline.anomaly/1"] = Field("edgeline.anomaly/1", alias="schema")
+    group: Identifier
+    seq: Annotated[int, Field(ge=0)]
+    model: Identifier
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    score: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    threshold: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    is_anomaly: bool
+    channel_scores: dict[Identifier, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- heartbeats and events
+
+
+class CameraStatus(_Strict):
+    camera: Identifier
+    state: Literal["ok", "reconnecting", "failed", "stopped"]
+    fps: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    inferred_fps: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    latency_p50_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    latency_p99_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    queue_depth: Annotated[int, Field(ge=0)] = 0
+    frames_dropped: Annotated[int, Field(ge=0)] = 0
+    frames_gated: Annotated[int, Field(ge=0)] = 0
+    models: list[str] = Field(default_factory=list, description="name:version of each loaded model")
+
+
+class Heartbeat(Envelope):
+    SCHEMA: ClassVar[str] = "edgeline.heartbeat/1"
+    KIND: ClassVar[str] = "heartbeat"
+    schema_: Literal["edgeline.heartbeat/1"] = Field("edgeline.heartbeat/1", alias="schema")
+    uptime_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    cameras: list[CameraStatus] = Field(default_factory=list, max_length=64)
+    cpu_percent: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    rss_mb: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    outbox_depth: Annotated[int, Field(ge=0)] = 0
+
+
+class Event(Envelope):
+    """Something that happened on a machine: a camera reconnecting, a model loaded, a command applied."""
+
+    SCHEMA: ClassVar[str] = "edgeline.event/1"
+    KIND: ClassVar[str] = "event"
+    schema_: Literal["edgeline.event/1"] = Field("edgeline.event/1", alias="schema")
+    name: Identifier
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    text: Annotated[str, Field(max_length=2000)] = ""
+    camera: Identifier | None = None
+    details: dict[str, Scalar] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- decisions, alerts, commands
+
+
+class Command(Envelope):
+    """An instruction to one machine (``machine``), optionally for one camera."""
+
+    SCHEMA: ClassVar[str] = "edgeline.command/1"
+    KIND: ClassVar[str] = "command"
+    schema_: Literal["edgeline.command/1"] = Field("edgeline.command/1", alias="schema")
+    name: Identifier
+    camera: Identifier | None = None
+    args: dict[str, Scalar] = Field(default_factory=dict)
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
+class Alert(Envelope):
+    """A rule firing or resolving for a scope key (a camera, a machine or a line)."""
+
+    SCHEMA: ClassVar[str] = "edgeline.alert/1"
+    KIND: ClassVar[str] = "alert"
+    schema_: Literal["edgeline.alert/1"] = Field("edgeline.alert/1", alias="schema")
+    rule: Identifier
+    state: Literal["firing", "resolved"]
+    severity: Severity
+    scope: Scope
+    key: Annotated[str, Field(min_length=1, max_length=200)]
+    value: Annotated[float, Field(allow_inf_nan=False)]
+    text: Annotated[str, Field(max_length=2000)] = ""
+    camera: Identifier | None = None
+    line: Identifier | None = None
+
+
+class Decision(Envelope):
+    """Every state change of a rule for a scope key, with the actions it took."""
+
+    SCHEMA: ClassVar[str] = "edgeline.decision/1"
+    KIND: ClassVar[str] = "decision"
+    schema_: Literal["edgeline.decision/1"] = Field("edgeline.decision/1", alias="schema")
+    rule: Identifier
+    state: Literal["firing", "resolved"]
+    scope: Scope
+    key: Annotated[str, Field(min_length=1, max_length=200)]
+    value: Annotated[float, Field(allow_inf_nan=False)]
+    actions: list[str] = Field(default_factory=list)
+
+
+Message = Annotated[
+    Union[Result, Anomaly, Heartbeat, Event, Command, Alert, Decision], Field(discriminator="schema_")
+]
+MESSAGE_TYPES: tuple[type[Envelope], ...] = (Result, Anomaly, Heartbeat, Event, Command, Alert, Decision)
+_MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
+
+
+def parse_message(data: bytes | str) -> Envelope:
+    """Parse one message from the wire. Any bad input raises :class:`MessageError`, nothing else."""
+    try:
+        return _MESSAGE_ADAPTER.validate_json(data)
+    except ValidationError as exc:
+        raise MessageError(_summarise(exc)) from None
+    except (ValueError, RecursionError) as exc:
+        raise MessageError(f"not a JSON message: {exc}") from None
+
+
+def _summarise(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False)[:5]:
+        where = ".".join(str(part) for part in error["loc"]) or "message"
+        problems.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - len(problems)
+    return "; ".join(problems) + (f"; and {more} more" if more > 0 else "")
