@@ -14,6 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stream.messages import Identifier
+from stream.mqtt import MqttSettings
 from stream.rule_config import RuleConfig
 
 MAX_MODELS_PER_CAMERA = 2
@@ -112,12 +113,7 @@ class CsvSensorSource(_Strict):
     loop: bool = Field(False, description="start again at the end of the file")
 
 
-class MqttSensorSource(_Strict):
-    type: Literal["mqtt"] = "mqtt"
-    topic: str = Field(min_length=1, description="MQTT topic a sensor gateway publishes JSON samples on")
-
-
-SensorSource = Annotated[SyntheticSensorSource | CsvSensorSource | MqttSensorSource, Field(discriminator="type")]
+SensorSource = Annotated[SyntheticSensorSource | CsvSensorSource, Field(discriminator="type")]
 
 
 class SensorGroupConfig(_Strict):
@@ -158,6 +154,18 @@ class BrokerConfig(_Strict):
     password: str | None = Field(None, description="MQTT password")
     tls: TlsConfig | None = Field(None, description="TLS settings; absent means plain TCP")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive in seconds")
+
+    def mqtt_settings(self) -> MqttSettings:
+        tls = self.tls or TlsConfig()
+        return MqttSettings(
+            host=self.host, port=self.port, username=self.username, password=self.password,
+            ca_file=_opt_str(tls.ca_file), cert_file=_opt_str(tls.cert_file), key_file=_opt_str(tls.key_file),
+            keepalive_s=self.keepalive_s,
+        )
+
+
+def _opt_str(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
 
 
 class OutboxConfig(_Strict):

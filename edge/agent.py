@@ -1,0 +1,291 @@
+"""The edge agent of one vision machine: cameras, inference, sensors, heartbeats, commands, MQTT.
+
+Threads: one ``capture:<machine>/<camera>`` per camera, ``infer:<machine>`` (micro-batches the
+latest frames of all cameras that share a model into one ONNX Runtime call), ``sensors:<machine>``
+(one batched LSTM step per tick for all sensor groups) and ``heartbeat:<machine>``. Shutdown is
+ordered: cameras stop, in-flight work finishes and is published, then the MQTT connection closes
+with a retained ``offline`` status (the last-will does the same if the process dies).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from edge.anomaly import StreamingAnomalyModel
+from edge.capture import Camera, CapturedFrame, make_source
+from edge.inference import SegmentationModel
+from edge.postprocess import mask_from_probabilities, regions_from_probabilities
+from edge.sensors import SensorSource, make_sensor_source
+from edgeline.config import SiteConfig, resolve_model_path
+from models.package import load_package
+from stream.messages import (Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult, Heartbeat,
+                             MessageError, ModelOutput, Result, parse_message)
+from stream.mqtt import MqttClient, Will
+from stream.topics import machine_commands_filter, status_topic, topic_for
+
+log = logging.getLogger(__name__)
+
+LATENCY_WINDOW = 200
+
+
+@dataclass
+class CameraCounters:
+    frames_inferred: int = 0
+    results_published: int = 0
+    defects_last: int = 0
+    defect_ratio_last: float = 0.0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    snapshot_requested: bool = False
+
+
+@dataclass
+class SensorCounters:
+    steps: int = 0
+    anomalies: int = 0
+    score_last: float = 0.0
+    threshold: float = 0.0
+
+
+class EdgeAgent:
+    """Everything that runs on one machine, built from the site config."""
+
+    def __init__(self, config: SiteConfig, machine_id: str, base_dir: Path = Path("."),
+                 heartbeat_s: float = 5.0, client: MqttClient | None = None) -> None:
+        self.site = config.site
+        self.machine = config.machine(machine_id)
+        self.id = machine_id
+        self.heartbeat_s = heartbeat_s
+        self.started_at = time.monotonic()
+        self._stop = threading.Event()
+        self._frame_ready = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.seg_models = self._load_seg_models(config, base_dir)
+        self.anomaly_models = self._load_anomaly_models(config, base_dir)
+        self.cameras = [Camera(machine_id, cam, make_source(cam, base_dir), self._frame_ready)
+                        for cam in self.machine.cameras]
+        self.camera_counters = {cam.id: CameraCounters() for cam in self.cameras}
+        self.sensor_sources: dict[str, SensorSource] = {
+            s.id: make_sensor_source(s, base_dir) for s in self.machine.sensors if s.model
+        }
+        self.sensor_counters = {group: SensorCounters() for group in self.sensor_sources}
+        self.mqtt = client or MqttClient(
+            config.broker.mqtt_settings(), client_id=f"edge-{self.site}-{machine_id}",
+            will=Will(status_topic(self.site, machine_id), b"offline"),
+        )
+        self.publish_failures = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.mqtt.subscribe(machine_commands_filter(self.site, self.id), self._on_command)
+        self.mqtt.start()
+        self.mqtt.wait_connected()
+        self.mqtt.publish(status_topic(self.site, self.id), b"online", retain=True)
+        for camera in self.cameras:
+            camera.start()
+        self._spawn(f"infer:{self.id}", self._inference_loop)
+        if self.sensor_sources:
+            self._spawn(f"sensors:{self.id}", self._sensor_loop)
+        self._spawn(f"heartbeat:{self.id}", self._heartbeat_loop)
+        log.info("edge:%s: started %d cameras, %d sensor groups", self.id, len(self.cameras), len(self.sensor_sources))
+
+    def stop(self) -> None:
+        """Ordered: stop intake, let in-flight work publish, then disconnect with status offline."""
+        for camera in self.cameras:
+            camera.stop()
+        self._stop.set()
+        self._frame_ready.set()
+        for thread in self._threads:
+            thread.join(10.0)
+        self._threads.clear()
+        self._publish(self._heartbeat())
+        self.mqtt.stop(final=(status_topic(self.site, self.id), b"offline"))
+        log.info("edge:%s: stopped", self.id)
+
+    def _spawn(self, name: str, target: object) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    # ------------------------------------------------------------ models
+
+    @staticmethod
+    def _load_seg_models(config: SiteConfig, base_dir: Path) -> dict[str, SegmentationModel]:
+        machine_models = {name for m in config.machines for c in m.cameras for name in c.models}
+        return {
+            name: SegmentationModel(load_package(resolve_model_path(ref, base_dir)), ref.providers, ref.threads)
+            for name, ref in config.models.items() if name in machine_models
+        }
+
+    @staticmethod
+    def _load_anomaly_models(config: SiteConfig, base_dir: Path) -> dict[str, StreamingAnomalyModel]:
+        names = {s.model for m in config.machines for s in m.sensors if s.model}
+        return {
+            name: StreamingAnomalyModel(load_package(resolve_model_path(ref, base_dir)), ref.providers, ref.threads)
+            for name, ref in config.models.items() if name in names
+        }
+
+    # ------------------------------------------------------------ inference
+
+    def _inference_loop(self) -> None:
+        while not self._stop.is_set():
+            self._frame_ready.wait(0.2)
+            self._frame_ready.clear()
+            self.infer_once()
+        self.infer_once()  # drain what the cameras captured before they stopped
+
+    def infer_once(self) -> int:
+        """Run every model once over the latest frames of the cameras that use it; publish results."""
+        frames = [(camera, frame) for camera in self.cameras if (frame := self._latest(camera)) is not None]
+        outputs: dict[tuple[str, int], list[ModelOutput]] = {}
+        for name, model in self.seg_models.items():
+            batch = [(camera, frame) for camera, frame in frames if name in camera.config.models]
+            if batch:
+                self._run_batch(model, batch, outputs)
+        for camera, frame in frames:
+            if camera.config.models:
+                self._publish_result(camera, frame, outputs[(camera.id, frame.seq)])
+        return len(frames)
+
+    @staticmethod
+    def _latest(camera: Camera) -> CapturedFrame | None:
+        frame = None
+        while (newer := camera.take()) is not None:
+            frame = newer
+        return frame
+
+    def _run_batch(self, model: SegmentationModel, batch: list[tuple[Camera, CapturedFrame]],
+                   outputs: dict[tuple[str, int], list[ModelOutput]]) -> None:
+        started = time.perf_counter()
+        probabilities = model.infer([frame.image for _, frame in batch])
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        for (camera, frame), prob in zip(batch, probabilities):
+            regions, ratio = regions_from_probabilities(prob, model.threshold, model.min_area)
+            counters = self.camera_counters[camera.id]
+            mask = None
+            if counters.snapshot_requested:
+                mask = EncodedMask.encode(mask_from_probabilities(prob, model.threshold))
+                counters.snapshot_requested = False
+            outputs.setdefault((camera.id, frame.seq), []).append(ModelOutput(
+                model=model.name, version=model.version, latency_ms=latency_ms,
+                defect_ratio=ratio, regions=regions, mask=mask,
+            ))
+
+    def _publish_result(self, camera: Camera, frame: CapturedFrame, outputs: list[ModelOutput]) -> None:
+        counters = self.camera_counters[camera.id]
+        counters.frames_inferred += 1
+        counters.latencies_ms.append(max(o.latency_ms for o in outputs))
+        counters.defects_last = sum(len(o.regions) for o in outputs)
+        counters.defect_ratio_last = max(o.defect_ratio for o in outputs)
+        result = Result(site=self.site, machine=self.id, ts=frame.ts, camera=camera.id,
+                        frames=[FrameResult(seq=frame.seq, ts=frame.ts, outputs=outputs)])
+        if self._publish(result):
+            counters.results_published += 1
+
+    # ------------------------------------------------------------ sensors
+
+    def _sensor_loop(self) -> None:
+        period = 1.0 / max(source.rate_hz for source in self.sensor_sources.values())
+        next_due = time.monotonic()
+        while not self._stop.is_set():
+            self.sensor_tick()
+            next_due += period
+            self._stop.wait(max(0.0, next_due - time.monotonic()))
+
+    def sensor_tick(self) -> None:
+        """Read one sample per sensor group and score all groups of a model in one batched step."""
+        ts = time.time()
+        by_model: dict[str, dict[str, np.ndarray]] = {}
+        for group in self.machine.sensors:
+            source = self.sensor_sources.get(group.id)
+            sample = source.next_sample() if source else None
+            if sample is not None and group.model:
+                by_model.setdefault(group.model, {})[group.id] = sample
+        for name, samples in by_model.items():
+            model = self.anomaly_models[name]
+            for group, score in model.step(samples).items():
+                self._publish_anomaly(model, group, score, ts)
+
+    def _publish_anomaly(self, model: StreamingAnomalyModel, group: str, score: object, ts: float) -> None:
+        counters = self.sensor_counters[group]
+        counters.steps += 1
+        counters.score_last = score.score  # type: ignore[attr-defined]
+        counters.threshold = score.threshold  # type: ignore[attr-defined]
+        counters.anomalies += int(score.is_anomaly)  # type: ignore[attr-defined]
+        self._publish(Anomaly(
+            site=self.site, machine=self.id, ts=ts, group=group, seq=counters.steps - 1,
+            model=model.name, version=model.version, score=score.score, threshold=score.threshold,  # type: ignore[attr-defined]
+            is_anomaly=score.is_anomaly, channel_scores=score.channel_scores,  # type: ignore[attr-defined]
+        ))
+
+    # ------------------------------------------------------------ heartbeats and commands
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self._publish(self._heartbeat())
+
+    def _heartbeat(self) -> Heartbeat:
+        process = psutil.Process()
+        return Heartbeat(
+            site=self.site, machine=self.id, ts=time.time(), uptime_s=time.monotonic() - self.started_at,
+            cameras=[self.camera_status(camera) for camera in self.cameras],
+            cpu_percent=process.cpu_percent(), rss_mb=process.memory_info().rss / 2**20,
+        )
+
+    def camera_status(self, camera: Camera) -> CameraStatus:
+        counters = self.camera_counters[camera.id]
+        latencies = np.asarray(counters.latencies_ms or [0.0])
+        return CameraStatus(
+            camera=camera.id, state=camera.state, fps=camera.fps,  # type: ignore[arg-type]
+            latency_p50_ms=float(np.percentile(latencies, 50)), latency_p99_ms=float(np.percentile(latencies, 99)),
+            queue_depth=camera.queue_depth(), frames_dropped=camera.frames_dropped,
+            models=[f"{m.name}:{m.version}" for n, m in self.seg_models.items() if n in camera.config.models],
+        )
+
+    def _on_command(self, message: object) -> None:
+        try:
+            command = parse_message(message.payload)  # type: ignore[attr-defined]
+        except MessageError as exc:
+            log.warning("edge:%s: bad command on %s: %s", self.id, message.topic, exc.reason)  # type: ignore[attr-defined]
+            return
+        if not isinstance(command, Command) or command.machine != self.id:
+            log.warning("edge:%s: ignored a message for %s on the command topic", self.id, command.machine)
+            return
+        applied, text = self.apply_command(command)
+        self._publish(Event(site=self.site, machine=self.id, ts=time.time(), camera=command.camera,
+                            name="command_applied" if applied else "command_rejected",
+                            level="info" if applied else "warning", text=text,
+                            details={"command": command.name, "command_id": command.msg_id}))
+
+    def apply_command(self, command: Command) -> tuple[bool, str]:
+        cameras = [c for c in self.cameras if command.camera in (None, c.id)]
+        if not cameras:
+            return False, f"no camera {command.camera!r} on {self.id}"
+        if command.name == "snapshot":
+            for camera in cameras:
+                self.camera_counters[camera.id].snapshot_requested = True
+            return True, f"mask snapshot requested on {', '.join(c.id for c in cameras)}"
+        if command.name == "set_fps":
+            try:
+                fps = float(command.args.get("fps", 0))
+                for camera in cameras:
+                    camera.set_fps(fps)
+            except (TypeError, ValueError) as exc:
+                return False, f"set_fps: {exc}"
+            return True, f"fps set to {fps:g} on {', '.join(c.id for c in cameras)}"
+        return False, f"unknown command {command.name!r}"
+
+    def _publish(self, message: Envelope) -> bool:
+        info = self.mqtt.publish(topic_for(message), message.to_json(), qos=1)
+        if info.rc != 0:
+            self.publish_failures += 1
+            return False
+        return True

@@ -1,0 +1,213 @@
+"""Camera capture: one object and one thread per camera, feeding a bounded latest-frame queue.
+
+The capture thread never blocks on its consumer: when the queue is full the oldest frame is
+dropped and counted. A source that fails is reopened with exponential backoff and jitter, and
+the camera's state (ok / reconnecting / failed / stopped) is reported in heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from edge.synthetic import SyntheticCamera
+from edgeline.config import CameraConfig, FileSource, GStreamerSource, SyntheticSource, UrlSource, UsbSource
+
+log = logging.getLogger(__name__)
+
+FAILED_AFTER_ATTEMPTS = 5
+"""Consecutive failed opens after which a camera reports ``failed`` (it keeps retrying)."""
+
+
+class SourceError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class CapturedFrame:
+    camera: str
+    seq: int
+    ts: float
+    """Capture time, UTC epoch seconds."""
+    image: np.ndarray
+
+
+class FrameSource(Protocol):
+    def open(self) -> None: ...
+    def read(self) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+class SyntheticFrameSource:
+    """The synthetic conveyor, moving in real time whatever rate it is read at."""
+
+    def __init__(self, config: SyntheticSource, width: int, height: int, fps: float) -> None:
+        self._camera = SyntheticCamera(seed=config.seed, width=width, height=height, fps=fps,
+                                       defect_rate=config.defect_rate, part_speed=config.part_speed)
+        self._fps = fps
+        self._t0 = 0.0
+
+    def open(self) -> None:
+        self._t0 = time.monotonic()
+
+    def read(self) -> np.ndarray:
+        index = int((time.monotonic() - self._t0) * self._fps)
+        return self._camera.frame(index).image
+
+    def close(self) -> None:
+        pass
+
+
+class OpenCvSource:
+    """File, RTSP/HTTP URL, USB index or GStreamer pipeline through ``cv2.VideoCapture``."""
+
+    def __init__(self, target: str | int, api: int = cv2.CAP_ANY, loop: bool = False) -> None:
+        self._target = target
+        self._api = api
+        self._loop = loop
+        self._capture: cv2.VideoCapture | None = None
+
+    def open(self) -> None:
+        self._capture = cv2.VideoCapture(self._target, self._api)
+        if not self._capture.isOpened():
+            self.close()
+            raise SourceError(f"cannot open {self._target!r}")
+
+    def read(self) -> np.ndarray:
+        if self._capture is None:
+            raise SourceError("source is not open")
+        ok, image = self._capture.read()
+        if not ok and self._loop:
+            self._capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, image = self._capture.read()
+        if not ok or image is None:
+            raise SourceError(f"no frame from {self._target!r}")
+        return image
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+def make_source(config: CameraConfig, base_dir: Path) -> FrameSource:
+    width, height = config.resolution  # type: ignore[misc]  # merged from camera_defaults
+    source = config.source
+    if isinstance(source, SyntheticSource):
+        return SyntheticFrameSource(source, width, height, config.fps or 10.0)
+    if isinstance(source, FileSource):
+        return OpenCvSource(str(base_dir / source.path), loop=source.loop)
+    if isinstance(source, UrlSource):
+        return OpenCvSource(source.url, cv2.CAP_FFMPEG)
+    if isinstance(source, UsbSource):
+        return OpenCvSource(source.index, cv2.CAP_V4L2)
+    if isinstance(source, GStreamerSource):
+        return OpenCvSource(source.pipeline, cv2.CAP_GSTREAMER)
+    raise TypeError(f"unknown camera source {source!r}")
+
+
+class Camera:
+    """Captures one camera at its fps cap into a bounded queue of the latest frames."""
+
+    def __init__(self, machine: str, config: CameraConfig, source: FrameSource,
+                 frame_ready: threading.Event | None = None) -> None:
+        self.machine = machine
+        self.config = config
+        self.id = config.id
+        self.name = f"capture:{machine}/{config.id}"
+        self.state = "stopped"
+        self.frames_captured = 0
+        self.frames_dropped = 0
+        self._fps = float(config.fps or 10.0)
+        self._source = source
+        self._queue: deque[CapturedFrame] = deque()
+        self._queue_size = int(config.queue_size or 2)
+        self._lock = threading.Lock()
+        self._frame_ready = frame_ready or threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def fps(self) -> float:
+        return self._fps
+
+    def set_fps(self, fps: float) -> None:
+        if not 0 < fps <= 120:
+            raise ValueError(f"fps must be in (0, 120], got {fps}")
+        self._fps = fps
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.state = "stopped"
+
+    def take(self) -> CapturedFrame | None:
+        """The oldest queued frame, or None; never blocks."""
+        with self._lock:
+            return self._queue.popleft() if self._queue else None
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def _put(self, frame: CapturedFrame) -> None:
+        with self._lock:
+            if len(self._queue) >= self._queue_size:
+                self._queue.popleft()
+                self.frames_dropped += 1
+            self._queue.append(frame)
+        self._frame_ready.set()
+
+    def _run(self) -> None:
+        attempts = 0
+        while not self._stop.is_set():
+            try:
+                self._source.open()
+            except SourceError as exc:
+                attempts += 1
+                self._back_off(attempts, exc)
+                continue
+            attempts = 0
+            self.state = "ok"
+            log.info("%s: source open", self.name)
+            try:
+                self._capture_until_error()
+            except SourceError as exc:
+                attempts = 1
+                self._back_off(attempts, exc)
+            finally:
+                self._source.close()
+
+    def _capture_until_error(self) -> None:
+        next_due = time.monotonic()
+        while not self._stop.is_set():
+            image = self._source.read()
+            self._put(CapturedFrame(self.id, self.frames_captured, time.time(), image))
+            self.frames_captured += 1
+            next_due += 1.0 / self._fps
+            now = time.monotonic()
+            if next_due < now - 1.0 / self._fps:  # fell behind: do not burst to catch up
+                next_due = now
+            self._stop.wait(max(0.0, next_due - now))
+
+    def _back_off(self, attempts: int, exc: Exception) -> None:
+        self.state = "failed" if attempts >= FAILED_AFTER_ATTEMPTS else "reconnecting"
+        delay = min(10.0, 0.25 * 2 ** (attempts - 1)) * random.uniform(0.8, 1.2)
+        log.warning("%s: %s; %s, retry in %.1f s", self.name, exc, self.state, delay)
+        self._stop.wait(delay)

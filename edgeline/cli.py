@@ -1,0 +1,189 @@
+"""The ``edgeline`` command: one sub-command group per package, plus ``demo`` and ``config``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+
+from edgeline.config import ConfigError, SiteConfig, load
+
+app = typer.Typer(help="Edgeline: real-time analytics on the factory floor.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+edge_app = typer.Typer(help="The edge agent of a vision machine.", no_args_is_help=True)
+stream_app = typer.Typer(help="Stream processing: the embedded rules engine (Kafka bridge and workers later).",
+                         no_args_is_help=True)
+models_app = typer.Typer(help="Model training, export and packages (training needs the 'models' extra).",
+                         no_args_is_help=True)
+config_app = typer.Typer(help="Site configuration files.", no_args_is_help=True)
+app.add_typer(edge_app, name="edge")
+app.add_typer(stream_app, name="stream")
+app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="site YAML file", exists=False)]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=err_console, show_path=False)])
+
+
+def _load_or_exit(path: Path) -> SiteConfig:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]{exc.source}: invalid configuration[/]")
+        for problem in exc.problems:
+            err_console.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _wait_for_signal(stop: threading.Event) -> None:
+    """Block until SIGINT/SIGTERM, so services can shut down in order."""
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+
+
+# ---------------------------------------------------------------- config
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Path, typer.Argument(help="site YAML file")]) -> None:
+    """Validate a site file; print one line per problem with its YAML path, or a summary."""
+    config = _load_or_exit(path)
+    cameras = sum(len(m.cameras) for m in config.machines)
+    sensors = sum(len(m.sensors) for m in config.machines)
+    console.print(f"{path}: OK — site {config.site}, {len(config.machines)} machines, {cameras} cameras, "
+                  f"{sensors} sensor groups, {len(config.models)} models, {len(config.rules)} rules")
+
+
+# ---------------------------------------------------------------- edge
+
+
+@edge_app.command("run")
+def edge_run(config: ConfigOption, machine: Annotated[str, typer.Option(help="machine id from the config")],
+             log_level: str = "info") -> None:
+    """Run the edge agent of one machine until Ctrl-C / SIGTERM."""
+    from edge.agent import EdgeAgent
+
+    _setup_logging(log_level)
+    site = _load_or_exit(config)
+    try:
+        agent = EdgeAgent(site, machine, base_dir=config.parent)
+    except KeyError as exc:
+        err_console.print(f"[bold red]{exc.args[0]}[/]")
+        raise typer.Exit(2) from None
+    agent.start()
+    _wait_for_signal(threading.Event())
+    agent.stop()
+
+
+# ---------------------------------------------------------------- stream
+
+
+@stream_app.command("embedded")
+def stream_embedded(config: ConfigOption, log_level: str = "info") -> None:
+    """Run the rules engine straight from MQTT (one-box installs, no Kafka)."""
+    from stream.embedded import EmbeddedRulesRunner
+    from stream.mqtt import MqttClient
+
+    _setup_logging(log_level)
+    site = _load_or_exit(config)
+    client = MqttClient(site.broker.mqtt_settings(), client_id=f"rules-{site.site}", clean_session=False)
+    runner = EmbeddedRulesRunner(site.site, site.rules, client, lines=site.lines(),
+                                 allowed_lateness_s=site.engine.allowed_lateness_s,
+                                 dedupe_ttl_s=site.engine.dedupe_ttl_s)
+    runner.start()
+    _wait_for_signal(threading.Event())
+    runner.stop()
+
+
+# ---------------------------------------------------------------- models
+
+
+@models_app.command("quickstart")
+def models_quickstart(
+    out: Annotated[Path, typer.Option(help="where the packages are written")] = Path("models/packages"),
+    seed: int = 0,
+) -> None:
+    """Train the first synthetic-data models (segmentation + streaming LSTM), export to ONNX, package them."""
+    try:
+        from models.quickstart import train_all
+    except ImportError as exc:
+        err_console.print(f"[bold red]training needs the 'models' extra (pip install 'edgeline[models]'): {exc}[/]")
+        raise typer.Exit(2) from None
+    train_all(out, seed=seed)
+
+
+# ---------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    duration: Annotated[Optional[float], typer.Option(help="seconds to run; default: until Ctrl-C")] = None,
+    machines: Annotated[int, typer.Option(min=1, max=50, help="simulated machines")] = 3,
+    config: Annotated[Optional[Path], typer.Option(help="site YAML instead of the built-in demo site")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the simulated factory")] = 0,
+    live: Annotated[bool, typer.Option(help="live terminal view")] = True,
+    log_level: str = "warning",
+) -> None:
+    """A simulated factory on this box: broker, edge agents, rules engine and a live view."""
+    from edgeline.demo import Demo, demo_config
+    from edgeline.view import DemoView
+
+    _setup_logging(log_level)
+    site = _load_or_exit(config) if config else demo_config(machines=machines, seed=seed)
+    runner = Demo(site, base_dir=config.parent if config else Path("."))
+    interrupted = False
+    try:
+        runner.start()
+        view = DemoView(runner, duration)
+        with Live(view.render(), console=console, refresh_per_second=4, transient=False,
+                  auto_refresh=False) if live else _NoLive() as screen:
+            while duration is None or time.monotonic() - runner.started < duration:
+                time.sleep(0.25)
+                screen.update(view.render(), refresh=True)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        runner.stop()
+    summary = runner.summary()
+    console.rule("summary" + (" (interrupted)" if interrupted else ""))
+    for line in summary.lines():
+        console.print(line)
+    if summary.results == 0:
+        err_console.print("[bold red]no results reached the broker: the pipeline did not work[/]")
+        raise typer.Exit(1)
+
+
+class _NoLive:
+    """Stands in for rich's Live when ``--no-live``: renders nothing."""
+
+    def __enter__(self) -> "_NoLive":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, renderable: object, refresh: bool = False) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,208 @@
+"""``edgeline demo``: a simulated factory on one box, end to end over a real MQTT broker.
+
+One process tree: an MQTT broker (Mosquitto when installed, else an embedded Python broker),
+N simulated machines running the ONNX models on synthetic cameras and pump sensors, the
+embedded rules engine, and a monitor that reads everything back from MQTT for the live view
+and the closing summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from edge.agent import EdgeAgent
+from edgeline.config import SiteConfig, from_dict
+from edgeline.services import start_mqtt_broker
+from stream.embedded import EmbeddedRulesRunner
+from stream.messages import Alert, Anomaly, Command, MessageError, Result, parse_message
+from stream.mqtt import MqttClient
+from stream.topics import site_filter
+
+log = logging.getLogger(__name__)
+
+DEMO_RULES = [
+    {"name": "surface-defect", "description": "defects on consecutive frames", "kind": "k_of_n",
+     "metric": "defect_count", "condition": {"op": ">=", "value": 1}, "k": 2, "n": 4, "window_s": 5,
+     "clear_after_s": 3, "scope": "camera", "severity": "warning",
+     "actions": [{"type": "alert"}, {"type": "command", "name": "snapshot"}]},
+    {"name": "large-defect", "description": "a defect covering over 1% of the frame", "kind": "threshold",
+     "metric": "defect_ratio", "condition": {"op": ">=", "value": 0.01}, "clear_after_s": 2,
+     "scope": "camera", "severity": "critical"},
+    {"name": "pump-anomaly", "description": "pump sensors off their forecast", "kind": "k_of_n",
+     "metric": "anomaly_level", "condition": {"op": ">=", "value": 1.0}, "k": 2, "n": 3, "window_s": 5,
+     "clear_after_s": 3, "scope": "machine", "severity": "critical"},
+]
+
+
+def demo_config(machines: int = 3, seed: int = 0, fps: float = 5.0) -> SiteConfig:
+    """Machines with 2, 3, 4, 2, … cameras and one pump each; the first camera of m01 has no model."""
+    layout = []
+    for index in range(machines):
+        cameras = [
+            {"id": f"cam{c + 1}", "models": [] if (index, c) == (0, 0) else ["seg"],
+             "source": {"type": "synthetic", "seed": seed * 1000 + index * 10 + c, "defect_rate": 0.3}}
+            for c in range(2 + index % 3)
+        ]
+        sensors = [{"id": "pump1", "model": "anomaly", "rate_hz": 5.0,
+                    "source": {"type": "synthetic", "seed": seed * 1000 + index, "anomaly_rate": 0.02}}]
+        layout.append({"id": f"m{index + 1:02d}", "line": f"line-{index // 2 + 1}", "cameras": cameras,
+                       "sensors": sensors})
+    return from_dict({
+        "site": "demo",
+        "camera_defaults": {"fps": fps, "resolution": [320, 240]},
+        "models": {"seg": {"path": "builtin:seg-synth"}, "anomaly": {"path": "builtin:anomaly-synth"}},
+        "machines": layout,
+        "rules": DEMO_RULES,
+        "engine": {"allowed_lateness_s": 2.0},
+        "metrics": {"enabled": False},
+    }, source="<demo>")
+
+
+@dataclass
+class SiteMonitor:
+    """Everything seen on the site's MQTT topics, counted for the live view and the summary."""
+
+    results: int = 0
+    frames: int = 0
+    anomaly_steps: int = 0
+    anomalies: int = 0
+    alerts_firing: int = 0
+    alerts_resolved: int = 0
+    commands: int = 0
+    invalid: int = 0
+    recent_alerts: deque[Alert] = field(default_factory=lambda: deque(maxlen=8))
+    last_anomaly: dict[tuple[str, str], Anomaly] = field(default_factory=dict)
+    last_result: dict[tuple[str, str], Result] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_message(self, message: paho.MQTTMessage) -> None:
+        if message.topic.endswith(("/status", "/_deadletter")):
+            return
+        try:
+            envelope = parse_message(message.payload)
+        except MessageError:
+            self.invalid += 1
+            return
+        with self.lock:
+            self._count(envelope)
+
+    def _count(self, envelope: object) -> None:
+        if isinstance(envelope, Result):
+            self.results += 1
+            self.frames += len(envelope.frames)
+            self.last_result[(envelope.machine, envelope.camera)] = envelope
+        elif isinstance(envelope, Anomaly):
+            self.anomaly_steps += 1
+            self.anomalies += int(envelope.is_anomaly)
+            self.last_anomaly[(envelope.machine, envelope.group)] = envelope
+        elif isinstance(envelope, Alert):
+            self.recent_alerts.appendleft(envelope)
+            if envelope.state == "firing":
+                self.alerts_firing += 1
+            else:
+                self.alerts_resolved += 1
+        elif isinstance(envelope, Command):
+            self.commands += 1
+
+
+@dataclass
+class DemoSummary:
+    machines: int
+    cameras: int
+    duration_s: float
+    frames_captured: int
+    frames_inferred: int
+    results: int
+    anomaly_steps: int
+    anomalies: int
+    alerts_firing: int
+    alerts_resolved: int
+    commands: int
+    dead_lettered: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"machines {self.machines}, cameras {self.cameras}, ran {self.duration_s:.1f} s",
+            f"frames captured {self.frames_captured}, inferred {self.frames_inferred}",
+            f"results {self.results}",
+            f"anomaly scores {self.anomaly_steps}, anomalies {self.anomalies}",
+            f"alerts {self.alerts_firing} firing, {self.alerts_resolved} resolved; commands {self.commands}",
+            f"dead-lettered {self.dead_lettered}",
+        ]
+
+
+class Demo:
+    """Starts and stops the demo's parts in order; :meth:`run` drives it for a duration."""
+
+    def __init__(self, config: SiteConfig, base_dir: Path = Path(".")) -> None:
+        self.config = config
+        self.base_dir = base_dir
+        self.monitor = SiteMonitor()
+        self.broker = None
+        self.agents: list[EdgeAgent] = []
+        self.runner: EmbeddedRulesRunner | None = None
+        self.monitor_client: MqttClient | None = None
+        self.started = 0.0
+        self.ran_s = 0.0
+
+    def start(self) -> None:
+        self.broker = start_mqtt_broker()
+        broker = self.config.broker.model_copy(update={"host": self.broker.host, "port": self.broker.port})
+        self.config = self.config.model_copy(update={"broker": broker})
+        settings = broker.mqtt_settings()
+        self.monitor_client = MqttClient(settings, client_id="demo-monitor")
+        self.monitor_client.subscribe(site_filter(self.config.site), self.monitor.on_message)
+        self.monitor_client.start()
+        self.monitor_client.wait_connected()
+        self.runner = EmbeddedRulesRunner(
+            self.config.site, self.config.rules, MqttClient(settings, client_id="demo-rules"),
+            lines=self.config.lines(), allowed_lateness_s=self.config.engine.allowed_lateness_s,
+            dedupe_ttl_s=self.config.engine.dedupe_ttl_s,
+        )
+        self.runner.start()
+        self.agents = [EdgeAgent(self.config, machine.id, self.base_dir) for machine in self.config.machines]
+        for agent in self.agents:
+            agent.start()
+        self.started = time.monotonic()
+
+    def stop(self) -> None:
+        """Edge first (publishing what is in flight), then let the rules catch up, then the broker."""
+        self.ran_s = time.monotonic() - self.started
+        for agent in self.agents:
+            agent.stop()
+        self._wait_quiet()
+        for client in (self.runner, self.monitor_client):
+            if client is not None:
+                client.stop()
+        if self.broker is not None:
+            self.broker.stop()
+
+    def _wait_quiet(self, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
+        deadline = time.monotonic() + limit_s
+        last = -1
+        while time.monotonic() < deadline:
+            seen = self.monitor_client.stats.received if self.monitor_client else 0
+            if seen == last:
+                return
+            last = seen
+            time.sleep(quiet_s)
+
+    def summary(self) -> DemoSummary:
+        with self.monitor.lock:
+            m = self.monitor
+            return DemoSummary(
+                machines=len(self.agents), cameras=sum(len(a.cameras) for a in self.agents),
+                duration_s=self.ran_s or time.monotonic() - self.started,
+                frames_captured=sum(c.frames_captured for a in self.agents for c in a.cameras),
+                frames_inferred=sum(c.frames_inferred for a in self.agents for c in a.camera_counters.values()),
+                results=m.results, anomaly_steps=m.anomaly_steps, anomalies=m.anomalies,
+                alerts_firing=m.alerts_firing, alerts_resolved=m.alerts_resolved, commands=m.commands,
+                dead_lettered=self.runner.stats.dead_lettered if self.runner else 0,
+            )

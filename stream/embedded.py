@@ -1,0 +1,95 @@
+"""The rules engine driven straight from MQTT, for one-box installs (no Kafka).
+
+Subscribes to everything machines of a site publish, feeds results and anomalies to
+:class:`stream.rules.RulesEngine`, and publishes the decisions, alerts and commands it makes.
+A message that does not parse goes to the dead-letter topic with the reason, and is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+
+from stream.messages import Command, Envelope, MessageError, parse_message
+from stream.mqtt import MqttClient
+from stream.rule_config import RuleConfig
+from stream.rules import RulesEngine
+from stream.topics import MQTT_ROOT, mqtt_topic, parse_topic, topic_for
+
+log = logging.getLogger(__name__)
+
+INPUT_KINDS = ("result", "anomaly")
+
+
+def deadletter_topic(site: str) -> str:
+    return f"{MQTT_ROOT}/{site}/_deadletter"
+
+
+@dataclass
+class RunnerStats:
+    received: int = 0
+    dead_lettered: int = 0
+    published: int = 0
+
+
+class EmbeddedRulesRunner:
+    """One rules engine, fed by MQTT on ``edgeline/v1/<site>/+/result/+`` and ``.../anomaly``."""
+
+    def __init__(self, site: str, rules: list[RuleConfig], client: MqttClient, *,
+                 lines: dict[str, str] | None = None, allowed_lateness_s: float = 2.0,
+                 dedupe_ttl_s: float = 600.0) -> None:
+        self.site = site
+        self.engine = RulesEngine(rules, lines=lines, allowed_lateness_s=allowed_lateness_s,
+                                  dedupe_ttl_s=dedupe_ttl_s)
+        self.mqtt = client
+        self.stats = RunnerStats()
+        self.listeners: list[Callable[[Envelope], None]] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.mqtt.subscribe(mqtt_topic(self.site, "+", "result", "+"), self._on_message)
+        self.mqtt.subscribe(mqtt_topic(self.site, "+", "anomaly"), self._on_message)
+        self.mqtt.start()
+        self.mqtt.wait_connected()
+
+    def stop(self) -> None:
+        self.mqtt.stop()
+
+    def _on_message(self, message: paho.MQTTMessage) -> None:
+        self.stats.received += 1
+        try:
+            envelope = parse_message(message.payload)
+            self._check_topic(message.topic, envelope)
+        except MessageError as exc:
+            self._dead_letter(message, exc.reason)
+            return
+        with self._lock:
+            outputs = self.engine.process(envelope)
+        for output in outputs:
+            self._emit(output)
+
+    @staticmethod
+    def _check_topic(topic: str, envelope: Envelope) -> None:
+        parts = parse_topic(topic)
+        if (parts.site, parts.machine, parts.kind) != (envelope.site, envelope.machine, envelope.KIND):
+            raise MessageError(f"message for {envelope.site}/{envelope.machine}/{envelope.KIND} on topic {topic}")
+
+    def _emit(self, output: Envelope) -> None:
+        self.mqtt.publish(topic_for(output), output.to_json(), qos=1)
+        self.stats.published += 1
+        if isinstance(output, Command):
+            log.info("rules: command %s -> %s/%s", output.name, output.machine, output.camera or "*")
+        for listener in self.listeners:
+            listener(output)
+
+    def _dead_letter(self, message: paho.MQTTMessage, reason: str) -> None:
+        self.stats.dead_lettered += 1
+        log.warning("rules: dead-lettered a message on %s: %s", message.topic, reason)
+        record = {"topic": message.topic, "reason": reason,
+                  "payload": message.payload[:65536].decode("utf-8", errors="replace")}
+        self.mqtt.publish(deadletter_topic(self.site), json.dumps(record).encode(), qos=1)

@@ -1,0 +1,146 @@
+"""A thin wrapper over paho-mqtt 2: reconnects, re-subscribes, QoS 1, a last-will, safe handlers.
+
+paho runs its network loop in its own thread; handlers are called from it, so they must be quick
+and must not block. A handler that raises is logged and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[paho.MQTTMessage], None]
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass
+class MqttStats:
+    connects: int = 0
+    disconnects: int = 0
+    received: int = 0
+    handler_errors: int = 0
+    published: int = 0
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Where and how to connect; built from the site config's ``broker`` section."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive_s: int = 30
+
+
+class MqttClient:
+    """One MQTT connection with a name that shows in logs (``mqtt:<client_id>``).
+
+    ``start()`` connects in the background and keeps reconnecting with backoff (1 s .. 30 s);
+    subscriptions are renewed on every connect. ``clean_session=False`` keeps QoS 1 messages
+    queued at the broker while the client is away.
+    """
+
+    def __init__(self, settings: MqttSettings, client_id: str, *, will: Will | None = None,
+                 clean_session: bool = True) -> None:
+        self.client_id = client_id
+        self.settings = settings
+        self.stats = MqttStats()
+        self.connected = threading.Event()
+        self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._lock = threading.Lock()
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   clean_session=clean_session, protocol=paho.MQTTv311)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.max_queued_messages_set(0)
+        self._client.max_inflight_messages_set(100)
+        if settings.username:
+            self._client.username_pw_set(settings.username, settings.password)
+        if settings.ca_file:
+            self._client.tls_set(ca_certs=settings.ca_file, certfile=settings.cert_file,
+                                 keyfile=settings.key_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    def start(self) -> None:
+        self._client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        if not self.connected.wait(timeout):
+            raise ConnectionError(
+                f"mqtt:{self.client_id}: no connection to {self.settings.host}:{self.settings.port} after {timeout:.0f} s"
+            )
+
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Disconnect cleanly, after publishing ``final`` (topic, payload; retained) if given."""
+        if final and self.connected.is_set():
+            info = self._client.publish(final[0], final[1], qos=1, retain=True)
+            info.wait_for_publish(timeout)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == paho.MQTT_ERR_SUCCESS:
+            self.stats.published += 1
+        return info
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        with self._lock:
+            self._subscriptions[topic_filter] = (qos, handler)
+        if self.connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
+                    properties: object) -> None:
+        if getattr(reason_code, "is_failure", False):
+            log.warning("mqtt:%s: connection refused: %s", self.client_id, reason_code)
+            return
+        self.stats.connects += 1
+        with self._lock:
+            subscriptions = [(topic, qos) for topic, (qos, _) in self._subscriptions.items()]
+        if subscriptions:
+            client.subscribe(subscriptions)
+        log.info("mqtt:%s: connected to %s:%d", self.client_id, self.settings.host, self.settings.port)
+        self.connected.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
+                       properties: object) -> None:
+        if self.connected.is_set():
+            self.stats.disconnects += 1
+            log.warning("mqtt:%s: disconnected (%s); reconnecting", self.client_id, reason_code)
+        self.connected.clear()
+
+    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        self.stats.received += 1
+        with self._lock:
+            handlers = [h for f, (_, h) in self._subscriptions.items() if paho.topic_matches_sub(f, message.topic)]
+        for handler in handlers:
+            try:
+                handler(message)
+            except Exception:  # a bad message or handler bug must not kill the network loop
+                self.stats.handler_errors += 1
+                log.exception("mqtt:%s: handler failed on %s", self.client_id, message.topic)
