@@ -1,0 +1,124 @@
+"""Camera capture: bounded drop-oldest queue, fps cap, reconnects with states (scripted source)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge.capture import Camera, SourceError
+from edgeline.config import CameraConfig
+
+
+class ScriptedSource:
+    """A named fake camera: fails to open ``open_failures`` times, then dies after ``frames_per_open`` frames."""
+
+    def __init__(self, open_failures: int = 0, frames_per_open: int | None = None) -> None:
+        self.open_failures = open_failures
+        self.frames_per_open = frames_per_open
+        self.opens = 0
+        self.reads_since_open = 0
+        self.closed = 0
+
+    def open(self) -> None:
+        self.opens += 1
+        if self.opens <= self.open_failures:
+            raise SourceError("scripted: device busy")
+        self.reads_since_open = 0
+
+    def read(self) -> np.ndarray:
+        if self.frames_per_open is not None and self.reads_since_open >= self.frames_per_open:
+            raise SourceError("scripted: stream ended")
+        self.reads_since_open += 1
+        return np.full((4, 4, 3), self.reads_since_open, np.uint8)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def camera(source: ScriptedSource, fps: float = 120.0, queue_size: int = 3) -> Camera:
+    return Camera("m1", CameraConfig(id="c1", fps=fps, queue_size=queue_size, resolution=(4, 4)), source)
+
+
+def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_full_queue_drops_the_oldest_and_counts() -> None:
+    cam = camera(ScriptedSource(), fps=120.0, queue_size=3)
+    cam.start()
+    try:
+        wait_until(lambda: cam.frames_captured >= 30)
+    finally:
+        cam.stop()
+    assert cam.queue_depth() == 3
+    assert cam.frames_dropped == cam.frames_captured - 3
+    seqs = [cam.take().seq for _ in range(3)]
+    assert seqs == sorted(seqs) and seqs[-1] == cam.frames_captured - 1
+    assert cam.take() is None
+
+
+def test_thread_is_named_after_machine_and_camera() -> None:
+    cam = camera(ScriptedSource(), fps=50)
+    cam.start()
+    try:
+        assert any(t.name == "capture:m1/c1" for t in threading.enumerate())
+    finally:
+        cam.stop()
+    assert cam.state == "stopped"
+    assert not any(t.name == "capture:m1/c1" for t in threading.enumerate())
+
+
+def test_fps_cap_paces_capture() -> None:
+    cam = camera(ScriptedSource(), fps=20.0)
+    cam.start()
+    time.sleep(1.0)
+    cam.stop()
+    assert 14 <= cam.frames_captured <= 24
+
+
+def test_reconnects_after_open_failures_and_stream_end() -> None:
+    source = ScriptedSource(open_failures=2, frames_per_open=5)
+    cam = camera(source, fps=120.0)
+    states: list[str] = []
+    cam.start()
+    try:
+        deadline = time.monotonic() + 5
+        while source.opens < 5 and time.monotonic() < deadline:
+            if not states or states[-1] != cam.state:
+                states.append(cam.state)
+            time.sleep(0.005)
+    finally:
+        cam.stop()
+    assert source.opens >= 5
+    assert "reconnecting" in states and "ok" in states
+    assert states.index("reconnecting") < states.index("ok")
+    assert cam.frames_captured >= 10  # frames from more than one connection
+
+
+def test_persistent_failure_is_reported_as_failed() -> None:
+    source = ScriptedSource(open_failures=10_000)
+    cam = camera(source)
+    cam.start()
+    try:
+        wait_until(lambda: cam.state == "failed", timeout=10.0)
+    finally:
+        cam.stop()
+    assert cam.frames_captured == 0
+
+
+def test_set_fps_validates_and_applies_live() -> None:
+    cam = camera(ScriptedSource(), fps=5.0)
+    with pytest.raises(ValueError):
+        cam.set_fps(0)
+    cam.start()
+    cam.set_fps(100.0)
+    time.sleep(0.5)
+    cam.stop()
+    assert cam.frames_captured >= 25
