@@ -1,0 +1,64 @@
+"""``edgeline demo`` as a user runs it: a real process, its own broker, a summary at the end."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+DEMO = [sys.executable, "-m", "edgeline.cli", "demo"]
+
+
+def counts(output: str) -> dict[str, int]:
+    patterns = {
+        "frames": r"frames captured (\d+)", "inferred": r"inferred (\d+)", "results": r"results (\d+)",
+        "scores": r"anomaly scores (\d+)", "alerts": r"alerts (\d+) firing",
+    }
+    found = {}
+    for name, pattern in patterns.items():
+        match = re.search(pattern, output)
+        assert match, f"summary has no {name!r}:\n{output[-3000:]}"
+        found[name] = int(match.group(1))
+    return found
+
+
+def require_mosquitto() -> None:
+    if shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
+        if os.environ.get("EDGELINE_REQUIRE_SERVICES") == "1":
+            pytest.fail("mosquitto not installed (EDGELINE_REQUIRE_SERVICES=1)")
+        pytest.skip("mosquitto not installed")
+
+
+def test_demo_runs_for_its_duration_and_prints_the_summary() -> None:
+    require_mosquitto()
+    started = time.monotonic()
+    done = subprocess.run([*DEMO, "--duration", "15"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert time.monotonic() - started >= 15
+    found = counts(done.stdout)
+    assert found["frames"] > 200  # 9 cameras at 5 fps for 15 s is 675
+    assert 0 < found["results"] <= found["inferred"] <= found["frames"]
+    assert found["scores"] > 100  # 3 pumps at 5 Hz
+    assert found["alerts"] > 0
+    assert "Cameras" in done.stdout and "Latest alerts" in done.stdout  # the live view rendered
+
+
+def test_ctrl_c_shuts_down_in_order_and_still_summarises() -> None:
+    require_mosquitto()
+    process = subprocess.Popen([*DEMO, "--machines", "2", "--no-live"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "summary (interrupted)" in stdout
+    assert counts(stdout)["results"] > 0
+    assert "Traceback" not in stderr

@@ -1,0 +1,125 @@
+"""The demo's pipeline over a real Mosquitto: injected defects and anomalies end as alerts.
+
+Edge agents run the committed ONNX models on synthetic cameras and pumps; the embedded rules
+engine consumes over MQTT. Cameras and pumps with nothing injected are the control: they must
+raise no alert.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import pytest
+
+from edge.agent import EdgeAgent
+from edgeline.config import SiteConfig, from_dict
+from edgeline.services import MosquittoBroker
+from stream.embedded import EmbeddedRulesRunner, deadletter_topic
+from stream.messages import Alert, Command, Event, Result, parse_message
+from stream.mqtt import MqttClient
+from stream.topics import site_filter
+
+pytestmark = pytest.mark.integration
+
+RUN_S = 12.0
+
+
+def site_config(broker: MosquittoBroker, site: str) -> SiteConfig:
+    def camera(cid: str, seed: int, defect_rate: float) -> dict[str, object]:
+        return {"id": cid, "models": ["seg"],
+                "source": {"type": "synthetic", "seed": seed, "defect_rate": defect_rate, "part_speed": 0.3}}
+
+    def pump(seed: int, anomaly_rate: float) -> dict[str, object]:
+        return {"id": "pump1", "model": "anomaly", "rate_hz": 20.0,
+                "source": {"type": "synthetic", "seed": seed, "anomaly_rate": anomaly_rate}}
+
+    return from_dict({
+        "site": site,
+        "broker": {"host": broker.host, "port": broker.port},
+        "camera_defaults": {"fps": 5, "resolution": [320, 240]},
+        "models": {"seg": {"path": "builtin:seg-synth"}, "anomaly": {"path": "builtin:anomaly-synth"}},
+        "machines": [
+            {"id": "m1", "cameras": [camera("clean", 101, 0.0), camera("defective", 102, 0.9)],
+             "sensors": [pump(201, 0.0)]},
+            {"id": "m2", "cameras": [camera("clean", 103, 0.0)], "sensors": [pump(202, 0.1)]},
+        ],
+        "rules": [
+            {"name": "surface-defect", "kind": "k_of_n", "metric": "defect_count",
+             "condition": {"op": ">=", "value": 1}, "k": 2, "n": 3, "window_s": 5, "scope": "camera",
+             "actions": [{"type": "alert"}, {"type": "command", "name": "snapshot"}]},
+            {"name": "pump-anomaly", "kind": "k_of_n", "metric": "anomaly_level",
+             "condition": {"op": ">=", "value": 1.0}, "k": 3, "n": 5, "window_s": 2, "scope": "machine",
+             "severity": "critical"},
+        ],
+    })
+
+
+def test_injected_defects_and_anomalies_end_as_alerts(mosquitto: MosquittoBroker, unique_name: str,
+                                                      mqtt_probe: Callable[..., object]) -> None:
+    site = unique_name
+    config = site_config(mosquitto, site)
+    probe = mqtt_probe(mosquitto, "watch")
+    probe.subscribe(site_filter(site))
+    runner = EmbeddedRulesRunner(site, config.rules,
+                                 MqttClient(config.broker.mqtt_settings(), client_id=f"{unique_name}-rules"))
+    agents = [EdgeAgent(config, machine.id, heartbeat_s=1.0) for machine in config.machines]
+    runner.start()
+    try:
+        for agent in agents:
+            agent.start()
+        time.sleep(RUN_S)
+    finally:
+        for agent in agents:
+            agent.stop()
+        time.sleep(0.5)
+        runner.stop()
+
+    seen = drain(probe)
+    alerts = [m for m in seen if isinstance(m, Alert) and m.state == "firing"]
+    fired = {(a.rule, a.key) for a in alerts}
+    assert ("surface-defect", "m1/defective") in fired
+    assert ("pump-anomaly", "m2") in fired
+    assert not {key for rule, key in fired if rule == "surface-defect"} & {"m1/clean", "m2/clean"}
+    assert ("pump-anomaly", "m1") not in fired
+
+    # The snapshot command went back to the edge, which applied it and attached a mask.
+    commands = [m for m in seen if isinstance(m, Command)]
+    assert any(c.name == "snapshot" and (c.machine, c.camera) == ("m1", "defective") for c in commands)
+    assert any(isinstance(m, Event) and m.name == "command_applied" for m in seen)
+    assert any(isinstance(m, Result) and m.camera == "defective" and m.frames[0].outputs[0].mask for m in seen)
+    assert runner.stats.dead_lettered == 0
+
+
+def test_malformed_messages_are_dead_lettered_and_the_runner_goes_on(
+        mosquitto: MosquittoBroker, unique_name: str, mqtt_probe: Callable[..., object]) -> None:
+    site = unique_name
+    config = site_config(mosquitto, site)
+    probe = mqtt_probe(mosquitto, "watch")
+    probe.subscribe(deadletter_topic(site))
+    runner = EmbeddedRulesRunner(site, config.rules,
+                                 MqttClient(config.broker.mqtt_settings(), client_id=f"{unique_name}-rules"))
+    runner.start()
+    try:
+        sender = mqtt_probe(mosquitto, "send")
+        sender.publish(f"edgeline/v1/{site}/m1/result/cam1", b"{not json")
+        sender.publish(f"edgeline/v1/{site}/m1/anomaly", json.dumps({"schema": "edgeline.anomaly/1"}))
+        dead = [json.loads(m.payload) for m in probe.expect(2, timeout=10)]
+    finally:
+        runner.stop()
+    assert [d["topic"] for d in dead] == [f"edgeline/v1/{site}/m1/result/cam1", f"edgeline/v1/{site}/m1/anomaly"]
+    assert "JSON" in dead[0]["reason"] and "Field required" in dead[1]["reason"]
+    assert runner.stats.dead_lettered == 2
+
+
+def drain(probe: object) -> list[object]:
+    out = []
+    while True:
+        try:
+            message = probe.get(timeout=1.0)
+        except TimeoutError:
+            return out
+        if message.topic.endswith(("/status", "/_deadletter")):
+            continue
+        out.append(parse_message(message.payload))
