@@ -659,9 +659,10 @@ class KafkaBroker:
             return
         lib = self._lib_dir or kafka_lib_dir()
         if lib is None:
+            where = os.environ.get("EDGELINE_KAFKA_LIB") or edgeline_cache_dir() / f"kafka-{KAFKA_VERSION}" / "lib"
             raise ServiceUnavailable(
-                f"Kafka {KAFKA_VERSION} jars not found (set EDGELINE_KAFKA_LIB or run scripts/install-test-deps.sh; "
-                f"expected {edgeline_cache_dir() / f'kafka-{KAFKA_VERSION}' / 'lib'})"
+                f"Kafka {KAFKA_VERSION} jars not found in {where} "
+                "(run scripts/install-test-deps.sh, or set EDGELINE_KAFKA_LIB to a folder of the jars)"
             )
         java = java_path()
         if java is None:

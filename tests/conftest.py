@@ -1,0 +1,310 @@
+"""The test harness: real brokers once per session, fresh names per test, and a leak guard.
+
+Fixtures:
+
+* ``mosquitto`` (session): a :class:`edgeline.services.MosquittoBroker` on a free loopback port.
+* ``kafka`` (session): a :class:`edgeline.services.KafkaBroker` (KRaft, one node); ``kafka.bootstrap``.
+* ``unique_name`` (function): a fresh prefix for topics, consumer groups and client ids.
+* ``data_dir`` (function): the shared data folder (``$EDGELINE_DATA``, default ``<repo>/../shared/data``).
+* ``mqtt_probe`` (function): a factory of :class:`MqttProbe` test clients (paho-mqtt 2), all
+  disconnected after the test.
+
+A service that is not installed or does not start skips the tests that need it, with the reason;
+with ``EDGELINE_REQUIRE_SERVICES=1`` (CI) it fails them instead.
+
+Every test is checked for leaks: non-daemon threads or child processes that it started and that
+are still alive after it (with a short grace period) fail it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import psutil
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeline.services import KafkaBroker, MosquittoBroker, ServiceError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LEAK_GRACE_S = 3.0
+
+# Processes of session-scoped services (they may be restarted by a test, so pids are read late).
+_session_services: list[MosquittoBroker | KafkaBroker] = []
+
+
+def services_required() -> bool:
+    return os.environ.get("EDGELINE_REQUIRE_SERVICES", "").strip().lower() in {"1", "true", "yes"}
+
+
+def service_unavailable(reason: str) -> None:
+    """Skip the test, or fail it when services are required (a skip in CI is a failure)."""
+    if services_required():
+        pytest.fail(f"{reason} (EDGELINE_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+# ------------------------------------------------------------------ brokers
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A Mosquitto broker on 127.0.0.1:<free port>, shared by the whole session."""
+    broker = MosquittoBroker(workdir=tmp_path_factory.mktemp("mosquitto"))
+    try:
+        broker.start()
+    except ServiceError as exc:
+        broker.stop()
+        problem = f"Mosquitto unavailable: {exc}"
+    else:
+        problem = None
+    if problem is not None:
+        service_unavailable(problem)
+    _session_services.append(broker)
+    try:
+        yield broker
+    finally:
+        _session_services.remove(broker)
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """An Apache Kafka 3.9.1 node (KRaft) on 127.0.0.1:<free port>, shared by the whole session."""
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"))
+    try:
+        broker.start()
+    except ServiceError as exc:
+        broker.stop()
+        problem = f"Kafka unavailable: {exc}"
+    else:
+        problem = None
+    if problem is not None:
+        service_unavailable(problem)
+    _session_services.append(broker)
+    try:
+        yield broker
+    finally:
+        _session_services.remove(broker)
+        broker.stop()
+
+
+# ------------------------------------------------------------------ per-test helpers
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> str:
+    """A fresh name for this test: ``t-<test name, shortened>-<8 hex>``.
+
+    Valid as a Kafka topic, consumer group, MQTT topic level and client-id prefix; append your
+    own suffix (``f"{unique_name}.results"``) when a test needs several.
+    """
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name.removeprefix("test_")).strip("-")[:24].strip("-")
+    return f"t-{stem or 'x'}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The shared data folder; the test is skipped (never failed) when it is absent."""
+    path = Path(os.environ.get("EDGELINE_DATA") or REPO_ROOT / ".." / "shared" / "data").resolve()
+    if not path.is_dir():
+        pytest.skip(f"data folder {path} not found (set EDGELINE_DATA)")
+    return path
+
+
+# ------------------------------------------------------------------ MQTT test client
+
+
+class MqttProbe:
+    """A paho-mqtt 2 test client (MQTT 3.1.1) that records what it receives.
+
+    ``start()`` connects and runs paho's network thread; ``subscribe()`` waits for the SUBACK;
+    ``publish()`` waits for the PUBACK (QoS 1); ``get()``/``expect()`` take received messages.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        clean_session: bool = True,
+        will: tuple[str, bytes, int, bool] | None = None,
+        keepalive: int = 10,
+    ) -> None:
+        self.host, self.port, self.client_id, self.keepalive = host, port, client_id, keepalive
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, protocol=paho.MQTTv311
+        )
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        if will is not None:
+            topic, payload, qos, retain = will
+            self.client.will_set(topic, payload, qos=qos, retain=retain)
+        self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
+        self.connected = threading.Event()
+        self.connects = 0
+        self.session_present = False
+        self._subacks: dict[int, list[int]] = {}
+        self._suback_event = threading.Condition()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if not reason_code.is_failure:
+            self.connects += 1
+            self.session_present = bool(flags.session_present)
+            self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self.connected.clear()
+
+    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
+        self.messages.put(message)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        with self._suback_event:
+            self._subacks[mid] = [int(rc.value) for rc in reason_codes]
+            self._suback_event.notify_all()
+
+    def start(self, timeout: float = 10.0) -> MqttProbe:
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self.client.loop_start()
+        self.wait_connected(timeout)
+        return self
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        if not self.connected.wait(timeout):
+            raise TimeoutError(f"{self.client_id}: not connected to {self.host}:{self.port} within {timeout} s")
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> list[int]:
+        """Subscribe and wait for the SUBACK; returns the granted QoS per filter (128 = refused)."""
+        result, mid = self.client.subscribe(topic, qos=qos)
+        if result != paho.MQTT_ERR_SUCCESS:
+            raise RuntimeError(f"{self.client_id}: subscribe {topic!r} failed: {paho.error_string(result)}")
+        with self._suback_event:
+            if not self._suback_event.wait_for(lambda: mid in self._subacks, timeout):
+                raise TimeoutError(f"{self.client_id}: no SUBACK for {topic!r} within {timeout} s")
+            return self._subacks.pop(mid)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, timeout: float = 10.0) -> None:
+        """Publish and, for QoS > 0, wait until the broker acknowledged it."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            info.wait_for_publish(timeout)
+            if not info.is_published():
+                raise TimeoutError(f"{self.client_id}: no PUBACK for {topic!r} within {timeout} s")
+
+    def get(self, timeout: float = 10.0) -> paho.MQTTMessage:
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"{self.client_id}: no message within {timeout} s") from None
+
+    def expect(self, count: int, timeout: float = 10.0) -> list[paho.MQTTMessage]:
+        """Exactly the next ``count`` messages, waiting up to ``timeout`` s in all."""
+        deadline = time.monotonic() + timeout
+        got = []
+        while len(got) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.client_id}: got {len(got)} of {count} messages within {timeout} s")
+            got.append(self.get(remaining))
+        return got
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no last-will) and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def mqtt_probe(unique_name: str) -> Iterator[Callable[..., MqttProbe]]:
+    """``mqtt_probe(broker, suffix="", **kw)`` → a started :class:`MqttProbe` named after the test."""
+    probes: list[MqttProbe] = []
+
+    def make(broker: Any, suffix: str = "", *, start: bool = True, **kwargs: Any) -> MqttProbe:
+        probe = MqttProbe(broker.host, broker.port, f"{unique_name}-{suffix or len(probes)}", **kwargs)
+        probes.append(probe)
+        return probe.start() if start else probe
+
+    yield make
+    for probe in probes:
+        probe.stop()
+
+
+# ------------------------------------------------------------------ leak guard
+
+
+def _service_pids() -> set[int]:
+    return {svc.pid for svc in _session_services if svc.pid is not None}
+
+
+def _live_children() -> dict[int, psutil.Process]:
+    """Child processes of this process that are still running (zombies do not count)."""
+    alive: dict[int, psutil.Process] = {}
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return alive
+    for child in children:
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive[child.pid] = child
+        except psutil.Error:
+            continue
+    return alive
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid}: {' '.join(proc.cmdline())[:160]}"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+@pytest.fixture(autouse=True)
+def leak_guard() -> Iterator[None]:
+    """Fail a test that leaves non-daemon threads or child processes behind."""
+    threads_before = set(threading.enumerate())
+    children_before = set(_live_children())
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
+        excluded = children_before | _service_pids()
+        children = {pid: p for pid, p in _live_children().items() if pid not in excluded}
+        # Descendants of the session brokers (none today) are theirs, not the test's.
+        children = {
+            pid: p for pid, p in children.items() if not any(a.pid in excluded for a in _safe_parents(p))
+        }
+        if not threads and not children:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    problems = [f"thread {t.name!r} (non-daemon) still alive" for t in threads]
+    problems += [f"child process still running: {_describe(p)}" for p in children.values()]
+    for proc in children.values():  # so that the next test is not blamed for them
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    pytest.fail("test leaked:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+def _safe_parents(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.parents()
+    except psutil.Error:
+        return []
