@@ -1,0 +1,342 @@
+"""The pure rules engine: messages in, decisions, alerts and commands out. No I/O, no clocks.
+
+The embedded runner (MQTT + SQLite) and the Kafka/Faust workers both drive :class:`RulesEngine`,
+so the same input sequence gives the same output list, message ids included.
+
+How one message is handled:
+
+1. Dedupe on ``msg_id`` (:class:`stream.dedupe.Deduper`, event time of the message). A repeat
+   produces nothing and counts in ``stats.duplicates``.
+2. Results and anomalies become :class:`Observation` s (one per frame per model output, or one per
+   anomaly); every other kind produces nothing.
+3. Each observation goes to every rule whose metric it carries and whose ``match`` it passes, into
+   the window of that rule's scope key (``m01/cam2``, ``m01`` or ``line:L1``).
+
+Event time, per (rule, scope key): the key's clock ``T`` is the newest event time it has seen and
+never goes back. An observation older than ``T - allowed_lateness_s`` is dropped and counted once
+in ``stats.late``. A younger one is inserted in event-time order (ties keep arrival order) and the
+rule is re-evaluated *as of T*: a late observation can change a ``k_of_n`` count or a
+``rate_of_change`` window, but never the newest observation a ``threshold`` rule looks at, and any
+transition it causes is stamped ``T``. Decisions already emitted are never retracted.
+
+Signal ("bad") and value, evaluated as of T:
+
+* ``threshold``: the condition on the newest observation; value = its metric value.
+* ``k_of_n``: among the last ``n`` observations with event time >= ``T - window_s``, at least ``k``
+  meet the condition; value = how many of them do.
+* ``rate_of_change``: (newest - oldest value) / (their time difference) over the observations with
+  event time >= ``T - window_s``, compared with the condition; value = that rate per second. With
+  fewer than two observations or no time between them the signal is unknown and the rule's state
+  is left as it is.
+
+Hysteresis, per (rule, scope key): a changed signal starts a pending run at T; the transition
+happens at the first evaluation where the run has lasted ``hold_for_s`` (to fire) or
+``clear_after_s`` (to resolve). Any evaluation back on the current state cancels the run. Each
+transition emits, in this order: one Decision, one Alert (if the rule has an alert action), and one
+Command per command action whose ``on`` is the new state and per target machine (sorted).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from stream.dedupe import Deduper
+from stream.messages import Alert, Anomaly, Command, Decision, Envelope, Result, stable_msg_id
+from stream.rule_config import AlertAction, CommandAction, RuleConfig
+
+log = logging.getLogger(__name__)
+
+UNASSIGNED_LINE = "unassigned"
+RATE_BUFFER_CAP = 1000
+"""Most observations a rate_of_change window keeps; beyond it the oldest go (the rate then spans less)."""
+
+State = Literal["firing", "resolved"]
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One value set at one event time: a model output of one frame, or one anomaly score."""
+
+    site: str
+    machine: str
+    line: str
+    model: str
+    ts: float
+    values: dict[str, float]
+    camera: str | None = None
+    group: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The camera, or the sensor group, which plays the camera's role for anomalies."""
+        return self.camera if self.camera is not None else str(self.group)
+
+
+@dataclass
+class EngineStats:
+    messages: int = 0
+    duplicates: int = 0
+    late: int = 0
+    observations: int = 0
+    decisions: int = 0
+    alerts: int = 0
+    commands: int = 0
+
+
+def observations(message: Envelope, lines: dict[str, str] | None = None) -> list[Observation]:
+    """The observations a message carries: per frame per model output, or one per anomaly."""
+    line = (lines or {}).get(message.machine, UNASSIGNED_LINE)
+    if isinstance(message, Result):
+        return [
+            Observation(
+                site=message.site, machine=message.machine, line=line, model=out.model, ts=frame.ts,
+                camera=message.camera,
+                values={
+                    "defect_ratio": out.defect_ratio,
+                    "defect_count": float(len(out.regions)),
+                    "max_score": max((r.score for r in out.regions), default=0.0),
+                    "latency_ms": out.latency_ms,
+                },
+            )
+            for frame in message.frames
+            for out in frame.outputs
+        ]
+    if isinstance(message, Anomaly):
+        return [
+            Observation(
+                site=message.site, machine=message.machine, line=line, model=message.model, ts=message.ts,
+                group=message.group, values={"anomaly_score": message.score},
+            )
+        ]
+    return []
+
+
+def matches(rule: RuleConfig, obs: Observation) -> bool:
+    """Whether the rule sees this observation; a filter on a field the observation lacks is ignored."""
+    m = rule.match
+    return (
+        rule.metric in obs.values
+        and (not m.machines or obs.machine in m.machines)
+        and (not m.lines or obs.line in m.lines)
+        and (not m.models or obs.model in m.models)
+        and (not m.cameras or obs.camera is None or obs.camera in m.cameras)
+        and (not m.groups or obs.group is None or obs.group in m.groups)
+    )
+
+
+def scope_key(rule: RuleConfig, obs: Observation) -> str:
+    if rule.scope == "camera":
+        return f"{obs.machine}/{obs.source}"
+    if rule.scope == "machine":
+        return obs.machine
+    return f"line:{obs.line}"
+
+
+class _Window:
+    """Observations of one (rule, scope key) in event-time order, with its clock and bounds."""
+
+    def __init__(self, rule: RuleConfig, allowed_lateness_s: float) -> None:
+        self.points: list[tuple[float, float]] = []  # (event time, metric value)
+        self.clock = float("-inf")
+        self._lateness = allowed_lateness_s
+        self._span = 0.0 if rule.kind == "threshold" else rule.window_s
+        self._cap = {"threshold": 1, "k_of_n": rule.n}.get(rule.kind, RATE_BUFFER_CAP)
+
+    def add(self, ts: float, value: float) -> bool:
+        """Insert in event-time order; False (and nothing stored) when older than the watermark."""
+        if ts < self.clock - self._lateness:
+            return False
+        self.clock = max(self.clock, ts)
+        bisect.insort_right(self.points, (ts, value), key=lambda p: p[0])
+        horizon = self.clock - self._span
+        first = bisect.bisect_left(self.points, horizon, key=lambda p: p[0])
+        del self.points[: max(first, len(self.points) - self._cap)]
+        return True
+
+
+def evaluate(rule: RuleConfig, points: list[tuple[float, float]], now: float) -> tuple[bool | None, float]:
+    """The rule's signal (None: unknown) and value as of ``now`` over the window's points."""
+    cond = _OPS[rule.condition.op]
+    limit = rule.condition.value
+    if rule.kind == "threshold":
+        value = points[-1][1]
+        return cond(value, limit), value
+    start = bisect.bisect_left(points, now - rule.window_s, key=lambda p: p[0])
+    if rule.kind == "k_of_n":
+        bad = sum(1 for _, v in points[max(start, len(points) - rule.n) :] if cond(v, limit))
+        return bad >= rule.k, float(bad)
+    (t0, v0), (t1, v1) = points[start], points[-1]
+    if t1 <= t0:
+        return None, 0.0
+    rate = (v1 - v0) / (t1 - t0)
+    return cond(rate, limit), rate
+
+
+@dataclass
+class _Hysteresis:
+    hold_for_s: float
+    clear_after_s: float
+    firing: bool = False
+    pending_since: float | None = None
+
+    def update(self, now: float, bad: bool | None) -> State | None:
+        """Feed the signal at event time ``now`` (never decreasing); the transition it causes, if any."""
+        if bad is None:
+            return None
+        if bad == self.firing:
+            self.pending_since = None
+            return None
+        if self.pending_since is None:
+            self.pending_since = now
+        if now - self.pending_since < (self.clear_after_s if self.firing else self.hold_for_s):
+            return None
+        self.firing, self.pending_since = bad, None
+        return "firing" if bad else "resolved"
+
+
+@dataclass
+class _RuleState:
+    window: _Window
+    hysteresis: _Hysteresis
+
+
+@dataclass(frozen=True, slots=True)
+class _Transition:
+    rule: RuleConfig
+    obs: Observation
+    key: str
+    state: State
+    ts: float
+    value: float
+
+
+class RulesEngine:
+    """Feeds messages through the rules; see the module docstring for the exact semantics."""
+
+    def __init__(
+        self,
+        rules: list[RuleConfig],
+        lines: dict[str, str] | None = None,
+        allowed_lateness_s: float = 2.0,
+        dedupe_ttl_s: float = 600.0,
+        dedupe_max_entries: int = 200_000,
+    ) -> None:
+        self._rules = list(rules)
+        self._lines = dict(lines or {})
+        self._line_machines: dict[str, list[str]] = {}
+        for machine, line in sorted(self._lines.items()):
+            self._line_machines.setdefault(line, []).append(machine)
+        self._lateness = allowed_lateness_s
+        self._deduper = Deduper(dedupe_ttl_s, dedupe_max_entries)
+        self._states: dict[tuple[int, str], _RuleState] = {}
+        self.stats = EngineStats()
+
+    def process(self, message: Envelope) -> list[Envelope]:
+        """Feed one parsed message; return the Decision, Alert and Command messages it caused, in a deterministic order."""
+        self.stats.messages += 1
+        if self._deduper.seen(message.msg_id, message.ts):
+            self.stats.duplicates += 1
+            return []
+        out: list[Envelope] = []
+        for obs in observations(message, self._lines):
+            self.stats.observations += 1
+            for transition in self._observe(obs):
+                out.extend(self._emit(transition))
+        return out
+
+    def buffered(self) -> int:
+        """Observations held in all windows (bounded by rules x keys x per-kind caps)."""
+        return sum(len(s.window.points) for s in self._states.values())
+
+    def _observe(self, obs: Observation) -> list[_Transition]:
+        transitions: list[_Transition] = []
+        late = False
+        for index, rule in enumerate(self._rules):
+            if not matches(rule, obs):
+                continue
+            key = scope_key(rule, obs)
+            state = self._states.get((index, key))
+            if state is None:
+                state = _RuleState(_Window(rule, self._lateness), _Hysteresis(rule.hold_for_s, rule.clear_after_s))
+                self._states[(index, key)] = state
+            if not state.window.add(obs.ts, obs.values[rule.metric]):
+                late = True
+                continue
+            now = state.window.clock
+            bad, value = evaluate(rule, state.window.points, now)
+            new_state = state.hysteresis.update(now, bad)
+            if new_state is not None:
+                transitions.append(_Transition(rule, obs, key, new_state, now, value))
+        if late:
+            self.stats.late += 1
+            log.debug("late observation dropped: %s/%s ts=%s", obs.machine, obs.source, obs.ts)
+        return transitions
+
+    def _emit(self, t: _Transition) -> list[Envelope]:
+        rule, obs = t.rule, t.obs
+        commands = [a for a in rule.actions if isinstance(a, CommandAction) and a.on == t.state]
+        alerting = any(isinstance(a, AlertAction) for a in rule.actions)
+        ids = (rule.name, t.key, t.state, t.ts)
+        camera = obs.camera if rule.scope == "camera" else None
+        summary = _summary(t)
+        out: list[Envelope] = [
+            Decision(
+                msg_id=stable_msg_id(*ids, "decision"), site=obs.site, machine=obs.machine, ts=t.ts,
+                rule=rule.name, state=t.state, scope=rule.scope, key=t.key, value=t.value,
+                actions=(["alert"] if alerting else []) + [f"command:{a.name}" for a in commands],
+            )
+        ]
+        if alerting:
+            text = f"{rule.description}: {summary}" if rule.description else summary
+            out.append(
+                Alert(
+                    msg_id=stable_msg_id(*ids, "alert"), site=obs.site, machine=obs.machine, ts=t.ts,
+                    rule=rule.name, state=t.state, severity=rule.severity, scope=rule.scope, key=t.key,
+                    value=t.value, text=text[:2000], camera=camera,
+                    line=obs.line if rule.scope == "line" else None,
+                )
+            )
+        sent = [
+            Command(
+                msg_id=stable_msg_id(*ids, "command", index, action.name, target), site=obs.site,
+                machine=target, ts=t.ts, name=action.name, camera=camera, args=dict(action.args),
+                reason=f"{rule.name} {summary}"[:500],
+            )
+            for index, action in enumerate(commands)
+            for target in self._targets(rule, obs)
+        ]
+        self.stats.decisions += 1
+        self.stats.alerts += int(alerting)
+        self.stats.commands += len(sent)
+        return out + sent
+
+    def _targets(self, rule: RuleConfig, obs: Observation) -> list[str]:
+        """Machines a command goes to: the observed one, or every known machine of its line."""
+        if rule.scope != "line":
+            return [obs.machine]
+        return sorted({*self._line_machines.get(obs.line, []), obs.machine})
+
+
+def _summary(t: _Transition) -> str:
+    """A short human summary, e.g. ``firing: defect_ratio 0.12 >= 0.05 on m01/cam2``."""
+    rule = t.rule
+    cond = f"{rule.condition.op} {rule.condition.value:g}"
+    if rule.kind == "k_of_n":
+        what = f"{t.value:g} of last {rule.n} {rule.metric} {cond} within {rule.window_s:g}s"
+    elif rule.kind == "rate_of_change":
+        what = f"{rule.metric} changing {t.value:+g}/s (limit {cond}/s)"
+    else:
+        what = f"{rule.metric} {t.value:g} (limit {cond})"
+    return f"{t.state}: {what} on {t.key}"
