@@ -117,7 +117,8 @@ def observations(message: Envelope, lines: dict[str, str] | None = None) -> list
         return [
             Observation(
                 site=message.site, machine=message.machine, line=line, model=message.model, ts=message.ts,
-                group=message.group, values={"anomaly_score": message.score},
+                group=message.group,
+                values={"anomaly_score": message.score, "anomaly_level": message.score / message.threshold},
             )
         ]
     return []

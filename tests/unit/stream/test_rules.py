@@ -89,7 +89,7 @@ def test_result_yields_one_observation_per_frame_per_output() -> None:
 def test_anomaly_yields_one_observation_with_group_as_source() -> None:
     (obs,) = observations(anomaly(5.0, 1.7))
     assert (obs.machine, obs.group, obs.camera, obs.line, obs.ts) == ("m01", "spindle", None, "unassigned", 5.0)
-    assert obs.values == {"anomaly_score": 1.7}
+    assert obs.values == {"anomaly_score": 1.7, "anomaly_level": 1.7}
     assert obs.source == "spindle"
 
 
@@ -536,3 +536,10 @@ def test_memory_stays_bounded_for_one_busy_key(busy_camera: list[Result], kwargs
         assert engine.buffered() <= bound
     assert engine.stats.observations == 100_000
     assert engine.buffered() == bound
+
+
+def test_anomaly_level_is_score_over_threshold() -> None:
+    message = Anomaly(site="s", machine="m1", ts=10.0, group="pump1", seq=0, model="lstm", version="1",
+                      score=3.0, threshold=2.0, is_anomaly=True)
+    (obs,) = observations(message)
+    assert obs.values == {"anomaly_score": 3.0, "anomaly_level": 1.5}
