@@ -105,7 +105,7 @@ else
     mkdir -p "$(dirname "$KAFKA_LIB")"
     tmp=$(mktemp -d "$(dirname "$KAFKA_LIB")/lib.tmp.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
-    mvn -q -B -f "$ROOT/deploy/kafka/pom.xml" dependency:copy-dependencies -DoutputDirectory="$tmp"
+    mvn -q -B -Dstyle.color=never -f "$ROOT/deploy/kafka/pom.xml" dependency:copy-dependencies -DoutputDirectory="$tmp"
     rm -rf "$KAFKA_LIB"
     mv "$tmp" "$KAFKA_LIB"   # all or nothing: a half-done download never looks complete
     trap - EXIT
