@@ -10,7 +10,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeline.services import MosquittoBroker, port_open
+from edgeline.services import MosquittoBroker, port_open, start_mqtt_broker
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +112,17 @@ def test_restart_keeps_port_and_persistent_session(tmp_path, mqtt_probe, unique_
         got = back.expect(6, timeout=10)
         assert [m.payload for m in got] == [b"0", b"1", b"2", b"3", b"4", b"after-restart"]
     assert not port_open("127.0.0.1", port)
+
+
+def test_start_mqtt_broker_prefers_mosquitto(mosquitto, mqtt_probe, unique_name):
+    # The `mosquitto` fixture is only requested so that a missing binary skips (or fails in CI).
+    broker = start_mqtt_broker()
+    try:
+        assert isinstance(broker, MosquittoBroker) and broker.port != mosquitto.port
+        probe = mqtt_probe(broker, "probe")
+        probe.subscribe(f"{unique_name}/x")
+        probe.publish(f"{unique_name}/x", b"hi")
+        assert probe.get(timeout=5).payload == b"hi"
+        probe.stop()
+    finally:
+        broker.stop()
