@@ -111,6 +111,8 @@ def test_restart_keeps_port_and_persistent_session(tmp_path, mqtt_probe, unique_
         assert back.session_present
         got = back.expect(6, timeout=10)
         assert [m.payload for m in got] == [b"0", b"1", b"2", b"3", b"4", b"after-restart"]
+        back.stop()
+        pub.stop()  # before the broker goes, or paho's thread sits in its reconnect delay
     assert not port_open("127.0.0.1", port)
 
 
