@@ -335,6 +335,10 @@ class EmbeddedBroker:
 
     For machines without Mosquitto. MQTT 3.1.1, QoS 0-2, retained messages, last-wills, anonymous
     access. Sessions and retained messages live in memory and are gone after :meth:`stop`.
+
+    Limitation (amqtt 0.12): with anonymous access every session counts as anonymous, and amqtt
+    does not queue QoS 1 messages for an anonymous ``clean_session=False`` client while it is
+    offline. Good enough for the demo; outage and redelivery tests need :class:`MosquittoBroker`.
     """
 
     def __init__(self, port: int | None = None, *, start_timeout: float = 10.0) -> None:
