@@ -1,0 +1,114 @@
+"""ONNX Runtime side of the vision models: one session per model package, batched inference.
+
+A :class:`SegmentationModel` owns one ``onnxruntime.InferenceSession`` for one package. It
+turns camera frames (BGR or gray, any size) into the model's input as the manifest says
+(gray, resize, scale/mean/std), runs a whole batch in one ``session.run``, and returns each
+frame's defect probability map resized back to that frame's size. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from models.package import Package, SegmentationPreprocess
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The package cannot be run here (wrong task, bad graph, no provider)."""
+
+
+def resolve_providers(requested: Sequence[str]) -> list[str]:
+    """Map short names (tensorrt, cuda, cpu) to available ORT providers, in order; CPU always last."""
+    available = set(ort.get_available_providers())
+    chosen: list[str] = []
+    for name in requested:
+        provider = PROVIDERS.get(name.lower(), name)
+        if provider not in available:
+            log.warning("execution provider %s not available here (have %s); skipping it", name, sorted(available))
+        elif provider not in chosen:
+            chosen.append(provider)
+    if "CPUExecutionProvider" not in chosen:
+        if not chosen:
+            log.warning("no requested execution provider available (%s); falling back to CPU", list(requested))
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def create_session(package: Package, providers: Sequence[str] = ("cpu",), threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, int(threads))
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(package.model_path), options, providers=resolve_providers(providers))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelLoadError(f"{package.ref}: cannot create session: {exc}") from exc
+    log.info("model %s loaded on %s with %d thread(s)", package.ref, session.get_providers()[0], threads)
+    return session
+
+
+def preprocess_frame(image: np.ndarray, spec: SegmentationPreprocess) -> np.ndarray:
+    """One frame (H,W,3 BGR or H,W gray, uint8) to the model's [C, h, w] float32 input."""
+    if image.ndim == 3 and spec.grayscale:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    elif image.ndim == 2 and not spec.grayscale:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[:2] != (spec.height, spec.width):
+        shrinking = image.shape[0] > spec.height or image.shape[1] > spec.width
+        image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    x = (image.astype(np.float32) * spec.scale - spec.mean) / spec.std
+    return x[None] if x.ndim == 2 else np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+class SegmentationModel:
+    """A segmentation package in one ONNX Runtime session; ``infer`` returns probability maps."""
+
+    def __init__(self, package: Package, providers: Sequence[str] = ("cpu",), threads: int = 1) -> None:
+        manifest = package.manifest
+        if manifest.task != "segmentation" or not isinstance(manifest.preprocess, SegmentationPreprocess):
+            raise ModelLoadError(f"{package.ref}: task is {manifest.task!r}, not segmentation")
+        self.package = package
+        self.spec = manifest.preprocess
+        self.postprocess = manifest.postprocess
+        self.session = create_session(package, providers, threads)
+        self._input = self.session.get_inputs()[0].name
+        self.infer([np.zeros((self.spec.height, self.spec.width), np.uint8)])  # warm-up
+
+    @property
+    def name(self) -> str:
+        return self.package.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.package.manifest.version
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def infer(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Defect probability map (float32, frame H×W) for each frame, all in one ``session.run``."""
+        if not images:
+            return []
+        batch = np.stack([preprocess_frame(image, self.spec) for image in images])
+        (probs,) = self.session.run(None, {self._input: batch})[:1]
+        return [self._to_frame(prob[-1], image.shape[:2]) for prob, image in zip(probs, images)]
+
+    def _to_frame(self, prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        prob = prob.astype(np.float32, copy=False)
+        if prob.shape != size:
+            prob = cv2.resize(prob, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        return prob

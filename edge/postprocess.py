@@ -1,0 +1,92 @@
+"""Probability maps to defect regions, and the quality measures used to judge them.
+
+Pure functions on numpy arrays: no sessions, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from stream.messages import DefectRegion
+
+
+def mask_from_probabilities(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Binary defect mask (uint8, 1 = defect) of the pixels whose probability exceeds ``threshold``."""
+    return (prob > threshold).astype(np.uint8)
+
+
+def regions_from_probabilities(
+    prob: np.ndarray, threshold: float, min_area: int, cls: str = "defect"
+) -> tuple[list[DefectRegion], float]:
+    """Connected defect regions of at least ``min_area`` pixels, and the defect ratio.
+
+    Each region carries its area, bbox (x, y, w, h) and score (mean probability inside it). The
+    defect ratio is the share of the frame's pixels that lie in the kept regions.
+    """
+    regions, kept = _components(prob, threshold, min_area, cls)
+    return regions, float(kept.sum()) / float(prob.size) if prob.size else 0.0
+
+
+def region_mask(prob: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
+    """Like :func:`mask_from_probabilities` but only pixels of regions of ``min_area`` or more."""
+    return _components(prob, threshold, min_area, "defect")[1]
+
+
+def _components(prob: np.ndarray, threshold: float, min_area: int, cls: str) -> tuple[list[DefectRegion], np.ndarray]:
+    mask = mask_from_probabilities(prob, threshold)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    regions: list[DefectRegion] = []
+    if count <= 1:
+        return regions, np.zeros_like(mask)
+    sums = np.bincount(labels.ravel(), weights=prob.ravel().astype(np.float64), minlength=count)
+    keep = []
+    for label in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[label])
+        if area < max(1, min_area):
+            continue
+        score = min(1.0, max(0.0, sums[label] / area))
+        regions.append(DefectRegion(cls=cls, area=area, bbox=(x, y, w, h), score=score))
+        keep.append(label)
+    kept = np.isin(labels, keep).astype(np.uint8) if keep else np.zeros_like(mask)
+    regions.sort(key=lambda r: r.area, reverse=True)
+    return regions, kept
+
+
+def segmentation_metrics(
+    predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray], min_area: int
+) -> dict[str, float]:
+    """Pixel and image-level quality of predicted defect masks against true ones.
+
+    - ``iou``: pooled defect IoU, sum of intersections over sum of unions across all frames.
+    - ``recall``: share of frames with a true defect of at least ``min_area`` pixels in which
+      anything was predicted. Frames whose only defect is a sliver below ``min_area`` (a part
+      just entering or leaving the view) count neither way.
+    - ``false_alarm_rate``: share of defect-free frames in which anything was predicted.
+    - ``precision``: share of flagged frames that hold any true defect pixel.
+    """
+    inter = union = 0
+    hits = positives = alarms = negatives = flagged = flagged_true = 0
+    for pred, true in zip(predicted, truth, strict=True):
+        pred, true = pred > 0, true > 0
+        inter += int(np.logical_and(pred, true).sum())
+        union += int(np.logical_or(pred, true).sum())
+        area, any_pred = int(true.sum()), bool(pred.any())
+        flagged += any_pred
+        flagged_true += any_pred and area > 0
+        if area >= max(1, min_area):
+            positives += 1
+            hits += any_pred
+        elif area == 0:
+            negatives += 1
+            alarms += any_pred
+    return {
+        "iou": inter / union if union else 1.0,
+        "recall": hits / positives if positives else 1.0,
+        "false_alarm_rate": alarms / negatives if negatives else 0.0,
+        "precision": flagged_true / flagged if flagged else 1.0,
+        "frames_defective": float(positives),
+        "frames_clean": float(negatives),
+    }
