@@ -116,3 +116,14 @@ def test_anomaly_manifest_checks_channel_counts():
             preprocess=pre,
             postprocess=post,
         )
+
+
+def test_edge_and_package_never_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edge.synthetic, edge.inference, edge.postprocess, edge.anomaly, models.package; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
