@@ -168,11 +168,11 @@ class EdgeAgent:
         probabilities = model.infer([frame.image for _, frame in batch])
         latency_ms = (time.perf_counter() - started) * 1000.0
         for (camera, frame), prob in zip(batch, probabilities):
-            regions, ratio = regions_from_probabilities(prob, model.threshold, model.min_area)
+            regions, ratio = regions_from_probabilities(prob, model.postprocess.threshold, model.postprocess.min_area)
             counters = self.camera_counters[camera.id]
             mask = None
             if counters.snapshot_requested:
-                mask = EncodedMask.encode(mask_from_probabilities(prob, model.threshold))
+                mask = EncodedMask.encode(mask_from_probabilities(prob, model.postprocess.threshold))
                 counters.snapshot_requested = False
             outputs.setdefault((camera.id, frame.seq), []).append(ModelOutput(
                 model=model.name, version=model.version, latency_ms=latency_ms,

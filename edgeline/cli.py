@@ -70,7 +70,7 @@ def config_check(path: Annotated[Path, typer.Argument(help="site YAML file")]) -
     cameras = sum(len(m.cameras) for m in config.machines)
     sensors = sum(len(m.sensors) for m in config.machines)
     console.print(f"{path}: OK — site {config.site}, {len(config.machines)} machines, {cameras} cameras, "
-                  f"{sensors} sensor groups, {len(config.models)} models, {len(config.rules)} rules")
+                  f"{sensors} sensor groups, {len(config.models)} models, {len(config.rules)} rules", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- edge
