@@ -50,8 +50,8 @@ def demo_config(machines: int = 3, seed: int = 0, fps: float = 5.0) -> SiteConfi
              "source": {"type": "synthetic", "seed": seed * 1000 + index * 10 + c, "defect_rate": 0.3}}
             for c in range(2 + index % 3)
         ]
-        sensors = [{"id": "pump1", "model": "anomaly", "rate_hz": 5.0,
-                    "source": {"type": "synthetic", "seed": seed * 1000 + index, "anomaly_rate": 0.02}}]
+        sensors = [{"id": "pump1", "model": "anomaly", "rate_hz": 10.0,
+                    "source": {"type": "synthetic", "seed": seed * 1000 + index, "anomaly_rate": 0.1}}]
         layout.append({"id": f"m{index + 1:02d}", "line": f"line-{index // 2 + 1}", "cameras": cameras,
                        "sensors": sensors})
     return from_dict({

@@ -65,6 +65,7 @@ class MqttClient:
         self.settings = settings
         self.stats = MqttStats()
         self.connected = threading.Event()
+        self._stopping = False
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -84,6 +85,7 @@ class MqttClient:
         self._client.on_message = self._on_message
 
     def start(self) -> None:
+        self._stopping = False
         self._client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
         self._client.loop_start()
 
@@ -95,6 +97,7 @@ class MqttClient:
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Disconnect cleanly, after publishing ``final`` (topic, payload; retained) if given."""
+        self._stopping = True
         if final and self.connected.is_set():
             info = self._client.publish(final[0], final[1], qos=1, retain=True)
             info.wait_for_publish(timeout)
@@ -129,7 +132,7 @@ class MqttClient:
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
                        properties: object) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._stopping:
             self.stats.disconnects += 1
             log.warning("mqtt:%s: disconnected (%s); reconnecting", self.client_id, reason_code)
         self.connected.clear()
