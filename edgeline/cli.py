@@ -124,11 +124,11 @@ def models_quickstart(
 ) -> None:
     """Train the first synthetic-data models (segmentation + streaming LSTM), export to ONNX, package them."""
     try:
-        from models.quickstart import train_all
+        from models.quickstart import main as train_and_report
     except ImportError as exc:
         err_console.print(f"[bold red]training needs the 'models' extra (pip install 'edgeline[models]'): {exc}[/]")
         raise typer.Exit(2) from None
-    train_all(out, seed=seed)
+    train_and_report(out, seed=seed)
 
 
 # ---------------------------------------------------------------- demo

@@ -13,13 +13,16 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+import models
+
 from stream.messages import Identifier
 from stream.mqtt import MqttSettings
 from stream.rule_config import RuleConfig
 
 MAX_MODELS_PER_CAMERA = 2
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_PACKAGES = Path(__file__).resolve().parent.parent / "models" / "packages"
+BUILTIN_PACKAGES = Path(models.__file__).resolve().parent / "packages"
+"""Where ``builtin:<name>`` model paths point: the packages shipped inside the ``models`` package."""
 
 
 class ConfigError(Exception):

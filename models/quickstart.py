@@ -60,7 +60,7 @@ class Budget:
     seg_seeds: int = 5
     seg_steps: int = 1300
     seg_batch: int = 16
-    seg_crop: int = 64
+    seg_crop: int = 48
     lstm_steps: int = 500
     lstm_batch: int = 32
     lstm_window: int = 96

@@ -37,6 +37,8 @@ from edgeline.services import KafkaBroker, MosquittoBroker, ServiceError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LEAK_GRACE_S = 3.0
+OWNED_THREAD_PREFIXES = ("capture:", "infer:", "sensors:", "heartbeat:", "paho-mqtt-client-", "mqtt:embedded-broker")
+"""Daemon threads that are still ours to stop: the edge agent's workers and paho's network loops."""
 
 # Processes of session-scoped services (they may be restarted by a test, so pids are read late).
 _session_services: list[MosquittoBroker | KafkaBroker] = []
@@ -275,13 +277,14 @@ def _describe(proc: psutil.Process) -> str:
 
 @pytest.fixture(autouse=True)
 def leak_guard() -> Iterator[None]:
-    """Fail a test that leaves non-daemon threads or child processes behind."""
+    """Fail a test that leaves non-daemon threads, our named daemon threads or child processes behind."""
     threads_before = set(threading.enumerate())
     children_before = set(_live_children())
     yield
     deadline = time.monotonic() + LEAK_GRACE_S
     while True:
-        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
+                   and (not t.daemon or t.name.startswith(OWNED_THREAD_PREFIXES))]
         excluded = children_before | _service_pids()
         children = {pid: p for pid, p in _live_children().items() if pid not in excluded}
         # Descendants of the session brokers (none today) are theirs, not the test's.
@@ -293,7 +296,7 @@ def leak_guard() -> Iterator[None]:
         if time.monotonic() >= deadline:
             break
         time.sleep(0.05)
-    problems = [f"thread {t.name!r} (non-daemon) still alive" for t in threads]
+    problems = [f"thread {t.name!r} ({'daemon' if t.daemon else 'non-daemon'}) still alive" for t in threads]
     problems += [f"child process still running: {_describe(p)}" for p in children.values()]
     for proc in children.values():  # so that the next test is not blamed for them
         try:
