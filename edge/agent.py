@@ -13,13 +13,15 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as paho
 import psutil
 
-from edge.anomaly import StreamingAnomalyModel
+from edge.anomaly import AnomalyScore, StreamingAnomalyModel
 from edge.capture import Camera, CapturedFrame, make_source
 from edge.inference import SegmentationModel
 from edge.postprocess import mask_from_probabilities, regions_from_probabilities
@@ -110,8 +112,8 @@ class EdgeAgent:
         self.mqtt.stop(final=(status_topic(self.site, self.id), b"offline"))
         log.info("edge:%s: stopped", self.id)
 
-    def _spawn(self, name: str, target: object) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 
@@ -214,16 +216,16 @@ class EdgeAgent:
             for group, score in model.step(samples).items():
                 self._publish_anomaly(model, group, score, ts)
 
-    def _publish_anomaly(self, model: StreamingAnomalyModel, group: str, score: object, ts: float) -> None:
+    def _publish_anomaly(self, model: StreamingAnomalyModel, group: str, score: AnomalyScore, ts: float) -> None:
         counters = self.sensor_counters[group]
         counters.steps += 1
-        counters.score_last = score.score  # type: ignore[attr-defined]
-        counters.threshold = score.threshold  # type: ignore[attr-defined]
-        counters.anomalies += int(score.is_anomaly)  # type: ignore[attr-defined]
+        counters.score_last = score.score
+        counters.threshold = score.threshold
+        counters.anomalies += int(score.is_anomaly)
         self._publish(Anomaly(
             site=self.site, machine=self.id, ts=ts, group=group, seq=counters.steps - 1,
-            model=model.name, version=model.version, score=score.score, threshold=score.threshold,  # type: ignore[attr-defined]
-            is_anomaly=score.is_anomaly, channel_scores=score.channel_scores,  # type: ignore[attr-defined]
+            model=model.name, version=model.version, score=score.score, threshold=score.threshold,
+            is_anomaly=score.is_anomaly, channel_scores=score.channel_scores,
         ))
 
     # ------------------------------------------------------------ heartbeats and commands
@@ -244,17 +246,17 @@ class EdgeAgent:
         counters = self.camera_counters[camera.id]
         latencies = np.asarray(counters.latencies_ms or [0.0])
         return CameraStatus(
-            camera=camera.id, state=camera.state, fps=camera.fps,  # type: ignore[arg-type]
+            camera=camera.id, state=camera.state, fps=camera.fps,
             latency_p50_ms=float(np.percentile(latencies, 50)), latency_p99_ms=float(np.percentile(latencies, 99)),
             queue_depth=camera.queue_depth(), frames_dropped=camera.frames_dropped,
             models=[f"{m.name}:{m.version}" for n, m in self.seg_models.items() if n in camera.config.models],
         )
 
-    def _on_command(self, message: object) -> None:
+    def _on_command(self, message: paho.MQTTMessage) -> None:
         try:
-            command = parse_message(message.payload)  # type: ignore[attr-defined]
+            command = parse_message(message.payload)
         except MessageError as exc:
-            log.warning("edge:%s: bad command on %s: %s", self.id, message.topic, exc.reason)  # type: ignore[attr-defined]
+            log.warning("edge:%s: bad command on %s: %s", self.id, message.topic, exc.reason)
             return
         if not isinstance(command, Command) or command.machine != self.id:
             log.warning("edge:%s: ignored a message for %s on the command topic", self.id, command.machine)

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import cv2
 import numpy as np
@@ -24,6 +24,7 @@ from edgeline.config import CameraConfig, FileSource, GStreamerSource, Synthetic
 
 log = logging.getLogger(__name__)
 
+CameraState = Literal["ok", "reconnecting", "failed", "stopped"]
 FAILED_AFTER_ATTEMPTS = 5
 """Consecutive failed opens after which a camera reports ``failed`` (it keeps retrying)."""
 
@@ -124,7 +125,7 @@ class Camera:
         self.config = config
         self.id = config.id
         self.name = f"capture:{machine}/{config.id}"
-        self.state = "stopped"
+        self.state: CameraState = "stopped"
         self.frames_captured = 0
         self.frames_dropped = 0
         self._fps = float(config.fps or 10.0)
