@@ -82,8 +82,7 @@ def test_batched_groups_score_like_one_by_one(package):
         tick = {name: values[t - k * 10] for k, (name, values) in enumerate(streams.items()) if t >= k * 10}
         for name, score in together.step(tick).items():
             batched[name].append(score)
-    for name, values in streams.items():
-        k = list(streams).index(name)
+    for k, name in enumerate(streams):
         expected = alone[name][: 120 - k * 10]
         np.testing.assert_allclose([s.score for s in batched[name]], [s.score for s in expected], rtol=1e-5, atol=1e-5)
         assert [s.is_anomaly for s in batched[name]] == [s.is_anomaly for s in expected]

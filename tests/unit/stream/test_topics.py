@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream.messages import Alert, Command, Heartbeat, Result
+from stream.messages import Alert, Command, Heartbeat
 from stream.topics import (KAFKA_RESULTS, command_topic, kafka_topic_for, mqtt_topic, parse_topic, status_topic,
                            topic_for)
 from tests.unit.stream.test_messages import BASE, result
