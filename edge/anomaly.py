@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.inference import ModelLoadError, create_session
+from edge.inference import ModelLoadError, PackagedModel, create_session
 from models.package import AnomalyPostprocess, AnomalyPreprocess, Package
 
 
@@ -42,7 +42,7 @@ def smooth(previous: float | None, raw: float, alpha: float) -> float:
     return raw if previous is None else alpha * raw + (1.0 - alpha) * previous
 
 
-class StreamingAnomalyModel:
+class StreamingAnomalyModel(PackagedModel):
     """An anomaly package in one ONNX Runtime session, scoring many sensor groups per tick."""
 
     def __init__(self, package: Package, providers: Sequence[str] = ("cpu",), threads: int = 1) -> None:
@@ -60,13 +60,6 @@ class StreamingAnomalyModel:
         self._groups: dict[str, _GroupState] = {}
         self._run(np.zeros((1, len(self.channels)), np.float32), *self._zero_state(1))  # warm-up
 
-    @property
-    def name(self) -> str:
-        return self.package.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.package.manifest.version
 
     @property
     def threshold(self) -> float:

@@ -73,7 +73,26 @@ def preprocess_frame(image: np.ndarray, spec: SegmentationPreprocess) -> np.ndar
     return x[None] if x.ndim == 2 else np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-class SegmentationModel:
+class PackagedModel:
+    """What every loaded model shows: its package, name, version and the providers it runs on."""
+
+    package: Package
+    session: ort.InferenceSession
+
+    @property
+    def name(self) -> str:
+        return self.package.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.package.manifest.version
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+
+class SegmentationModel(PackagedModel):
     """A segmentation package in one ONNX Runtime session; ``infer`` returns probability maps."""
 
     def __init__(self, package: Package, providers: Sequence[str] = ("cpu",), threads: int = 1) -> None:
@@ -87,17 +106,6 @@ class SegmentationModel:
         self._input = self.session.get_inputs()[0].name
         self.infer([np.zeros((self.spec.height, self.spec.width), np.uint8)])  # warm-up
 
-    @property
-    def name(self) -> str:
-        return self.package.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.package.manifest.version
-
-    @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
 
     def infer(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Defect probability map (float32, frame H×W) for each frame, all in one ``session.run``."""

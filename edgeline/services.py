@@ -27,8 +27,9 @@ import tempfile
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, Self
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,47 @@ class _Workdir:
             self._owned = None
 
 
+class _ChildProcessService(ABC):
+    """Shared by the brokers that run as child processes: crash, restart, logs, context manager."""
+
+    _proc: subprocess.Popen[bytes] | None
+
+    @property
+    @abstractmethod
+    def log_path(self) -> Path: ...
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    @abstractmethod
+    def _stop_process(self, timeout: float = 10.0) -> None: ...
+
+    def kill(self) -> None:
+        """Crash the service (SIGKILL): no clean disconnects, no state saved on the way out."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+        self._stop_process()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port(s), with the same data folder."""
+        self._stop_process()
+        self.start()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return tail(self.log_path, lines)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # ------------------------------------------------------------------ Mosquitto
 
 
@@ -185,7 +227,7 @@ def mosquitto_path() -> str | None:
     return None
 
 
-class MosquittoBroker:
+class MosquittoBroker(_ChildProcessService):
     """Mosquitto on ``127.0.0.1:<port>`` with anonymous access, as a child process.
 
     ``port`` defaults to a free port chosen once, so :meth:`restart` comes back on the same port
@@ -304,27 +346,6 @@ class MosquittoBroker:
         self._stop_process()
         self._workdir.cleanup()
 
-    def kill(self) -> None:
-        """Crash the broker (SIGKILL): no clean disconnects, no persistence save."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-        self._stop_process()
-
-    def restart(self) -> None:
-        """Stop and start again on the same port (and the same persistence folder)."""
-        self._stop_process()
-        self.start()
-
-    def log_tail(self, lines: int = 40) -> str:
-        return tail(self.log_path, lines)
-
-    def __enter__(self) -> MosquittoBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ------------------------------------------------------------------ amqtt
@@ -534,7 +555,7 @@ log4j.logger.kafka.authorizer.logger=WARN
 """
 
 
-class KafkaBroker:
+class KafkaBroker(_ChildProcessService):
     """One Apache Kafka 3.9.1 node in KRaft mode (broker + controller) on loopback ports.
 
     ``workdir`` holds ``server.properties``, ``log4j.properties``, the data (``data/``) and the
@@ -776,27 +797,6 @@ class KafkaBroker:
         """Controlled shutdown (SIGTERM), SIGKILL after ``stop_timeout`` s. The workdir is kept."""
         self._stop_process()
 
-    def kill(self) -> None:
-        """Crash the node (SIGKILL)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-        self._stop_process()
-
-    def restart(self) -> None:
-        """Stop and start again on the same ports with the same data."""
-        self._stop_process()
-        self.start()
-
-    def log_tail(self, lines: int = 40) -> str:
-        return tail(self.log_path, lines)
-
-    def __enter__(self) -> KafkaBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 __all__ = [

@@ -116,18 +116,15 @@ def test_type_errors_unknown_fields_and_bad_union_tags(tmp_path: Path) -> None:
     assert any(p.startswith("machines[0].cameras[2].source.url: String should match pattern") for p in problems)
 
 
-def test_duplicate_ids_and_rules(tmp_path: Path) -> None:
+def test_rule_with_k_above_n(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, """
         site: s1
-        machines:
-          - id: m1
-            cameras: [{id: c1}, {id: c1}]
-          - id: m1
         rules:
-          - {name: r1, metric: defect_ratio, condition: {value: 0.1}}
           - {name: r1, metric: defect_ratio, condition: {value: 0.1}, k: 3, n: 2, kind: k_of_n}
+          - {name: r2, metric: pressure, condition: {value: 1}}
         """)
-    assert "rules[1]: k (3) must not exceed n (2)" in problems
+    assert problems[0] == "rules[0]: k (3) must not exceed n (2)"
+    assert problems[1].startswith("rules[1].metric: Input should be 'defect_ratio'")
 
 
 def test_duplicates_reported_after_schema_passes(tmp_path: Path) -> None:
