@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Protocol
 
 import typer
 from rich.console import Console
@@ -50,14 +49,33 @@ def _load_or_exit(path: Path) -> SiteConfig:
         raise typer.Exit(2) from None
 
 
-def _wait_for_signal(stop: threading.Event) -> None:
-    """Block until SIGINT/SIGTERM, so services can shut down in order."""
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+class Service(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def _interrupt_on_signals() -> None:
+    """Make Ctrl-C and SIGTERM both raise KeyboardInterrupt in the main thread.
+
+    Set explicitly because a process started in the background by a non-interactive shell
+    inherits SIGINT as ignored, and containers stop with SIGTERM: either way the command must
+    still shut down in order.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
+
+
+def _run_until_signal(service: Service) -> None:
+    """Start a service, run until Ctrl-C or SIGTERM, then stop it in order."""
+    _interrupt_on_signals()
     try:
-        while not stop.wait(0.5):
-            pass
+        service.start()
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
-        stop.set()
+        pass
+    finally:
+        service.stop()
 
 
 # ---------------------------------------------------------------- config
@@ -89,9 +107,7 @@ def edge_run(config: ConfigOption, machine: Annotated[str, typer.Option(help="ma
     except KeyError as exc:
         err_console.print(f"[bold red]{exc.args[0]}[/]")
         raise typer.Exit(2) from None
-    agent.start()
-    _wait_for_signal(threading.Event())
-    agent.stop()
+    _run_until_signal(agent)
 
 
 # ---------------------------------------------------------------- stream
@@ -109,9 +125,7 @@ def stream_embedded(config: ConfigOption, log_level: str = "info") -> None:
     runner = EmbeddedRulesRunner(site.site, site.rules, client, lines=site.lines(),
                                  allowed_lateness_s=site.engine.allowed_lateness_s,
                                  dedupe_ttl_s=site.engine.dedupe_ttl_s)
-    runner.start()
-    _wait_for_signal(threading.Event())
-    runner.stop()
+    _run_until_signal(runner)
 
 
 # ---------------------------------------------------------------- models
@@ -148,6 +162,7 @@ def demo(
     from edgeline.view import DemoView
 
     _setup_logging(log_level)
+    _interrupt_on_signals()
     site = _load_or_exit(config) if config else demo_config(machines=machines, seed=seed)
     runner = Demo(site, base_dir=config.parent if config else Path("."))
     interrupted = False

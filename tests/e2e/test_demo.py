@@ -52,8 +52,10 @@ def test_demo_runs_for_its_duration_and_prints_the_summary() -> None:
 
 
 def test_ctrl_c_shuts_down_in_order_and_still_summarises() -> None:
+    """Started as a background job of a non-interactive shell would start it: SIGINT ignored."""
     require_mosquitto()
-    process = subprocess.Popen([*DEMO, "--machines", "2", "--no-live"], stdout=subprocess.PIPE,
+    command = " ".join([*DEMO, "--machines", "2", "--no-live"])
+    process = subprocess.Popen(["bash", "-c", f"trap '' INT; exec {command}"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     time.sleep(8)
     process.send_signal(signal.SIGINT)
