@@ -155,6 +155,7 @@ def demo(
     config: Annotated[Optional[Path], typer.Option(help="site YAML instead of the built-in demo site")] = None,
     seed: Annotated[int, typer.Option(help="seed of the simulated factory")] = 0,
     live: Annotated[bool, typer.Option(help="live terminal view")] = True,
+    embedded_broker: Annotated[bool, typer.Option(help="use the Python broker even where Mosquitto is installed")] = False,
     log_level: str = "warning",
 ) -> None:
     """A simulated factory on this box: broker, edge agents, rules engine and a live view."""
@@ -164,7 +165,7 @@ def demo(
     _setup_logging(log_level)
     _interrupt_on_signals()
     site = _load_or_exit(config) if config else demo_config(machines=machines, seed=seed)
-    runner = Demo(site, base_dir=config.parent if config else Path("."))
+    runner = Demo(site, base_dir=config.parent if config else Path("."), prefer_mosquitto=not embedded_broker)
     interrupted = False
     try:
         runner.start()

@@ -141,9 +141,10 @@ class DemoSummary:
 class Demo:
     """Starts and stops the demo's parts in order; :meth:`run` drives it for a duration."""
 
-    def __init__(self, config: SiteConfig, base_dir: Path = Path(".")) -> None:
+    def __init__(self, config: SiteConfig, base_dir: Path = Path("."), prefer_mosquitto: bool = True) -> None:
         self.config = config
         self.base_dir = base_dir
+        self.prefer_mosquitto = prefer_mosquitto
         self.monitor = SiteMonitor()
         self.broker = None
         self.agents: list[EdgeAgent] = []
@@ -153,7 +154,7 @@ class Demo:
         self.ran_s = 0.0
 
     def start(self) -> None:
-        self.broker = start_mqtt_broker()
+        self.broker = start_mqtt_broker(prefer_mosquitto=self.prefer_mosquitto)
         broker = self.config.broker.model_copy(update={"host": self.broker.host, "port": self.broker.port})
         self.config = self.config.model_copy(update={"broker": broker})
         settings = broker.mqtt_settings()

@@ -64,3 +64,12 @@ def test_ctrl_c_shuts_down_in_order_and_still_summarises() -> None:
     assert "summary (interrupted)" in stdout
     assert counts(stdout)["results"] > 0
     assert "Traceback" not in stderr
+
+
+def test_demo_runs_on_the_embedded_broker_where_mosquitto_is_missing() -> None:
+    done = subprocess.run([*DEMO, "--duration", "8", "--machines", "1", "--embedded-broker"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "EmbeddedBroker" in done.stdout
+    found = counts(done.stdout)
+    assert found["results"] > 10 and found["scores"] > 10
