@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table, writes JSON to bench/results/, and compares with a baseline in the same run."""

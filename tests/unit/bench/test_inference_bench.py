@@ -1,0 +1,19 @@
+"""The inference benchmark runs end to end and writes a table with its in-run baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.inference import main
+
+
+def test_benchmark_writes_rows_against_the_batch1_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "inference.json"
+    main(seconds=0.2, out=out)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [row["batch"] for row in rows] == [1, 2, 4, 8]
+    assert rows[0]["speedup_vs_batch1"] == 1.0
+    assert all(row["frames_per_s"] > 0 for row in rows)
+    assert result["machine"]["cores"] >= 1
