@@ -58,15 +58,13 @@ def service_unavailable(reason: str) -> None:
 # ------------------------------------------------------------------ brokers
 
 
-@pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    """A Mosquitto broker on 127.0.0.1:<free port>, shared by the whole session."""
-    broker = MosquittoBroker(workdir=tmp_path_factory.mktemp("mosquitto"))
+def _serve_for_session(broker: MosquittoBroker | KafkaBroker, name: str) -> Iterator[Any]:
+    """Start a broker for the whole session (skip, or fail under EDGELINE_REQUIRE_SERVICES), then stop it."""
     try:
         broker.start()
     except ServiceError as exc:
         broker.stop()
-        problem = f"Mosquitto unavailable: {exc}"
+        problem = f"{name} unavailable: {exc}"
     else:
         problem = None
     if problem is not None:
@@ -77,27 +75,18 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBro
     finally:
         _session_services.remove(broker)
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A Mosquitto broker on 127.0.0.1:<free port>, shared by the whole session."""
+    yield from _serve_for_session(MosquittoBroker(workdir=tmp_path_factory.mktemp("mosquitto")), "Mosquitto")
 
 
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     """An Apache Kafka 3.9.1 node (KRaft) on 127.0.0.1:<free port>, shared by the whole session."""
-    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"))
-    try:
-        broker.start()
-    except ServiceError as exc:
-        broker.stop()
-        problem = f"Kafka unavailable: {exc}"
-    else:
-        problem = None
-    if problem is not None:
-        service_unavailable(problem)
-    _session_services.append(broker)
-    try:
-        yield broker
-    finally:
-        _session_services.remove(broker)
-        broker.stop()
+    yield from _serve_for_session(KafkaBroker(tmp_path_factory.mktemp("kafka")), "Kafka")
 
 
 # ------------------------------------------------------------------ per-test helpers

@@ -56,14 +56,18 @@ def site_config(broker: MosquittoBroker, site: str) -> SiteConfig:
     })
 
 
+def rules_runner(config: SiteConfig) -> EmbeddedRulesRunner:
+    client = MqttClient(config.broker.mqtt_settings(), client_id=f"{config.site}-rules")
+    return EmbeddedRulesRunner(config.site, config.rules, client, lines=config.lines())
+
+
 def test_injected_defects_and_anomalies_end_as_alerts(mosquitto: MosquittoBroker, unique_name: str,
                                                       mqtt_probe: Callable[..., object]) -> None:
     site = unique_name
     config = site_config(mosquitto, site)
     probe = mqtt_probe(mosquitto, "watch")
     probe.subscribe(site_filter(site))
-    runner = EmbeddedRulesRunner(site, config.rules,
-                                 MqttClient(config.broker.mqtt_settings(), client_id=f"{unique_name}-rules"))
+    runner = rules_runner(config)
     agents = [EdgeAgent(config, machine.id, heartbeat_s=1.0) for machine in config.machines]
     runner.start()
     try:
@@ -98,8 +102,7 @@ def test_malformed_messages_are_dead_lettered_and_the_runner_goes_on(
     config = site_config(mosquitto, site)
     probe = mqtt_probe(mosquitto, "watch")
     probe.subscribe(deadletter_topic(site))
-    runner = EmbeddedRulesRunner(site, config.rules,
-                                 MqttClient(config.broker.mqtt_settings(), client_id=f"{unique_name}-rules"))
+    runner = rules_runner(config)
     runner.start()
     try:
         sender = mqtt_probe(mosquitto, "send")
