@@ -60,7 +60,6 @@ class StreamingAnomalyModel(PackagedModel):
         self._groups: dict[str, _GroupState] = {}
         self._run(np.zeros((1, len(self.channels)), np.float32), *self._zero_state(1))  # warm-up
 
-
     @property
     def threshold(self) -> float:
         return self.post.threshold
