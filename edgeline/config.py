@@ -144,6 +144,13 @@ class ModelRef(_Strict):
     threads: int = Field(1, ge=0, le=64, description="intra-op threads per session (0: ONNX Runtime default)")
 
 
+class SignatureConfig(_Strict):
+    require: bool = Field(True, description="refuse model packages without a valid Ed25519 signature")
+    trusted_keys: list[Path] = Field(
+        default_factory=list, description="PEM public keys trusted to sign packages, besides the builtin packages' key"
+    )
+
+
 class TlsConfig(_Strict):
     ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate")
     cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
@@ -192,6 +199,7 @@ class SiteConfig(_Strict):
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="MQTT broker")
     camera_defaults: CameraDefaults = Field(default_factory=CameraDefaults, description="merged into every camera")
     models: dict[Identifier, ModelRef] = Field(default_factory=dict, description="model catalog: name -> package")
+    signatures: SignatureConfig = Field(default_factory=SignatureConfig, description="who may sign model packages")
     machines: list[MachineConfig] = Field(default_factory=list, max_length=1000, description="vision machines")
     rules: list[RuleConfig] = Field(default_factory=list, description="decision rules")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="rules engine settings")
@@ -260,6 +268,9 @@ def _cross_check(config: SiteConfig, base_dir: Path) -> list[str]:
         package = resolve_model_path(ref, base_dir)
         if not (package / "manifest.json").is_file():
             problems.append(f"models.{name}.path: no model package (manifest.json) at {package}")
+    for index, key in enumerate(config.signatures.trusted_keys):
+        if not (base_dir / key).is_file():
+            problems.append(f"signatures.trusted_keys[{index}]: file not found: {key}")
     problems += _duplicates("machines", [m.id for m in config.machines], "machine id")
     problems += _duplicates("rules", [r.name for r in config.rules], "rule name")
     for i, machine in enumerate(config.machines):

@@ -180,3 +180,12 @@ def test_cli_check_accepts_the_example() -> None:
     result = CliRunner().invoke(app, ["config", "check", str(REPO / "config" / "site.yaml")])
     assert result.exit_code == 0, result.output
     assert "3 machines, 7 cameras, 3 sensor groups" in result.output
+
+
+def test_missing_trusted_key_file(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, """
+        site: s1
+        signatures:
+          trusted_keys: [keys/plant.pub]
+        """)
+    assert problems == ["signatures.trusted_keys[0]: file not found: keys/plant.pub"]
