@@ -142,6 +142,9 @@ class ModelRef(_Strict):
         default_factory=lambda: ["cpu"], description="execution-provider preference, first available wins"
     )
     threads: int = Field(1, ge=0, le=64, description="intra-op threads per session (0: ONNX Runtime default)")
+    calibration_steps: int | None = Field(
+        None, ge=1, description="anomaly models: samples a sensor group calibrates on before it may alarm (default: the package's)"
+    )
 
 
 class SignatureConfig(_Strict):
