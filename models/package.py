@@ -2,29 +2,44 @@
 
 The manifest says what the model is (name, version, task), how to feed it (input spec and
 preprocessing), how to read it (output spec and postprocessing), what it scored on its eval set
-and bench, and the sha256 of every file. :func:`load_package` refuses a package whose manifest
-does not validate or whose files are missing or do not match their checksums. No torch here:
-edge and central import this module.
+and bench, the sha256 of every file, and an Ed25519 signature over the canonical manifest
+(:mod:`models.signing`). :func:`load_package` refuses a package whose manifest does not validate,
+whose files are missing, unlisted or do not match their checksums, and, when given trusted keys,
+whose signature is missing, by an untrusted key or does not verify. A package may also be a
+``.tar``/``.tar.gz`` file, extracted safely into a cache. No torch here: edge and central import
+this module.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Annotated, Literal, Union
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+CACHE_ENV = "EDGELINE_CACHE_DIR"
 
 
 class PackageError(Exception):
-    """A package that cannot be used: missing file, checksum mismatch, bad manifest."""
+    """A package that cannot be used: missing file, checksum mismatch, bad manifest, bad signature."""
 
 
 class _Strict(BaseModel):
@@ -75,6 +90,25 @@ Preprocess = Annotated[Union[SegmentationPreprocess, AnomalyPreprocess], Field(d
 Postprocess = Annotated[Union[SegmentationPostprocess, AnomalyPostprocess], Field(discriminator="kind")]
 
 
+class Signature(_Strict):
+    """An Ed25519 signature over the canonical manifest (:func:`models.signing.canonical_manifest_bytes`)."""
+
+    algorithm: Literal["ed25519"] = Field("ed25519", description="signature algorithm")
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$", description="first 16 hex of the sha256 of the raw public key")
+    value: str = Field(description="the 64-byte signature, base64 (standard alphabet, padded)")
+
+    @field_validator("value")
+    @classmethod
+    def _sixty_four_bytes(cls, value: str) -> str:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise ValueError("not valid base64") from None
+        if len(raw) != 64:
+            raise ValueError(f"an Ed25519 signature is 64 bytes, this one {len(raw)}")
+        return value
+
+
 class Manifest(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="model name")
     version: str = Field(min_length=1, max_length=64, description="model version")
@@ -88,7 +122,7 @@ class Manifest(_Strict):
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of every file but the manifest")
     metrics: dict[str, float] = Field(default_factory=dict, description="quality on the eval set")
     bench: dict[str, float] = Field(default_factory=dict, description="latency on the bench machine")
-    signature: str | None = Field(None, description="Ed25519 signature over the canonical manifest (not yet)")
+    signature: Signature | None = Field(None, description="Ed25519 signature over the canonical manifest; None: unsigned")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
@@ -104,9 +138,13 @@ class Manifest(_Strict):
 
 @dataclass(frozen=True)
 class Package:
+    """A verified package: its folder (for a tar, where it was extracted), manifest and model file."""
+
     folder: Path
     manifest: Manifest
     model_path: Path
+    key_id: str | None = None
+    """The trusted key whose signature verified; None when loaded without trusted keys."""
 
     @property
     def ref(self) -> str:
@@ -121,44 +159,219 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_package_tar(path: str | Path) -> bool:
+    return Path(path).name.endswith(TAR_SUFFIXES)
+
+
 def write_package(folder: str | Path, manifest: Manifest, onnx_bytes: bytes) -> Package:
-    """Write ``model.onnx`` and a manifest carrying its sha256; returns the loaded package."""
+    """Write ``model.onnx`` and a complete, unsigned manifest carrying its sha256; returns the loaded package.
+
+    A signature on ``manifest`` is dropped (the files changed); sign with :func:`models.signing.sign_package`.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_FILE).write_bytes(onnx_bytes)
     files = {MODEL_FILE: hashlib.sha256(onnx_bytes).hexdigest()}
-    manifest = manifest.model_copy(update={"files": files})
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
-    (folder / MANIFEST_FILE).write_text(text)
+    # Validated again from a full dump so that every field, defaults included, is set and written.
+    complete = Manifest.model_validate(manifest.model_dump(mode="json") | {"files": files, "signature": None})
+    write_manifest(folder, complete)
     return load_package(folder)
 
 
-def load_package(folder: str | Path) -> Package:
-    """Read and verify a package; raises :class:`PackageError` saying what is wrong."""
+def manifest_json(manifest: Manifest) -> dict[str, Any]:
+    """The JSON object of ``manifest.json``: the fields set on the manifest.
+
+    A manifest read from a file has exactly the keys that file has, so re-writing it (e.g. to add a
+    signature) neither adds nor drops keys, and a field the schema gains later (with a default)
+    does not change what an existing signature covers. :func:`write_package` sets every field.
+    """
+    return manifest.model_dump(mode="json", exclude_unset=True)
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> None:
+    """Write ``manifest.json`` (indented, sorted keys) atomically; see :func:`manifest_json`."""
+    path = Path(folder) / MANIFEST_FILE
+    tmp = path.with_name(f".{MANIFEST_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest_json(manifest), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_package(
+    path: str | Path,
+    *,
+    trusted_keys: Sequence[Ed25519PublicKey] | None = None,
+    cache_dir: str | Path | None = None,
+) -> Package:
+    """Read and verify a package folder or tar (``.tar``, ``.tar.gz``, ``.tgz``).
+
+    Always: the manifest validates; every file it lists is a plain relative path inside the
+    package, exists and matches its sha256; the package holds no file the manifest does not list.
+    With ``trusted_keys`` (checked first): the manifest carries a valid Ed25519 signature by one of
+    them (:func:`models.signing.verify_signature`). A tar is extracted safely into ``cache_dir``
+    (default ``$EDGELINE_CACHE_DIR`` or ``~/.cache/edgeline``) under ``packages/<sha256 of the tar>``.
+    Raises :class:`PackageError` naming the package and the file at fault.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = path
+    elif path.is_file() and is_package_tar(path):
+        folder = extract_package_tar(path, cache_dir)
+    elif path.exists():
+        raise PackageError(f"{path}: not a package (a folder, or a {'/'.join(TAR_SUFFIXES)} file)")
+    else:
+        raise PackageError(f"{path}: no such package folder or file")
+    manifest = read_manifest(folder, label=path)
+    key_id = None
+    if trusted_keys is not None:
+        from models.signing import verify_signature  # models.signing imports this module
+
+        try:
+            key_id = verify_signature(manifest, trusted_keys)
+        except PackageError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
+    _verify_files(folder, manifest, label=path)
+    return Package(folder=folder, manifest=manifest, model_path=folder / MODEL_FILE, key_id=key_id)
+
+
+def read_manifest(folder: str | Path, label: str | Path | None = None) -> Manifest:
+    """Parse and validate ``manifest.json`` (no checksums); errors name ``label`` (default: the folder)."""
     folder = Path(folder)
-    manifest = _read_manifest(folder)
-    if MODEL_FILE not in manifest.files:
-        raise PackageError(f"{folder}: manifest lists no checksum for {MODEL_FILE}")
-    for name, expected in manifest.files.items():
-        path = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise PackageError(f"{folder}: manifest names a file outside the package: {name!r}")
-        if not path.is_file():
-            raise PackageError(f"{folder}: missing file {name}")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise PackageError(f"{folder}: checksum mismatch for {name} (manifest {expected[:12]}…, file {actual[:12]}…)")
-    return Package(folder=folder, manifest=manifest, model_path=folder / MODEL_FILE)
-
-
-def _read_manifest(folder: Path) -> Manifest:
+    label = folder if label is None else label
     path = folder / MANIFEST_FILE
     if not path.is_file():
-        raise PackageError(f"{folder}: missing file {MANIFEST_FILE}")
+        raise PackageError(f"{label}: missing file {MANIFEST_FILE}")
     try:
         return Manifest.model_validate_json(path.read_bytes())
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors(include_url=False)[:5]
         )
-        raise PackageError(f"{path}: bad manifest: {problems}") from None
+        raise PackageError(f"{label}/{MANIFEST_FILE}: bad manifest: {problems}") from None
+
+
+def _verify_files(folder: Path, manifest: Manifest, label: str | Path) -> None:
+    if MODEL_FILE not in manifest.files:
+        raise PackageError(f"{label}: manifest lists no checksum for {MODEL_FILE}")
+    root = folder.resolve()
+    for name, expected in sorted(manifest.files.items()):
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in name:
+            raise PackageError(f"{label}: manifest names a file outside the package: {name!r}")
+        if not pure.parts or str(pure) != name or name == MANIFEST_FILE:
+            raise PackageError(f"{label}: manifest lists {name!r}, which is not a plain relative file name")
+        path = folder / name
+        if not path.resolve().is_relative_to(root):
+            raise PackageError(f"{label}: {name} points outside the package (symbolic link to {path.resolve()})")
+        if not path.is_file():
+            raise PackageError(f"{label}: missing file {name}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise PackageError(f"{label}: checksum mismatch for {name} (manifest {expected[:12]}…, file {actual[:12]}…)")
+    for dirpath, dirnames, filenames in os.walk(folder):
+        linked_dirs = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for entry in sorted(filenames + linked_dirs):
+            rel = Path(dirpath, entry).relative_to(folder).as_posix()
+            if rel != MANIFEST_FILE and rel not in manifest.files:
+                raise PackageError(
+                    f"{label}: unlisted file {rel} (every file in a package must be listed in the manifest "
+                    "with its sha256, or it would escape the checksums and signature)"
+                )
+
+
+# ------------------------------------------------------------------ tar packages
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/edgeline").expanduser()
+
+
+def extract_package_tar(tar_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Extract a package tar safely (once per tar content) and return the package folder. No checks of
+    the package itself: :func:`load_package` does those.
+
+    Only regular files and folders with plain relative names are accepted; absolute names, ``..``,
+    links, devices and duplicate names are refused. The package files sit either at the top of the
+    archive or in its single top-level folder.
+    """
+    tar_path = Path(tar_path)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / "packages" / sha256_file(tar_path)
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
+        try:
+            _extract_members(tar_path, tmp)
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not target.is_dir():  # not a concurrent extraction of the same tar: a real error
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if (target / MANIFEST_FILE).is_file():
+        return target
+    entries = list(target.iterdir())
+    if len(entries) == 1 and (entries[0] / MANIFEST_FILE).is_file():
+        return entries[0]
+    raise PackageError(f"{tar_path}: no {MANIFEST_FILE} at the top of the archive or in its single top-level folder")
+
+
+def _extract_members(tar_path: Path, dest: Path) -> None:
+    seen: set[str] = set()
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            for member in tar:
+                name = member.name
+                pure = PurePosixPath(name)
+                parts = [part for part in pure.parts if part != "."]
+                if pure.is_absolute() or ".." in parts or "\\" in name:
+                    raise PackageError(f"{tar_path}: archive member {name!r} escapes the package folder")
+                if not (member.isfile() or member.isdir()):
+                    kind = "symbolic link" if member.issym() else "hard link" if member.islnk() else "device or fifo"
+                    raise PackageError(
+                        f"{tar_path}: archive member {name!r} is a {kind}; packages hold only regular files and folders"
+                    )
+                if not parts:
+                    continue
+                rel = "/".join(parts)
+                if rel in seen:
+                    raise PackageError(f"{tar_path}: archive member {name!r} appears twice")
+                seen.add(rel)
+                out = dest.joinpath(*parts)
+                if member.isdir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file always has data
+                with source, open(out, "xb") as fh:
+                    shutil.copyfileobj(source, fh)
+    except tarfile.TarError as exc:
+        raise PackageError(f"{tar_path}: not a readable tar archive ({exc})") from None
+    except OSError as exc:
+        raise PackageError(f"{tar_path}: cannot extract: {exc}") from None
+
+
+def write_package_tar(folder: str | Path, tar_path: str | Path) -> Path:
+    """Write a verified package folder as a tar (gzip when the name ends in ``.gz``/``.tgz``), files at the top."""
+    folder, tar_path = Path(folder), Path(tar_path)
+    if not is_package_tar(tar_path):
+        raise PackageError(f"{tar_path}: a package tar name ends in {', '.join(TAR_SUFFIXES)}")
+    package = load_package(folder)
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tar_path.with_name(f".{tar_path.name}.{os.getpid()}.tmp")
+    try:
+        with tarfile.open(tmp, "w" if tar_path.name.endswith(".tar") else "w:gz") as tar:
+            for name in [MANIFEST_FILE, *sorted(package.manifest.files)]:
+                tar.add(folder / name, arcname=name, recursive=False, filter=_plain_member)
+        os.replace(tmp, tar_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return tar_path
+
+
+def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o644
+    return info
