@@ -7,10 +7,13 @@ What is signed
     both: the signature (when given trusted keys) and then every checksum.
 
 Canonical manifest bytes (what another implementation must reproduce)
-    1. Take the manifest as the JSON object written to ``manifest.json`` by this project: every
-       field present (defaults included), ``created`` as ISO 8601 UTC with a ``Z`` suffix, float
-       fields written as Python's shortest round-trip ``repr`` (``0.5``, ``2.0``, ``1e-07``: a float
-       field always has a fraction or an exponent), integer fields as integers.
+    1. Take the JSON object of ``manifest.json`` as this project writes it
+       (:func:`models.package.manifest_json`): exactly the keys present in the file (a package built
+       by :func:`models.package.write_package` has every field; a field the schema gains later, with
+       a default, is absent from older files and so not part of their signatures, which stay
+       valid), ``created`` as ISO 8601 UTC with a ``Z`` suffix, float fields as Python's shortest
+       round-trip ``repr`` (``0.5``, ``2.0``, ``1e-07``: a float always has a fraction or an
+       exponent), integer fields as integers.
     2. Remove the top-level ``signature`` key.
     3. Serialise with object keys sorted by code point at every level, no insignificant whitespace
        (separators ``,`` and ``:``), non-ASCII characters written as themselves (no ``\\u`` escapes),
@@ -47,6 +50,7 @@ from models.package import (
     PackageError,
     Signature,
     load_package,
+    manifest_json,
     write_manifest,
 )
 
@@ -168,7 +172,8 @@ def builtin_trusted_keys() -> list[Ed25519PublicKey]:
 
 def canonical_manifest_bytes(manifest: Manifest) -> bytes:
     """The bytes a signature covers: see the module docstring for the exact rule."""
-    data = manifest.model_dump(mode="json", exclude={"signature"})
+    data = manifest_json(manifest)
+    data.pop("signature", None)
     try:
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:
@@ -236,7 +241,7 @@ def sign_builtin_packages(
     if key_path.exists():
         private_key = load_private_key(key_path)
     else:
-        key_path.parent.mkdir(parents=True, exist_ok=True)
+        key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         private_key = _generate_private_only(key_path)
     folders = sorted(p for p in packages_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file())
     signed = [sign_package(folder, private_key) for folder in folders]
