@@ -1,0 +1,271 @@
+"""fp32 seg package -> int8 (static QDQ) and fp16 packages, with a quality gate. No torch.
+
+int8: ``onnxruntime.quantization.quantize_static`` in QDQ format (what TensorRT also takes),
+per-channel int8 weights, calibrated on preprocessed TRAIN frames (tiles and synthetic). The
+calibration method (MinMax / Entropy / Percentile) is chosen by val IoU; the activation type
+(uint8 "U8S8" vs int8 "S8S8") by measured latency on this machine. The chosen model is then
+evaluated through the edge runtime exactly like the fp32 one, and an int8 package is written
+only if its val defect IoU is within ``max_iou_drop`` of fp32's; otherwise
+:class:`QualityGateError` names both numbers and nothing is written.
+
+fp16: ``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`` for
+CUDA/TensorRT; checked to load (and, where the CPU provider runs it, to agree) in ORT.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from edge.inference import preprocess_frame
+from edge.synthetic import make_dataset
+from models import tiles
+from models.package import MODEL_FILE, Package, write_package
+
+log = logging.getLogger(__name__)
+
+METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+           "percentile": CalibrationMethod.Percentile}
+ACTIVATIONS = {"u8s8": QuantType.QUInt8, "s8s8": QuantType.QInt8}
+
+
+class QualityGateError(RuntimeError):
+    """The quantized model lost more val IoU than the gate allows."""
+
+    def __init__(self, fp32_iou: float, quant_iou: float, max_drop: float, precision: str = "int8") -> None:
+        self.fp32_iou, self.quant_iou, self.max_drop = fp32_iou, quant_iou, max_drop
+        super().__init__(
+            f"{precision} quality gate failed: val defect IoU {quant_iou:.4f} vs fp32 {fp32_iou:.4f} "
+            f"(drop {fp32_iou - quant_iou:+.4f} > allowed {max_drop:.4f}); no {precision} package written"
+        )
+
+
+class FrameReader(CalibrationDataReader):
+    """Feeds preprocessed frames [N,1,h,w] one at a time to the calibrator."""
+
+    def __init__(self, frames: np.ndarray, input_name: str = "image") -> None:
+        self.frames, self.input_name, self.index = frames, input_name, 0
+
+    def get_next(self):
+        if self.index >= len(self.frames):
+            return None
+        self.index += 1
+        return {self.input_name: self.frames[self.index - 1 : self.index]}
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def calibration_frames(package: Package, train: list[tiles.TileItem], count: int, seed: int = 0) -> np.ndarray:
+    """``count`` preprocessed TRAIN frames: mostly tiles (defect images first in the mix), a
+    sixth synthetic training-camera frames; never val images, never eval cameras."""
+    spec = package.manifest.preprocess
+    rng = np.random.default_rng(seed + 7)
+    n_synth = count // 6
+    n_tiles = count - n_synth
+    defect = [it for it in train if it.defective]
+    free = [it for it in train if not it.defective]
+    picks = [defect[i] for i in rng.permutation(len(defect))[: (n_tiles + 1) // 2]]
+    picks += [free[i] for i in rng.permutation(len(free))[: n_tiles - len(picks)]]
+    frames = [preprocess_frame(item.load()[0], spec) for item in picks]
+    if n_synth:
+        images, _ = make_dataset(seed, n_synth, defect_rate=0.5, stride=31)
+        frames += [preprocess_frame(image, spec) for image in images]
+    return np.stack(frames).astype(np.float32)
+
+
+def val_arrays(package: Package, val: list[tiles.TileItem]) -> tuple[np.ndarray, np.ndarray]:
+    """Val inputs [N,1,h,w] and binary masks at model size, for quick comparisons of variants."""
+    import cv2
+
+    spec = package.manifest.preprocess
+    xs, ys = [], []
+    for item in val:
+        image, mask = item.load()
+        xs.append(preprocess_frame(image, spec))
+        ys.append(cv2.resize(mask.astype(np.float32), (spec.width, spec.height), interpolation=cv2.INTER_AREA) > 0.5)
+    return np.stack(xs).astype(np.float32), np.stack(ys)
+
+
+def session(onnx_model: bytes | str, threads: int = 2) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+
+
+def run_probs(sess: ort.InferenceSession, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])[:, 0]
+
+
+def quick_iou(sess: ort.InferenceSession, x: np.ndarray, y: np.ndarray, threshold: float) -> float:
+    pred = run_probs(sess, x) > threshold
+    union = float((pred | y).sum())
+    return float((pred & y).sum()) / union if union else 1.0
+
+
+def latency_ms(onnx_model: bytes | str, size: int, batch: int, threads: int = 2, seconds: float = 1.5) -> float:
+    """Median wall time per frame of ``session.run`` at ``batch`` on this CPU."""
+    sess = session(onnx_model, threads)
+    x = np.random.default_rng(0).normal(0, 1, (batch, 1, size, size)).astype(np.float32)
+    name = sess.get_inputs()[0].name
+    sess.run(None, {name: x})
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times)) / batch
+
+
+def quantize_int8(fp32_path: Path, frames: np.ndarray, method: str, activations: str, work: Path) -> bytes:
+    """Static QDQ quantization of ``fp32_path`` (after ORT's quant pre-processing)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepped = work / "prepped.onnx"
+    if not prepped.exists():
+        quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
+    out = work / f"int8-{method}-{activations}.onnx"
+    quantize_static(
+        str(prepped), str(out), FrameReader(frames),
+        quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=ACTIVATIONS[activations], weight_type=QuantType.QInt8,
+        calibrate_method=METHODS[method],
+        extra_options={"ActivationSymmetric": activations == "s8s8"},
+    )
+    return out.read_bytes()
+
+
+def convert_fp16(fp32_path: Path) -> bytes:
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    return model.SerializeToString()
+
+
+def _fp32_metrics(fp32: Package, train, val, threads: int, max_false_alarms: float) -> dict[str, float]:
+    metrics = fp32.manifest.metrics
+    if "iou" in metrics and "synthetic_iou" in metrics:
+        return dict(metrics)
+    return dict(metrics) | tiles.evaluate_package(fp32, train, val, threads, max_false_alarms)
+
+
+def quantize_packages(
+    fp32: Package, out_dir: Path, max_iou_drop: float = 0.01, calib_frames: int = 64, threads: int = 2,
+    root: Path | None = None, val_fraction: float = 0.2, max_false_alarms: float = 0.05, seed: int = 0,
+    methods: tuple[str, ...] = tuple(METHODS), activations: tuple[str, ...] = tuple(ACTIVATIONS),
+    fp16: bool = True,
+) -> dict[str, Package]:
+    """int8 (gated) and fp16 packages from an fp32 package; returns ``{"int8": ..., "fp16": ...}``.
+
+    Raises :class:`QualityGateError` before writing anything when int8 misses the gate."""
+    out_dir = Path(out_dir)
+    train, val = tiles.load_split(val_fraction, root)
+    base = _fp32_metrics(fp32, train, val, threads, max_false_alarms)
+    manifest = fp32.manifest
+    size, threshold = manifest.preprocess.height, manifest.postprocess.threshold
+    frames = calibration_frames(fp32, train, calib_frames, seed)
+    x_val, y_val = val_arrays(fp32, val)
+    fp32_quick = quick_iou(session(str(fp32.model_path), threads), x_val, y_val, threshold)
+    packages: dict[str, Package] = {}
+    with tempfile.TemporaryDirectory(prefix="seg-quant-") as tmp:
+        work = Path(tmp)
+        # 1. calibration method by val IoU (activations uint8, the usual x86 choice)
+        first_act = activations[0]
+        candidates: dict[tuple[str, str], bytes] = {}
+        scores: dict[str, float] = {}
+        for method in methods:
+            t0 = time.perf_counter()
+            candidates[(method, first_act)] = quantize_int8(fp32.model_path, frames, method, first_act, work)
+            scores[method] = quick_iou(session(candidates[(method, first_act)], threads), x_val, y_val, threshold)
+            log.info("int8 %s/%s: quick val IoU %.4f (fp32 %.4f), %.1f s", method, first_act, scores[method],
+                     fp32_quick, time.perf_counter() - t0)
+        method = max(scores, key=scores.get)
+        # 2. activation type by latency on this machine
+        lat: dict[str, dict[int, float]] = {}
+        act_iou: dict[str, float] = {}
+        for act in activations:
+            if (method, act) not in candidates:
+                candidates[(method, act)] = quantize_int8(fp32.model_path, frames, method, act, work)
+            onnx_bytes = candidates[(method, act)]
+            act_iou[act] = quick_iou(session(onnx_bytes, threads), x_val, y_val, threshold)
+            lat[act] = {b: latency_ms(onnx_bytes, size, b, threads) for b in (1, 4)}
+            log.info("int8 %s/%s: %.2f ms/frame at batch 1, %.2f at batch 4, quick IoU %.4f", method, act,
+                     lat[act][1], lat[act][4], act_iou[act])
+        ok = [a for a in activations if fp32_quick - act_iou[a] <= max_iou_drop] or list(activations)
+        act = min(ok, key=lambda a: lat[a][1])
+        int8_bytes = candidates[(method, act)]
+        # 3. the gate, on the same edge-runtime evaluation as fp32
+        trial = write_package(work / "int8", manifest.model_copy(update={"precision": "int8", "metrics": {}}),
+                              int8_bytes)
+        int8_metrics = tiles.evaluate_package(trial, train, val, threads, max_false_alarms)
+        drop = base["iou"] - int8_metrics["iou"]
+        log.info("int8 gate: val IoU %.4f vs fp32 %.4f (drop %.4f, allowed %.4f)", int8_metrics["iou"], base["iou"],
+                 drop, max_iou_drop)
+        if drop > max_iou_drop:
+            raise QualityGateError(base["iou"], int8_metrics["iou"], max_iou_drop)
+        keep = ("params", "gflops")
+        metrics = {k: base[k] for k in keep if k in base} | int8_metrics | {
+            "iou_drop_vs_fp32": drop, "fp32_iou": base["iou"],
+            **{f"calib_{m}_quick_iou": v for m, v in scores.items()},
+            f"calib_{method}_chosen": 1.0, f"activations_{act}_chosen": 1.0,
+            "calib_frames": float(len(frames)),
+        }
+        bench = {f"ms_per_frame_batch{b}": lat[act][b] for b in (1, 4)}
+        bench |= {f"{a}_ms_per_frame_batch{b}": lat[a][b] for a in lat for b in (1, 4)}
+        bench |= {"fp32_ms_per_frame_batch1": latency_ms(str(fp32.model_path), size, 1, threads),
+                  "threads": float(threads)}
+        int8_manifest = manifest.model_copy(update={"precision": "int8", "metrics": metrics, "bench": bench})
+        fp16_bytes = convert_fp16(fp32.model_path) if fp16 else None
+        packages["int8"] = write_package(out_dir / f"{manifest.name}-int8", int8_manifest, int8_bytes)
+    if fp16_bytes is not None:
+        packages["fp16"] = write_fp16_package(fp32, fp16_bytes, out_dir, x_val, y_val, base, threads)
+    return packages
+
+
+def write_fp16_package(fp32: Package, fp16_bytes: bytes, out_dir: Path, x_val: np.ndarray, y_val: np.ndarray,
+                       base: dict[str, float], threads: int) -> Package:
+    """fp16 package; where the CPU provider can run it, its quick val IoU and parity vs fp32."""
+    manifest = fp32.manifest
+    threshold = manifest.postprocess.threshold
+    metrics = {k: base[k] for k in ("params", "gflops") if k in base}
+    graph = onnx.load_from_string(fp16_bytes)
+    onnx.checker.check_model(graph)
+    inits = [t for t in graph.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    metrics["fp16_initializer_share"] = (
+        sum(t.data_type == onnx.TensorProto.FLOAT16 for t in inits) / len(inits) if inits else 0.0)
+    bench: dict[str, float] = {}
+    try:
+        sess = session(fp16_bytes, threads)
+        ref = run_probs(session(str(fp32.model_path), threads), x_val[:16])
+        got = run_probs(sess, x_val[:16])
+        metrics |= {"cpu_runs": 1.0, "parity_max_abs_diff_vs_fp32": float(np.abs(got - ref).max()),
+                    "parity_pixel_agreement_vs_fp32": float(((got > threshold) == (ref > threshold)).mean()),
+                    "quick_iou_model_res": quick_iou(sess, x_val, y_val, threshold),
+                    "fp32_quick_iou_model_res": quick_iou(session(str(fp32.model_path), threads), x_val, y_val,
+                                                          threshold)}
+        bench["cpu_ms_per_frame_batch1"] = latency_ms(fp16_bytes, manifest.preprocess.height, 1, threads)
+    except Exception as exc:  # noqa: BLE001 - the CPU provider may lack fp16 kernels; say so in the manifest
+        log.warning("fp16 model does not run on the CPU provider here (%s); checked structurally only", exc)
+        metrics["cpu_runs"] = 0.0
+    fp16_manifest = manifest.model_copy(update={"precision": "fp16", "metrics": metrics, "bench": bench})
+    return write_package(out_dir / f"{manifest.name}-fp16", fp16_manifest, fp16_bytes)
+
+
+def model_file(package: Package) -> Path:
+    return package.folder / MODEL_FILE

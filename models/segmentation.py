@@ -1,0 +1,449 @@
+"""``seg-tiles``: a Jetson-sized encoder-decoder for surface defects, trained on magnetic tiles
+mixed with synthetic conveyor frames, exported to ONNX and packaged fp32 / int8 / fp16.
+
+- Model: a 4-level U-Net of plain 3x3 conv + BN + ReLU blocks (the safe kind for QDQ int8;
+  depthwise convs quantize poorly and gave no int8 speed-up on x86) with a stride-2 stem, so the
+  full-resolution work is one cheap conv; bilinear upsampling; a sigmoid probability map out.
+- Input: gray, resized to 256x256 exactly as :func:`edge.inference.preprocess_frame` does (the
+  training frames are made by that very function), then ``(x/255 - mean) / std``.
+- Training: defect-centred random crops with scale, flips, 90-degree rotations and
+  brightness/contrast; batches mix defect tiles (oversampled), defect-free tiles and synthetic
+  frames; loss = weighted BCE + soft dice. Deterministic split (:mod:`models.tiles`), fixed seeds.
+
+    build_segmentation_packages(Path("models/packages"))  # or: edgeline models train-seg
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from edge.inference import preprocess_frame
+from edge.synthetic import make_dataset
+from models import tiles
+from models.package import (
+    Manifest,
+    Package,
+    SegmentationPostprocess,
+    SegmentationPreprocess,
+    TensorSpec,
+    write_package,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "seg-tiles"
+VERSION = "1.0.0"
+
+
+class SegTrainConfig(BaseModel):
+    """Every knob of a seg-tiles build; the defaults train in under 20 minutes on 2 CPU cores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, description="seed of torch, numpy sampling and augmentation")
+    threads: int = Field(2, ge=1, description="torch intra-op threads")
+    size: int = Field(256, ge=32, description="model input height and width")
+    mean: float = Field(0.4, description="input normalisation: (x/255 - mean) / std")
+    std: float = Field(0.2, gt=0, description="input normalisation std")
+    widths: tuple[int, int, int, int] = Field((16, 32, 64, 96), description="channels per U-Net level")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of each class held out for validation")
+    epochs: int = Field(30, ge=1, description="training epochs")
+    steps_per_epoch: int = Field(60, ge=1, description="optimizer steps per epoch")
+    batch: int = Field(16, ge=2, description="crops per step")
+    crop: int = Field(160, ge=32, description="training crop side, in model-input pixels")
+    scale_range: tuple[float, float] = Field((0.75, 1.35), description="random zoom of a crop")
+    defect_fraction: float = Field(0.55, ge=0, le=1, description="share of a batch drawn from defect tiles")
+    synthetic_fraction: float = Field(0.2, ge=0, le=1, description="share of a batch drawn from synthetic frames")
+    defect_centred: float = Field(0.7, ge=0, le=1, description="chance a crop of a defect image is centred on a defect")
+    brightness: float = Field(0.25, ge=0, description="max additive brightness shift, in normalised units")
+    contrast: float = Field(0.25, ge=0, description="max relative contrast change")
+    synthetic_cameras: int = Field(4, ge=0, description="synthetic training cameras (seeds 0..n-1)")
+    synthetic_frames: int = Field(60, ge=0, description="frames per synthetic training camera")
+    lr: float = Field(4e-3, gt=0, description="peak learning rate (one-cycle)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    pos_weight: float = Field(4.0, gt=0, description="BCE weight of defect pixels")
+    dice_weight: float = Field(1.0, ge=0, description="weight of the soft-dice term")
+    max_train_seconds: float = Field(1140.0, gt=0, description="stop training after this long, even mid-schedule")
+    threshold: float = Field(0.5, gt=0, lt=1, description="pixel probability threshold in the package")
+    min_area: int = Field(12, ge=0, description="smallest region the edge reports, frame pixels")
+    max_false_alarms: float = Field(0.05, ge=0, le=1, description="image false-alarm budget on train Free images")
+    max_iou_drop: float = Field(0.01, ge=0, description="quantization gate: largest val IoU drop vs fp32")
+    calib_frames: int = Field(64, ge=1, description="train frames used to calibrate int8")
+    eval_every: int = Field(3, ge=1, description="validate every this many epochs")
+
+
+SMOKE_CONFIG = SegTrainConfig(
+    epochs=2, steps_per_epoch=3, batch=4, crop=64, synthetic_cameras=1, synthetic_frames=6, calib_frames=8,
+)
+
+
+# ---------------------------------------------------------------- model
+
+
+def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class TileUNet(nn.Module):
+    """Stride-2 stem, three poolings, decoder with skip connections, output upsampled to input size."""
+
+    def __init__(self, widths: tuple[int, int, int, int] = (16, 32, 64, 96)) -> None:
+        super().__init__()
+        a, b, c, d = widths
+        self.enc1 = conv_block(1, a, stride=2)
+        self.enc2, self.enc3, self.enc4 = conv_block(a, b), conv_block(b, c), conv_block(c, d)
+        self.dec3, self.dec2, self.dec1 = conv_block(d + c, c), conv_block(c + b, b), conv_block(b + a, a)
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.head = nn.Conv2d(a, 1, 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        e3 = self.enc3(self.pool(e2))
+        e4 = self.enc4(self.pool(e3))
+        d3 = self.dec3(torch.cat([self.up(e4), e3], 1))
+        d2 = self.dec2(torch.cat([self.up(d3), e2], 1))
+        d1 = self.dec1(torch.cat([self.up(d2), e1], 1))
+        return self.up(self.head(d1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv_flops(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """2 x multiply-adds of every conv for one input of ``shape`` (BN folds away at export)."""
+    total = 0.0
+
+    def hook(module: nn.Conv2d, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        total += 2.0 * k * out.numel() / out.shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(shape))
+    model.train(was_training)
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+# ---------------------------------------------------------------- data
+
+
+def preprocess_spec(config: SegTrainConfig) -> SegmentationPreprocess:
+    return SegmentationPreprocess(height=config.size, width=config.size, grayscale=True, scale=1 / 255,
+                                  mean=config.mean, std=config.std)
+
+
+def _target(mask: np.ndarray, size: int) -> np.ndarray:
+    """Soft defect target at model size: the share of each model pixel covered by defect."""
+    return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+
+
+class FrameSet:
+    """Frames already preprocessed to the model input (float16 [N,h,w]) with soft targets."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, classes: list[str]) -> None:
+        self.x, self.y, self.classes = x, y, classes
+        self.defect_ids = np.array([i for i, c in enumerate(classes) if c != tiles.FREE and y[i].max() > 0], int)
+        self.free_ids = np.array([i for i, c in enumerate(classes) if c == tiles.FREE], int)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @classmethod
+    def from_images(cls, images, masks, classes: list[str], spec: SegmentationPreprocess) -> "FrameSet":
+        x = np.stack([preprocess_frame(im, spec)[0] for im in images]).astype(np.float16)
+        y = np.stack([_target(m, spec.height) for m in masks]).astype(np.float16)
+        return cls(x, y, list(classes))
+
+    @classmethod
+    def from_items(cls, items: list[tiles.TileItem], spec: SegmentationPreprocess) -> "FrameSet":
+        loaded = [item.load() for item in items]
+        return cls.from_images([a for a, _ in loaded], [b for _, b in loaded], [it.cls for it in items], spec)
+
+
+def synthetic_train_set(config: SegTrainConfig, spec: SegmentationPreprocess) -> FrameSet:
+    """Synthetic conveyor frames of training cameras (seeds below the eval seeds)."""
+    images, masks = [], []
+    for seed in range(config.synthetic_cameras):
+        ims, ms = make_dataset(seed, config.synthetic_frames, defect_rate=0.5, stride=29)
+        images += list(ims)
+        masks += list(ms)
+    if not images:
+        return FrameSet(np.zeros((0, spec.height, spec.width), np.float16),
+                        np.zeros((0, spec.height, spec.width), np.float16), [])
+    return FrameSet.from_images(images, masks, ["synthetic"] * len(images), spec)
+
+
+class Sampler:
+    """Augmented training batches: mixed sources, defect-centred zoomed crops, flips, rotations,
+    brightness/contrast. Deterministic for a given numpy generator."""
+
+    def __init__(self, tiles_set: FrameSet, synth: FrameSet, config: SegTrainConfig, rng: np.random.Generator):
+        self.tiles, self.synth, self.config, self.rng = tiles_set, synth, config, rng
+        self.synth_defect = np.array([i for i in range(len(synth)) if synth.y[i].max() > 0.5], int)
+
+    def _pick(self) -> tuple[FrameSet, int]:
+        c, r = self.config, self.rng.random()
+        if r < c.synthetic_fraction and len(self.synth):
+            return self.synth, int(self.rng.integers(len(self.synth)))
+        r = self.rng.random()
+        if r < c.defect_fraction / max(1e-9, 1 - c.synthetic_fraction) and len(self.tiles.defect_ids):
+            return self.tiles, int(self.rng.choice(self.tiles.defect_ids))
+        if len(self.tiles.free_ids):
+            return self.tiles, int(self.rng.choice(self.tiles.free_ids))
+        return self.tiles, int(self.rng.integers(len(self.tiles)))
+
+    def _crop(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c, rng = self.config, self.rng
+        size = x.shape[0]
+        side = int(round(c.crop / rng.uniform(*c.scale_range)))
+        side = min(side, size)
+        ys, xs = np.nonzero(y > 0.5)
+        if len(ys) and rng.random() < c.defect_centred:
+            j = rng.integers(len(ys))
+            cy, cx = ys[j] + rng.integers(-side // 3, side // 3 + 1), xs[j] + rng.integers(-side // 3, side // 3 + 1)
+        else:
+            cy, cx = rng.integers(size), rng.integers(size)
+        y0 = int(np.clip(cy - side // 2, 0, size - side))
+        x0 = int(np.clip(cx - side // 2, 0, size - side))
+        xc = x[y0 : y0 + side, x0 : x0 + side].astype(np.float32)
+        yc = y[y0 : y0 + side, x0 : x0 + side].astype(np.float32)
+        if side != c.crop:
+            xc = cv2.resize(xc, (c.crop, c.crop), interpolation=cv2.INTER_LINEAR)
+            yc = cv2.resize(yc, (c.crop, c.crop), interpolation=cv2.INTER_LINEAR)
+        return xc, yc
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c, rng = self.config, self.rng
+        xb = np.empty((c.batch, 1, c.crop, c.crop), np.float32)
+        yb = np.empty_like(xb)
+        for k in range(c.batch):
+            source, i = self._pick()
+            xc, yc = self._crop(source.x[i], source.y[i])
+            if rng.random() < 0.5:
+                xc, yc = xc[:, ::-1], yc[:, ::-1]
+            if rng.random() < 0.5:
+                xc, yc = xc[::-1], yc[::-1]
+            turns = int(rng.integers(4))
+            xc, yc = np.rot90(xc, turns), np.rot90(yc, turns)
+            gain = 1.0 + rng.uniform(-c.contrast, c.contrast)
+            mean = float(xc.mean())
+            xb[k, 0] = (xc - mean) * gain + mean + rng.uniform(-c.brightness, c.brightness)
+            yb[k, 0] = yc
+        return torch.from_numpy(xb), torch.from_numpy(yb)
+
+
+# ---------------------------------------------------------------- training
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float, dice_weight: float) -> torch.Tensor:
+    """Weighted BCE (defect pixels count ``pos_weight`` times) + soft dice over the batch."""
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(pos_weight))
+    prob = torch.sigmoid(logits)
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    return bce + dice_weight * dice
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Probability maps [N,h,w] for preprocessed inputs [N,h,w]."""
+    model.eval()
+    out = [model(torch.from_numpy(x[i : i + batch].astype(np.float32)[:, None])).numpy()[:, 0]
+           for i in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros_like(x, np.float32)
+
+
+def quick_metrics(prob: np.ndarray, frames: FrameSet, threshold: float) -> dict[str, float]:
+    """Pooled IoU and dice at model resolution (the per-epoch view; the package metrics are at
+    each image's own size through the edge runtime)."""
+    pred, true = prob > threshold, frames.y.astype(np.float32) > 0.5
+    inter, union = float((pred & true).sum()), float((pred | true).sum())
+    total = float(pred.sum() + true.sum())
+    return {"iou": inter / union if union else 1.0, "dice": 2 * inter / total if total else 1.0}
+
+
+class TrainResult(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: TileUNet
+    seconds: float
+    steps: int
+    history: list[dict[str, float]]
+
+
+def train(config: SegTrainConfig, train_set: FrameSet, synth: FrameSet, val_set: FrameSet | None = None,
+          synth_val: FrameSet | None = None, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+          on_step: Callable[[], None] | None = None) -> TrainResult:
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    rng = np.random.default_rng(config.seed)
+    model = TileUNet(config.widths)
+    total = config.epochs * config.steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.1)
+    sampler = Sampler(train_set, synth, config, rng)
+    history: list[dict[str, float]] = []
+    t0, steps = time.perf_counter(), 0
+    for epoch in range(config.epochs):
+        model.train()
+        losses = []
+        for _ in range(config.steps_per_epoch):
+            xb, yb = sampler.batch()
+            loss = seg_loss(model.logits(xb), yb, config.pos_weight, config.dice_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            steps += 1
+            if on_step:
+                on_step()
+        row = {"epoch": float(epoch + 1), "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
+        last = epoch + 1 == config.epochs or row["seconds"] > config.max_train_seconds
+        if val_set is not None and ((epoch + 1) % config.eval_every == 0 or last):
+            row |= {f"val_{k}": v for k, v in quick_metrics(predict(model, val_set.x), val_set, config.threshold).items()}
+            if synth_val is not None and len(synth_val):
+                row["synthetic_iou"] = quick_metrics(predict(model, synth_val.x), synth_val, config.threshold)["iou"]
+        history.append(row)
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+        if on_epoch:
+            on_epoch(epoch + 1, row)
+        if row["seconds"] > config.max_train_seconds:
+            log.warning("time budget %.0f s spent after epoch %d of %d; stopping", config.max_train_seconds,
+                        epoch + 1, config.epochs)
+            break
+    return TrainResult(model=model.eval(), seconds=time.perf_counter() - t0, steps=steps, history=history)
+
+
+# ---------------------------------------------------------------- export and packages
+
+
+def export_onnx(model: TileUNet, size: int) -> bytes:
+    """Opset 17, dynamic batch, input ``image`` [batch,1,size,size], output ``prob`` (sigmoid)."""
+    buf = io.BytesIO()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.zeros(1, 1, size, size),), buf, dynamo=False, opset_version=17,
+            input_names=["image"], output_names=["prob"],
+            dynamic_axes={"image": {0: "batch"}, "prob": {0: "batch"}},
+        )
+    return buf.getvalue()
+
+
+def onnx_parity(model: TileUNet, onnx_bytes: bytes, x: np.ndarray, threshold: float) -> dict[str, float]:
+    """Torch vs ONNX Runtime on preprocessed inputs [N,h,w]: max abs diff and threshold agreement."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    ref = predict(model, x)
+    got = np.concatenate([session.run(None, {"image": x[i : i + 8].astype(np.float32)[:, None]})[0][:, 0]
+                          for i in range(0, len(x), 8)])
+    return {"parity_max_abs_diff": float(np.abs(got - ref).max()),
+            "parity_pixel_agreement": float(((got > threshold) == (ref > threshold)).mean())}
+
+
+def make_manifest(config: SegTrainConfig, precision: str = "fp32", metrics: dict[str, float] | None = None,
+                  bench: dict[str, float] | None = None) -> Manifest:
+    s = config.size
+    return Manifest(
+        name=NAME, version=VERSION, task="segmentation",
+        inputs=[TensorSpec(name="image", shape=["batch", 1, s, s])],
+        outputs=[TensorSpec(name="prob", shape=["batch", 1, s, s])],
+        preprocess=preprocess_spec(config),
+        postprocess=SegmentationPostprocess(classes=["background", "defect"], threshold=config.threshold,
+                                            min_area=config.min_area),
+        precision=precision, metrics=metrics or {}, bench=bench or {},
+    )
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:>5.0f}/{task.total:.0f}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    disable=not enabled)
+
+
+def train_fp32_package(out_dir: Path, config: SegTrainConfig, progress: bool = True,
+                       root: Path | None = None) -> tuple[Package, TileUNet]:
+    """Load and split the tiles, train, export, check parity, evaluate through the edge runtime,
+    and write ``<out_dir>/seg-tiles-fp32``."""
+    from models.quantize import latency_ms
+
+    torch.set_num_threads(config.threads)
+    spec = preprocess_spec(config)
+    train_items, val_items = tiles.load_split(config.val_fraction, root)
+    t_data = time.perf_counter()
+    train_set = FrameSet.from_items(train_items, spec)
+    val_set = FrameSet.from_items(val_items, spec)
+    synth = synthetic_train_set(config, spec)
+    synth_images, synth_masks = tiles.synthetic_eval_set()
+    synth_val = FrameSet.from_images(synth_images, synth_masks, ["synthetic"] * len(synth_images), spec)
+    log.info("data: %d train, %d val tiles, %d synthetic frames in %.1f s", len(train_set), len(val_set),
+             len(synth), time.perf_counter() - t_data)
+    total = config.epochs * config.steps_per_epoch
+    with _progress(progress) as bar:
+        task = bar.add_task("seg-tiles: train", total=total, info="")
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            shown = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k not in ("epoch", "seconds"))
+            bar.update(task, info=f"epoch {epoch}/{config.epochs} {shown}")
+
+        result = train(config, train_set, synth, val_set, synth_val, on_epoch, lambda: bar.advance(task))
+    model = result.model
+    onnx_bytes = export_onnx(model, config.size)
+    metrics = {"params": float(count_params(model)),
+               "gflops": conv_flops(model, (1, 1, config.size, config.size)) / 1e9,
+               "train_seconds": result.seconds, "train_steps": float(result.steps)}
+    metrics |= onnx_parity(model, onnx_bytes, val_set.x, config.threshold)
+    folder = out_dir / f"{NAME}-fp32"
+    package = write_package(folder, make_manifest(config, "fp32", metrics), onnx_bytes)
+    metrics |= tiles.evaluate_package(package, train_items, val_items, config.threads, config.max_false_alarms)
+    bench = {f"ms_per_frame_batch{b}": latency_ms(onnx_bytes, config.size, b, config.threads) for b in (1, 4)}
+    bench["threads"] = float(config.threads)
+    package = write_package(folder, make_manifest(config, "fp32", metrics, bench), onnx_bytes)
+    return package, model
+
+
+def build_segmentation_packages(out_dir: Path, config: SegTrainConfig | None = None, progress: bool = True,
+                                root: Path | None = None) -> dict[str, Package]:
+    """Train + export fp32, then int8 (only if it passes the IoU gate) and fp16; unsigned packages
+    ``seg-tiles-fp32``, ``seg-tiles-int8``, ``seg-tiles-fp16`` under ``out_dir``. Raises
+    :class:`models.quantize.QualityGateError` (after writing fp32, before any int8) when the int8
+    model loses more than ``config.max_iou_drop`` of val IoU."""
+    from models.quantize import quantize_packages
+
+    config = config or SegTrainConfig()
+    out_dir = Path(out_dir)
+    fp32, _ = train_fp32_package(out_dir, config, progress, root)
+    packages = {"fp32": fp32}
+    packages |= quantize_packages(fp32, out_dir, max_iou_drop=config.max_iou_drop, calib_frames=config.calib_frames,
+                                  threads=config.threads, root=root, val_fraction=config.val_fraction,
+                                  max_false_alarms=config.max_false_alarms, seed=config.seed)
+    return packages

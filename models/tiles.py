@@ -1,0 +1,241 @@
+"""The magnetic-tile surface-defect set: where it lives, how it is split, how it is read.
+
+``MT_<Class>/<id>.jpg`` is a gray image and ``<id>.png`` its mask (threshold >127). The split
+into train/val is deterministic and stratified: within each class, a file goes to val when the
+sha256 of its name falls in the lowest ``val_fraction`` of the hash space, so adding or removing
+files never moves the others. No torch here: the edge-side evaluation (``eval-seg``) uses it.
+
+Data folder: ``$EDGELINE_DATA/magnetic-tile``; default ``<repo>/../shared/data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+CLASSES = ("Blowhole", "Break", "Crack", "Fray", "Uneven", "Free")
+DEFECT_CLASSES = CLASSES[:-1]
+FREE = "Free"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCE = "https://github.com/abin24/Magnetic-tile-defect-datasets (Huang, Qiu, Yuan; The Visual Computer 2020)"
+
+
+class TilesMissing(FileNotFoundError):
+    """The magnetic-tile folder is not where the environment says."""
+
+
+def data_root() -> Path:
+    """``$EDGELINE_DATA`` or ``<repo>/../shared/data``."""
+    return Path(os.environ.get("EDGELINE_DATA") or REPO_ROOT.parent / "shared" / "data")
+
+
+def tiles_dir(root: Path | None = None) -> Path:
+    return (root or data_root()) / "magnetic-tile"
+
+
+def tiles_available(root: Path | None = None) -> bool:
+    folder = tiles_dir(root)
+    return all((folder / f"MT_{c}").is_dir() for c in CLASSES)
+
+
+@dataclass(frozen=True)
+class TileItem:
+    """One image of the set: its class, image path and mask path."""
+
+    cls: str
+    image: Path
+    mask: Path
+
+    @property
+    def defective(self) -> bool:
+        return self.cls != FREE
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """(gray uint8 image, binary uint8 mask {0,1}) at the file's own size."""
+        return read_image(self.image), read_mask(self.mask)
+
+
+def read_image(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise OSError(f"cannot read image {path}")
+    return image
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """The mask binarised at >127 (the files are not strictly binary)."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise OSError(f"cannot read mask {path}")
+    return binarize_mask(mask)
+
+
+def binarize_mask(mask: np.ndarray) -> np.ndarray:
+    return (mask > 127).astype(np.uint8)
+
+
+def list_items(root: Path | None = None) -> list[TileItem]:
+    """Every image with a mask, sorted by class then name."""
+    folder = tiles_dir(root)
+    if not tiles_available(root):
+        raise TilesMissing(
+            f"magnetic-tile data not found under {folder} (set EDGELINE_DATA; source: {SOURCE})"
+        )
+    items = []
+    for cls in CLASSES:
+        for image in sorted((folder / f"MT_{cls}").glob("*.jpg")):
+            mask = image.with_suffix(".png")
+            if mask.is_file():
+                items.append(TileItem(cls, image, mask))
+    return items
+
+
+def in_val(name: str, val_fraction: float, salt: str = "") -> bool:
+    """Deterministic membership: sha256 of the file name, as a number in [0, 1)."""
+    digest = hashlib.sha256(f"{salt}{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def split_items(
+    items: list[TileItem], val_fraction: float = 0.2, salt: str = ""
+) -> tuple[list[TileItem], list[TileItem]]:
+    """(train, val), stratified by class: the hash rule is applied within each class, and a
+    class with at least two images always keeps one on each side."""
+    train: list[TileItem] = []
+    val: list[TileItem] = []
+    for cls in CLASSES:
+        members = [it for it in items if it.cls == cls]
+        chosen = [in_val(it.image.name, val_fraction, salt) for it in members]
+        if len(members) >= 2 and not any(chosen):  # tiny class: take the lowest hash
+            chosen[min(range(len(members)), key=lambda i: _hash(members[i].image.name, salt))] = True
+        if len(members) >= 2 and all(chosen):
+            chosen[max(range(len(members)), key=lambda i: _hash(members[i].image.name, salt))] = False
+        for item, is_val in zip(members, chosen):
+            (val if is_val else train).append(item)
+    return train, val
+
+
+def _hash(name: str, salt: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{salt}{name}".encode()).digest()[:8], "big")
+
+
+def load_split(val_fraction: float = 0.2, root: Path | None = None) -> tuple[list[TileItem], list[TileItem]]:
+    return split_items(list_items(root), val_fraction)
+
+
+# ---------------------------------------------------------------- evaluation through the edge runtime
+
+SYNTH_EVAL_SEED = 10_000  # synthetic cameras from here on are never used in training
+SYNTH_EVAL_CAMERAS = 4
+SYNTH_EVAL_FRAMES = 24
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """What one image contributes to the metrics, measured at the image's own size."""
+
+    cls: str
+    inter: int
+    union: int
+    pred_area: int
+    true_area: int
+    pixels: int
+
+    @property
+    def area_ratio(self) -> float:
+        return self.pred_area / self.pixels
+
+
+def score_images(model, images: list[np.ndarray], masks: list[np.ndarray], classes: list[str],
+                 batch: int = 8) -> list[ImageScore]:
+    """Run ``images`` through an :class:`edge.inference.SegmentationModel` and score each one."""
+    threshold = model.postprocess.threshold
+    scores = []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        for prob, mask, cls in zip(model.infer(chunk), masks[start : start + batch], classes[start : start + batch]):
+            pred, true = prob > threshold, mask > 0
+            scores.append(ImageScore(cls, int((pred & true).sum()), int((pred | true).sum()), int(pred.sum()),
+                                     int(true.sum()), int(true.size)))
+    return scores
+
+
+def score_items(model, items: list[TileItem], batch: int = 8) -> list[ImageScore]:
+    loaded = [item.load() for item in items]
+    return score_images(model, [im for im, _ in loaded], [m for _, m in loaded], [it.cls for it in items], batch)
+
+
+def calibrate_area_threshold(free_scores: list[ImageScore], max_false_alarms: float = 0.05) -> float:
+    """Smallest predicted-area ratio t such that at most ``max_false_alarms`` of these defect-free
+    images have a ratio > t (an image is flagged when its ratio exceeds t)."""
+    ratios = np.array([s.area_ratio for s in free_scores], np.float64)
+    if not len(ratios):
+        return 0.0
+    return float(np.quantile(ratios, 1.0 - max_false_alarms, method="higher"))
+
+
+def tile_metrics(scores: list[ImageScore], area_threshold: float) -> dict[str, float]:
+    """Pooled defect IoU and dice, per-class IoU, and image-level detection at ``area_threshold``."""
+    inter = sum(s.inter for s in scores)
+    union = sum(s.union for s in scores)
+    pred = sum(s.pred_area for s in scores)
+    true = sum(s.true_area for s in scores)
+    out = {"iou": inter / union if union else 1.0, "dice": 2 * inter / (pred + true) if pred + true else 1.0}
+    for cls in DEFECT_CLASSES:
+        members = [s for s in scores if s.cls == cls]
+        u = sum(s.union for s in members)
+        if members:
+            out[f"iou_{cls.lower()}"] = sum(s.inter for s in members) / u if u else 1.0
+    flagged = [s.area_ratio > area_threshold for s in scores]
+    tp = sum(f for f, s in zip(flagged, scores) if s.cls != FREE)
+    fp = sum(f for f, s in zip(flagged, scores) if s.cls == FREE)
+    positives = sum(s.cls != FREE for s in scores)
+    negatives = len(scores) - positives
+    out |= {
+        "image_recall": tp / positives if positives else 1.0,
+        "image_precision": tp / (tp + fp) if tp + fp else 1.0,
+        "false_alarm_rate": fp / negatives if negatives else 0.0,
+        "area_threshold": area_threshold,
+        "val_images": float(len(scores)),
+    }
+    return out
+
+
+def synthetic_eval_set() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Fresh synthetic conveyor frames (cameras never used in training) with their masks."""
+    from edge.synthetic import make_dataset
+
+    images, masks = [], []
+    for seed in range(SYNTH_EVAL_SEED, SYNTH_EVAL_SEED + SYNTH_EVAL_CAMERAS):
+        ims, ms = make_dataset(seed, SYNTH_EVAL_FRAMES, defect_rate=0.4, stride=17)
+        images += list(ims)
+        masks += list(ms)
+    return images, masks
+
+
+def synthetic_metrics(model) -> dict[str, float]:
+    from edge.postprocess import region_mask, segmentation_metrics
+
+    images, masks = synthetic_eval_set()
+    post = model.postprocess
+    preds = [region_mask(p, post.threshold, post.min_area) for p in model.infer(images)]
+    metrics = segmentation_metrics(preds, masks, post.min_area)
+    return {f"synthetic_{k}": metrics[k] for k in ("iou", "recall", "false_alarm_rate")}
+
+
+def evaluate_package(package, train: list[TileItem], val: list[TileItem], threads: int = 2,
+                     max_false_alarms: float = 0.05) -> dict[str, float]:
+    """Val metrics of a package run through :mod:`edge.inference` at each image's own size; the
+    image-level area threshold is calibrated on the TRAIN split's defect-free images."""
+    from edge.inference import SegmentationModel
+
+    model = SegmentationModel(package, threads=threads)
+    free_train = [it for it in train if it.cls == FREE]
+    threshold = calibrate_area_threshold(score_items(model, free_train), max_false_alarms)
+    metrics = tile_metrics(score_items(model, val), threshold)
+    return metrics | synthetic_metrics(model)
