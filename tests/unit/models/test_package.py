@@ -1,5 +1,7 @@
 import hashlib
+import io
 import json
+import tarfile
 
 import pytest
 
@@ -15,6 +17,7 @@ from models.package import (
     TensorSpec,
     load_package,
     write_package,
+    write_package_tar,
 )
 
 
@@ -127,3 +130,132 @@ def test_edge_and_package_never_import_torch():
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ---------------------------------------------------------------- files the manifest does not list
+
+
+def test_unlisted_onnx_file_is_refused(tmp_path):
+    write_package(tmp_path, seg_manifest(), b"x")
+    (tmp_path / "other.onnx").write_bytes(b"unverified weights")
+    with pytest.raises(PackageError, match="unlisted file other.onnx"):
+        load_package(tmp_path)
+
+
+def test_unlisted_file_in_a_subfolder_is_refused(tmp_path):
+    write_package(tmp_path, seg_manifest(), b"x")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "weights.bin").write_bytes(b"external data")
+    with pytest.raises(PackageError, match="unlisted file data/weights.bin"):
+        load_package(tmp_path)
+
+
+def test_listed_file_in_a_subfolder_is_verified(tmp_path):
+    write_package(tmp_path, seg_manifest(), b"x")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "weights.bin").write_bytes(b"external data")
+    data = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    data["files"]["data/weights.bin"] = hashlib.sha256(b"external data").hexdigest()
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(data))
+    assert "data/weights.bin" in load_package(tmp_path).manifest.files
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "a/../../x", "..\\x"])
+def test_absolute_or_parent_paths_are_refused(tmp_path, name):
+    write_package(tmp_path / "pkg", seg_manifest(), b"x")
+    data = json.loads((tmp_path / "pkg" / MANIFEST_FILE).read_text())
+    data["files"][name] = "0" * 64
+    (tmp_path / "pkg" / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(PackageError, match="outside the package"):
+        load_package(tmp_path / "pkg")
+
+
+def test_symlink_out_of_the_package_is_refused(tmp_path):
+    (tmp_path / "secret").write_bytes(b"secret")
+    write_package(tmp_path / "pkg", seg_manifest(), b"x")
+    (tmp_path / "pkg" / "link").symlink_to(tmp_path / "secret")
+    data = json.loads((tmp_path / "pkg" / MANIFEST_FILE).read_text())
+    data["files"]["link"] = hashlib.sha256(b"secret").hexdigest()
+    (tmp_path / "pkg" / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(PackageError, match="link points outside the package"):
+        load_package(tmp_path / "pkg")
+
+
+def test_missing_package_path_is_named(tmp_path):
+    with pytest.raises(PackageError, match="no such package folder or file"):
+        load_package(tmp_path / "nope")
+    (tmp_path / "model.zip").write_bytes(b"x")
+    with pytest.raises(PackageError, match="not a package"):
+        load_package(tmp_path / "model.zip")
+
+
+# ---------------------------------------------------------------- tar packages
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz", ".tgz"])
+def test_tar_package_round_trip(tmp_path, suffix):
+    write_package(tmp_path / "pkg", seg_manifest(), b"fake onnx bytes")
+    tar_path = write_package_tar(tmp_path / "pkg", tmp_path / f"pkg{suffix}")
+    cache = tmp_path / "cache"
+    package = load_package(tar_path, cache_dir=cache)
+    assert package.model_path.read_bytes() == b"fake onnx bytes"
+    assert package.folder.is_relative_to(cache)
+    assert load_package(tar_path, cache_dir=cache).folder == package.folder  # extracted once
+
+
+def test_tar_with_one_top_level_folder(tmp_path):
+    write_package(tmp_path / "seg-test-0.0.1", seg_manifest(), b"x")
+    with tarfile.open(tmp_path / "p.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "seg-test-0.0.1", arcname="seg-test-0.0.1")
+    assert load_package(tmp_path / "p.tar.gz", cache_dir=tmp_path / "cache").ref == "seg-test:0.0.1"
+
+
+def test_tampered_tar_names_the_tar(tmp_path):
+    write_package(tmp_path / "pkg", seg_manifest(), b"x")
+    (tmp_path / "pkg" / MODEL_FILE).write_bytes(b"y")
+    with tarfile.open(tmp_path / "p.tar", "w") as tar:
+        for name in (MANIFEST_FILE, MODEL_FILE):
+            tar.add(tmp_path / "pkg" / name, arcname=name)
+    with pytest.raises(PackageError, match=r"p\.tar: checksum mismatch for model.onnx"):
+        load_package(tmp_path / "p.tar", cache_dir=tmp_path / "cache")
+
+
+def _tar_with(path, member, data=b"evil"):
+    write_package(path.parent / "src", seg_manifest(), b"x")
+    with tarfile.open(path, "w") as tar:
+        for name in (MANIFEST_FILE, MODEL_FILE):
+            tar.add(path.parent / "src" / name, arcname=name)
+        if member.isfile():
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        else:
+            tar.addfile(member)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "message"),
+    [
+        ("../evil.txt", tarfile.REGTYPE, "escapes the package folder"),
+        ("sub/../../evil.txt", tarfile.REGTYPE, "escapes the package folder"),
+        ("/tmp/evil.txt", tarfile.REGTYPE, "escapes the package folder"),
+        ("link", tarfile.SYMTYPE, "is a symbolic link"),
+        ("hard", tarfile.LNKTYPE, "is a hard link"),
+        ("fifo", tarfile.FIFOTYPE, "is a device or fifo"),
+        (MODEL_FILE, tarfile.REGTYPE, "appears twice"),
+    ],
+)
+def test_malicious_tar_members_are_refused(tmp_path, name, kind, message):
+    member = tarfile.TarInfo(name)
+    member.type = kind
+    member.linkname = "/etc/passwd" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+    _tar_with(tmp_path / "p.tar", member)
+    with pytest.raises(PackageError, match=message):
+        load_package(tmp_path / "p.tar", cache_dir=tmp_path / "cache" / "deep")
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "cache" / "evil.txt").exists()
+    assert not list((tmp_path / "cache" / "deep" / "packages").iterdir())  # nothing half-extracted left behind
+
+
+def test_unreadable_tar_is_refused(tmp_path):
+    (tmp_path / "p.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(PackageError, match="not a readable tar archive"):
+        load_package(tmp_path / "p.tar.gz", cache_dir=tmp_path / "cache")
