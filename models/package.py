@@ -122,7 +122,7 @@ class Manifest(_Strict):
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of every file but the manifest")
     metrics: dict[str, float] = Field(default_factory=dict, description="quality on the eval set")
     bench: dict[str, float] = Field(default_factory=dict, description="latency on the bench machine")
-    signature: Signature | None = Field(None, description="Ed25519 signature over the canonical manifest; None: unsigned")
+    signature: Signature | None = Field(None, description="Ed25519 signature of the canonical manifest, or None")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":

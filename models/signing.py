@@ -41,7 +41,10 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 from models.package import (
     MANIFEST_FILE,
@@ -177,7 +180,7 @@ def canonical_manifest_bytes(manifest: Manifest) -> bytes:
     try:
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:
-        raise PackageError(f"{_ref(manifest)}: manifest holds NaN or infinity, which has no canonical JSON form") from None
+        raise PackageError(f"{_ref(manifest)}: manifest holds NaN or infinity (no canonical JSON form)") from None
     return text.encode("utf-8")
 
 
@@ -202,7 +205,9 @@ def verify_signature(manifest: Manifest, trusted_keys: Iterable[Ed25519PublicKey
     signer = manifest.signature.key_id
     if signer not in trusted:
         known = ", ".join(sorted(trusted)) or "none"
-        raise SigningError(f"package {_ref(manifest)} is signed by key {signer}, which is not trusted (trusted: {known})")
+        raise SigningError(
+            f"package {_ref(manifest)} is signed by key {signer}, which is not trusted (trusted: {known})"
+        )
     try:
         trusted[signer].verify(base64.b64decode(manifest.signature.value), canonical_manifest_bytes(manifest))
     except InvalidSignature:
@@ -245,8 +250,9 @@ def sign_builtin_packages(
         private_key = _generate_private_only(key_path)
     folders = sorted(p for p in packages_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file())
     signed = [sign_package(folder, private_key) for folder in folders]
+    signed_by = key_id(private_key.public_key())
     _write_atomic(packages_dir / "trusted.pub", public_key_pem(private_key.public_key()), mode=0o644)
-    log.info("signed %d builtin package(s) in %s with key %s", len(signed), packages_dir, key_id(private_key.public_key()))
+    log.info("signed %d builtin package(s) in %s with key %s", len(signed), packages_dir, signed_by)
     return signed
 
 

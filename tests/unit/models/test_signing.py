@@ -6,7 +6,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from models.package import MANIFEST_FILE, MODEL_FILE, Manifest, PackageError, load_package, read_manifest, write_package
+from models.package import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    PackageError,
+    load_package,
+    read_manifest,
+    write_package,
+)
 from models.signing import (
     BUILTIN_PACKAGES,
     SigningError,
@@ -136,7 +144,8 @@ def test_sign_and_verify_round_trip(signed, key):
     assert len(base64.b64decode(data["signature"]["value"])) == 64
     package = load_package(signed, trusted_keys=[key.public_key()])
     assert package.key_id == key_id(key.public_key())
-    assert verify_signature(package.manifest, [Ed25519PrivateKey.generate().public_key(), key.public_key()]) == package.key_id
+    stranger = Ed25519PrivateKey.generate().public_key()
+    assert verify_signature(package.manifest, [stranger, key.public_key()]) == package.key_id
     assert load_package(signed).key_id is None  # no trusted keys: checksums only
 
 

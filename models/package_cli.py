@@ -1,0 +1,300 @@
+"""``edgeline models keygen|package|sign|verify|inspect``: build, sign and check model packages.
+
+Mounted by ``edgeline.cli`` through :func:`register`. No torch here. Exit codes: 0 ok, 1 the
+package or key was refused (the message says why), 2 bad arguments (typer's usage errors).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from models.package import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    Package,
+    PackageError,
+    extract_package_tar,
+    is_package_tar,
+    load_package,
+    read_manifest,
+    sha256_file,
+    write_package,
+    write_package_tar,
+)
+from models.signing import (
+    SigningError,
+    builtin_trusted_keys,
+    generate_keypair,
+    key_id,
+    load_private_key,
+    load_public_keys,
+    sign_package,
+    verify_signature,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+PackageArg = Annotated[Path, typer.Argument(help="package folder or .tar/.tar.gz file", show_default=False)]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the package commands to ``app`` (``edgeline models``)."""
+    app.command("keygen")(keygen)
+    app.command("package")(package)
+    app.command("sign")(sign)
+    app.command("verify")(verify)
+    app.command("inspect")(inspect)
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {_escape(message)}", soft_wrap=True, highlight=False)
+    return typer.Exit(1)
+
+
+def _say(text: str, err: bool = False) -> None:
+    """One plain line (no markup, no wrapping: scripts and tests read it)."""
+    (err_console if err else console).print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _escape(text: str) -> str:
+    return escape(text)
+
+
+def keygen(
+    private: Annotated[Path, typer.Option("--private", help="private key file to write (PEM, mode 0600)")],
+    public: Annotated[Path, typer.Option("--public", help="public key file to write (PEM)")],
+    force: Annotated[bool, typer.Option("--force", help="overwrite existing key files")] = False,
+) -> None:
+    """Generate an Ed25519 signing key pair."""
+    try:
+        _, public_key = generate_keypair(private, public, force=force)
+    except (SigningError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    _say(f"key {key_id(public_key)}: private {private}, public {public}")
+
+
+def package(
+    model: Annotated[Path, typer.Argument(help="the ONNX model file", show_default=False)],
+    manifest: Annotated[Path, typer.Option("--manifest", help="manifest template (.json or .yaml), without files "
+                                           "and signature")],
+    out: Annotated[Path, typer.Option("--out", help="package folder to create (with --tar: the tar file)")],
+    tar: Annotated[bool, typer.Option("--tar", help="write a .tar.gz (OUT, or OUT.tar.gz), not a folder")] = False,
+    key: Annotated[Path | None, typer.Option("--key", help="also sign with this private key")] = None,
+) -> None:
+    """Build a package from an ONNX model and a manifest template: checksums, validation, optional signature."""
+    try:
+        template = _read_template(manifest)
+        onnx_bytes = model.read_bytes()
+        try:
+            checked = Manifest.model_validate(template)
+        except ValidationError as exc:
+            raise PackageError(f"{manifest}: bad manifest template: {_problems(exc)}") from None
+        _check_graph(model, checked)
+        private_key = load_private_key(key) if key is not None else None
+        if tar:
+            tar_path = out if is_package_tar(out) else out.with_name(out.name + ".tar.gz")
+            _refuse_existing(tar_path)
+            with tempfile.TemporaryDirectory() as tmp:
+                built = _build(Path(tmp) / "pkg", checked, onnx_bytes, private_key)
+                write_package_tar(built.folder, tar_path)
+            where = tar_path
+        else:
+            _refuse_existing(out)
+            built = _build(out, checked, onnx_bytes, private_key)
+            where = out
+    except (PackageError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    signed = f", signed by key {built.key_id}" if built.key_id else ", unsigned"
+    _say(f"{built.ref} ({built.manifest.task}, {built.manifest.precision}) -> {where}{signed}")
+
+
+def sign(
+    path: PackageArg,
+    key: Annotated[Path, typer.Option("--key", help="private key (PEM)")],
+) -> None:
+    """Sign a package (folder or tar) in place, after checking its checksums."""
+    try:
+        private_key = load_private_key(key)
+        with _editable(path) as folder:
+            signed = sign_package(folder, private_key)
+    except (PackageError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    _say(f"{signed.ref}: signed by key {signed.key_id} ({path})")
+
+
+def verify(
+    path: PackageArg,
+    key: Annotated[list[Path] | None, typer.Option("--key", help="trusted public key file (repeatable); "
+                                                      "default: the builtin trusted keys")] = None,
+) -> None:
+    """Check a package's checksums and its signature by a trusted key; prints the signing key id."""
+    try:
+        trusted = [k for path_ in key for k in load_public_keys(path_)] if key else builtin_trusted_keys()
+        with tempfile.TemporaryDirectory() as cache:
+            verified = load_package(path, trusted_keys=trusted, cache_dir=cache)
+    except (PackageError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    _say(f"{verified.key_id}")
+    _say(f"ok: {verified.ref} signed by key {verified.key_id}; checksums match", err=True)
+
+
+def inspect(path: PackageArg) -> None:
+    """Show a package: what it is, its files and checksums, and its signature."""
+    try:
+        if not path.exists():
+            raise PackageError(f"{path}: no such package folder or file")
+        with tempfile.TemporaryDirectory() as cache:
+            folder = extract_package_tar(path, cache) if path.is_file() and is_package_tar(path) else path
+            manifest = read_manifest(folder, label=path)
+            console.print(_summary(path, manifest))
+            console.print(_files_table(folder, manifest))
+    except (PackageError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _read_template(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    is_yaml = path.suffix in (".yaml", ".yml")
+    try:
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise PackageError(f"{path}: not valid {'YAML' if is_yaml else 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise PackageError(f"{path}: a manifest template is a mapping, got {type(data).__name__}")
+    for computed in ("files", "signature"):
+        if computed in data:
+            raise PackageError(f"{path}: the template sets {computed!r}; leave it out, the package command computes it")
+    return data
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors(include_url=False)[:5]
+    )
+
+
+def _check_graph(model: Path, manifest: Manifest) -> None:
+    """The ONNX graph must load and have the manifest's input and output names, in order, and ranks."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own Exception subclasses, one per failure kind
+        raise PackageError(f"{model}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+    for kind, graph, specs in (("inputs", session.get_inputs(), manifest.inputs),
+                               ("outputs", session.get_outputs(), manifest.outputs)):
+        got = [(t.name, len(t.shape)) for t in graph]
+        want = [(s.name, len(s.shape)) for s in specs]
+        if got != want:
+            raise PackageError(f"{model}: graph {kind} (name, rank) {got} do not match the manifest's {want}")
+
+
+def _refuse_existing(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise PackageError(f"{path}: already exists; choose another --out or remove it")
+
+
+def _build(folder: Path, manifest: Manifest, onnx_bytes: bytes, private_key: Any) -> Package:
+    built = write_package(folder, manifest, onnx_bytes)
+    return sign_package(folder, private_key) if private_key is not None else built
+
+
+@contextmanager
+def _editable(path: Path) -> Iterator[Path]:
+    """A package folder to change in place; for a tar, a temp copy written back on success."""
+    if path.is_dir():
+        yield path
+        return
+    if not (path.is_file() and is_package_tar(path)):
+        raise PackageError(f"{path}: no such package folder or .tar/.tar.gz file")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = extract_package_tar(path, tmp)
+        yield folder
+        write_package_tar(folder, path)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _signature_status(manifest: Manifest) -> str:
+    if manifest.signature is None:
+        return "[yellow]not signed[/]"
+    try:
+        trusted = builtin_trusted_keys()
+    except SigningError as exc:
+        return f"key {manifest.signature.key_id}; [yellow]cannot check: {_escape(str(exc))}[/]"
+    try:
+        signer = verify_signature(manifest, trusted)
+    except SigningError as exc:
+        reason = "not a builtin trusted key" if "not trusted" in str(exc) else "does NOT verify"
+        return f"key {manifest.signature.key_id}; [red]{reason}[/]"
+    return f"key {signer}; [green]verifies (builtin trusted key)[/]"
+
+
+def _tensors(specs: list[Any]) -> str:
+    return "\n".join(f"{s.name} {s.dtype} [{', '.join(str(d) for d in s.shape)}]" for s in specs)
+
+
+def _numbers(values: dict[str, float]) -> str:
+    return "\n".join(f"{k} = {v:.6g}" for k, v in sorted(values.items())) or "-"
+
+
+def _fields(model: Any) -> str:
+    return "\n".join(f"{k} = {v}" for k, v in model.model_dump(mode="json").items() if k != "kind")
+
+
+def _summary(path: Path, manifest: Manifest) -> Table:
+    table = Table(title=f"{manifest.name}:{manifest.version}  ({path})", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rows = [
+        ("name", manifest.name),
+        ("version", manifest.version),
+        ("task", manifest.task),
+        ("precision", manifest.precision),
+        ("created", manifest.created.isoformat()),
+        ("inputs", _tensors(manifest.inputs)),
+        ("outputs", _tensors(manifest.outputs)),
+        ("preprocess", _fields(manifest.preprocess)),
+        ("postprocess", _fields(manifest.postprocess)),
+        ("metrics", _numbers(manifest.metrics)),
+        ("bench", _numbers(manifest.bench)),
+    ]
+    for name, value in rows:
+        table.add_row(name, _escape(value))
+    table.add_row("signature", _signature_status(manifest))
+    return table
+
+
+def _files_table(folder: Path, manifest: Manifest) -> Table:
+    table = Table(title="files", title_justify="left")
+    for column in ("file", "bytes", "sha256", "check"):
+        table.add_column(column, justify="right" if column == "bytes" else "left")
+    for name, expected in sorted(manifest.files.items()):
+        path = folder / name
+        if not path.is_file():
+            table.add_row(_escape(name), "-", expected[:16], "[red]missing[/]")
+            continue
+        check = "[green]ok[/]" if sha256_file(path) == expected else "[red]mismatch[/]"
+        table.add_row(_escape(name), f"{path.stat().st_size:,}", expected[:16], check)
+    manifest_path = folder / MANIFEST_FILE
+    table.add_row(MANIFEST_FILE, f"{manifest_path.stat().st_size:,}", "-", "(not listed: holds the checksums)")
+    if MODEL_FILE not in manifest.files:
+        table.add_row(MODEL_FILE, "-", "-", "[red]not listed[/]")
+    return table
