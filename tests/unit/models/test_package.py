@@ -126,7 +126,8 @@ def test_edge_and_package_never_import_torch():
     import sys
 
     code = (
-        "import sys, edge.synthetic, edge.inference, edge.postprocess, edge.anomaly, models.package; "
+        "import sys, edge.synthetic, edge.inference, edge.postprocess, edge.anomaly, models.package, "
+        "models.signing, models.package_cli; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
