@@ -158,25 +158,21 @@ def convert_fp16(fp32_path: Path) -> bytes:
     return model.SerializeToString()
 
 
-def _fp32_metrics(fp32: Package, train, val, threads: int, max_false_alarms: float) -> dict[str, float]:
-    metrics = fp32.manifest.metrics
-    if "iou" in metrics and "synthetic_iou" in metrics:
-        return dict(metrics)
-    return dict(metrics) | tiles.evaluate_package(fp32, train, val, threads, max_false_alarms)
-
-
 def quantize_packages(
     fp32: Package, out_dir: Path, max_iou_drop: float = 0.01, calib_frames: int = 64, threads: int = 2,
     root: Path | None = None, val_fraction: float = 0.2, max_false_alarms: float = 0.05, seed: int = 0,
     methods: tuple[str, ...] = tuple(METHODS), activations: tuple[str, ...] = tuple(ACTIVATIONS),
-    fp16: bool = True,
+    fp16: bool = True, fp32_metrics: dict[str, float] | None = None,
 ) -> dict[str, Package]:
     """int8 (gated) and fp16 packages from an fp32 package; returns ``{"int8": ..., "fp16": ...}``.
 
+    ``fp32_metrics``: the fp32 package's metrics on this same split (from its build); when not
+    given, fp32 is evaluated here, so both sides of the gate always see the same images.
     Raises :class:`QualityGateError` before writing anything when int8 misses the gate."""
     out_dir = Path(out_dir)
     train, val = tiles.load_split(val_fraction, root)
-    base = _fp32_metrics(fp32, train, val, threads, max_false_alarms)
+    base = dict(fp32.manifest.metrics) | (
+        fp32_metrics if fp32_metrics is not None else tiles.evaluate_package(fp32, train, val, threads, max_false_alarms))
     manifest = fp32.manifest
     size, threshold = manifest.preprocess.height, manifest.postprocess.threshold
     frames = calibration_frames(fp32, train, calib_frames, seed)

@@ -1,0 +1,129 @@
+"""``edgeline models train-seg | eval-seg | quantize``: the seg-tiles commands.
+
+Mounted by ``edgeline.cli`` through :func:`register`. Torch is imported only inside
+``train-seg``; ``eval-seg`` and ``quantize`` run on ONNX Runtime alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
+    """One column per package, one row per metric."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in rows:
+        table.add_column(name, justify="right")
+    keys = sorted({k for metrics in rows.values() for k in metrics})
+    for key in keys:
+        table.add_row(key, *(f"{rows[n][key]:.4g}" if key in rows[n] else "-" for n in rows))
+    return table
+
+
+def _load(path: Path):
+    from models.package import PackageError, load_package
+
+    try:
+        return load_package(path)
+    except PackageError as exc:
+        err_console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
+def _data_or_exit() -> None:
+    from models import tiles
+
+    if not tiles.tiles_available():
+        err_console.print(f"[bold red]magnetic-tile data not found under {tiles.tiles_dir()} "
+                          f"(set EDGELINE_DATA; source: {tiles.SOURCE})[/]")
+        raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train-seg``, ``eval-seg`` and ``quantize`` to ``app``."""
+
+    @app.command("train-seg")
+    def train_seg(
+        out: Annotated[Path, typer.Option(help="folder that receives seg-tiles-{fp32,int8,fp16}")] = Path("models/packages"),
+        epochs: Annotated[Optional[int], typer.Option(min=1, help="training epochs (default: the config's)")] = None,
+        time_budget: Annotated[Optional[float], typer.Option(help="stop training after this many seconds")] = None,
+        seed: Annotated[int, typer.Option(help="seed of sampling, augmentation and init")] = 0,
+        max_iou_drop: Annotated[float, typer.Option(help="int8 gate: largest val IoU drop vs fp32")] = 0.01,
+        progress: Annotated[bool, typer.Option(help="rich progress bar")] = True,
+    ) -> None:
+        """Train seg-tiles on magnetic tiles + synthetic frames; export fp32, quantize int8 (gated), fp16."""
+        _data_or_exit()
+        try:
+            from models.quantize import QualityGateError
+            from models.segmentation import SegTrainConfig, build_segmentation_packages
+        except ImportError as exc:
+            err_console.print(f"[bold red]training needs the 'models' extra (pip install 'edgeline[models]'): {exc}[/]")
+            raise typer.Exit(2) from None
+        updates: dict = {"seed": seed, "max_iou_drop": max_iou_drop}
+        if epochs is not None:
+            updates["epochs"] = epochs
+        if time_budget is not None:
+            updates["max_train_seconds"] = time_budget
+        config = SegTrainConfig(**updates)
+        try:
+            packages = build_segmentation_packages(out, config, progress=progress)
+        except QualityGateError as exc:
+            err_console.print(f"[bold red]{exc}[/]")
+            raise typer.Exit(1) from None
+        console.print(metrics_table("seg-tiles", {p.manifest.precision: p.manifest.metrics for p in packages.values()}))
+        for package in packages.values():
+            console.print(f"{package.ref} {package.manifest.precision} -> {package.folder}")
+
+    @app.command("eval-seg")
+    def eval_seg(
+        package: Annotated[Path, typer.Argument(help="a segmentation package folder")],
+        threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = 2,
+        val_fraction: Annotated[float, typer.Option(help="val share of each class (must match training)")] = 0.2,
+    ) -> None:
+        """Run a package through the edge runtime on the magnetic-tile val split (+ fresh synthetic frames)."""
+        _data_or_exit()
+        from models import tiles
+
+        pkg = _load(package)
+        train, val = tiles.load_split(val_fraction)
+        metrics = tiles.evaluate_package(pkg, train, val, threads)
+        console.print(metrics_table(f"{pkg.ref} ({pkg.manifest.precision}) on {len(val)} val tiles",
+                                    {pkg.manifest.precision: metrics}))
+
+    @app.command("quantize")
+    def quantize(
+        package: Annotated[Path, typer.Argument(help="an fp32 segmentation package folder")],
+        out: Annotated[Optional[Path], typer.Option(help="where to write; default: beside the fp32 package")] = None,
+        max_iou_drop: Annotated[float, typer.Option(help="gate: largest val IoU drop vs fp32")] = 0.01,
+        calib_frames: Annotated[int, typer.Option(min=1, help="train frames used for calibration")] = 64,
+        threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = 2,
+        fp16: Annotated[bool, typer.Option(help="also write the fp16 package")] = True,
+    ) -> None:
+        """fp32 package -> int8 (static QDQ, only if within the IoU gate) and fp16 packages."""
+        _data_or_exit()
+        from models.quantize import QualityGateError, quantize_packages
+
+        pkg = _load(package)
+        if pkg.manifest.precision != "fp32" or pkg.manifest.task != "segmentation":
+            err_console.print(f"[bold red]{package}: need an fp32 segmentation package[/]")
+            raise typer.Exit(2)
+        name = pkg.manifest.name
+        try:
+            packages = quantize_packages(pkg, out or package.parent, max_iou_drop=max_iou_drop,
+                                         calib_frames=calib_frames, threads=threads, fp16=fp16)
+        except QualityGateError as exc:
+            err_console.print(f"[bold red]{exc}[/]")
+            raise typer.Exit(1) from None
+        rows = {"fp32": pkg.manifest.metrics} | {k: p.manifest.metrics for k, p in packages.items()}
+        console.print(metrics_table(name, rows))
+        for package_ in packages.values():
+            console.print(f"{package_.ref} {package_.manifest.precision} -> {package_.folder}")

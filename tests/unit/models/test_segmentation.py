@@ -1,0 +1,98 @@
+"""seg-tiles: size budget, ONNX parity, and a tiny end-to-end training run into tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edge.inference import SegmentationModel  # noqa: E402
+from edge.synthetic import SyntheticCamera  # noqa: E402
+from models import segmentation as seg  # noqa: E402
+from models import tiles  # noqa: E402
+from models.package import load_package  # noqa: E402
+
+pytestmark = pytest.mark.models
+needs_data = pytest.mark.skipif(
+    not tiles.tiles_available(), reason=f"magnetic-tile data not under {tiles.tiles_dir()} (set EDGELINE_DATA)"
+)
+
+
+def tiny_root(tmp_path: Path, per_class: int = 3, free: int = 6) -> Path:
+    """A data folder holding a handful of the real tiles (symlinks), same layout."""
+    root = tmp_path / "data"
+    for cls in tiles.CLASSES:
+        src = tiles.tiles_dir() / f"MT_{cls}"
+        dst = root / "magnetic-tile" / f"MT_{cls}"
+        dst.mkdir(parents=True)
+        for image in sorted(src.glob("*.jpg"))[: free if cls == tiles.FREE else per_class]:
+            for path in (image, image.with_suffix(".png")):
+                os.symlink(path, dst / path.name)
+    return root
+
+
+def test_default_model_fits_the_jetson_budget():
+    config = seg.SegTrainConfig()
+    model = seg.TileUNet(config.widths)
+    gflop = seg.conv_flops(model, (1, 1, 256, 256)) / 1e9
+    assert 0.3 < gflop <= 2.0
+    assert seg.count_params(model) < 2_000_000
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in model.modules())  # no depthwise
+
+
+def test_onnx_export_matches_torch_on_frames():
+    torch.manual_seed(0)
+    model = seg.TileUNet((8, 16, 16, 24))
+    model.train()
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics
+        for _ in range(3):
+            model(torch.randn(4, 1, 64, 64) * 2 + 0.5)
+    model.eval()
+    config = seg.SegTrainConfig()
+    spec = seg.preprocess_spec(config)
+    camera = SyntheticCamera(5, defect_rate=1.0)
+    from edge.inference import preprocess_frame
+
+    x = np.stack([preprocess_frame(camera.frame(i).image, spec)[0] for i in (3, 17, 40)]).astype(np.float16)
+    parity = seg.onnx_parity(model, seg.export_onnx(model, config.size), x, 0.5)
+    assert parity["parity_max_abs_diff"] < 1e-4
+    assert parity["parity_pixel_agreement"] >= 0.999
+
+
+def test_lr_schedule_warms_up_and_anneals():
+    assert seg.lr_at(0.0, 1.0) < seg.lr_at(0.05, 1.0) == pytest.approx(1.0)
+    assert seg.lr_at(1.0, 1.0) == pytest.approx(0.01)
+
+
+def test_sampler_is_deterministic_and_mixes_sources():
+    config = seg.SegTrainConfig(batch=8, crop=32)
+    x = np.random.default_rng(0).normal(size=(6, 64, 64)).astype(np.float16)
+    y = np.zeros_like(x)
+    y[:3, 20:30, 20:30] = 1
+    tiles_set = seg.FrameSet(x, y, ["Crack"] * 3 + ["Free"] * 3)
+    synth = seg.FrameSet(x[:2], y[:2], ["synthetic"] * 2)
+    a = seg.Sampler(tiles_set, synth, config, np.random.default_rng(1)).batch()
+    b = seg.Sampler(tiles_set, synth, config, np.random.default_rng(1)).batch()
+    assert a[0].shape == (8, 1, 32, 32) and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@needs_data
+def test_tiny_training_run_writes_a_working_fp32_package(tmp_path):
+    root = tiny_root(tmp_path)
+    package, model = seg.train_fp32_package(tmp_path / "out", seg.SMOKE_CONFIG, progress=False, root=root)
+    loaded = load_package(tmp_path / "out" / "seg-tiles-fp32")
+    assert loaded.manifest.name == "seg-tiles" and loaded.manifest.precision == "fp32"
+    metrics = loaded.manifest.metrics
+    for key in ("iou", "dice", "image_recall", "false_alarm_rate", "synthetic_iou", "params", "gflops",
+                "parity_max_abs_diff", "iou_crack"):
+        assert key in metrics, key
+    assert metrics["parity_pixel_agreement"] >= 0.999
+    assert loaded.model_path.stat().st_size < 4_000_000
+    edge_model = SegmentationModel(loaded)
+    frame = SyntheticCamera(1).frame(0).image
+    (prob,) = edge_model.infer([frame])
+    assert prob.shape == frame.shape[:2] and 0.0 <= prob.min() and prob.max() <= 1.0
