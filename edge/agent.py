@@ -119,19 +119,23 @@ class EdgeAgent:
 
     # ------------------------------------------------------------ models
 
-    @staticmethod
-    def _load_seg_models(config: SiteConfig, base_dir: Path) -> dict[str, SegmentationModel]:
-        machine_models = {name for m in config.machines for c in m.cameras for name in c.models}
+    def _load_seg_models(self, config: SiteConfig, base_dir: Path) -> dict[str, SegmentationModel]:
+        """The segmentation models this machine's cameras use, each from a verified package."""
+        names = {name for camera in self.machine.cameras for name in camera.models}
+        trusted = config.trusted_keys(base_dir)
         return {
-            name: SegmentationModel(load_package(resolve_model_path(ref, base_dir)), ref.providers, ref.threads)
-            for name, ref in config.models.items() if name in machine_models
+            name: SegmentationModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted),
+                                    ref.providers, ref.threads)
+            for name, ref in config.models.items() if name in names
         }
 
-    @staticmethod
-    def _load_anomaly_models(config: SiteConfig, base_dir: Path) -> dict[str, StreamingAnomalyModel]:
-        names = {s.model for m in config.machines for s in m.sensors if s.model}
+    def _load_anomaly_models(self, config: SiteConfig, base_dir: Path) -> dict[str, StreamingAnomalyModel]:
+        """The anomaly models this machine's sensor groups use, each from a verified package."""
+        names = {sensor.model for sensor in self.machine.sensors if sensor.model}
+        trusted = config.trusted_keys(base_dir)
         return {
-            name: StreamingAnomalyModel(load_package(resolve_model_path(ref, base_dir)), ref.providers, ref.threads)
+            name: StreamingAnomalyModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted),
+                                        ref.providers, ref.threads, calibration_steps=ref.calibration_steps)
             for name, ref in config.models.items() if name in names
         }
 

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import models
+from models.package import is_package_tar
+from models.signing import builtin_trusted_keys, load_public_keys
 
 from stream.messages import Identifier
 from stream.mqtt import MqttSettings
@@ -224,6 +227,15 @@ class SiteConfig(_Strict):
                 return machine
         raise KeyError(f"no machine {machine_id!r} in site {self.site!r}")
 
+    def trusted_keys(self, base_dir: Path) -> list[Ed25519PublicKey] | None:
+        """Keys a package must be signed by (builtin + configured), or None when signatures are not required."""
+        if not self.signatures.require:
+            return None
+        keys = builtin_trusted_keys()
+        for path in self.signatures.trusted_keys:
+            keys += load_public_keys(base_dir / path)
+        return keys
+
     def lines(self) -> dict[str, str]:
         """machine id -> line id."""
         return {machine.id: machine.line for machine in self.machines}
@@ -269,8 +281,8 @@ def _cross_check(config: SiteConfig, base_dir: Path) -> list[str]:
     problems: list[str] = []
     for name, ref in config.models.items():
         package = resolve_model_path(ref, base_dir)
-        if not (package / "manifest.json").is_file():
-            problems.append(f"models.{name}.path: no model package (manifest.json) at {package}")
+        if not (package / "manifest.json").is_file() and not (is_package_tar(package) and package.is_file()):
+            problems.append(f"models.{name}.path: no model package (folder with manifest.json, or .tar) at {package}")
     for index, key in enumerate(config.signatures.trusted_keys):
         if not (base_dir / key).is_file():
             problems.append(f"signatures.trusted_keys[{index}]: file not found: {key}")

@@ -86,7 +86,7 @@ def test_unknown_model_and_missing_package_and_file(tmp_path: Path) -> None:
               - id: p1
                 model: nope
         """)
-    assert problems[0].startswith("models.gone.path: no model package (manifest.json) at ")
+    assert problems[0].startswith("models.gone.path: no model package (folder with manifest.json, or .tar) at ")
     assert "machines[0].cameras[0].models[1]: unknown model 'segx' (known: gone, seg)" in problems
     assert "machines[0].cameras[1].source.path: file not found: missing.mp4" in problems
     assert "machines[0].sensors[0].model: unknown model 'nope' (known: gone, seg)" in problems
