@@ -2,18 +2,40 @@
 
 The package holds a one-step LSTM forecaster: inputs ``x [B, C]`` (normalised sample), ``h`` and
 ``c`` ``[layers, B, hidden]``; outputs ``y [B, C]`` (forecast of the next normalised sample) and
-the new state. :class:`StreamingAnomalyModel` keeps ``(h, c)``, the last forecast and the smoothed
+the new state. With ``difference`` set in the preprocessing the graph takes ``x_t - x_{t-1}``
+instead and forecasts the next difference (the forecast of ``x_{t+1}`` is ``x_t + y``): a level
+that drifts away from the calibration level then changes nothing for the LSTM.
+:class:`StreamingAnomalyModel` keeps ``(h, c)``, the last forecast and the smoothed
 score of every sensor group, and scores all groups that have a new sample in ONE ``session.run``.
 
-Score of sample t: mean over channels of ``((x_t - forecast_{t-1}) / residual_scale)^2``,
-smoothed with an EMA (``ema_alpha``); it alarms above the package's calibrated threshold,
-except during the first ``warmup_steps`` samples of a group. A group's first sample scores 0.
+Score of sample t: mean over channels of ``((x_t - forecast_{t-1}) / residual_scale)^2`` (the
+normalised forecast error) plus ``level_weight`` times the mean over channels of
+``((v_t - level_mean) / level_std)^2`` (how far the raw sample sits from the calibration samples:
+the error of a constant forecast, which catches sustained shifts a one-step forecaster follows),
+smoothed with an EMA (``ema_alpha``); it alarms above the threshold.
+
+Online calibration (``calibration_steps`` N > 0, the SKAB protocol with N = 400): each group
+fits its own constants on its first N samples, during which it reports score 0 and never alarms:
+
+1. samples ``[0, K)``, ``K = round(N * normalise_fraction)``: buffered; at K the group's input
+   mean/std are fitted on them (the LSTM does not run yet, so these groups skip the batch);
+2. samples ``[K, N)``: normalised with the group's mean/std and streamed through the LSTM from a
+   zero state; the residuals after ``warmup_steps`` fit the group's per-channel residual scales,
+   the level mean/std are fitted on all N samples, then the smoothed scores of those same
+   calibration samples give the threshold: ``threshold_factor * quantile(scores, threshold_quantile)``;
+3. from sample N on the group streams and alarms. The EMA carries on from the calibration scores.
+
+With N = 0 the package's own mean/std, residual scales and threshold are used and only the first
+``warmup_steps`` samples never alarm (a group's first sample scores 0). The pure helpers below
+(:func:`fit_normalisation`, :func:`fit_residual_scale`, :func:`channel_errors`,
+:func:`smooth_scores`, :func:`calibrated_threshold`) are the whole calibration; the offline reference in
+``models.anomaly`` reuses them with a full-sequence torch forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,32 +51,120 @@ class AnomalyScore:
     channel_scores: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Where each phase of a group's calibration ends, in samples since the group (re)started."""
+
+    steps: int  # N: first sample that may alarm; 0 = no per-group calibration
+    normalise: int  # K: samples that fit the input mean/std
+    warmup: int  # LSTM steps after K whose residuals are not used
+
+    @classmethod
+    def of(cls, post: AnomalyPostprocess, steps: int | None = None) -> "Calibration":
+        n = post.calibration_steps if steps is None else int(steps)
+        if n <= 0:
+            return cls(0, 0, post.warmup_steps)
+        k = max(1, int(round(n * post.normalise_fraction)))
+        if n - k - post.warmup_steps < 8:
+            raise ValueError(f"calibration_steps={n} leaves fewer than 8 residuals after normalisation ({k}) "
+                             f"and LSTM warm-up ({post.warmup_steps})")
+        return cls(n, k, post.warmup_steps)
+
+
 @dataclass
 class _GroupState:
     h: np.ndarray  # layers, hidden
     c: np.ndarray
+    mean: np.ndarray | None = None  # input normalisation (None while still buffering)
+    std: np.ndarray | None = None
+    scale: np.ndarray | None = None  # residual scales (None while calibrating)
+    threshold: float | None = None
+    level_mean: np.ndarray | None = None  # level term reference (fitted on all calibration samples)
+    level_std: np.ndarray | None = None
     forecast: np.ndarray | None = None  # normalised forecast of the next sample
+    previous: np.ndarray | None = None  # last normalised sample (difference models)
     smoothed: float | None = None
     steps: int = 0
+    raw: list[np.ndarray] = field(default_factory=list)  # raw calibration samples
+    residuals: list[np.ndarray] = field(default_factory=list)  # calibration residuals after the LSTM warm-up
 
 
 def smooth(previous: float | None, raw: float, alpha: float) -> float:
     return raw if previous is None else alpha * raw + (1.0 - alpha) * previous
 
 
-class StreamingAnomalyModel(PackagedModel):
-    """An anomaly package in one ONNX Runtime session, scoring many sensor groups per tick."""
+def smooth_scores(raw: np.ndarray, alpha: float) -> np.ndarray:
+    """EMA of a score sequence exactly as the streaming model does it, step by step."""
+    out, s = np.zeros(len(raw), np.float64), None
+    for t, r in enumerate(np.asarray(raw, np.float64)):
+        out[t] = s = smooth(s, float(r), alpha)
+    return out
 
-    def __init__(self, package: Package, providers: Sequence[str] = ("cpu",), threads: int = 1) -> None:
+
+def fit_normalisation(raw: np.ndarray, min_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean/std of raw samples [T, C]; a std floor relative to the level keeps flat channels finite."""
+    raw = np.asarray(raw, np.float64)
+    mean, std = raw.mean(0), raw.std(0)
+    return mean.astype(np.float32), np.maximum(std, min_scale * np.maximum(np.abs(mean), 1.0)).astype(np.float32)
+
+
+def fit_residual_scale(residuals: np.ndarray, min_scale: float) -> np.ndarray:
+    """Per-channel RMS of normalised forecast residuals [T, C], floored."""
+    rms = np.sqrt((np.asarray(residuals, np.float64) ** 2).mean(0))
+    return np.maximum(rms, min_scale).astype(np.float32)
+
+
+def channel_errors(residuals: np.ndarray, scale: np.ndarray, values: np.ndarray, level_mean: np.ndarray | None,
+                   level_std: np.ndarray | None, level_weight: float) -> np.ndarray:
+    """Per-channel score terms [..., C]: squared scaled forecast residual + level_weight x squared level z."""
+    errors = (np.asarray(residuals, np.float64) / scale) ** 2
+    if level_weight and level_mean is not None:
+        errors = errors + level_weight * ((np.asarray(values, np.float64) - level_mean) / level_std) ** 2
+    return errors
+
+
+def calibrated_threshold(smoothed: np.ndarray, post: AnomalyPostprocess) -> float:
+    return float(post.threshold_factor * np.quantile(smoothed, post.threshold_quantile))
+
+
+def apply_profile(post: AnomalyPostprocess, profile: str | None, ref: str = "package") -> AnomalyPostprocess:
+    """The postprocess settings with a named profile's overrides applied (validated like the manifest)."""
+    if profile is None:
+        return post
+    if profile not in post.profiles:
+        raise ModelLoadError(f"{ref}: no postprocess profile {profile!r} (has: {', '.join(post.profiles) or 'none'})")
+    overrides = post.profiles[profile]
+    allowed = set(AnomalyPostprocess.model_fields) - {"kind", "residual_scale", "profiles"}
+    if set(overrides) - allowed:
+        raise ModelLoadError(f"{ref}: profile {profile!r} sets unknown fields {sorted(set(overrides) - allowed)}")
+    try:
+        return AnomalyPostprocess.model_validate(post.model_dump() | overrides)
+    except ValueError as exc:
+        raise ModelLoadError(f"{ref}: profile {profile!r}: {exc}") from None
+
+
+class StreamingAnomalyModel(PackagedModel):
+    """An anomaly package in one ONNX Runtime session, scoring many sensor groups per tick.
+
+    ``calibration_steps`` overrides the package's per-group calibration length (``None``: the
+    manifest's; 400 is the SKAB protocol; 0 turns per-group calibration off). ``profile`` picks
+    one of the package's named postprocess profiles (``None``: the package's own settings).
+    """
+
+    def __init__(self, package: Package, providers: Sequence[str] = ("cpu",), threads: int = 1,
+                 calibration_steps: int | None = None, profile: str | None = None) -> None:
         manifest = package.manifest
         pre, post = manifest.preprocess, manifest.postprocess
         if not isinstance(pre, AnomalyPreprocess) or not isinstance(post, AnomalyPostprocess):
             raise ModelLoadError(f"{package.ref}: task is {manifest.task!r}, not anomaly")
-        self.package, self.pre, self.post = package, pre, post
+        post = apply_profile(post, profile, package.ref)
+        self.package, self.pre, self.post, self.profile = package, pre, post, profile
+        self.calibration = Calibration.of(post, calibration_steps)
         self.channels = tuple(pre.channels)
         self._mean = np.asarray(pre.mean, np.float32)
         self._std = np.asarray(pre.std, np.float32)
         self._scale = np.asarray(post.residual_scale, np.float32)
+        self.level_weight = post.level_weight
         self.session = create_session(package, providers, threads)
         self._inputs = [i.name for i in self.session.get_inputs()]
         self._groups: dict[str, _GroupState] = {}
@@ -62,47 +172,91 @@ class StreamingAnomalyModel(PackagedModel):
 
     @property
     def threshold(self) -> float:
+        """The package's threshold: what a group reports until its own is calibrated."""
         return self.post.threshold
 
     @property
     def groups(self) -> list[str]:
         return list(self._groups)
 
+    def group_threshold(self, group: str) -> float | None:
+        """A group's threshold in use, or None while it is still calibrating (or unknown)."""
+        state = self._groups.get(group)
+        return None if state is None else state.threshold
+
     def reset(self, group: str) -> None:
-        """Forget a group's state; its next sample starts afresh (scores 0, then warms up)."""
+        """Forget a group's state; its next sample starts afresh (and calibrates again)."""
         self._groups.pop(group, None)
 
     def step(self, samples: Mapping[str, np.ndarray]) -> dict[str, AnomalyScore]:
         """Score one new sample (channel values in manifest order) per group, in one batched run."""
-        if not samples:
-            return {}
-        names = list(samples)
-        x = np.stack([np.asarray(samples[n], np.float32).reshape(len(self.channels)) for n in names])
-        x = (x - self._mean) / self._std
-        states = [self._groups.get(n) or self._new_state() for n in names]
-        h = np.stack([s.h for s in states], axis=1)
-        c = np.stack([s.c for s in states], axis=1)
-        y, h_out, c_out = self._run(x, h, c)
-        out = {}
-        for i, (name, state) in enumerate(zip(names, states)):
-            out[name] = self._score(state, x[i])
-            state.h, state.c, state.forecast = h_out[:, i], c_out[:, i], y[i]
-            state.steps += 1
+        out: dict[str, AnomalyScore] = {}
+        running: list[tuple[str, _GroupState, np.ndarray]] = []
+        for name, values in samples.items():
+            state = self._groups.get(name) or self._new_state()
             self._groups[name] = state
-        return out
+            x = np.asarray(values, np.float32).reshape(len(self.channels))
+            if state.threshold is None:
+                state.raw.append(x)
+            if state.mean is None:  # still buffering raw samples for the input normalisation
+                state.steps += 1
+                if state.steps >= self.calibration.normalise:
+                    state.mean, state.std = fit_normalisation(np.stack(state.raw), self.post.min_scale)
+                out[name] = self._quiet()
+            else:
+                running.append((name, state, x))
+        if running:
+            x = np.stack([(v - s.mean) / s.std for _, s, v in running])
+            feed = x
+            if self.pre.difference:
+                feed = x - np.stack([x[i] if s.previous is None else s.previous for i, (_, s, _) in enumerate(running)])
+            h = np.stack([s.h for _, s, _ in running], axis=1)
+            c = np.stack([s.c for _, s, _ in running], axis=1)
+            y, h_out, c_out = self._run(feed, h, c)
+            if self.pre.difference:
+                y = x + y
+            for i, (name, state, values) in enumerate(running):
+                out[name] = self._score(state, x[i], values)
+                state.h, state.c, state.forecast, state.previous = h_out[:, i], c_out[:, i], y[i], x[i]
+                state.steps += 1
+        return {name: out[name] for name in samples}
 
-    def _score(self, state: _GroupState, x: np.ndarray) -> AnomalyScore:
+    def _score(self, state: _GroupState, x: np.ndarray, values: np.ndarray) -> AnomalyScore:
+        cal = self.calibration
         if state.forecast is None:
-            return AnomalyScore(0.0, self.post.threshold, False, {ch: 0.0 for ch in self.channels})
-        errors = ((x - state.forecast) / self._scale) ** 2
+            return self._quiet()
+        residual = x - state.forecast
+        if state.threshold is None:  # calibrating: collect residuals, fit everything at the last calibration sample
+            if state.steps >= cal.normalise + cal.warmup:
+                state.residuals.append(residual)
+            if state.steps == cal.steps - 1:
+                self._fit(state)
+            return self._quiet()
+        errors = channel_errors(residual, state.scale, values, state.level_mean, state.level_std, self.level_weight)
         state.smoothed = smooth(state.smoothed, float(errors.mean()), self.post.ema_alpha)
-        alarm = state.steps >= self.post.warmup_steps and state.smoothed > self.post.threshold
+        alarm = state.steps >= max(cal.steps, cal.warmup) and state.smoothed > state.threshold
         channel_scores = {ch: float(e) for ch, e in zip(self.channels, errors)}
-        return AnomalyScore(state.smoothed, self.post.threshold, bool(alarm), channel_scores)
+        return AnomalyScore(state.smoothed, state.threshold, bool(alarm), channel_scores)
+
+    def _fit(self, state: _GroupState) -> None:
+        residuals, raw = np.stack(state.residuals), np.stack(state.raw)
+        state.scale = fit_residual_scale(residuals, self.post.min_scale)
+        state.level_mean, state.level_std = fit_normalisation(raw, self.post.min_scale)
+        errors = channel_errors(residuals, state.scale, raw[len(raw) - len(residuals):], state.level_mean,
+                                state.level_std, self.level_weight)
+        smoothed = smooth_scores(errors.mean(-1), self.post.ema_alpha)
+        state.threshold = calibrated_threshold(smoothed, self.post)
+        state.smoothed, state.raw, state.residuals = float(smoothed[-1]), [], []
+
+    def _quiet(self) -> AnomalyScore:
+        return AnomalyScore(0.0, self.post.threshold, False, {ch: 0.0 for ch in self.channels})
 
     def _new_state(self) -> _GroupState:
         h, c = self._zero_state(1)
-        return _GroupState(h=h[:, 0], c=c[:, 0])
+        state = _GroupState(h=h[:, 0], c=c[:, 0])
+        if not self.calibration.steps:
+            state.mean, state.std, state.scale, state.threshold = self._mean, self._std, self._scale, self.post.threshold
+        return state
 
     def _zero_state(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         shape = (self.pre.num_layers, batch, self.pre.hidden_size)

@@ -69,6 +69,8 @@ class AnomalyPreprocess(_Strict):
     std: list[float] = Field(description="per-channel std used to normalise inputs")
     hidden_size: int = Field(gt=0, description="LSTM hidden size (state width)")
     num_layers: int = Field(1, gt=0, description="LSTM layers (state depth)")
+    difference: bool = Field(False, description="the graph takes x_t - x_(t-1) (normalised; 0 at a group's first "
+                             "step) and forecasts the next difference, so its forecast of x_(t+1) is x_t + y")
 
 
 class SegmentationPostprocess(_Strict):
@@ -83,7 +85,22 @@ class AnomalyPostprocess(_Strict):
     residual_scale: list[float] = Field(description="per-channel std of the normalised forecast error")
     threshold: float = Field(gt=0, description="score above which a sample is anomalous")
     ema_alpha: float = Field(1.0, gt=0, le=1, description="score smoothing: s = a*raw + (1-a)*s_prev; 1 = none")
-    warmup_steps: int = Field(0, ge=0, description="samples after a (re)start that never alarm")
+    warmup_steps: int = Field(0, ge=0, description="samples after a (re)start that never alarm (LSTM state warm-up)")
+    calibration_steps: int = Field(
+        0, ge=0, description="per-group online calibration: the first N samples of a group fit its normalisation, "
+        "residual scales and threshold and never alarm; 0 = use this package's values as they are")
+    normalise_fraction: float = Field(0.5, gt=0, lt=1, description="share of the calibration samples that fit the "
+                                      "input mean/std; the LSTM runs on the rest, which fit residual scales and threshold")
+    threshold_quantile: float = Field(0.99, gt=0, le=1, description="calibrated threshold = factor x this quantile "
+                                      "of the smoothed calibration scores")
+    threshold_factor: float = Field(1.0, gt=0, description="calibrated threshold = this x the calibration quantile")
+    min_scale: float = Field(1e-3, gt=0, description="floor of a fitted std, relative to the channel's level (inputs) "
+                             "or absolute in normalised units (residuals)")
+    level_weight: float = Field(0.0, ge=0, description="weight of the level term: score = mean((residual/scale)^2) "
+                                "+ level_weight * mean(((x - mean)/std)^2), mean/std fitted on all calibration samples")
+    profiles: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="named sets of overrides of the scalar fields above, measured with this "
+        "model for another use (e.g. 'fast-start': short calibration on a fast-drifting pump); chosen at load time")
 
 
 Preprocess = Annotated[Union[SegmentationPreprocess, AnomalyPreprocess], Field(discriminator="kind")]
