@@ -160,6 +160,7 @@ class StreamingAnomalyModel(PackagedModel):
         post = apply_profile(post, profile, package.ref)
         self.package, self.pre, self.post, self.profile = package, pre, post, profile
         self.calibration = Calibration.of(post, calibration_steps)
+        self._quiet_steps = max(self.calibration.steps, self.calibration.warmup)  # samples that never alarm
         self.channels = tuple(pre.channels)
         self._mean = np.asarray(pre.mean, np.float32)
         self._std = np.asarray(pre.std, np.float32)
@@ -206,37 +207,51 @@ class StreamingAnomalyModel(PackagedModel):
             else:
                 running.append((name, state, x))
         if running:
-            x = np.stack([(v - s.mean) / s.std for _, s, v in running])
-            feed = x
-            if self.pre.difference:
-                feed = x - np.stack([x[i] if s.previous is None else s.previous for i, (_, s, _) in enumerate(running)])
-            h = np.stack([s.h for _, s, _ in running], axis=1)
-            c = np.stack([s.c for _, s, _ in running], axis=1)
-            y, h_out, c_out = self._run(feed, h, c)
-            if self.pre.difference:
-                y = x + y
-            for i, (name, state, values) in enumerate(running):
-                out[name] = self._score(state, x[i], values)
-                state.h, state.c, state.forecast, state.previous = h_out[:, i], c_out[:, i], y[i], x[i]
-                state.steps += 1
+            self._run_groups(running, out)
         return {name: out[name] for name in samples}
 
-    def _score(self, state: _GroupState, x: np.ndarray, values: np.ndarray) -> AnomalyScore:
+    def _run_groups(self, running: list[tuple[str, _GroupState, np.ndarray]], out: dict[str, AnomalyScore]) -> None:
+        """One batched LSTM step for the groups past their normalisation phase; scoring vectorised."""
+        states = [s for _, s, _ in running]
+        values = np.stack([v for _, _, v in running])
+        x = (values - np.stack([s.mean for s in states])) / np.stack([s.std for s in states])
+        feed = x
+        if self.pre.difference:
+            feed = x - np.stack([x[i] if s.previous is None else s.previous for i, s in enumerate(states)])
+        y, h_out, c_out = self._run(feed, np.stack([s.h for s in states], axis=1), np.stack([s.c for s in states], axis=1))
+        if self.pre.difference:
+            y = x + y
+        live = [i for i, s in enumerate(states) if s.threshold is not None and s.forecast is not None]
+        if live:
+            live_states = [states[i] for i in live]
+            residual = x[live] - np.stack([s.forecast for s in live_states])
+            level = self.level_weight and live_states[0].level_mean is not None
+            errors = channel_errors(
+                residual, np.stack([s.scale for s in live_states]), values[live],
+                np.stack([s.level_mean for s in live_states]) if level else None,
+                np.stack([s.level_std for s in live_states]) if level else None, self.level_weight)
+            for i, row, raw in zip(live, errors.tolist(), errors.mean(1).tolist()):
+                out[running[i][0]] = self._alarm(states[i], row, raw)
+        for i, (name, state, _) in enumerate(running):
+            if name not in out:
+                out[name] = self._calibrate(state, x[i])
+            state.h, state.c, state.forecast, state.previous = h_out[:, i], c_out[:, i], y[i], x[i]
+            state.steps += 1
+
+    def _alarm(self, state: _GroupState, errors: list[float], raw: float) -> AnomalyScore:
+        state.smoothed = smooth(state.smoothed, raw, self.post.ema_alpha)
+        alarm = state.steps >= self._quiet_steps and state.smoothed > state.threshold
+        return AnomalyScore(state.smoothed, state.threshold, bool(alarm), dict(zip(self.channels, errors)))
+
+    def _calibrate(self, state: _GroupState, x: np.ndarray) -> AnomalyScore:
+        """A step of a group that cannot alarm yet: the LSTM's first step, or calibration residuals."""
         cal = self.calibration
-        if state.forecast is None:
-            return self._quiet()
-        residual = x - state.forecast
-        if state.threshold is None:  # calibrating: collect residuals, fit everything at the last calibration sample
+        if state.forecast is not None and state.threshold is None:
             if state.steps >= cal.normalise + cal.warmup:
-                state.residuals.append(residual)
+                state.residuals.append(x - state.forecast)
             if state.steps == cal.steps - 1:
                 self._fit(state)
-            return self._quiet()
-        errors = channel_errors(residual, state.scale, values, state.level_mean, state.level_std, self.level_weight)
-        state.smoothed = smooth(state.smoothed, float(errors.mean()), self.post.ema_alpha)
-        alarm = state.steps >= max(cal.steps, cal.warmup) and state.smoothed > state.threshold
-        channel_scores = {ch: float(e) for ch, e in zip(self.channels, errors)}
-        return AnomalyScore(state.smoothed, state.threshold, bool(alarm), channel_scores)
+        return self._quiet()
 
     def _fit(self, state: _GroupState) -> None:
         residuals, raw = np.stack(state.residuals), np.stack(state.raw)
