@@ -29,15 +29,16 @@ def results_tables(results: list, title: str) -> list[Table]:
     from models.skab import pooled
 
     files = Table(title=f"{title}: per file")
-    for column in ("file", "rows", "scored", "anomalous", "alarms", "F1", "FAR", "MAR"):
-        files.add_column(column, justify="left" if column == "file" else "right")
+    files.add_column("file", no_wrap=True, min_width=max((len(r.file.name) for r in results), default=4))
+    for column in ("rows", "scored", "anomalous", "alarms", "F1", "FAR", "MAR"):
+        files.add_column(column, justify="right")
     for r in results:
         scored = r.alarms[r.scored_from:]
         counts = r.counts
         labelled = counts is not None
         files.add_row(
             r.file.name, str(len(r.file.values)), str(len(scored)),
-            str(counts.tp + counts.fn) if labelled else "no labels", str(int(scored.sum())),
+            str(counts.tp + counts.fn) if labelled else "-", str(int(scored.sum())),
             _fmt(counts.f1 if labelled else None), _fmt(counts.far if labelled else None),
             _fmt(counts.mar if labelled else None),
         )
