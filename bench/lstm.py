@@ -57,21 +57,21 @@ def lstm_rows(seconds: float = 3.0, package: Path = PACKAGE) -> list[dict[str, A
     for batch in BATCHES:
         window = torch.from_numpy(rng.normal(0, 1, (WINDOW, batch, channels)).astype(np.float32))
 
-        def recompute() -> None:
+        def recompute(window: torch.Tensor = window) -> None:
             with torch.no_grad():
                 model(window)
 
         x = rng.normal(0, 1, (batch, channels)).astype(np.float32)
         state = {"h": np.zeros((layers, batch, hidden), np.float32), "c": np.zeros((layers, batch, hidden), np.float32)}
 
-        def step() -> None:
+        def step(x: np.ndarray = x, state: dict[str, np.ndarray] = state) -> None:
             _, state["h"], state["c"] = session.run(None, {"x": x, "h": state["h"], "c": state["c"]})
 
         tick = {f"g{i}": np.asarray(pre.mean, np.float32) + 0.01 * rng.normal(size=channels).astype(np.float32)
                 for i in range(batch)}
         base = _rate(recompute, batch, per)
         for method, rate in (("torch recompute w128", base), ("ORT step", _rate(step, batch, per)),
-                             ("edge StreamingAnomalyModel.step", _rate(lambda: streaming.step(tick), batch, per))):
+                             ("edge StreamingAnomalyModel.step", _rate(lambda tick=tick: streaming.step(tick), batch, per))):
             rows.append({"method": method, "groups": batch, "samples_per_s": rate, "us_per_sample": 1e6 / rate,
                          "speedup_vs_recompute": rate / base})
     return rows

@@ -60,11 +60,11 @@ class Calibration:
     warmup: int  # LSTM steps after K whose residuals are not used
 
     @classmethod
-    def of(cls, post: AnomalyPostprocess, steps: int | None = None) -> "Calibration":
+    def of(cls, post: AnomalyPostprocess, steps: int | None = None) -> Calibration:
         n = post.calibration_steps if steps is None else int(steps)
         if n <= 0:
             return cls(0, 0, post.warmup_steps)
-        k = max(1, int(round(n * post.normalise_fraction)))
+        k = max(1, round(n * post.normalise_fraction))
         if n - k - post.warmup_steps < 8:
             raise ValueError(f"calibration_steps={n} leaves fewer than 8 residuals after normalisation ({k}) "
                              f"and LSTM warm-up ({post.warmup_steps})")

@@ -39,7 +39,14 @@ from edge.anomaly import (
 )
 from edge.synthetic import CHANNELS
 from models import skab
-from models.package import AnomalyPostprocess, AnomalyPreprocess, Manifest, Package, TensorSpec, write_package
+from models.package import (
+    AnomalyPostprocess,
+    AnomalyPreprocess,
+    Manifest,
+    Package,
+    TensorSpec,
+    write_package,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +143,7 @@ def training_series(root: Path | None = None) -> list[np.ndarray]:
 
 def make_windows(series: list[np.ndarray], recipe: Recipe) -> np.ndarray:
     """Every admissible training window [N, window, C], normalised like the edge: stats of the K rows before it."""
-    k = int(round(recipe.calibration_steps * recipe.normalise_fraction))
+    k = round(recipe.calibration_steps * recipe.normalise_fraction)
     out = []
     for values in series:
         w = min(recipe.window, len(values) - k)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         path: Annotated[Path, typer.Argument(help="a SKAB-format CSV or a folder of them (searched recursively)")],
         package: Annotated[Path, typer.Option("--package", "-p", help="anomaly model package folder")] = DEFAULT_PACKAGE,
         calibration_steps: Annotated[int, typer.Option(help="calibration rows per file (SKAB protocol: 400)")] = 400,
-        profile: Annotated[Optional[str], typer.Option(help="postprocess profile of the package")] = None,
+        profile: Annotated[str | None, typer.Option(help="postprocess profile of the package")] = None,
     ) -> None:
         """Score SKAB files with the SKAB protocol through the edge runtime (ONNX Runtime, no torch)."""
         from edge.anomaly import StreamingAnomalyModel
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train-anomaly")
     def train_anomaly(
         out: Annotated[Path, typer.Option(help="folder to write the package folder into")] = DEFAULT_PACKAGE.parent,
-        data: Annotated[Optional[Path], typer.Option(help="SKAB root (default $EDGELINE_DATA/skab)")] = None,
+        data: Annotated[Path | None, typer.Option(help="SKAB root (default $EDGELINE_DATA/skab)")] = None,
     ) -> None:
         """Train, export, evaluate and package anomaly-skab (needs the models extra: torch)."""
         try:

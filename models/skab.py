@@ -128,11 +128,11 @@ class Counts:
     tn: int = 0
     fn: int = 0
 
-    def __add__(self, other: "Counts") -> "Counts":
+    def __add__(self, other: Counts) -> Counts:
         return Counts(self.tp + other.tp, self.fp + other.fp, self.tn + other.tn, self.fn + other.fn)
 
     @classmethod
-    def of(cls, labels: np.ndarray, alarms: np.ndarray) -> "Counts":
+    def of(cls, labels: np.ndarray, alarms: np.ndarray) -> Counts:
         labels, alarms = np.asarray(labels, bool), np.asarray(alarms, bool)
         return cls(int((labels & alarms).sum()), int((~labels & alarms).sum()),
                    int((~labels & ~alarms).sum()), int((labels & ~alarms).sum()))

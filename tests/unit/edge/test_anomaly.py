@@ -5,7 +5,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edge.anomaly import AnomalyScore, StreamingAnomalyModel, event_metrics, runs, score_streams
+from edge.anomaly import (
+    AnomalyScore,
+    StreamingAnomalyModel,
+    event_metrics,
+    runs,
+    score_streams,
+)
 from edge.inference import ModelLoadError
 from edge.synthetic import CHANNELS, SyntheticPump, pump_dataset
 from models.package import load_package
@@ -35,7 +41,7 @@ class NumpyForecaster:
         hidden = self.R.shape[1]
         h, c = np.zeros(hidden), np.zeros(hidden)
         bias = self.B[: 4 * hidden] + self.B[4 * hidden :]
-        sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+        sig = lambda v: 1 / (1 + np.exp(-v))
         out = []
         for xt in dx.astype(np.float64):
             i, o, f, g = np.split(self.W @ xt + self.R @ h + bias, 4)  # ONNX gate order: input, output, forget, cell

@@ -10,7 +10,7 @@ from tests.unit.models.test_skab import write_csv
 
 torch = pytest.importorskip("torch")
 
-from models.anomaly import (  # noqa: E402
+from models.anomaly import (
     TINY_RECIPE,
     Forecaster,
     build_anomaly_package,
