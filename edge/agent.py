@@ -135,7 +135,8 @@ class EdgeAgent:
         trusted = config.trusted_keys(base_dir)
         return {
             name: StreamingAnomalyModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted),
-                                        ref.providers, ref.threads, calibration_steps=ref.calibration_steps)
+                                        ref.providers, ref.threads, calibration_steps=ref.calibration_steps,
+                                        profile=ref.profile)
             for name, ref in config.models.items() if name in names
         }
 

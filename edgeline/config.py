@@ -148,6 +148,9 @@ class ModelRef(_Strict):
     calibration_steps: int | None = Field(
         None, ge=1, description="anomaly models: samples a sensor group calibrates on before it may alarm (default: the package's)"
     )
+    profile: Identifier | None = Field(
+        None, description="anomaly models: a settings profile the package carries (e.g. fast-start for short calibration)"
+    )
 
 
 class SignatureConfig(_Strict):
