@@ -50,14 +50,14 @@ def demo_config(machines: int = 3, seed: int = 0, fps: float = 5.0) -> SiteConfi
              "source": {"type": "synthetic", "seed": seed * 1000 + index * 10 + c, "defect_rate": 0.3}}
             for c in range(2 + index % 3)
         ]
-        sensors = [{"id": "pump1", "model": "anomaly", "rate_hz": 10.0,
+        sensors = [{"id": "pump1", "model": "anomaly", "rate_hz": 20.0,
                     "source": {"type": "synthetic", "seed": seed * 1000 + index, "anomaly_rate": 0.1}}]
         layout.append({"id": f"m{index + 1:02d}", "line": f"line-{index // 2 + 1}", "cameras": cameras,
                        "sensors": sensors})
     return from_dict({
         "site": "demo",
         "camera_defaults": {"fps": fps, "resolution": [320, 240]},
-        "models": {"seg": {"path": "builtin:seg-synth"}, "anomaly": {"path": "builtin:anomaly-synth"}},
+        "models": {"seg": {"path": "builtin:seg-synth"}, "anomaly": {"path": "builtin:anomaly-skab", "profile": "fast-start"}},
         "machines": layout,
         "rules": DEMO_RULES,
         "engine": {"allowed_lateness_s": 2.0},
