@@ -217,7 +217,7 @@ def quantize_packages(
             raise QualityGateError(base["iou"], int8_metrics["iou"], max_iou_drop)
         keep = ("params", "gflops")
         metrics = {k: base[k] for k in keep if k in base} | int8_metrics | {
-            "iou_drop_vs_fp32": drop, "fp32_iou": base["iou"],
+            "iou_drop_vs_fp32": drop, "fp32_iou": base["iou"], "max_iou_drop": max_iou_drop,
             **{f"calib_{m}_quick_iou": v for m, v in scores.items()},
             f"calib_{method}_chosen": 1.0, f"activations_{act}_chosen": 1.0,
             "calib_frames": float(len(frames)),
