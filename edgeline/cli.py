@@ -14,7 +14,9 @@ from rich.live import Live
 from rich.logging import RichHandler
 
 from edgeline.config import ConfigError, SiteConfig, load
+from models.anomaly_cli import register as register_anomaly_commands
 from models.package_cli import register as register_package_commands
+from models.seg_cli import register as register_segmentation_commands
 
 app = typer.Typer(help="Edgeline: real-time analytics on the factory floor.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -28,6 +30,8 @@ app.add_typer(edge_app, name="edge")
 app.add_typer(stream_app, name="stream")
 app.add_typer(models_app, name="models")
 register_package_commands(models_app)
+register_segmentation_commands(models_app)
+register_anomaly_commands(models_app)
 app.add_typer(config_app, name="config")
 
 console = Console()
