@@ -34,6 +34,7 @@ from edge.anomaly import StreamingAnomalyModel, event_metrics, score_streams, sm
 from edge.inference import SegmentationModel, preprocess_frame
 from edge.postprocess import region_mask, segmentation_metrics
 from edge.synthetic import CHANNELS, SyntheticCamera, make_dataset, pump_dataset
+from models.anomaly import ForecasterStep
 from models.package import (
     AnomalyPostprocess,
     AnomalyPreprocess,
@@ -259,18 +260,6 @@ class Forecaster(nn.Module):
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
         out, state = self.lstm(x, state)
         return x + self.head(out), state
-
-
-class ForecasterStep(nn.Module):
-    """One streaming step: (x [B,C], h, c [layers,B,H]) -> (y [B,C], h_out, c_out)."""
-
-    def __init__(self, forecaster: Forecaster) -> None:
-        super().__init__()
-        self.forecaster = forecaster
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
-        y, (h_out, c_out) = self.forecaster(x.unsqueeze(0), (h, c))
-        return y[0], h_out, c_out
 
 
 def train_forecaster(budget: Budget, seed: int, tick) -> tuple[Forecaster, np.ndarray, np.ndarray]:
