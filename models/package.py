@@ -78,6 +78,12 @@ class SegmentationPostprocess(_Strict):
     classes: list[str] = Field(default_factory=lambda: ["background", "defect"], description="class names")
     threshold: float = Field(0.5, gt=0, lt=1, description="probability above which a pixel is a defect")
     min_area: int = Field(0, ge=0, description="smallest defect region in frame pixels")
+    alarm_threshold: float | None = Field(
+        None, gt=0, lt=1, description="image-level alarm: pixel probability counted towards the alarm area "
+        "(None: ``threshold``)")
+    alarm_area_ratio: float = Field(
+        0.0, ge=0, le=1, description="image-level alarm when the share of the frame above ``alarm_threshold`` "
+        "exceeds this (calibrated on defect-free training images)")
 
 
 class AnomalyPostprocess(_Strict):

@@ -54,29 +54,42 @@ def register(app: typer.Typer) -> None:
     @app.command("train-seg")
     def train_seg(
         out: Annotated[Path, typer.Option(help="folder that receives seg-tiles-{fp32,int8,fp16}")] = Path("models/packages"),
-        epochs: Annotated[Optional[int], typer.Option(min=1, help="training epochs (default: the config's)")] = None,
+        preset: Annotated[str, typer.Option(help="default (~18 min on 2 CPU cores) or quality (12k steps, the "
+                                                 "shipped packages)")] = "default",
+        epochs: Annotated[Optional[int], typer.Option(min=1, help="training epochs (default: the preset's)")] = None,
         time_budget: Annotated[Optional[float], typer.Option(help="stop training after this many seconds")] = None,
         seed: Annotated[int, typer.Option(help="seed of sampling, augmentation and init")] = 0,
+        device: Annotated[str, typer.Option(help="torch device that trains: cpu, cuda")] = "cpu",
+        threads: Annotated[int, typer.Option(min=1, help="torch and ONNX Runtime threads")] = 2,
         max_iou_drop: Annotated[float, typer.Option(help="int8 gate: largest val IoU drop vs fp32")] = 0.01,
+        checkpoint: Annotated[Optional[Path], typer.Option(help="package these trained weights instead of "
+                                                                "training (from --save-checkpoint)")] = None,
+        save_checkpoint: Annotated[Optional[Path], typer.Option(help="keep the trained weights here")] = None,
         progress: Annotated[bool, typer.Option(help="rich progress bar")] = True,
     ) -> None:
-        """Train seg-tiles on magnetic tiles + synthetic frames; export fp32, quantize int8 (gated), fp16."""
+        """Train seg-tiles on magnetic tiles; export fp32 (parity-checked), quantize int8 (gated), fp16."""
         _data_or_exit()
         try:
             from models.quantize import QualityGateError
-            from models.segmentation import SegTrainConfig, build_segmentation_packages
+            from models.segmentation import ParityError, build_segmentation_packages
+            from models.segmentation import preset as make_config
         except ImportError as exc:
             err_console.print(f"[bold red]training needs the 'models' extra (pip install 'edgeline[models]'): {exc}[/]")
             raise typer.Exit(2) from None
-        updates: dict = {"seed": seed, "max_iou_drop": max_iou_drop}
+        updates: dict = {"seed": seed, "max_iou_drop": max_iou_drop, "device": device, "threads": threads}
         if epochs is not None:
             updates["epochs"] = epochs
         if time_budget is not None:
             updates["max_train_seconds"] = time_budget
-        config = SegTrainConfig(**updates)
         try:
-            packages = build_segmentation_packages(out, config, progress=progress)
-        except QualityGateError as exc:
+            config = make_config(preset, **updates)
+        except ValueError as exc:
+            err_console.print(f"[bold red]{exc}[/]")
+            raise typer.Exit(2) from None
+        try:
+            packages = build_segmentation_packages(out, config, progress=progress, checkpoint=checkpoint,
+                                                   save_to=save_checkpoint)
+        except (QualityGateError, ParityError) as exc:
             err_console.print(f"[bold red]{exc}[/]")
             raise typer.Exit(1) from None
         console.print(metrics_table("seg-tiles", {p.manifest.precision: p.manifest.metrics for p in packages.values()}))

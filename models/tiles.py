@@ -135,9 +135,17 @@ SYNTH_EVAL_CAMERAS = 4
 SYNTH_EVAL_FRAMES = 24
 
 
+ALARM_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98)
+"""Candidate pixel thresholds of the image-level alarm: an image alarms when its area of pixels
+above the chosen one exceeds a calibrated share of the frame. A stricter pixel threshold than the
+mask's trades a little area for far fewer speckles on clean tiles."""
+
+
 @dataclass(frozen=True)
 class ImageScore:
-    """What one image contributes to the metrics, measured at the image's own size."""
+    """What one image contributes to the metrics, measured at the image's own size.
+
+    ``alarm_areas[i]``: predicted area at ``ALARM_THRESHOLDS[i]``."""
 
     cls: str
     inter: int
@@ -145,10 +153,25 @@ class ImageScore:
     pred_area: int
     true_area: int
     pixels: int
+    alarm_areas: tuple[int, ...] = ()
+
+    def alarm_ratio(self, index: int) -> float:
+        return self.alarm_areas[index] / self.pixels
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """The image-level alarm rule: area share above ``pixel_threshold`` > ``area_ratio``."""
+
+    index: int
+    area_ratio: float
 
     @property
-    def area_ratio(self) -> float:
-        return self.pred_area / self.pixels
+    def pixel_threshold(self) -> float:
+        return ALARM_THRESHOLDS[self.index]
+
+    def fires(self, score: ImageScore) -> bool:
+        return score.alarm_ratio(self.index) > self.area_ratio
 
 
 def score_images(model, images: list[np.ndarray], masks: list[np.ndarray], classes: list[str],
@@ -160,8 +183,9 @@ def score_images(model, images: list[np.ndarray], masks: list[np.ndarray], class
         chunk = images[start : start + batch]
         for prob, mask, cls in zip(model.infer(chunk), masks[start : start + batch], classes[start : start + batch]):
             pred, true = prob > threshold, mask > 0
+            alarm_areas = tuple(int((prob > t).sum()) for t in ALARM_THRESHOLDS)
             scores.append(ImageScore(cls, int((pred & true).sum()), int((pred | true).sum()), int(pred.sum()),
-                                     int(true.sum()), int(true.size)))
+                                     int(true.sum()), int(true.size), alarm_areas))
     return scores
 
 
@@ -170,17 +194,33 @@ def score_items(model, items: list[TileItem], batch: int = 8) -> list[ImageScore
     return score_images(model, [im for im, _ in loaded], [m for _, m in loaded], [it.cls for it in items], batch)
 
 
-def calibrate_area_threshold(free_scores: list[ImageScore], max_false_alarms: float = 0.05) -> float:
-    """Smallest predicted-area ratio t such that at most ``max_false_alarms`` of these defect-free
-    images have a ratio > t (an image is flagged when its ratio exceeds t)."""
-    ratios = np.array([s.area_ratio for s in free_scores], np.float64)
+def calibrate_area_threshold(free_ratios: list[float], max_false_alarms: float = 0.05) -> float:
+    """Smallest area ratio t such that at most ``max_false_alarms`` of these defect-free images
+    have a ratio > t (an image is flagged when its ratio exceeds t)."""
+    ratios = np.array(free_ratios, np.float64)
     if not len(ratios):
         return 0.0
     return float(np.quantile(ratios, 1.0 - max_false_alarms, method="higher"))
 
 
-def tile_metrics(scores: list[ImageScore], area_threshold: float) -> dict[str, float]:
-    """Pooled defect IoU and dice, per-class IoU, and image-level detection at ``area_threshold``."""
+def calibrate_alarm(train_scores: list[ImageScore], max_false_alarms: float = 0.05) -> Alarm:
+    """For each candidate pixel threshold, the area ratio that keeps TRAIN defect-free images
+    within the false-alarm budget; of those, the one that finds the most TRAIN defect images
+    (ties: the lowest pixel threshold)."""
+    free = [s for s in train_scores if s.cls == FREE]
+    defect = [s for s in train_scores if s.cls != FREE]
+    best: tuple[float, Alarm] | None = None
+    for index in range(len(ALARM_THRESHOLDS)):
+        alarm = Alarm(index, calibrate_area_threshold([s.alarm_ratio(index) for s in free], max_false_alarms))
+        recall = sum(alarm.fires(s) for s in defect) / len(defect) if defect else 0.0
+        if best is None or recall > best[0]:
+            best = (recall, alarm)
+    assert best is not None
+    return best[1]
+
+
+def tile_metrics(scores: list[ImageScore], alarm: Alarm) -> dict[str, float]:
+    """Pooled defect IoU and dice, per-class IoU, and image-level detection by ``alarm``."""
     inter = sum(s.inter for s in scores)
     union = sum(s.union for s in scores)
     pred = sum(s.pred_area for s in scores)
@@ -191,7 +231,7 @@ def tile_metrics(scores: list[ImageScore], area_threshold: float) -> dict[str, f
         u = sum(s.union for s in members)
         if members:
             out[f"iou_{cls.lower()}"] = sum(s.inter for s in members) / u if u else 1.0
-    flagged = [s.area_ratio > area_threshold for s in scores]
+    flagged = [alarm.fires(s) for s in scores]
     tp = sum(f for f, s in zip(flagged, scores) if s.cls != FREE)
     fp = sum(f for f, s in zip(flagged, scores) if s.cls == FREE)
     positives = sum(s.cls != FREE for s in scores)
@@ -200,10 +240,18 @@ def tile_metrics(scores: list[ImageScore], area_threshold: float) -> dict[str, f
         "image_recall": tp / positives if positives else 1.0,
         "image_precision": tp / (tp + fp) if tp + fp else 1.0,
         "false_alarm_rate": fp / negatives if negatives else 0.0,
-        "area_threshold": area_threshold,
+        "alarm_pixel_threshold": alarm.pixel_threshold,
+        "area_threshold": alarm.area_ratio,
         "val_images": float(len(scores)),
     }
     return out
+
+
+def with_alarm(manifest, metrics: dict[str, float]):
+    """``manifest`` with the image-level alarm that :func:`evaluate_package` calibrated."""
+    post = manifest.postprocess.model_copy(update={"alarm_threshold": metrics["alarm_pixel_threshold"],
+                                                   "alarm_area_ratio": metrics["area_threshold"]})
+    return manifest.model_copy(update={"postprocess": post})
 
 
 def synthetic_eval_set() -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -231,11 +279,10 @@ def synthetic_metrics(model) -> dict[str, float]:
 def evaluate_package(package, train: list[TileItem], val: list[TileItem], threads: int = 2,
                      max_false_alarms: float = 0.05) -> dict[str, float]:
     """Val metrics of a package run through :mod:`edge.inference` at each image's own size; the
-    image-level area threshold is calibrated on the TRAIN split's defect-free images."""
+    image-level alarm is calibrated on the TRAIN split (:func:`calibrate_alarm`)."""
     from edge.inference import SegmentationModel
 
     model = SegmentationModel(package, threads=threads)
-    free_train = [it for it in train if it.cls == FREE]
-    threshold = calibrate_area_threshold(score_items(model, free_train), max_false_alarms)
-    metrics = tile_metrics(score_items(model, val), threshold)
+    alarm = calibrate_alarm(score_items(model, train), max_false_alarms)
+    metrics = tile_metrics(score_items(model, val), alarm)
     return metrics | synthetic_metrics(model)

@@ -91,8 +91,33 @@ def test_tiny_training_run_writes_a_working_fp32_package(tmp_path):
                 "parity_max_abs_diff", "iou_crack"):
         assert key in metrics, key
     assert metrics["parity_pixel_agreement"] >= 0.999
+    post = loaded.manifest.postprocess
+    assert post.alarm_threshold == metrics["alarm_pixel_threshold"] and post.alarm_area_ratio == metrics["area_threshold"]
     assert loaded.model_path.stat().st_size < 4_000_000
     edge_model = SegmentationModel(loaded)
     frame = SyntheticCamera(1).frame(0).image
     (prob,) = edge_model.infer([frame])
     assert prob.shape == frame.shape[:2] and 0.0 <= prob.min() and prob.max() <= 1.0
+
+
+def test_presets_and_unknown_preset():
+    assert seg.preset("quality").epochs * seg.preset("quality").steps_per_epoch == 12_000
+    assert seg.preset("default", seed=3).seed == 3
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        seg.preset("fast")
+
+
+@needs_data
+def test_checkpoint_packages_the_same_weights(tmp_path):
+    root = tiny_root(tmp_path)
+    config = seg.SMOKE_CONFIG
+    _, model = seg.train_fp32_package(tmp_path / "a", config, progress=False, root=root,
+                                      save_to=tmp_path / "w.pt")
+    other = config.model_copy(update={"threads": 1, "seed": 9})
+    _, again = seg.train_fp32_package(tmp_path / "b", other, progress=False, root=root, checkpoint=tmp_path / "w.pt")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    manifest = load_package(tmp_path / "b" / "seg-tiles-fp32").manifest
+    assert manifest.metrics["train_seed"] == config.seed  # the checkpoint's own config, not the caller's
+    assert (tmp_path / "a" / "seg-tiles-fp32" / "model.onnx").read_bytes() == \
+        (tmp_path / "b" / "seg-tiles-fp32" / "model.onnx").read_bytes()

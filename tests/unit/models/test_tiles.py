@@ -60,12 +60,29 @@ def test_missing_data_raises_a_clear_error(tmp_path):
         tiles.list_items(tmp_path)
 
 
+def _score(cls: str, areas: tuple[int, ...], pixels: int = 100) -> tiles.ImageScore:
+    return tiles.ImageScore(cls, 0, areas[0], areas[0], 0, pixels, areas)
+
+
 def test_area_threshold_keeps_false_alarms_within_budget():
-    scores = [tiles.ImageScore("Free", 0, r, r, 0, 100) for r in [0] * 80 + list(range(1, 21))]
-    t = tiles.calibrate_area_threshold(scores, 0.05)
-    assert sum(s.area_ratio > t for s in scores) <= 5
-    metrics = tiles.tile_metrics(scores + [tiles.ImageScore("Crack", 5, 10, 30, 10, 100)], t)
-    assert metrics["false_alarm_rate"] <= 0.05 and metrics["image_recall"] == 1.0
+    ratios = [0.0] * 80 + [r / 100 for r in range(1, 21)]
+    t = tiles.calibrate_area_threshold(ratios, 0.05)
+    assert 4 <= sum(r > t for r in ratios) <= 5
+
+
+def test_alarm_picks_the_pixel_threshold_that_finds_most_defects_within_the_budget():
+    n = len(tiles.ALARM_THRESHOLDS)
+    # clean tiles: speckles at low confidence only; defects: small but confident
+    free = [_score("Free", (20 + i % 10,) + (0,) * (n - 1)) for i in range(40)]
+    defect = [_score("Crack", (25,) + (5,) * (n - 1)) for _ in range(10)]
+    alarm = tiles.calibrate_alarm(free + defect, 0.05)
+    assert alarm.pixel_threshold > tiles.ALARM_THRESHOLDS[0]
+    metrics = tiles.tile_metrics(free + defect, alarm)
+    assert metrics["image_recall"] == 1.0 and metrics["false_alarm_rate"] <= 0.05
+    # at the mask threshold alone the same defects hide among the speckles
+    weak = tiles.tile_metrics(free + defect, tiles.Alarm(0, tiles.calibrate_area_threshold(
+        [s.alarm_ratio(0) for s in free], 0.05)))
+    assert weak["image_recall"] == 0.0
 
 
 @needs_data
