@@ -37,7 +37,7 @@ def frames_per_second(model: SegmentationModel, frames: list[np.ndarray], batch:
     return done / (time.perf_counter() - started)
 
 
-def main(seconds: float = 3.0, threads: int = 1, package: str = "seg-synth", out: Path | None = None) -> None:
+def main(seconds: float = 3.0, threads: int = 1, package: str = "seg-synth-int8", out: Path | None = None) -> None:
     model = SegmentationModel(load_package(BUILTIN_PACKAGES / package), threads=threads)
     camera = SyntheticCamera(seed=1, defect_rate=0.3)
     frames = [camera.frame(i).image for i in range(32)]

@@ -142,7 +142,7 @@ def models_build(
     out: Annotated[Path, typer.Option(help="where the packages are written")] = Path("models/packages"),
     key: Annotated[Optional[Path], typer.Option(help="Ed25519 private key that signs them")] = None,
 ) -> None:
-    """Rebuild every builtin package from the real data (~20 min on 2 cores): train, export, quantize, gate, sign."""
+    """Rebuild every builtin package from the real data (~30 min on 2 cores): train, export, quantize, gate, sign."""
     try:
         from models.build import DEFAULT_KEY, build_all
     except ImportError as exc:
@@ -150,20 +150,6 @@ def models_build(
         raise typer.Exit(2) from None
     for package in build_all(out, key or DEFAULT_KEY):
         console.print(f"{package.ref}: {package.folder} (signed by {package.manifest.signature.key_id})")
-
-
-@models_app.command("quickstart")
-def models_quickstart(
-    out: Annotated[Path, typer.Option(help="where the packages are written")] = Path("models/packages"),
-    seed: int = 0,
-) -> None:
-    """Train the first synthetic-data models (segmentation + streaming LSTM), export to ONNX, package them."""
-    try:
-        from models.quickstart import main as train_and_report
-    except ImportError as exc:
-        err_console.print(f"[bold red]training needs the 'models' extra (pip install 'edgeline[models]'): {exc}[/]")
-        raise typer.Exit(2) from None
-    train_and_report(out, seed=seed)
 
 
 # ---------------------------------------------------------------- demo

@@ -57,7 +57,7 @@ def demo_config(machines: int = 3, seed: int = 0, fps: float = 5.0) -> SiteConfi
     return from_dict({
         "site": "demo",
         "camera_defaults": {"fps": fps, "resolution": [320, 240]},
-        "models": {"seg": {"path": "builtin:seg-synth"}, "anomaly": {"path": "builtin:anomaly-skab", "profile": "fast-start"}},
+        "models": {"seg": {"path": "builtin:seg-synth-int8"}, "anomaly": {"path": "builtin:anomaly-skab", "profile": "fast-start"}},
         "machines": layout,
         "rules": DEMO_RULES,
         "engine": {"allowed_lateness_s": 2.0},

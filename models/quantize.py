@@ -1,7 +1,7 @@
 """fp32 seg package -> int8 (static QDQ) and fp16 packages, with a quality gate. No torch.
 
 int8: ``onnxruntime.quantization.quantize_static`` in QDQ format (what TensorRT also takes),
-per-channel int8 weights, calibrated on preprocessed TRAIN frames (tiles and synthetic). The
+per-channel int8 weights, calibrated on preprocessed TRAIN frames of the model's own dataset. The
 calibration method (MinMax / Entropy / Percentile) is chosen by val IoU; the activation type
 (uint8 "U8S8" vs int8 "S8S8") by measured latency on this machine. The chosen model is then
 evaluated through the edge runtime exactly like the fp32 one, and an int8 package is written
@@ -31,7 +31,6 @@ from onnxruntime.quantization import (
 )
 
 from edge.inference import preprocess_frame
-from edge.synthetic import make_dataset
 from models import tiles
 from models.package import MODEL_FILE, Package, write_package
 
@@ -69,34 +68,26 @@ class FrameReader(CalibrationDataReader):
         self.index = 0
 
 
-def calibration_frames(package: Package, train: list[tiles.TileItem], count: int, seed: int = 0) -> np.ndarray:
-    """``count`` preprocessed TRAIN frames: mostly tiles (defect images first in the mix), a
-    sixth synthetic training-camera frames; never val images, never eval cameras."""
+def calibration_frames(package: Package, train: tiles.ImageSet, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` preprocessed TRAIN frames, half with defects and half clean where the set allows;
+    never val frames."""
     spec = package.manifest.preprocess
     rng = np.random.default_rng(seed + 7)
-    n_synth = count // 6
-    n_tiles = count - n_synth
-    defect = [it for it in train if it.defective]
-    free = [it for it in train if not it.defective]
-    picks = [defect[i] for i in rng.permutation(len(defect))[: (n_tiles + 1) // 2]]
-    picks += [free[i] for i in rng.permutation(len(free))[: n_tiles - len(picks)]]
-    frames = [preprocess_frame(item.load()[0], spec) for item in picks]
-    if n_synth:
-        images, _ = make_dataset(seed, n_synth, defect_rate=0.5, stride=31)
-        frames += [preprocess_frame(image, spec) for image in images]
-    return np.stack(frames).astype(np.float32)
+    defect = [i for i, c in enumerate(train.classes) if c != tiles.FREE]
+    free = [i for i, c in enumerate(train.classes) if c == tiles.FREE]
+    picks = [defect[i] for i in rng.permutation(len(defect))[: (count + 1) // 2]]
+    picks += [free[i] for i in rng.permutation(len(free))[: count - len(picks)]]
+    return np.stack([preprocess_frame(train.images[i], spec) for i in picks]).astype(np.float32)
 
 
-def val_arrays(package: Package, val: list[tiles.TileItem]) -> tuple[np.ndarray, np.ndarray]:
+def val_arrays(package: Package, val: tiles.ImageSet) -> tuple[np.ndarray, np.ndarray]:
     """Val inputs [N,1,h,w] and binary masks at model size, for quick comparisons of variants."""
     import cv2
 
     spec = package.manifest.preprocess
-    xs, ys = [], []
-    for item in val:
-        image, mask = item.load()
-        xs.append(preprocess_frame(image, spec))
-        ys.append(cv2.resize(mask.astype(np.float32), (spec.width, spec.height), interpolation=cv2.INTER_AREA) > 0.5)
+    xs = [preprocess_frame(image, spec) for image in val.images]
+    ys = [cv2.resize(mask.astype(np.float32), (spec.width, spec.height), interpolation=cv2.INTER_AREA) > 0.5
+          for mask in val.masks]
     return np.stack(xs).astype(np.float32), np.stack(ys)
 
 
@@ -173,17 +164,20 @@ def quantize_packages(
     root: Path | None = None, val_fraction: float = 0.2, max_false_alarms: float = 0.05, seed: int = 0,
     methods: tuple[str, ...] = tuple(METHODS), activations: tuple[str, ...] = tuple(ACTIVATIONS),
     fp16: bool = True, fp32_metrics: dict[str, float] | None = None, fp32_input_layer: bool = True,
+    data: tuple[tiles.ImageSet, tiles.ImageSet] | None = None,
 ) -> dict[str, Package]:
     """int8 (gated) and fp16 packages from an fp32 package; returns ``{"int8": ..., "fp16": ...}``.
 
     ``fp32_metrics``: the fp32 package's metrics on this same split (from its build); when not
     given, fp32 is evaluated here, so both sides of the gate always see the same images.
     ``fp32_input_layer``: keep the first conv in float (see :func:`quantize_int8`).
+    ``data``: the (train, val) sets the fp32 model was built on; default: the magnetic-tile split.
     Raises :class:`QualityGateError` before writing anything when int8 misses the gate."""
     out_dir = Path(out_dir)
-    train, val = tiles.load_split(val_fraction, root)
-    base = dict(fp32.manifest.metrics) | (
-        fp32_metrics if fp32_metrics is not None else tiles.evaluate_package(fp32, train, val, threads, max_false_alarms))
+    train, val = data if data is not None else tiles.load_dataset("tiles", val_fraction, root)
+    with_synthetic = tiles.SYNTHETIC not in val.classes
+    base = dict(fp32.manifest.metrics) | (fp32_metrics if fp32_metrics is not None else tiles.evaluate_package(
+        fp32, train, val, threads, max_false_alarms, with_synthetic))
     manifest = fp32.manifest
     size, threshold = manifest.preprocess.height, manifest.postprocess.threshold
     frames = calibration_frames(fp32, train, calib_frames, seed)
@@ -222,7 +216,7 @@ def quantize_packages(
         # 3. the gate, on the same edge-runtime evaluation as fp32
         trial = write_package(work / "int8", manifest.model_copy(update={"precision": "int8", "metrics": {}}),
                               int8_bytes)
-        int8_metrics = tiles.evaluate_package(trial, train, val, threads, max_false_alarms)
+        int8_metrics = tiles.evaluate_package(trial, train, val, threads, max_false_alarms, with_synthetic)
         drop = base["iou"] - int8_metrics["iou"]
         log.info("int8 gate: val IoU %.4f vs fp32 %.4f (drop %.4f, allowed %.4f)", int8_metrics["iou"], base["iou"],
                  drop, max_iou_drop)

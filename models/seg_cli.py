@@ -48,14 +48,27 @@ def _data_or_exit() -> None:
         raise typer.Exit(2)
 
 
+def _dataset_or_exit(dataset: str, val_fraction: float):
+    from models import tiles
+
+    if dataset == "tiles":
+        _data_or_exit()
+    try:
+        return tiles.load_dataset(dataset, val_fraction)
+    except ValueError as exc:
+        err_console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
 def register(app: typer.Typer) -> None:
     """Add ``train-seg``, ``eval-seg`` and ``quantize`` to ``app``."""
 
     @app.command("train-seg")
     def train_seg(
-        out: Annotated[Path, typer.Option(help="folder that receives seg-tiles-{fp32,int8,fp16}")] = Path("models/packages"),
-        preset: Annotated[str, typer.Option(help="default (~18 min on 2 CPU cores) or quality (12k steps, the "
-                                                 "shipped packages)")] = "default",
+        out: Annotated[Path, typer.Option(help="folder that receives <name>-{fp32,int8,fp16}")] = Path("models/packages"),
+        preset: Annotated[str, typer.Option(help="default (seg-tiles, ~18 min on 2 CPU cores), quality (seg-tiles, "
+                                                 "12k steps: the shipped packages) or synthetic (seg-synth, the "
+                                                 "demo's model, ~3 min)")] = "default",
         epochs: Annotated[Optional[int], typer.Option(min=1, help="training epochs (default: the preset's)")] = None,
         time_budget: Annotated[Optional[float], typer.Option(help="stop training after this many seconds")] = None,
         seed: Annotated[int, typer.Option(help="seed of sampling, augmentation and init")] = 0,
@@ -67,8 +80,9 @@ def register(app: typer.Typer) -> None:
         save_checkpoint: Annotated[Optional[Path], typer.Option(help="keep the trained weights here")] = None,
         progress: Annotated[bool, typer.Option(help="rich progress bar")] = True,
     ) -> None:
-        """Train seg-tiles on magnetic tiles; export fp32 (parity-checked), quantize int8 (gated), fp16."""
-        _data_or_exit()
+        """Train seg-tiles (magnetic tiles) or seg-synth; export fp32 (parity-checked), int8 (gated), fp16."""
+        if preset != "synthetic":
+            _data_or_exit()
         try:
             from models.quantize import QualityGateError
             from models.segmentation import ParityError, build_segmentation_packages
@@ -92,24 +106,25 @@ def register(app: typer.Typer) -> None:
         except (QualityGateError, ParityError) as exc:
             err_console.print(f"[bold red]{exc}[/]")
             raise typer.Exit(1) from None
-        console.print(metrics_table("seg-tiles", {p.manifest.precision: p.manifest.metrics for p in packages.values()}))
+        console.print(metrics_table(packages["fp32"].manifest.name, {p.manifest.precision: p.manifest.metrics for p in packages.values()}))
         for package in packages.values():
             console.print(f"{package.ref} {package.manifest.precision} -> {package.folder}")
 
     @app.command("eval-seg")
     def eval_seg(
         package: Annotated[Path, typer.Argument(help="a segmentation package folder")],
+        dataset: Annotated[str, typer.Option(help="tiles (the magnetic-tile val split) or synthetic (fresh "
+                                                  "synthetic cameras)")] = "tiles",
         threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = 2,
         val_fraction: Annotated[float, typer.Option(help="val share of each class (must match training)")] = 0.2,
     ) -> None:
-        """Run a package through the edge runtime on the magnetic-tile val split (+ fresh synthetic frames)."""
-        _data_or_exit()
+        """Run a package through the edge runtime on a val set; the image alarm is calibrated on train."""
         from models import tiles
 
         pkg = _load(package)
-        train, val = tiles.load_split(val_fraction)
-        metrics = tiles.evaluate_package(pkg, train, val, threads)
-        console.print(metrics_table(f"{pkg.ref} ({pkg.manifest.precision}) on {len(val)} val tiles",
+        train, val = _dataset_or_exit(dataset, val_fraction)
+        metrics = tiles.evaluate_package(pkg, train, val, threads, with_synthetic=dataset == "tiles")
+        console.print(metrics_table(f"{pkg.ref} ({pkg.manifest.precision}) on {len(val)} {dataset} val frames",
                                     {pkg.manifest.precision: metrics}))
 
     @app.command("quantize")
@@ -120,9 +135,9 @@ def register(app: typer.Typer) -> None:
         calib_frames: Annotated[int, typer.Option(min=1, help="train frames used for calibration")] = 64,
         threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = 2,
         fp16: Annotated[bool, typer.Option(help="also write the fp16 package")] = True,
+        dataset: Annotated[str, typer.Option(help="what the model was trained on: tiles or synthetic")] = "tiles",
     ) -> None:
         """fp32 package -> int8 (static QDQ, only if within the IoU gate) and fp16 packages."""
-        _data_or_exit()
         from models.quantize import QualityGateError, quantize_packages
 
         pkg = _load(package)
@@ -132,7 +147,8 @@ def register(app: typer.Typer) -> None:
         name = pkg.manifest.name
         try:
             packages = quantize_packages(pkg, out or package.parent, max_iou_drop=max_iou_drop,
-                                         calib_frames=calib_frames, threads=threads, fp16=fp16)
+                                         calib_frames=calib_frames, threads=threads, fp16=fp16,
+                                         data=_dataset_or_exit(dataset, 0.2))
         except QualityGateError as exc:
             err_console.print(f"[bold red]{exc}[/]")
             raise typer.Exit(1) from None

@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -42,8 +43,8 @@ from models.package import (
 
 log = logging.getLogger(__name__)
 
-NAME = "seg-tiles"
-VERSION = "1.1.0"
+NAMES = {"tiles": "seg-tiles", "synthetic": "seg-synth"}
+VERSIONS = {"tiles": "1.1.0", "synthetic": "1.0.0"}
 MIN_PARITY_AGREEMENT = 0.999
 
 
@@ -56,6 +57,8 @@ class SegTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    dataset: Literal["tiles", "synthetic"] = Field(
+        "tiles", description="magnetic tiles (seg-tiles) or synthetic conveyor cameras only (seg-synth, the demo's)")
     seed: int = Field(0, description="seed of torch, numpy sampling and augmentation")
     threads: int = Field(2, ge=1, description="torch intra-op threads")
     device: str = Field("cpu", description="torch device that trains: cpu, cuda, cuda:1 (export is always on cpu)")
@@ -97,6 +100,10 @@ PRESETS: dict[str, dict] = {
     # 12k steps at lr 1e-3: the shipped packages (trained on one GPU, --device cuda, capped at
     # 340 s: 11.6k steps); ~35 min on 2 CPU cores
     "quality": {"epochs": 10, "steps_per_epoch": 1200, "lr": 1e-3, "max_train_seconds": 4 * 3600.0},
+    # seg-synth, the demo cameras' model: small (0.06 GFLOP at 128x128), ~3 min on 2 CPU cores
+    "synthetic": {"dataset": "synthetic", "size": 128, "widths": (8, 16, 24, 32), "crop": 64, "epochs": 12,
+                  "steps_per_epoch": 250, "lr": 2e-3, "synthetic_cameras": 8, "eval_every": 2,
+                  "max_train_seconds": 600.0},
 }
 
 
@@ -200,28 +207,25 @@ class FrameSet:
         return len(self.x)
 
     @classmethod
-    def from_images(cls, images, masks, classes: list[str], spec: SegmentationPreprocess) -> "FrameSet":
+    def from_images(cls, images, masks, classes: list[str], spec: SegmentationPreprocess) -> FrameSet:
         x = np.stack([preprocess_frame(im, spec)[0] for im in images]).astype(np.float16)
         y = np.stack([_target(m, spec.height) for m in masks]).astype(np.float16)
         return cls(x, y, list(classes))
 
     @classmethod
-    def from_items(cls, items: list[tiles.TileItem], spec: SegmentationPreprocess) -> "FrameSet":
-        loaded = [item.load() for item in items]
-        return cls.from_images([a for a, _ in loaded], [b for _, b in loaded], [it.cls for it in items], spec)
+    def from_set(cls, images: tiles.ImageSet, spec: SegmentationPreprocess) -> FrameSet:
+        return cls.from_images(images.images, images.masks, images.classes, spec)
 
 
 def synthetic_train_set(config: SegTrainConfig, spec: SegmentationPreprocess) -> FrameSet:
-    """Synthetic conveyor frames of training cameras (seeds below the eval seeds)."""
-    images, masks = [], []
-    for seed in range(config.synthetic_cameras):
-        ims, ms = make_dataset(seed, config.synthetic_frames, defect_rate=0.5, stride=29)
-        images += list(ims)
-        masks += list(ms)
-    if not images:
+    """Synthetic conveyor frames of training cameras (seeds below the eval seeds), mixed into
+    tile batches at ``synthetic_fraction``."""
+    if not config.synthetic_fraction or config.dataset == "synthetic":
         return FrameSet(np.zeros((0, spec.height, spec.width), np.float16),
                         np.zeros((0, spec.height, spec.width), np.float16), [])
-    return FrameSet.from_images(images, masks, ["synthetic"] * len(images), spec)
+    train, _ = tiles.load_dataset("synthetic", synthetic_cameras=config.synthetic_cameras,
+                                  synthetic_frames=config.synthetic_frames)
+    return FrameSet.from_set(train, spec)
 
 
 class Sampler:
@@ -332,7 +336,7 @@ def lr_at(progress: float, peak: float, warmup: float = 0.05) -> float:
 
 
 def train(config: SegTrainConfig, train_set: FrameSet, synth: FrameSet, val_set: FrameSet | None = None,
-          synth_val: FrameSet | None = None, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None,
           on_step: Callable[[], None] | None = None) -> TrainResult:
     """AdamW with warm-up + cosine decay. Progress is ``max(steps done / steps planned, seconds
     spent / max_train_seconds)``, so a run on a busy machine still finishes its schedule (fully
@@ -371,8 +375,6 @@ def train(config: SegTrainConfig, train_set: FrameSet, synth: FrameSet, val_set:
                "seconds": time.perf_counter() - t0}
         if val_set is not None and ((epoch + 1) % config.eval_every == 0 or last):
             row |= {f"val_{k}": v for k, v in quick_metrics(predict(model, val_set.x), val_set, config.threshold).items()}
-            if synth_val is not None and len(synth_val):
-                row["synthetic_iou"] = quick_metrics(predict(model, synth_val.x), synth_val, config.threshold)["iou"]
         history.append(row)
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
         if on_epoch:
@@ -437,7 +439,7 @@ def make_manifest(config: SegTrainConfig, precision: str = "fp32", metrics: dict
                   bench: dict[str, float] | None = None) -> Manifest:
     s = config.size
     return Manifest(
-        name=NAME, version=VERSION, task="segmentation",
+        name=NAMES[config.dataset], version=VERSIONS[config.dataset], task="segmentation",
         inputs=[TensorSpec(name="image", shape=["batch", 1, s, s])],
         outputs=[TensorSpec(name="prob", shape=["batch", 1, s, s])],
         preprocess=preprocess_spec(config),
@@ -457,48 +459,46 @@ def _progress(enabled: bool):
 
 def train_fp32_package(out_dir: Path, config: SegTrainConfig, progress: bool = True, root: Path | None = None,
                        checkpoint: Path | None = None,
-                       save_to: Path | None = None) -> tuple[Package, TileUNet]:
-    """Load and split the tiles, train (or take the weights of ``checkpoint``), export, check
-    parity, evaluate through the edge runtime, and write ``<out_dir>/seg-tiles-fp32``. With a
-    checkpoint, its own config decides the model and preprocessing; ``config`` the threads."""
+                       save_to: Path | None = None) -> tuple[Package, TileUNet, tuple[tiles.ImageSet, tiles.ImageSet]]:
+    """Load the dataset, train (or take the weights of ``checkpoint``), export, check parity,
+    evaluate through the edge runtime, and write ``<out_dir>/<name>-fp32``; returns the package,
+    the model and the (train, val) sets. With a checkpoint, its own config decides the model and
+    preprocessing; ``config`` the threads."""
     torch.set_num_threads(config.threads)
     if checkpoint is not None:
         trained_config, result = load_checkpoint(checkpoint)
         config = trained_config.model_copy(update={"threads": config.threads})
         log.info("weights from %s (%d steps on %s)", checkpoint, result.steps, trained_config.device)
     spec = preprocess_spec(config)
-    train_items, val_items = tiles.load_split(config.val_fraction, root)
     t_data = time.perf_counter()
-    train_set = FrameSet.from_items(train_items, spec)
-    val_set = FrameSet.from_items(val_items, spec)
-    log.info("data: %d train, %d val tiles in %.1f s", len(train_set), len(val_set), time.perf_counter() - t_data)
+    train_images, val_images = tiles.load_dataset(config.dataset, config.val_fraction, root, config.synthetic_cameras,
+                                                  config.synthetic_frames)
+    train_set, val_set = FrameSet.from_set(train_images, spec), FrameSet.from_set(val_images, spec)
+    log.info("data: %d train, %d val frames in %.1f s", len(train_set), len(val_set), time.perf_counter() - t_data)
     if checkpoint is None:
         result = _train_with_progress(config, train_set, val_set, progress)
         if save_to is not None:
             save_checkpoint(save_to, config, result)
-    return _export_and_package(out_dir, config, result, train_items, val_items, val_set)
+    package = _export_and_package(out_dir, config, result, train_images, val_images, val_set)
+    return package, result.model, (train_images, val_images)
 
 
 def _train_with_progress(config: SegTrainConfig, train_set: FrameSet, val_set: FrameSet,
                          progress: bool) -> TrainResult:
     synth = synthetic_train_set(config, preprocess_spec(config))
-    synth_images, synth_masks = tiles.synthetic_eval_set()
-    synth_val = FrameSet.from_images(synth_images[::3], synth_masks[::3], ["synthetic"] * len(synth_images[::3]),
-                                     preprocess_spec(config))
     total = config.epochs * config.steps_per_epoch
     with _progress(progress) as bar:
-        task = bar.add_task("seg-tiles: train", total=total, info="")
+        task = bar.add_task(f"{NAMES[config.dataset]}: train", total=total, info="")
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
             shown = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k not in ("epoch", "seconds"))
             bar.update(task, info=f"epoch {epoch}/{config.epochs} {shown}")
 
-        return train(config, train_set, synth, val_set, synth_val if config.synthetic_fraction else None, on_epoch,
-                     lambda: bar.advance(task))
+        return train(config, train_set, synth, val_set, on_epoch, lambda: bar.advance(task))
 
 
-def _export_and_package(out_dir: Path, config: SegTrainConfig, result: TrainResult, train_items: list,
-                        val_items: list, val_set: FrameSet) -> tuple[Package, TileUNet]:
+def _export_and_package(out_dir: Path, config: SegTrainConfig, result: TrainResult, train_images: tiles.ImageSet,
+                        val_images: tiles.ImageSet, val_set: FrameSet) -> Package:
     from models.quantize import latency_ms
 
     model = result.model
@@ -513,21 +513,22 @@ def _export_and_package(out_dir: Path, config: SegTrainConfig, result: TrainResu
         raise ParityError(f"ONNX export disagrees with torch on {1 - metrics['parity_pixel_agreement']:.4%} of val "
                           f"pixels (max abs diff {metrics['parity_max_abs_diff']:.2e}); allowed "
                           f"{1 - MIN_PARITY_AGREEMENT:.2%}")
-    folder = out_dir / f"{NAME}-fp32"
+    folder = out_dir / f"{NAMES[config.dataset]}-fp32"
     package = write_package(folder, make_manifest(config, "fp32", metrics), onnx_bytes)
-    metrics |= tiles.evaluate_package(package, train_items, val_items, config.threads, config.max_false_alarms)
+    metrics |= tiles.evaluate_package(package, train_images, val_images, config.threads, config.max_false_alarms,
+                                      with_synthetic=config.dataset != "synthetic")
     bench = {f"ms_per_frame_batch{b}": latency_ms(onnx_bytes, config.size, b, config.threads) for b in (1, 4)}
     bench["threads"] = float(config.threads)
     package = write_package(folder, tiles.with_alarm(make_manifest(config, "fp32", metrics, bench), metrics),
                             onnx_bytes)
-    return package, model
+    return package
 
 
 def build_segmentation_packages(out_dir: Path, config: SegTrainConfig | None = None, progress: bool = True,
                                 root: Path | None = None, checkpoint: Path | None = None,
                                 save_to: Path | None = None) -> dict[str, Package]:
     """Train + export fp32, then int8 (only if it passes the IoU gate) and fp16; unsigned packages
-    ``seg-tiles-fp32``, ``seg-tiles-int8``, ``seg-tiles-fp16`` under ``out_dir``. Raises
+    ``<name>-fp32``, ``<name>-int8``, ``<name>-fp16`` under ``out_dir`` (name: seg-tiles or seg-synth). Raises
     :class:`models.quantize.QualityGateError` (after writing fp32, before any int8) when the int8
     model loses more than ``config.max_iou_drop`` of val IoU. ``checkpoint``: package these
     weights instead of training; ``save_to``: keep the trained weights there."""
@@ -535,10 +536,9 @@ def build_segmentation_packages(out_dir: Path, config: SegTrainConfig | None = N
 
     config = config or SegTrainConfig()
     out_dir = Path(out_dir)
-    fp32, _ = train_fp32_package(out_dir, config, progress, root, checkpoint, save_to)
+    fp32, _, data = train_fp32_package(out_dir, config, progress, root, checkpoint, save_to)
     packages = {"fp32": fp32}
     packages |= quantize_packages(fp32, out_dir, max_iou_drop=config.max_iou_drop, calib_frames=config.calib_frames,
-                                  threads=config.threads, root=root, val_fraction=config.val_fraction,
-                                  max_false_alarms=config.max_false_alarms, seed=config.seed,
-                                  fp32_metrics=fp32.manifest.metrics)
+                                  threads=config.threads, max_false_alarms=config.max_false_alarms, seed=config.seed,
+                                  fp32_metrics=fp32.manifest.metrics, data=data)
     return packages

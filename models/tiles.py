@@ -128,6 +128,54 @@ def load_split(val_fraction: float = 0.2, root: Path | None = None) -> tuple[lis
     return split_items(list_items(root), val_fraction)
 
 
+@dataclass(frozen=True)
+class ImageSet:
+    """Gray frames with binary masks; ``classes[i]`` is the defect class, ``FREE`` for a clean frame."""
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @classmethod
+    def from_items(cls, items: list[TileItem]) -> ImageSet:
+        loaded = [item.load() for item in items]
+        return cls([im for im, _ in loaded], [m for _, m in loaded], [it.cls for it in items])
+
+    @classmethod
+    def synthetic(cls, seeds: range, frames: int, defect_rate: float, stride: int) -> ImageSet:
+        """Frames of synthetic conveyor cameras ``seeds``; class ``Synthetic`` where a defect shows."""
+        from edge.synthetic import make_dataset
+
+        images: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        for seed in seeds:
+            ims, ms = make_dataset(seed, frames, defect_rate=defect_rate, stride=stride)
+            images += list(ims)
+            masks += [(m > 0).astype(np.uint8) for m in ms]
+        return cls(images, masks, [SYNTHETIC if m.any() else FREE for m in masks])
+
+
+SYNTHETIC = "Synthetic"
+DATASETS = ("tiles", "synthetic")
+
+
+def load_dataset(dataset: str = "tiles", val_fraction: float = 0.2, root: Path | None = None,
+                 synthetic_cameras: int = 4, synthetic_frames: int = 60) -> tuple[ImageSet, ImageSet]:
+    """(train, val): the magnetic-tile split, or synthetic training cameras (seeds below
+    ``SYNTH_EVAL_SEED``) against the fresh evaluation cameras."""
+    if dataset == "tiles":
+        train, val = load_split(val_fraction, root)
+        return ImageSet.from_items(train), ImageSet.from_items(val)
+    if dataset == "synthetic":
+        return (ImageSet.synthetic(range(synthetic_cameras), synthetic_frames, 0.5, 29),
+                ImageSet.synthetic(range(SYNTH_EVAL_SEED, SYNTH_EVAL_SEED + SYNTH_EVAL_CAMERAS), SYNTH_EVAL_FRAMES,
+                                   0.4, 17))
+    raise ValueError(f"unknown dataset {dataset!r} (choose from {', '.join(DATASETS)})")
+
+
 # ---------------------------------------------------------------- evaluation through the edge runtime
 
 SYNTH_EVAL_SEED = 10_000  # synthetic cameras from here on are never used in training
@@ -189,9 +237,8 @@ def score_images(model, images: list[np.ndarray], masks: list[np.ndarray], class
     return scores
 
 
-def score_items(model, items: list[TileItem], batch: int = 8) -> list[ImageScore]:
-    loaded = [item.load() for item in items]
-    return score_images(model, [im for im, _ in loaded], [m for _, m in loaded], [it.cls for it in items], batch)
+def score_set(model, images: ImageSet, batch: int = 8) -> list[ImageScore]:
+    return score_images(model, images.images, images.masks, images.classes, batch)
 
 
 def calibrate_area_threshold(free_ratios: list[float], max_false_alarms: float = 0.05) -> float:
@@ -256,14 +303,8 @@ def with_alarm(manifest, metrics: dict[str, float]):
 
 def synthetic_eval_set() -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Fresh synthetic conveyor frames (cameras never used in training) with their masks."""
-    from edge.synthetic import make_dataset
-
-    images, masks = [], []
-    for seed in range(SYNTH_EVAL_SEED, SYNTH_EVAL_SEED + SYNTH_EVAL_CAMERAS):
-        ims, ms = make_dataset(seed, SYNTH_EVAL_FRAMES, defect_rate=0.4, stride=17)
-        images += list(ims)
-        masks += list(ms)
-    return images, masks
+    fresh = load_dataset("synthetic", synthetic_cameras=0)[1]
+    return fresh.images, fresh.masks
 
 
 def synthetic_metrics(model) -> dict[str, float]:
@@ -276,13 +317,14 @@ def synthetic_metrics(model) -> dict[str, float]:
     return {f"synthetic_{k}": metrics[k] for k in ("iou", "recall", "false_alarm_rate")}
 
 
-def evaluate_package(package, train: list[TileItem], val: list[TileItem], threads: int = 2,
-                     max_false_alarms: float = 0.05) -> dict[str, float]:
+def evaluate_package(package, train: ImageSet, val: ImageSet, threads: int = 2, max_false_alarms: float = 0.05,
+                     with_synthetic: bool = True) -> dict[str, float]:
     """Val metrics of a package run through :mod:`edge.inference` at each image's own size; the
-    image-level alarm is calibrated on the TRAIN split (:func:`calibrate_alarm`)."""
+    image-level alarm is calibrated on ``train`` (:func:`calibrate_alarm`). ``with_synthetic``:
+    add the region-level metrics on fresh synthetic cameras."""
     from edge.inference import SegmentationModel
 
     model = SegmentationModel(package, threads=threads)
-    alarm = calibrate_alarm(score_items(model, train), max_false_alarms)
-    metrics = tile_metrics(score_items(model, val), alarm)
-    return metrics | synthetic_metrics(model)
+    alarm = calibrate_alarm(score_set(model, train), max_false_alarms)
+    metrics = tile_metrics(score_set(model, val), alarm)
+    return metrics | (synthetic_metrics(model) if with_synthetic else {})

@@ -25,7 +25,7 @@ def write_site(path: Path, broker: MosquittoBroker, site: str) -> Path:
     path.write_text(yaml.safe_dump({
         "site": site,
         "broker": {"host": broker.host, "port": broker.port},
-        "models": {"seg": {"path": "builtin:seg-synth"}},
+        "models": {"seg": {"path": "builtin:seg-synth-int8"}},
         "machines": [{"id": "m1", "cameras": [
             {"id": "cam1", "models": ["seg"], "fps": 5,
              "source": {"type": "synthetic", "seed": 7, "defect_rate": 0.9}}]}],

@@ -39,7 +39,7 @@ def site_config(broker: MosquittoBroker, site: str) -> SiteConfig:
         "site": site,
         "broker": {"host": broker.host, "port": broker.port},
         "camera_defaults": {"fps": 5, "resolution": [320, 240]},
-        "models": {"seg": {"path": "builtin:seg-synth"}, "anomaly": {"path": "builtin:anomaly-skab", "profile": "fast-start"}},
+        "models": {"seg": {"path": "builtin:seg-synth-int8"}, "anomaly": {"path": "builtin:anomaly-skab", "profile": "fast-start"}},
         "machines": [
             {"id": "m1", "cameras": [camera("clean", 101, 0.0), camera("defective", 102, 0.9)],
              "sensors": [pump(201, 0.0)]},

@@ -24,7 +24,7 @@ def site(tmp_path: Path, package: Path, require: bool = True) -> SiteConfig:
 
 def copy_builtin(tmp_path: Path) -> Path:
     package = tmp_path / "seg"
-    shutil.copytree(BUILTIN_PACKAGES / "seg-synth", package)
+    shutil.copytree(BUILTIN_PACKAGES / "seg-synth-int8", package)
     return package
 
 

@@ -206,4 +206,4 @@ def test_event_metrics_by_hand():
 
 def test_wrong_task_is_refused():
     with pytest.raises(ModelLoadError, match="not anomaly"):
-        StreamingAnomalyModel(load_package(PACKAGES / "seg-synth"))
+        StreamingAnomalyModel(load_package(PACKAGES / "seg-synth-int8"))

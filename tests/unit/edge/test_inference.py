@@ -14,7 +14,7 @@ PACKAGES = Path(__file__).resolve().parents[3] / "models" / "packages"
 
 @pytest.fixture(scope="module")
 def package():
-    return load_package(PACKAGES / "seg-synth")
+    return load_package(PACKAGES / "seg-synth-int8")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_unavailable_providers_fall_back_to_cpu(caplog):
 
 def test_wrong_task_is_refused():
     with pytest.raises(ModelLoadError, match="not segmentation"):
-        SegmentationModel(load_package(PACKAGES / "anomaly-synth"))
+        SegmentationModel(load_package(PACKAGES / "anomaly-skab"))
 
 
 def test_detects_defects_on_fresh_cameras(model, package):

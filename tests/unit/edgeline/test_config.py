@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[3]
 GOOD = """
 site: s1
 models:
-  seg: {path: "builtin:seg-synth"}
+  seg: {path: "builtin:seg-synth-int8"}
 camera_defaults: {fps: 12, resolution: [640, 480]}
 machines:
   - id: m1
@@ -58,7 +58,7 @@ def test_too_many_models_names_the_camera(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, """
         site: s1
         models:
-          seg: {path: "builtin:seg-synth"}
+          seg: {path: "builtin:seg-synth-int8"}
         machines:
           - id: m0
           - id: m1
@@ -73,7 +73,7 @@ def test_unknown_model_and_missing_package_and_file(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, """
         site: s1
         models:
-          seg: {path: "builtin:seg-synth"}
+          seg: {path: "builtin:seg-synth-int8"}
           gone: {path: "no/such/package"}
         machines:
           - id: m1

@@ -17,7 +17,7 @@ from models.signing import (
     load_public_keys,
 )
 
-SEG = BUILTIN_PACKAGES / "seg-synth"
+SEG = BUILTIN_PACKAGES / "seg-synth-int8"
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_keygen_writes_a_0600_key_and_refuses_to_overwrite(tmp_path, run):
 
 def test_package_builds_a_checked_unsigned_folder(unsigned):
     package = load_package(unsigned)
-    assert package.ref == "seg-cli:0.1.0"
+    assert package.ref == "seg-cli:1.0.0"
     assert package.model_path.read_bytes() == (SEG / MODEL_FILE).read_bytes()
     assert package.manifest.signature is None
 
@@ -161,7 +161,7 @@ def test_sign_refuses_a_public_key(run, unsigned, keys):
 def test_verify_unsigned(run, unsigned, keys):
     result = run("verify", unsigned, "--key", keys[1])
     assert result.exit_code == 1
-    assert "package seg-cli:0.1.0 is not signed" in result.stderr
+    assert "package seg-cli:1.0.0 is not signed" in result.stderr
 
 
 def test_verify_wrong_key(tmp_path, run, signed, keys):
@@ -204,8 +204,9 @@ def test_inspect_shows_the_package_and_its_signature(run):
     result = run("inspect", SEG)
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for text in ("seg-synth", "0.1.0", "segmentation", "fp32", "image", "prob", "threshold", "fresh_iou",
-                 "ms_per_frame_batch8", MODEL_FILE, "123,495", "ok", key_id(builtin_trusted_keys()[0]), "verifies"):
+    size = f"{(SEG / MODEL_FILE).stat().st_size:,}"
+    for text in ("seg-synth", "1.0.0", "segmentation", "int8", "image", "prob", "threshold", "image_recall",
+                 "ms_per_frame_batch1", MODEL_FILE, size, "ok", key_id(builtin_trusted_keys()[0]), "verifies"):
         assert text in out, text
 
 

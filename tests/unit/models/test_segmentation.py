@@ -83,7 +83,7 @@ def test_sampler_is_deterministic_and_mixes_sources():
 @needs_data
 def test_tiny_training_run_writes_a_working_fp32_package(tmp_path):
     root = tiny_root(tmp_path)
-    package, model = seg.train_fp32_package(tmp_path / "out", seg.SMOKE_CONFIG, progress=False, root=root)
+    package, model, _ = seg.train_fp32_package(tmp_path / "out", seg.SMOKE_CONFIG, progress=False, root=root)
     loaded = load_package(tmp_path / "out" / "seg-tiles-fp32")
     assert loaded.manifest.name == "seg-tiles" and loaded.manifest.precision == "fp32"
     metrics = loaded.manifest.metrics
@@ -111,13 +111,25 @@ def test_presets_and_unknown_preset():
 def test_checkpoint_packages_the_same_weights(tmp_path):
     root = tiny_root(tmp_path)
     config = seg.SMOKE_CONFIG
-    _, model = seg.train_fp32_package(tmp_path / "a", config, progress=False, root=root,
+    _, model, _ = seg.train_fp32_package(tmp_path / "a", config, progress=False, root=root,
                                       save_to=tmp_path / "w.pt")
     other = config.model_copy(update={"threads": 1, "seed": 9})
-    _, again = seg.train_fp32_package(tmp_path / "b", other, progress=False, root=root, checkpoint=tmp_path / "w.pt")
+    _, again, _ = seg.train_fp32_package(tmp_path / "b", other, progress=False, root=root, checkpoint=tmp_path / "w.pt")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     manifest = load_package(tmp_path / "b" / "seg-tiles-fp32").manifest
     assert manifest.metrics["train_seed"] == config.seed  # the checkpoint's own config, not the caller's
     assert (tmp_path / "a" / "seg-tiles-fp32" / "model.onnx").read_bytes() == \
         (tmp_path / "b" / "seg-tiles-fp32" / "model.onnx").read_bytes()
+
+
+def test_synthetic_dataset_builds_seg_synth_without_tile_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELINE_DATA", str(tmp_path / "nowhere"))
+    config = seg.preset("synthetic", epochs=1, steps_per_epoch=4, synthetic_cameras=1, synthetic_frames=8,
+                        calib_frames=4)
+    packages = seg.build_segmentation_packages(tmp_path / "out", config, progress=False)
+    assert set(packages) == {"fp32", "int8", "fp16"}
+    fp32 = load_package(tmp_path / "out" / "seg-synth-fp32")
+    assert fp32.manifest.preprocess.height == 128 and fp32.manifest.metrics["gflops"] < 0.2
+    assert "iou_crack" not in fp32.manifest.metrics and "synthetic_iou" not in fp32.manifest.metrics
+    assert fp32.manifest.metrics["val_images"] == tiles.SYNTH_EVAL_CAMERAS * tiles.SYNTH_EVAL_FRAMES

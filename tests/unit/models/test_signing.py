@@ -260,7 +260,7 @@ def test_sign_builtin_packages_uses_the_env_key_path(tmp_path, monkeypatch):
     assert (tmp_path / "env.key").is_file()
 
 
-@pytest.mark.parametrize("name", ["seg-synth", "anomaly-synth"])
+@pytest.mark.parametrize("name", ["seg-synth-int8", "seg-tiles-int8", "anomaly-skab"])
 def test_committed_builtin_packages_verify_against_trusted_pub(name):
     package = load_package(BUILTIN_PACKAGES / name, trusted_keys=builtin_trusted_keys())
     assert package.key_id == key_id(builtin_trusted_keys()[0])
