@@ -111,6 +111,15 @@ class MqttClient:
             self.stats.published += 1
         return info
 
+    def on_publish_acked(self, handler: Callable[[int], None]) -> None:
+        """Call ``handler(mid)`` when the broker acknowledges a QoS 1 publish (PUBACK)."""
+
+        def on_publish(client: paho.Client, userdata: object, mid: int, reason_code: object,
+                       properties: object) -> None:
+            handler(mid)
+
+        self._client.on_publish = on_publish
+
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler)

@@ -1,0 +1,93 @@
+"""The outbox forwarder against a real Mosquitto: every row arrives, rows leave the store only on
+PUBACK, and a broker stopped mid-stream for a few seconds loses nothing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from edge.outbox import Forwarder, Outbox, Priority
+from edgeline.services import MosquittoBroker, ServiceError
+from stream.mqtt import MqttClient, MqttSettings
+from tests.conftest import service_unavailable
+
+
+def _received_ids(probe, expected: int, timeout: float) -> set[int]:
+    got: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(got) < expected and time.monotonic() < deadline:
+        try:
+            got.add(int(probe.get(timeout=max(0.1, deadline - time.monotonic())).payload))
+        except TimeoutError:
+            break
+    return got
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_forwarder_delivers_everything_and_empties_the_outbox(mosquitto, mqtt_probe, unique_name, tmp_path):
+    probe = mqtt_probe(mosquitto)
+    probe.subscribe(f"{unique_name}/#")
+    box = Outbox(tmp_path / "o.sqlite")
+    for i in range(300):
+        box.put(f"{unique_name}/r", str(i).encode(), Priority.RESULT)
+    client = MqttClient(MqttSettings(host=mosquitto.host, port=mosquitto.port), f"{unique_name}-edge")
+    forwarder = Forwarder(box, client, unique_name, window=50)
+    client.start()
+    forwarder.start()
+    try:
+        assert _received_ids(probe, 300, 20) == set(range(300))
+        assert _wait(lambda: box.depth == 0, 10), box.depth
+        assert box.acked == 300
+    finally:
+        forwarder.stop()
+        client.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker this test may stop and restart (same port, persistent sessions)."""
+    broker = MosquittoBroker(workdir=tmp_path / "mosquitto", persistence=True)
+    try:
+        broker.start()
+    except ServiceError as exc:
+        broker.stop()
+        service_unavailable(f"Mosquitto unavailable: {exc}")
+    yield broker
+    broker.stop()
+
+
+def test_broker_outage_mid_stream_loses_nothing(own_broker, mqtt_probe, unique_name, tmp_path):
+    probe = mqtt_probe(own_broker, clean_session=False)
+    probe.subscribe(f"{unique_name}/#")
+    box = Outbox(tmp_path / "o.sqlite")
+    client = MqttClient(MqttSettings(host=own_broker.host, port=own_broker.port), f"{unique_name}-edge")
+    client._client.reconnect_delay_set(min_delay=0.2, max_delay=1)  # keep the test short
+    forwarder = Forwarder(box, client, unique_name, window=20)
+    client.start()
+    forwarder.start()
+    try:
+        client.wait_connected()
+        for i in range(400):
+            box.put(f"{unique_name}/r", str(i).encode(), Priority.RESULT)
+            forwarder.notify()
+            if i == 150:
+                own_broker._stop_process()  # SIGTERM: sessions saved, port kept for the restart
+            if i == 300:
+                assert box.depth >= 140  # what came during the outage waits in the store
+                time.sleep(2)
+                own_broker.start()
+            time.sleep(0.005)
+        assert _received_ids(probe, 400, 30) == set(range(400))
+        assert _wait(lambda: box.depth == 0, 15), box.depth
+    finally:
+        forwarder.stop()
+        client.stop()
