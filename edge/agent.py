@@ -24,12 +24,13 @@ import psutil
 from edge.anomaly import AnomalyScore, StreamingAnomalyModel
 from edge.capture import Camera, CapturedFrame, make_source
 from edge.inference import SegmentationModel
+from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import mask_from_probabilities, regions_from_probabilities
 from edge.sensors import SensorSource, make_sensor_source
 from edgeline.config import SiteConfig, resolve_model_path
 from models.package import load_package
-from stream.messages import (Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult, Heartbeat,
-                             MessageError, ModelOutput, Result, parse_message)
+from stream.messages import (Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
+                             Heartbeat, MessageError, ModelOutput, Result, parse_message)
 from stream.mqtt import MqttClient, Will
 from stream.topics import machine_commands_filter, status_topic, topic_for
 
@@ -83,6 +84,8 @@ class EdgeAgent:
             will=Will(status_topic(self.site, machine_id), b"offline"),
         )
         self.publish_failures = 0
+        self.outbox = Outbox(config.outbox.path_for(machine_id, base_dir), config.outbox.max_messages)
+        self.forwarder = Forwarder(self.outbox, self.mqtt, machine_id)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -91,6 +94,7 @@ class EdgeAgent:
         self.mqtt.start()
         self.mqtt.wait_connected()
         self.mqtt.publish(status_topic(self.site, self.id), b"online", retain=True)
+        self.forwarder.start()  # first replays what an earlier run left in the outbox
         for camera in self.cameras:
             camera.start()
         self._spawn(f"infer:{self.id}", self._inference_loop)
@@ -109,7 +113,9 @@ class EdgeAgent:
             thread.join(10.0)
         self._threads.clear()
         self._publish(self._heartbeat())
+        self.forwarder.stop(drain_s=5.0)  # what is not acknowledged by then stays in the outbox
         self.mqtt.stop(final=(status_topic(self.site, self.id), b"offline"))
+        self.outbox.close()
         log.info("edge:%s: stopped", self.id)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
@@ -245,6 +251,7 @@ class EdgeAgent:
             site=self.site, machine=self.id, ts=time.time(), uptime_s=time.monotonic() - self.started_at,
             cameras=[self.camera_status(camera) for camera in self.cameras],
             cpu_percent=process.cpu_percent(), rss_mb=process.memory_info().rss / 2**20,
+            outbox_depth=self.outbox.depth, outbox_dropped=self.outbox.dropped_total,
         )
 
     def camera_status(self, camera: Camera) -> CameraStatus:
@@ -291,8 +298,25 @@ class EdgeAgent:
         return False, f"unknown command {command.name!r}"
 
     def _publish(self, message: Envelope) -> bool:
-        info = self.mqtt.publish(topic_for(message), message.to_json(), qos=1)
-        if info.rc != 0:
-            self.publish_failures += 1
+        """Heartbeats go straight out (only the latest matters); everything else through the
+        outbox. False when the message could not be stored or sent."""
+        if isinstance(message, Heartbeat):
+            info = self.mqtt.publish(topic_for(message), message.to_json(), qos=1)
+            if info.rc != 0:
+                self.publish_failures += 1
+            return info.rc == 0
+        if self.outbox.put(topic_for(message), message.to_json(), priority_of(message)) is None:
             return False
+        self.forwarder.notify()
         return True
+
+
+def priority_of(message: Envelope) -> Priority:
+    """Outbox rank: sampled masks go first when full, then results; alerts and anomalies last."""
+    if isinstance(message, Result):
+        return Priority.MASK if any(o.mask for f in message.frames for o in f.outputs) else Priority.RESULT
+    if isinstance(message, Anomaly):
+        return Priority.ANOMALY
+    if isinstance(message, Alert):
+        return Priority.ALERT
+    return Priority.EVENT

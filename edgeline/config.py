@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import models
 from models.package import is_package_tar
@@ -188,8 +188,20 @@ def _opt_str(path: Path | None) -> str | None:
 
 
 class OutboxConfig(_Strict):
-    path: Path = Field(Path("edgeline-outbox.sqlite"), description="SQLite file of the store-and-forward outbox")
+    path: str = Field("edgeline-outbox-{machine}.sqlite", description="SQLite file of the store-and-forward outbox, "
+                      "one per machine: must contain {machine}; relative to the site file's folder")
     max_messages: int = Field(100_000, ge=10, description="size bound; the lowest priority is dropped first")
+
+    @field_validator("path")
+    @classmethod
+    def _one_file_per_machine(cls, value: str) -> str:
+        if "{machine}" not in value:
+            raise ValueError(f"must contain {{machine}} so that every machine gets its own file (got {value!r})")
+        return value
+
+    def path_for(self, machine: str, base_dir: Path) -> Path:
+        path = Path(self.path.replace("{machine}", machine)).expanduser()
+        return path if path.is_absolute() else base_dir / path
 
 
 class MetricsConfig(_Strict):

@@ -9,6 +9,7 @@ and the closing summary.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections import deque
@@ -152,11 +153,13 @@ class Demo:
         self.monitor_client: MqttClient | None = None
         self.started = 0.0
         self.ran_s = 0.0
+        self._outbox_dir = tempfile.TemporaryDirectory(prefix="edgeline-demo-outbox-")  # a demo keeps nothing
 
     def start(self) -> None:
         self.broker = start_mqtt_broker(prefer_mosquitto=self.prefer_mosquitto)
         broker = self.config.broker.model_copy(update={"host": self.broker.host, "port": self.broker.port})
-        self.config = self.config.model_copy(update={"broker": broker})
+        outbox = self.config.outbox.model_copy(update={"path": f"{self._outbox_dir.name}/{{machine}}.sqlite"})
+        self.config = self.config.model_copy(update={"broker": broker, "outbox": outbox})
         settings = broker.mqtt_settings()
         self.monitor_client = MqttClient(settings, client_id="demo-monitor")
         self.monitor_client.subscribe(site_filter(self.config.site), self.monitor.on_message)
@@ -184,6 +187,7 @@ class Demo:
                 client.stop()
         if self.broker is not None:
             self.broker.stop()
+        self._outbox_dir.cleanup()
 
     def _wait_quiet(self, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
         deadline = time.monotonic() + limit_s

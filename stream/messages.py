@@ -169,6 +169,7 @@ class Heartbeat(Envelope):
     cpu_percent: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     rss_mb: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     outbox_depth: Annotated[int, Field(ge=0)] = 0
+    outbox_dropped: Annotated[int, Field(ge=0)] = Field(0, description="messages the full outbox dropped so far")
 
 
 class Event(Envelope):

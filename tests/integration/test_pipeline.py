@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.integration
 RUN_S = 12.0
 
 
-def site_config(broker: MosquittoBroker, site: str) -> SiteConfig:
+def site_config(broker: MosquittoBroker, site: str, outbox_dir: Path) -> SiteConfig:
     def camera(cid: str, seed: int, defect_rate: float) -> dict[str, object]:
         return {"id": cid, "models": ["seg"],
                 "source": {"type": "synthetic", "seed": seed, "defect_rate": defect_rate, "part_speed": 0.3}}
@@ -39,6 +40,7 @@ def site_config(broker: MosquittoBroker, site: str) -> SiteConfig:
         "site": site,
         "broker": {"host": broker.host, "port": broker.port},
         "camera_defaults": {"fps": 5, "resolution": [320, 240]},
+        "outbox": {"path": str(outbox_dir / "{machine}.sqlite")},
         "models": {"seg": {"path": "builtin:seg-synth-int8"}, "anomaly": {"path": "builtin:anomaly-skab", "profile": "fast-start"}},
         "machines": [
             {"id": "m1", "cameras": [camera("clean", 101, 0.0), camera("defective", 102, 0.9)],
@@ -62,9 +64,9 @@ def rules_runner(config: SiteConfig) -> EmbeddedRulesRunner:
 
 
 def test_injected_defects_and_anomalies_end_as_alerts(mosquitto: MosquittoBroker, unique_name: str,
-                                                      mqtt_probe: Callable[..., object]) -> None:
+                                                      mqtt_probe: Callable[..., object], tmp_path: Path) -> None:
     site = unique_name
-    config = site_config(mosquitto, site)
+    config = site_config(mosquitto, site, tmp_path)
     probe = mqtt_probe(mosquitto, "watch")
     probe.subscribe(site_filter(site))
     runner = rules_runner(config)
@@ -97,9 +99,9 @@ def test_injected_defects_and_anomalies_end_as_alerts(mosquitto: MosquittoBroker
 
 
 def test_malformed_messages_are_dead_lettered_and_the_runner_goes_on(
-        mosquitto: MosquittoBroker, unique_name: str, mqtt_probe: Callable[..., object]) -> None:
+        mosquitto: MosquittoBroker, unique_name: str, mqtt_probe: Callable[..., object], tmp_path: Path) -> None:
     site = unique_name
-    config = site_config(mosquitto, site)
+    config = site_config(mosquitto, site, tmp_path)
     probe = mqtt_probe(mosquitto, "watch")
     probe.subscribe(deadletter_topic(site))
     runner = rules_runner(config)

@@ -19,6 +19,7 @@ def site(tmp_path: Path, package: Path, require: bool = True) -> SiteConfig:
         "models": {"seg": {"path": str(package)}},
         "signatures": {"require": require},
         "machines": [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"]}]}],
+        "outbox": {"path": str(tmp_path / "outbox-{machine}.sqlite")},
     }, base_dir=tmp_path)
 
 

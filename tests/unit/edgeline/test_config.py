@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeline.cli import app
-from edgeline.config import ConfigError, load, yaml_path
+from edgeline.config import ConfigError, from_dict, load, yaml_path
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -189,3 +189,11 @@ def test_missing_trusted_key_file(tmp_path: Path) -> None:
           trusted_keys: [keys/plant.pub]
         """)
     assert problems == ["signatures.trusted_keys[0]: file not found: keys/plant.pub"]
+
+
+def test_outbox_path_must_name_the_machine(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        from_dict({"site": "s1", "outbox": {"path": "/var/lib/edgeline/outbox.sqlite"}}, base_dir=tmp_path)
+    assert "outbox.path" in str(err.value) and "{machine}" in str(err.value)
+    site = from_dict({"site": "s1", "outbox": {"path": "data/{machine}.sqlite"}}, base_dir=tmp_path)
+    assert site.outbox.path_for("m07", tmp_path) == tmp_path / "data" / "m07.sqlite"
