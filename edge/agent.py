@@ -89,11 +89,15 @@ class EdgeAgent:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
+    def start(self, connect_timeout_s: float = 10.0) -> None:
+        """Start everything; a broker that is not up within ``connect_timeout_s`` is not fatal."""
         self.mqtt.subscribe(machine_commands_filter(self.site, self.id), self._on_command)
+        self.mqtt.on_connected(lambda: self.mqtt.publish(status_topic(self.site, self.id), b"online", retain=True))
         self.mqtt.start()
-        self.mqtt.wait_connected()
-        self.mqtt.publish(status_topic(self.site, self.id), b"online", retain=True)
+        try:
+            self.mqtt.wait_connected(connect_timeout_s)
+        except ConnectionError as exc:  # the outbox holds results until the broker is back
+            log.warning("edge:%s: %s; starting anyway, results wait in the outbox", self.id, exc)
         self.forwarder.start()  # first replays what an earlier run left in the outbox
         for camera in self.cameras:
             camera.start()

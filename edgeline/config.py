@@ -173,13 +173,15 @@ class BrokerConfig(_Strict):
     password: str | None = Field(None, description="MQTT password")
     tls: TlsConfig | None = Field(None, description="TLS settings; absent means plain TCP")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive in seconds")
+    reconnect_max_s: int = Field(30, ge=1, le=3600, description="longest wait between reconnect attempts "
+                                 "(the wait doubles from 1 s up to this)")
 
     def mqtt_settings(self) -> MqttSettings:
         tls = self.tls or TlsConfig()
         return MqttSettings(
             host=self.host, port=self.port, username=self.username, password=self.password,
             ca_file=_opt_str(tls.ca_file), cert_file=_opt_str(tls.cert_file), key_file=_opt_str(tls.key_file),
-            keepalive_s=self.keepalive_s,
+            keepalive_s=self.keepalive_s, reconnect_max_s=self.reconnect_max_s,
         )
 
 

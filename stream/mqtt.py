@@ -49,6 +49,8 @@ class MqttSettings:
     cert_file: str | None = None
     key_file: str | None = None
     keepalive_s: int = 30
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 30
 
 
 class MqttClient:
@@ -67,10 +69,11 @@ class MqttClient:
         self.connected = threading.Event()
         self._stopping = False
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._on_connected: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=clean_session, protocol=paho.MQTTv311)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.reconnect_delay_set(min_delay=settings.reconnect_min_s, max_delay=settings.reconnect_max_s)
         self._client.max_queued_messages_set(0)
         self._client.max_inflight_messages_set(100)
         if settings.username:
@@ -111,6 +114,11 @@ class MqttClient:
             self.stats.published += 1
         return info
 
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every (re)connect, from the network thread (e.g. to re-announce
+        a retained status that the last-will overwrote while the link was down)."""
+        self._on_connected.append(callback)
+
     def on_publish_acked(self, handler: Callable[[int], None]) -> None:
         """Call ``handler(mid)`` when the broker acknowledges a QoS 1 publish (PUBACK)."""
 
@@ -138,6 +146,8 @@ class MqttClient:
             client.subscribe(subscriptions)
         log.info("mqtt:%s: connected to %s:%d", self.client_id, self.settings.host, self.settings.port)
         self.connected.set()
+        for callback in self._on_connected:
+            callback()
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
                        properties: object) -> None:

@@ -69,8 +69,8 @@ def test_broker_outage_mid_stream_loses_nothing(own_broker, mqtt_probe, unique_n
     probe = mqtt_probe(own_broker, clean_session=False)
     probe.subscribe(f"{unique_name}/#")
     box = Outbox(tmp_path / "o.sqlite")
-    client = MqttClient(MqttSettings(host=own_broker.host, port=own_broker.port), f"{unique_name}-edge")
-    client._client.reconnect_delay_set(min_delay=0.2, max_delay=1)  # keep the test short
+    client = MqttClient(MqttSettings(host=own_broker.host, port=own_broker.port, reconnect_max_s=1),
+                        f"{unique_name}-edge")
     forwarder = Forwarder(box, client, unique_name, window=20)
     client.start()
     forwarder.start()
