@@ -24,6 +24,7 @@ import psutil
 from edge.anomaly import AnomalyScore, StreamingAnomalyModel
 from edge.capture import Camera, CapturedFrame, make_source
 from edge.inference import SegmentationModel
+from edge.metrics import EdgeMetrics
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import mask_from_probabilities, regions_from_probabilities
 from edge.sensors import SensorSource, make_sensor_source
@@ -86,11 +87,17 @@ class EdgeAgent:
         self.publish_failures = 0
         self.outbox = Outbox(config.outbox.path_for(machine_id, base_dir), config.outbox.max_messages)
         self.forwarder = Forwarder(self.outbox, self.mqtt, machine_id)
+        self.metrics_config = config.metrics
+        self.metrics = EdgeMetrics(self)
+        self.metrics_port: int | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self, connect_timeout_s: float = 10.0) -> None:
         """Start everything; a broker that is not up within ``connect_timeout_s`` is not fatal."""
+        if self.metrics_config.enabled:
+            self.metrics_port = self.metrics.serve(self.metrics_config.host, self.metrics_config.port)
+            log.info("edge:%s: metrics on http://%s:%d/metrics", self.id, self.metrics_config.host, self.metrics_port)
         self.mqtt.subscribe(machine_commands_filter(self.site, self.id), self._on_command)
         self.mqtt.on_connected(lambda: self.mqtt.publish(status_topic(self.site, self.id), b"online", retain=True))
         self.mqtt.start()
@@ -120,6 +127,7 @@ class EdgeAgent:
         self.forwarder.stop(drain_s=5.0)  # what is not acknowledged by then stays in the outbox
         self.mqtt.stop(final=(status_topic(self.site, self.id), b"offline"))
         self.outbox.close()
+        self.metrics.stop()
         log.info("edge:%s: stopped", self.id)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
@@ -183,7 +191,9 @@ class EdgeAgent:
                    outputs: dict[tuple[str, int], list[ModelOutput]]) -> None:
         started = time.perf_counter()
         probabilities = model.infer([frame.image for _, frame in batch])
-        latency_ms = (time.perf_counter() - started) * 1000.0
+        seconds = time.perf_counter() - started
+        self.metrics.observe_batch(self.id, model.name, seconds, len(batch))
+        latency_ms = seconds * 1000.0
         for (camera, frame), prob in zip(batch, probabilities):
             regions, ratio = regions_from_probabilities(prob, model.postprocess.threshold, model.postprocess.min_area)
             counters = self.camera_counters[camera.id]

@@ -159,7 +159,8 @@ class Demo:
         self.broker = start_mqtt_broker(prefer_mosquitto=self.prefer_mosquitto)
         broker = self.config.broker.model_copy(update={"host": self.broker.host, "port": self.broker.port})
         outbox = self.config.outbox.model_copy(update={"path": f"{self._outbox_dir.name}/{{machine}}.sqlite"})
-        self.config = self.config.model_copy(update={"broker": broker, "outbox": outbox})
+        metrics = self.config.metrics.model_copy(update={"port": 0})  # several agents in one process
+        self.config = self.config.model_copy(update={"broker": broker, "outbox": outbox, "metrics": metrics})
         settings = broker.mqtt_settings()
         self.monitor_client = MqttClient(settings, client_id="demo-monitor")
         self.monitor_client.subscribe(site_filter(self.config.site), self.monitor.on_message)

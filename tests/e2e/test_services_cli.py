@@ -25,6 +25,7 @@ def write_site(path: Path, broker: MosquittoBroker, site: str) -> Path:
     path.write_text(yaml.safe_dump({
         "site": site,
         "broker": {"host": broker.host, "port": broker.port},
+        "metrics": {"port": 0},
         "models": {"seg": {"path": "builtin:seg-synth-int8"}},
         "machines": [{"id": "m1", "cameras": [
             {"id": "cam1", "models": ["seg"], "fps": 5,

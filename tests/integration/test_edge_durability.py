@@ -47,6 +47,7 @@ def site_dict(broker: MosquittoBroker, site: str, outbox: Path) -> dict:
         "machines": [{"id": "m1", "cameras": [camera | {"id": "c1", "source": camera["source"] | {"seed": 1}},
                                               camera | {"id": "c2", "source": camera["source"] | {"seed": 2}}]}],
         "outbox": {"path": str(outbox / "{machine}.sqlite")},
+        "metrics": {"port": 0},
     }
 
 

@@ -41,6 +41,7 @@ def site_config(broker: MosquittoBroker, site: str, outbox_dir: Path) -> SiteCon
         "broker": {"host": broker.host, "port": broker.port},
         "camera_defaults": {"fps": 5, "resolution": [320, 240]},
         "outbox": {"path": str(outbox_dir / "{machine}.sqlite")},
+        "metrics": {"port": 0},
         "models": {"seg": {"path": "builtin:seg-synth-int8"}, "anomaly": {"path": "builtin:anomaly-skab", "profile": "fast-start"}},
         "machines": [
             {"id": "m1", "cameras": [camera("clean", 101, 0.0), camera("defective", 102, 0.9)],

@@ -20,6 +20,7 @@ def site(tmp_path: Path, package: Path, require: bool = True) -> SiteConfig:
         "signatures": {"require": require},
         "machines": [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"]}]}],
         "outbox": {"path": str(tmp_path / "outbox-{machine}.sqlite")},
+        "metrics": {"port": 0},
     }, base_dir=tmp_path)
 
 
