@@ -23,6 +23,7 @@ import psutil
 
 from edge.anomaly import AnomalyScore, StreamingAnomalyModel
 from edge.capture import Camera, CapturedFrame, make_source
+from edge.gate import ChangeGate
 from edge.inference import SegmentationModel
 from edge.metrics import EdgeMetrics
 from edge.outbox import Forwarder, Outbox, Priority
@@ -76,6 +77,8 @@ class EdgeAgent:
         self.cameras = [Camera(machine_id, cam, make_source(cam, base_dir), self._frame_ready)
                         for cam in self.machine.cameras]
         self.camera_counters = {cam.id: CameraCounters() for cam in self.cameras}
+        self.gates = {cam.id: ChangeGate(cam.config.gate_threshold or 0.0) for cam in self.cameras}
+        self._last_outputs: dict[str, list[ModelOutput]] = {}
         self.sensor_sources: dict[str, SensorSource] = {
             s.id: make_sensor_source(s, base_dir) for s in self.machine.sensors if s.model
         }
@@ -171,14 +174,28 @@ class EdgeAgent:
         """Run every model once over the latest frames of the cameras that use it; publish results."""
         frames = [(camera, frame) for camera in self.cameras if (frame := self._latest(camera)) is not None]
         outputs: dict[tuple[str, int], list[ModelOutput]] = {}
+        fresh = [(camera, frame) for camera, frame in frames if self._needs_inference(camera, frame)]
         for name, model in self.seg_models.items():
-            batch = [(camera, frame) for camera, frame in frames if name in camera.config.models]
+            batch = [(camera, frame) for camera, frame in fresh if name in camera.config.models]
             if batch:
                 self._run_batch(model, batch, outputs)
         for camera, frame in frames:
-            if camera.config.models:
+            if not camera.config.models:
+                continue
+            if (camera.id, frame.seq) in outputs:
+                self._last_outputs[camera.id] = outputs[(camera.id, frame.seq)]
                 self._publish_result(camera, frame, outputs[(camera.id, frame.seq)])
+            else:
+                reused = [o.model_copy(update={"reused": True, "latency_ms": 0.0, "mask": None})
+                          for o in self._last_outputs[camera.id]]
+                self._publish_result(camera, frame, reused)
         return len(frames)
+
+    def _needs_inference(self, camera: Camera, frame: CapturedFrame) -> bool:
+        """False when the change gate lets the camera's last result stand for this frame."""
+        if camera.id not in self._last_outputs or self.camera_counters[camera.id].snapshot_requested:
+            return True
+        return self.gates[camera.id].should_infer(frame.image, frame.ts)
 
     @staticmethod
     def _latest(camera: Camera) -> CapturedFrame | None:
@@ -208,8 +225,9 @@ class EdgeAgent:
 
     def _publish_result(self, camera: Camera, frame: CapturedFrame, outputs: list[ModelOutput]) -> None:
         counters = self.camera_counters[camera.id]
-        counters.frames_inferred += 1
-        counters.latencies_ms.append(max(o.latency_ms for o in outputs))
+        if not any(o.reused for o in outputs):
+            counters.frames_inferred += 1
+            counters.latencies_ms.append(max(o.latency_ms for o in outputs))
         counters.defects_last = sum(len(o.regions) for o in outputs)
         counters.defect_ratio_last = max(o.defect_ratio for o in outputs)
         result = Result(site=self.site, machine=self.id, ts=frame.ts, camera=camera.id,
@@ -275,6 +293,7 @@ class EdgeAgent:
             camera=camera.id, state=camera.state, fps=camera.fps,
             latency_p50_ms=float(np.percentile(latencies, 50)), latency_p99_ms=float(np.percentile(latencies, 99)),
             queue_depth=camera.queue_depth(), frames_dropped=camera.frames_dropped,
+            frames_gated=self.gates[camera.id].gated,
             models=[f"{m.name}:{m.version}" for n, m in self.seg_models.items() if n in camera.config.models],
         )
 
@@ -309,6 +328,14 @@ class EdgeAgent:
             except (TypeError, ValueError) as exc:
                 return False, f"set_fps: {exc}"
             return True, f"fps set to {fps:g} on {', '.join(c.id for c in cameras)}"
+        if command.name == "set_gate":
+            try:
+                threshold = float(command.args.get("threshold", -1))
+                for camera in cameras:
+                    self.gates[camera.id].set_threshold(threshold)
+            except (TypeError, ValueError) as exc:
+                return False, f"set_gate: {exc}"
+            return True, f"gate threshold set to {threshold:g} on {', '.join(c.id for c in cameras)}"
         return False, f"unknown command {command.name!r}"
 
     def _publish(self, message: Envelope) -> bool:

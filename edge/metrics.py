@@ -75,6 +75,9 @@ class AgentCollector(Collector):
                                                   labels=["machine", "camera"]),
             "frames_inferred": CounterMetricFamily("edgeline_edge_frames_inferred", "Frames run through the models",
                                                    labels=["machine", "camera"]),
+            "frames_gated": CounterMetricFamily("edgeline_edge_frames_gated",
+                                                "Frames the change gate answered with the last result",
+                                                labels=["machine", "camera"]),
             "results": CounterMetricFamily("edgeline_edge_results", "Results handed to the outbox",
                                            labels=["machine", "camera"]),
             "up": GaugeMetricFamily("edgeline_edge_camera_up", "1 while the camera delivers frames, else 0",
@@ -87,6 +90,7 @@ class AgentCollector(Collector):
             per_camera["frames_captured"].add_metric(labels, camera.frames_captured)
             per_camera["frames_dropped"].add_metric(labels, camera.frames_dropped)
             per_camera["frames_inferred"].add_metric(labels, counters.frames_inferred)
+            per_camera["frames_gated"].add_metric(labels, agent.gates[camera.id].gated)
             per_camera["results"].add_metric(labels, counters.results_published)
             per_camera["up"].add_metric(labels, 1.0 if camera.state == "ok" else 0.0)
             per_camera["queue"].add_metric(labels, camera.queue_depth())

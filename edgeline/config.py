@@ -90,6 +90,8 @@ class CameraDefaults(_Strict):
     fps: float = Field(10.0, gt=0, le=120, description="frames per second captured and offered to inference")
     resolution: Resolution = Field((320, 240), description="capture width, height in pixels")
     queue_size: int = Field(2, ge=1, le=64, description="latest-frame queue length; a full queue drops the oldest")
+    gate_threshold: float = Field(0.0, ge=0, le=255, description="change gate: mean gray-level difference of "
+                                  "32x24 thumbnails below which a frame reuses the last result; 0 = off")
 
 
 class CameraConfig(_Strict):
@@ -101,6 +103,7 @@ class CameraConfig(_Strict):
     fps: float | None = Field(None, gt=0, le=120, description="overrides camera_defaults.fps")
     resolution: Resolution | None = Field(None, description="overrides camera_defaults.resolution")
     queue_size: int | None = Field(None, ge=1, le=64, description="overrides camera_defaults.queue_size")
+    gate_threshold: float | None = Field(None, ge=0, le=255, description="overrides camera_defaults.gate_threshold")
 
 
 # ---------------------------------------------------------------- sensors
@@ -233,7 +236,7 @@ class SiteConfig(_Strict):
     def _merge_camera_defaults(self) -> "SiteConfig":
         for machine in self.machines:
             for camera in machine.cameras:
-                for field in ("fps", "resolution", "queue_size"):
+                for field in ("fps", "resolution", "queue_size", "gate_threshold"):
                     if getattr(camera, field) is None:
                         setattr(camera, field, getattr(self.camera_defaults, field))
         return self

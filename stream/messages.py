@@ -106,6 +106,7 @@ class ModelOutput(_Strict):
     defect_ratio: UnitFloat
     regions: list[DefectRegion] = Field(default_factory=list, max_length=256)
     mask: EncodedMask | None = None
+    reused: bool = Field(False, description="the change gate found the scene unchanged: the last inferred output")
 
 
 class FrameResult(_Strict):
