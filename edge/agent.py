@@ -172,7 +172,7 @@ class EdgeAgent:
 
     def infer_once(self) -> int:
         """Run every model once over the latest frames of the cameras that use it; publish results."""
-        frames = [(camera, frame) for camera in self.cameras if (frame := self._latest(camera)) is not None]
+        frames = [(camera, frame) for camera in self.cameras if (frame := camera.take_latest()) is not None]
         outputs: dict[tuple[str, int], list[ModelOutput]] = {}
         fresh = [(camera, frame) for camera, frame in frames if self._needs_inference(camera, frame)]
         for name, model in self.seg_models.items():
@@ -196,13 +196,6 @@ class EdgeAgent:
         if camera.id not in self._last_outputs or self.camera_counters[camera.id].snapshot_requested:
             return True
         return self.gates[camera.id].should_infer(frame.image, frame.ts)
-
-    @staticmethod
-    def _latest(camera: Camera) -> CapturedFrame | None:
-        frame = None
-        while (newer := camera.take()) is not None:
-            frame = newer
-        return frame
 
     def _run_batch(self, model: SegmentationModel, batch: list[tuple[Camera, CapturedFrame]],
                    outputs: dict[tuple[str, int], list[ModelOutput]]) -> None:

@@ -163,6 +163,17 @@ class Camera:
         with self._lock:
             return self._queue.popleft() if self._queue else None
 
+    def take_latest(self) -> CapturedFrame | None:
+        """The newest queued frame, or None; the older ones are dropped and counted (inference
+        always works on the present, never on a backlog)."""
+        with self._lock:
+            if not self._queue:
+                return None
+            self.frames_dropped += len(self._queue) - 1
+            frame = self._queue[-1]
+            self._queue.clear()
+            return frame
+
     def queue_depth(self) -> int:
         with self._lock:
             return len(self._queue)

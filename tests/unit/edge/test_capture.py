@@ -122,3 +122,16 @@ def test_set_fps_validates_and_applies_live() -> None:
     time.sleep(0.5)
     cam.stop()
     assert cam.frames_captured >= 25
+
+
+def test_take_latest_keeps_the_newest_and_counts_the_rest_as_dropped():
+    import threading
+
+    from edge.capture import Camera, CapturedFrame
+    from edgeline.config import CameraConfig
+
+    camera = Camera("m1", CameraConfig(id="c1", fps=10, resolution=(32, 24), queue_size=4), None, threading.Event())
+    for seq in range(3):
+        camera._put(CapturedFrame("c1", seq, float(seq), None))
+    assert camera.take_latest().seq == 2
+    assert camera.frames_dropped == 2 and camera.queue_depth() == 0 and camera.take_latest() is None
