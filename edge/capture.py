@@ -158,11 +158,6 @@ class Camera:
             self._thread = None
         self.state = "stopped"
 
-    def take(self) -> CapturedFrame | None:
-        """The oldest queued frame, or None; never blocks."""
-        with self._lock:
-            return self._queue.popleft() if self._queue else None
-
     def take_latest(self) -> CapturedFrame | None:
         """The newest queued frame, or None; the older ones are dropped and counted (inference
         always works on the present, never on a backlog)."""

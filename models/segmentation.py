@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from edge.inference import preprocess_frame
-from edge.synthetic import make_dataset
 from models import tiles
 from models.package import (
     Manifest,

@@ -128,6 +128,10 @@ def load_split(val_fraction: float = 0.2, root: Path | None = None) -> tuple[lis
     return split_items(list_items(root), val_fraction)
 
 
+SYNTHETIC = "Synthetic"
+DATASETS = ("tiles", "synthetic")
+
+
 @dataclass(frozen=True)
 class ImageSet:
     """Gray frames with binary masks; ``classes[i]`` is the defect class, ``FREE`` for a clean frame."""
@@ -156,10 +160,6 @@ class ImageSet:
             images += list(ims)
             masks += [(m > 0).astype(np.uint8) for m in ms]
         return cls(images, masks, [SYNTHETIC if m.any() else FREE for m in masks])
-
-
-SYNTHETIC = "Synthetic"
-DATASETS = ("tiles", "synthetic")
 
 
 def load_dataset(dataset: str = "tiles", val_fraction: float = 0.2, root: Path | None = None,
