@@ -28,6 +28,7 @@ from edge.inference import SegmentationModel
 from edge.metrics import EdgeMetrics
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import mask_from_probabilities, regions_from_probabilities
+from edge.scheduler import LoadShedder
 from edge.sensors import SensorSource, make_sensor_source
 from edgeline.config import SiteConfig, resolve_model_path
 from models.package import load_package
@@ -79,6 +80,9 @@ class EdgeAgent:
         self.camera_counters = {cam.id: CameraCounters() for cam in self.cameras}
         self.gates = {cam.id: ChangeGate(cam.config.gate_threshold or 0.0) for cam in self.cameras}
         self._last_outputs: dict[str, list[ModelOutput]] = {}
+        self.inference = config.inference
+        self.shedder = LoadShedder({cam.id: cam.config.priority for cam in self.cameras},
+                                   high=config.inference.overload_high, low=config.inference.overload_low)
         self.sensor_sources: dict[str, SensorSource] = {
             s.id: make_sensor_source(s, base_dir) for s in self.machine.sensors if s.model
         }
@@ -165,20 +169,37 @@ class EdgeAgent:
 
     def _inference_loop(self) -> None:
         while not self._stop.is_set():
-            self._frame_ready.wait(0.2)
+            if not self._frame_ready.wait(0.2):
+                continue
+            self._stop.wait(self.inference.batch_wait_ms / 1000.0)  # let the other cameras' frames join
             self._frame_ready.clear()
+            started = time.perf_counter()
             self.infer_once()
+            self._apply_overload_policy(time.perf_counter() - started)
         self.infer_once()  # drain what the cameras captured before they stopped
+
+    def _apply_overload_policy(self, busy_s: float) -> None:
+        change = self.shedder.report(time.monotonic(), busy_s)
+        camera, name = (change.shed, "overload_shed") if change.shed else (change.restored, "overload_restored")
+        if camera is None:
+            return
+        text = (f"inference busy {change.duty:.0%} of the time: camera {camera} "
+                f"{'now infers one frame in ' + str(self.shedder.stride) if change.shed else 'back to every frame'}")
+        log.warning("edge:%s: %s", self.id, text)
+        self._publish(Event(site=self.site, machine=self.id, ts=time.time(), camera=camera, name=name,
+                            level="warning" if change.shed else "info", text=text,
+                            details={"duty": round(change.duty, 3)}))
 
     def infer_once(self) -> int:
         """Run every model once over the latest frames of the cameras that use it; publish results."""
         frames = [(camera, frame) for camera in self.cameras if (frame := camera.take_latest()) is not None]
         outputs: dict[tuple[str, int], list[ModelOutput]] = {}
+        frames = [(camera, frame) for camera, frame in frames if self._not_shed(camera)]
         fresh = [(camera, frame) for camera, frame in frames if self._needs_inference(camera, frame)]
         for name, model in self.seg_models.items():
             batch = [(camera, frame) for camera, frame in fresh if name in camera.config.models]
-            if batch:
-                self._run_batch(model, batch, outputs)
+            for start in range(0, len(batch), self.inference.max_batch):
+                self._run_batch(model, batch[start : start + self.inference.max_batch], outputs)
         for camera, frame in frames:
             if not camera.config.models:
                 continue
@@ -190,6 +211,13 @@ class EdgeAgent:
                           for o in self._last_outputs[camera.id]]
                 self._publish_result(camera, frame, reused)
         return len(frames)
+
+    def _not_shed(self, camera: Camera) -> bool:
+        """False for the frames the overload policy skips on a shed camera (counted as dropped)."""
+        if self.shedder.should_infer(camera.id):
+            return True
+        camera.count_dropped(1)
+        return False
 
     def _needs_inference(self, camera: Camera, frame: CapturedFrame) -> bool:
         """False when the change gate lets the camera's last result stand for this frame."""
@@ -286,7 +314,7 @@ class EdgeAgent:
             camera=camera.id, state=camera.state, fps=camera.fps,
             latency_p50_ms=float(np.percentile(latencies, 50)), latency_p99_ms=float(np.percentile(latencies, 99)),
             queue_depth=camera.queue_depth(), frames_dropped=camera.frames_dropped,
-            frames_gated=self.gates[camera.id].gated,
+            frames_gated=self.gates[camera.id].gated, shed=camera.id in self.shedder.shed,
             models=[f"{m.name}:{m.version}" for n, m in self.seg_models.items() if n in camera.config.models],
         )
 

@@ -169,6 +169,10 @@ class Camera:
             self._queue.clear()
             return frame
 
+    def count_dropped(self, frames: int) -> None:
+        with self._lock:
+            self.frames_dropped += frames
+
     def queue_depth(self) -> int:
         with self._lock:
             return len(self._queue)

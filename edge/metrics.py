@@ -82,6 +82,9 @@ class AgentCollector(Collector):
                                            labels=["machine", "camera"]),
             "up": GaugeMetricFamily("edgeline_edge_camera_up", "1 while the camera delivers frames, else 0",
                                     labels=["machine", "camera"]),
+            "shed": GaugeMetricFamily("edgeline_edge_camera_shed",
+                                      "1 while the overload policy infers only one frame in a few",
+                                      labels=["machine", "camera"]),
             "queue": GaugeMetricFamily("edgeline_edge_camera_queue_frames", "Frames waiting in the camera queue",
                                        labels=["machine", "camera"]),
         }
@@ -94,6 +97,7 @@ class AgentCollector(Collector):
             per_camera["results"].add_metric(labels, counters.results_published)
             per_camera["up"].add_metric(labels, 1.0 if camera.state == "ok" else 0.0)
             per_camera["queue"].add_metric(labels, camera.queue_depth())
+            per_camera["shed"].add_metric(labels, 1.0 if camera.id in agent.shedder.shed else 0.0)
         yield from per_camera.values()
         yield from self._sensors()
         yield from self._transport()

@@ -104,6 +104,7 @@ class CameraConfig(_Strict):
     resolution: Resolution | None = Field(None, description="overrides camera_defaults.resolution")
     queue_size: int | None = Field(None, ge=1, le=64, description="overrides camera_defaults.queue_size")
     gate_threshold: float | None = Field(None, ge=0, le=255, description="overrides camera_defaults.gate_threshold")
+    priority: int = Field(0, ge=-100, le=100, description="overload policy: lower-priority cameras are shed first")
 
 
 # ---------------------------------------------------------------- sensors
@@ -192,6 +193,21 @@ def _opt_str(path: Path | None) -> str | None:
     return str(path) if path is not None else None
 
 
+class InferenceConfig(_Strict):
+    max_batch: int = Field(8, ge=1, le=64, description="most frames in one ONNX Runtime call")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="after the first frame is ready, wait this long "
+                                 "for the other cameras' frames so they share one call")
+    overload_high: float = Field(0.9, gt=0, le=1, description="inference busy share above which a camera is shed")
+    overload_low: float = Field(0.6, gt=0, le=1, description="busy share below which a shed camera comes back")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "InferenceConfig":
+        if self.overload_low >= self.overload_high:
+            raise ValueError(f"overload_low ({self.overload_low:g}) must be below overload_high "
+                             f"({self.overload_high:g})")
+        return self
+
+
 class OutboxConfig(_Strict):
     path: str = Field("edgeline-outbox-{machine}.sqlite", description="SQLite file of the store-and-forward outbox, "
                       "one per machine: must contain {machine}; relative to the site file's folder")
@@ -231,6 +247,7 @@ class SiteConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="rules engine settings")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="edge outbox")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
+    inference: InferenceConfig = Field(default_factory=InferenceConfig, description="edge batching and overload")
 
     @model_validator(mode="after")
     def _merge_camera_defaults(self) -> "SiteConfig":

@@ -158,6 +158,7 @@ class CameraStatus(_Strict):
     queue_depth: Annotated[int, Field(ge=0)] = 0
     frames_dropped: Annotated[int, Field(ge=0)] = 0
     frames_gated: Annotated[int, Field(ge=0)] = 0
+    shed: bool = Field(False, description="the overload policy infers only one frame in a few")
     models: list[str] = Field(default_factory=list, description="name:version of each loaded model")
 
 

@@ -197,3 +197,9 @@ def test_outbox_path_must_name_the_machine(tmp_path):
     assert "outbox.path" in str(err.value) and "{machine}" in str(err.value)
     site = from_dict({"site": "s1", "outbox": {"path": "data/{machine}.sqlite"}}, base_dir=tmp_path)
     assert site.outbox.path_for("m07", tmp_path) == tmp_path / "data" / "m07.sqlite"
+
+
+def test_inference_overload_band_must_be_ordered(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        from_dict({"site": "s1", "inference": {"overload_high": 0.5, "overload_low": 0.7}}, base_dir=tmp_path)
+    assert "inference" in str(err.value) and "must be below overload_high" in str(err.value)
