@@ -3,6 +3,8 @@
 Fixtures:
 
 * ``mosquitto`` (session): a :class:`edgeline.services.MosquittoBroker` on a free loopback port.
+* ``restartable_mosquitto`` (function): a broker of the test's own that it may stop and restart
+  (same port, persistent sessions), for outage tests.
 * ``kafka`` (session): a :class:`edgeline.services.KafkaBroker` (KRaft, one node); ``kafka.bootstrap``.
 * ``unique_name`` (function): a fresh prefix for topics, consumer groups and client ids.
 * ``data_dir`` (function): the shared data folder (``$EDGELINE_DATA``, default ``<repo>/../shared/data``).
@@ -81,6 +83,20 @@ def _serve_for_session(broker: MosquittoBroker | KafkaBroker, name: str) -> Iter
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     """A Mosquitto broker on 127.0.0.1:<free port>, shared by the whole session."""
     yield from _serve_for_session(MosquittoBroker(workdir=tmp_path_factory.mktemp("mosquitto")), "Mosquitto")
+
+
+@pytest.fixture
+def restartable_mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A broker of this test's own, which it may stop and start again (same port; sessions and
+    queued messages persisted), for outage tests."""
+    broker = MosquittoBroker(workdir=tmp_path / "mosquitto", persistence=True)
+    try:
+        broker.start()
+    except ServiceError as exc:
+        broker.stop()
+        service_unavailable(f"Mosquitto unavailable: {exc}")
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture(scope="session")

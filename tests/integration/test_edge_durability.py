@@ -12,30 +12,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import yaml
 
 from edge.agent import EdgeAgent
 from edgeline.config import from_dict
-from edgeline.services import MosquittoBroker, ServiceError
+from edgeline.services import MosquittoBroker
 from stream.messages import Result, parse_message
 from stream.topics import mqtt_topic
-from tests.conftest import service_unavailable
 
 EDGELINE = [sys.executable, "-m", "edgeline.cli"]
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path):
-    """A broker this test may stop and restart (same port; sessions and queues persisted)."""
-    broker = MosquittoBroker(workdir=tmp_path / "mosquitto", persistence=True)
-    try:
-        broker.start()
-    except ServiceError as exc:
-        broker.stop()
-        service_unavailable(f"Mosquitto unavailable: {exc}")
-    yield broker
-    broker.stop()
 
 
 def site_dict(broker: MosquittoBroker, site: str, outbox: Path) -> dict:
@@ -66,18 +51,18 @@ def collect_results(probe, want: Callable[[set[str]], bool], timeout: float, got
     return got
 
 
-def test_ten_second_broker_outage_loses_no_result(own_broker, mqtt_probe, unique_name, tmp_path):
-    config = from_dict(site_dict(own_broker, unique_name, tmp_path), base_dir=tmp_path)
-    probe = mqtt_probe(own_broker, clean_session=False)
+def test_ten_second_broker_outage_loses_no_result(restartable_mosquitto, mqtt_probe, unique_name, tmp_path):
+    config = from_dict(site_dict(restartable_mosquitto, unique_name, tmp_path), base_dir=tmp_path)
+    probe = mqtt_probe(restartable_mosquitto, clean_session=False)
     probe.subscribe(mqtt_topic(unique_name, "m1", "result", "+"))
     agent = EdgeAgent(config, "m1", heartbeat_s=1.0)
     agent.start()
     try:
         time.sleep(3)
-        own_broker._stop_process()  # SIGTERM; the probe's queued messages are saved
+        restartable_mosquitto._stop_process()  # SIGTERM; the probe's queued messages are saved
         time.sleep(10)
         held = agent.outbox.depth
-        own_broker.start()
+        restartable_mosquitto.start()
         time.sleep(4)
     finally:
         agent.stop()
@@ -88,25 +73,25 @@ def test_ten_second_broker_outage_loses_no_result(own_broker, mqtt_probe, unique
     assert len(received) == produced, f"{produced} results produced, {len(received)} distinct received"
 
 
-def test_kill_9_with_results_in_the_outbox_then_restart_delivers_them(own_broker, mqtt_probe, unique_name,
+def test_kill_9_with_results_in_the_outbox_then_restart_delivers_them(restartable_mosquitto, mqtt_probe, unique_name,
                                                                       tmp_path):
     config = tmp_path / "site.yaml"
-    config.write_text(yaml.safe_dump(site_dict(own_broker, unique_name, tmp_path)))
-    probe = mqtt_probe(own_broker, clean_session=False)
+    config.write_text(yaml.safe_dump(site_dict(restartable_mosquitto, unique_name, tmp_path)))
+    probe = mqtt_probe(restartable_mosquitto, clean_session=False)
     probe.subscribe(mqtt_topic(unique_name, "m1", "result", "+"))
     command = [*EDGELINE, "edge", "run", "--config", str(config), "--machine", "m1", "--log-level", "warning"]
     edge = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         before = collect_results(probe, lambda ids: len(ids) >= 5, 60)
         assert len(before) >= 5, "the agent never published"
-        own_broker._stop_process()
+        restartable_mosquitto._stop_process()
         time.sleep(3)
         edge.kill()  # SIGKILL: no shutdown code runs
         edge.wait(timeout=10)
         with sqlite3.connect(tmp_path / "m1.sqlite") as db:
             stranded = {json.loads(payload)["msg_id"] for (payload,) in db.execute("SELECT payload FROM outbox")}
         assert len(stranded) >= 5
-        own_broker.start()
+        restartable_mosquitto.start()
         edge = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         received = collect_results(probe, lambda ids: stranded <= ids, 60, set(before))
         assert stranded <= received, f"{len(stranded - received)} of {len(stranded)} stranded results never arrived"

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from edge.outbox import Forwarder, Outbox, Priority
-from edgeline.services import MosquittoBroker, ServiceError
 from stream.mqtt import MqttClient, MqttSettings
-from tests.conftest import service_unavailable
 
 
 def _received_ids(probe, expected: int, timeout: float) -> set[int]:
@@ -52,24 +49,11 @@ def test_forwarder_delivers_everything_and_empties_the_outbox(mosquitto, mqtt_pr
         client.stop()
 
 
-@pytest.fixture
-def own_broker(tmp_path):
-    """A broker this test may stop and restart (same port, persistent sessions)."""
-    broker = MosquittoBroker(workdir=tmp_path / "mosquitto", persistence=True)
-    try:
-        broker.start()
-    except ServiceError as exc:
-        broker.stop()
-        service_unavailable(f"Mosquitto unavailable: {exc}")
-    yield broker
-    broker.stop()
-
-
-def test_broker_outage_mid_stream_loses_nothing(own_broker, mqtt_probe, unique_name, tmp_path):
-    probe = mqtt_probe(own_broker, clean_session=False)
+def test_broker_outage_mid_stream_loses_nothing(restartable_mosquitto, mqtt_probe, unique_name, tmp_path):
+    probe = mqtt_probe(restartable_mosquitto, clean_session=False)
     probe.subscribe(f"{unique_name}/#")
     box = Outbox(tmp_path / "o.sqlite")
-    client = MqttClient(MqttSettings(host=own_broker.host, port=own_broker.port, reconnect_max_s=1),
+    client = MqttClient(MqttSettings(host=restartable_mosquitto.host, port=restartable_mosquitto.port, reconnect_max_s=1),
                         f"{unique_name}-edge")
     forwarder = Forwarder(box, client, unique_name, window=20)
     client.start()
@@ -80,11 +64,11 @@ def test_broker_outage_mid_stream_loses_nothing(own_broker, mqtt_probe, unique_n
             box.put(f"{unique_name}/r", str(i).encode(), Priority.RESULT)
             forwarder.notify()
             if i == 150:
-                own_broker._stop_process()  # SIGTERM: sessions saved, port kept for the restart
+                restartable_mosquitto._stop_process()  # SIGTERM: sessions saved, port kept for the restart
             if i == 300:
                 assert box.depth >= 140  # what came during the outage waits in the store
                 time.sleep(2)
-                own_broker.start()
+                restartable_mosquitto.start()
             time.sleep(0.005)
         assert _received_ids(probe, 400, 30) == set(range(400))
         assert _wait(lambda: box.depth == 0, 15), box.depth
