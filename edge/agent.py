@@ -29,7 +29,7 @@ from edge.metrics import EdgeMetrics
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import mask_from_probabilities, regions_from_probabilities
 from edge.scheduler import LoadShedder
-from edge.sensors import SensorSource, make_sensor_source
+from edge.sensors import MqttSensorFeed, SensorSource, make_sensor_source
 from edgeline.config import SiteConfig, resolve_model_path
 from models.package import load_package
 from stream.messages import (Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
@@ -106,6 +106,9 @@ class EdgeAgent:
             self.metrics_port = self.metrics.serve(self.metrics_config.host, self.metrics_config.port)
             log.info("edge:%s: metrics on http://%s:%d/metrics", self.id, self.metrics_config.host, self.metrics_port)
         self.mqtt.subscribe(machine_commands_filter(self.site, self.id), self._on_command)
+        for source in self.sensor_sources.values():
+            if isinstance(source, MqttSensorFeed):
+                self.mqtt.subscribe(source.topic, source.on_message)
         self.mqtt.on_connected(lambda: self.mqtt.publish(status_topic(self.site, self.id), b"online", retain=True))
         self.mqtt.start()
         try:

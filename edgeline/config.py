@@ -123,7 +123,18 @@ class CsvSensorSource(_Strict):
     loop: bool = Field(False, description="start again at the end of the file")
 
 
-SensorSource = Annotated[SyntheticSensorSource | CsvSensorSource, Field(discriminator="type")]
+SKAB_CHANNELS = ("Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature", "Thermocouple",
+                 "Voltage", "VolumeFlowRateRMS")
+
+
+class MqttSensorSource(_Strict):
+    type: Literal["mqtt"] = "mqtt"
+    topic: str = Field(min_length=1, description="MQTT topic (filter) a sensor gateway publishes JSON objects on")
+    fields: list[str] = Field(default_factory=lambda: list(SKAB_CHANNELS), min_length=8, max_length=8,
+                              description="the JSON keys of the 8 channels, in the model's channel order")
+
+
+SensorSource = Annotated[SyntheticSensorSource | CsvSensorSource | MqttSensorSource, Field(discriminator="type")]
 
 
 class SensorGroupConfig(_Strict):
