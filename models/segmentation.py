@@ -233,7 +233,6 @@ class Sampler:
 
     def __init__(self, tiles_set: FrameSet, synth: FrameSet, config: SegTrainConfig, rng: np.random.Generator):
         self.tiles, self.synth, self.config, self.rng = tiles_set, synth, config, rng
-        self.synth_defect = np.array([i for i in range(len(synth)) if synth.y[i].max() > 0.5], int)
 
     def _pick(self) -> tuple[FrameSet, int]:
         c, r = self.config, self.rng.random()
