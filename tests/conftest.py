@@ -235,6 +235,18 @@ class MqttProbe:
         self.client.loop_stop()
 
 
+def edge_site(broker: Any, site: str, tmp_path: Path, machines: list[dict[str, Any]], models: dict[str, Any],
+              **sections: Any) -> Any:
+    """A site for in-process edge agents: ``broker``, outboxes under ``tmp_path``, metrics on free
+    ports, plus any other top-level ``sections``."""
+    from edgeline.config import from_dict
+
+    return from_dict({
+        "site": site, "broker": {"host": broker.host, "port": broker.port}, "models": models, "machines": machines,
+        "outbox": {"path": str(tmp_path / "{machine}.sqlite")}, "metrics": {"port": 0}, **sections,
+    }, base_dir=tmp_path)
+
+
 @pytest.fixture
 def mqtt_probe(unique_name: str) -> Iterator[Callable[..., MqttProbe]]:
     """``mqtt_probe(broker, suffix="", **kw)`` → a started :class:`MqttProbe` named after the test."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from edge.agent import EdgeAgent
-from edgeline.config import from_dict
 from stream.messages import Command, Event, Heartbeat, Result, parse_message
 from stream.topics import command_topic, site_filter
+from tests.conftest import edge_site
 
 
 def wait_for(probe, predicate, timeout: float = 15.0):
@@ -24,12 +24,8 @@ def wait_for(probe, predicate, timeout: float = 15.0):
 
 def test_set_gate_and_set_fps_apply_live(mosquitto, mqtt_probe, unique_name, tmp_path):
     site = unique_name
-    config = from_dict({
-        "site": site, "broker": {"host": mosquitto.host, "port": mosquitto.port},
-        "models": {"seg": {"path": "builtin:seg-synth-int8"}},
-        "machines": [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"], "fps": 10}]}],
-        "outbox": {"path": str(tmp_path / "{machine}.sqlite")}, "metrics": {"port": 0},
-    }, base_dir=tmp_path)
+    config = edge_site(mosquitto, site, tmp_path, [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"], "fps": 10}]}],
+                       {"seg": {"path": "builtin:seg-synth-int8"}})
     probe = mqtt_probe(mosquitto)
     probe.subscribe(site_filter(site))
     agent = EdgeAgent(config, "m1", heartbeat_s=0.5)

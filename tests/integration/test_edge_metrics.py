@@ -11,8 +11,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.agent import EdgeAgent
-from edgeline.config import from_dict
-from tests.conftest import service_unavailable
+from tests.conftest import edge_site, service_unavailable
 
 
 def scrape(port: int) -> str:
@@ -26,16 +25,11 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_endpoint_counts_real_work_and_passes_promtool(mosquitto, unique_name, tmp_path):
-    config = from_dict({
-        "site": unique_name, "broker": {"host": mosquitto.host, "port": mosquitto.port},
-        "models": {"seg": {"path": "builtin:seg-synth-int8"}, "anomaly": {"path": "builtin:anomaly-skab"}},
-        "machines": [{"id": "m1", "cameras": [
-            {"id": c, "models": ["seg"], "fps": 10, "source": {"type": "synthetic", "seed": i}}
-            for i, c in enumerate(("c1", "c2"))],
-            "sensors": [{"id": "pump1", "model": "anomaly", "rate_hz": 20, "source": {"type": "synthetic"}}]}],
-        "outbox": {"path": str(tmp_path / "{machine}.sqlite")},
-        "metrics": {"port": 0},
-    }, base_dir=tmp_path)
+    config = edge_site(mosquitto, unique_name, tmp_path, [{"id": "m1", "cameras": [
+        {"id": c, "models": ["seg"], "fps": 10, "source": {"type": "synthetic", "seed": i}}
+        for i, c in enumerate(("c1", "c2"))],
+        "sensors": [{"id": "pump1", "model": "anomaly", "rate_hz": 20, "source": {"type": "synthetic"}}]}],
+        {"seg": {"path": "builtin:seg-synth-int8"}, "anomaly": {"path": "builtin:anomaly-skab"}})
     agent = EdgeAgent(config, "m1")
     agent.start()
     try:

@@ -6,22 +6,18 @@ from __future__ import annotations
 import time
 
 from edge.agent import EdgeAgent
-from edgeline.config import from_dict
 from stream.messages import Event, Heartbeat, parse_message
 from stream.topics import site_filter
+from tests.conftest import edge_site
 
 
 def test_lowest_priority_camera_is_shed_and_reported(mosquitto, mqtt_probe, unique_name, tmp_path):
     site = unique_name
     cameras = [{"id": cid, "models": ["seg"], "fps": 10, "priority": prio, "source": {"type": "synthetic", "seed": i}}
                for i, (cid, prio) in enumerate((("inspect", 5), ("overview", -1), ("side", 0)))]
-    config = from_dict({
-        "site": site, "broker": {"host": mosquitto.host, "port": mosquitto.port},
-        "models": {"seg": {"path": "builtin:seg-synth-int8"}},
-        "machines": [{"id": "m1", "cameras": cameras}],
-        "inference": {"overload_high": 0.001, "overload_low": 0.0005},
-        "outbox": {"path": str(tmp_path / "{machine}.sqlite")}, "metrics": {"port": 0},
-    }, base_dir=tmp_path)
+    config = edge_site(mosquitto, site, tmp_path, [{"id": "m1", "cameras": cameras}],
+                       {"seg": {"path": "builtin:seg-synth-int8"}},
+                       inference={"overload_high": 0.001, "overload_low": 0.0005})
     probe = mqtt_probe(mosquitto)
     probe.subscribe(site_filter(site))
     agent = EdgeAgent(config, "m1", heartbeat_s=0.5)

@@ -8,20 +8,16 @@ import time
 
 from edge.agent import EdgeAgent
 from edge.synthetic import CHANNELS, SyntheticPump
-from edgeline.config import from_dict
 from stream.messages import Anomaly, parse_message
 from stream.topics import mqtt_topic
+from tests.conftest import edge_site
 
 
 def test_gateway_samples_become_anomaly_scores(mosquitto, mqtt_probe, unique_name, tmp_path):
     site, feed_topic = unique_name, f"{unique_name}/gateway/pump1"
-    config = from_dict({
-        "site": site, "broker": {"host": mosquitto.host, "port": mosquitto.port},
-        "models": {"anomaly": {"path": "builtin:anomaly-skab", "profile": "fast-start"}},
-        "machines": [{"id": "m1", "sensors": [{"id": "pump1", "model": "anomaly", "rate_hz": 50,
-                                                "source": {"type": "mqtt", "topic": feed_topic}}]}],
-        "outbox": {"path": str(tmp_path / "{machine}.sqlite")}, "metrics": {"port": 0},
-    }, base_dir=tmp_path)
+    config = edge_site(mosquitto, site, tmp_path, [{"id": "m1", "sensors": [
+        {"id": "pump1", "model": "anomaly", "rate_hz": 50, "source": {"type": "mqtt", "topic": feed_topic}}]}],
+        {"anomaly": {"path": "builtin:anomaly-skab", "profile": "fast-start"}})
     probe = mqtt_probe(mosquitto)
     probe.subscribe(mqtt_topic(site, "m1", "anomaly"))
     agent = EdgeAgent(config, "m1")
