@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bench.report import RESULTS, report
+from bench.report import report
 from edgeline.config import BUILTIN_PACKAGES
 from models.package import load_package
 

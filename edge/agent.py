@@ -24,10 +24,11 @@ import psutil
 from edge.anomaly import AnomalyScore, StreamingAnomalyModel
 from edge.capture import Camera, CapturedFrame, make_source
 from edge.gate import ChangeGate
+from edge.grouping import ResultGrouper
 from edge.inference import SegmentationModel
 from edge.metrics import EdgeMetrics
 from edge.outbox import Forwarder, Outbox, Priority
-from edge.postprocess import mask_from_probabilities, regions_from_probabilities
+from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.scheduler import LoadShedder
 from edge.sensors import MqttSensorFeed, SensorSource, make_sensor_source
 from edgeline.config import SiteConfig, resolve_model_path
@@ -81,6 +82,7 @@ class EdgeAgent:
         self.gates = {cam.id: ChangeGate(cam.config.gate_threshold or 0.0) for cam in self.cameras}
         self._last_outputs: dict[str, list[ModelOutput]] = {}
         self.inference = config.inference
+        self.grouper = ResultGrouper(config.inference.result_window_ms / 1000.0)
         self.shedder = LoadShedder({cam.id: cam.config.priority for cam in self.cameras},
                                    high=config.inference.overload_high, low=config.inference.overload_low)
         self.sensor_sources: dict[str, SensorSource] = {
@@ -172,14 +174,15 @@ class EdgeAgent:
 
     def _inference_loop(self) -> None:
         while not self._stop.is_set():
-            if not self._frame_ready.wait(0.2):
-                continue
-            self._stop.wait(self.inference.batch_wait_ms / 1000.0)  # let the other cameras' frames join
-            self._frame_ready.clear()
-            started = time.perf_counter()
-            self.infer_once()
-            self._apply_overload_policy(time.perf_counter() - started)
+            if self._frame_ready.wait(0.2):
+                self._stop.wait(self.inference.batch_wait_ms / 1000.0)  # let the other cameras' frames join
+                self._frame_ready.clear()
+                started = time.perf_counter()
+                self.infer_once()
+                self._apply_overload_policy(time.perf_counter() - started)
+            self._publish_groups(self.grouper.due(time.monotonic()))
         self.infer_once()  # drain what the cameras captured before they stopped
+        self._publish_groups(self.grouper.drain())
 
     def _apply_overload_policy(self, busy_s: float) -> None:
         change = self.shedder.report(time.monotonic(), busy_s)
@@ -237,6 +240,7 @@ class EdgeAgent:
         latency_ms = seconds * 1000.0
         for (camera, frame), prob in zip(batch, probabilities):
             regions, ratio = regions_from_probabilities(prob, model.postprocess.threshold, model.postprocess.min_area)
+            alarm = image_alarm(prob, model.postprocess, regions)
             counters = self.camera_counters[camera.id]
             mask = None
             if counters.snapshot_requested:
@@ -244,7 +248,7 @@ class EdgeAgent:
                 counters.snapshot_requested = False
             outputs.setdefault((camera.id, frame.seq), []).append(ModelOutput(
                 model=model.name, version=model.version, latency_ms=latency_ms,
-                defect_ratio=ratio, regions=regions, mask=mask,
+                defect_ratio=ratio, regions=regions, alarm=alarm, mask=mask,
             ))
 
     def _publish_result(self, camera: Camera, frame: CapturedFrame, outputs: list[ModelOutput]) -> None:
@@ -254,10 +258,19 @@ class EdgeAgent:
             counters.latencies_ms.append(max(o.latency_ms for o in outputs))
         counters.defects_last = sum(len(o.regions) for o in outputs)
         counters.defect_ratio_last = max(o.defect_ratio for o in outputs)
-        result = Result(site=self.site, machine=self.id, ts=frame.ts, camera=camera.id,
-                        frames=[FrameResult(seq=frame.seq, ts=frame.ts, outputs=outputs)])
+        frame_result = FrameResult(seq=frame.seq, ts=frame.ts, outputs=outputs, gated=all(o.reused for o in outputs))
+        for group in self.grouper.add(camera.id, frame_result, time.monotonic()):
+            self._publish_group(camera.id, group)
+
+    def _publish_groups(self, groups: dict[str, list[FrameResult]]) -> None:
+        for camera, frames in groups.items():
+            self._publish_group(camera, frames)
+
+    def _publish_group(self, camera: str, frames: list[FrameResult]) -> None:
+        """One result message for a camera's frames of one window."""
+        result = Result(site=self.site, machine=self.id, ts=frames[0].ts, camera=camera, frames=frames)
         if self._publish(result):
-            counters.results_published += 1
+            self.camera_counters[camera].results_published += len(frames)
 
     # ------------------------------------------------------------ sensors
 

@@ -78,7 +78,7 @@ class AgentCollector(Collector):
             "frames_gated": CounterMetricFamily("edgeline_edge_frames_gated",
                                                 "Frames the change gate answered with the last result",
                                                 labels=["machine", "camera"]),
-            "results": CounterMetricFamily("edgeline_edge_results", "Results handed to the outbox",
+            "results": CounterMetricFamily("edgeline_edge_results", "Frame results handed to the outbox (a grouped message holds several)",
                                            labels=["machine", "camera"]),
             "up": GaugeMetricFamily("edgeline_edge_camera_up", "1 while the camera delivers frames, else 0",
                                     labels=["machine", "camera"]),

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from models.package import SegmentationPostprocess
 from stream.messages import DefectRegion
 
 
@@ -28,6 +29,15 @@ def regions_from_probabilities(
     """
     regions, kept = _components(prob, threshold, min_area, cls)
     return regions, float(kept.sum()) / float(prob.size) if prob.size else 0.0
+
+
+def image_alarm(prob: np.ndarray, postprocess: SegmentationPostprocess, regions: Sequence[DefectRegion]) -> bool:
+    """The package's image-level verdict: the share of pixels above ``alarm_threshold`` exceeds
+    ``alarm_area_ratio`` (both calibrated at a false-alarm budget when the package was built).
+    A package without a calibrated alarm flags any kept defect region."""
+    if postprocess.alarm_threshold is None:
+        return bool(regions)
+    return float((prob > postprocess.alarm_threshold).mean()) > postprocess.alarm_area_ratio
 
 
 def region_mask(prob: np.ndarray, threshold: float, min_area: int) -> np.ndarray:

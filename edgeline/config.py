@@ -210,6 +210,8 @@ class InferenceConfig(_Strict):
                                  "for the other cameras' frames so they share one call")
     overload_high: float = Field(0.9, gt=0, le=1, description="inference busy share above which a camera is shed")
     overload_low: float = Field(0.6, gt=0, le=1, description="busy share below which a shed camera comes back")
+    result_window_ms: float = Field(0.0, ge=0, le=60_000, description="group each camera's frame results into one "
+                                    "message per window (0: one message per frame); e.g. 1000 at 50-machine sites")
 
     @model_validator(mode="after")
     def _ordered(self) -> "InferenceConfig":

@@ -105,6 +105,7 @@ class ModelOutput(_Strict):
     latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     defect_ratio: UnitFloat
     regions: list[DefectRegion] = Field(default_factory=list, max_length=256)
+    alarm: bool = Field(False, description="the package's image-level alarm fired on this frame")
     mask: EncodedMask | None = None
     reused: bool = Field(False, description="the change gate found the scene unchanged: the last inferred output")
 

@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stream.messages import Identifier, Scalar, Scope, Severity
 
-Metric = Literal["defect_ratio", "defect_count", "max_score", "latency_ms", "anomaly_score", "anomaly_level"]
-RESULT_METRICS = ("defect_ratio", "defect_count", "max_score", "latency_ms")
+Metric = Literal["defect_ratio", "defect_count", "max_score", "latency_ms", "alarm", "anomaly_score", "anomaly_level"]
+RESULT_METRICS = ("defect_ratio", "defect_count", "max_score", "latency_ms", "alarm")
 ANOMALY_METRICS = ("anomaly_score", "anomaly_level")
 """``anomaly_level`` is score / calibrated threshold: 1.0 is the threshold of whatever model made it."""
 
@@ -60,7 +60,7 @@ class RuleConfig(_Strict):
     name: Identifier = Field(description="unique rule name; appears in alerts")
     description: str = Field("", description="text for humans, copied into alerts")
     kind: Literal["threshold", "k_of_n", "rate_of_change"] = Field("threshold", description="how the condition is evaluated")
-    metric: Metric = Field(description="observed value: defect_ratio, defect_count, max_score, latency_ms (results); anomaly_score or anomaly_level (score / threshold)")
+    metric: Metric = Field(description="observed value: defect_ratio, defect_count, max_score, latency_ms, alarm (results; alarm is 1 when the package's image-level alarm fired); anomaly_score or anomaly_level (score / threshold)")
     condition: Condition = Field(description="comparison that makes an observation 'bad'")
     scope: Scope = Field("camera", description="state is kept per camera, per machine or per line")
     match: Match = Field(default_factory=Match, description="filters on machines, cameras, lines, models, groups")

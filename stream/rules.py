@@ -108,6 +108,7 @@ def observations(message: Envelope, lines: dict[str, str] | None = None) -> list
                     "defect_count": float(len(out.regions)),
                     "max_score": max((r.score for r in out.regions), default=0.0),
                     "latency_ms": out.latency_ms,
+                    "alarm": float(out.alarm),
                 },
             )
             for frame in message.frames

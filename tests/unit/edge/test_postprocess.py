@@ -4,7 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edge.postprocess import mask_from_probabilities, region_mask, regions_from_probabilities, segmentation_metrics
+from edge.postprocess import (image_alarm, mask_from_probabilities, region_mask, regions_from_probabilities,
+                             segmentation_metrics)
+from models.package import SegmentationPostprocess
 from stream.messages import DefectRegion
 
 
@@ -75,3 +77,16 @@ def test_segmentation_metrics_by_hand():
     assert m["false_alarm_rate"] == 1.0  # the one clean frame was flagged
     assert m["precision"] == 0.5
     assert m["frames_defective"] == 2 and m["frames_clean"] == 1
+
+
+def test_image_alarm_uses_the_calibrated_area_share_or_falls_back_to_regions():
+    prob = np.zeros((10, 10), np.float32)
+    prob[:2, :3] = 0.95  # 6% of the frame above 0.9
+    prob[5, 5] = 0.7
+    calibrated = SegmentationPostprocess(threshold=0.5, alarm_threshold=0.9, alarm_area_ratio=0.05)
+    assert image_alarm(prob, calibrated, regions=[])
+    assert not image_alarm(prob, calibrated.model_copy(update={"alarm_area_ratio": 0.06}), regions=[])
+    uncalibrated = SegmentationPostprocess(threshold=0.5, min_area=2)
+    regions, _ = regions_from_probabilities(prob, 0.5, min_area=2)
+    assert image_alarm(prob, uncalibrated, regions)
+    assert not image_alarm(prob, uncalibrated, regions=[])

@@ -79,7 +79,7 @@ def test_result_yields_one_observation_per_frame_per_output() -> None:
     assert [(o.ts, o.model) for o in obs] == [(1.0, "seg"), (1.0, "seg2"), (1.5, "seg")]
     assert obs[0] == Observation(
         site="s1", machine="m01", line="L1", model="seg", ts=1.0, camera="cam2",
-        values={"defect_ratio": 0.1, "defect_count": 2.0, "max_score": 0.9, "latency_ms": 12.0},
+        values={"defect_ratio": 0.1, "defect_count": 2.0, "max_score": 0.9, "latency_ms": 12.0, "alarm": 0.0},
     )
     assert obs[1].values["max_score"] == 0.0  # no regions
     assert obs[2].values["defect_count"] == 1.0  # gated frames still count
