@@ -41,9 +41,9 @@ from __future__ import annotations
 import bisect
 import logging
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Collection, MutableMapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
 
 from stream.dedupe import Deduper
 from stream.messages import Alert, Anomaly, Command, Decision, Envelope, Result, stable_msg_id
@@ -82,6 +82,13 @@ class Observation:
     def source(self) -> str:
         """The camera, or the sensor group, which plays the camera's role for anomalies."""
         return self.camera if self.camera is not None else str(self.group)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Observation:
+        return cls(**data)
 
 
 @dataclass
@@ -146,26 +153,40 @@ def scope_key(rule: RuleConfig, obs: Observation) -> str:
     return f"line:{obs.line}"
 
 
-class _Window:
-    """Observations of one (rule, scope key) in event-time order, with its clock and bounds."""
+@dataclass
+class RuleState:
+    """What one (rule, scope key) remembers: its window of (event time, value) points in
+    event-time order, its clock, and its hysteresis. Plain data, so that a Faust table (or any
+    mapping) can hold it; see :meth:`to_dict`."""
 
-    def __init__(self, rule: RuleConfig, allowed_lateness_s: float) -> None:
-        self.points: list[tuple[float, float]] = []  # (event time, metric value)
-        self.clock = float("-inf")
-        self._lateness = allowed_lateness_s
-        self._span = 0.0 if rule.kind == "threshold" else rule.window_s
-        self._cap = {"threshold": 1, "k_of_n": rule.n}.get(rule.kind, RATE_BUFFER_CAP)
+    points: list[tuple[float, float]] = field(default_factory=list)
+    clock: float = float("-inf")
+    firing: bool = False
+    pending_since: float | None = None
 
-    def add(self, ts: float, value: float) -> bool:
-        """Insert in event-time order; False (and nothing stored) when older than the watermark."""
-        if ts < self.clock - self._lateness:
-            return False
-        self.clock = max(self.clock, ts)
-        bisect.insort_right(self.points, (ts, value), key=lambda p: p[0])
-        horizon = self.clock - self._span
-        first = bisect.bisect_left(self.points, horizon, key=lambda p: p[0])
-        del self.points[: max(first, len(self.points) - self._cap)]
-        return True
+    def to_dict(self) -> dict[str, object]:
+        return {"points": [list(p) for p in self.points], "clock": None if self.clock == float("-inf") else self.clock,
+                "firing": self.firing, "pending_since": self.pending_since}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RuleState:
+        clock = data.get("clock")
+        return cls([(float(t), float(v)) for t, v in data.get("points", [])],
+                   float("-inf") if clock is None else float(clock), bool(data.get("firing")), data.get("pending_since"))
+
+
+def add_point(state: RuleState, rule: RuleConfig, allowed_lateness_s: float, ts: float, value: float) -> bool:
+    """Insert in event-time order and trim to the rule's span and cap; False (and nothing stored)
+    when older than the watermark."""
+    if ts < state.clock - allowed_lateness_s:
+        return False
+    state.clock = max(state.clock, ts)
+    bisect.insort_right(state.points, (ts, value), key=lambda p: p[0])
+    span = 0.0 if rule.kind == "threshold" else rule.window_s
+    cap = {"threshold": 1, "k_of_n": rule.n}.get(rule.kind, RATE_BUFFER_CAP)
+    first = bisect.bisect_left(state.points, state.clock - span, key=lambda p: p[0])
+    del state.points[: max(first, len(state.points) - cap)]
+    return True
 
 
 def evaluate(rule: RuleConfig, points: list[tuple[float, float]], now: float) -> tuple[bool | None, float]:
@@ -186,32 +207,19 @@ def evaluate(rule: RuleConfig, points: list[tuple[float, float]], now: float) ->
     return cond(rate, limit), rate
 
 
-@dataclass
-class _Hysteresis:
-    hold_for_s: float
-    clear_after_s: float
-    firing: bool = False
-    pending_since: float | None = None
-
-    def update(self, now: float, bad: bool | None) -> State | None:
-        """Feed the signal at event time ``now`` (never decreasing); the transition it causes, if any."""
-        if bad is None:
-            return None
-        if bad == self.firing:
-            self.pending_since = None
-            return None
-        if self.pending_since is None:
-            self.pending_since = now
-        if now - self.pending_since < (self.clear_after_s if self.firing else self.hold_for_s):
-            return None
-        self.firing, self.pending_since = bad, None
-        return "firing" if bad else "resolved"
-
-
-@dataclass
-class _RuleState:
-    window: _Window
-    hysteresis: _Hysteresis
+def hysteresis(state: RuleState, rule: RuleConfig, now: float, bad: bool | None) -> State | None:
+    """Feed the signal at event time ``now`` (never decreasing); the transition it causes, if any."""
+    if bad is None:
+        return None
+    if bad == state.firing:
+        state.pending_since = None
+        return None
+    if state.pending_since is None:
+        state.pending_since = now
+    if now - state.pending_since < (rule.clear_after_s if state.firing else rule.hold_for_s):
+        return None
+    state.firing, state.pending_since = bad, None
+    return "firing" if bad else "resolved"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,8 +232,18 @@ class _Transition:
     value: float
 
 
+class SeenIds(Protocol):
+    def seen(self, msg_id: str, now: float) -> bool: ...
+
+
 class RulesEngine:
-    """Feeds messages through the rules; see the module docstring for the exact semantics."""
+    """Feeds messages through the rules; see the module docstring for the exact semantics.
+
+    ``scopes`` limits the engine to the rules of those scopes (the Faust worker runs camera and
+    machine rules where messages are partitioned by machine, and line rules after repartitioning
+    by line). ``states`` (rule state by ``"<rule>|<scope key>"``) and ``deduper`` default to
+    in-memory ones; the Faust worker passes table-backed ones so that a restart resumes.
+    """
 
     def __init__(
         self,
@@ -234,53 +252,75 @@ class RulesEngine:
         allowed_lateness_s: float = 2.0,
         dedupe_ttl_s: float = 600.0,
         dedupe_max_entries: int = 200_000,
+        *,
+        scopes: Collection[str] = ("camera", "machine", "line"),
+        states: MutableMapping[str, RuleState] | None = None,
+        deduper: SeenIds | None = None,
     ) -> None:
-        self._rules = list(rules)
+        self._rules = [rule for rule in rules if rule.scope in scopes]
         self._lines = dict(lines or {})
         self._line_machines: dict[str, list[str]] = {}
         for machine, line in sorted(self._lines.items()):
             self._line_machines.setdefault(line, []).append(machine)
         self._lateness = allowed_lateness_s
-        self._deduper = Deduper(dedupe_ttl_s, dedupe_max_entries)
-        self._states: dict[tuple[int, str], _RuleState] = {}
+        self._deduper = deduper if deduper is not None else Deduper(dedupe_ttl_s, dedupe_max_entries)
+        self._states: MutableMapping[str, RuleState] = states if states is not None else {}
         self.stats = EngineStats()
+
+    @property
+    def lines(self) -> dict[str, str]:
+        return self._lines
 
     def process(self, message: Envelope) -> list[Envelope]:
         """Feed one parsed message; return the Decision, Alert and Command messages it caused, in a deterministic order."""
-        self.stats.messages += 1
-        if self._deduper.seen(message.msg_id, message.ts):
-            self.stats.duplicates += 1
+        if not self.accept(message):
             return []
         out: list[Envelope] = []
         for obs in observations(message, self._lines):
-            self.stats.observations += 1
-            for transition in self._observe(obs):
-                out.extend(self._emit(transition))
+            out.extend(self.observe(obs))
+        return out
+
+    def accept(self, message: Envelope) -> bool:
+        """Count the message; False for a repeat of one already seen (dedupe on ``msg_id``)."""
+        self.stats.messages += 1
+        if self._deduper.seen(message.msg_id, message.ts):
+            self.stats.duplicates += 1
+            return False
+        return True
+
+    def wants(self, obs: Observation) -> bool:
+        """Whether any of this engine's rules sees the observation."""
+        return any(matches(rule, obs) for rule in self._rules)
+
+    def observe(self, obs: Observation) -> list[Envelope]:
+        """Feed one observation; the messages its transitions emit."""
+        self.stats.observations += 1
+        out: list[Envelope] = []
+        for transition in self._observe(obs):
+            out.extend(self._emit(transition))
         return out
 
     def buffered(self) -> int:
         """Observations held in all windows (bounded by rules x keys x per-kind caps)."""
-        return sum(len(s.window.points) for s in self._states.values())
+        return sum(len(s.points) for s in self._states.values())
 
     def _observe(self, obs: Observation) -> list[_Transition]:
         transitions: list[_Transition] = []
         late = False
-        for index, rule in enumerate(self._rules):
+        for rule in self._rules:
             if not matches(rule, obs):
                 continue
             key = scope_key(rule, obs)
-            state = self._states.get((index, key))
-            if state is None:
-                state = _RuleState(_Window(rule, self._lateness), _Hysteresis(rule.hold_for_s, rule.clear_after_s))
-                self._states[(index, key)] = state
-            if not state.window.add(obs.ts, obs.values[rule.metric]):
+            state_key = f"{rule.name}|{key}"
+            state = self._states.get(state_key) or RuleState()
+            if not add_point(state, rule, self._lateness, obs.ts, obs.values[rule.metric]):
                 late = True
                 continue
-            now = state.window.clock
-            bad, value = evaluate(rule, state.window.points, now)
-            new_state = state.hysteresis.update(now, bad)
+            bad, value = evaluate(rule, state.points, state.clock)
+            new_state = hysteresis(state, rule, state.clock, bad)
+            self._states[state_key] = state
             if new_state is not None:
-                transitions.append(_Transition(rule, obs, key, new_state, now, value))
+                transitions.append(_Transition(rule, obs, key, new_state, state.clock, value))
         if late:
             self.stats.late += 1
             log.debug("late observation dropped: %s/%s ts=%s", obs.machine, obs.source, obs.ts)
