@@ -21,7 +21,7 @@ from models.seg_cli import register as register_segmentation_commands
 app = typer.Typer(help="Edgeline: real-time analytics on the factory floor.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 edge_app = typer.Typer(help="The edge agent of a vision machine.", no_args_is_help=True)
-stream_app = typer.Typer(help="Stream processing: the embedded rules engine (Kafka bridge and workers later).",
+stream_app = typer.Typer(help="Stream processing: the MQTT->Kafka bridge, Faust workers, or the embedded rules engine.",
                          no_args_is_help=True)
 models_app = typer.Typer(help="Model training, export and packages (training needs the 'models' extra).",
                          no_args_is_help=True)
@@ -132,6 +132,55 @@ def stream_embedded(config: ConfigOption, log_level: str = "info") -> None:
                                  allowed_lateness_s=site.engine.allowed_lateness_s,
                                  dedupe_ttl_s=site.engine.dedupe_ttl_s)
     _run_until_signal(runner)
+
+
+KafkaOption = Annotated[Optional[str], typer.Option("--kafka", help="Kafka bootstrap servers (default: stream.kafka)")]
+
+
+def _with_kafka(site: SiteConfig, kafka: str | None) -> SiteConfig:
+    if kafka is None:
+        return site
+    return site.model_copy(update={"stream": site.stream.model_copy(update={"kafka": kafka})})
+
+
+@stream_app.command("bridge")
+def stream_bridge(config: ConfigOption, kafka: KafkaOption = None,
+                  metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics here")] = 9102,
+                  log_level: str = "info") -> None:
+    """Bridge the site's MQTT messages into Kafka (ack after Kafka acks), and Kafka commands back to MQTT."""
+    from stream.bridge import MqttKafkaBridge
+
+    _setup_logging(log_level)
+    site = _with_kafka(_load_or_exit(config), kafka)
+    bridge = MqttKafkaBridge(site.site, site.broker.mqtt_settings(), site.stream.kafka, topics=site.stream.topics(),
+                             partitions=site.stream.partitions, replication=site.stream.replication)
+    _interrupt_on_signals()
+    try:
+        bridge.start(metrics_port=metrics_port)
+        console.print(f"bridge {site.site}: MQTT {site.broker.host}:{site.broker.port} <-> Kafka {site.stream.kafka}"
+                      + (f", metrics on :{bridge.metrics_port}" if bridge.metrics_port else ""))
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        bridge.stop()
+
+
+@stream_app.command("worker")
+def stream_worker(config: ConfigOption, kafka: KafkaOption = None,
+                  data_dir: Annotated[Path, typer.Option(help="Faust table data (rocksdb://)")] = Path("edgeline-worker-data"),
+                  store: Annotated[Optional[str], typer.Option(help="memory:// or rocksdb:// (default: stream.store)")] = None,
+                  metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics here")] = 9103,
+                  log_level: str = "info") -> None:
+    """Run one Faust worker of the site (start more, on any host, to share the partitions)."""
+    from stream.app import run_worker
+
+    _setup_logging(log_level)
+    site = _with_kafka(_load_or_exit(config), kafka)
+    if store is not None:
+        site = site.model_copy(update={"stream": site.stream.model_copy(update={"store": store})})
+    run_worker(site, data_dir, metrics_port=metrics_port, loglevel=log_level)
 
 
 # ---------------------------------------------------------------- models

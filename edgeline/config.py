@@ -20,6 +20,7 @@ from models.signing import builtin_trusted_keys, load_public_keys
 
 from stream.messages import Identifier
 from stream.mqtt import MqttSettings
+from stream.topics import KafkaTopics
 from stream.rule_config import RuleConfig
 
 MAX_MODELS_PER_CAMERA = 2
@@ -249,6 +250,32 @@ class EngineConfig(_Strict):
     dedupe_ttl_s: float = Field(600.0, gt=0, description="how long a msg_id is remembered for dedupe")
 
 
+class WebhookConfig(_Strict):
+    url: Annotated[str, Field(pattern=r"^https?://")] = Field(description="alerts are POSTed here as JSON")
+    timeout_s: float = Field(5.0, gt=0, le=120, description="per request")
+    retries: int = Field(5, ge=0, le=100, description="retries after a failed POST (5xx, 429, no answer)")
+    backoff_s: float = Field(0.5, gt=0, le=60, description="first wait between retries; doubles each time")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers, e.g. Authorization")
+
+
+class StreamConfig(_Strict):
+    kafka: str = Field("127.0.0.1:9092", min_length=1, description="Kafka bootstrap servers (host:port[,host:port])")
+    topic_prefix: str = Field("edgeline", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+                              description="Kafka topics are <prefix>.results, <prefix>.alerts, ...")
+    partitions: int = Field(4, ge=1, le=1024, description="partitions of the pipeline topics: the most workers "
+                            "that share the load (keyed by machine)")
+    replication: int = Field(1, ge=1, le=16, description="replication factor of the topics Edgeline creates "
+                             "(3 on a production cluster)")
+    store: str = Field("memory://", pattern=r"^(memory|rocksdb|aerospike)://",
+                       description="Faust table store: memory:// (state rebuilt from changelogs at start) or "
+                       "rocksdb:// (needs rocksdict; on disk, fast restarts)")
+    heartbeat_timeout_s: float = Field(15.0, gt=0, description="a machine silent this long raises an offline alert")
+    webhook: WebhookConfig | None = Field(None, description="POST every alert here (retries, then dead-letter)")
+
+    def topics(self) -> KafkaTopics:
+        return KafkaTopics(self.topic_prefix)
+
+
 class SiteConfig(_Strict):
     site: Identifier = Field(description="site id: first level of every topic")
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="MQTT broker")
@@ -261,6 +288,7 @@ class SiteConfig(_Strict):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="edge outbox")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     inference: InferenceConfig = Field(default_factory=InferenceConfig, description="edge batching and overload")
+    stream: StreamConfig = Field(default_factory=StreamConfig, description="Kafka bridge and Faust workers")
 
     @model_validator(mode="after")
     def _merge_camera_defaults(self) -> "SiteConfig":

@@ -297,6 +297,8 @@ class MosquittoBroker(_ChildProcessService):
             "connection_messages true",
             # Offline persistent sessions (bridge outage tests) may queue many QoS 1 messages.
             f"max_queued_messages {self.max_queued_messages}",
+            # A bridge acknowledges only after Kafka has: allow many unacknowledged messages per client.
+            "max_inflight_messages 1000",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             # As root, mosquitto drops to user "mosquitto", which cannot write into our temp dirs.

@@ -62,7 +62,7 @@ class MqttClient:
     """
 
     def __init__(self, settings: MqttSettings, client_id: str, *, will: Will | None = None,
-                 clean_session: bool = True) -> None:
+                 clean_session: bool = True, manual_ack: bool = False) -> None:
         self.client_id = client_id
         self.settings = settings
         self.stats = MqttStats()
@@ -72,7 +72,7 @@ class MqttClient:
         self._on_connected: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   clean_session=clean_session, protocol=paho.MQTTv311)
+                                   clean_session=clean_session, protocol=paho.MQTTv311, manual_ack=manual_ack)
         self._client.reconnect_delay_set(min_delay=settings.reconnect_min_s, max_delay=settings.reconnect_max_s)
         self._client.max_queued_messages_set(0)
         self._client.max_inflight_messages_set(100)
@@ -113,6 +113,11 @@ class MqttClient:
         if info.rc == paho.MQTT_ERR_SUCCESS:
             self.stats.published += 1
         return info
+
+    def ack(self, mid: int, qos: int = 1) -> None:
+        """Acknowledge a received QoS 1 message (``manual_ack=True``): until then the broker keeps
+        it, and sends it again after a reconnect of this persistent session."""
+        self._client.ack(mid, qos)
 
     def on_connected(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after every (re)connect, from the network thread (e.g. to re-announce

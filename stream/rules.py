@@ -283,7 +283,11 @@ class RulesEngine:
     def accept(self, message: Envelope) -> bool:
         """Count the message; False for a repeat of one already seen (dedupe on ``msg_id``)."""
         self.stats.messages += 1
-        if self._deduper.seen(message.msg_id, message.ts):
+        return self.first_time(message.msg_id, message.ts)
+
+    def first_time(self, msg_id: str, ts: float) -> bool:
+        """Record an id at event time ``ts``; False (and counted) when it is a repeat."""
+        if self._deduper.seen(msg_id, ts):
             self.stats.duplicates += 1
             return False
         return True

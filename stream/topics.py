@@ -10,23 +10,46 @@ MQTT_ROOT = "edgeline/v1"
 MQTT_KINDS = ("result", "anomaly", "heartbeat", "event", "alert", "decision", "status")
 CAMERA_KINDS = ("result",)
 
-KAFKA_RESULTS = "edgeline.results"
-KAFKA_ANOMALIES = "edgeline.anomalies"
-KAFKA_HEARTBEATS = "edgeline.heartbeats"
-KAFKA_EVENTS = "edgeline.events"
-KAFKA_DECISIONS = "edgeline.decisions"
-KAFKA_ALERTS = "edgeline.alerts"
-KAFKA_COMMANDS = "edgeline.commands"
-KAFKA_DEADLETTER = "edgeline.deadletter"
-KAFKA_TOPIC_BY_KIND = {
-    "result": KAFKA_RESULTS,
-    "anomaly": KAFKA_ANOMALIES,
-    "heartbeat": KAFKA_HEARTBEATS,
-    "event": KAFKA_EVENTS,
-    "decision": KAFKA_DECISIONS,
-    "alert": KAFKA_ALERTS,
-    "command": KAFKA_COMMANDS,
-}
+KAFKA_PREFIX = "edgeline"
+KAFKA_KIND_TOPICS = {"result": "results", "anomaly": "anomalies", "heartbeat": "heartbeats", "event": "events",
+                     "decision": "decisions", "alert": "alerts", "command": "commands"}
+
+
+@dataclass(frozen=True)
+class KafkaTopics:
+    """Kafka topic names: ``<prefix>.results`` and so on (DESIGN.md "Messages"). The prefix
+    (``stream.topic_prefix``, default ``edgeline``) lets sites or test runs share one cluster."""
+
+    prefix: str = KAFKA_PREFIX
+
+    def name(self, suffix: str) -> str:
+        return f"{self.prefix}.{suffix}"
+
+    def for_kind(self, kind: str) -> str:
+        """The topic of a message kind (result, anomaly, heartbeat, event, decision, alert, command)."""
+        return self.name(KAFKA_KIND_TOPICS[kind])
+
+    def for_message(self, message: Envelope) -> str:
+        return self.for_kind(message.KIND)
+
+    @property
+    def deadletter(self) -> str:
+        return self.name("deadletter")
+
+    @property
+    def line_observations(self) -> str:
+        """Observations for line-scoped rules, keyed by line (the worker's repartition step)."""
+        return self.name("line-observations")
+
+    @property
+    def liveness_checks(self) -> str:
+        """The worker's timer asks here, per silent machine, for an offline check (keyed by machine)."""
+        return self.name("liveness-checks")
+
+    def all(self) -> list[str]:
+        """Every topic the pipeline reads or writes."""
+        return [self.for_kind(kind) for kind in KAFKA_KIND_TOPICS] + [
+            self.deadletter, self.line_observations, self.liveness_checks]
 
 
 @dataclass(frozen=True)
@@ -83,7 +106,3 @@ def parse_topic(topic: str) -> TopicParts:
     if kind not in MQTT_KINDS or len(rest) > 1:
         raise ValueError(f"unknown Edgeline topic kind in {topic!r}")
     return TopicParts(site, machine, kind, rest[0] if rest else None)
-
-
-def kafka_topic_for(message: Envelope) -> str:
-    return KAFKA_TOPIC_BY_KIND[message.KIND]

@@ -3,8 +3,7 @@ from __future__ import annotations
 import pytest
 
 from stream.messages import Alert, Command, Heartbeat
-from stream.topics import (KAFKA_RESULTS, command_topic, kafka_topic_for, mqtt_topic, parse_topic, status_topic,
-                           topic_for)
+from stream.topics import KafkaTopics, command_topic, mqtt_topic, parse_topic, status_topic, topic_for
 from tests.unit.stream.test_messages import BASE, result
 
 
@@ -24,7 +23,9 @@ def test_each_message_knows_its_topics() -> None:
     alert = Alert(**BASE, rule="r", state="firing", severity="info", scope="camera", key="m01/cam1", value=1,
                   camera="cam1")
     assert topic_for(alert) == "edgeline/v1/plant-a/m01/alert"
-    assert kafka_topic_for(result()) == KAFKA_RESULTS
+    assert KafkaTopics().for_message(result()) == "edgeline.results"
+    assert KafkaTopics("plant7").for_kind("command") == "plant7.commands"
+    assert len(set(KafkaTopics().all())) == 10
 
 
 @pytest.mark.parametrize("topic", ["edgeline/v1/plant-a/m01/result/cam1", "edgeline/v1/plant-a/m01/anomaly",

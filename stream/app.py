@@ -1,0 +1,271 @@
+"""The central stream processor: faust-streaming agents on Kafka around the pure rules engine.
+
+One engine, two runners: this worker drives the same :class:`stream.rules.RulesEngine` as the
+embedded runner, with its state in Faust tables (changelog topics in Kafka) instead of memory, so
+a restarted or rebalanced worker resumes where the last owner of a partition stopped.
+
+Agents (concurrency 1 each: faust-streaming's offset-commit bug hits higher concurrency; scale out
+with partitions and workers):
+
+* ``machine-stage`` on ``edgeline.results`` + ``edgeline.anomalies`` (keyed by machine): parse
+  (bad input to ``edgeline.deadletter``, counted), dedupe on ``msg_id`` in an event-time tumbling
+  table that expires, camera- and machine-scoped rules (state in table ``rule-states``), and the
+  observations line-scoped rules need forwarded to ``edgeline.line-observations`` keyed by line.
+* ``line-stage`` on ``edgeline.line-observations``: the line-scoped rules, state in
+  ``line-rule-states`` (a line's machines may sit on different partitions, hence the repartition).
+* ``liveness`` on ``edgeline.heartbeats`` + ``edgeline.events`` + ``edgeline.liveness-checks``:
+  last heartbeat arrival per machine; a machine silent for ``heartbeat_timeout_s`` (found by a
+  timer, which sends a check through Kafka so that the table is only written in-stream) or whose
+  last-will arrived raises a ``machine-offline`` alert, resolved by its next heartbeat.
+* ``webhook`` on ``edgeline.alerts`` when ``stream.webhook`` is set (:mod:`stream.webhook`).
+
+Decisions, alerts and commands go to their topics keyed by machine, with stable ids: a restart
+that reprocesses input recomputes the same ids, which consumers dedupe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import faust
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from edgeline.config import SiteConfig
+from stream.kafka import deadletter_record
+from stream.messages import Alert, Envelope, Event, Heartbeat, MessageError, parse_message, stable_msg_id
+from stream.rules import Observation, RulesEngine, RuleState, observations
+from stream.webhook import WebhookSink
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+OFFLINE_RULE = "machine-offline"
+
+
+class TableStates(MutableMapping[str, RuleState]):
+    """Rule states kept in a Faust table as JSON-ready dicts (written back on every update)."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+
+    def __getitem__(self, key: str) -> RuleState:
+        return RuleState.from_dict(self._table[key])
+
+    def __setitem__(self, key: str, state: RuleState) -> None:
+        self._table[key] = state.to_dict()
+
+    def __delitem__(self, key: str) -> None:
+        del self._table[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+class TableDeduper:
+    """``msg_id`` dedupe on a tumbling event-time table: an id counts as seen in its window and
+    the one before, and windows expire, so the table stays bounded."""
+
+    def __init__(self, table: Any, ttl_s: float) -> None:
+        self._table = table
+        self._ttl_s = ttl_s
+
+    def seen(self, msg_id: str, now: float) -> bool:
+        windows = self._table[msg_id]
+        if windows.current() or windows.delta(self._ttl_s):
+            return True
+        self._table[msg_id] = 1
+        return False
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.consumed = Counter("edgeline_worker_messages", "Messages consumed", ["topic"], registry=self.registry)
+        self.dead_lettered = Counter("edgeline_worker_dead_lettered", "Messages sent to the dead-letter topic",
+                                     registry=self.registry)
+        self.duplicates = Counter("edgeline_worker_duplicates", "Messages dropped as repeats of a msg_id",
+                                  registry=self.registry)
+        self.emitted = Counter("edgeline_worker_emitted", "Decisions, alerts and commands produced", ["kind"],
+                               registry=self.registry)
+        self.latency = Histogram("edgeline_worker_event_latency_seconds",
+                                 "Capture time to rule evaluation (the message's ts to now)", ["kind"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+
+
+def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = Path("edgeline-worker-data"),
+               metrics: WorkerMetrics | None = None) -> faust.App:
+    """The Faust app of one site's workers; every worker of a site runs the same app id."""
+    cfg = site.stream
+    metrics = metrics or WorkerMetrics()
+    app_id = app_id or f"{cfg.topic_prefix}-worker-{site.site}"
+    app = faust.App(
+        app_id, broker=[f"kafka://{server}" for server in cfg.kafka.split(",")], store=cfg.store,
+        datadir=str(datadir), topic_partitions=cfg.partitions, topic_replication_factor=cfg.replication,
+        web_enabled=False, consumer_auto_offset_reset="earliest", broker_commit_interval=1.0,
+        table_standby_replicas=0, producer_acks=-1, stream_wait_empty=True,
+    )
+    app.edgeline_metrics = metrics  # type: ignore[attr-defined]
+
+    def raw_topic(*names: str) -> faust.TopicT:
+        return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                         partitions=cfg.partitions)
+
+    topics = cfg.topics()
+    outputs = {kind: raw_topic(topics.for_kind(kind)) for kind in ("decision", "alert", "command")}
+    deadletter = raw_topic(topics.deadletter)
+    line_observations = raw_topic(topics.line_observations)
+    liveness_checks = raw_topic(topics.liveness_checks)
+
+    def rule_engine(scopes: tuple[str, ...], table: str) -> RulesEngine:
+        seen = app.Table(f"{table}-seen", default=int, partitions=cfg.partitions).tumbling(
+            site.engine.dedupe_ttl_s, expires=2 * site.engine.dedupe_ttl_s).relative_to_stream()
+        states = app.Table(table, default=None, partitions=cfg.partitions)
+        return RulesEngine(site.rules, lines=site.lines(), allowed_lateness_s=site.engine.allowed_lateness_s,
+                           scopes=scopes, states=TableStates(states),
+                           deduper=TableDeduper(seen, site.engine.dedupe_ttl_s))
+
+    by_machine = rule_engine(("camera", "machine"), "rule-states")
+    by_line = rule_engine(("line",), "line-rule-states")
+    liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
+
+    async def emit(message: Envelope) -> None:
+        await outputs[message.KIND].send(key=message.machine.encode(), value=message.to_json(), timestamp=message.ts)
+        metrics.emitted.labels(message.KIND).inc()
+
+    async def dead_letter(event: faust.EventT, reason: str) -> None:
+        metrics.dead_lettered.inc()
+        log.warning("worker: dead-lettered a record of %s: %s", event.message.topic, reason)
+        await deadletter.send(key=event.key or b"", value=deadletter_record(event.message.topic, reason, event.value))
+
+    def parse(event: faust.EventT, kinds: tuple[str, ...]) -> Envelope:
+        metrics.consumed.labels(event.message.topic).inc()
+        if not isinstance(event.value, bytes | bytearray):
+            raise MessageError("record without a value")
+        message = parse_message(bytes(event.value))
+        if message.KIND not in kinds:
+            raise MessageError(f"a {message.KIND} message on {event.message.topic}")
+        return message
+
+    @app.agent(raw_topic(topics.for_kind("result"), topics.for_kind("anomaly")), name="machine-stage", concurrency=1)
+    async def machine_stage(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                message = parse(event, ("result", "anomaly"))
+            except MessageError as exc:
+                await dead_letter(event, exc.reason)
+                continue
+            if message.site != site.site:
+                continue  # another site sharing these topics
+            metrics.latency.labels(message.KIND).observe(max(0.0, time.time() - message.ts))
+            if not by_machine.accept(message):
+                metrics.duplicates.inc()
+                continue
+            for index, obs in enumerate(observations(message, by_machine.lines)):
+                for output in by_machine.observe(obs):
+                    await emit(output)
+                if by_line.wants(obs):
+                    forwarded = {"msg_id": f"{message.msg_id}:{index}", "ts": obs.ts, "obs": obs.to_dict()}
+                    await line_observations.send(key=obs.line.encode(), value=json.dumps(forwarded).encode(),
+                                                 timestamp=obs.ts)
+
+    @app.agent(line_observations, name="line-stage", concurrency=1)
+    async def line_stage(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            metrics.consumed.labels(event.message.topic).inc()
+            try:
+                forwarded = json.loads(event.value)
+                obs = Observation.from_dict(forwarded["obs"])
+                msg_id, ts = str(forwarded["msg_id"]), float(forwarded["ts"])
+            except (ValueError, KeyError, TypeError) as exc:
+                await dead_letter(event, f"bad line observation: {exc}")
+                continue
+            if not by_line.first_time(msg_id, ts):
+                metrics.duplicates.inc()
+                continue
+            for output in by_line.observe(obs):
+                await emit(output)
+
+    @app.agent(raw_topic(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks), name="liveness", concurrency=1)
+    async def liveness_stage(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                message = parse(event, ("heartbeat", "event"))
+            except MessageError as exc:
+                await dead_letter(event, exc.reason)
+                continue
+            if message.site != site.site:
+                continue
+            for alert in update_liveness(liveness, message, time.time(), cfg.heartbeat_timeout_s):
+                await emit(alert)
+
+    @app.timer(interval=max(0.5, cfg.heartbeat_timeout_s / 4))
+    async def find_silent_machines() -> None:
+        now = time.time()
+        for machine, entry in list(liveness.items()):
+            if entry and not entry["offline"] and now - entry["last"] > cfg.heartbeat_timeout_s:
+                check = Event(site=entry["site"], machine=machine, ts=now, name="liveness_check")
+                await liveness_checks.send(key=machine.encode(), value=check.to_json())
+
+    if cfg.webhook is not None:
+        sink = WebhookSink(cfg.webhook)
+
+        @app.agent(raw_topic(topics.for_kind("alert")), name="webhook", concurrency=1)
+        async def webhook(stream: faust.StreamT) -> None:
+            async for event in stream.events():
+                failure = await sink.deliver(event.value)
+                if failure is not None:
+                    await dead_letter(event, f"webhook: {failure}")
+
+    return app
+
+
+def update_liveness(table: MutableMapping[str, Any], message: Envelope, now: float,
+                    timeout_s: float) -> list[Alert]:
+    """Fold one heartbeat or event into a machine's liveness; the alerts it raises or resolves.
+
+    The entry is ``{"site", "last" (arrival, wall clock), "offline", "since"}``. Pure on the
+    mapping, so it is tested without Kafka."""
+    machine = message.machine
+    entry = table.get(machine) or {"site": message.site, "last": now, "offline": False, "since": now}
+    alerts: list[Alert] = []
+    if isinstance(message, Heartbeat):
+        if entry["offline"]:
+            alerts.append(_offline_alert(message.site, machine, "resolved", entry["since"], now - entry["last"], now))
+        entry = {"site": message.site, "last": now, "offline": False, "since": now}
+    elif isinstance(message, Event) and not entry["offline"]:
+        silent = now - entry["last"]
+        if message.name == "machine_offline" or (message.name == "liveness_check" and silent > timeout_s):
+            entry = entry | {"offline": True, "since": now}
+            alerts.append(_offline_alert(message.site, machine, "firing", now, silent, now))
+    table[machine] = entry
+    return alerts
+
+
+def _offline_alert(site: str, machine: str, state: str, since: float, silent_s: float, now: float) -> Alert:
+    what = (f"{machine} offline: no heartbeat for {silent_s:.0f} s" if state == "firing"
+            else f"{machine} back online after {now - since:.0f} s")
+    return Alert(msg_id=stable_msg_id(OFFLINE_RULE, machine, state, round(since, 3)), site=site, machine=machine,
+                 ts=now, rule=OFFLINE_RULE, state=state, severity="critical", scope="machine", key=machine,
+                 value=round(silent_s, 3), text=what)
+
+
+def run_worker(site: SiteConfig, datadir: Path, metrics_port: int | None = None, loglevel: str = "info") -> None:
+    """Run one worker until SIGTERM/SIGINT (Faust's own worker: signal handling, ordered shutdown,
+    offsets committed and the producer flushed on the way out)."""
+    from stream.kafka import ensure_topics
+
+    ensure_topics(site.stream.kafka, site.stream.topics(), site.stream.partitions, site.stream.replication)
+    metrics = WorkerMetrics()
+    if metrics_port is not None:
+        start_http_server(metrics_port, registry=metrics.registry)
+    app = create_app(site, datadir=datadir, metrics=metrics)
+    worker = faust.Worker(app, loglevel=loglevel.upper(), quiet=True, override_logging=False)
+    worker.execute_from_commandline()

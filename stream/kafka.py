@@ -1,0 +1,57 @@
+"""Kafka helpers shared by the bridge, the Faust worker and the benchmarks (kafka-python)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from stream.topics import KafkaTopics
+
+log = logging.getLogger(__name__)
+
+
+def ensure_topics(bootstrap: str, topics: KafkaTopics, partitions: int = 4, replication: int = 1,
+                  timeout_s: float = 60.0, client_id: str = "edgeline-admin") -> None:
+    """Create the pipeline's topics that do not exist yet; wait for the broker up to ``timeout_s``.
+
+    Partitions bound how many workers share the load: one machine's messages stay on one
+    partition (key = machine id), so ``partitions`` is the most workers that can be busy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id)
+            break
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"Kafka at {bootstrap} not reachable after {timeout_s:.0f} s: {exc}") from exc
+            time.sleep(1.0)
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in topics.all() if t not in existing]
+        if missing:
+            try:
+                admin.create_topics({t: {"num_partitions": partitions, "replication_factor": replication}
+                                     for t in missing}, wait_for_metadata=True)
+            except TopicAlreadyExistsError:
+                pass  # another process created them first
+            log.info("kafka: created topics %s (%d partitions)", ", ".join(missing), partitions)
+    finally:
+        admin.close()
+
+
+def reliable_producer(bootstrap: str, client_id: str, **overrides: object) -> KafkaProducer:
+    """Idempotent, acks=all: a send is acknowledged only once every in-sync replica has it."""
+    settings: dict[str, object] = {"bootstrap_servers": bootstrap, "client_id": client_id, "acks": "all",
+                                   "enable_idempotence": True, "linger_ms": 5, "batch_size": 65536,
+                                   "max_in_flight_requests_per_connection": 5}
+    return KafkaProducer(**(settings | overrides))
+
+
+def deadletter_record(source: str, reason: str, payload: bytes) -> bytes:
+    """What goes to ``edgeline.deadletter``: where it came from, why, and the payload as text."""
+    return json.dumps({"source": source, "reason": reason, "ts": time.time(),
+                       "payload": payload[:65536].decode("utf-8", errors="replace")}).encode()
