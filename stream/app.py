@@ -96,7 +96,7 @@ class WorkerMetrics:
         self.emitted = Counter("edgeline_worker_emitted", "Decisions, alerts and commands produced", ["kind"],
                                registry=self.registry)
         self.latency = Histogram("edgeline_worker_event_latency_seconds",
-                                 "Capture time to rule evaluation (the message's ts to now)", ["kind"],
+                                 "Capture time of each frame or sample to its rule evaluation", ["kind"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
 
 
@@ -112,7 +112,6 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
         web_enabled=False, consumer_auto_offset_reset="earliest", broker_commit_interval=1.0,
         table_standby_replicas=0, producer_acks=-1, stream_wait_empty=True,
     )
-    app.edgeline_metrics = metrics  # type: ignore[attr-defined]
 
     def raw_topic(*names: str) -> faust.TopicT:
         return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -143,7 +142,7 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
     async def dead_letter(event: faust.EventT, reason: str) -> None:
         metrics.dead_lettered.inc()
         log.warning("worker: dead-lettered a record of %s: %s", event.message.topic, reason)
-        await deadletter.send(key=event.key or b"", value=deadletter_record(event.message.topic, reason, event.value))
+        await deadletter.send(key=event.key or b"", value=deadletter_record(event.message.topic, reason, bytes(event.value or b"")))
 
     def parse(event: faust.EventT, kinds: tuple[str, ...]) -> Envelope:
         metrics.consumed.labels(event.message.topic).inc()
@@ -164,13 +163,13 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
                 continue
             if message.site != site.site:
                 continue  # another site sharing these topics
-            metrics.latency.labels(message.KIND).observe(max(0.0, time.time() - message.ts))
             if not by_machine.accept(message):
                 metrics.duplicates.inc()
                 continue
             for index, obs in enumerate(observations(message, by_machine.lines)):
                 for output in by_machine.observe(obs):
                     await emit(output)
+                metrics.latency.labels(message.KIND).observe(max(0.0, time.time() - obs.ts))
                 if by_line.wants(obs):
                     forwarded = {"msg_id": f"{message.msg_id}:{index}", "ts": obs.ts, "obs": obs.to_dict()}
                     await line_observations.send(key=obs.line.encode(), value=json.dumps(forwarded).encode(),

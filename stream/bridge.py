@@ -39,12 +39,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from stream.kafka import deadletter_record, ensure_topics, reliable_producer
 from stream.messages import Command, Envelope, Event, MessageError, parse_message
 from stream.mqtt import MqttClient, MqttSettings
-from stream.topics import MQTT_ROOT, KafkaTopics, command_topic, parse_topic, site_filter
+from stream.topics import KafkaTopics, command_topic, parse_topic, site_filter
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RETRY_MAX_S = 10.0
+EDGE_KINDS = ("result", "anomaly", "heartbeat", "event", "status")
+"""What edge agents publish, and so what the bridge carries into Kafka."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class MqttKafkaBridge:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._producer = None
+        self._metrics_server = None
         self.metrics_port: int | None = None
 
     def start(self, metrics_port: int | None = None, connect_timeout_s: float = 30.0) -> None:
@@ -136,8 +139,8 @@ class MqttKafkaBridge:
         self.mqtt.start()
         self.mqtt.wait_connected(connect_timeout_s)
         if metrics_port is not None:
-            server, _ = start_http_server(metrics_port, registry=self.metrics.registry)
-            self.metrics_port = server.server_port
+            self._metrics_server, _ = start_http_server(metrics_port, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
         log.info("bridge:%s: MQTT %s:%d -> Kafka %s", self.site, self.mqtt.settings.host, self.mqtt.settings.port,
                  self.bootstrap)
 
@@ -153,6 +156,9 @@ class MqttKafkaBridge:
         if self._producer is not None:
             self._producer.close(timeout=timeout_s)
             self._producer = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         log.info("bridge:%s: stopped", self.site)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
@@ -164,8 +170,8 @@ class MqttKafkaBridge:
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
         received = time.monotonic()
-        if message.topic.startswith(f"{MQTT_ROOT}/{self.site}/_") or "/cmd/" in message.topic:
-            self._ack_now(message)  # our own command publications and other services' side topics
+        if not self._from_an_edge(message.topic):
+            self._ack_now(message)  # commands we publish, decisions/alerts of an embedded runner, side topics
             return
         try:
             record = self._record_for(message, received)
@@ -174,6 +180,13 @@ class MqttKafkaBridge:
             return
         self.metrics.received.labels(record.kind).inc()
         self._send(record)
+
+    @staticmethod
+    def _from_an_edge(topic: str) -> bool:
+        try:
+            return parse_topic(topic).kind in EDGE_KINDS
+        except ValueError:
+            return not topic.split("/")[3].startswith("_") if topic.count("/") >= 3 else True
 
     def _record_for(self, message: paho.MQTTMessage, received: float) -> _Record:
         try:

@@ -31,7 +31,7 @@ def services(compose) -> dict:
 
 
 def test_expected_services(services):
-    assert {"mosquitto", "kafka", "rules", *(f"edge-{m}" for m in EDGE_MACHINES)} <= set(services)
+    assert {"mosquitto", "kafka", "bridge", "worker", "rules", *(f"edge-{m}" for m in EDGE_MACHINES)} <= set(services)
 
 
 def test_every_service_has_image_or_build(services):
@@ -95,6 +95,11 @@ def test_published_ports_unique(services):
 
 def test_edges_and_rules_use_the_cli_and_mounted_config(services):
     assert services["rules"]["command"][:2] == ["stream", "embedded"]
+    assert services["rules"]["profiles"] == ["one-box"]  # the Kafka pipeline runs by default
+    for name in ("bridge", "worker"):
+        command = services[name]["command"]
+        assert command[:2] == ["stream", name] and command[command.index("--kafka") + 1] == "kafka:19092"
+        assert {"mosquitto", "kafka"} <= set(services[name]["depends_on"])
     for machine in EDGE_MACHINES:
         svc = services[f"edge-{machine}"]
         command = svc["command"]

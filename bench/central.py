@@ -1,0 +1,341 @@
+"""Can this box decide on a whole site? A simulated site publishing to a real Mosquitto -> the
+bridge -> a real Kafka -> Faust worker(s), each a real process, at 10, 25 and 50 machines.
+
+    python -m bench.central [--seconds 60] [--machines 10,25,50] [--window-ms 200] [--two-workers]
+
+Every machine has 4 cameras at 15 fps, results grouped per camera per ``--window-ms`` at the edge
+(0: one message per frame), and one sensor group of 8 channels scored at 1 Hz, plus a heartbeat
+every 5 s. Per step: offered frames/s, MQTT messages/s published, records/s the bridge got
+acknowledged by Kafka, messages and observations/s the worker(s) consumed, p50/p99 latency from a
+frame's capture ``ts`` to its rule evaluation in the worker, consumer lag at the end of the step,
+and CPU per process. In the same run: the embedded rules engine's max messages/s on one core
+(the anchor: eKuiper filters 12k msg/s on a Raspberry Pi 3B+). Needs Mosquitto and the Kafka jars.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import typer
+import yaml
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+from bench.report import report
+from edgeline.services import KafkaBroker, MosquittoBroker
+from stream.messages import Anomaly, FrameResult, Heartbeat, ModelOutput, Result
+from stream.mqtt import MqttClient, MqttSettings
+from stream.rule_config import RuleConfig
+from stream.rules import RulesEngine
+from stream.topics import KafkaTopics, topic_for
+
+SITE = "benchsite"
+CAMERAS = 4
+FPS = 15.0
+SENSOR_CHANNELS = [f"ch{i}" for i in range(8)]
+EDGELINE = [sys.executable, "-m", "edgeline.cli"]
+RULES = [
+    {"name": "defects", "metric": "defect_ratio", "condition": {"op": ">=", "value": 0.05}, "scope": "camera",
+     "hold_for_s": 1.0, "actions": [{"type": "alert"}, {"type": "command", "name": "snapshot", "on": "firing"}]},
+    {"name": "defect-burst", "kind": "k_of_n", "k": 5, "n": 15, "window_s": 5, "metric": "defect_ratio",
+     "condition": {"op": ">=", "value": 0.05}, "scope": "machine", "actions": [{"type": "alert"}]},
+    {"name": "line-latency", "kind": "rate_of_change", "window_s": 10, "metric": "latency_ms",
+     "condition": {"op": ">", "value": 5.0}, "scope": "line"},
+    {"name": "pump", "metric": "anomaly_level", "condition": {"op": ">=", "value": 1.0}, "scope": "machine",
+     "hold_for_s": 2.0, "actions": [{"type": "alert"}]},
+]
+
+
+def machine_ids(count: int) -> list[str]:
+    return [f"m{i:02d}" for i in range(1, count + 1)]
+
+
+class SiteSimulator:
+    """Publishes what ``machines`` edge agents would, on the wall clock, from one thread."""
+
+    def __init__(self, broker: MosquittoBroker, window_s: float) -> None:
+        self.client = MqttClient(MqttSettings(host=broker.host, port=broker.port), client_id="bench-site")
+        self.window_s = window_s
+        self.machines: list[str] = []
+        self.published = 0
+        self.frames = 0
+        self._rng = np.random.default_rng(0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.client.start()
+        self.client.wait_connected()
+        self._thread = threading.Thread(target=self._run, name="bench-site", daemon=True)
+        self._thread.start()
+
+    def set_machines(self, count: int) -> None:
+        with self._lock:
+            self.machines = machine_ids(count)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(10)
+        self.client.stop()
+
+    def _run(self) -> None:
+        tick = self.window_s if self.window_s > 0 else 1.0 / FPS
+        next_tick, next_sensor, next_heartbeat, seq = time.time(), time.time(), time.time(), 0
+        while not self._stop.is_set():
+            now = time.time()
+            with self._lock:
+                machines = list(self.machines)
+            frames_per_message = max(1, round(tick * FPS))
+            for machine in machines:
+                for camera in range(CAMERAS):
+                    self._publish(self._result(machine, f"c{camera}", seq, now, frames_per_message))
+            seq += frames_per_message
+            if now >= next_sensor:
+                for machine in machines:
+                    self._publish(self._anomaly(machine, now, int(now)))
+                next_sensor += 1.0
+            if now >= next_heartbeat:
+                for machine in machines:
+                    self._publish(Heartbeat(site=SITE, machine=machine, ts=now, uptime_s=1.0))
+                next_heartbeat += 5.0
+            next_tick += tick
+            self._stop.wait(max(0.0, next_tick - time.time()))
+
+    def _result(self, machine: str, camera: str, seq: int, now: float, count: int) -> Result:
+        frames = []
+        for k in range(count):
+            ratio = float(self._rng.random() < 0.03) * 0.1
+            output = ModelOutput(model="seg", version="1", latency_ms=float(self._rng.uniform(5, 9)), defect_ratio=ratio)
+            frames.append(FrameResult(seq=seq + k, ts=now - (count - 1 - k) / FPS, outputs=[output]))
+        self.frames += count
+        return Result(site=SITE, machine=machine, camera=camera, ts=frames[0].ts, frames=frames)
+
+    def _anomaly(self, machine: str, now: float, seq: int) -> Anomaly:
+        scores = {name: float(v) for name, v in zip(SENSOR_CHANNELS, self._rng.random(len(SENSOR_CHANNELS)))}
+        score = max(scores.values())
+        return Anomaly(site=SITE, machine=machine, ts=now, group="pump", seq=seq, model="lstm", version="1",
+                       score=score, threshold=1.2, is_anomaly=score >= 1.2, channel_scores=scores)
+
+    def _publish(self, message: Any) -> None:
+        while self.client.publish(topic_for(message), message.to_json(), qos=1).rc != 0:
+            time.sleep(0.001)  # paho's in-flight window is full: wait for PUBACKs
+        self.published += 1
+
+
+class Process:
+    """A bridge or worker as a child process, with its metrics endpoint."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.log = (workdir / f"{name}.log").open("ab")
+        self.proc = subprocess.Popen([*EDGELINE, *args, "--metrics-port", str(self.port), "--log-level", "warning"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def metrics(self) -> dict[str, float]:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return {}
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                values[key] = float(value)
+        return values
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+        return times.user + times.system + sum(c.cpu_times().user + c.cpu_times().system
+                                               for c in process.children(recursive=True))
+    except psutil.Error:
+        return 0.0
+
+
+def _sum(metrics: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+def _latency_buckets(workers: list[Process]) -> dict[float, float]:
+    """Cumulative counts of the workers' result latency histogram, by upper bound (seconds)."""
+    buckets: dict[float, float] = {}
+    for worker in workers:
+        for key, value in worker.metrics().items():
+            if key.startswith("edgeline_worker_event_latency_seconds_bucket") and 'kind="result"' in key:
+                bound = key.split('le="')[1].split('"')[0]
+                upper = float("inf") if bound == "+Inf" else float(bound)
+                buckets[upper] = buckets.get(upper, 0.0) + value
+    return buckets
+
+
+def _quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """histogram_quantile over the step's bucket increments (linear inside a bucket), in ms."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    if total <= 0:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, cumulative in zip(bounds, counts):
+        if cumulative >= rank:
+            if bound == float("inf"):
+                return lower * 1000.0
+            inside = cumulative - below
+            return (lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)) * 1000.0
+        lower, below = bound, cumulative
+    return float("nan")
+
+
+def _lag(bootstrap: str, group: str, topics: list[str]) -> int:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench-lag")
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="bench-lag-end")
+    try:
+        committed = admin.list_consumer_group_offsets(group)
+        partitions = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or []]
+        ends = consumer.end_offsets(partitions)
+        return int(sum(end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()))
+    finally:
+        admin.close()
+        consumer.close()
+
+
+def embedded_engine_rate(seconds: float = 5.0) -> dict[str, Any]:
+    """The rules engine alone on one core: single-frame results from 50 machines x 4 cameras."""
+    rules = [RuleConfig.model_validate(r) for r in RULES]
+    engine = RulesEngine(rules, lines={m: "L1" for m in machine_ids(50)})
+    rng = np.random.default_rng(1)
+    messages = []
+    for i in range(20_000):
+        machine, camera = f"m{1 + i % 50:02d}", f"c{(i // 50) % CAMERAS}"
+        ts = 1_760_000_000.0 + i / 3000.0
+        output = ModelOutput(model="seg", version="1", latency_ms=6.0, defect_ratio=float(rng.random() < 0.03) * 0.1)
+        messages.append(Result(site=SITE, machine=machine, camera=camera, ts=ts,
+                               frames=[FrameResult(seq=i, ts=ts, outputs=[output])]))
+    done, started = 0, time.process_time()
+    while time.process_time() - started < seconds:
+        for message in messages:
+            engine.process(message.model_copy(update={"msg_id": f"{message.msg_id}-{done}"}))
+            done += 1
+    elapsed = time.process_time() - started
+    return {"step": "embedded engine, 1 core", "msg_per_s": round(done / elapsed), "alerts": engine.stats.alerts}
+
+
+def run_step(label: str, machines: int, seconds: float, site: SiteSimulator, bridge: Process,
+             workers: list[Process], kafka: KafkaBroker, mosquitto_ps: psutil.Process, topics: KafkaTopics,
+             window_ms: float) -> dict[str, Any]:
+    site.set_machines(machines)
+    time.sleep(10.0)  # reach the new rate before measuring
+    me, kafka_ps = psutil.Process(), psutil.Process(kafka.pid)
+    processes = {"site": me, "mosquitto": mosquitto_ps, "bridge": bridge.ps, "kafka": kafka_ps,
+                 **{f"worker{i + 1}": w.ps for i, w in enumerate(workers)}}
+    cpu0 = {name: _cpu(p) for name, p in processes.items()}
+    published0, frames0 = site.published, site.frames
+    bridge0 = bridge.metrics()
+    workers0 = [w.metrics() for w in workers]
+    lat0 = _latency_buckets(workers)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    bridge1 = bridge.metrics()
+    workers1 = [w.metrics() for w in workers]
+    lat1 = _latency_buckets(workers)
+    consumed = sum(_sum(b, "edgeline_worker_messages_total") - _sum(a, "edgeline_worker_messages_total")
+                   for a, b in zip(workers0, workers1))
+    row: dict[str, Any] = {
+        "step": label, "machines": machines, "window_ms": window_ms,
+        "frames_per_s": round((site.frames - frames0) / elapsed),
+        "mqtt_msg_per_s": round((site.published - published0) / elapsed),
+        "kafka_rec_per_s": round((_sum(bridge1, "edgeline_bridge_kafka_produced_total")
+                                  - _sum(bridge0, "edgeline_bridge_kafka_produced_total")) / elapsed),
+        "worker_msg_per_s": round(consumed / elapsed),
+        "p50_ms": round(_quantile(lat0, lat1, 0.5), 1), "p99_ms": round(_quantile(lat0, lat1, 0.99), 1),
+        "lag_end": _lag(kafka.bootstrap, f"{topics.prefix}-worker-{SITE}",
+                        [topics.for_kind("result"), topics.for_kind("anomaly")]),
+        "dead_letters": int(_sum(bridge1, "edgeline_bridge_dead_lettered_total")),
+    }
+    for name, process in processes.items():
+        row[f"cpu_{name}_%"] = round(100.0 * (_cpu(process) - cpu0[name]) / elapsed)
+    return row
+
+
+def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, two_workers: bool,
+                 workdir: Path) -> list[dict[str, Any]]:
+    rows = [embedded_engine_rate()]
+    with MosquittoBroker() as mosquitto, KafkaBroker() as kafka:
+        topics = KafkaTopics(f"bench{int(time.time())}")
+        config = workdir / "site.yaml"
+        config.write_text(yaml.safe_dump({
+            "site": SITE, "broker": {"host": mosquitto.host, "port": mosquitto.port},
+            "machines": [{"id": m, "line": f"L{1 + i // 10}"} for i, m in enumerate(machine_ids(max(machine_steps)))],
+            "rules": RULES, "stream": {"kafka": kafka.bootstrap, "topic_prefix": topics.prefix, "partitions": 4},
+        }))
+        bridge = Process("bridge", ["stream", "bridge", "-c", str(config)], workdir)
+        workers = [Process("worker1", ["stream", "worker", "-c", str(config), "--data-dir", str(workdir / "w1")],
+                           workdir)]
+        site = SiteSimulator(mosquitto, window_ms / 1000.0)
+        try:
+            time.sleep(15.0)  # bridge connected, worker joined its group
+            site.start()
+            for machines in machine_steps:
+                rows.append(run_step(f"{machines} machines, 1 worker", machines, seconds, site, bridge, workers,
+                                     kafka, psutil.Process(mosquitto.pid), topics, window_ms))
+                print(rows[-1], flush=True)
+            if two_workers:
+                workers.append(Process("worker2", ["stream", "worker", "-c", str(config), "--data-dir",
+                                                   str(workdir / "w2")], workdir))
+                time.sleep(20.0)  # rebalance
+                rows.append(run_step(f"{machine_steps[-1]} machines, 2 workers", machine_steps[-1], seconds, site,
+                                     bridge, workers, kafka, psutil.Process(mosquitto.pid), topics, window_ms))
+                print(rows[-1], flush=True)
+        finally:
+            site.stop()
+            for process in [*workers, bridge]:
+                process.stop()
+    return rows
+
+
+def main(seconds: float = 60.0, machines: str = "10,25,50", window_ms: float = 200.0, two_workers: bool = True,
+         out: Path | None = None) -> None:
+    steps = tuple(int(m) for m in machines.split(","))
+    with tempfile.TemporaryDirectory(prefix="bench-central-") as tmp:
+        rows = central_rows(seconds, steps, window_ms, two_workers, Path(tmp))
+    report("central", f"site -> Mosquitto -> bridge -> Kafka -> Faust, {CAMERAS} cameras x {FPS:g} fps per machine, "
+           f"results grouped per {window_ms:g} ms, {seconds:g} s per step", rows,
+           notes="latency: a frame's capture ts to its rule evaluation in the worker (histogram quantiles); "
+           "cpu: % of one core per process over the step; lag_end: worker group's unconsumed records at the end; "
+           f"os cores: {os.cpu_count()}", out=out)
+
+
+if __name__ == "__main__":
+    typer.run(main)
