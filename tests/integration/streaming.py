@@ -51,7 +51,7 @@ class WorkerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         command = [*EDGELINE, "stream", "worker", "-c", str(self.config), "--data-dir",
                    str(self.workdir / f"{self.name}-data"), "--metrics-port", str(self.metrics_port),
-                   "--log-level", "warning"]
+                   "--log-level", "info"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                          env=os.environ | {"PYTHONUNBUFFERED": "1"})
@@ -129,6 +129,16 @@ def read_topic(bootstrap: str, topic: str, *, until: int | None = None, timeout:
     finally:
         consumer.close()
     return values
+
+
+def read_until_ids(bootstrap: str, topic: str, want: set[str], timeout: float = 120.0) -> list[Envelope]:
+    """The messages on ``topic`` once every id in ``want`` is among them (or at ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = read_messages(bootstrap, topic, idle_s=1.0, timeout=max(1.0, deadline - time.monotonic()))
+        if want <= {m.msg_id for m in got} or time.monotonic() >= deadline:
+            return got
+        time.sleep(1.0)
 
 
 def read_messages(bootstrap: str, topic: str, **kwargs: Any) -> list[Envelope]:

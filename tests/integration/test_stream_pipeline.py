@@ -18,7 +18,8 @@ from stream.mqtt import MqttClient
 from stream.messages import Alert, Command, Decision, Envelope, FrameResult, Heartbeat, ModelOutput, Result
 from stream.rules import RulesEngine
 from stream.topics import KafkaTopics, command_topic, status_topic, topic_for
-from tests.integration.streaming import WorkerProcess, read_json, read_messages, read_topic, write_site
+from tests.integration.streaming import (WorkerProcess, read_json, read_messages, read_topic, read_until_ids,
+                                        write_site)
 
 pytestmark = pytest.mark.integration
 
@@ -112,11 +113,11 @@ def test_edge_messages_become_decisions_alerts_and_a_command_back_on_mqtt(
     publish(probe, stream)
     publish(probe, [Heartbeat(site=unique_name, machine="m02", ts=time.time(), uptime_s=1.0)])
 
-    decisions = read_messages(kafka.bootstrap, topics.for_kind("decision"), until=5, timeout=120)
+    expected = expected_outputs(config, stream)  # one machine: the line stage sees the same order
+    decisions = read_until_ids(kafka.bootstrap, topics.for_kind("decision"), ids(expected, Decision))
     worker.check_alive()
-    expected = expected_outputs(config, stream)
-    camera_and_machine = [m for m in expected if getattr(m, "scope", "") != "line"]
-    assert ids(decisions, Decision) >= ids(camera_and_machine, Decision)
+    assert ids(decisions, Decision) == ids(expected, Decision)
+    assert {d.scope for d in decisions if isinstance(d, Decision)} == {"camera", "machine", "line"}
     line = [(d.state, d.ts) for d in decisions if isinstance(d, Decision) and d.scope == "line"]
     assert line == [("firing", stream[5].ts), ("resolved", stream[12].ts)]  # repartitioned by line
 
@@ -134,7 +135,7 @@ def test_edge_messages_become_decisions_alerts_and_a_command_back_on_mqtt(
     probe.publish(status_topic(unique_name, "m01"), b"", retain=True)  # clear the retained status
 
     alerts = [a for a in read_messages(kafka.bootstrap, topics.for_kind("alert")) if isinstance(a, Alert)]
-    assert ids(alerts, Alert) >= ids(camera_and_machine, Alert)
+    assert ids(alerts, Alert) >= ids(expected, Alert)
 
 
 def _wait_for_alert(bootstrap: str, topics: KafkaTopics, rule: str, key: str, state: str, timeout: float) -> Alert:
@@ -164,9 +165,9 @@ def test_restarting_the_worker_mid_stream_loses_no_decision_and_duplicates_no_al
     expected = expected_outputs(config, stream)
     want_decisions, want_alerts = ids(expected, Decision), ids(expected, Alert)
     assert len(want_alerts) >= 20
-    decisions = read_messages(kafka.bootstrap, topics.for_kind("decision"), until=len(want_decisions), timeout=120)
+    decisions = read_until_ids(kafka.bootstrap, topics.for_kind("decision"), want_decisions)
     second.check_alive()
-    alerts = read_messages(kafka.bootstrap, topics.for_kind("alert"), until=len(want_alerts), timeout=30)
+    alerts = read_until_ids(kafka.bootstrap, topics.for_kind("alert"), want_alerts, timeout=30)
     assert ids(decisions, Decision) == want_decisions
     assert ids(alerts, Alert) == want_alerts
     transitions = Counter((a.rule, a.key, a.state, a.ts) for a in alerts if isinstance(a, Alert))
@@ -184,24 +185,24 @@ def test_two_workers_split_the_machines_and_decide_as_the_embedded_runner(
     from_embedded: list[Envelope] = []
     embedded.listeners.append(from_embedded.append)
     embedded.start()
-    pair = [workers(path, "a"), workers(path, "b")]
-    probe = mqtt_probe(mosquitto)
-    warmup = [result(unique_name, f"m{i:02d}", time.time(), 0.0, camera="warmup") for i in range(1, 9)]
-    publish(probe, warmup)
-    for worker in pair:
-        worker.wait_consuming(timeout=120)
-    time.sleep(3.0)  # let the group settle on its final assignment
-    before = [w.metrics().get(f'edgeline_worker_messages_total{{topic="{topics.for_kind("result")}"}}', 0.0)
-              for w in pair]
-    stream = defect_waves(unique_name, [f"m{i:02d}" for i in range(1, 9)], 60, time.time())
-    publish(probe, stream)
-    want = ids(expected_outputs(config, warmup + stream), Decision)
-    decisions = read_messages(kafka.bootstrap, topics.for_kind("decision"), until=len(want), timeout=120)
-    embedded.stop()
+    try:
+        pair = [workers(path, "a"), workers(path, "b")]
+        probe = mqtt_probe(mosquitto)
+        warmup = [result(unique_name, f"m{i:02d}", time.time(), 0.0, camera="warmup") for i in range(1, 9)]
+        publish(probe, warmup)  # m01..m08 land on all 4 partitions
+        for worker in pair:
+            worker.wait_consuming(timeout=120)
+        time.sleep(3.0)  # let the group settle on its final assignment
+        results_topic = f'edgeline_worker_messages_total{{topic="{topics.for_kind("result")}"}}'
+        before = [w.metrics().get(results_topic, 0.0) for w in pair]
+        stream = defect_waves(unique_name, [f"m{i:02d}" for i in range(1, 9)], 60, time.time())
+        publish(probe, stream)
+        want = ids(expected_outputs(config, warmup + stream), Decision)
+        decisions = read_until_ids(kafka.bootstrap, topics.for_kind("decision"), want)
+    finally:
+        embedded.stop()
     assert ids(decisions, Decision) == want == ids(from_embedded, Decision)
-    after = [w.metrics().get(f'edgeline_worker_messages_total{{topic="{topics.for_kind("result")}"}}', 0.0)
-             for w in pair]
-    shares = [a - b for a, b in zip(after, before)]
+    shares = [w.metrics().get(results_topic, 0.0) - b for w, b in zip(pair, before)]
     assert sum(shares) >= len(stream) and min(shares) > 0, f"one worker did all the work: {shares}"
 
 
@@ -217,8 +218,9 @@ def test_restarting_the_bridge_mid_stream_loses_nothing(mosquitto, kafka, mqtt_p
     publish(probe, stream[200:400])
     bridge_for(config)
     publish(probe, stream[400:])
-    got = read_messages(kafka.bootstrap, config.stream.topics().for_kind("result"), until=600, timeout=60)
-    assert {m.msg_id for m in got} == {m.msg_id for m in stream}
+    want = {m.msg_id for m in stream}
+    got = read_until_ids(kafka.bootstrap, config.stream.topics().for_kind("result"), want, timeout=60)
+    assert {m.msg_id for m in got} == want
 
 
 def test_bad_input_is_dead_lettered_and_everything_keeps_running(
