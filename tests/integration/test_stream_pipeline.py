@@ -188,11 +188,7 @@ def test_two_workers_split_the_machines_and_decide_as_the_embedded_runner(
     try:
         pair = [workers(path, "a"), workers(path, "b")]
         probe = mqtt_probe(mosquitto)
-        warmup = [result(unique_name, f"m{i:02d}", time.time(), 0.0, camera="warmup") for i in range(1, 9)]
-        publish(probe, warmup)  # m01..m08 land on all 4 partitions
-        for worker in pair:
-            worker.wait_consuming(timeout=120)
-        time.sleep(3.0)  # let the group settle on its final assignment
+        warmup = warm_up_until_both_consume(probe, unique_name, pair)
         results_topic = f'edgeline_worker_messages_total{{topic="{topics.for_kind("result")}"}}'
         before = [w.metrics().get(results_topic, 0.0) for w in pair]
         stream = defect_waves(unique_name, [f"m{i:02d}" for i in range(1, 9)], 60, time.time())
@@ -204,6 +200,23 @@ def test_two_workers_split_the_machines_and_decide_as_the_embedded_runner(
     assert ids(decisions, Decision) == want == ids(from_embedded, Decision)
     shares = [w.metrics().get(results_topic, 0.0) - b for w, b in zip(pair, before)]
     assert sum(shares) >= len(stream) and min(shares) > 0, f"one worker did all the work: {shares}"
+
+
+def warm_up_until_both_consume(probe, site: str, pair: list[WorkerProcess], timeout: float = 120.0) -> list[Result]:
+    """Clean frames from m01..m08 (all 4 partitions) every 2 s until each worker has consumed some:
+    then both have joined the group and hold their final share of the partitions."""
+    sent: list[Result] = []
+    deadline = time.monotonic() + timeout
+    while not all(worker.consumed() > 0 for worker in pair):
+        if time.monotonic() > deadline:
+            raise TimeoutError("workers never both consumed: " + "\n".join(w.tail(20) for w in pair))
+        for worker in pair:
+            worker.check_alive()
+        batch = [result(site, f"m{i:02d}", time.time(), 0.0, camera="warmup") for i in range(1, 9)]
+        publish(probe, batch)
+        sent += batch
+        time.sleep(2.0)
+    return sent
 
 
 def test_restarting_the_bridge_mid_stream_loses_nothing(mosquitto, kafka, mqtt_probe, unique_name, tmp_path,
