@@ -289,8 +289,32 @@ def run_step(label: str, machines: int, seconds: float, site: SiteSimulator, bri
     return row
 
 
+def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy on a process for ``seconds`` (collapsed stacks in ``out``); runs beside the step."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen([str(py_spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
+                             "--format", "raw", "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarize_profile(path: Path, top: int = 12) -> list[tuple[str, float]]:
+    """Share of samples by the innermost frame of our code or of the library it sits in."""
+    by_place: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        total += int(count)
+        leaf = frames[-1]
+        place = leaf.split(" (")[1].split(":")[0] if " (" in leaf else leaf
+        place = place.split("site-packages/")[-1].split("/")[0] if "site-packages/" in place else place
+        key = f"{leaf.split(' (')[0]} [{place}]"
+        by_place[key] = by_place.get(key, 0) + int(count)
+    return [(k, 100.0 * v / max(total, 1)) for k, v in sorted(by_place.items(), key=lambda kv: -kv[1])[:top]]
+
+
 def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, two_workers: bool,
-                 workdir: Path) -> list[dict[str, Any]]:
+                 workdir: Path, profile_dir: Path | None = None) -> list[dict[str, Any]]:
     rows = [embedded_engine_rate()]
     with MosquittoBroker() as mosquitto, KafkaBroker() as kafka:
         topics = KafkaTopics(f"bench{int(time.time())}")
@@ -308,8 +332,14 @@ def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: floa
             time.sleep(15.0)  # bridge connected, worker joined its group
             site.start()
             for machines in machine_steps:
+                spies = []
+                if profile_dir is not None and machines == machine_steps[-1]:
+                    spies = [profile(p.proc.pid, min(30.0, seconds), profile_dir / f"{p.name}.txt")
+                             for p in (bridge, workers[0])]
                 rows.append(run_step(f"{machines} machines, 1 worker", machines, seconds, site, bridge, workers,
                                      kafka, psutil.Process(mosquitto.pid), topics, window_ms))
+                for spy in spies:
+                    spy.wait(60)
                 print(rows[-1], flush=True)
             if two_workers:
                 workers.append(Process("worker2", ["stream", "worker", "-c", str(config), "--data-dir",
@@ -326,10 +356,18 @@ def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: floa
 
 
 def main(seconds: float = 60.0, machines: str = "10,25,50", window_ms: float = 200.0, two_workers: bool = True,
-         out: Path | None = None) -> None:
+         profile_to: Path | None = None, out: Path | None = None) -> None:
+    """``--profile-to DIR``: py-spy the bridge and the worker during the largest step."""
     steps = tuple(int(m) for m in machines.split(","))
+    if profile_to is not None:
+        profile_to.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-central-") as tmp:
-        rows = central_rows(seconds, steps, window_ms, two_workers, Path(tmp))
+        rows = central_rows(seconds, steps, window_ms, two_workers, Path(tmp), profile_to)
+    if profile_to is not None:
+        for name in ("bridge", "worker1"):
+            print(f"{name}: where the samples are (py-spy, innermost frame)")
+            for place, share in summarize_profile(profile_to / f"{name}.txt"):
+                print(f"  {share:5.1f}%  {place}")
     report("central", f"site -> Mosquitto -> bridge -> Kafka -> Faust, {CAMERAS} cameras x {FPS:g} fps per machine, "
            f"results grouped per {window_ms:g} ms, {seconds:g} s per step", rows,
            notes="latency: a frame's capture ts to its rule evaluation in the worker (histogram quantiles); "

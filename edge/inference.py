@@ -9,7 +9,9 @@ frame's defect probability map resized back to that frame's size. No torch here.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -47,13 +49,34 @@ def resolve_providers(requested: Sequence[str]) -> list[str]:
     return chosen
 
 
+def tensorrt_options(precision: str, cache_dir: Path) -> dict[str, str]:
+    """TensorRT settings for a package: engines and timing caches on disk (the first load on a
+    Jetson builds the engine for minutes; later loads read it back), and the precision the
+    package was made for (int8 packages are QDQ graphs, which TensorRT takes as they are)."""
+    return {
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache_dir),
+        "trt_fp16_enable": str(precision in ("fp16", "int8")), "trt_int8_enable": str(precision == "int8"),
+    }
+
+
+def trt_cache_dir() -> Path:
+    return Path(os.environ.get("EDGELINE_TRT_CACHE", Path.home() / ".cache" / "edgeline" / "tensorrt"))
+
+
 def create_session(package: Package, providers: Sequence[str] = ("cpu",), threads: int = 1) -> ort.InferenceSession:
+    chosen: list[str | tuple[str, dict[str, str]]] = list(resolve_providers(providers))
+    if PROVIDERS["tensorrt"] in chosen:
+        cache = trt_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        chosen[chosen.index(PROVIDERS["tensorrt"])] = (PROVIDERS["tensorrt"],
+                                                        tensorrt_options(package.manifest.precision, cache))
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, int(threads))
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
-        session = ort.InferenceSession(str(package.model_path), options, providers=resolve_providers(providers))
+        session = ort.InferenceSession(str(package.model_path), options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelLoadError(f"{package.ref}: cannot create session: {exc}") from exc
     log.info("model %s loaded on %s with %d thread(s)", package.ref, session.get_providers()[0], threads)

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.inference import ModelLoadError, SegmentationModel, preprocess_frame, resolve_providers
+from edge.inference import ModelLoadError, SegmentationModel, preprocess_frame, resolve_providers, tensorrt_options
 from edge.postprocess import region_mask, segmentation_metrics
 from edge.synthetic import SyntheticCamera
 from models.package import load_package
@@ -62,6 +62,15 @@ def test_unavailable_providers_fall_back_to_cpu(caplog):
     assert chosen[-1] == "CPUExecutionProvider"
     assert "nonsense" in caplog.text
     assert resolve_providers([]) == ["CPUExecutionProvider"]
+
+
+def test_tensorrt_options_cache_engines_and_follow_the_package_precision(tmp_path):
+    """Pure settings check: TensorRT itself needs a Jetson/NVIDIA GPU, which this box lacks."""
+    int8 = tensorrt_options("int8", tmp_path)
+    assert int8["trt_engine_cache_enable"] == "True" and int8["trt_engine_cache_path"] == str(tmp_path)
+    assert (int8["trt_int8_enable"], int8["trt_fp16_enable"]) == ("True", "True")
+    assert (tensorrt_options("fp16", tmp_path)["trt_fp16_enable"], tensorrt_options("fp32", tmp_path)["trt_fp16_enable"]) \
+        == ("True", "False")
 
 
 def test_wrong_task_is_refused():
