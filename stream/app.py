@@ -10,7 +10,8 @@ with partitions and workers):
 * ``machine-stage`` on ``edgeline.results`` + ``edgeline.anomalies`` (keyed by machine): parse
   (bad input to ``edgeline.deadletter``, counted), dedupe on ``msg_id`` in an event-time tumbling
   table that expires, camera- and machine-scoped rules (state in table ``rule-states``), and the
-  observations line-scoped rules need forwarded to ``edgeline.line-observations`` keyed by line.
+  observations line-scoped rules need forwarded to ``edgeline.line-observations`` keyed by line
+  (one record per message).
 * ``line-stage`` on ``edgeline.line-observations``: the line-scoped rules, state in
   ``line-rule-states`` (a line's machines may sit on different partitions, hence the repartition).
 * ``liveness`` on ``edgeline.heartbeats`` + ``edgeline.events`` + ``edgeline.liveness-checks``:
@@ -166,14 +167,17 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
             if not by_machine.accept(message):
                 metrics.duplicates.inc()
                 continue
-            for index, obs in enumerate(observations(message, by_machine.lines)):
-                for output in by_machine.observe(obs):
-                    await emit(output)
-                metrics.latency.labels(message.KIND).observe(max(0.0, time.time() - obs.ts))
-                if by_line.wants(obs):
-                    forwarded = {"msg_id": f"{message.msg_id}:{index}", "ts": obs.ts, "obs": obs.to_dict()}
-                    await line_observations.send(key=obs.line.encode(), value=json.dumps(forwarded).encode(),
-                                                 timestamp=obs.ts)
+            batch = observations(message, by_machine.lines)
+            for output in by_machine.observe_all(batch):
+                await emit(output)
+            now = time.time()
+            for obs in batch:
+                metrics.latency.labels(message.KIND).observe(max(0.0, now - obs.ts))
+            for_line = [obs.to_dict() for obs in batch if by_line.wants(obs)]
+            if for_line:  # one record per message: a message's observations share a machine, so a line
+                forwarded = {"msg_id": message.msg_id, "ts": message.ts, "observations": for_line}
+                await line_observations.send(key=batch[0].line.encode(), value=json.dumps(forwarded).encode(),
+                                             timestamp=message.ts)
 
     @app.agent(line_observations, name="line-stage", concurrency=1)
     async def line_stage(stream: faust.StreamT) -> None:
@@ -181,15 +185,15 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
             metrics.consumed.labels(event.message.topic).inc()
             try:
                 forwarded = json.loads(event.value)
-                obs = Observation.from_dict(forwarded["obs"])
+                batch = [Observation.from_dict(obs) for obs in forwarded["observations"]]
                 msg_id, ts = str(forwarded["msg_id"]), float(forwarded["ts"])
             except (ValueError, KeyError, TypeError) as exc:
-                await dead_letter(event, f"bad line observation: {exc}")
+                await dead_letter(event, f"bad line observations: {exc}")
                 continue
             if not by_line.first_time(msg_id, ts):
                 metrics.duplicates.inc()
                 continue
-            for output in by_line.observe(obs):
+            for output in by_line.observe_all(batch):
                 await emit(output)
 
     @app.agent(raw_topic(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks), name="liveness", concurrency=1)

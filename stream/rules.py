@@ -275,10 +275,7 @@ class RulesEngine:
         """Feed one parsed message; return the Decision, Alert and Command messages it caused, in a deterministic order."""
         if not self.accept(message):
             return []
-        out: list[Envelope] = []
-        for obs in observations(message, self._lines):
-            out.extend(self.observe(obs))
-        return out
+        return self.observe_all(observations(message, self._lines))
 
     def accept(self, message: Envelope) -> bool:
         """Count the message; False for a repeat of one already seen (dedupe on ``msg_id``)."""
@@ -298,17 +295,29 @@ class RulesEngine:
 
     def observe(self, obs: Observation) -> list[Envelope]:
         """Feed one observation; the messages its transitions emit."""
-        self.stats.observations += 1
+        return self.observe_all([obs])
+
+    def observe_all(self, batch: list[Observation]) -> list[Envelope]:
+        """Feed observations in order; each rule state they touch is read from ``states`` once
+        and written back once at the end (a table-backed store then serialises a state once per
+        message, not once per frame)."""
+        touched: dict[str, RuleState] = {}
         out: list[Envelope] = []
-        for transition in self._observe(obs):
-            out.extend(self._emit(transition))
+        try:
+            for obs in batch:
+                self.stats.observations += 1
+                for transition in self._observe(obs, touched):
+                    out.extend(self._emit(transition))
+        finally:
+            for key, state in touched.items():
+                self._states[key] = state
         return out
 
     def buffered(self) -> int:
         """Observations held in all windows (bounded by rules x keys x per-kind caps)."""
         return sum(len(s.points) for s in self._states.values())
 
-    def _observe(self, obs: Observation) -> list[_Transition]:
+    def _observe(self, obs: Observation, touched: dict[str, RuleState]) -> list[_Transition]:
         transitions: list[_Transition] = []
         late = False
         for rule in self._rules:
@@ -316,13 +325,13 @@ class RulesEngine:
                 continue
             key = scope_key(rule, obs)
             state_key = f"{rule.name}|{key}"
-            state = self._states.get(state_key) or RuleState()
+            state = touched.get(state_key) or self._states.get(state_key) or RuleState()
             if not add_point(state, rule, self._lateness, obs.ts, obs.values[rule.metric]):
                 late = True
                 continue
+            touched[state_key] = state
             bad, value = evaluate(rule, state.points, state.clock)
             new_state = hysteresis(state, rule, state.clock, bad)
-            self._states[state_key] = state
             if new_state is not None:
                 transitions.append(_Transition(rule, obs, key, new_state, state.clock, value))
         if late:
