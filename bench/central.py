@@ -14,6 +14,7 @@ and CPU per process. In the same run: the embedded rules engine's max messages/s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -187,12 +188,12 @@ def _sum(metrics: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in metrics.items() if k.startswith(prefix))
 
 
-def _latency_buckets(workers: list[Process]) -> dict[float, float]:
+def _latency_buckets(workers: list[Process], histogram: str = "event") -> dict[float, float]:
     """Cumulative counts of the workers' result latency histogram, by upper bound (seconds)."""
     buckets: dict[float, float] = {}
     for worker in workers:
         for key, value in worker.metrics().items():
-            if key.startswith("edgeline_worker_event_latency_seconds_bucket") and 'kind="result"' in key:
+            if key.startswith(f"edgeline_worker_{histogram}_latency_seconds_bucket") and 'kind="result"' in key:
                 bound = key.split('le="')[1].split('"')[0]
                 upper = float("inf") if bound == "+Inf" else float(bound)
                 buckets[upper] = buckets.get(upper, 0.0) + value
@@ -263,13 +264,13 @@ def run_step(label: str, machines: int, seconds: float, site: SiteSimulator, bri
     published0, frames0 = site.published, site.frames
     bridge0 = bridge.metrics()
     workers0 = [w.metrics() for w in workers]
-    lat0 = _latency_buckets(workers)
+    lat0, pipe0 = _latency_buckets(workers), _latency_buckets(workers, "pipeline")
     t0 = time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - t0
     bridge1 = bridge.metrics()
     workers1 = [w.metrics() for w in workers]
-    lat1 = _latency_buckets(workers)
+    lat1, pipe1 = _latency_buckets(workers), _latency_buckets(workers, "pipeline")
     consumed = sum(_sum(b, "edgeline_worker_messages_total") - _sum(a, "edgeline_worker_messages_total")
                    for a, b in zip(workers0, workers1))
     row: dict[str, Any] = {
@@ -280,6 +281,8 @@ def run_step(label: str, machines: int, seconds: float, site: SiteSimulator, bri
                                   - _sum(bridge0, "edgeline_bridge_kafka_produced_total")) / elapsed),
         "worker_msg_per_s": round(consumed / elapsed),
         "p50_ms": round(_quantile(lat0, lat1, 0.5), 1), "p99_ms": round(_quantile(lat0, lat1, 0.99), 1),
+        "pipeline_p50_ms": round(_quantile(pipe0, pipe1, 0.5), 1),
+        "pipeline_p99_ms": round(_quantile(pipe0, pipe1, 0.99), 1),
         "lag_end": _lag(kafka.bootstrap, f"{topics.prefix}-worker-{SITE}",
                         [topics.for_kind("result"), topics.for_kind("anomaly")]),
         "dead_letters": int(_sum(bridge1, "edgeline_bridge_dead_lettered_total")),
@@ -292,9 +295,9 @@ def run_step(label: str, machines: int, seconds: float, site: SiteSimulator, bri
 def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     """py-spy on a process for ``seconds`` (collapsed stacks in ``out``); runs beside the step."""
     py_spy = Path(sys.executable).with_name("py-spy")
+    log = out.with_suffix(".log").open("wb")
     return subprocess.Popen([str(py_spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
-                             "--format", "raw", "--nonblocking", "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--format", "raw", "--nonblocking", "--output", str(out)], stdout=log, stderr=log)
 
 
 def summarize_profile(path: Path, top: int = 12) -> list[tuple[str, float]]:
@@ -340,14 +343,14 @@ def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: floa
                                      kafka, psutil.Process(mosquitto.pid), topics, window_ms))
                 for spy in spies:
                     spy.wait(60)
-                print(rows[-1], flush=True)
+                print(json.dumps(rows[-1]), flush=True)
             if two_workers:
                 workers.append(Process("worker2", ["stream", "worker", "-c", str(config), "--data-dir",
                                                    str(workdir / "w2")], workdir))
                 time.sleep(20.0)  # rebalance
                 rows.append(run_step(f"{machine_steps[-1]} machines, 2 workers", machine_steps[-1], seconds, site,
                                      bridge, workers, kafka, psutil.Process(mosquitto.pid), topics, window_ms))
-                print(rows[-1], flush=True)
+                print(json.dumps(rows[-1]), flush=True)
         finally:
             site.stop()
             for process in [*workers, bridge]:
@@ -365,12 +368,16 @@ def main(seconds: float = 60.0, machines: str = "10,25,50", window_ms: float = 2
         rows = central_rows(seconds, steps, window_ms, two_workers, Path(tmp), profile_to)
     if profile_to is not None:
         for name in ("bridge", "worker1"):
+            if not (profile_to / f"{name}.txt").is_file():
+                print(f"{name}: no profile (see {profile_to / name}.log)")
+                continue
             print(f"{name}: where the samples are (py-spy, innermost frame)")
             for place, share in summarize_profile(profile_to / f"{name}.txt"):
                 print(f"  {share:5.1f}%  {place}")
     report("central", f"site -> Mosquitto -> bridge -> Kafka -> Faust, {CAMERAS} cameras x {FPS:g} fps per machine, "
            f"results grouped per {window_ms:g} ms, {seconds:g} s per step", rows,
-           notes="latency: a frame's capture ts to its rule evaluation in the worker (histogram quantiles); "
+           notes="p50/p99: a frame's capture ts to its rule evaluation in the worker, edge grouping included; "
+           "pipeline_p50/p99: the message's newest frame (when the edge sent it) to evaluation (histogram quantiles); "
            "cpu: % of one core per process over the step; lag_end: worker group's unconsumed records at the end; "
            f"os cores: {os.cpu_count()}", out=out)
 

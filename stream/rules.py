@@ -42,7 +42,7 @@ import bisect
 import logging
 import operator
 from collections.abc import Callable, Collection, MutableMapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from stream.dedupe import Deduper
@@ -84,7 +84,8 @@ class Observation:
         return self.camera if self.camera is not None else str(self.group)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {"site": self.site, "machine": self.machine, "line": self.line, "model": self.model, "ts": self.ts,
+                "values": self.values, "camera": self.camera, "group": self.group}
 
     @classmethod
     def from_dict(cls, data: dict) -> Observation:

@@ -18,6 +18,7 @@ from stream.mqtt import MqttClient
 from stream.messages import Alert, Command, Decision, Envelope, FrameResult, Heartbeat, ModelOutput, Result
 from stream.rules import RulesEngine
 from stream.topics import KafkaTopics, command_topic, status_topic, topic_for
+from tests.unit.stream.test_webhook import Receiver
 from tests.integration.streaming import (WorkerProcess, read_json, read_messages, read_topic, read_until_ids,
                                         write_site)
 
@@ -100,9 +101,11 @@ def workers(tmp_path):
 
 
 def test_edge_messages_become_decisions_alerts_and_a_command_back_on_mqtt(
-        mosquitto, kafka, mqtt_probe, unique_name, tmp_path, bridge_for, workers):
+        mosquitto, kafka, mqtt_probe, unique_name, tmp_path, bridge_for, workers, request):
+    receiver = Receiver([503]).__enter__()  # the alert webhook: first answer 503, then 200
+    request.addfinalizer(lambda: receiver.__exit__(None, None, None))
     path, config = write_site(tmp_path, unique_name, mosquitto, kafka, RULES + [LINE_RULE], machines(2),
-                              heartbeat_timeout_s=3.0)
+                              heartbeat_timeout_s=3.0, webhook={"url": receiver.url, "backoff_s": 0.1})
     topics = config.stream.topics()
     bridge_for(config)
     worker = workers(path)
@@ -136,6 +139,11 @@ def test_edge_messages_become_decisions_alerts_and_a_command_back_on_mqtt(
 
     alerts = [a for a in read_messages(kafka.bootstrap, topics.for_kind("alert")) if isinstance(a, Alert)]
     assert ids(alerts, Alert) >= ids(expected, Alert)
+    deadline = time.monotonic() + 30
+    while {Alert.model_validate_json(b).msg_id for b in receiver.bodies[1:]} < ids(alerts, Alert):
+        assert time.monotonic() < deadline, "not every alert reached the webhook"
+        time.sleep(0.5)
+    assert len(receiver.bodies) >= len(ids(alerts, Alert)) + 1  # the 503 was retried
 
 
 def _wait_for_alert(bootstrap: str, topics: KafkaTopics, rule: str, key: str, state: str, timeout: float) -> Alert:
