@@ -1,7 +1,7 @@
 """Can this box decide on a whole site? A simulated site publishing to a real Mosquitto -> the
 bridge -> a real Kafka -> Faust worker(s), each a real process, at 10, 25 and 50 machines.
 
-    python -m bench.central [--seconds 60] [--machines 10,25,50] [--window-ms 200] [--two-workers]
+    python -m bench.central [--seconds 60] [--machines 10,25,50] [--window-ms 200] [--workers 1] [--two-workers]
 
 Every machine has 4 cameras at 15 fps, results grouped per camera per ``--window-ms`` at the edge
 (0: one message per frame), and one sensor group of 8 channels scored at 1 Hz, plus a heartbeat
@@ -93,27 +93,32 @@ class SiteSimulator:
         self.client.stop()
 
     def _run(self) -> None:
+        """Each camera sends on its own phase of the window and each machine its sensor score and
+        heartbeat on its own phase of the second, as unsynchronised machines do (no site-wide bursts)."""
         tick = self.window_s if self.window_s > 0 else 1.0 / FPS
-        next_tick, next_sensor, next_heartbeat, seq = time.time(), time.time(), time.time(), 0
+        frames_per_message = max(1, round(tick * FPS))
+        due: dict[tuple[str, str], float] = {}
+        seq = 0
         while not self._stop.is_set():
             now = time.time()
             with self._lock:
                 machines = list(self.machines)
-            frames_per_message = max(1, round(tick * FPS))
-            for machine in machines:
-                for camera in range(CAMERAS):
-                    self._publish(self._result(machine, f"c{camera}", seq, now, frames_per_message))
-            seq += frames_per_message
-            if now >= next_sensor:
-                for machine in machines:
+            streams = [(m, kind) for m in machines for kind in [f"c{c}" for c in range(CAMERAS)] + ["pump", "hb"]]
+            for index, key in enumerate(streams):
+                period = {"pump": 1.0, "hb": 5.0}.get(key[1], tick)
+                when = due.setdefault(key, now + period * index / len(streams))
+                if now < when:
+                    continue
+                machine, kind = key
+                if kind == "pump":
                     self._publish(self._anomaly(machine, now, int(now)))
-                next_sensor += 1.0
-            if now >= next_heartbeat:
-                for machine in machines:
+                elif kind == "hb":
                     self._publish(Heartbeat(site=SITE, machine=machine, ts=now, uptime_s=1.0))
-                next_heartbeat += 5.0
-            next_tick += tick
-            self._stop.wait(max(0.0, next_tick - time.time()))
+                else:
+                    self._publish(self._result(machine, kind, seq, now, frames_per_message))
+                    seq += frames_per_message
+                due[key] = max(when + period, now)
+            self._stop.wait(0.005)
 
     def _result(self, machine: str, camera: str, seq: int, now: float, count: int) -> Result:
         frames = []
@@ -257,6 +262,10 @@ def run_step(label: str, machines: int, seconds: float, site: SiteSimulator, bri
              window_ms: float) -> dict[str, Any]:
     site.set_machines(machines)
     time.sleep(10.0)  # reach the new rate before measuring
+    settle_until = time.monotonic() + 120.0
+    while time.monotonic() < settle_until and _lag(kafka.bootstrap, f"{topics.prefix}-worker-{SITE}",
+                                                   [topics.for_kind("result"), topics.for_kind("anomaly")]) > 1000:
+        time.sleep(5.0)  # a backlog from an earlier step would be measured as latency: let it drain
     me, kafka_ps = psutil.Process(), psutil.Process(kafka.pid)
     processes = {"site": me, "mosquitto": mosquitto_ps, "bridge": bridge.ps, "kafka": kafka_ps,
                  **{f"worker{i + 1}": w.ps for i, w in enumerate(workers)}}
@@ -317,7 +326,7 @@ def summarize_profile(path: Path, top: int = 12) -> list[tuple[str, float]]:
 
 
 def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, two_workers: bool,
-                 workdir: Path, profile_dir: Path | None = None) -> list[dict[str, Any]]:
+                 workdir: Path, profile_dir: Path | None = None, start_workers: int = 1) -> list[dict[str, Any]]:
     rows = [embedded_engine_rate()]
     with MosquittoBroker() as mosquitto, KafkaBroker(workdir / "kafka", heap="1g", fast_start=False) as kafka:
         topics = KafkaTopics(f"bench{int(time.time())}")
@@ -328,8 +337,8 @@ def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: floa
             "rules": RULES, "stream": {"kafka": kafka.bootstrap, "topic_prefix": topics.prefix, "partitions": 4},
         }))
         bridge = Process("bridge", ["stream", "bridge", "-c", str(config)], workdir)
-        workers = [Process("worker1", ["stream", "worker", "-c", str(config), "--data-dir", str(workdir / "w1")],
-                           workdir)]
+        workers = [Process(f"worker{i}", ["stream", "worker", "-c", str(config), "--data-dir", str(workdir / f"w{i}")],
+                           workdir) for i in range(1, start_workers + 1)]
         site = SiteSimulator(mosquitto, window_ms / 1000.0)
         try:
             time.sleep(15.0)  # bridge connected, worker joined its group
@@ -339,12 +348,12 @@ def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: floa
                 if profile_dir is not None and machines == machine_steps[-1]:
                     spies = [profile(p.proc.pid, min(30.0, seconds), profile_dir / f"{p.name}.txt")
                              for p in (bridge, workers[0])]
-                rows.append(run_step(f"{machines} machines, 1 worker", machines, seconds, site, bridge, workers,
+                rows.append(run_step(f"{machines} machines, {len(workers)} worker(s)", machines, seconds, site, bridge, workers,
                                      kafka, psutil.Process(mosquitto.pid), topics, window_ms))
                 for spy in spies:
                     spy.wait(60)
                 print(json.dumps(rows[-1]), flush=True)
-            if two_workers:
+            if two_workers and len(workers) == 1:
                 workers.append(Process("worker2", ["stream", "worker", "-c", str(config), "--data-dir",
                                                    str(workdir / "w2")], workdir))
                 time.sleep(20.0)  # rebalance
@@ -359,13 +368,15 @@ def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: floa
 
 
 def main(seconds: float = 60.0, machines: str = "10,25,50", window_ms: float = 200.0, two_workers: bool = True,
-         profile_to: Path | None = None, out: Path | None = None) -> None:
-    """``--profile-to DIR``: py-spy the bridge and the worker during the largest step."""
+         workers: int = 1, profile_to: Path | None = None, out: Path | None = None) -> None:
+    """``--profile-to DIR``: py-spy the bridge and the worker during the largest step; ``--workers``:
+    how many workers run from the start; ``--two-workers``: add a second for a last step at the
+    largest site."""
     steps = tuple(int(m) for m in machines.split(","))
     if profile_to is not None:
         profile_to.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-central-") as tmp:
-        rows = central_rows(seconds, steps, window_ms, two_workers, Path(tmp), profile_to)
+        rows = central_rows(seconds, steps, window_ms, two_workers, Path(tmp), profile_to, workers)
     if profile_to is not None:
         for name in ("bridge", "worker1"):
             if not (profile_to / f"{name}.txt").is_file():

@@ -39,10 +39,11 @@ def write_site(tmp_path: Path, name: str, mosquitto: Any, kafka: Any, rules: lis
 class WorkerProcess:
     """``edgeline stream worker`` as a child process, its output in a log file."""
 
-    def __init__(self, config: Path, workdir: Path, name: str = "worker") -> None:
+    def __init__(self, config: Path, workdir: Path, name: str = "worker", data: str | None = None) -> None:
         self.config = config
         self.workdir = workdir
         self.name = name
+        self.data_dir = workdir / f"{data or name}-data"
         self.log = workdir / f"{name}.log"
         self.metrics_port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -50,7 +51,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         command = [*EDGELINE, "stream", "worker", "-c", str(self.config), "--data-dir",
-                   str(self.workdir / f"{self.name}-data"), "--metrics-port", str(self.metrics_port),
+                   str(self.data_dir), "--metrics-port", str(self.metrics_port),
                    "--log-level", "info"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

@@ -90,8 +90,8 @@ def bridge_for():
 def workers(tmp_path):
     started: list[WorkerProcess] = []
 
-    def start(config_path, name: str = "worker") -> WorkerProcess:
-        worker = WorkerProcess(config_path, tmp_path / "workers", name).start()
+    def start(config_path, name: str = "worker", data: str | None = None) -> WorkerProcess:
+        worker = WorkerProcess(config_path, tmp_path / "workers", name, data).start()
         started.append(worker)
         return worker
 
@@ -155,9 +155,11 @@ def _wait_for_alert(bootstrap: str, topics: KafkaTopics, rule: str, key: str, st
     raise AssertionError(f"no {rule} {state} alert for {key} within {timeout} s")
 
 
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
 def test_restarting_the_worker_mid_stream_loses_no_decision_and_duplicates_no_alert(
-        mosquitto, kafka, mqtt_probe, unique_name, tmp_path, bridge_for, workers):
-    path, config = write_site(tmp_path, unique_name, mosquitto, kafka, RULES, machines(4))
+        mosquitto, kafka, mqtt_probe, unique_name, tmp_path, bridge_for, workers, store):
+    """memory:// rebuilds the tables from their changelogs; rocksdb:// (rocksdict) reopens them on disk."""
+    path, config = write_site(tmp_path, unique_name, mosquitto, kafka, RULES, machines(4), store=store)
     topics = config.stream.topics()
     bridge_for(config)
     first = workers(path, "first")
@@ -168,7 +170,7 @@ def test_restarting_the_worker_mid_stream_loses_no_decision_and_duplicates_no_al
     first.wait_consuming()
     time.sleep(2.0)
     assert first.stop() == 0  # SIGTERM mid-stream: Faust commits and flushes on the way out
-    second = workers(path, "second")
+    second = workers(path, "second", data="first")  # the same host: rocksdb:// reopens its files
     publish(probe, stream[half:])
     expected = expected_outputs(config, stream)
     want_decisions, want_alerts = ids(expected, Decision), ids(expected, Alert)
