@@ -1,0 +1,259 @@
+"""The staged rollout state machine: pure, no I/O and no clocks (``now`` is passed in).
+
+A rollout takes one model package to an ordered list of target machines in stages (default:
+1 machine, then 25%, then all). For each stage it asks for a deploy, waits until every machine of
+the stage reports the new version loaded (or ``deploy_timeout_s`` passes), then soaks for
+``soak_s`` while every health report is checked against the gates:
+
+* ``loaded``: the machine runs the new version and says it loaded (a machine that reports the
+  old version again, or a load failure, fails the gate);
+* ``latency``: p95 inference latency within ``max_latency_ratio`` of the same machine's p95 on
+  the old version (its last report before the deploy);
+* ``errors``: error rate at most ``max_error_rate``;
+* ``drift``: mean defect ratio within ``max_drift`` (absolute) of the machine's old-version mean;
+* ``shadow`` (optional): the candidate's agreement with the current version (mask IoU measured in
+  shadow mode before the deploy) at least ``min_shadow_agreement``.
+
+A failed gate rolls back every machine that received the new version (one ``Rollback`` action)
+and the rollout ends ``rolled_back`` once they all report the old version again. ``pause`` holds
+the rollout where it is (no new stage starts, gates are still checked), ``resume`` continues,
+``abort`` rolls back. Every transition is appended to ``history``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Phase = Literal["pending", "deploying", "soaking", "completed", "rolling_back", "rolled_back"]
+
+
+@dataclass(frozen=True)
+class Gates:
+    max_latency_ratio: float = 1.2
+    max_error_rate: float = 0.01
+    max_drift: float = 0.05
+    min_shadow_agreement: float | None = None
+    deploy_timeout_s: float = 120.0
+    rollback_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to roll out where: ``stages`` are fractions of the targets, each rounded up, the
+    first meaning one machine when it is 0 (the canary)."""
+
+    package: str
+    previous: str
+    targets: tuple[str, ...]
+    stages: tuple[float, ...] = (0.0, 0.25, 1.0)
+    soak_s: float = 60.0
+    gates: Gates = Gates()
+
+    def stage_machines(self, index: int) -> tuple[str, ...]:
+        """Every machine that runs the new version once stage ``index`` is deployed (cumulative)."""
+        fraction = self.stages[index]
+        count = 1 if fraction == 0 else math.ceil(fraction * len(self.targets))
+        return self.targets[: max(1, min(len(self.targets), count))]
+
+
+@dataclass(frozen=True)
+class Health:
+    """One machine's report, read from its heartbeats and results."""
+
+    machine: str
+    version: str
+    loaded: bool = True
+    p95_latency_ms: float = 0.0
+    error_rate: float = 0.0
+    defect_ratio_mean: float = 0.0
+    shadow_agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class Deploy:
+    machines: tuple[str, ...]
+    package: str
+
+
+@dataclass(frozen=True)
+class Rollback:
+    machines: tuple[str, ...]
+    to: str
+    reason: str
+
+
+Action = Deploy | Rollback
+
+
+@dataclass(frozen=True)
+class Entry:
+    ts: float
+    phase: Phase
+    stage: int
+    text: str
+
+
+@dataclass
+class Rollout:
+    plan: Plan
+    phase: Phase = "pending"
+    stage: int = -1
+    paused: bool = False
+    since: float = 0.0
+    """When the current phase began (event time)."""
+    failure: str | None = None
+    history: list[Entry] = field(default_factory=list)
+    _baseline: dict[str, Health] = field(default_factory=dict)
+    _latest: dict[str, Health] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ inputs
+
+    def start(self, now: float) -> list[Action]:
+        if self.phase != "pending":
+            raise RolloutError(f"cannot start a rollout that is {self.phase}")
+        return self._deploy_stage(0, now)
+
+    def report(self, now: float, health: Health) -> list[Action]:
+        """A machine's health; may fail a gate, finish a deploy or a rollback."""
+        if health.machine not in self.plan.targets:
+            return []
+        if health.version == self.plan.previous and health.machine not in self._deployed():
+            self._baseline[health.machine] = health
+        self._latest[health.machine] = health
+        return self.tick(now)
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passing: deploy and rollback timeouts, soak completion, next stage."""
+        if self.phase == "deploying":
+            return self._check_deploying(now)
+        if self.phase == "soaking":
+            return self._check_soaking(now)
+        if self.phase == "rolling_back":
+            self._check_rolled_back(now)
+        return []
+
+    def pause(self, now: float) -> None:
+        self._require_active("pause")
+        self.paused = True
+        self._log(now, "paused")
+
+    def resume(self, now: float) -> list[Action]:
+        self._require_active("resume")
+        self.paused = False
+        self._log(now, "resumed")
+        return self.tick(now)
+
+    def abort(self, now: float, reason: str = "aborted by operator") -> list[Action]:
+        self._require_active("abort")
+        return self._roll_back(now, reason)
+
+    # ------------------------------------------------------------ what it has done
+
+    @property
+    def done(self) -> bool:
+        return self.phase in ("completed", "rolled_back")
+
+    def _deployed(self) -> tuple[str, ...]:
+        return self.plan.stage_machines(self.stage) if self.stage >= 0 else ()
+
+    # ------------------------------------------------------------ transitions
+
+    def _deploy_stage(self, index: int, now: float) -> list[Action]:
+        before = set(self._deployed())
+        self.stage = index
+        self._enter("deploying", now)
+        new = tuple(m for m in self._deployed() if m not in before)
+        self._log(now, f"stage {index + 1}/{len(self.plan.stages)}: deploying {self.plan.package} to "
+                       f"{', '.join(new)}")
+        return [Deploy(new, self.plan.package)]
+
+    def _check_deploying(self, now: float) -> list[Action]:
+        pending = [m for m in self._deployed() if not self._runs_new(m)]
+        failed = [m for m in self._deployed() if self._load_failed(m)]
+        if failed:
+            return self._roll_back(now, f"gate loaded: {', '.join(failed)} failed to load {self.plan.package}")
+        if pending and now - self.since > self.plan.gates.deploy_timeout_s:
+            return self._roll_back(now, f"gate loaded: {', '.join(pending)} not on {self.plan.package} after "
+                                        f"{self.plan.gates.deploy_timeout_s:g} s")
+        if pending:
+            return []
+        self._enter("soaking", now)
+        self._log(now, f"stage {self.stage + 1}: all {len(self._deployed())} machines on {self.plan.package}; soaking")
+        return self._check_soaking(now)
+
+    def _check_soaking(self, now: float) -> list[Action]:
+        for machine in self._deployed():
+            problem = self._gate_problem(machine)
+            if problem:
+                return self._roll_back(now, problem)
+        if now - self.since < self.plan.soak_s or self.paused:
+            return []
+        if self.stage + 1 < len(self.plan.stages):
+            return self._deploy_stage(self.stage + 1, now)
+        self._enter("completed", now)
+        self._log(now, f"{self.plan.package} on all {len(self.plan.targets)} machines")
+        return []
+
+    def _gate_problem(self, machine: str) -> str | None:
+        health, gates = self._latest.get(machine), self.plan.gates
+        if health is None:
+            return None
+        if health.version != self.plan.package or not health.loaded:
+            return f"gate loaded: {machine} reports {health.version} (loaded={health.loaded})"
+        base = self._baseline.get(machine)
+        if base is not None and base.p95_latency_ms > 0:
+            ratio = health.p95_latency_ms / base.p95_latency_ms
+            if ratio > gates.max_latency_ratio:
+                return (f"gate latency: {machine} p95 {health.p95_latency_ms:.1f} ms is {ratio:.2f}x the old "
+                        f"{base.p95_latency_ms:.1f} ms (limit {gates.max_latency_ratio:g}x)")
+        if health.error_rate > gates.max_error_rate:
+            return f"gate errors: {machine} error rate {health.error_rate:.3f} > {gates.max_error_rate:g}"
+        if base is not None and abs(health.defect_ratio_mean - base.defect_ratio_mean) > gates.max_drift:
+            return (f"gate drift: {machine} mean defect ratio {health.defect_ratio_mean:.3f} vs "
+                    f"{base.defect_ratio_mean:.3f} before (limit ±{gates.max_drift:g})")
+        if gates.min_shadow_agreement is not None and (health.shadow_agreement or 0.0) < gates.min_shadow_agreement:
+            return (f"gate shadow: {machine} agreement {health.shadow_agreement} < "
+                    f"{gates.min_shadow_agreement:g}")
+        return None
+
+    def _roll_back(self, now: float, reason: str) -> list[Action]:
+        touched = self._deployed()
+        self.failure = reason
+        self._enter("rolling_back", now)
+        self._log(now, f"rolling back {', '.join(touched)} to {self.plan.previous}: {reason}")
+        return [Rollback(touched, self.plan.previous, reason)]
+
+    def _check_rolled_back(self, now: float) -> None:
+        waiting = [m for m in self._deployed() if (h := self._latest.get(m)) is None or h.version != self.plan.previous]
+        if not waiting:
+            self._enter("rolled_back", now)
+            self._log(now, f"all machines back on {self.plan.previous}")
+        elif now - self.since > self.plan.gates.rollback_timeout_s:
+            self._enter("rolled_back", now)
+            self._log(now, f"rollback timed out; still not on {self.plan.previous}: {', '.join(waiting)}")
+
+    # ------------------------------------------------------------ helpers
+
+    def _runs_new(self, machine: str) -> bool:
+        health = self._latest.get(machine)
+        return health is not None and health.version == self.plan.package and health.loaded
+
+    def _load_failed(self, machine: str) -> bool:
+        health = self._latest.get(machine)
+        return health is not None and health.version == self.plan.package and not health.loaded
+
+    def _enter(self, phase: Phase, now: float) -> None:
+        self.phase, self.since = phase, now
+
+    def _log(self, now: float, text: str) -> None:
+        self.history.append(Entry(now, self.phase, self.stage, text))
+
+    def _require_active(self, verb: str) -> None:
+        if self.phase not in ("deploying", "soaking"):
+            raise RolloutError(f"cannot {verb} a rollout that is {self.phase}")
+
+
+class RolloutError(RuntimeError):
+    """An operation that the rollout's phase does not allow."""

@@ -1,0 +1,114 @@
+"""The rollout state machine on scripted timelines of health reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from central.rollout import Deploy, Gates, Health, Plan, Rollback, Rollout, RolloutError
+
+OLD, NEW = "seg:1.0.0", "seg:1.1.0"
+MACHINES = tuple(f"m{i:02d}" for i in range(1, 9))
+
+
+def plan(**kw) -> Plan:
+    return Plan(package=NEW, previous=OLD, targets=MACHINES, soak_s=30.0, **kw)
+
+
+def healthy(machine: str, version: str, p95: float = 10.0, ratio: float = 0.02, **kw) -> Health:
+    return Health(machine, version, p95_latency_ms=p95, defect_ratio_mean=ratio, **kw)
+
+
+def baseline(rollout: Rollout, now: float = 0.0) -> None:
+    for m in MACHINES:
+        rollout.report(now, healthy(m, OLD))
+
+
+def swap(rollout: Rollout, machines, now: float, **kw) -> list:
+    actions = []
+    for m in machines:
+        actions += rollout.report(now, healthy(m, NEW, **kw))
+    return actions
+
+
+def test_stages_canary_then_quarter_then_all():
+    assert [len(plan().stage_machines(i)) for i in range(3)] == [1, 2, 8]
+    rollout = Rollout(plan())
+    baseline(rollout)
+    assert rollout.start(1.0) == [Deploy(("m01",), NEW)]
+    assert swap(rollout, ["m01"], 5.0) == [] and rollout.phase == "soaking"
+    assert rollout.tick(34.0) == []  # soaking 29 s of 30
+    assert rollout.tick(35.0) == [Deploy(("m02",), NEW)]  # 25% of 8 = 2 machines in all
+    assert swap(rollout, ["m02"], 40.0) == []
+    assert rollout.tick(70.0) == [Deploy(MACHINES[2:], NEW)]
+    swap(rollout, MACHINES[2:], 75.0)
+    rollout.tick(105.0)
+    assert rollout.phase == "completed" and rollout.done and rollout.failure is None
+    assert [e.text.split(":")[0] for e in rollout.history][:2] == ["stage 1/3", "stage 1"]
+
+
+@pytest.mark.parametrize("report, gate", [
+    (dict(p95=13.0), "gate latency"),
+    (dict(error_rate=0.05), "gate errors"),
+    (dict(ratio=0.2), "gate drift"),
+    (dict(loaded=False), "gate loaded"),
+])
+def test_a_failed_gate_rolls_back_every_machine_that_got_the_new_version(report, gate):
+    rollout = Rollout(plan())
+    baseline(rollout)
+    rollout.start(0.0)
+    swap(rollout, ["m01"], 1.0)
+    rollout.tick(31.0)
+    swap(rollout, ["m02"], 32.0)
+    (action,) = swap(rollout, ["m02"], 40.0, **report)
+    assert isinstance(action, Rollback) and action.machines == ("m01", "m02") and action.to == OLD
+    assert action.reason.startswith(gate) and rollout.phase == "rolling_back"
+    for m in ("m01", "m02"):
+        rollout.report(45.0, healthy(m, OLD))
+    assert rollout.phase == "rolled_back" and rollout.failure.startswith(gate)
+
+
+def test_latency_is_judged_against_the_same_machine_on_the_old_version():
+    rollout = Rollout(plan())
+    rollout.report(0.0, healthy("m01", OLD, p95=50.0))  # a slow box: 55 ms is fine for it
+    rollout.start(1.0)
+    assert swap(rollout, ["m01"], 2.0, p95=55.0) == [] and rollout.phase == "soaking"
+
+
+def test_a_machine_that_never_loads_fails_the_deploy_after_the_timeout():
+    rollout = Rollout(plan(gates=Gates(deploy_timeout_s=60.0)))
+    baseline(rollout)
+    rollout.start(0.0)
+    assert rollout.tick(59.0) == []
+    (action,) = rollout.tick(61.0)
+    assert isinstance(action, Rollback) and "not on seg:1.1.0 after 60 s" in action.reason
+
+
+def test_pause_holds_the_next_stage_and_abort_rolls_back():
+    rollout = Rollout(plan())
+    baseline(rollout)
+    rollout.start(0.0)
+    swap(rollout, ["m01"], 1.0)
+    rollout.pause(2.0)
+    assert rollout.tick(100.0) == [] and rollout.stage == 0
+    assert rollout.resume(101.0) == [Deploy(("m02",), NEW)]
+    (action,) = rollout.abort(102.0)
+    assert action == Rollback(("m01", "m02"), OLD, "aborted by operator")
+    with pytest.raises(RolloutError, match="cannot resume a rollout that is rolling_back"):
+        rollout.resume(103.0)
+
+
+def test_shadow_gate_requires_agreement_when_configured():
+    rollout = Rollout(plan(gates=Gates(min_shadow_agreement=0.9)))
+    baseline(rollout)
+    rollout.start(0.0)
+    (action,) = swap(rollout, ["m01"], 1.0, shadow_agreement=0.7)
+    assert action.reason.startswith("gate shadow")
+
+
+def test_a_rollback_that_does_not_finish_ends_with_the_stragglers_named():
+    rollout = Rollout(plan(gates=Gates(rollback_timeout_s=10.0)))
+    baseline(rollout)
+    rollout.start(0.0)
+    swap(rollout, ["m01"], 1.0, error_rate=1.0)
+    rollout.tick(20.0)
+    assert rollout.phase == "rolled_back" and "still not on seg:1.0.0: m01" in rollout.history[-1].text
