@@ -26,6 +26,8 @@ stream_app = typer.Typer(help="Stream processing: the MQTT->Kafka bridge, Faust 
 models_app = typer.Typer(help="Model training, export and packages (training needs the 'models' extra).",
                          no_args_is_help=True)
 config_app = typer.Typer(help="Site configuration files.", no_args_is_help=True)
+central_app = typer.Typer(help="The control plane: broker credentials and ACLs (registry and rollouts to come).",
+                          no_args_is_help=True)
 app.add_typer(edge_app, name="edge")
 app.add_typer(stream_app, name="stream")
 app.add_typer(models_app, name="models")
@@ -33,6 +35,7 @@ register_package_commands(models_app)
 register_segmentation_commands(models_app)
 register_anomaly_commands(models_app)
 app.add_typer(config_app, name="config")
+app.add_typer(central_app, name="central")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -181,6 +184,35 @@ def stream_worker(config: ConfigOption, kafka: KafkaOption = None,
     if store is not None:
         site = site.model_copy(update={"stream": site.stream.model_copy(update={"store": store})})
     run_worker(site, data_dir, metrics_port=metrics_port, loglevel=log_level)
+
+
+# ---------------------------------------------------------------- central
+
+
+@central_app.command("broker-auth")
+def central_broker_auth(
+    config: ConfigOption,
+    out: Annotated[Path, typer.Option(help="folder for acl, passwd and credentials.yaml")] = Path("deploy/mosquitto"),
+) -> None:
+    """Write the site's Mosquitto ACL, a password file and fresh credentials (one user per machine)."""
+    import yaml
+
+    from central.broker_auth import new_credentials, site_acl, write_password_file
+
+    site = _load_or_exit(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "acl").write_text(site_acl(site))
+    credentials = new_credentials(site)
+    try:
+        write_password_file(out / "passwd", credentials)
+    except (FileNotFoundError, RuntimeError) as exc:
+        err_console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(2) from None
+    secrets_file = out / "credentials.yaml"
+    secrets_file.write_text(yaml.safe_dump(credentials))
+    secrets_file.chmod(0o600)
+    console.print(f"wrote {out / 'acl'}, {out / 'passwd'} and {secrets_file} ({len(credentials)} users: "
+                  "give each machine its own password as broker.username/password)")
 
 
 # ---------------------------------------------------------------- models

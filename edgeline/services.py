@@ -228,7 +228,8 @@ def mosquitto_path() -> str | None:
 
 
 class MosquittoBroker(_ChildProcessService):
-    """Mosquitto on ``127.0.0.1:<port>`` with anonymous access, as a child process.
+    """Mosquitto on ``127.0.0.1:<port>`` as a child process: anonymous access, or with
+    ``password_file`` (and ``acl_file``) only the users it lists, within their ACL.
 
     ``port`` defaults to a free port chosen once, so :meth:`restart` comes back on the same port
     (outage tests). With ``persistence=True`` the broker keeps sessions and queued QoS 1 messages
@@ -245,10 +246,14 @@ class MosquittoBroker(_ChildProcessService):
         persistence: bool = False,
         persistence_dir: Path | None = None,
         max_queued_messages: int = 100_000,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
         start_timeout: float = 10.0,
     ) -> None:
         self._port = port if port is not None else free_port()
         self._workdir = _Workdir(workdir, "edgeline-mosquitto-")
+        self.password_file = password_file
+        self.acl_file = acl_file
         self.persistence = persistence
         self.persistence_dir = persistence_dir
         self.max_queued_messages = max_queued_messages
@@ -283,11 +288,17 @@ class MosquittoBroker(_ChildProcessService):
     def __repr__(self) -> str:
         return f"MosquittoBroker({self.host}:{self.port}, pid={self.pid})"
 
+    def _auth_lines(self) -> list[str]:
+        if self.password_file is None:
+            return ["allow_anonymous true"]
+        lines = ["allow_anonymous false", f"password_file {self.password_file}"]
+        return lines + ([f"acl_file {self.acl_file}"] if self.acl_file is not None else [])
+
     def _config(self, workdir: Path) -> str:
         lines = [
             "# written by edgeline.services.MosquittoBroker",
             f"listener {self._port} {LOOPBACK}",
-            "allow_anonymous true",
+            *self._auth_lines(),
             f"log_dest file {workdir / 'mosquitto.log'}",
             "log_type error",
             "log_type warning",
