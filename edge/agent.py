@@ -27,11 +27,12 @@ from edge.gate import ChangeGate
 from edge.grouping import ResultGrouper
 from edge.inference import SegmentationModel
 from edge.metrics import EdgeMetrics
+from edge.ota import ModelSwapper
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.scheduler import LoadShedder
 from edge.sensors import MqttSensorFeed, SensorSource, make_sensor_source
-from edgeline.config import SiteConfig, resolve_model_path
+from edgeline.config import ModelRef, SiteConfig, resolve_model_path
 from models.package import load_package
 from stream.messages import (Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
                              Heartbeat, MessageError, ModelOutput, Result, parse_message)
@@ -41,6 +42,9 @@ from stream.topics import machine_commands_filter, status_topic, topic_for
 log = logging.getLogger(__name__)
 
 LATENCY_WINDOW = 200
+RECENT_FRAMES = 8
+"""Latest inferred frames kept for a new model's self-test before a swap."""
+MODEL_COMMANDS = ("load_model", "rollback_model")
 
 
 @dataclass
@@ -74,7 +78,12 @@ class EdgeAgent:
         self._stop = threading.Event()
         self._frame_ready = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.base_dir = base_dir
         self.seg_models = self._load_seg_models(config, base_dir)
+        self.swapper = ModelSwapper(self.seg_models, config.trusted_keys(base_dir),
+                                    providers={n: r.providers for n, r in config.models.items()},
+                                    threads={n: r.threads for n, r in config.models.items()})
+        self.recent_frames: deque[np.ndarray] = deque(maxlen=RECENT_FRAMES)
         self.anomaly_models = self._load_anomaly_models(config, base_dir)
         self.cameras = [Camera(machine_id, cam, make_source(cam, base_dir), self._frame_ready)
                         for cam in self.machine.cameras]
@@ -202,6 +211,7 @@ class EdgeAgent:
         outputs: dict[tuple[str, int], list[ModelOutput]] = {}
         frames = [(camera, frame) for camera, frame in frames if self._not_shed(camera)]
         fresh = [(camera, frame) for camera, frame in frames if self._needs_inference(camera, frame)]
+        self.recent_frames.extend(frame.image for _, frame in fresh)
         for name, model in self.seg_models.items():
             batch = [(camera, frame) for camera, frame in fresh if name in camera.config.models]
             for start in range(0, len(batch), self.inference.max_batch):
@@ -343,11 +353,31 @@ class EdgeAgent:
         if not isinstance(command, Command) or command.machine != self.id:
             log.warning("edge:%s: ignored a message for %s on the command topic", self.id, command.machine)
             return
+        if command.name in MODEL_COMMANDS:  # loading takes a while: not on the MQTT thread
+            threading.Thread(target=self.apply_model_command, args=(command,), name=f"ota:{self.id}",
+                             daemon=True).start()
+            return
         applied, text = self.apply_command(command)
         self._publish(Event(site=self.site, machine=self.id, ts=time.time(), camera=command.camera,
                             name="command_applied" if applied else "command_rejected",
                             level="info" if applied else "warning", text=text,
                             details={"command": command.name, "command_id": command.msg_id}))
+
+    def apply_model_command(self, command: Command) -> None:
+        """``load_model`` {model, path} swaps a model live; ``rollback_model`` {model} puts the
+        previous one back. The outcome is published as an event, with the self-test's figures."""
+        model = str(command.args.get("model", ""))
+        if command.name == "load_model":
+            path = resolve_model_path(ModelRef(path=str(command.args.get("path", ""))), self.base_dir)
+            outcome = self.swapper.load(model, path, list(self.recent_frames))
+            name = "model_loaded" if outcome.ok else "model_load_failed"
+        else:
+            outcome = self.swapper.rollback(model)
+            name = "model_rolled_back" if outcome.ok else "model_rollback_failed"
+        log.log(logging.INFO if outcome.ok else logging.WARNING, "edge:%s: %s", self.id, outcome.text)
+        self._publish(Event(site=self.site, machine=self.id, ts=time.time(), name=name,
+                            level="info" if outcome.ok else "error", text=outcome.text[:2000],
+                            details={**outcome.details, "command_id": command.msg_id}))
 
     def apply_command(self, command: Command) -> tuple[bool, str]:
         cameras = [c for c in self.cameras if command.camera in (None, c.id)]

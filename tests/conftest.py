@@ -39,7 +39,8 @@ from edgeline.services import KafkaBroker, MosquittoBroker, ServiceError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LEAK_GRACE_S = 3.0
-OWNED_THREAD_PREFIXES = ("capture:", "infer:", "sensors:", "heartbeat:", "paho-mqtt-client-", "mqtt:embedded-broker")
+OWNED_THREAD_PREFIXES = ("capture:", "infer:", "sensors:", "heartbeat:", "ota:", "paho-mqtt-client-",
+                         "mqtt:embedded-broker")
 """Daemon threads that are still ours to stop: the edge agent's workers and paho's network loops."""
 
 # Processes of session-scoped services (they may be restarted by a test, so pids are read late).

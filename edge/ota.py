@@ -1,0 +1,103 @@
+"""Model swaps on a running agent, without stopping inference.
+
+A new package is verified (checksums and signature against the site's trusted keys), loaded in
+its own ONNX Runtime session beside the running one and warmed up, then self-tested on the
+cameras' most recent frames: every probability map must be finite, in [0, 1] and frame-sized,
+and its agreement with the running model (mask IoU over the same frames) is measured, which is
+what shadow mode reports. Only then is it put in place, by replacing one dict entry that the
+inference thread reads once per batch, so no frame waits on the swap. The model it replaced is
+kept, and ``rollback`` puts it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge.inference import ModelLoadError, SegmentationModel
+from models.package import PackageError, load_package
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SwapOutcome:
+    ok: bool
+    text: str
+    details: dict[str, str | float] = field(default_factory=dict)
+
+
+def mask_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray], threshold: float) -> float:
+    """Pooled IoU of the defect masks of two models over the same frames (1.0 when both are empty)."""
+    inter = union = 0
+    for pa, pb in zip(a, b, strict=True):
+        ma, mb = pa > threshold, pb > threshold
+        inter += int(np.logical_and(ma, mb).sum())
+        union += int(np.logical_or(ma, mb).sum())
+    return inter / union if union else 1.0
+
+
+def self_test(candidate: SegmentationModel, frames: Sequence[np.ndarray]) -> tuple[list[np.ndarray], str | None]:
+    """The candidate's maps for ``frames``, and what is wrong with them (None: nothing)."""
+    maps = candidate.infer(list(frames))
+    for frame, prob in zip(frames, maps):
+        if prob.shape != frame.shape[:2]:
+            return maps, f"output {prob.shape} does not match the frame {frame.shape[:2]}"
+        if not np.isfinite(prob).all() or prob.min() < 0.0 or prob.max() > 1.0:
+            return maps, "output is not a probability map (NaN, inf or outside [0, 1])"
+    return maps, None
+
+
+class ModelSwapper:
+    """Swaps the segmentation models of one agent (``models`` is the agent's own dict)."""
+
+    def __init__(self, models: dict[str, SegmentationModel], trusted_keys: list[Ed25519PublicKey] | None,
+                 providers: dict[str, Sequence[str]], threads: dict[str, int]) -> None:
+        self.models = models
+        self.trusted_keys = trusted_keys
+        self.providers = providers
+        self.threads = threads
+        self.previous: dict[str, SegmentationModel] = {}
+        self._lock = threading.Lock()  # one swap at a time
+
+    def load(self, name: str, path: Path, recent_frames: Sequence[np.ndarray]) -> SwapOutcome:
+        if name not in self.models:
+            return SwapOutcome(False, f"no model {name!r} on this machine")
+        with self._lock:
+            try:
+                package = load_package(path, trusted_keys=self.trusted_keys)
+                candidate = SegmentationModel(package, self.providers.get(name, ("cpu",)), self.threads.get(name, 1))
+            except (PackageError, ModelLoadError, OSError) as exc:
+                return SwapOutcome(False, f"{name}: refused: {exc}")
+            current = self.models[name]
+            details: dict[str, str | float] = {"model": name, "version": candidate.version,
+                                               "precision": package.manifest.precision}
+            if recent_frames:
+                maps, problem = self_test(candidate, recent_frames)
+                if problem:
+                    return SwapOutcome(False, f"{name}: self-test failed: {problem}", details)
+                details["agreement"] = round(mask_agreement(maps, current.infer(list(recent_frames)),
+                                                            current.postprocess.threshold), 4)
+                details["self_test_frames"] = float(len(recent_frames))
+            self.previous[name] = current
+            self.models[name] = candidate  # the swap: the inference thread picks it up at its next batch
+        log.info("model %s: %s:%s (%s) in place of %s:%s", name, candidate.name, candidate.version,
+                 package.manifest.precision, current.name, current.version)
+        return SwapOutcome(True, f"{name}: now {candidate.name}:{candidate.version} ({package.manifest.precision})",
+                           details)
+
+    def rollback(self, name: str) -> SwapOutcome:
+        with self._lock:
+            previous = self.previous.pop(name, None)
+            if previous is None:
+                return SwapOutcome(False, f"{name}: nothing to roll back to")
+            self.models[name] = previous
+        return SwapOutcome(True, f"{name}: back on {previous.name}:{previous.version}",
+                           {"model": name, "version": previous.version,
+                            "precision": previous.package.manifest.precision})
