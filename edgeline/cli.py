@@ -26,7 +26,7 @@ stream_app = typer.Typer(help="Stream processing: the MQTT->Kafka bridge, Faust 
 models_app = typer.Typer(help="Model training, export and packages (training needs the 'models' extra).",
                          no_args_is_help=True)
 config_app = typer.Typer(help="Site configuration files.", no_args_is_help=True)
-central_app = typer.Typer(help="The control plane: broker credentials and ACLs (registry and rollouts to come).",
+central_app = typer.Typer(help="The control plane: fleet and model registry API, broker credentials and ACLs.",
                           no_args_is_help=True)
 app.add_typer(edge_app, name="edge")
 app.add_typer(stream_app, name="stream")
@@ -187,6 +187,38 @@ def stream_worker(config: ConfigOption, kafka: KafkaOption = None,
 
 
 # ---------------------------------------------------------------- central
+
+
+@central_app.command("serve")
+def central_serve(
+    config: ConfigOption,
+    token_file: Annotated[Path, typer.Option(help="file holding the API bearer token (16+ characters)")],
+    db: Annotated[str, typer.Option(help="SQLAlchemy URL: sqlite:///central.db or postgresql://...")] = "sqlite:///central.db",
+    storage: Annotated[Path, typer.Option(help="where uploaded packages are kept")] = Path("central-packages"),
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    log_level: str = "info",
+) -> None:
+    """Serve the fleet and model registries over HTTP (OpenAPI docs at /docs)."""
+    try:
+        import uvicorn
+
+        from central.api import create_api, load_token
+        from central.registry import Registry
+    except ImportError as exc:
+        err_console.print(f"[bold red]the central service needs the 'central' extra (pip install 'edgeline[central]'): {exc}[/]")
+        raise typer.Exit(2) from None
+    site = _load_or_exit(config)
+    try:
+        token = load_token(token_file)
+    except (OSError, ValueError) as exc:
+        err_console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(2) from None
+    from models.signing import builtin_trusted_keys, load_public_keys
+
+    keys = builtin_trusted_keys() + [k for p in site.signatures.trusted_keys for k in load_public_keys(config.parent / p)]
+    registry = Registry(db, storage, keys)  # central refuses unsigned packages whatever the edge requires
+    uvicorn.run(create_api(registry, token), host=host, port=port, log_level=log_level)
 
 
 @central_app.command("broker-auth")

@@ -1,0 +1,98 @@
+"""The central HTTP API (FastAPI): fleet and model registries. Every write needs the bearer token;
+reads are open on the plant network. OpenAPI docs at ``/docs``.
+
+    edgeline central serve --config site.yaml --token-file token --db sqlite:///central.db
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from central.registry import MachineRow, Registry, RegistryError
+from stream.messages import IDENTIFIER_PATTERN
+
+MAX_PACKAGE_BYTES = 512 * 2**20
+
+
+class MachineIn(BaseModel):
+    site: str = Field(pattern=IDENTIFIER_PATTERN)
+    line: str = ""
+    cameras: list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]] = Field(default_factory=list)
+    models: dict[str, str] = Field(default_factory=dict, description="model name -> package id")
+
+
+def machine_out(row: MachineRow) -> dict[str, Any]:
+    return {"id": row.id, "site": row.site, "line": row.line, "cameras": json.loads(row.cameras),
+            "models": json.loads(row.models), "status": row.status, "last_heartbeat": row.last_heartbeat}
+
+
+def create_api(registry: Registry, token: str) -> FastAPI:
+    app = FastAPI(title="Edgeline central", version="1", description="Fleet and model registries of one site.")
+
+    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        if authorization is None or not authorization.startswith("Bearer "):
+            raise HTTPException(401, "this call changes state: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not secrets.compare_digest(authorization.removeprefix("Bearer ").strip(), token):
+            raise HTTPException(403, "the bearer token is not valid")
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.post("/models", status_code=201, dependencies=[Depends(require_token)],
+              summary="Upload a signed model package (a .tar as the request body)")
+    async def upload(request: Request) -> dict[str, Any]:
+        body = await request.body()
+        if not body:
+            raise HTTPException(400, "send the package .tar as the request body (Content-Type: application/x-tar)")
+        if len(body) > MAX_PACKAGE_BYTES:
+            raise HTTPException(413, f"package larger than {MAX_PACKAGE_BYTES // 2**20} MiB")
+        return asdict(registry.add_package(body))
+
+    @app.get("/models")
+    def list_models() -> list[dict[str, Any]]:
+        return [asdict(p) for p in registry.packages()]
+
+    @app.get("/models/{package_id}")
+    def inspect_model(package_id: str) -> dict[str, Any]:
+        return asdict(registry.package(package_id))
+
+    @app.get("/models/{package_id}/download", response_class=FileResponse)
+    def download(package_id: str) -> FileResponse:
+        stored = registry.package(package_id)
+        return FileResponse(registry.package_path(package_id), media_type="application/x-tar",
+                            filename=f"{package_id}.tar", headers={"X-Checksum-Sha256": stored.sha256})
+
+    @app.put("/machines/{machine_id}", dependencies=[Depends(require_token)])
+    def put_machine(machine_id: Annotated[str, PathParam(pattern=IDENTIFIER_PATTERN)], machine: MachineIn) -> dict:
+        for package_id in machine.models.values():
+            registry.package(package_id)  # 404 for an unknown package
+        return machine_out(registry.upsert_machine(machine_id, machine.site, machine.line, machine.cameras,
+                                                   machine.models))
+
+    @app.get("/machines")
+    def list_machines() -> list[dict[str, Any]]:
+        return [machine_out(row) for row in registry.machines()]
+
+    @app.get("/machines/{machine_id}")
+    def get_machine(machine_id: str) -> dict[str, Any]:
+        return machine_out(registry.machine(machine_id))
+
+    return app
+
+
+def load_token(path: Path) -> str:
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise ValueError(f"{path}: the API token must be at least 16 characters")
+    return token

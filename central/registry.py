@@ -1,0 +1,153 @@
+"""The fleet and model registries in SQL (SQLite by default, PostgreSQL by URL, via SQLAlchemy).
+
+Model packages are stored as the uploaded tar under ``storage/`` and indexed by
+``<name>-<version>-<precision>``; an upload is verified before it is kept (every file's sha256
+and the Ed25519 signature against the trusted keys), so the registry never serves a package the
+edge would refuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Float, String, Text, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from models.package import PackageError, load_package, manifest_json
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class MachineRow(Base):
+    __tablename__ = "machines"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    site: Mapped[str] = mapped_column(String(64))
+    line: Mapped[str] = mapped_column(String(64), default="")
+    cameras: Mapped[str] = mapped_column(Text, default="[]")
+    """JSON list of camera ids."""
+    models: Mapped[str] = mapped_column(Text, default="{}")
+    """JSON: model name -> package id assigned to the machine."""
+    status: Mapped[str] = mapped_column(String(16), default="unknown")
+    last_heartbeat: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class PackageRow(Base):
+    __tablename__ = "packages"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    precision: Mapped[str] = mapped_column(String(8))
+    task: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[str] = mapped_column(Text)
+    uploaded_at: Mapped[float] = mapped_column(Float)
+
+
+class RegistryError(ValueError):
+    """A request the registry refuses; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class StoredPackage:
+    id: str
+    name: str
+    version: str
+    precision: str
+    task: str
+    sha256: str
+    key_id: str
+    manifest: dict
+    uploaded_at: float
+
+
+class Registry:
+    def __init__(self, url: str, storage: Path, trusted_keys: list[Ed25519PublicKey]) -> None:
+        self.engine = create_engine(url)
+        Base.metadata.create_all(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.storage = storage
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.trusted_keys = trusted_keys
+
+    # ------------------------------------------------------------ packages
+
+    def add_package(self, tar_bytes: bytes) -> StoredPackage:
+        """Verify and keep an uploaded package tar; refuse unsigned, tampered or duplicate ones."""
+        digest = hashlib.sha256(tar_bytes).hexdigest()
+        with tempfile.TemporaryDirectory(prefix="edgeline-upload-") as tmp:
+            tar = Path(tmp) / "package.tar"
+            tar.write_bytes(tar_bytes)
+            try:
+                package = load_package(tar, trusted_keys=self.trusted_keys, cache_dir=Path(tmp) / "x")
+            except PackageError as exc:
+                raise RegistryError(400, f"package refused: {exc}") from None
+            manifest = package.manifest
+            package_id = f"{manifest.name}-{manifest.version}-{manifest.precision}"
+            with self.sessions() as session:
+                if session.get(PackageRow, package_id) is not None:
+                    raise RegistryError(409, f"package {package_id} is already registered")
+                row = PackageRow(id=package_id, name=manifest.name, version=manifest.version,
+                                 precision=manifest.precision, task=manifest.task, sha256=digest,
+                                 key_id=manifest.signature.key_id if manifest.signature else "",
+                                 manifest=json.dumps(manifest_json(manifest)), uploaded_at=time.time())
+                shutil.copyfile(tar, self.package_path(package_id))
+                session.add(row)
+                session.commit()
+        return _stored(row)
+
+    def packages(self) -> list[StoredPackage]:
+        with self.sessions() as session:
+            return [_stored(r) for r in session.scalars(select(PackageRow).order_by(PackageRow.id))]
+
+    def package(self, package_id: str) -> StoredPackage:
+        with self.sessions() as session:
+            row = session.get(PackageRow, package_id)
+        if row is None:
+            raise RegistryError(404, f"no package {package_id!r}")
+        return _stored(row)
+
+    def package_path(self, package_id: str) -> Path:
+        return self.storage / f"{package_id}.tar"
+
+    # ------------------------------------------------------------ machines
+
+    def upsert_machine(self, machine_id: str, site: str, line: str = "", cameras: list[str] | None = None,
+                       models: dict[str, str] | None = None) -> MachineRow:
+        with self.sessions() as session:
+            row = session.get(MachineRow, machine_id) or MachineRow(id=machine_id)
+            row.site, row.line = site, line
+            row.cameras = json.dumps(cameras or [])
+            row.models = json.dumps(models or {})
+            session.merge(row)
+            session.commit()
+        return self.machine(machine_id)
+
+    def machines(self) -> list[MachineRow]:
+        with self.sessions() as session:
+            return list(session.scalars(select(MachineRow).order_by(MachineRow.id)))
+
+    def machine(self, machine_id: str) -> MachineRow:
+        with self.sessions() as session:
+            row = session.get(MachineRow, machine_id)
+        if row is None:
+            raise RegistryError(404, f"no machine {machine_id!r}")
+        return row
+
+
+def _stored(row: PackageRow) -> StoredPackage:
+    return StoredPackage(row.id, row.name, row.version, row.precision, row.task, row.sha256, row.key_id,
+                         json.loads(row.manifest), row.uploaded_at)

@@ -1,0 +1,49 @@
+"""`edgeline central serve` as a real process on a real port: upload a signed package with the
+token, refuse one without it, and download it back."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from edgeline.config import BUILTIN_PACKAGES
+from models.package import write_package_tar
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_central_serves_the_model_registry_over_http(tmp_path):
+    (tmp_path / "site.yaml").write_text("site: plant\n")
+    (tmp_path / "token").write_text("a-long-enough-api-token\n")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "edgeline.cli", "central", "serve", "-c", str(tmp_path / "site.yaml"),
+                               "--token-file", str(tmp_path / "token"), "--db", f"sqlite:///{tmp_path / 'c.db'}",
+                               "--storage", str(tmp_path / "store"), "--port", str(port), "--log-level", "warning"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/models", timeout=1).raise_for_status()
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, "central did not come up"
+                time.sleep(0.3)
+        tar = write_package_tar(BUILTIN_PACKAGES / "seg-synth-fp32", tmp_path / "p.tar").read_bytes()
+        assert httpx.post(f"{base}/models", content=tar).status_code == 401
+        created = httpx.post(f"{base}/models", content=tar, headers={"Authorization": "Bearer a-long-enough-api-token"})
+        assert created.status_code == 201, created.text
+        assert httpx.get(f"{base}/models/{created.json()['id']}/download").content == tar
+        assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "Edgeline central"
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -1,0 +1,80 @@
+"""The central API in-process (FastAPI's TestClient over the real app and a real SQLite file):
+auth on writes, signed uploads only, downloads with their checksum, clear 4xx on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+
+from central.api import create_api
+from central.registry import Registry
+from edgeline.config import BUILTIN_PACKAGES
+from models.package import write_package_tar
+from models.signing import builtin_trusted_keys
+
+TOKEN = "s3cret-token-of-the-plant"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def client(tmp_path):
+    registry = Registry(f"sqlite:///{tmp_path / 'central.db'}", tmp_path / "storage", builtin_trusted_keys())
+    with TestClient(create_api(registry, TOKEN)) as client:
+        yield client
+
+
+@pytest.fixture
+def package_tar(tmp_path):
+    return write_package_tar(BUILTIN_PACKAGES / "seg-synth-int8", tmp_path / "seg-synth-int8.tar").read_bytes()
+
+
+def test_upload_list_inspect_download(client, package_tar):
+    created = client.post("/models", content=package_tar, headers=AUTH)
+    assert created.status_code == 201, created.text
+    package_id = created.json()["id"]
+    assert package_id == "seg-synth-1.0.0-int8" and created.json()["key_id"] == "a6268398fe59b584"
+    assert [p["id"] for p in client.get("/models").json()] == [package_id]
+    assert client.get(f"/models/{package_id}").json()["manifest"]["precision"] == "int8"
+    download = client.get(f"/models/{package_id}/download")
+    assert download.content == package_tar
+    assert download.headers["X-Checksum-Sha256"] == hashlib.sha256(package_tar).hexdigest()
+    again = client.post("/models", content=package_tar, headers=AUTH)
+    assert again.status_code == 409 and "already registered" in again.json()["detail"]
+
+
+def test_writes_need_the_token(client, package_tar):
+    missing = client.post("/models", content=package_tar)
+    assert missing.status_code == 401 and "Bearer" in missing.json()["detail"]
+    wrong = client.put("/machines/m01", json={"site": "plant"}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 403
+    assert client.get("/models").status_code == 200  # reads are open
+
+
+def test_tampered_and_unsigned_packages_are_refused(client, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(BUILTIN_PACKAGES / "seg-synth-int8", tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["version"] = "6.6.6"
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    tar = write_package_tar(tampered, tmp_path / "tampered.tar").read_bytes()
+    refused = client.post("/models", content=tar, headers=AUTH)
+    assert refused.status_code == 400 and "signature" in refused.json()["detail"]
+    junk = client.post("/models", content=b"not a tar at all", headers=AUTH)
+    assert junk.status_code == 400 and junk.json()["detail"].startswith("package refused")
+
+
+def test_machines_registry_and_bad_input(client, package_tar):
+    client.post("/models", content=package_tar, headers=AUTH)
+    put = client.put("/machines/m01", json={"site": "plant", "line": "L1", "cameras": ["c1"],
+                                            "models": {"seg": "seg-synth-1.0.0-int8"}}, headers=AUTH)
+    assert put.status_code == 200 and put.json()["models"] == {"seg": "seg-synth-1.0.0-int8"}
+    assert [m["id"] for m in client.get("/machines").json()] == ["m01"]
+    unknown = client.put("/machines/m02", json={"site": "plant", "models": {"seg": "nope"}}, headers=AUTH)
+    assert unknown.status_code == 404 and "no package 'nope'" in unknown.json()["detail"]
+    bad = client.put("/machines/m 03", json={"site": "bad site/"}, headers=AUTH)
+    assert bad.status_code == 422
+    assert client.get("/machines/m09").status_code == 404
