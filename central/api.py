@@ -18,9 +18,24 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from central.registry import MachineRow, Registry, RegistryError
+from central.rollout import Gates, RolloutError
+from central.rollouts import RolloutManager
 from stream.messages import IDENTIFIER_PATTERN
 
 MAX_PACKAGE_BYTES = 512 * 2**20
+
+
+class RolloutIn(BaseModel):
+    package: str = Field(description="package id to roll out, e.g. seg-synth-1.1.0-int8")
+    model: str = Field(pattern=IDENTIFIER_PATTERN, description="model name in the site config it replaces")
+    machines: list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]] = Field(min_length=1)
+    stages: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.0, 0.25, 1.0],
+                                                              description="fractions of the machines; 0 = one")
+    soak_s: float = Field(60.0, ge=0)
+    max_latency_ratio: float = Field(1.2, gt=1)
+    max_error_rate: float = Field(0.01, ge=0)
+    max_drift: float = Field(0.05, ge=0)
+    deploy_timeout_s: float = Field(120.0, gt=0)
 
 
 class MachineIn(BaseModel):
@@ -35,7 +50,7 @@ def machine_out(row: MachineRow) -> dict[str, Any]:
             "models": json.loads(row.models), "status": row.status, "last_heartbeat": row.last_heartbeat}
 
 
-def create_api(registry: Registry, token: str) -> FastAPI:
+def create_api(registry: Registry, token: str, rollouts: RolloutManager | None = None) -> FastAPI:
     app = FastAPI(title="Edgeline central", version="1", description="Fleet and model registries of one site.")
 
     def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -88,7 +103,42 @@ def create_api(registry: Registry, token: str) -> FastAPI:
     def get_machine(machine_id: str) -> dict[str, Any]:
         return machine_out(registry.machine(machine_id))
 
+    if rollouts is not None:
+        _rollout_routes(app, rollouts, require_token)
     return app
+
+
+def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) -> None:
+    def known(rollout_id: str) -> str:
+        if rollout_id not in rollouts.rollouts:
+            raise HTTPException(404, f"no rollout {rollout_id!r}")
+        return rollout_id
+
+    @app.post("/rollouts", status_code=201, dependencies=[Depends(require_token)])
+    def create(body: RolloutIn) -> dict[str, Any]:
+        gates = Gates(max_latency_ratio=body.max_latency_ratio, max_error_rate=body.max_error_rate,
+                      max_drift=body.max_drift, deploy_timeout_s=body.deploy_timeout_s)
+        try:
+            rollout_id = rollouts.create(body.package, body.model, body.machines, stages=tuple(body.stages),
+                                         soak_s=body.soak_s, gates=gates)
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return rollouts.describe(rollout_id)
+
+    @app.get("/rollouts/{rollout_id}")
+    def describe(rollout_id: str) -> dict[str, Any]:
+        return rollouts.describe(known(rollout_id))
+
+    @app.post("/rollouts/{rollout_id}/{verb}", dependencies=[Depends(require_token)])
+    def control(rollout_id: str, verb: str) -> dict[str, Any]:
+        operation = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}.get(verb)
+        if operation is None:
+            raise HTTPException(404, f"unknown operation {verb!r}: pause, resume or abort")
+        try:
+            operation(known(rollout_id))
+        except RolloutError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return rollouts.describe(rollout_id)
 
 
 def load_token(path: Path) -> str:

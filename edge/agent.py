@@ -27,13 +27,13 @@ from edge.gate import ChangeGate
 from edge.grouping import ResultGrouper
 from edge.inference import SegmentationModel
 from edge.metrics import EdgeMetrics
-from edge.ota import ModelSwapper
+from edge.ota import DownloadError, ModelSwapper, SwapOutcome, fetch_package
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.scheduler import LoadShedder
 from edge.sensors import MqttSensorFeed, SensorSource, make_sensor_source
 from edgeline.config import ModelRef, SiteConfig, resolve_model_path
-from models.package import load_package
+from models.package import default_cache_dir, load_package
 from stream.messages import (Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
                              Heartbeat, MessageError, ModelOutput, Result, parse_message)
 from stream.mqtt import MqttClient, Will
@@ -331,6 +331,7 @@ class EdgeAgent:
             cameras=[self.camera_status(camera) for camera in self.cameras],
             cpu_percent=process.cpu_percent(), rss_mb=process.memory_info().rss / 2**20,
             outbox_depth=self.outbox.depth, outbox_dropped=self.outbox.dropped_total,
+            models={name: package_id(model) for name, model in self.seg_models.items()},
         )
 
     def camera_status(self, camera: Camera) -> CameraStatus:
@@ -368,8 +369,12 @@ class EdgeAgent:
         previous one back. The outcome is published as an event, with the self-test's figures."""
         model = str(command.args.get("model", ""))
         if command.name == "load_model":
-            path = resolve_model_path(ModelRef(path=str(command.args.get("path", ""))), self.base_dir)
-            outcome = self.swapper.load(model, path, list(self.recent_frames))
+            try:
+                path = self._package_for(command)
+            except DownloadError as exc:
+                outcome = SwapOutcome(False, f"{model}: {exc}", {"model": model})
+            else:
+                outcome = self.swapper.load(model, path, list(self.recent_frames))
             name = "model_loaded" if outcome.ok else "model_load_failed"
         else:
             outcome = self.swapper.rollback(model)
@@ -378,6 +383,13 @@ class EdgeAgent:
         self._publish(Event(site=self.site, machine=self.id, ts=time.time(), name=name,
                             level="info" if outcome.ok else "error", text=outcome.text[:2000],
                             details={**outcome.details, "command_id": command.msg_id}))
+
+    def _package_for(self, command: Command) -> Path:
+        """``url`` + ``sha256`` (from central): downloaded and verified; else ``path`` on this box."""
+        if "url" in command.args:
+            return fetch_package(str(command.args["url"]), str(command.args.get("sha256", "")),
+                                 default_cache_dir() / "downloads" / self.id)
+        return resolve_model_path(ModelRef(path=str(command.args.get("path", ""))), self.base_dir)
 
     def apply_command(self, command: Command) -> tuple[bool, str]:
         cameras = [c for c in self.cameras if command.camera in (None, c.id)]
@@ -417,6 +429,12 @@ class EdgeAgent:
             return False
         self.forwarder.notify()
         return True
+
+
+def package_id(model: SegmentationModel) -> str:
+    """How central names a package: ``<name>-<version>-<precision>``."""
+    manifest = model.package.manifest
+    return f"{manifest.name}-{manifest.version}-{manifest.precision}"
 
 
 def priority_of(message: Envelope) -> Priority:

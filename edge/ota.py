@@ -11,8 +11,11 @@ kept, and ``rollback`` puts it back.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,40 @@ from edge.inference import ModelLoadError, SegmentationModel
 from models.package import PackageError, load_package
 
 log = logging.getLogger(__name__)
+
+
+KEEP_DOWNLOADS = 3
+"""Downloaded package tars kept on disk (the running one, the one before, and one more)."""
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def fetch_package(url: str, sha256: str, folder: Path, keep: int = KEEP_DOWNLOADS) -> Path:
+    """Download a package tar from central into ``folder`` (verified against ``sha256``, which central
+    sends with the rollout), keeping the ``keep`` newest downloads. Already there: not fetched again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{sha256}.tar"
+    if not target.exists():
+        partial = target.with_suffix(".part")
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except (urllib.error.URLError, OSError) as exc:
+            partial.unlink(missing_ok=True)
+            raise DownloadError(f"download of {url} failed: {exc}") from exc
+        if digest.hexdigest() != sha256:
+            partial.unlink(missing_ok=True)
+            raise DownloadError(f"download of {url} has sha256 {digest.hexdigest()[:12]}…, expected {sha256[:12]}…")
+        partial.rename(target)
+    target.touch()
+    for old in sorted(folder.glob("*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)[keep:]:
+        old.unlink(missing_ok=True)
+    return target
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,9 @@ class Heartbeat(Envelope):
     rss_mb: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     outbox_depth: Annotated[int, Field(ge=0)] = 0
     outbox_dropped: Annotated[int, Field(ge=0)] = Field(0, description="messages the full outbox dropped so far")
+    models: dict[Identifier, Annotated[str, Field(max_length=200)]] = Field(
+        default_factory=dict, description="model name in the site config -> package id running "
+        "(<name>-<version>-<precision>), what rollouts watch")
 
 
 class Event(Envelope):

@@ -1,0 +1,165 @@
+"""Rollouts wired to the fleet: the pure :class:`central.rollout.Rollout` fed by the machines'
+heartbeats and events over MQTT, its actions sent as edge commands.
+
+``Deploy`` becomes ``load_model`` {model, url, sha256} (the edge downloads the package from this
+service, verifies it and swaps it in); ``Rollback`` becomes ``rollback_model`` {model}. Health is
+read from heartbeats (the package each machine runs, p99 inference latency of its cameras) and
+from ``model_load_failed`` events. A ticker thread (``rollouts:<site>``) drives soak times and
+timeouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import asdict
+
+import paho.mqtt.client as paho
+
+from central.registry import Registry
+from central.rollout import Action, Deploy, Gates, Health, Plan, Rollback, Rollout
+from stream.messages import Command, Event, Heartbeat, MessageError, parse_message
+from stream.mqtt import MqttClient
+from stream.topics import mqtt_topic, topic_for
+
+log = logging.getLogger(__name__)
+
+
+class RolloutManager:
+    def __init__(self, site: str, registry: Registry, mqtt: MqttClient, public_url: str, tick_s: float = 0.5) -> None:
+        self.site = site
+        self.registry = registry
+        self.mqtt = mqtt
+        self.public_url = public_url.rstrip("/")
+        self.tick_s = tick_s
+        self.rollouts: dict[str, Rollout] = {}
+        self.models: dict[str, str] = {}
+        """rollout id -> the model name (site config key) it replaces."""
+        self.running: dict[str, dict[str, str]] = {}
+        """machine -> {model name: package id}, from the latest heartbeat."""
+        self._latency: dict[str, float] = {}
+        """machine -> p99 inference latency over its cameras, from the latest heartbeat."""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.mqtt.subscribe(mqtt_topic(self.site, "+", "heartbeat"), self._on_message)
+        self.mqtt.subscribe(mqtt_topic(self.site, "+", "event"), self._on_message)
+        self.mqtt.start()
+        self._thread = threading.Thread(target=self._tick_loop, name=f"rollouts:{self.site}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.mqtt.stop()
+
+    # ------------------------------------------------------------ operations
+
+    def create(self, package_id: str, model: str, machines: list[str], *, stages: tuple[float, ...] = (0.0, 0.25, 1.0),
+               soak_s: float = 60.0, gates: Gates | None = None) -> str:
+        self.registry.package(package_id)  # 404 for an unknown package
+        with self._lock:
+            previous = {self.running.get(m, {}).get(model) for m in machines}
+            if None in previous or len(previous) != 1:
+                raise ValueError(f"the machines must all report one running package for {model!r} first "
+                                 f"(have: {sorted(str(p) for p in previous)})")
+            rollout_id = uuid.uuid4().hex[:12]
+            rollout = Rollout(Plan(package_id, previous.pop(), tuple(machines), stages, soak_s, gates or Gates()))
+            self.rollouts[rollout_id], self.models[rollout_id] = rollout, model
+            now = time.time()
+            for machine in machines:
+                rollout.report(now, self._health(machine, model))
+            actions = rollout.start(now)
+        self._execute(rollout_id, actions)
+        return rollout_id
+
+    def pause(self, rollout_id: str) -> None:
+        with self._lock:
+            self._get(rollout_id).pause(time.time())
+
+    def resume(self, rollout_id: str) -> None:
+        with self._lock:
+            actions = self._get(rollout_id).resume(time.time())
+        self._execute(rollout_id, actions)
+
+    def abort(self, rollout_id: str) -> None:
+        with self._lock:
+            actions = self._get(rollout_id).abort(time.time())
+        self._execute(rollout_id, actions)
+
+    def describe(self, rollout_id: str) -> dict:
+        with self._lock:
+            rollout = self._get(rollout_id)
+            return {"id": rollout_id, "package": rollout.plan.package, "previous": rollout.plan.previous,
+                    "model": self.models[rollout_id], "phase": rollout.phase, "stage": rollout.stage + 1,
+                    "stages": len(rollout.plan.stages), "paused": rollout.paused, "failure": rollout.failure,
+                    "machines": list(rollout.plan.targets), "history": [asdict(e) for e in rollout.history]}
+
+    def _get(self, rollout_id: str) -> Rollout:
+        if rollout_id not in self.rollouts:
+            raise KeyError(rollout_id)
+        return self.rollouts[rollout_id]
+
+    # ------------------------------------------------------------ inputs
+
+    def _on_message(self, message: paho.MQTTMessage) -> None:
+        try:
+            parsed = parse_message(message.payload)
+        except MessageError:
+            return
+        now = time.time()
+        if isinstance(parsed, Heartbeat):
+            with self._lock:
+                self.running[parsed.machine] = dict(parsed.models)
+                self._latency[parsed.machine] = max((c.latency_p99_ms for c in parsed.cameras), default=0.0)
+            self._feed(now, parsed.machine, loaded=True)
+        elif isinstance(parsed, Event) and parsed.name == "model_load_failed":
+            self._feed(now, parsed.machine, loaded=False)
+
+    def _health(self, machine: str, model: str, loaded: bool = True, package: str | None = None) -> Health:
+        version = package or self.running.get(machine, {}).get(model, "")
+        return Health(machine, version, loaded=loaded, p95_latency_ms=self._latency.get(machine, 0.0))
+
+    def _feed(self, now: float, machine: str, loaded: bool) -> None:
+        for rollout_id, rollout in list(self.rollouts.items()):
+            if rollout.done or machine not in rollout.plan.targets:
+                continue
+            with self._lock:
+                model = self.models[rollout_id]
+                health = self._health(machine, model, loaded, None if loaded else rollout.plan.package)
+                actions = rollout.report(now, health)
+            self._execute(rollout_id, actions)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            for rollout_id, rollout in list(self.rollouts.items()):
+                if not rollout.done:
+                    with self._lock:
+                        actions = rollout.tick(time.time())
+                    self._execute(rollout_id, actions)
+
+    # ------------------------------------------------------------ outputs
+
+    def _execute(self, rollout_id: str, actions: list[Action]) -> None:
+        model = self.models[rollout_id]
+        for action in actions:
+            if isinstance(action, Deploy):
+                stored = self.registry.package(action.package)
+                args = {"model": model, "url": f"{self.public_url}/models/{stored.id}/download",
+                        "sha256": stored.sha256}
+                self._command(action.machines, "load_model", args, f"rollout {rollout_id}")
+            elif isinstance(action, Rollback):
+                self._command(action.machines, "rollback_model", {"model": model},
+                              f"rollout {rollout_id}: {action.reason}")
+
+    def _command(self, machines: tuple[str, ...], name: str, args: dict, reason: str) -> None:
+        for machine in machines:
+            command = Command(site=self.site, machine=machine, ts=time.time(), name=name, args=args,
+                              reason=reason[:500])
+            self.mqtt.publish(topic_for(command), command.to_json(), qos=1)
+            log.info("rollouts: %s -> %s (%s)", name, machine, reason)

@@ -1,0 +1,101 @@
+"""A rollout end to end: central (API, registry, rollout manager on a real port), three edge
+agents on a real Mosquitto. A good package goes canary then everywhere with no frame dropped; a
+slow one fails its latency gate at the canary and is rolled back."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from central.api import create_api
+from central.registry import Registry
+from central.rollouts import RolloutManager
+from edge.agent import EdgeAgent, package_id
+from edgeline.config import BUILTIN_PACKAGES
+from models.package import write_package_tar
+from models.signing import builtin_trusted_keys
+from stream.mqtt import MqttClient, MqttSettings
+from tests.conftest import edge_site
+
+pytestmark = pytest.mark.integration
+TOKEN = "rollout-test-token-0123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MACHINES = ["m1", "m2", "m3"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def central(mosquitto, unique_name, tmp_path):
+    port = free_port()
+    registry = Registry(f"sqlite:///{tmp_path / 'central.db'}", tmp_path / "store", builtin_trusted_keys())
+    manager = RolloutManager(unique_name, registry, MqttClient(MqttSettings(host=mosquitto.host, port=mosquitto.port),
+                                                               f"{unique_name}-central"), f"http://127.0.0.1:{port}")
+    manager.start()
+    server = uvicorn.Server(uvicorn.Config(create_api(registry, TOKEN, manager), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", manager
+    server.should_exit = True
+    thread.join(10)
+    manager.stop()
+
+
+def wait_phase(base: str, rollout_id: str, phases: set[str], timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{base}/rollouts/{rollout_id}").json()
+        if state["phase"] in phases:
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"rollout stuck: {state}")
+
+
+def test_good_package_everywhere_then_a_slow_one_rolled_back(mosquitto, unique_name, tmp_path, central):
+    base, manager = central
+    cameras = [{"id": "c1", "models": ["seg"], "fps": 5}]
+    config = edge_site(mosquitto, unique_name, tmp_path, [{"id": m, "cameras": cameras} for m in MACHINES],
+                       {"seg": {"path": "builtin:seg-synth-int8"}})
+    agents = [EdgeAgent(config, m, base_dir=tmp_path, heartbeat_s=0.5) for m in MACHINES]
+    for agent in agents:
+        agent.start()
+    try:
+        for name in ("seg-synth-fp32", "seg-tiles-int8"):
+            tar = write_package_tar(BUILTIN_PACKAGES / name, tmp_path / f"{name}.tar").read_bytes()
+            assert httpx.post(f"{base}/models", content=tar, headers=AUTH).status_code == 201
+        while len(manager.running) < 3:
+            time.sleep(0.2)
+        dropped = [a.cameras[0].frames_dropped for a in agents]
+
+        good = httpx.post(f"{base}/rollouts", headers=AUTH, json={
+            "package": "seg-synth-1.0.0-fp32", "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
+            "soak_s": 2, "max_latency_ratio": 10.0}).json()  # fp32 is honestly slower than int8
+        assert good["previous"] == "seg-synth-1.0.0-int8"
+        done = wait_phase(base, good["id"], {"completed", "rolled_back"})
+        assert done["phase"] == "completed", (done["failure"], done["history"])
+        assert [package_id(a.seg_models["seg"]) for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+        assert [a.cameras[0].frames_dropped for a in agents] == dropped  # no frame lost to a swap
+        assert any("stage 2/2" in e["text"] for e in done["history"])
+
+        slow = httpx.post(f"{base}/rollouts", headers=AUTH, json={
+            "package": "seg-tiles-1.1.0-int8", "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
+            "soak_s": 6, "max_latency_ratio": 1.5}).json()
+        failed = wait_phase(base, slow["id"], {"completed", "rolled_back"})
+        assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate latency"), failed
+        assert [package_id(a.seg_models["seg"]) for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+        assert httpx.post(f"{base}/rollouts/{slow['id']}/resume", headers=AUTH).status_code == 409
+    finally:
+        for agent in agents:
+            agent.stop()
