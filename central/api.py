@@ -14,7 +14,10 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
 from central.registry import MachineRow, Registry, RegistryError
@@ -105,7 +108,48 @@ def create_api(registry: Registry, token: str, rollouts: RolloutManager | None =
 
     if rollouts is not None:
         _rollout_routes(app, rollouts, require_token)
+    metrics_registry = CollectorRegistry()
+    metrics_registry.register(CentralCollector(registry, rollouts))
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics_registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
     return app
+
+
+class CentralCollector(Collector):
+    """Fleet, package and rollout state at scrape time."""
+
+    def __init__(self, registry: Registry, rollouts: RolloutManager | None) -> None:
+        self.registry, self.rollouts = registry, rollouts
+
+    def collect(self) -> Any:
+        packages = GaugeMetricFamily("edgeline_central_packages", "Model packages in the registry")
+        packages.add_metric([], len(self.registry.packages()))
+        yield packages
+        machines = GaugeMetricFamily("edgeline_central_machines", "Machines in the fleet registry")
+        machines.add_metric([], len(self.registry.machines()))
+        yield machines
+        phase = GaugeMetricFamily("edgeline_central_rollout_phase", "1 for each rollout's current phase",
+                                  labels=["rollout", "package", "phase"])
+        stage = GaugeMetricFamily("edgeline_central_rollout_stage", "Current stage of each rollout (1-based)",
+                                  labels=["rollout", "package"])
+        for rollout_id, rollout in (self.rollouts.rollouts.items() if self.rollouts else []):
+            phase.add_metric([rollout_id, rollout.plan.package, rollout.phase], 1.0)
+            stage.add_metric([rollout_id, rollout.plan.package], rollout.stage + 1)
+        yield phase
+        yield stage
+        running = GaugeMetricFamily("edgeline_central_machines_on_package",
+                                    "Machines whose last heartbeat reports a package, by package",
+                                    labels=["model", "package"])
+        counts: dict[tuple[str, str], int] = {}
+        for models in (self.rollouts.running.values() if self.rollouts else []):
+            for model, package in models.items():
+                counts[(model, package)] = counts.get((model, package), 0) + 1
+        for (model, package), count in sorted(counts.items()):
+            running.add_metric([model, package], count)
+        yield running
 
 
 def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) -> None:

@@ -51,6 +51,7 @@ MODEL_COMMANDS = ("load_model", "rollback_model")
 class CameraCounters:
     frames_inferred: int = 0
     results_published: int = 0
+    defect_frames: int = 0
     defects_last: int = 0
     defect_ratio_last: float = 0.0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
@@ -265,6 +266,7 @@ class EdgeAgent:
         counters = self.camera_counters[camera.id]
         if not any(o.reused for o in outputs):
             counters.frames_inferred += 1
+            counters.defect_frames += any(o.alarm for o in outputs)
             counters.latencies_ms.append(max(o.latency_ms for o in outputs))
         counters.defects_last = sum(len(o.regions) for o in outputs)
         counters.defect_ratio_last = max(o.defect_ratio for o in outputs)

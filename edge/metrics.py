@@ -80,6 +80,9 @@ class AgentCollector(Collector):
                                                 labels=["machine", "camera"]),
             "results": CounterMetricFamily("edgeline_edge_results", "Frame results handed to the outbox (a grouped message holds several)",
                                            labels=["machine", "camera"]),
+            "defects": CounterMetricFamily("edgeline_edge_defect_frames",
+                                           "Inferred frames on which a model's image-level alarm fired",
+                                           labels=["machine", "camera"]),
             "up": GaugeMetricFamily("edgeline_edge_camera_up", "1 while the camera delivers frames, else 0",
                                     labels=["machine", "camera"]),
             "shed": GaugeMetricFamily("edgeline_edge_camera_shed",
@@ -95,6 +98,7 @@ class AgentCollector(Collector):
             per_camera["frames_inferred"].add_metric(labels, counters.frames_inferred)
             per_camera["frames_gated"].add_metric(labels, agent.gates[camera.id].gated)
             per_camera["results"].add_metric(labels, counters.results_published)
+            per_camera["defects"].add_metric(labels, counters.defect_frames)
             per_camera["up"].add_metric(labels, 1.0 if camera.state == "ok" else 0.0)
             per_camera["queue"].add_metric(labels, camera.queue_depth())
             per_camera["shed"].add_metric(labels, 1.0 if camera.id in agent.shedder.shed else 0.0)

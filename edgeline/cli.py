@@ -36,6 +36,8 @@ register_segmentation_commands(models_app)
 register_anomaly_commands(models_app)
 app.add_typer(config_app, name="config")
 app.add_typer(central_app, name="central")
+grafana_app = typer.Typer(help="Grafana dashboards as code (needs the 'central' extra).", no_args_is_help=True)
+app.add_typer(grafana_app, name="grafana")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -219,6 +221,29 @@ def central_serve(
     keys = builtin_trusted_keys() + [k for p in site.signatures.trusted_keys for k in load_public_keys(config.parent / p)]
     registry = Registry(db, storage, keys)  # central refuses unsigned packages whatever the edge requires
     uvicorn.run(create_api(registry, token), host=host, port=port, log_level=log_level)
+
+
+@grafana_app.command("build")
+def grafana_build(out: Annotated[Path, typer.Option(help="dashboard JSON folder (file provisioning)")] =
+                  Path("deploy/grafana/dashboards")) -> None:
+    """Render every dashboard to JSON for Grafana's file provisioning."""
+    from central.dashboards import write_dashboards
+
+    for path in write_dashboards(out):
+        console.print(f"wrote {path}")
+
+
+@grafana_app.command("provision")
+def grafana_provision(
+    url: Annotated[str, typer.Option(help="Grafana base URL, e.g. http://localhost:3000")],
+    token: Annotated[str, typer.Option(help="Grafana service-account token", envvar="GRAFANA_TOKEN")],
+    prometheus_url: Annotated[str, typer.Option(help="Prometheus as Grafana reaches it")] = "http://prometheus:9090",
+) -> None:
+    """Create/update the Prometheus datasource and push every dashboard to a running Grafana."""
+    from central.dashboards import provision
+
+    for uid in provision(url, token, prometheus_url):
+        console.print(f"dashboard {uid} provisioned on {url}")
 
 
 @central_app.command("broker-auth")
