@@ -36,6 +36,12 @@ register_segmentation_commands(models_app)
 register_anomaly_commands(models_app)
 app.add_typer(config_app, name="config")
 app.add_typer(central_app, name="central")
+try:
+    from central.client_cli import register as register_central_client
+except ImportError:  # the central extra is not installed: its client commands are absent
+    pass
+else:
+    register_central_client(central_app)
 grafana_app = typer.Typer(help="Grafana dashboards as code (needs the 'central' extra).", no_args_is_help=True)
 app.add_typer(grafana_app, name="grafana")
 

@@ -44,6 +44,15 @@ def test_central_serves_the_model_registry_over_http(tmp_path):
         assert created.status_code == 201, created.text
         assert httpx.get(f"{base}/models/{created.json()['id']}/download").content == tar
         assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "Edgeline central"
+        cli = [sys.executable, "-m", "edgeline.cli", "central"]
+        listed = subprocess.run([*cli, "models", "--url", base], capture_output=True, text=True, check=True)
+        assert created.json()["id"] in listed.stdout
+        upload = subprocess.run([*cli, "upload", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--url", base,
+                                 "--token-file", str(tmp_path / "token")], capture_output=True, text=True)
+        assert upload.returncode == 0 and "registered seg-synth-1.0.0-int8" in upload.stdout, upload.stderr
+        again = subprocess.run([*cli, "upload", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--url", base,
+                                "--token-file", str(tmp_path / "token")], capture_output=True, text=True)
+        assert again.returncode == 1 and "409" in again.stderr and "already registered" in again.stderr
     finally:
         server.terminate()
         server.wait(10)

@@ -1,0 +1,83 @@
+"""`edgeline central ...` client commands: every registry and rollout operation over the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+UrlOption = Annotated[str, typer.Option("--url", envvar="EDGELINE_CENTRAL_URL", help="central base URL")]
+TokenOption = Annotated[Path | None, typer.Option("--token-file", envvar="EDGELINE_CENTRAL_TOKEN_FILE",
+                                                  help="file holding the API token (writes only)")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("upload")(upload)
+    app.command("models")(models)
+    app.command("rollout")(rollout)
+    app.command("rollout-status")(rollout_status)
+    app.command("rollout-control")(rollout_control)
+
+
+def _call(method: str, url: str, token_file: Path | None = None, **kwargs: Any) -> Any:
+    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file else {}
+    try:
+        response = httpx.request(method, url, headers=headers, timeout=120, **kwargs)
+    except httpx.TransportError as exc:
+        err_console.print(f"[bold red]cannot reach {url}: {exc}[/]")
+        raise typer.Exit(2) from None
+    if response.status_code >= 400:
+        detail = response.json().get("detail") if "json" in response.headers.get("content-type", "") else response.text
+        err_console.print(f"[bold red]{response.status_code}: {detail}[/]")
+        raise typer.Exit(1)
+    return response.json()
+
+
+def upload(package: Annotated[Path, typer.Argument(help="package folder or .tar")], url: UrlOption = "http://127.0.0.1:8080",
+           token_file: TokenOption = None) -> None:
+    """Upload a signed model package to the registry."""
+    from models.package import write_package_tar
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = package if package.is_file() else write_package_tar(package, Path(tmp) / "package.tar")
+        stored = _call("POST", f"{url}/models", token_file, content=tar.read_bytes())
+    console.print(f"registered {stored['id']} (sha256 {stored['sha256'][:12]}…, signed by {stored['key_id']})")
+
+
+def models(url: UrlOption = "http://127.0.0.1:8080") -> None:
+    """List the packages in the registry."""
+    for stored in _call("GET", f"{url}/models"):
+        console.print(f"{stored['id']}  {stored['task']}  sha256 {stored['sha256'][:12]}…")
+
+
+def rollout(package: Annotated[str, typer.Option(help="package id, e.g. seg-synth-1.0.0-int8")],
+            model: Annotated[str, typer.Option(help="model name in the site config")],
+            machines: Annotated[str, typer.Option(help="comma-separated machine ids")],
+            stages: str = "0,0.25,1", soak_s: float = 60.0, max_latency_ratio: float = 1.2,
+            url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
+    """Start a staged rollout (canary, 25%, all by default)."""
+    body = {"package": package, "model": model, "machines": machines.split(","),
+            "stages": [float(s) for s in stages.split(",")], "soak_s": soak_s, "max_latency_ratio": max_latency_ratio}
+    state = _call("POST", f"{url}/rollouts", token_file, json=body)
+    console.print(f"rollout {state['id']}: {state['previous']} -> {state['package']}, {state['phase']}")
+
+
+def rollout_status(rollout_id: str, url: UrlOption = "http://127.0.0.1:8080") -> None:
+    """A rollout's phase, stage and history."""
+    state = _call("GET", f"{url}/rollouts/{rollout_id}")
+    console.print(json.dumps(state, indent=2))
+
+
+def rollout_control(rollout_id: str, verb: Annotated[str, typer.Argument(help="pause, resume or abort")],
+                    url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
+    """Pause, resume or abort a rollout (abort rolls back)."""
+    state = _call("POST", f"{url}/rollouts/{rollout_id}/{verb}", token_file)
+    console.print(f"rollout {rollout_id}: {state['phase']}{' (paused)' if state['paused'] else ''}")
