@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,6 +23,7 @@ from central.api import create_api
 from central.dashboards import DASHBOARDS, build, metric_names, provision
 from central.registry import Registry
 from edge.agent import EdgeAgent
+from edgeline.services import free_port
 from models.signing import builtin_trusted_keys
 from stream.app import WorkerMetrics
 from stream.bridge import BridgeMetrics
@@ -133,3 +135,48 @@ def test_prometheus_config_is_valid():
     done = subprocess.run(["promtool", "check", "config", str(Path(REPO_ROOT) / "deploy" / "prometheus.yml")],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_real_prometheus_scrapes_the_agent_and_central(mosquitto, unique_name, tmp_path):
+    """Debian's prometheus scraping a live agent and central: both targets up, the series there."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not installed (Debian: apt install prometheus)")
+    config = edge_site(mosquitto, unique_name, tmp_path, [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"]}]}],
+                       {"seg": {"path": "builtin:seg-synth-int8"}})
+    agent = EdgeAgent(config, "m1", base_dir=tmp_path, heartbeat_s=1.0)
+    agent.start()
+    central_port = free_port()
+    registry = Registry(f"sqlite:///{tmp_path / 'c.db'}", tmp_path / "store", builtin_trusted_keys())
+    server = uvicorn.Server(uvicorn.Config(create_api(registry, "x" * 20), host="127.0.0.1", port=central_port,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    prom_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\nscrape_configs:\n"
+        f"  - {{job_name: edge, static_configs: [{{targets: ['127.0.0.1:{agent.metrics_port}']}}]}}\n"
+        f"  - {{job_name: central, static_configs: [{{targets: ['127.0.0.1:{central_port}']}}]}}\n")
+    prometheus = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, up, series = time.monotonic() + 40, {}, []
+        while time.monotonic() < deadline:
+            try:
+                api = f"http://127.0.0.1:{prom_port}/api/v1/query?query="
+                up = {r["metric"]["job"]: r["value"][1]
+                      for r in json.load(urllib.request.urlopen(api + "up", timeout=2))["data"]["result"]}
+                series = json.load(urllib.request.urlopen(api + "edgeline_edge_frames_inferred_total",
+                                                          timeout=2))["data"]["result"]
+            except OSError:
+                pass
+            if up == {"edge": "1", "central": "1"} and series:
+                break
+            time.sleep(0.5)
+        assert up == {"edge": "1", "central": "1"}, up
+        assert series and series[0]["metric"]["camera"] == "c1"
+    finally:
+        prometheus.terminate()
+        prometheus.wait(10)
+        server.should_exit = True
+        agent.stop()
