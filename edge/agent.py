@@ -100,7 +100,7 @@ class EdgeAgent:
         }
         self.sensor_counters = {group: SensorCounters() for group in self.sensor_sources}
         self.mqtt = client or MqttClient(
-            config.broker.mqtt_settings(), client_id=f"edge-{self.site}-{machine_id}",
+            config.broker.mqtt_settings(machine_id, base_dir), client_id=f"edge-{self.site}-{machine_id}",
             will=Will(status_topic(self.site, machine_id), b"offline"),
         )
         self.publish_failures = 0

@@ -124,6 +124,9 @@ def edge_run(config: ConfigOption, machine: Annotated[str, typer.Option(help="ma
     except KeyError as exc:
         err_console.print(f"[bold red]{exc.args[0]}[/]")
         raise typer.Exit(2) from None
+    except ConfigError as exc:
+        err_console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(2) from None
     _run_until_signal(agent)
 
 

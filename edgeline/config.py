@@ -7,6 +7,8 @@ one complete :class:`CameraConfig` per camera.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -185,20 +187,44 @@ class TlsConfig(_Strict):
 class BrokerConfig(_Strict):
     host: str = Field("127.0.0.1", min_length=1, description="MQTT broker host")
     port: int = Field(1883, ge=1, le=65535, description="MQTT broker port")
-    username: str | None = Field(None, description="MQTT user name")
-    password: str | None = Field(None, description="MQTT password")
+    username: str | None = Field(None, description="MQTT user name; '{machine}' becomes the machine id on an edge "
+                                 "agent (the site ACL's convention); $EDGELINE_MQTT_USERNAME overrides")
+    password: str | None = Field(None, description="MQTT password (prefer password_file); $EDGELINE_MQTT_PASSWORD "
+                                 "overrides")
+    password_file: str | None = Field(None, description="file holding the MQTT password, relative to the site file; "
+                                      "'{machine}' becomes the machine id (one secret per machine)")
     tls: TlsConfig | None = Field(None, description="TLS settings; absent means plain TCP")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive in seconds")
     reconnect_max_s: int = Field(30, ge=1, le=3600, description="longest wait between reconnect attempts "
                                  "(the wait doubles from 1 s up to this)")
 
-    def mqtt_settings(self) -> MqttSettings:
+    def _password(self, machine: str | None, base_dir: Path) -> str | None:
+        if os.environ.get("EDGELINE_MQTT_PASSWORD"):
+            return os.environ["EDGELINE_MQTT_PASSWORD"]
+        if self.password_file:
+            name = self.password_file.replace("{machine}", machine) if machine else self.password_file
+            path = Path(name).expanduser()
+            return _read_secret(path if path.is_absolute() else base_dir / path)
+        return self.password
+
+    def mqtt_settings(self, machine: str | None = None, base_dir: Path = Path(".")) -> MqttSettings:
+        """Connection settings; ``machine`` fills '{machine}' in the user name and password file."""
         tls = self.tls or TlsConfig()
+        username = os.environ.get("EDGELINE_MQTT_USERNAME") or self.username
+        if username and machine:
+            username = username.replace("{machine}", machine)
         return MqttSettings(
-            host=self.host, port=self.port, username=self.username, password=self.password,
+            host=self.host, port=self.port, username=username, password=self._password(machine, base_dir),
             ca_file=_opt_str(tls.ca_file), cert_file=_opt_str(tls.cert_file), key_file=_opt_str(tls.key_file),
             keepalive_s=self.keepalive_s, reconnect_max_s=self.reconnect_max_s,
         )
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"broker.password_file: cannot read {path}: {exc.strerror or exc}"]) from None
 
 
 def _opt_str(path: Path | None) -> str | None:

@@ -8,8 +8,11 @@ import time
 import pytest
 
 from central.broker_auth import BRIDGE_USER, new_credentials, site_acl, write_password_file
+from edge.agent import EdgeAgent
 from edgeline.config import from_dict
 from edgeline.services import MosquittoBroker, ServiceError
+from stream.messages import Command
+from stream.topics import command_topic
 from tests.conftest import MqttProbe, service_unavailable
 
 pytestmark = pytest.mark.integration
@@ -32,9 +35,13 @@ def drain(probe: MqttProbe, seconds: float = 1.5) -> list[str]:
 
 
 @pytest.fixture
-def secured(tmp_path):
+def credentials():
+    return new_credentials(from_dict({"site": "plant", "machines": [{"id": "m01"}, {"id": "m02"}]}))
+
+
+@pytest.fixture
+def secured(tmp_path, credentials):
     site = from_dict({"site": "plant", "machines": [{"id": "m01"}, {"id": "m02"}]})
-    credentials = new_credentials(site)
     (tmp_path / "acl").write_text(site_acl(site))
     write_password_file(tmp_path / "passwd", credentials)
     broker = MosquittoBroker(workdir=tmp_path / "broker", password_file=tmp_path / "passwd",
@@ -51,6 +58,7 @@ def secured(tmp_path):
         probes.append(probe)
         return probe
 
+    login.broker = broker  # type: ignore[attr-defined]
     yield login
     for probe in probes:
         probe.stop()
@@ -89,3 +97,30 @@ def test_wrong_password_or_unknown_user_cannot_connect(secured, user, password):
     while not refused and time.monotonic() < deadline:
         time.sleep(0.05)
     assert refused and refused[0] is True
+
+
+def test_an_edge_agent_logs_in_with_its_own_credentials(secured, credentials, tmp_path):
+    """broker.username '{machine}' and password_file 'secrets/{machine}.pass': the agent is m01 to the broker."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "m01.pass").write_text(credentials["m01"] + "\n")
+    broker = secured.broker
+    config = from_dict({
+        "site": "plant", "broker": {"host": broker.host, "port": broker.port, "username": "{machine}",
+                                    "password_file": "secrets/{machine}.pass"},
+        "models": {"seg": {"path": "builtin:seg-synth-int8"}},
+        "machines": [{"id": "m01", "cameras": [{"id": "c1", "models": ["seg"], "fps": 5}]}],
+        "outbox": {"path": str(tmp_path / "{machine}.sqlite")}, "metrics": {"enabled": False},
+    }, base_dir=tmp_path)
+    bridge = secured(BRIDGE_USER).start()
+    bridge.subscribe("edgeline/v1/plant/m01/#")
+    agent = EdgeAgent(config, "m01", base_dir=tmp_path, heartbeat_s=0.5)
+    agent.start()
+    try:
+        command = Command(site="plant", machine="m01", ts=time.time(), name="set_fps", args={"fps": 2})
+        time.sleep(1.0)
+        bridge.publish(command_topic("plant", "m01", "set_fps"), command.to_json())
+        topics = drain(bridge, 3.0)
+        assert "edgeline/v1/plant/m01/heartbeat" in topics and "edgeline/v1/plant/m01/result/c1" in topics
+        assert agent.cameras[0].fps == 2.0  # the agent read its own command
+    finally:
+        agent.stop()
