@@ -136,6 +136,21 @@ class Registry:
             session.commit()
         return self.machine(machine_id)
 
+    def record_heartbeat(self, machine_id: str, site: str, ts: float, models: dict[str, str]) -> None:
+        """A heartbeat: the machine is online, runs ``models``; unknown machines register themselves."""
+        with self.sessions() as session:
+            row = session.get(MachineRow, machine_id) or MachineRow(id=machine_id, site=site, line="", cameras="[]")
+            row.status, row.last_heartbeat, row.models = "online", ts, json.dumps(models)
+            session.merge(row)
+            session.commit()
+
+    def set_status(self, machine_id: str, status: str) -> None:
+        with self.sessions() as session:
+            row = session.get(MachineRow, machine_id)
+            if row is not None:
+                row.status = status
+                session.commit()
+
     def machines(self) -> list[MachineRow]:
         with self.sessions() as session:
             return list(session.scalars(select(MachineRow).order_by(MachineRow.id)))

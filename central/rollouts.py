@@ -1,5 +1,6 @@
 """Rollouts wired to the fleet: the pure :class:`central.rollout.Rollout` fed by the machines'
-heartbeats and events over MQTT, its actions sent as edge commands.
+heartbeats and events over MQTT, its actions sent as edge commands. The same heartbeats and the
+machines' retained status keep the fleet registry's status, last heartbeat and models current.
 
 ``Deploy`` becomes ``load_model`` {model, url, sha256} (the edge downloads the package from this
 service, verifies it and swaps it in); ``Rollback`` becomes ``rollback_model`` {model}. Health is
@@ -48,6 +49,7 @@ class RolloutManager:
     def start(self) -> None:
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "heartbeat"), self._on_message)
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "event"), self._on_message)
+        self.mqtt.subscribe(mqtt_topic(self.site, "+", "status"), self._on_status)
         self.mqtt.start()
         self._thread = threading.Thread(target=self._tick_loop, name=f"rollouts:{self.site}", daemon=True)
         self._thread.start()
@@ -107,6 +109,12 @@ class RolloutManager:
 
     # ------------------------------------------------------------ inputs
 
+    def _on_status(self, message: paho.MQTTMessage) -> None:
+        """The machines' retained online/offline (their last-will), into the fleet registry."""
+        state = message.payload.decode("utf-8", errors="replace").strip()
+        if state in ("online", "offline"):
+            self.registry.set_status(message.topic.split("/")[3], state)
+
     def _on_message(self, message: paho.MQTTMessage) -> None:
         try:
             parsed = parse_message(message.payload)
@@ -114,6 +122,7 @@ class RolloutManager:
             return
         now = time.time()
         if isinstance(parsed, Heartbeat):
+            self.registry.record_heartbeat(parsed.machine, parsed.site, parsed.ts, dict(parsed.models))
             with self._lock:
                 self.running[parsed.machine] = dict(parsed.models)
                 self._latency[parsed.machine] = max((c.latency_p99_ms for c in parsed.cameras), default=0.0)
