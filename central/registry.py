@@ -53,6 +53,15 @@ class PackageRow(Base):
     uploaded_at: Mapped[float] = mapped_column(Float)
 
 
+class RolloutRow(Base):
+    __tablename__ = "rollouts"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(Text)
+    """JSON of :func:`central.rollout.rollout_to_dict`: plan, phase, history, health seen."""
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 class RegistryError(ValueError):
     """A request the registry refuses; ``status`` is the HTTP status it maps to."""
 
@@ -122,6 +131,19 @@ class Registry:
 
     def package_path(self, package_id: str) -> Path:
         return self.storage / f"{package_id}.tar"
+
+    # ------------------------------------------------------------ rollouts
+
+    def save_rollout(self, rollout_id: str, model: str, state: dict) -> None:
+        with self.sessions() as session:
+            session.merge(RolloutRow(id=rollout_id, model=model, state=json.dumps(state), updated_at=time.time()))
+            session.commit()
+
+    def rollouts(self) -> list[tuple[str, str, dict]]:
+        """(id, model, state) of every rollout, oldest first."""
+        with self.sessions() as session:
+            rows = session.scalars(select(RolloutRow).order_by(RolloutRow.updated_at))
+            return [(r.id, r.model, json.loads(r.state)) for r in rows]
 
     # ------------------------------------------------------------ machines
 

@@ -23,7 +23,7 @@ the rollout where it is (no new stage starts, gates are still checked), ``resume
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Phase = Literal["pending", "deploying", "soaking", "completed", "rolling_back", "rolled_back"]
@@ -253,6 +253,30 @@ class Rollout:
     def _require_active(self, verb: str) -> None:
         if self.phase not in ("deploying", "soaking"):
             raise RolloutError(f"cannot {verb} a rollout that is {self.phase}")
+
+
+def rollout_to_dict(rollout: Rollout) -> dict:
+    """Everything a rollout knows, as JSON-ready data (central keeps it in its database)."""
+    plan = rollout.plan
+    return {
+        "plan": {"package": plan.package, "previous": plan.previous, "targets": list(plan.targets),
+                 "stages": list(plan.stages), "soak_s": plan.soak_s, "gates": asdict(plan.gates)},
+        "phase": rollout.phase, "stage": rollout.stage, "paused": rollout.paused, "since": rollout.since,
+        "failure": rollout.failure, "history": [asdict(e) for e in rollout.history],
+        "baseline": {m: asdict(h) for m, h in rollout._baseline.items()},
+        "latest": {m: asdict(h) for m, h in rollout._latest.items()},
+    }
+
+
+def rollout_from_dict(data: dict) -> Rollout:
+    plan = data["plan"]
+    rollout = Rollout(Plan(plan["package"], plan["previous"], tuple(plan["targets"]), tuple(plan["stages"]),
+                           plan["soak_s"], Gates(**plan["gates"])),
+                      phase=data["phase"], stage=data["stage"], paused=data["paused"], since=data["since"],
+                      failure=data["failure"], history=[Entry(**e) for e in data["history"]])
+    rollout._baseline = {m: Health(**h) for m, h in data["baseline"].items()}
+    rollout._latest = {m: Health(**h) for m, h in data["latest"].items()}
+    return rollout
 
 
 class RolloutError(RuntimeError):

@@ -20,7 +20,8 @@ from dataclasses import asdict
 import paho.mqtt.client as paho
 
 from central.registry import Registry
-from central.rollout import Action, Deploy, Gates, Health, Plan, Rollback, Rollout
+from central.rollout import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, rollout_from_dict,
+                             rollout_to_dict)
 from stream.messages import Command, Event, Heartbeat, MessageError, parse_message
 from stream.mqtt import MqttClient
 from stream.topics import mqtt_topic, topic_for
@@ -42,11 +43,19 @@ class RolloutManager:
         """machine -> {model name: package id}, from the latest heartbeat."""
         self._latency: dict[str, float] = {}
         """machine -> p99 inference latency over its cameras, from the latest heartbeat."""
+        self._saved: dict[str, tuple[int, str, bool]] = {}
+        """What was last written per rollout: (history length, phase, paused)."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def restore(self) -> None:
+        """Load every rollout from the database; unfinished ones go on from where they were."""
+        for rollout_id, model, state in self.registry.rollouts():
+            self.rollouts[rollout_id], self.models[rollout_id] = rollout_from_dict(state), model
+
     def start(self) -> None:
+        self.restore()
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "heartbeat"), self._on_message)
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "event"), self._on_message)
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "status"), self._on_status)
@@ -83,6 +92,7 @@ class RolloutManager:
     def pause(self, rollout_id: str) -> None:
         with self._lock:
             self._get(rollout_id).pause(time.time())
+        self._save(rollout_id)
 
     def resume(self, rollout_id: str) -> None:
         with self._lock:
@@ -154,7 +164,15 @@ class RolloutManager:
 
     # ------------------------------------------------------------ outputs
 
+    def _save(self, rollout_id: str) -> None:
+        with self._lock:
+            state = rollout_to_dict(self.rollouts[rollout_id])
+        if self._saved.get(rollout_id) != (len(state["history"]), state["phase"], state["paused"]):
+            self.registry.save_rollout(rollout_id, self.models[rollout_id], state)
+            self._saved[rollout_id] = (len(state["history"]), state["phase"], state["paused"])
+
     def _execute(self, rollout_id: str, actions: list[Action]) -> None:
+        self._save(rollout_id)
         model = self.models[rollout_id]
         for action in actions:
             if isinstance(action, Deploy):

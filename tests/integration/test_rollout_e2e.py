@@ -96,6 +96,10 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(mosquitto, unique_n
         assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate latency"), failed
         assert [package_id(a.seg_models["seg"]) for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
         assert httpx.post(f"{base}/rollouts/{slow['id']}/resume", headers=AUTH).status_code == 409
+        again = RolloutManager(unique_name, manager.registry, MqttClient(MqttSettings(), "unused"), base)
+        again.restore()  # a restarted central reads every rollout back from its database
+        for rollout_id in (good["id"], slow["id"]):
+            assert again.describe(rollout_id) == httpx.get(f"{base}/rollouts/{rollout_id}").json()
         fleet = {m["id"]: m for m in httpx.get(f"{base}/machines").json()}
         assert sorted(fleet) == MACHINES and {m["status"] for m in fleet.values()} == {"online"}
         assert all(m["models"] == {"seg": "seg-synth-1.0.0-fp32"} and m["last_heartbeat"] > 0 for m in fleet.values())

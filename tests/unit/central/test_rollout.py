@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from central.rollout import Deploy, Gates, Health, Plan, Rollback, Rollout, RolloutError
+from central.rollout import (Deploy, Gates, Health, Plan, Rollback, Rollout, RolloutError, rollout_from_dict,
+                             rollout_to_dict)
 
 OLD, NEW = "seg:1.0.0", "seg:1.1.0"
 MACHINES = tuple(f"m{i:02d}" for i in range(1, 9))
@@ -112,3 +115,16 @@ def test_a_rollback_that_does_not_finish_ends_with_the_stragglers_named():
     swap(rollout, ["m01"], 1.0, error_rate=1.0)
     rollout.tick(20.0)
     assert rollout.phase == "rolled_back" and "still not on seg:1.0.0: m01" in rollout.history[-1].text
+
+
+def test_a_rollout_saved_mid_stage_and_restored_goes_on_the_same_way():
+    straight = Rollout(plan())
+    baseline(straight)
+    straight.start(0.0)
+    swap(straight, ["m01"], 1.0)
+    saved = json.loads(json.dumps(rollout_to_dict(straight)))  # through JSON, as the database holds it
+    restored = rollout_from_dict(saved)
+    for rollout in (straight, restored):
+        assert rollout.tick(31.0) == [Deploy(("m02",), NEW)]
+        assert swap(rollout, ["m02"], 32.0, p95=30.0)[0].machines == ("m01", "m02")  # latency vs old baseline
+    assert rollout_to_dict(restored) == rollout_to_dict(straight)
