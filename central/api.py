@@ -39,6 +39,8 @@ class RolloutIn(BaseModel):
     max_error_rate: float = Field(0.01, ge=0)
     max_drift: float = Field(0.05, ge=0)
     deploy_timeout_s: float = Field(120.0, gt=0)
+    min_shadow_agreement: float | None = Field(None, ge=0, le=1, description="require the machines' shadow-mode "
+                                               "agreement for the package (reported in heartbeats) to be at least this")
 
 
 class MachineIn(BaseModel):
@@ -161,7 +163,8 @@ def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) 
     @app.post("/rollouts", status_code=201, dependencies=[Depends(require_token)])
     def create(body: RolloutIn) -> dict[str, Any]:
         gates = Gates(max_latency_ratio=body.max_latency_ratio, max_error_rate=body.max_error_rate,
-                      max_drift=body.max_drift, deploy_timeout_s=body.deploy_timeout_s)
+                      max_drift=body.max_drift, deploy_timeout_s=body.deploy_timeout_s,
+                      min_shadow_agreement=body.min_shadow_agreement)
         try:
             rollout_id = rollouts.create(body.package, body.model, body.machines, stages=tuple(body.stages),
                                          soak_s=body.soak_s, gates=gates)

@@ -41,6 +41,8 @@ class RolloutManager:
         """rollout id -> the model name (site config key) it replaces."""
         self.running: dict[str, dict[str, str]] = {}
         """machine -> {model name: package id}, from the latest heartbeat."""
+        self._shadow: dict[tuple[str, str], float] = {}
+        """(machine, package) -> the last shadow-mode agreement that machine reported for the package."""
         self._latency: dict[str, float] = {}
         """machine -> p99 inference latency over its cameras, from the latest heartbeat."""
         self._saved: dict[str, tuple[int, str, bool]] = {}
@@ -136,13 +138,16 @@ class RolloutManager:
             with self._lock:
                 self.running[parsed.machine] = dict(parsed.models)
                 self._latency[parsed.machine] = max((c.latency_p99_ms for c in parsed.cameras), default=0.0)
+                for shadow in parsed.shadow.values():
+                    self._shadow[(parsed.machine, shadow.package)] = shadow.agreement
             self._feed(now, parsed.machine, loaded=True)
         elif isinstance(parsed, Event) and parsed.name == "model_load_failed":
             self._feed(now, parsed.machine, loaded=False)
 
     def _health(self, machine: str, model: str, loaded: bool = True, package: str | None = None) -> Health:
         version = package or self.running.get(machine, {}).get(model, "")
-        return Health(machine, version, loaded=loaded, p95_latency_ms=self._latency.get(machine, 0.0))
+        return Health(machine, version, loaded=loaded, p95_latency_ms=self._latency.get(machine, 0.0),
+                      shadow_agreement=self._shadow.get((machine, version)))
 
     def _feed(self, now: float, machine: str, loaded: bool) -> None:
         for rollout_id, rollout in list(self.rollouts.items()):

@@ -25,15 +25,15 @@ from edge.anomaly import AnomalyScore, StreamingAnomalyModel
 from edge.capture import Camera, CapturedFrame, make_source
 from edge.gate import ChangeGate
 from edge.grouping import ResultGrouper
-from edge.inference import SegmentationModel
+from edge.inference import ModelLoadError, SegmentationModel
 from edge.metrics import EdgeMetrics
-from edge.ota import DownloadError, ModelSwapper, SwapOutcome, fetch_package
+from edge.ota import DownloadError, ModelSwapper, ShadowRun, SwapOutcome, fetch_package
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.scheduler import LoadShedder
 from edge.sensors import MqttSensorFeed, SensorSource, make_sensor_source
 from edgeline.config import ModelRef, SiteConfig, resolve_model_path
-from models.package import default_cache_dir, load_package
+from models.package import PackageError, default_cache_dir, load_package
 from stream.messages import (Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
                              Heartbeat, MessageError, ModelOutput, Result, parse_message)
 from stream.mqtt import MqttClient, Will
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 LATENCY_WINDOW = 200
 RECENT_FRAMES = 8
 """Latest inferred frames kept for a new model's self-test before a swap."""
-MODEL_COMMANDS = ("load_model", "rollback_model")
+MODEL_COMMANDS = ("load_model", "rollback_model", "shadow_model", "promote_shadow", "stop_shadow")
 
 
 @dataclass
@@ -85,6 +85,7 @@ class EdgeAgent:
                                     providers={n: r.providers for n, r in config.models.items()},
                                     threads={n: r.threads for n, r in config.models.items()})
         self.recent_frames: deque[np.ndarray] = deque(maxlen=RECENT_FRAMES)
+        self.shadows: dict[str, ShadowRun] = {}
         self.anomaly_models = self._load_anomaly_models(config, base_dir)
         self.cameras = [Camera(machine_id, cam, make_source(cam, base_dir), self._frame_ready)
                         for cam in self.machine.cameras]
@@ -216,7 +217,7 @@ class EdgeAgent:
         for name, model in self.seg_models.items():
             batch = [(camera, frame) for camera, frame in fresh if name in camera.config.models]
             for start in range(0, len(batch), self.inference.max_batch):
-                self._run_batch(model, batch[start : start + self.inference.max_batch], outputs)
+                self._run_batch(name, model, batch[start : start + self.inference.max_batch], outputs)
         for camera, frame in frames:
             if not camera.config.models:
                 continue
@@ -242,11 +243,15 @@ class EdgeAgent:
             return True
         return self.gates[camera.id].should_infer(frame.image, frame.ts)
 
-    def _run_batch(self, model: SegmentationModel, batch: list[tuple[Camera, CapturedFrame]],
+    def _run_batch(self, name: str, model: SegmentationModel, batch: list[tuple[Camera, CapturedFrame]],
                    outputs: dict[tuple[str, int], list[ModelOutput]]) -> None:
         started = time.perf_counter()
-        probabilities = model.infer([frame.image for _, frame in batch])
+        images = [frame.image for _, frame in batch]
+        probabilities = model.infer(images)
         seconds = time.perf_counter() - started
+        shadow = self.shadows.get(name)
+        if shadow is not None:
+            shadow.maybe_compare(images, probabilities, seconds, model.postprocess.threshold)
         self.metrics.observe_batch(self.id, model.name, seconds, len(batch))
         latency_ms = seconds * 1000.0
         for (camera, frame), prob in zip(batch, probabilities):
@@ -334,6 +339,7 @@ class EdgeAgent:
             cpu_percent=process.cpu_percent(), rss_mb=process.memory_info().rss / 2**20,
             outbox_depth=self.outbox.depth, outbox_dropped=self.outbox.dropped_total,
             models={name: package_id(model) for name, model in self.seg_models.items()},
+            shadow={name: run.status() for name, run in self.shadows.items()},
         )
 
     def camera_status(self, camera: Camera) -> CameraStatus:
@@ -370,7 +376,9 @@ class EdgeAgent:
         """``load_model`` {model, path} swaps a model live; ``rollback_model`` {model} puts the
         previous one back. The outcome is published as an event, with the self-test's figures."""
         model = str(command.args.get("model", ""))
-        if command.name == "load_model":
+        if command.name in ("shadow_model", "promote_shadow", "stop_shadow"):
+            outcome, name = self._shadow_command(command, model)
+        elif command.name == "load_model":
             try:
                 path = self._package_for(command)
             except DownloadError as exc:
@@ -385,6 +393,27 @@ class EdgeAgent:
         self._publish(Event(site=self.site, machine=self.id, ts=time.time(), name=name,
                             level="info" if outcome.ok else "error", text=outcome.text[:2000],
                             details={**outcome.details, "command_id": command.msg_id}))
+
+    def _shadow_command(self, command: Command, model: str) -> tuple[SwapOutcome, str]:
+        """``shadow_model`` {model, url+sha256 | path, every}: run a candidate beside the current model
+        on every ``every``-th batch; ``promote_shadow`` puts it in place; ``stop_shadow`` drops it."""
+        if command.name == "shadow_model":
+            try:
+                candidate = self.swapper.candidate(model, self._package_for(command))
+            except (DownloadError, PackageError, ModelLoadError, OSError) as exc:
+                return SwapOutcome(False, f"{model}: shadow refused: {exc}", {"model": model}), "shadow_failed"
+            every = max(1, int(command.args.get("every", 5)))
+            self.shadows[model] = ShadowRun(candidate, package_id(candidate), every)
+            return SwapOutcome(True, f"{model}: shadowing {package_id(candidate)} on 1 batch in {every}",
+                               {"model": model, "package": package_id(candidate)}), "shadow_started"
+        shadow = self.shadows.pop(model, None)
+        if shadow is None:
+            return SwapOutcome(False, f"{model}: no shadow running", {"model": model}), "shadow_failed"
+        if command.name == "stop_shadow":
+            return SwapOutcome(True, f"{model}: shadow {shadow.package} stopped",
+                               {"model": model, **shadow.status().model_dump()}), "shadow_stopped"
+        outcome = self.swapper.adopt(model, shadow.model)
+        return SwapOutcome(True, outcome.text, {**outcome.details, **shadow.status().model_dump()}), "model_loaded"
 
     def _package_for(self, command: Command) -> Path:
         """``url`` + ``sha256`` (from central): downloaded and verified; else ``path`` on this box."""

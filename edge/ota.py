@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.inference import ModelLoadError, SegmentationModel
 from models.package import PackageError, load_package
+from stream.messages import ShadowStatus
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,42 @@ def self_test(candidate: SegmentationModel, frames: Sequence[np.ndarray]) -> tup
     return maps, None
 
 
+@dataclass
+class ShadowRun:
+    """A candidate beside the current model: every ``every``-th batch of the model's frames also
+    goes through the candidate, and the two are compared (mask IoU, inference time)."""
+
+    model: SegmentationModel
+    package: str
+    every: int = 5
+    batches: int = 0
+    frames: int = 0
+    inter: int = 0
+    union: int = 0
+    candidate_s: float = 0.0
+    current_s: float = 0.0
+
+    def maybe_compare(self, images: Sequence[np.ndarray], current: Sequence[np.ndarray], current_s: float,
+                      threshold: float) -> None:
+        self.batches += 1
+        if self.batches % self.every:
+            return
+        started = time.perf_counter()
+        candidate = self.model.infer(list(images))
+        self.candidate_s += time.perf_counter() - started
+        self.current_s += current_s
+        for a, b in zip(candidate, current, strict=True):
+            ma, mb = a > threshold, b > threshold
+            self.inter += int(np.logical_and(ma, mb).sum())
+            self.union += int(np.logical_or(ma, mb).sum())
+        self.frames += len(images)
+
+    def status(self) -> ShadowStatus:
+        return ShadowStatus(package=self.package, frames=self.frames,
+                            agreement=self.inter / self.union if self.union else 1.0,
+                            latency_ratio=self.candidate_s / self.current_s if self.current_s else 0.0)
+
+
 class ModelSwapper:
     """Swaps the segmentation models of one agent (``models`` is the agent's own dict)."""
 
@@ -128,6 +166,21 @@ class ModelSwapper:
                  package.manifest.precision, current.name, current.version)
         return SwapOutcome(True, f"{name}: now {candidate.name}:{candidate.version} ({package.manifest.precision})",
                            details)
+
+    def candidate(self, name: str, path: Path) -> SegmentationModel:
+        """A verified, warmed-up model for ``name`` that is not put in place (shadow mode)."""
+        if name not in self.models:
+            raise ModelLoadError(f"no model {name!r} on this machine")
+        package = load_package(path, trusted_keys=self.trusted_keys)
+        return SegmentationModel(package, self.providers.get(name, ("cpu",)), self.threads.get(name, 1))
+
+    def adopt(self, name: str, candidate: SegmentationModel) -> SwapOutcome:
+        """Put a shadow candidate in place (the current one is kept for ``rollback``)."""
+        with self._lock:
+            self.previous[name], self.models[name] = self.models[name], candidate
+        manifest = candidate.package.manifest
+        return SwapOutcome(True, f"{name}: promoted {manifest.name}:{manifest.version} ({manifest.precision})",
+                           {"model": name, "version": manifest.version, "precision": manifest.precision})
 
     def rollback(self, name: str) -> SwapOutcome:
         with self._lock:

@@ -163,6 +163,16 @@ class CameraStatus(_Strict):
     models: list[str] = Field(default_factory=list, description="name:version of each loaded model")
 
 
+class ShadowStatus(_Strict):
+    """A candidate model running beside the current one on sampled live frames (shadow mode)."""
+
+    package: Annotated[str, Field(max_length=200)]
+    frames: Annotated[int, Field(ge=0)] = 0
+    agreement: UnitFloat = Field(1.0, description="pooled IoU of the two models' defect masks on the same frames")
+    latency_ratio: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        0.0, description="candidate's inference time over the current model's on those frames")
+
+
 class Heartbeat(Envelope):
     SCHEMA: ClassVar[str] = "edgeline.heartbeat/1"
     KIND: ClassVar[str] = "heartbeat"
@@ -176,6 +186,7 @@ class Heartbeat(Envelope):
     models: dict[Identifier, Annotated[str, Field(max_length=200)]] = Field(
         default_factory=dict, description="model name in the site config -> package id running "
         "(<name>-<version>-<precision>), what rollouts watch")
+    shadow: dict[Identifier, ShadowStatus] = Field(default_factory=dict, description="model name -> its shadow run")
 
 
 class Event(Envelope):

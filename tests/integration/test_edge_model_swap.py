@@ -7,9 +7,9 @@ from __future__ import annotations
 import shutil
 import time
 
-from edge.agent import EdgeAgent
+from edge.agent import EdgeAgent, package_id
 from edgeline.config import BUILTIN_PACKAGES
-from stream.messages import Command, Event, Result, parse_message
+from stream.messages import Command, Event, Heartbeat, Result, parse_message
 from stream.topics import command_topic, site_filter
 from tests.conftest import edge_site
 
@@ -68,5 +68,35 @@ def test_swap_self_test_refusal_and_rollback_with_no_frame_dropped(mosquitto, mq
         time.sleep(1.0)
         assert agent.camera_counters["c1"].frames_inferred > inferred + 3
         assert agent.cameras[0].frames_dropped == dropped  # nothing waited on the swaps
+    finally:
+        agent.stop()
+
+
+def test_shadow_mode_reports_agreement_then_promotes(mosquitto, mqtt_probe, unique_name, tmp_path):
+    site = unique_name
+    config = edge_site(mosquitto, site, tmp_path, [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"],
+                                                                               "fps": 10}]}],
+                       {"seg": {"path": "builtin:seg-synth-int8"}})
+    probe = mqtt_probe(mosquitto)
+    probe.subscribe(site_filter(site))
+    agent = EdgeAgent(config, "m1", base_dir=tmp_path, heartbeat_s=0.5)
+    agent.start()
+    try:
+        started = send_and_wait(probe, site, "shadow_model", {"model": "seg", "path": "builtin:seg-synth-fp32",
+                                                             "every": 2})
+        assert started.name == "shadow_started", started.text
+        deadline, shadow = time.monotonic() + 20, None
+        while time.monotonic() < deadline:
+            beats = [m for m in parsed(probe) if isinstance(m, Heartbeat) and "seg" in m.shadow]
+            if beats and beats[-1].shadow["seg"].frames >= 5:
+                shadow = beats[-1].shadow["seg"]
+                break
+        assert shadow is not None and shadow.package == "seg-synth-1.0.0-fp32"
+        assert shadow.agreement > 0.8 and shadow.latency_ratio > 0
+        assert package_id(agent.seg_models["seg"]) == "seg-synth-1.0.0-int8"  # only a shadow so far
+        promoted = send_and_wait(probe, site, "promote_shadow", {"model": "seg"})
+        assert promoted.name == "model_loaded" and promoted.details["frames"] >= 5
+        assert package_id(agent.seg_models["seg"]) == "seg-synth-1.0.0-fp32" and agent.shadows == {}
+        assert send_and_wait(probe, site, "stop_shadow", {"model": "seg"}).name == "shadow_failed"
     finally:
         agent.stop()
