@@ -7,6 +7,7 @@ reads are open on the plant network. OpenAPI docs at ``/docs``.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from dataclasses import asdict
 from pathlib import Path
@@ -189,7 +190,18 @@ def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) 
 
 
 def load_token(path: Path) -> str:
-    token = path.read_text().strip()
+    return _checked(path.read_text().strip(), str(path))
+
+
+def token_from_env() -> str:
+    """The token from ``$EDGELINE_CENTRAL_TOKEN`` (containers), when no token file is given."""
+    token = os.environ.get("EDGELINE_CENTRAL_TOKEN", "").strip()
+    if not token:
+        raise ValueError("no API token: pass --token-file or set EDGELINE_CENTRAL_TOKEN")
+    return _checked(token, "EDGELINE_CENTRAL_TOKEN")
+
+
+def _checked(token: str, where: str) -> str:
     if len(token) < 16:
-        raise ValueError(f"{path}: the API token must be at least 16 characters")
+        raise ValueError(f"{where}: the API token must be at least 16 characters")
     return token

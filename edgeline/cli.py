@@ -203,25 +203,27 @@ def stream_worker(config: ConfigOption, kafka: KafkaOption = None,
 @central_app.command("serve")
 def central_serve(
     config: ConfigOption,
-    token_file: Annotated[Path, typer.Option(help="file holding the API bearer token (16+ characters)")],
+    token_file: Annotated[Optional[Path], typer.Option(help="file holding the API bearer token (16+ characters)")] = None,
     db: Annotated[str, typer.Option(help="SQLAlchemy URL: sqlite:///central.db or postgresql://...")] = "sqlite:///central.db",
     storage: Annotated[Path, typer.Option(help="where uploaded packages are kept")] = Path("central-packages"),
     host: str = "127.0.0.1",
     port: int = 8080,
+    public_url: Annotated[Optional[str], typer.Option(help="URL the edges download packages from "
+                                                      "(default http://<host>:<port>)")] = None,
     log_level: str = "info",
 ) -> None:
-    """Serve the fleet and model registries over HTTP (OpenAPI docs at /docs)."""
+    """Serve the fleet and model registries and run rollouts over MQTT (OpenAPI docs at /docs)."""
     try:
         import uvicorn
 
-        from central.api import create_api, load_token
+        from central.api import create_api, load_token, token_from_env
         from central.registry import Registry
     except ImportError as exc:
         err_console.print(f"[bold red]the central service needs the 'central' extra (pip install 'edgeline[central]'): {exc}[/]")
         raise typer.Exit(2) from None
     site = _load_or_exit(config)
     try:
-        token = load_token(token_file)
+        token = load_token(token_file) if token_file else token_from_env()
     except (OSError, ValueError) as exc:
         err_console.print(f"[bold red]{exc}[/]")
         raise typer.Exit(2) from None
@@ -229,7 +231,16 @@ def central_serve(
 
     keys = builtin_trusted_keys() + [k for p in site.signatures.trusted_keys for k in load_public_keys(config.parent / p)]
     registry = Registry(db, storage, keys)  # central refuses unsigned packages whatever the edge requires
-    uvicorn.run(create_api(registry, token), host=host, port=port, log_level=log_level)
+    from central.rollouts import RolloutManager
+    from stream.mqtt import MqttClient
+
+    manager = RolloutManager(site.site, registry, MqttClient(site.broker.mqtt_settings(), f"central-{site.site}"),
+                             public_url or f"http://{host}:{port}")
+    manager.start()
+    try:
+        uvicorn.run(create_api(registry, token, manager), host=host, port=port, log_level=log_level)
+    finally:
+        manager.stop()
 
 
 @grafana_app.command("build")

@@ -20,8 +20,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_central_serves_the_model_registry_over_http(tmp_path):
-    (tmp_path / "site.yaml").write_text("site: plant\n")
+def test_central_serves_the_model_registry_over_http(tmp_path, mosquitto):
+    (tmp_path / "site.yaml").write_text(f"site: plant\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n")
     (tmp_path / "token").write_text("a-long-enough-api-token\n")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "edgeline.cli", "central", "serve", "-c", str(tmp_path / "site.yaml"),
@@ -53,6 +53,10 @@ def test_central_serves_the_model_registry_over_http(tmp_path):
         again = subprocess.run([*cli, "upload", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--url", base,
                                 "--token-file", str(tmp_path / "token")], capture_output=True, text=True)
         assert again.returncode == 1 and "409" in again.stderr and "already registered" in again.stderr
+        refused = subprocess.run([*cli, "rollout", "--package", "seg-synth-1.0.0-int8", "--model", "seg",
+                                  "--machines", "m01", "--url", base, "--token-file", str(tmp_path / "token")],
+                                 capture_output=True, text=True)  # the rollout API is live; m01 never reported
+        assert refused.returncode == 1 and "409" in refused.stderr and "report one running package" in refused.stderr
     finally:
         server.terminate()
         server.wait(10)
