@@ -17,13 +17,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from bench.report import report
-from edgeline.services import KafkaBroker, MosquittoBroker
+from edgeline.services import KafkaBroker, MosquittoBroker, free_port, scrape_metrics
 from stream.messages import Anomaly, FrameResult, Heartbeat, ModelOutput, Result
 from stream.mqtt import MqttClient, MqttSettings
 from stream.rule_config import RuleConfig
@@ -146,23 +144,14 @@ class Process:
 
     def __init__(self, name: str, args: list[str], workdir: Path) -> None:
         self.name = name
-        self.port = _free_port()
+        self.port = free_port()
         self.log = (workdir / f"{name}.log").open("ab")
         self.proc = subprocess.Popen([*EDGELINE, *args, "--metrics-port", str(self.port), "--log-level", "warning"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)
 
     def metrics(self) -> dict[str, float]:
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
-        except OSError:
-            return {}
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                values[key] = float(value)
-        return values
+        return scrape_metrics(self.port)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -172,12 +161,6 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cpu(process: psutil.Process) -> float:

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -67,6 +68,21 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def scrape_metrics(port: int, host: str = LOOPBACK, timeout: float = 5.0) -> dict[str, float]:
+    """A Prometheus endpoint's samples as ``{'name{labels}': value}``; empty while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

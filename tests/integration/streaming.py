@@ -17,6 +17,7 @@ import yaml
 from kafka import KafkaConsumer
 
 from edgeline.config import SiteConfig, load
+from edgeline.services import free_port, scrape_metrics
 from stream.messages import Envelope, parse_message
 
 EDGELINE = [sys.executable, "-m", "edgeline.cli"]
@@ -45,7 +46,7 @@ class WorkerProcess:
         self.name = name
         self.data_dir = workdir / f"{data or name}-data"
         self.log = workdir / f"{name}.log"
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
@@ -72,19 +73,7 @@ class WorkerProcess:
         return sum(v for k, v in self.metrics().items() if k.startswith("edgeline_worker_messages_total"))
 
     def metrics(self) -> dict[str, float]:
-        import urllib.error
-        import urllib.request
-
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read().decode()
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return {}
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                values[key] = float(value)
-        return values
+        return scrape_metrics(self.metrics_port, timeout=2)
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -148,11 +137,3 @@ def read_messages(bootstrap: str, topic: str, **kwargs: Any) -> list[Envelope]:
 
 def read_json(bootstrap: str, topic: str, **kwargs: Any) -> list[dict[str, Any]]:
     return [json.loads(v) for v in read_topic(bootstrap, topic, **kwargs)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

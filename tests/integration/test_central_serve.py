@@ -3,7 +3,6 @@ token, refuse one without it, and download it back."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,8 @@ import time
 import httpx
 
 from edgeline.config import BUILTIN_PACKAGES
+from edgeline.services import free_port
 from models.package import write_package_tar
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_central_serves_the_model_registry_over_http(tmp_path, mosquitto):

@@ -4,7 +4,6 @@ slow one fails its latency gate at the canary and is rolled back."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -17,6 +16,7 @@ from central.registry import Registry
 from central.rollouts import RolloutManager
 from edge.agent import EdgeAgent, package_id
 from edgeline.config import BUILTIN_PACKAGES
+from edgeline.services import free_port
 from models.package import write_package_tar
 from models.signing import builtin_trusted_keys
 from stream.mqtt import MqttClient, MqttSettings
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.integration
 TOKEN = "rollout-test-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MACHINES = ["m1", "m2", "m3"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
