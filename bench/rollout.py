@@ -78,9 +78,8 @@ class SimulatedFleet:
         if command.name == "load_model":
             tar = fetch_package(str(command.args["url"]), str(command.args["sha256"]), self.workdir / machine)
             package = load_package(tar, trusted_keys=self.trusted, cache_dir=self.workdir / "cache")
-            manifest = package.manifest
             self.previous[machine] = self.running[machine]
-            self.running[machine] = f"{manifest.name}-{manifest.version}-{manifest.precision}"
+            self.running[machine] = package.manifest.package_id
         elif command.name == "rollback_model" and machine in self.previous:
             self.running[machine] = self.previous.pop(machine)
         self._heartbeat(machine)

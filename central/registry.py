@@ -105,7 +105,7 @@ class Registry:
             except PackageError as exc:
                 raise RegistryError(400, f"package refused: {exc}") from None
             manifest = package.manifest
-            package_id = f"{manifest.name}-{manifest.version}-{manifest.precision}"
+            package_id = manifest.package_id
             with self.sessions() as session:
                 if session.get(PackageRow, package_id) is not None:
                     raise RegistryError(409, f"package {package_id} is already registered")

@@ -338,7 +338,7 @@ class EdgeAgent:
             cameras=[self.camera_status(camera) for camera in self.cameras],
             cpu_percent=process.cpu_percent(), rss_mb=process.memory_info().rss / 2**20,
             outbox_depth=self.outbox.depth, outbox_dropped=self.outbox.dropped_total,
-            models={name: package_id(model) for name, model in self.seg_models.items()},
+            models={name: model.package_id for name, model in self.seg_models.items()},
             shadow={name: run.status() for name, run in self.shadows.items()},
         )
 
@@ -403,14 +403,14 @@ class EdgeAgent:
             except (DownloadError, PackageError, ModelLoadError, OSError) as exc:
                 return SwapOutcome(False, f"{model}: shadow refused: {exc}", {"model": model}), "shadow_failed"
             every = max(1, int(command.args.get("every", 5)))
-            self.shadows[model] = ShadowRun(candidate, package_id(candidate), every)
-            return SwapOutcome(True, f"{model}: shadowing {package_id(candidate)} on 1 batch in {every}",
-                               {"model": model, "package": package_id(candidate)}), "shadow_started"
+            self.shadows[model] = ShadowRun(candidate, every)
+            return SwapOutcome(True, f"{model}: shadowing {candidate.package_id} on 1 batch in {every}",
+                               {"model": model, "package": candidate.package_id}), "shadow_started"
         shadow = self.shadows.pop(model, None)
         if shadow is None:
             return SwapOutcome(False, f"{model}: no shadow running", {"model": model}), "shadow_failed"
         if command.name == "stop_shadow":
-            return SwapOutcome(True, f"{model}: shadow {shadow.package} stopped",
+            return SwapOutcome(True, f"{model}: shadow {shadow.model.package_id} stopped",
                                {"model": model, **shadow.status().model_dump()}), "shadow_stopped"
         outcome = self.swapper.adopt(model, shadow.model)
         return SwapOutcome(True, outcome.text, {**outcome.details, **shadow.status().model_dump()}), "model_loaded"
@@ -460,12 +460,6 @@ class EdgeAgent:
             return False
         self.forwarder.notify()
         return True
-
-
-def package_id(model: SegmentationModel) -> str:
-    """How central names a package: ``<name>-<version>-<precision>``."""
-    manifest = model.package.manifest
-    return f"{manifest.name}-{manifest.version}-{manifest.precision}"
 
 
 def priority_of(message: Envelope) -> Priority:

@@ -111,6 +111,10 @@ class PackagedModel:
         return self.package.manifest.version
 
     @property
+    def package_id(self) -> str:
+        return self.package.manifest.package_id
+
+    @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 

@@ -99,7 +99,6 @@ class ShadowRun:
     goes through the candidate, and the two are compared (mask IoU, inference time)."""
 
     model: SegmentationModel
-    package: str
     every: int = 5
     batches: int = 0
     frames: int = 0
@@ -124,7 +123,7 @@ class ShadowRun:
         self.frames += len(images)
 
     def status(self) -> ShadowStatus:
-        return ShadowStatus(package=self.package, frames=self.frames,
+        return ShadowStatus(package=self.model.package_id, frames=self.frames,
                             agreement=self.inter / self.union if self.union else 1.0,
                             latency_ratio=self.candidate_s / self.current_s if self.current_s else 0.0)
 

@@ -147,6 +147,11 @@ class Manifest(_Strict):
     bench: dict[str, float] = Field(default_factory=dict, description="latency on the bench machine")
     signature: Signature | None = Field(None, description="Ed25519 signature of the canonical manifest, or None")
 
+    @property
+    def package_id(self) -> str:
+        """How central, rollouts and heartbeats name a package: ``<name>-<version>-<precision>``."""
+        return f"{self.name}-{self.version}-{self.precision}"
+
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
         if self.preprocess.kind != self.task or self.postprocess.kind != self.task:

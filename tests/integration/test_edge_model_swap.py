@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from edge.agent import EdgeAgent, package_id
+from edge.agent import EdgeAgent
 from edgeline.config import BUILTIN_PACKAGES
 from stream.messages import Command, Event, Heartbeat, Result, parse_message
 from stream.topics import command_topic, site_filter
@@ -93,10 +93,10 @@ def test_shadow_mode_reports_agreement_then_promotes(mosquitto, mqtt_probe, uniq
                 break
         assert shadow is not None and shadow.package == "seg-synth-1.0.0-fp32"
         assert shadow.agreement > 0.8 and shadow.latency_ratio > 0
-        assert package_id(agent.seg_models["seg"]) == "seg-synth-1.0.0-int8"  # only a shadow so far
+        assert agent.seg_models["seg"].package_id == "seg-synth-1.0.0-int8"  # only a shadow so far
         promoted = send_and_wait(probe, site, "promote_shadow", {"model": "seg"})
         assert promoted.name == "model_loaded" and promoted.details["frames"] >= 5
-        assert package_id(agent.seg_models["seg"]) == "seg-synth-1.0.0-fp32" and agent.shadows == {}
+        assert agent.seg_models["seg"].package_id == "seg-synth-1.0.0-fp32" and agent.shadows == {}
         assert send_and_wait(probe, site, "stop_shadow", {"model": "seg"}).name == "shadow_failed"
     finally:
         agent.stop()

@@ -14,7 +14,7 @@ import uvicorn
 from central.api import create_api
 from central.registry import Registry
 from central.rollouts import RolloutManager
-from edge.agent import EdgeAgent, package_id
+from edge.agent import EdgeAgent
 from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import free_port
 from models.package import write_package_tar
@@ -79,7 +79,7 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(mosquitto, unique_n
         assert good["previous"] == "seg-synth-1.0.0-int8"
         done = wait_phase(base, good["id"], {"completed", "rolled_back"})
         assert done["phase"] == "completed", (done["failure"], done["history"])
-        assert [package_id(a.seg_models["seg"]) for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+        assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
         assert [a.cameras[0].frames_dropped for a in agents] == dropped  # no frame lost to a swap
         assert any("stage 2/2" in e["text"] for e in done["history"])
 
@@ -88,7 +88,7 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(mosquitto, unique_n
             "soak_s": 6, "max_latency_ratio": 1.5}).json()
         failed = wait_phase(base, slow["id"], {"completed", "rolled_back"})
         assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate latency"), failed
-        assert [package_id(a.seg_models["seg"]) for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+        assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
         assert httpx.post(f"{base}/rollouts/{slow['id']}/resume", headers=AUTH).status_code == 409
         again = RolloutManager(unique_name, manager.registry, MqttClient(MqttSettings(), "unused"), base)
         again.restore()  # a restarted central reads every rollout back from its database
