@@ -72,13 +72,19 @@ class SwapOutcome:
     details: dict[str, str | float] = field(default_factory=dict)
 
 
-def mask_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray], threshold: float) -> float:
-    """Pooled IoU of the defect masks of two models over the same frames (1.0 when both are empty)."""
+def mask_overlap(a: Sequence[np.ndarray], b: Sequence[np.ndarray], threshold: float) -> tuple[int, int]:
+    """Intersection and union, in pixels, of two models' defect masks over the same frames."""
     inter = union = 0
     for pa, pb in zip(a, b, strict=True):
         ma, mb = pa > threshold, pb > threshold
         inter += int(np.logical_and(ma, mb).sum())
         union += int(np.logical_or(ma, mb).sum())
+    return inter, union
+
+
+def mask_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray], threshold: float) -> float:
+    """Pooled IoU of the defect masks of two models over the same frames (1.0 when both are empty)."""
+    inter, union = mask_overlap(a, b, threshold)
     return inter / union if union else 1.0
 
 
@@ -116,10 +122,8 @@ class ShadowRun:
         candidate = self.model.infer(list(images))
         self.candidate_s += time.perf_counter() - started
         self.current_s += current_s
-        for a, b in zip(candidate, current, strict=True):
-            ma, mb = a > threshold, b > threshold
-            self.inter += int(np.logical_and(ma, mb).sum())
-            self.union += int(np.logical_or(ma, mb).sum())
+        inter, union = mask_overlap(candidate, current, threshold)
+        self.inter, self.union = self.inter + inter, self.union + union
         self.frames += len(images)
 
     def status(self) -> ShadowStatus:
