@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -160,16 +160,21 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
             raise MessageError(f"a {message.KIND} message on {event.message.topic}")
         return message
 
-    @app.agent(raw_topic(topics.for_kind("result"), topics.for_kind("anomaly")), name="machine-stage", concurrency=1)
-    async def machine_stage(stream: faust.StreamT) -> None:
+    async def site_messages(stream: faust.StreamT, kinds: tuple[str, ...]) -> AsyncIterator[Envelope]:
+        """The stream's valid messages of ``kinds`` for this site; bad records are dead-lettered,
+        other sites' messages (sharing the topics) skipped."""
         async for event in stream.events():
             try:
-                message = parse(event, ("result", "anomaly"))
+                message = parse(event, kinds)
             except MessageError as exc:
                 await dead_letter(event, exc.reason)
                 continue
-            if message.site != site.site:
-                continue  # another site sharing these topics
+            if message.site == site.site:
+                yield message
+
+    @app.agent(raw_topic(topics.for_kind("result"), topics.for_kind("anomaly")), name="machine-stage", concurrency=1)
+    async def machine_stage(stream: faust.StreamT) -> None:
+        async for message in site_messages(stream, ("result", "anomaly")):
             if not by_machine.accept(message):
                 metrics.duplicates.inc()
                 continue
@@ -206,14 +211,7 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
 
     @app.agent(raw_topic(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks), name="liveness", concurrency=1)
     async def liveness_stage(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            try:
-                message = parse(event, ("heartbeat", "event"))
-            except MessageError as exc:
-                await dead_letter(event, exc.reason)
-                continue
-            if message.site != site.site:
-                continue
+        async for message in site_messages(stream, ("heartbeat", "event")):
             for alert in update_liveness(liveness, message, time.time(), cfg.heartbeat_timeout_s):
                 await emit(alert)
 
