@@ -170,11 +170,15 @@ class RolloutManager:
     # ------------------------------------------------------------ outputs
 
     def _save(self, rollout_id: str) -> None:
+        """Write the rollout when something it records changed (not on every heartbeat)."""
         with self._lock:
-            state = rollout_to_dict(self.rollouts[rollout_id])
-        if self._saved.get(rollout_id) != (len(state["history"]), state["phase"], state["paused"]):
-            self.registry.save_rollout(rollout_id, self.models[rollout_id], state)
-            self._saved[rollout_id] = (len(state["history"]), state["phase"], state["paused"])
+            rollout = self.rollouts[rollout_id]
+            version = (len(rollout.history), rollout.phase, rollout.paused)
+            if self._saved.get(rollout_id) == version:
+                return
+            state = rollout_to_dict(rollout)
+        self.registry.save_rollout(rollout_id, self.models[rollout_id], state)
+        self._saved[rollout_id] = version
 
     def _execute(self, rollout_id: str, actions: list[Action]) -> None:
         self._save(rollout_id)
