@@ -185,8 +185,9 @@ class MqttKafkaBridge:
     def _from_an_edge(topic: str) -> bool:
         try:
             return parse_topic(topic).kind in EDGE_KINDS
-        except ValueError:
-            return not topic.split("/")[3].startswith("_") if topic.count("/") >= 3 else True
+        except ValueError:  # malformed: dead-lettered, unless a service's side topic (edgeline/v1/<site>/_...)
+            levels = topic.split("/")
+            return len(levels) < 4 or not levels[3].startswith("_")
 
     def _record_for(self, message: paho.MQTTMessage, received: float) -> _Record:
         try:
