@@ -40,8 +40,11 @@ class RolloutIn(BaseModel):
     max_error_rate: float = Field(0.01, ge=0)
     max_drift: float = Field(0.05, ge=0)
     deploy_timeout_s: float = Field(120.0, gt=0)
-    min_shadow_agreement: float | None = Field(None, ge=0, le=1, description="require the machines' shadow-mode "
-                                               "agreement for the package (reported in heartbeats) to be at least this")
+    min_shadow_agreement: float | None = Field(None, ge=0, le=1, description="run the package in shadow mode on each "
+                                               "stage's machines first and promote it only where its agreement "
+                                               "(mask IoU with the running version) is at least this")
+    shadow_frames: int = Field(50, ge=1, description="frames each machine compares in shadow mode before it is judged")
+    shadow_timeout_s: float = Field(300.0, gt=0, description="longest wait for those frames")
 
 
 class MachineIn(BaseModel):
@@ -165,7 +168,8 @@ def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) 
     def create(body: RolloutIn) -> dict[str, Any]:
         gates = Gates(max_latency_ratio=body.max_latency_ratio, max_error_rate=body.max_error_rate,
                       max_drift=body.max_drift, deploy_timeout_s=body.deploy_timeout_s,
-                      min_shadow_agreement=body.min_shadow_agreement)
+                      min_shadow_agreement=body.min_shadow_agreement, shadow_frames=body.shadow_frames,
+                      shadow_timeout_s=body.shadow_timeout_s)
         try:
             rollout_id = rollouts.create(body.package, body.model, body.machines, stages=tuple(body.stages),
                                          soak_s=body.soak_s, gates=gates)

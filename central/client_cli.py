@@ -62,10 +62,15 @@ def rollout(package: Annotated[str, typer.Option(help="package id, e.g. seg-synt
             model: Annotated[str, typer.Option(help="model name in the site config")],
             machines: Annotated[str, typer.Option(help="comma-separated machine ids")],
             stages: str = "0,0.25,1", soak_s: float = 60.0, max_latency_ratio: float = 1.2,
-            url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
+            max_error_rate: float = 0.01, max_drift: float = 0.05,
+            min_shadow_agreement: Annotated[float | None, typer.Option(
+                help="shadow each stage first; promote only at this mask agreement (0-1)")] = None,
+            shadow_frames: int = 50, url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
     """Start a staged rollout (canary, 25%, all by default)."""
     body = {"package": package, "model": model, "machines": machines.split(","),
-            "stages": [float(s) for s in stages.split(",")], "soak_s": soak_s, "max_latency_ratio": max_latency_ratio}
+            "stages": [float(s) for s in stages.split(",")], "soak_s": soak_s, "max_latency_ratio": max_latency_ratio,
+            "max_error_rate": max_error_rate, "max_drift": max_drift, "min_shadow_agreement": min_shadow_agreement,
+            "shadow_frames": shadow_frames}
     state = _call("POST", f"{url}/rollouts", token_file, json=body)
     console.print(f"rollout {state['id']}: {state['previous']} -> {state['package']}, {state['phase']}")
 

@@ -11,13 +11,18 @@ the stage reports the new version loaded (or ``deploy_timeout_s`` passes), then 
   the old version (its last report before the deploy);
 * ``errors``: error rate at most ``max_error_rate``;
 * ``drift``: mean defect ratio within ``max_drift`` (absolute) of the machine's old-version mean;
-* ``shadow`` (optional): the candidate's agreement with the current version (mask IoU measured in
-  shadow mode before the deploy) at least ``min_shadow_agreement``.
+With ``min_shadow_agreement`` set, each stage first runs the candidate in shadow mode on its new
+machines (``Shadow``): beside the old version, on a sample of live frames. Once every one of them
+has compared ``shadow_frames`` frames with an agreement (mask IoU) of at least
+``min_shadow_agreement``, the stage promotes the shadow (``Deploy(promote=True)``) and goes on as
+above; a lower agreement, a shadow that fails to start, or ``shadow_timeout_s`` without enough
+frames fails the ``shadow`` gate.
 
 A failed gate rolls back every machine that received the new version (one ``Rollback`` action)
-and the rollout ends ``rolled_back`` once they all report the old version again. ``pause`` holds
-the rollout where it is (no new stage starts, gates are still checked), ``resume`` continues,
-``abort`` rolls back. Every transition is appended to ``history``.
+and stops the shadows not yet promoted (``StopShadow``); the rollout ends ``rolled_back`` once
+every rolled-back machine reports the old version again. ``pause`` holds the rollout where it is
+(no promotion and no new stage, gates are still checked), ``resume`` continues, ``abort`` rolls
+back. Every transition is appended to ``history``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Phase = Literal["pending", "deploying", "soaking", "completed", "rolling_back", "rolled_back"]
+Phase = Literal["pending", "shadowing", "deploying", "soaking", "completed", "rolling_back", "rolled_back"]
+ACTIVE: tuple[Phase, ...] = ("shadowing", "deploying", "soaking")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,8 @@ class Gates:
     max_error_rate: float = 0.01
     max_drift: float = 0.05
     min_shadow_agreement: float | None = None
+    shadow_frames: int = 50
+    shadow_timeout_s: float = 300.0
     deploy_timeout_s: float = 120.0
     rollback_timeout_s: float = 60.0
 
@@ -60,7 +68,8 @@ class Plan:
 
 @dataclass(frozen=True)
 class Health:
-    """One machine's report, read from its heartbeats and results."""
+    """One machine's report, read from its heartbeats and results. ``shadow_*`` describe the
+    rollout's candidate running in shadow mode on that machine (``None`` / 0 when it is not)."""
 
     machine: str
     version: str
@@ -69,12 +78,26 @@ class Health:
     error_rate: float = 0.0
     defect_ratio_mean: float = 0.0
     shadow_agreement: float | None = None
+    shadow_frames: int = 0
+
+
+@dataclass(frozen=True)
+class Shadow:
+    machines: tuple[str, ...]
+    package: str
 
 
 @dataclass(frozen=True)
 class Deploy:
     machines: tuple[str, ...]
     package: str
+    promote: bool = False
+    """Put the shadow already running on these machines in place, instead of loading afresh."""
+
+
+@dataclass(frozen=True)
+class StopShadow:
+    machines: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -84,7 +107,7 @@ class Rollback:
     reason: str
 
 
-Action = Deploy | Rollback
+Action = Shadow | Deploy | StopShadow | Rollback
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,8 @@ class Rollout:
     since: float = 0.0
     """When the current phase began (event time)."""
     failure: str | None = None
+    shadowing: tuple[str, ...] = ()
+    """This stage's new machines while they run the candidate in shadow mode (not yet deployed)."""
     history: list[Entry] = field(default_factory=list)
     _baseline: dict[str, Health] = field(default_factory=dict)
     _latest: dict[str, Health] = field(default_factory=dict)
@@ -126,6 +151,8 @@ class Rollout:
 
     def tick(self, now: float) -> list[Action]:
         """Time passing: deploy and rollback timeouts, soak completion, next stage."""
+        if self.phase == "shadowing":
+            return self._check_shadowing(now)
         if self.phase == "deploying":
             return self._check_deploying(now)
         if self.phase == "soaking":
@@ -156,7 +183,9 @@ class Rollout:
         return self.phase in ("completed", "rolled_back")
 
     def _deployed(self) -> tuple[str, ...]:
-        return self.plan.stage_machines(self.stage) if self.stage >= 0 else ()
+        if self.stage < 0:
+            return ()
+        return tuple(m for m in self.plan.stage_machines(self.stage) if m not in self.shadowing)
 
     # ------------------------------------------------------------ transitions
 
@@ -165,9 +194,41 @@ class Rollout:
         self.stage = index
         self._enter("deploying", now)
         new = tuple(m for m in self._deployed() if m not in before)
+        if self.plan.gates.min_shadow_agreement is not None:
+            self.shadowing = new
+            self._enter("shadowing", now)
+            self._log(now, f"stage {index + 1}/{len(self.plan.stages)}: shadowing {self.plan.package} on "
+                           f"{', '.join(new)}")
+            return [Shadow(new, self.plan.package)]
         self._log(now, f"stage {index + 1}/{len(self.plan.stages)}: deploying {self.plan.package} to "
                        f"{', '.join(new)}")
         return [Deploy(new, self.plan.package)]
+
+    def _check_shadowing(self, now: float) -> list[Action]:
+        gates = self.plan.gates
+        threshold = gates.min_shadow_agreement or 0.0
+        counted = {m: h for m in self.shadowing if (h := self._latest.get(m)) is not None
+                   and h.shadow_frames >= gates.shadow_frames and h.shadow_agreement is not None}
+        failed = [m for m in self.shadowing if self._load_failed(m)]
+        if failed:
+            return self._roll_back(now, f"gate shadow: {', '.join(failed)} could not run {self.plan.package} "
+                                        "in shadow mode")
+        for machine, health in counted.items():
+            agreement = health.shadow_agreement or 0.0
+            if agreement < threshold:
+                return self._roll_back(now, f"gate shadow: {machine} agreement {agreement:.3f} < {threshold:g} "
+                                            f"over {health.shadow_frames} frames")
+        waiting = [m for m in self.shadowing if m not in counted]
+        if waiting and now - self.since > gates.shadow_timeout_s:
+            return self._roll_back(now, f"gate shadow: {', '.join(waiting)} compared fewer than "
+                                        f"{gates.shadow_frames} frames in {gates.shadow_timeout_s:g} s")
+        if waiting or self.paused:
+            return []
+        promoted, self.shadowing = self.shadowing, ()
+        self._enter("deploying", now)
+        self._log(now, f"stage {self.stage + 1}: shadow agreement at least {threshold:g} on "
+                       f"{', '.join(promoted)}; promoting")
+        return [Deploy(promoted, self.plan.package, promote=True)]
 
     def _check_deploying(self, now: float) -> list[Action]:
         pending = [m for m in self._deployed() if not self._runs_new(m)]
@@ -213,17 +274,21 @@ class Rollout:
         if base is not None and abs(health.defect_ratio_mean - base.defect_ratio_mean) > gates.max_drift:
             return (f"gate drift: {machine} mean defect ratio {health.defect_ratio_mean:.3f} vs "
                     f"{base.defect_ratio_mean:.3f} before (limit ±{gates.max_drift:g})")
-        if gates.min_shadow_agreement is not None and (health.shadow_agreement or 0.0) < gates.min_shadow_agreement:
-            return (f"gate shadow: {machine} agreement {health.shadow_agreement} < "
-                    f"{gates.min_shadow_agreement:g}")
         return None
 
     def _roll_back(self, now: float, reason: str) -> list[Action]:
-        touched = self._deployed()
-        self.failure = reason
+        touched, shadows = self._deployed(), self.shadowing
+        self.failure, self.shadowing = reason, ()
         self._enter("rolling_back", now)
-        self._log(now, f"rolling back {', '.join(touched)} to {self.plan.previous}: {reason}")
-        return [Rollback(touched, self.plan.previous, reason)]
+        actions: list[Action] = []
+        if shadows:
+            self._log(now, f"stopping the shadow on {', '.join(shadows)}: {reason}")
+            actions.append(StopShadow(shadows))
+        if touched:
+            self._log(now, f"rolling back {', '.join(touched)} to {self.plan.previous}: {reason}")
+            actions.append(Rollback(touched, self.plan.previous, reason))
+        self._check_rolled_back(now)
+        return actions
 
     def _check_rolled_back(self, now: float) -> None:
         waiting = [m for m in self._deployed() if (h := self._latest.get(m)) is None or h.version != self.plan.previous]
@@ -251,7 +316,7 @@ class Rollout:
         self.history.append(Entry(now, self.phase, self.stage, text))
 
     def _require_active(self, verb: str) -> None:
-        if self.phase not in ("deploying", "soaking"):
+        if self.phase not in ACTIVE:
             raise RolloutError(f"cannot {verb} a rollout that is {self.phase}")
 
 
@@ -262,7 +327,7 @@ def rollout_to_dict(rollout: Rollout) -> dict:
         "plan": {"package": plan.package, "previous": plan.previous, "targets": list(plan.targets),
                  "stages": list(plan.stages), "soak_s": plan.soak_s, "gates": asdict(plan.gates)},
         "phase": rollout.phase, "stage": rollout.stage, "paused": rollout.paused, "since": rollout.since,
-        "failure": rollout.failure, "history": [asdict(e) for e in rollout.history],
+        "failure": rollout.failure, "shadowing": list(rollout.shadowing), "history": [asdict(e) for e in rollout.history],
         "baseline": {m: asdict(h) for m, h in rollout._baseline.items()},
         "latest": {m: asdict(h) for m, h in rollout._latest.items()},
     }
@@ -273,7 +338,7 @@ def rollout_from_dict(data: dict) -> Rollout:
     rollout = Rollout(Plan(plan["package"], plan["previous"], tuple(plan["targets"]), tuple(plan["stages"]),
                            plan["soak_s"], Gates(**plan["gates"])),
                       phase=data["phase"], stage=data["stage"], paused=data["paused"], since=data["since"],
-                      failure=data["failure"], history=[Entry(**e) for e in data["history"]])
+                      failure=data["failure"], shadowing=tuple(data["shadowing"]), history=[Entry(**e) for e in data["history"]])
     rollout._baseline = {m: Health(**h) for m, h in data["baseline"].items()}
     rollout._latest = {m: Health(**h) for m, h in data["latest"].items()}
     return rollout

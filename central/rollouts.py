@@ -3,9 +3,11 @@ heartbeats and events over MQTT, its actions sent as edge commands. The same hea
 machines' retained status keep the fleet registry's status, last heartbeat and models current.
 
 ``Deploy`` becomes ``load_model`` {model, url, sha256} (the edge downloads the package from this
-service, verifies it and swaps it in); ``Rollback`` becomes ``rollback_model`` {model}. Health is
-read from heartbeats (the package each machine runs, p99 inference latency of its cameras) and
-from ``model_load_failed`` events. A ticker thread (``rollouts:<site>``) drives soak times and
+service, verifies it and swaps it in), or ``promote_shadow`` {model} when the candidate already
+runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha256, every};
+``StopShadow`` becomes ``stop_shadow``; ``Rollback`` becomes ``rollback_model`` {model}. Health is
+read from heartbeats (the package each machine runs, p99 inference latency of its cameras, the
+shadow's agreement and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A ticker thread (``rollouts:<site>``) drives soak times and
 timeouts.
 """
 
@@ -20,13 +22,18 @@ from dataclasses import asdict
 import paho.mqtt.client as paho
 
 from central.registry import Registry
-from central.rollout import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, rollout_from_dict,
-                             rollout_to_dict)
+from central.rollout import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, Shadow, StopShadow,
+                             rollout_from_dict, rollout_to_dict)
 from stream.messages import Command, Event, Heartbeat, MessageError, parse_message
 from stream.mqtt import MqttClient
 from stream.topics import mqtt_topic, topic_for
 
 log = logging.getLogger(__name__)
+
+FAILURE_EVENTS = ("model_load_failed", "shadow_failed")
+SHADOW_EVERY = 2
+"""A shadow runs the candidate on one batch in this many: enough frames for the gate in seconds,
+at half the candidate's cost."""
 
 
 class RolloutManager:
@@ -41,8 +48,8 @@ class RolloutManager:
         """rollout id -> the model name (site config key) it replaces."""
         self.running: dict[str, dict[str, str]] = {}
         """machine -> {model name: package id}, from the latest heartbeat."""
-        self._shadow: dict[tuple[str, str], float] = {}
-        """(machine, package) -> the last shadow-mode agreement that machine reported for the package."""
+        self._shadow: dict[tuple[str, str], tuple[float, int]] = {}
+        """(machine, package) -> the last shadow-mode (agreement, frames) that machine reported."""
         self._latency: dict[str, float] = {}
         """machine -> p99 inference latency over its cameras, from the latest heartbeat."""
         self._saved: dict[str, tuple[int, str, bool]] = {}
@@ -86,7 +93,7 @@ class RolloutManager:
             self.rollouts[rollout_id], self.models[rollout_id] = rollout, model
             now = time.time()
             for machine in machines:
-                rollout.report(now, self._health(machine, model))
+                rollout.report(now, self._health(machine, model, package_id))
             actions = rollout.start(now)
         self._execute(rollout_id, actions)
         return rollout_id
@@ -139,15 +146,17 @@ class RolloutManager:
                 self.running[parsed.machine] = dict(parsed.models)
                 self._latency[parsed.machine] = max((c.latency_p99_ms for c in parsed.cameras), default=0.0)
                 for shadow in parsed.shadow.values():
-                    self._shadow[(parsed.machine, shadow.package)] = shadow.agreement
+                    self._shadow[(parsed.machine, shadow.package)] = (shadow.agreement, shadow.frames)
             self._feed(now, parsed.machine, loaded=True)
-        elif isinstance(parsed, Event) and parsed.name == "model_load_failed":
+        elif isinstance(parsed, Event) and parsed.name in FAILURE_EVENTS:
             self._feed(now, parsed.machine, loaded=False)
 
-    def _health(self, machine: str, model: str, loaded: bool = True, package: str | None = None) -> Health:
-        version = package or self.running.get(machine, {}).get(model, "")
+    def _health(self, machine: str, model: str, candidate: str, loaded: bool = True) -> Health:
+        """What ``machine`` reports for ``model``; a failure is reported against ``candidate``."""
+        version = self.running.get(machine, {}).get(model, "") if loaded else candidate
+        agreement, frames = self._shadow.get((machine, candidate), (None, 0))
         return Health(machine, version, loaded=loaded, p95_latency_ms=self._latency.get(machine, 0.0),
-                      shadow_agreement=self._shadow.get((machine, version)))
+                      shadow_agreement=agreement, shadow_frames=frames)
 
     def _feed(self, now: float, machine: str, loaded: bool) -> None:
         for rollout_id, rollout in list(self.rollouts.items()):
@@ -155,7 +164,7 @@ class RolloutManager:
                 continue
             with self._lock:
                 model = self.models[rollout_id]
-                health = self._health(machine, model, loaded, None if loaded else rollout.plan.package)
+                health = self._health(machine, model, rollout.plan.package, loaded)
                 actions = rollout.report(now, health)
             self._execute(rollout_id, actions)
 
@@ -184,14 +193,24 @@ class RolloutManager:
         self._save(rollout_id)
         model = self.models[rollout_id]
         for action in actions:
-            if isinstance(action, Deploy):
-                stored = self.registry.package(action.package)
-                args = {"model": model, "url": f"{self.public_url}/models/{stored.id}/download",
-                        "sha256": stored.sha256}
-                self._command(action.machines, "load_model", args, f"rollout {rollout_id}")
+            if isinstance(action, Deploy) and action.promote:
+                self._command(action.machines, "promote_shadow", {"model": model}, f"rollout {rollout_id}")
+            elif isinstance(action, Deploy):
+                self._command(action.machines, "load_model", self._fetch_args(model, action.package),
+                              f"rollout {rollout_id}")
+            elif isinstance(action, Shadow):
+                self._command(action.machines, "shadow_model",
+                              {**self._fetch_args(model, action.package), "every": SHADOW_EVERY},
+                              f"rollout {rollout_id}")
+            elif isinstance(action, StopShadow):
+                self._command(action.machines, "stop_shadow", {"model": model}, f"rollout {rollout_id}")
             elif isinstance(action, Rollback):
                 self._command(action.machines, "rollback_model", {"model": model},
                               f"rollout {rollout_id}: {action.reason}")
+
+    def _fetch_args(self, model: str, package_id: str) -> dict[str, str]:
+        stored = self.registry.package(package_id)
+        return {"model": model, "url": f"{self.public_url}/models/{stored.id}/download", "sha256": stored.sha256}
 
     def _command(self, machines: tuple[str, ...], name: str, args: dict, reason: str) -> None:
         for machine in machines:

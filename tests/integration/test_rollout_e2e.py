@@ -104,3 +104,51 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(mosquitto, unique_n
     while {m["status"] for m in httpx.get(f"{base}/machines").json()} != {"offline"}:
         assert time.monotonic() < deadline, "the machines' offline status never reached the registry"
         time.sleep(0.2)
+
+
+def test_a_shadow_gated_rollout_promotes_an_agreeing_package_and_never_deploys_a_disagreeing_one(
+        mosquitto, unique_name, tmp_path, central):
+    base, manager = central
+    cameras = [{"id": "c1", "models": ["seg"], "fps": 10}]
+    config = edge_site(mosquitto, unique_name, tmp_path, [{"id": m, "cameras": cameras} for m in MACHINES],
+                       {"seg": {"path": "builtin:seg-synth-int8"}})
+    agents = [EdgeAgent(config, m, base_dir=tmp_path, heartbeat_s=0.5) for m in MACHINES]
+    for agent in agents:
+        agent.start()
+    try:
+        for name in ("seg-synth-fp32", "seg-tiles-int8"):
+            tar = write_package_tar(BUILTIN_PACKAGES / name, tmp_path / f"{name}.tar").read_bytes()
+            assert httpx.post(f"{base}/models", content=tar, headers=AUTH).status_code == 201
+        while len(manager.running) < 3:
+            time.sleep(0.2)
+        dropped = [a.cameras[0].frames_dropped for a in agents]
+        gates = {"stages": [0, 1.0], "soak_s": 1, "max_latency_ratio": 10.0, "min_shadow_agreement": 0.8,
+                 "shadow_frames": 10}
+
+        agreeing = httpx.post(f"{base}/rollouts", headers=AUTH,
+                              json={"package": "seg-synth-1.0.0-fp32", "model": "seg", "machines": MACHINES,
+                                    **gates}).json()
+        assert agreeing["phase"] == "shadowing"
+        done = wait_phase(base, agreeing["id"], {"completed", "rolled_back"})
+        assert done["phase"] == "completed", (done["failure"], done["history"])
+        texts = [e["text"] for e in done["history"]]
+        assert sum("shadowing seg-synth-1.0.0-fp32" in t for t in texts) == 2  # canary, then the rest
+        assert sum("promoting" in t for t in texts) == 2
+        assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+        assert [a.cameras[0].frames_dropped for a in agents] == dropped
+        assert all(a.shadows == {} for a in agents)
+
+        disagreeing = httpx.post(f"{base}/rollouts", headers=AUTH,
+                                 json={"package": "seg-tiles-1.1.0-int8", "model": "seg", "machines": MACHINES,
+                                       **gates}).json()  # a model of other parts: its masks disagree
+        failed = wait_phase(base, disagreeing["id"], {"completed", "rolled_back"})
+        assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate shadow: m1 agreement"), failed
+        deadline = time.monotonic() + 10
+        while any(a.shadows for a in agents):  # the stop_shadow command is applied off the MQTT thread
+            assert time.monotonic() < deadline, "the canary's shadow was never stopped"
+            time.sleep(0.1)
+        assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+        assert not any("rolling back" in e["text"] for e in failed["history"])  # nothing was deployed
+    finally:
+        for agent in agents:
+            agent.stop()

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from central.rollout import (Deploy, Gates, Health, Plan, Rollback, Rollout, RolloutError, rollout_from_dict,
-                             rollout_to_dict)
+from central.rollout import (Deploy, Gates, Health, Plan, Rollback, Rollout, RolloutError, Shadow, StopShadow,
+                             rollout_from_dict, rollout_to_dict)
 
 OLD, NEW = "seg:1.0.0", "seg:1.1.0"
 MACHINES = tuple(f"m{i:02d}" for i in range(1, 9))
@@ -100,12 +100,61 @@ def test_pause_holds_the_next_stage_and_abort_rolls_back():
         rollout.resume(103.0)
 
 
-def test_shadow_gate_requires_agreement_when_configured():
-    rollout = Rollout(plan(gates=Gates(min_shadow_agreement=0.9)))
+def shadow(rollout: Rollout, machines, now: float, agreement: float, frames: int = 60) -> list:
+    """The machines still run the old version and report the candidate's shadow figures."""
+    actions = []
+    for m in machines:
+        actions += rollout.report(now, healthy(m, OLD, shadow_agreement=agreement, shadow_frames=frames))
+    return actions
+
+
+SHADOW_GATES = Gates(min_shadow_agreement=0.9, shadow_frames=50, shadow_timeout_s=100.0)
+
+
+def test_with_a_shadow_gate_each_stage_shadows_first_and_promotes_on_agreement():
+    rollout = Rollout(plan(gates=SHADOW_GATES))
+    baseline(rollout)
+    assert rollout.start(0.0) == [Shadow(("m01",), NEW)] and rollout.phase == "shadowing"
+    assert shadow(rollout, ["m01"], 5.0, 0.95, frames=20) == []  # too few frames compared yet
+    assert shadow(rollout, ["m01"], 10.0, 0.95) == [Deploy(("m01",), NEW, promote=True)]
+    assert rollout.phase == "deploying" and rollout.shadowing == ()
+    swap(rollout, ["m01"], 12.0)
+    assert rollout.tick(42.0) == [Shadow(("m02",), NEW)]  # the next stage shadows its new machines only
+    assert rollout.pause(43.0) is None and shadow(rollout, ["m02"], 44.0, 0.97) == []  # paused: no promotion
+    assert rollout.resume(45.0) == [Deploy(("m02",), NEW, promote=True)]
+
+
+def test_a_low_shadow_agreement_stops_the_shadow_and_rolls_back_the_earlier_stages():
+    rollout = Rollout(plan(gates=SHADOW_GATES))
     baseline(rollout)
     rollout.start(0.0)
-    (action,) = swap(rollout, ["m01"], 1.0, shadow_agreement=0.7)
-    assert action.reason.startswith("gate shadow")
+    shadow(rollout, ["m01"], 10.0, 0.95)
+    swap(rollout, ["m01"], 12.0)
+    rollout.tick(42.0)
+    actions = shadow(rollout, ["m02"], 50.0, 0.6)
+    assert actions == [StopShadow(("m02",)), Rollback(("m01",), OLD, actions[1].reason)]
+    assert actions[1].reason == "gate shadow: m02 agreement 0.600 < 0.9 over 60 frames"
+    assert rollout.phase == "rolling_back"
+    rollout.report(55.0, healthy("m01", OLD))
+    assert rollout.phase == "rolled_back"
+
+
+def test_a_canary_that_never_compares_enough_frames_fails_without_any_deploy():
+    rollout = Rollout(plan(gates=SHADOW_GATES))
+    baseline(rollout)
+    rollout.start(0.0)
+    shadow(rollout, ["m01"], 50.0, 0.99, frames=10)
+    assert rollout.tick(100.0) == []
+    assert rollout.tick(101.0) == [StopShadow(("m01",))]
+    assert rollout.phase == "rolled_back" and "fewer than 50 frames in 100 s" in (rollout.failure or "")
+
+
+def test_a_shadow_that_cannot_start_fails_the_gate():
+    rollout = Rollout(plan(gates=SHADOW_GATES))
+    baseline(rollout)
+    rollout.start(0.0)
+    assert rollout.report(1.0, Health("m01", NEW, loaded=False)) == [StopShadow(("m01",))]
+    assert rollout.failure == f"gate shadow: m01 could not run {NEW} in shadow mode"
 
 
 def test_a_rollback_that_does_not_finish_ends_with_the_stragglers_named():
@@ -128,3 +177,13 @@ def test_a_rollout_saved_mid_stage_and_restored_goes_on_the_same_way():
         assert rollout.tick(31.0) == [Deploy(("m02",), NEW)]
         assert swap(rollout, ["m02"], 32.0, p95=30.0)[0].machines == ("m01", "m02")  # latency vs old baseline
     assert rollout_to_dict(restored) == rollout_to_dict(straight)
+
+
+def test_a_rollout_saved_while_shadowing_and_restored_promotes_the_same_machines():
+    straight = Rollout(plan(gates=SHADOW_GATES))
+    baseline(straight)
+    straight.start(0.0)
+    restored = rollout_from_dict(json.loads(json.dumps(rollout_to_dict(straight))))
+    assert restored.shadowing == ("m01",) and restored.phase == "shadowing"
+    for rollout in (straight, restored):
+        assert shadow(rollout, ["m01"], 10.0, 0.95) == [Deploy(("m01",), NEW, promote=True)]
