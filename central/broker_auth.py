@@ -1,10 +1,13 @@
 """Mosquitto credentials and ACL for a site: each machine may publish only under its own topics
-and read only its own commands; the bridge reads the whole site and publishes commands.
+and read only its own commands; the site services (MQTT->Kafka bridge, central, embedded rules)
+read the whole site and send commands.
 
 The machine's MQTT user name is its machine id, so one ``pattern`` line (``%u``) covers every
 machine; an agent that tries to publish as another machine is refused by the broker (MQTT 3.1.1
-brokers drop such a message silently), whatever its client id says. Passwords are hashed by
-Debian's ``mosquitto_passwd``.
+brokers drop such a message silently), whatever its client id says. Every service has its own
+user, so one leaked secret is revoked alone. Passwords are hashed by Debian's ``mosquitto_passwd``;
+each user's clear password is also written to ``secrets/<user>.pass`` for the process that logs
+in as that user (``broker.password_file`` or ``$EDGELINE_MQTT_PASSWORD_FILE``).
 """
 
 from __future__ import annotations
@@ -14,30 +17,59 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from edgeline.config import SiteConfig
 from stream.topics import MQTT_ROOT
 
 BRIDGE_USER = "edgeline-bridge"
+SERVICE_USERS = (BRIDGE_USER, "edgeline-central", "edgeline-rules")
 
 
-def site_acl(site: SiteConfig, bridge_user: str = BRIDGE_USER) -> str:
+def site_acl(site: SiteConfig) -> str:
     """The ``acl_file`` text for ``site``."""
     root = f"{MQTT_ROOT}/{site.site}"
-    return "\n".join([
+    lines = [
         f"# Mosquitto ACL for site {site.site}, written by `edgeline central broker-auth`.",
         "# Machines log in with their machine id as user name (%u).",
         f"pattern write {root}/%u/#",
         f"pattern read {root}/%u/cmd/#",
         "",
-        f"user {bridge_user}",
-        f"topic readwrite {root}/#",
-        "",
-    ])
+    ]
+    for user in SERVICE_USERS:
+        lines += [f"user {user}", f"topic readwrite {root}/#", "topic read $SYS/#", ""]
+    return "\n".join(lines)
 
 
-def new_credentials(site: SiteConfig, bridge_user: str = BRIDGE_USER) -> dict[str, str]:
-    """A fresh random password for the bridge and for every machine of the site."""
-    return {user: secrets.token_urlsafe(18) for user in [bridge_user, *(m.id for m in site.machines)]}
+def site_credentials(site: SiteConfig, existing: dict[str, str] | None = None) -> dict[str, str]:
+    """A password for every service and machine of the site: ``existing`` ones are kept (so a
+    re-run after adding a machine changes no running box's secret), new users get random ones."""
+    existing = existing or {}
+    users = [*SERVICE_USERS, *(m.id for m in site.machines)]
+    return {user: existing.get(user) or secrets.token_urlsafe(18) for user in users}
+
+
+def write_site_auth(site: SiteConfig, out: Path) -> tuple[dict[str, str], list[str]]:
+    """Write ``acl``, ``passwd``, ``credentials.yaml`` and ``secrets/<user>.pass`` into ``out``,
+    keeping the passwords of a ``credentials.yaml`` already there. Returns the credentials and
+    the users that are new."""
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "credentials.yaml"
+    existing = (yaml.safe_load(store.read_text()) or {}) if store.exists() else {}
+    credentials = site_credentials(site, existing)
+    write_password_file(out / "passwd", credentials)
+    (out / "acl").write_text(site_acl(site))
+    _write_secret(store, yaml.safe_dump(credentials))
+    (out / "secrets").mkdir(exist_ok=True)
+    for user, password in credentials.items():
+        _write_secret(out / "secrets" / f"{user}.pass", password + "\n")
+    return credentials, [user for user in credentials if user not in existing]
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
 
 
 def write_password_file(path: Path, credentials: dict[str, str]) -> None:
@@ -46,8 +78,7 @@ def write_password_file(path: Path, credentials: dict[str, str]) -> None:
                                                 if Path("/usr/bin/mosquitto_passwd").exists() else None)
     if tool is None:
         raise FileNotFoundError("mosquitto_passwd not found (Debian: apt install mosquitto)")
-    path.write_text("")
-    path.chmod(0o600)
+    _write_secret(path, "")
     for user, password in credentials.items():
         done = subprocess.run([tool, "-b", str(path), user, password], capture_output=True, text=True, check=False)
         if done.returncode != 0:

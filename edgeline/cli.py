@@ -269,27 +269,24 @@ def grafana_provision(
 @central_app.command("broker-auth")
 def central_broker_auth(
     config: ConfigOption,
-    out: Annotated[Path, typer.Option(help="folder for acl, passwd and credentials.yaml")] = Path("deploy/mosquitto"),
+    out: Annotated[Path, typer.Option(help="folder for acl, passwd, credentials.yaml and secrets/")] = Path(
+        "deploy/mosquitto/auth"),
 ) -> None:
-    """Write the site's Mosquitto ACL, a password file and fresh credentials (one user per machine)."""
-    import yaml
+    """Write the site's Mosquitto ACL and password file, and one secret per machine and service.
 
-    from central.broker_auth import new_credentials, site_acl, write_password_file
+    Passwords already in OUT/credentials.yaml are kept: run it again after adding machines."""
+    from central.broker_auth import write_site_auth
 
     site = _load_or_exit(config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "acl").write_text(site_acl(site))
-    credentials = new_credentials(site)
     try:
-        write_password_file(out / "passwd", credentials)
+        credentials, added = write_site_auth(site, out)
     except (FileNotFoundError, RuntimeError) as exc:
         err_console.print(f"[bold red]{exc}[/]")
         raise typer.Exit(2) from None
-    secrets_file = out / "credentials.yaml"
-    secrets_file.write_text(yaml.safe_dump(credentials))
-    secrets_file.chmod(0o600)
-    console.print(f"wrote {out / 'acl'}, {out / 'passwd'} and {secrets_file} ({len(credentials)} users: "
-                  "give each machine its own password as broker.username/password)")
+    console.print(f"wrote {out / 'acl'}, {out / 'passwd'} and {out / 'secrets'}/<user>.pass for {len(credentials)} "
+                  f"users ({len(added)} new{': ' + ', '.join(added) if added else ''}). Each process logs in with "
+                  "its own: broker.username/password_file, or $EDGELINE_MQTT_USERNAME and "
+                  "$EDGELINE_MQTT_PASSWORD_FILE.")
 
 
 # ---------------------------------------------------------------- models

@@ -192,7 +192,8 @@ class BrokerConfig(_Strict):
     password: str | None = Field(None, description="MQTT password (prefer password_file); $EDGELINE_MQTT_PASSWORD "
                                  "overrides")
     password_file: str | None = Field(None, description="file holding the MQTT password, relative to the site file; "
-                                      "'{machine}' becomes the machine id (one secret per machine)")
+                                      "'{machine}' becomes the machine id (one secret per machine); "
+                                      "$EDGELINE_MQTT_PASSWORD_FILE overrides")
     tls: TlsConfig | None = Field(None, description="TLS settings; absent means plain TCP")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive in seconds")
     reconnect_max_s: int = Field(30, ge=1, le=3600, description="longest wait between reconnect attempts "
@@ -201,6 +202,8 @@ class BrokerConfig(_Strict):
     def _password(self, machine: str | None, base_dir: Path) -> str | None:
         if os.environ.get("EDGELINE_MQTT_PASSWORD"):
             return os.environ["EDGELINE_MQTT_PASSWORD"]
+        if os.environ.get("EDGELINE_MQTT_PASSWORD_FILE"):
+            return _read_secret(Path(os.environ["EDGELINE_MQTT_PASSWORD_FILE"]), "$EDGELINE_MQTT_PASSWORD_FILE")
         if self.password_file:
             name = self.password_file.replace("{machine}", machine) if machine else self.password_file
             path = Path(name).expanduser()
@@ -220,11 +223,11 @@ class BrokerConfig(_Strict):
         )
 
 
-def _read_secret(path: Path) -> str:
+def _read_secret(path: Path, source: str = "broker.password_file") -> str:
     try:
         return path.read_text().strip()
     except OSError as exc:
-        raise ConfigError(str(path), [f"broker.password_file: cannot read {path}: {exc.strerror or exc}"]) from None
+        raise ConfigError(str(path), [f"{source}: cannot read {path}: {exc.strerror or exc}"]) from None
 
 
 def _opt_str(path: Path | None) -> str | None:

@@ -1,16 +1,26 @@
-"""The site ACL on a real Mosquitto: a machine publishes under its own topics only and reads only
-its own commands; the bridge sees the whole site; unknown users and wrong passwords are refused."""
+"""The site ACL on a real Mosquitto, written by `edgeline central broker-auth`: a machine publishes
+under its own topics only and reads only its own commands; the services see the whole site;
+unknown users and wrong passwords are refused; a re-run keeps every existing secret."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from central.broker_auth import BRIDGE_USER, new_credentials, site_acl, write_password_file
+import yaml
+from typer.testing import CliRunner
+
+from central.broker_auth import BRIDGE_USER, SERVICE_USERS
 from edge.agent import EdgeAgent
-from edgeline.config import from_dict
-from edgeline.services import MosquittoBroker, ServiceError
+from edgeline.cli import app
+from edgeline.config import ConfigError, from_dict
+from edgeline.services import MosquittoBroker, ServiceError, free_port, mosquitto_path, wait_for_port
 from stream.messages import Command
 from stream.topics import command_topic
 from tests.conftest import MqttProbe, service_unavailable
@@ -34,18 +44,25 @@ def drain(probe: MqttProbe, seconds: float = 1.5) -> list[str]:
     return got
 
 
+def broker_auth(tmp_path, machines: list[str]) -> dict[str, str]:
+    """Run `edgeline central broker-auth` for a site of ``machines``; the credentials it wrote."""
+    site_file = tmp_path / "site.yaml"
+    site_file.write_text(yaml.safe_dump({"site": "plant", "machines": [{"id": m} for m in machines]}))
+    done = CliRunner().invoke(app, ["central", "broker-auth", "--config", str(site_file),
+                                    "--out", str(tmp_path / "auth")])
+    assert done.exit_code == 0, done.output
+    return yaml.safe_load((tmp_path / "auth" / "credentials.yaml").read_text())
+
+
 @pytest.fixture
-def credentials():
-    return new_credentials(from_dict({"site": "plant", "machines": [{"id": "m01"}, {"id": "m02"}]}))
+def credentials(tmp_path):
+    return broker_auth(tmp_path, ["m01", "m02"])
 
 
 @pytest.fixture
 def secured(tmp_path, credentials):
-    site = from_dict({"site": "plant", "machines": [{"id": "m01"}, {"id": "m02"}]})
-    (tmp_path / "acl").write_text(site_acl(site))
-    write_password_file(tmp_path / "passwd", credentials)
-    broker = MosquittoBroker(workdir=tmp_path / "broker", password_file=tmp_path / "passwd",
-                             acl_file=tmp_path / "acl")
+    auth = tmp_path / "auth"
+    broker = MosquittoBroker(workdir=tmp_path / "broker", password_file=auth / "passwd", acl_file=auth / "acl")
     try:
         broker.start()
     except ServiceError as exc:
@@ -99,14 +116,13 @@ def test_wrong_password_or_unknown_user_cannot_connect(secured, user, password):
     assert refused and refused[0] is True
 
 
-def test_an_edge_agent_logs_in_with_its_own_credentials(secured, credentials, tmp_path):
-    """broker.username '{machine}' and password_file 'secrets/{machine}.pass': the agent is m01 to the broker."""
-    (tmp_path / "secrets").mkdir()
-    (tmp_path / "secrets" / "m01.pass").write_text(credentials["m01"] + "\n")
+def test_an_edge_agent_logs_in_with_its_own_credentials(secured, tmp_path):
+    """broker.username '{machine}' and password_file 'auth/secrets/{machine}.pass' (as broker-auth
+    wrote it): the agent is m01 to the broker."""
     broker = secured.broker
     config = from_dict({
         "site": "plant", "broker": {"host": broker.host, "port": broker.port, "username": "{machine}",
-                                    "password_file": "secrets/{machine}.pass"},
+                                    "password_file": "auth/secrets/{machine}.pass"},
         "models": {"seg": {"path": "builtin:seg-synth-int8"}},
         "machines": [{"id": "m01", "cameras": [{"id": "c1", "models": ["seg"], "fps": 5}]}],
         "outbox": {"path": str(tmp_path / "{machine}.sqlite")}, "metrics": {"enabled": False},
@@ -124,3 +140,85 @@ def test_an_edge_agent_logs_in_with_its_own_credentials(secured, credentials, tm
         assert agent.cameras[0].fps == 2.0  # the agent read its own command
     finally:
         agent.stop()
+
+
+def test_a_rerun_keeps_every_secret_and_adds_the_new_machine(tmp_path, credentials):
+    again = broker_auth(tmp_path, ["m01", "m02", "m03"])
+    assert {u: again[u] for u in credentials} == credentials
+    assert set(again) == {*SERVICE_USERS, "m01", "m02", "m03"} and len(set(again.values())) == len(again)
+    for user, password in again.items():
+        secret = tmp_path / "auth" / "secrets" / f"{user}.pass"
+        assert secret.read_text().strip() == password and secret.stat().st_mode & 0o077 == 0
+
+
+def test_a_service_logs_in_from_the_environment_and_sees_the_whole_site(secured, tmp_path, monkeypatch):
+    """How compose runs central and the bridge: $EDGELINE_MQTT_USERNAME and $EDGELINE_MQTT_PASSWORD_FILE."""
+    broker = secured.broker
+    monkeypatch.setenv("EDGELINE_MQTT_USERNAME", "edgeline-central")
+    monkeypatch.setenv("EDGELINE_MQTT_PASSWORD_FILE", str(tmp_path / "auth" / "secrets" / "edgeline-central.pass"))
+    site = from_dict({"site": "plant", "broker": {"host": broker.host, "port": broker.port}})
+    settings = site.broker.mqtt_settings()
+    assert settings.username == "edgeline-central"
+    central = secured("edgeline-central", settings.password).start()
+    central.subscribe("edgeline/v1/plant/+/heartbeat")
+    secured("m02").start().publish("edgeline/v1/plant/m02/heartbeat", b"{}")
+    assert drain(central) == ["edgeline/v1/plant/m02/heartbeat"]
+    monkeypatch.setenv("EDGELINE_MQTT_PASSWORD_FILE", str(tmp_path / "missing.pass"))
+    with pytest.raises(ConfigError, match=r"\$EDGELINE_MQTT_PASSWORD_FILE: cannot read"):
+        site.broker.mqtt_settings()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_compose_broker_config_admits_each_compose_client_and_no_one_else(tmp_path):
+    """deploy/mosquitto/mosquitto.conf on a real Mosquitto (its container paths moved under
+    tmp_path), with the auth that the compose service broker-auth writes for config/site.yaml:
+    every compose MQTT client logs in with its compose environment; anonymous is refused."""
+    binary = mosquitto_path()
+    if binary is None or shutil.which("mosquitto_sub") is None:
+        service_unavailable("mosquitto or mosquitto_sub is not installed (scripts/install-test-deps.sh)")
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    done = CliRunner().invoke(app, ["central", "broker-auth", "--config", str(REPO_ROOT / "config" / "site.yaml"),
+                                    "--out", str(tmp_path / "auth")])
+    assert done.exit_code == 0, done.output
+    port = free_port()
+    conf = (REPO_ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    conf = conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1").replace("/mosquitto/", f"{tmp_path}/")
+    conf = re.sub(r"(?m)^log_dest stdout$", f"log_dest file {tmp_path}/mosquitto.log", conf)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "mosquitto.conf").write_text(conf + ("user root\n" if os.geteuid() == 0 else ""))
+    with open(tmp_path / "console.log", "wb") as console:
+        broker = subprocess.Popen([binary, "-c", str(tmp_path / "mosquitto.conf")], stdout=console, stderr=console)
+    try:
+        wait_for_port("127.0.0.1", port, 10, proc=broker)
+        for service, spec in compose.items():
+            env = spec.get("environment") or {}
+            if "EDGELINE_MQTT_USERNAME" not in env:
+                continue
+            mount = next(v.split(":")[1] for v in spec["volumes"] if v.startswith("broker-auth:"))
+            secret = Path(env["EDGELINE_MQTT_PASSWORD_FILE"].replace(mount, str(tmp_path / "auth")))
+            assert login_refused(port, env["EDGELINE_MQTT_USERNAME"], secret.read_text().strip()) is False, service
+        assert login_refused(port, None, None) is True
+        health = compose["mosquitto"]["healthcheck"]["test"][1].replace("$$", "$")
+        health = health.replace("/mosquitto/", f"{tmp_path}/").replace("-h 127.0.0.1", f"-h 127.0.0.1 -p {port}")
+        assert subprocess.run(["sh", "-c", health], capture_output=True, timeout=10).returncode == 0, health
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def login_refused(port: int, user: str | None, password: str | None) -> bool:
+    probe = MqttProbe("127.0.0.1", port, f"compose-{user}")
+    if user is not None:
+        probe.client.username_pw_set(user, password)
+    answers: list[bool] = []
+    probe.client.on_connect = lambda c, u, f, reason, p: answers.append(reason.is_failure)
+    probe.client.connect_async("127.0.0.1", port)
+    probe.client.loop_start()
+    deadline = time.monotonic() + 5
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probe.stop()
+    assert answers, f"no CONNACK for {user}"
+    return answers[0]

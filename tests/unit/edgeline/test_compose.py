@@ -144,3 +144,30 @@ def test_compose_config_validates():
         check=False,
     )
     assert done.returncode == 0, done.stderr or done.stdout
+
+
+MQTT_CLIENTS = {"bridge": "edgeline-bridge", "central": "edgeline-central", "rules": "edgeline-rules",
+                **{f"edge-{m}": m for m in EDGE_MACHINES}}
+
+
+def test_every_mqtt_client_logs_in_as_its_own_broker_auth_user(services):
+    from central.broker_auth import SERVICE_USERS
+    from edgeline.config import load
+
+    site = load(REPO_ROOT / "config" / "site.yaml")
+    known_users = {*SERVICE_USERS, *(m.id for m in site.machines)}
+    for name, user in MQTT_CLIENTS.items():
+        env, volumes = services[name]["environment"], services[name]["volumes"]
+        assert env["EDGELINE_MQTT_USERNAME"] == user and user in known_users, name
+        mount = next(v.split(":")[1] for v in volumes if v.startswith("broker-auth:"))
+        assert env["EDGELINE_MQTT_PASSWORD_FILE"] == f"{mount}/secrets/{user}.pass", name
+        assert f"broker-auth:{mount}:ro" in volumes, name
+        assert "mosquitto" in services[name]["depends_on"], name
+
+
+def test_the_broker_needs_the_generated_auth_first(services):
+    assert services["mosquitto"]["depends_on"]["broker-auth"]["condition"] == "service_completed_successfully"
+    assert "broker-auth:/mosquitto/auth:ro" in services["mosquitto"]["volumes"]
+    assert "central broker-auth --config /config/site.yaml --out /auth" in services["broker-auth"]["command"][0]
+    conf = (REPO_ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text().splitlines()
+    assert {"allow_anonymous false", "password_file /mosquitto/auth/passwd", "acl_file /mosquitto/auth/acl"} <= set(conf)
