@@ -134,9 +134,20 @@ class CentralCollector(Collector):
         packages = GaugeMetricFamily("edgeline_central_packages", "Model packages in the registry")
         packages.add_metric([], len(self.registry.packages()))
         yield packages
+        rows = self.registry.machines()
         machines = GaugeMetricFamily("edgeline_central_machines", "Machines in the fleet registry")
-        machines.add_metric([], len(self.registry.machines()))
+        machines.add_metric([], len(rows))
         yield machines
+        online = GaugeMetricFamily("edgeline_central_machine_online", "1 while a machine's retained status is "
+                                   "online, 0 once its last-will says offline", labels=["machine"])
+        last_beat = GaugeMetricFamily("edgeline_central_machine_last_heartbeat_timestamp_seconds",
+                                      "Unix time of each machine's last heartbeat", labels=["machine"])
+        for row in rows:
+            online.add_metric([row.id], 1.0 if row.status == "online" else 0.0)
+            if row.last_heartbeat:
+                last_beat.add_metric([row.id], row.last_heartbeat)
+        yield online
+        yield last_beat
         phase = GaugeMetricFamily("edgeline_central_rollout_phase", "1 for each rollout's current phase",
                                   labels=["rollout", "package", "phase"])
         stage = GaugeMetricFamily("edgeline_central_rollout_stage", "Current stage of each rollout (1-based)",
@@ -156,6 +167,16 @@ class CentralCollector(Collector):
         for (model, package), count in sorted(counts.items()):
             running.add_metric([model, package], count)
         yield running
+        agreement = GaugeMetricFamily("edgeline_central_shadow_agreement", "Mask agreement (IoU) of a candidate "
+                                      "package in shadow mode with the running one, per machine",
+                                      labels=["machine", "package"])
+        frames = GaugeMetricFamily("edgeline_central_shadow_frames", "Frames compared in shadow mode so far",
+                                   labels=["machine", "package"])
+        for (machine, package), (value, count) in sorted(dict(self.rollouts.shadow if self.rollouts else {}).items()):
+            agreement.add_metric([machine, package], value)
+            frames.add_metric([machine, package], count)
+        yield agreement
+        yield frames
 
 
 def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) -> None:

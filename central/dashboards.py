@@ -16,17 +16,22 @@ from pathlib import Path
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import prometheus, stat, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.dashboard import DataSourceRef
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableOption, VariableRefresh, VariableSort
 
 DATASOURCE_UID = "edgeline-prometheus"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
 
 
 @dataclass(frozen=True)
-class PanelSpec:
-    title: str
+class Query:
     expr: str
     legend: str = ""
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    title: str
+    queries: tuple[Query, ...]
     unit: str = "short"
     kind: str = "timeseries"
     description: str = ""
@@ -37,77 +42,122 @@ class DashboardSpec:
     uid: str
     title: str
     panels: tuple[PanelSpec, ...]
+    machine_variable: bool = False
+    """A ``$machine`` drop-down (machines that report frames); queries filter on ``machine=~"$machine"``."""
 
 
+def panel(title: str, expr: str, legend: str = "", unit: str = "short", kind: str = "timeseries",
+          description: str = "") -> PanelSpec:
+    """A panel of one query."""
+    return PanelSpec(title, (Query(expr, legend),), unit, kind, description)
+
+
+M = 'machine=~"$machine"'
 DASHBOARDS = (
     DashboardSpec("edgeline-fleet", "Edgeline: fleet overview", (
-        PanelSpec("Machines connected", "sum(edgeline_edge_mqtt_connected)", kind="stat",
-                  description="Edge agents whose MQTT connection is up"),
-        PanelSpec("Cameras delivering frames", "sum(edgeline_edge_camera_up)", kind="stat"),
-        PanelSpec("Frames inferred per second", "sum by (machine) (rate(edgeline_edge_frames_inferred_total[1m]))",
-                  "{{machine}}", "fps"),
-        PanelSpec("Frames dropped per second", "sum by (machine) (rate(edgeline_edge_frames_dropped_total[1m]))",
-                  "{{machine}}", "fps", description="Camera queues full: inference did not keep up"),
-        PanelSpec("Outbox backlog", "sum by (machine) (edgeline_edge_outbox_messages)", "{{machine}}",
-                  description="Messages waiting for the broker (grows during an outage)"),
-        PanelSpec("Bridge and worker throughput",
-                  "sum(rate(edgeline_bridge_kafka_produced_total[1m])) or sum(rate(edgeline_worker_messages_total[1m]))",
-                  "records/s", "short"),
+        panel("Machines online", "sum(edgeline_central_machine_online)", kind="stat",
+              description="Machines whose retained MQTT status is online (their last-will turns it offline)"),
+        panel("Machines connected (agents' view)", "sum(edgeline_edge_mqtt_connected)", kind="stat",
+              description="Edge agents that Prometheus reaches and whose MQTT connection is up"),
+        panel("Cameras delivering frames", "sum(edgeline_edge_camera_up)", kind="stat"),
+        panel("Seconds since each machine's last heartbeat",
+              "time() - edgeline_central_machine_last_heartbeat_timestamp_seconds", "{{machine}}", "s",
+              description="Grows for a machine that went silent"),
+        panel("Frames inferred per second", "sum by (machine) (rate(edgeline_edge_frames_inferred_total[1m]))",
+              "{{machine}}", "fps"),
+        panel("Frames dropped per second", "sum by (machine) (rate(edgeline_edge_frames_dropped_total[1m]))",
+              "{{machine}}", "fps", description="Camera queues full: inference did not keep up"),
+        panel("Outbox backlog", "sum by (machine) (edgeline_edge_outbox_messages)", "{{machine}}",
+              description="Messages waiting for the broker (grows during an outage)"),
+        PanelSpec("Stream throughput", (
+            Query("sum(rate(edgeline_bridge_kafka_produced_total[1m]))", "bridge: MQTT to Kafka"),
+            Query("sum(rate(edgeline_worker_messages_total[1m]))", "workers: consumed"),
+            Query("sum(rate(edgeline_rules_messages_total[1m]))", "embedded rules: evaluated"),
+        ), "reqps"),
     )),
     DashboardSpec("edgeline-cameras", "Edgeline: cameras per machine", (
-        PanelSpec("Inferred fps per camera", "rate(edgeline_edge_frames_inferred_total[1m])", "{{machine}}/{{camera}}",
-                  "fps"),
-        PanelSpec("Dropped fps per camera", "rate(edgeline_edge_frames_dropped_total[1m])", "{{machine}}/{{camera}}",
-                  "fps"),
-        PanelSpec("Gated (unchanged scene) fps", "rate(edgeline_edge_frames_gated_total[1m])",
-                  "{{machine}}/{{camera}}", "fps"),
-        PanelSpec("Inference latency p95",
-                  "histogram_quantile(0.95, sum by (machine, model, le) "
-                  "(rate(edgeline_edge_inference_latency_seconds_bucket[5m])))", "{{machine}} {{model}}", "s"),
-        PanelSpec("Cameras shed by the overload policy", "edgeline_edge_camera_shed", "{{machine}}/{{camera}}"),
-    )),
+        panel("Inferred fps per camera", f"rate(edgeline_edge_frames_inferred_total{{{M}}}[1m])",
+              "{{machine}}/{{camera}}", "fps"),
+        panel("Dropped fps per camera", f"rate(edgeline_edge_frames_dropped_total{{{M}}}[1m])",
+              "{{machine}}/{{camera}}", "fps"),
+        panel("Gated (unchanged scene) fps", f"rate(edgeline_edge_frames_gated_total{{{M}}}[1m])",
+              "{{machine}}/{{camera}}", "fps"),
+        PanelSpec("Inference latency", tuple(
+            Query(f"histogram_quantile({q}, sum by (machine, model, le) "
+                  f"(rate(edgeline_edge_inference_latency_seconds_bucket{{{M}}}[5m])))",
+                  f"p{round(q * 100)} {{{{machine}}}} {{{{model}}}}") for q in (0.5, 0.95)), "s"),
+        panel("Cameras shed by the overload policy", f"edgeline_edge_camera_shed{{{M}}}", "{{machine}}/{{camera}}",
+              description="1 while the overload policy infers only one frame in N for the camera"),
+        panel("Camera up", f"edgeline_edge_camera_up{{{M}}}", "{{machine}}/{{camera}}",
+              description="0 while a camera reconnects or has failed"),
+    ), machine_variable=True),
     DashboardSpec("edgeline-quality", "Edgeline: defects and anomalies", (
-        PanelSpec("Defect frames per minute", "60 * sum by (machine) (rate(edgeline_edge_defect_frames_total[5m]))",
-                  "{{machine}}", description="Frames on which a model's image-level alarm fired"),
-        PanelSpec("Anomalous sensor samples per minute",
-                  "60 * sum by (machine, group) (rate(edgeline_edge_anomalies_total[5m]))", "{{machine}}/{{group}}"),
-        PanelSpec("Capture to decision latency p99",
-                  "histogram_quantile(0.99, sum by (le) (rate(edgeline_worker_event_latency_seconds_bucket[5m])))",
-                  "p99", "s"),
+        panel("Defect frames per minute", "60 * sum by (machine) (rate(edgeline_edge_defect_frames_total[5m]))",
+              "{{machine}}", description="Frames on which a model's image-level alarm fired"),
+        panel("Anomalous sensor samples per minute",
+              "60 * sum by (machine, group) (rate(edgeline_edge_anomalies_total[5m]))", "{{machine}}/{{group}}"),
+        PanelSpec("Capture to decision latency p99", (
+            Query("histogram_quantile(0.99, sum by (le) (rate(edgeline_worker_event_latency_seconds_bucket[5m])))",
+                  "workers (Kafka)"),
+            Query("histogram_quantile(0.99, sum by (le) (rate(edgeline_rules_latency_seconds_bucket[5m])))",
+                  "embedded rules"),
+        ), "s"),
     )),
     DashboardSpec("edgeline-alerts", "Edgeline: alerts and dead letters", (
-        PanelSpec("Alerts raised per minute", '60 * sum(rate(edgeline_worker_emitted_total{kind="alert"}[5m]))',
-                  "alerts"),
-        PanelSpec("Commands sent to machines per minute",
-                  "60 * sum(rate(edgeline_bridge_commands_forwarded_total[5m]))", "commands"),
-        PanelSpec("Dead-lettered messages per minute",
-                  "60 * (sum(rate(edgeline_bridge_dead_lettered_total[5m])) "
-                  "+ sum(rate(edgeline_worker_dead_lettered_total[5m])))", "dead letters"),
-        PanelSpec("Outbox drops (full outbox)", "sum by (machine, priority) (increase(edgeline_edge_outbox_dropped_total[1h]))",
-                  "{{machine}} {{priority}}"),
+        PanelSpec("Alerts raised per minute", (
+            Query('60 * sum(rate(edgeline_worker_emitted_total{kind="alert"}[5m]))', "workers (Kafka)"),
+            Query('60 * sum(rate(edgeline_rules_emitted_total{kind="alert"}[5m]))', "embedded rules"),
+        )),
+        PanelSpec("Commands sent to machines per minute", (
+            Query("60 * sum(rate(edgeline_bridge_commands_forwarded_total[5m]))", "bridge: Kafka to MQTT"),
+            Query('60 * sum(rate(edgeline_rules_emitted_total{kind="command"}[5m]))', "embedded rules"),
+        )),
+        PanelSpec("Dead-lettered messages per minute", (
+            Query("60 * sum(rate(edgeline_bridge_dead_lettered_total[5m]))", "bridge"),
+            Query("60 * sum(rate(edgeline_worker_dead_lettered_total[5m]))", "workers"),
+            Query("60 * sum(rate(edgeline_rules_dead_lettered_total[5m]))", "embedded rules"),
+        )),
+        panel("Outbox drops (full outbox)",
+              "sum by (machine, priority) (increase(edgeline_edge_outbox_dropped_total[1h]))",
+              "{{machine}} {{priority}}"),
     )),
     DashboardSpec("edgeline-rollouts", "Edgeline: model rollouts", (
-        PanelSpec("Machines per package", "edgeline_central_machines_on_package", "{{model}} {{package}}"),
-        PanelSpec("Rollout phase", "edgeline_central_rollout_phase == 1", "{{package}} {{phase}}"),
-        PanelSpec("Rollout stage", "edgeline_central_rollout_stage", "{{package}}"),
-        PanelSpec("Packages in the registry", "edgeline_central_packages", kind="stat"),
+        panel("Machines per package", "edgeline_central_machines_on_package", "{{model}} {{package}}"),
+        panel("Rollout phase", "edgeline_central_rollout_phase == 1", "{{package}} {{phase}}"),
+        panel("Rollout stage", "edgeline_central_rollout_stage", "{{package}}"),
+        panel("Shadow agreement", "edgeline_central_shadow_agreement", "{{machine}} {{package}}", "percentunit",
+              description="Mask IoU of a candidate in shadow mode with the running version (gate: "
+                          "min_shadow_agreement)"),
+        panel("Packages in the registry", "edgeline_central_packages", kind="stat"),
     )),
 )
 
 
 def _panel(spec: PanelSpec) -> object:
-    query = prometheus.Dataquery().expr(spec.expr).legend_format(spec.legend or "__auto").ref_id("A")
     builder = (stat.Panel() if spec.kind == "stat" else timeseries.Panel())
     builder = (builder.title(spec.title).description(spec.description).unit(spec.unit).datasource(DATASOURCE)
-               .with_target(query).height(8).span(12))
+               .height(8).span(12))
+    for ref, query in zip("ABCDEFGH", spec.queries, strict=False):
+        builder = builder.with_target(prometheus.Dataquery().expr(query.expr).legend_format(query.legend or "__auto")
+                                      .ref_id(ref))
     return builder
+
+
+def _machine_variable() -> object:
+    return (db.QueryVariable("machine").label("Machine").datasource(DATASOURCE)
+            .query("label_values(edgeline_edge_frames_inferred_total, machine)")
+            .refresh(VariableRefresh.ON_DASHBOARD_LOAD).sort(VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True).all_value(".*")
+            .current(VariableOption(selected=True, text=["All"], value=["$__all"])))
 
 
 def build(spec: DashboardSpec) -> dict:
     builder = (db.Dashboard(spec.title).uid(spec.uid).tags(["edgeline"]).refresh("10s").time("now-1h", "now")
                .timezone("browser"))
-    for panel in spec.panels:
-        builder = builder.with_panel(_panel(panel))
+    if spec.machine_variable:
+        builder = builder.with_variable(_machine_variable())
+    for panel_spec in spec.panels:
+        builder = builder.with_panel(_panel(panel_spec))
     return json.loads(JSONEncoder(sort_keys=True).encode(builder.build()))
 
 

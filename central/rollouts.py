@@ -7,8 +7,8 @@ service, verifies it and swaps it in), or ``promote_shadow`` {model} when the ca
 runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha256, every};
 ``StopShadow`` becomes ``stop_shadow``; ``Rollback`` becomes ``rollback_model`` {model}. Health is
 read from heartbeats (the package each machine runs, p99 inference latency of its cameras, the
-shadow's agreement and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A ticker thread (``rollouts:<site>``) drives soak times and
-timeouts.
+shadow's agreement and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A
+ticker thread (``rollouts:<site>``) drives soak times and timeouts.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class RolloutManager:
         """rollout id -> the model name (site config key) it replaces."""
         self.running: dict[str, dict[str, str]] = {}
         """machine -> {model name: package id}, from the latest heartbeat."""
-        self._shadow: dict[tuple[str, str], tuple[float, int]] = {}
+        self.shadow: dict[tuple[str, str], tuple[float, int]] = {}
         """(machine, package) -> the last shadow-mode (agreement, frames) that machine reported."""
         self._latency: dict[str, float] = {}
         """machine -> p99 inference latency over its cameras, from the latest heartbeat."""
@@ -146,7 +146,7 @@ class RolloutManager:
                 self.running[parsed.machine] = dict(parsed.models)
                 self._latency[parsed.machine] = max((c.latency_p99_ms for c in parsed.cameras), default=0.0)
                 for shadow in parsed.shadow.values():
-                    self._shadow[(parsed.machine, shadow.package)] = (shadow.agreement, shadow.frames)
+                    self.shadow[(parsed.machine, shadow.package)] = (shadow.agreement, shadow.frames)
             self._feed(now, parsed.machine, loaded=True)
         elif isinstance(parsed, Event) and parsed.name in FAILURE_EVENTS:
             self._feed(now, parsed.machine, loaded=False)
@@ -154,7 +154,7 @@ class RolloutManager:
     def _health(self, machine: str, model: str, candidate: str, loaded: bool = True) -> Health:
         """What ``machine`` reports for ``model``; a failure is reported against ``candidate``."""
         version = self.running.get(machine, {}).get(model, "") if loaded else candidate
-        agreement, frames = self._shadow.get((machine, candidate), (None, 0))
+        agreement, frames = self.shadow.get((machine, candidate), (None, 0))
         return Health(machine, version, loaded=loaded, p95_latency_ms=self._latency.get(machine, 0.0),
                       shadow_agreement=agreement, shadow_frames=frames)
 

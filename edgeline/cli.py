@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional, Protocol
 
@@ -82,11 +83,15 @@ def _interrupt_on_signals() -> None:
         signal.signal(signum, signal.default_int_handler)
 
 
-def _run_until_signal(service: Service) -> None:
-    """Start a service, run until Ctrl-C or SIGTERM, then stop it in order."""
+def _run_until_signal(service: Service, start: Callable[[], None] | None = None,
+                      banner: Callable[[], str] | None = None) -> None:
+    """Start a service (``start``, or its own ``start()``), print ``banner()``, run until Ctrl-C
+    or SIGTERM, then stop it in order."""
     _interrupt_on_signals()
     try:
-        service.start()
+        (start or service.start)()
+        if banner is not None:
+            console.print(banner())
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -134,7 +139,9 @@ def edge_run(config: ConfigOption, machine: Annotated[str, typer.Option(help="ma
 
 
 @stream_app.command("embedded")
-def stream_embedded(config: ConfigOption, log_level: str = "info") -> None:
+def stream_embedded(config: ConfigOption,
+                    metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics here")] = 9104,
+                    log_level: str = "info") -> None:
     """Run the rules engine straight from MQTT (one-box installs, no Kafka)."""
     from stream.embedded import EmbeddedRulesRunner
     from stream.mqtt import MqttClient
@@ -145,7 +152,9 @@ def stream_embedded(config: ConfigOption, log_level: str = "info") -> None:
     runner = EmbeddedRulesRunner(site.site, site.rules, client, lines=site.lines(),
                                  allowed_lateness_s=site.engine.allowed_lateness_s,
                                  dedupe_ttl_s=site.engine.dedupe_ttl_s)
-    _run_until_signal(runner)
+    _run_until_signal(runner, lambda: runner.start(metrics_port=metrics_port),
+                      lambda: f"rules {site.site}: MQTT {site.broker.host}:{site.broker.port}"
+                              + (f", metrics on :{runner.metrics_port}" if runner.metrics_port else ""))
 
 
 KafkaOption = Annotated[Optional[str], typer.Option("--kafka", help="Kafka bootstrap servers (default: stream.kafka)")]
@@ -168,17 +177,9 @@ def stream_bridge(config: ConfigOption, kafka: KafkaOption = None,
     site = _with_kafka(_load_or_exit(config), kafka)
     bridge = MqttKafkaBridge(site.site, site.broker.mqtt_settings(), site.stream.kafka, topics=site.stream.topics(),
                              partitions=site.stream.partitions, replication=site.stream.replication)
-    _interrupt_on_signals()
-    try:
-        bridge.start(metrics_port=metrics_port)
-        console.print(f"bridge {site.site}: MQTT {site.broker.host}:{site.broker.port} <-> Kafka {site.stream.kafka}"
-                      + (f", metrics on :{bridge.metrics_port}" if bridge.metrics_port else ""))
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        bridge.stop()
+    _run_until_signal(bridge, lambda: bridge.start(metrics_port=metrics_port),
+                      lambda: f"bridge {site.site}: MQTT {site.broker.host}:{site.broker.port} <-> Kafka "
+                              f"{site.stream.kafka}" + (f", metrics on :{bridge.metrics_port}" if bridge.metrics_port else ""))
 
 
 @stream_app.command("worker")

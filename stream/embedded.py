@@ -3,6 +3,7 @@
 Subscribes to everything machines of a site publish, feeds results and anomalies to
 :class:`stream.rules.RulesEngine`, and publishes the decisions, alerts and commands it makes.
 A message that does not parse goes to the dead-letter topic with the reason, and is counted.
+``edgeline stream embedded --metrics-port`` serves :class:`RulesMetrics` to Prometheus.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 import paho.mqtt.client as paho
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from stream.messages import Command, Envelope, MessageError, parse_message
 from stream.mqtt import MqttClient
@@ -37,6 +41,23 @@ class RunnerStats:
     published: int = 0
 
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RulesMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.consumed = Counter("edgeline_rules_messages", "Results and anomaly scores evaluated", ["kind"],
+                                registry=self.registry)
+        self.dead_lettered = Counter("edgeline_rules_dead_lettered", "Messages sent to the dead-letter topic",
+                                     registry=self.registry)
+        self.emitted = Counter("edgeline_rules_emitted", "Decisions, alerts and commands published", ["kind"],
+                               registry=self.registry)
+        self.latency = Histogram("edgeline_rules_latency_seconds", "A message's timestamp (its newest frame or "
+                                 "sample) to its rule evaluation", ["kind"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+
+
 class EmbeddedRulesRunner:
     """One rules engine, fed by MQTT on ``edgeline/v1/<site>/+/result/+`` and ``.../anomaly``."""
 
@@ -48,17 +69,25 @@ class EmbeddedRulesRunner:
                                   dedupe_ttl_s=dedupe_ttl_s)
         self.mqtt = client
         self.stats = RunnerStats()
+        self.metrics = RulesMetrics()
+        self.metrics_port: int | None = None
         self.listeners: list[Callable[[Envelope], None]] = []
         self._lock = threading.Lock()
+        self._metrics_server: WSGIServer | None = None
 
-    def start(self) -> None:
+    def start(self, metrics_port: int | None = None) -> None:
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "result", "+"), self._on_message)
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "anomaly"), self._on_message)
         self.mqtt.start()
         self.mqtt.wait_connected()
+        if metrics_port is not None:
+            self._metrics_server, _ = start_http_server(metrics_port, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
 
     def stop(self) -> None:
         self.mqtt.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
         self.stats.received += 1
@@ -70,6 +99,8 @@ class EmbeddedRulesRunner:
             return
         with self._lock:
             outputs = self.engine.process(envelope)
+        self.metrics.consumed.labels(envelope.KIND).inc()
+        self.metrics.latency.labels(envelope.KIND).observe(max(0.0, time.time() - envelope.ts))
         for output in outputs:
             self._emit(output)
 
@@ -82,6 +113,7 @@ class EmbeddedRulesRunner:
     def _emit(self, output: Envelope) -> None:
         self.mqtt.publish(topic_for(output), output.to_json(), qos=1)
         self.stats.published += 1
+        self.metrics.emitted.labels(output.KIND).inc()
         if isinstance(output, Command):
             log.info("rules: command %s -> %s/%s", output.name, output.machine, output.camera or "*")
         for listener in self.listeners:
@@ -89,6 +121,7 @@ class EmbeddedRulesRunner:
 
     def _dead_letter(self, message: paho.MQTTMessage, reason: str) -> None:
         self.stats.dead_lettered += 1
+        self.metrics.dead_lettered.inc()
         log.warning("rules: dead-lettered a message on %s: %s", message.topic, reason)
         record = {"topic": message.topic, "reason": reason,
                   "payload": message.payload[:65536].decode("utf-8", errors="replace")}

@@ -24,9 +24,11 @@ EDGELINE = [sys.executable, "-m", "edgeline.cli"]
 
 
 def write_site(tmp_path: Path, name: str, mosquitto: Any, kafka: Any, rules: list[dict[str, Any]],
-               machines: list[dict[str, Any]], **stream: Any) -> tuple[Path, SiteConfig]:
-    """A site YAML for ``name`` (also its topic prefix) wired to the test brokers."""
-    raw = {
+               machines: list[dict[str, Any]], sections: dict[str, Any] | None = None,
+               **stream: Any) -> tuple[Path, SiteConfig]:
+    """A site YAML for ``name`` (also its topic prefix) wired to the test brokers; ``sections``
+    adds top-level sections, ``stream`` settings of the stream section."""
+    raw = {**(sections or {}),
         "site": name, "broker": {"host": mosquitto.host, "port": mosquitto.port},
         "machines": machines, "rules": rules,
         "engine": {"allowed_lateness_s": 5.0},

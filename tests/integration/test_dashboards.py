@@ -1,6 +1,7 @@
-"""Dashboards as code: the committed JSON is what the code builds; every query names metrics that
-real scrapes of the agent, bridge, worker and central contain (and promtool finds those pages
-clean); provisioning talks to Grafana's HTTP API (a fake Grafana here: none can run on this box)."""
+"""Dashboards as code: the committed JSON is what the code builds; a real Prometheus scrapes every
+process, every page is promtool-clean, and every dashboard query names metrics those pages
+contain and runs in that Prometheus; provisioning talks to Grafana's HTTP API (a fake Grafana
+here: none can run on this box)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,29 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import uvicorn
-from fastapi.testclient import TestClient
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from central.api import create_api
 from central.dashboards import DASHBOARDS, build, metric_names, provision
 from central.registry import Registry
+from central.rollouts import RolloutManager
 from edge.agent import EdgeAgent
 from edgeline.services import free_port
 from models.signing import builtin_trusted_keys
-from stream.app import WorkerMetrics
-from stream.bridge import BridgeMetrics
-from tests.conftest import REPO_ROOT, edge_site
+from stream.bridge import MqttKafkaBridge
+from stream.embedded import EmbeddedRulesRunner
+from stream.mqtt import MqttClient, MqttSettings
+from tests.conftest import REPO_ROOT, service_unavailable
+from tests.integration.streaming import WorkerProcess, write_site
 
 pytestmark = pytest.mark.integration
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",), "unknown": ("",)}
@@ -51,34 +56,6 @@ def test_committed_dashboards_are_the_built_ones():
     for spec in DASHBOARDS:
         committed = json.loads((REPO_ROOT / "deploy" / "grafana" / "dashboards" / f"{spec.uid}.json").read_text())
         assert committed == build(spec), f"{spec.uid}: run `edgeline grafana build`"
-
-
-def test_every_query_names_metrics_that_the_scrapes_contain(mosquitto, unique_name, tmp_path):
-    config = edge_site(mosquitto, unique_name, tmp_path,
-                       [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"], "fps": 10}],
-                         "sensors": [{"id": "pump", "model": "pump", "source": {"type": "synthetic"}}]}],
-                       {"seg": {"path": "builtin:seg-synth-int8"},
-                        "pump": {"path": "builtin:anomaly-skab", "profile": "fast-start"}})
-    agent = EdgeAgent(config, "m1", base_dir=tmp_path, heartbeat_s=1.0)
-    agent.start()
-    try:
-        time.sleep(2.0)
-        edge = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5).read().decode()
-    finally:
-        agent.stop()
-    registry = Registry(f"sqlite:///{tmp_path / 'c.db'}", tmp_path / "store", builtin_trusted_keys())
-    with TestClient(create_api(registry, "x" * 20)) as client:
-        central = client.get("/metrics").text
-    pages = {"edge": edge, "bridge": generate_latest(BridgeMetrics().registry).decode(),
-             "worker": generate_latest(WorkerMetrics().registry).decode(), "central": central}
-    available: set[str] = set()
-    for name, text in pages.items():
-        promtool_clean(text)
-        available |= scraped_names(text)
-    for spec in DASHBOARDS:
-        for panel in spec.panels:
-            missing = metric_names(panel.expr) - available
-            assert not missing, f"{spec.uid} / {panel.title}: {sorted(missing)} in no scrape"
 
 
 class FakeGrafana:
@@ -137,46 +114,99 @@ def test_prometheus_config_is_valid():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_a_real_prometheus_scrapes_the_agent_and_central(mosquitto, unique_name, tmp_path):
-    """Debian's prometheus scraping a live agent and central: both targets up, the series there."""
+def test_a_real_prometheus_scrapes_every_process_and_runs_every_dashboard_query(mosquitto, kafka, unique_name,
+                                                                                  tmp_path):
+    """Debian's prometheus scraping a live edge agent, the bridge, a Faust worker (a process), the
+    embedded rules engine and central (with its rollout manager): every target up, every page
+    promtool-clean, every metric a dashboard query names is on some page, and Prometheus runs
+    every query without an error."""
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.skip("prometheus not installed (Debian: apt install prometheus)")
-    config = edge_site(mosquitto, unique_name, tmp_path, [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"]}]}],
-                       {"seg": {"path": "builtin:seg-synth-int8"}})
-    agent = EdgeAgent(config, "m1", base_dir=tmp_path, heartbeat_s=1.0)
-    agent.start()
-    central_port = free_port()
+        service_unavailable("prometheus not installed (Debian: apt install prometheus)")
+    path, site = write_site(tmp_path, unique_name, mosquitto, kafka, [], [
+        {"id": "m1", "cameras": [{"id": "c1", "models": ["seg"], "fps": 10}],
+         "sensors": [{"id": "pump", "model": "pump", "source": {"type": "synthetic"}}]}],
+        sections={"models": {"seg": {"path": "builtin:seg-synth-int8"},
+                             "pump": {"path": "builtin:anomaly-skab", "profile": "fast-start"}},
+                  "outbox": {"path": str(tmp_path / "{machine}.sqlite")}, "metrics": {"port": 0}})
+    with ExitStack() as running:
+        agent = EdgeAgent(site, "m1", base_dir=tmp_path, heartbeat_s=1.0)
+        agent.start()
+        running.callback(agent.stop)
+        bridge = MqttKafkaBridge(site.site, site.broker.mqtt_settings(), site.stream.kafka,
+                                 topics=site.stream.topics(), partitions=site.stream.partitions)
+        bridge.start(metrics_port=0)
+        running.callback(bridge.stop)
+        worker = WorkerProcess(path, tmp_path / "worker").start()
+        running.callback(worker.stop)
+        rules = EmbeddedRulesRunner(site.site, site.rules, MqttClient(site.broker.mqtt_settings(), f"{unique_name}-r"))
+        rules.start(metrics_port=0)
+        running.callback(rules.stop)
+        central_port = serve_central(running, site.site, site.broker.mqtt_settings(), tmp_path)
+        targets = {"edge": agent.metrics_port, "bridge": bridge.metrics_port, "worker": worker.metrics_port,
+                   "rules": rules.metrics_port, "central": central_port}
+        prometheus = start_prometheus(running, binary, targets, tmp_path)
+        worker.wait_consuming()
+        up = wait_until_up(prometheus, set(targets))
+        assert up == dict.fromkeys(targets, "1"), up
+        available: set[str] = set()
+        for job, port in targets.items():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            promtool_clean(text)
+            available |= scraped_names(text)
+        for spec in DASHBOARDS:
+            for panel in spec.panels:
+                for query in panel.queries:
+                    missing = metric_names(query.expr) - available
+                    assert not missing, f"{spec.uid} / {panel.title}: {sorted(missing)} in no scrape"
+                    answer = prom_query(prometheus, query.expr.replace("$machine", ".*"))
+                    assert answer["status"] == "success", (spec.uid, panel.title, answer)
+        frames = prom_query(prometheus, "edgeline_edge_frames_inferred_total")["data"]["result"]
+        assert frames and frames[0]["metric"]["camera"] == "c1"
+
+
+def serve_central(running: ExitStack, site: str, mqtt: MqttSettings, tmp_path: Path) -> int:
+    port = free_port()
     registry = Registry(f"sqlite:///{tmp_path / 'c.db'}", tmp_path / "store", builtin_trusted_keys())
-    server = uvicorn.Server(uvicorn.Config(create_api(registry, "x" * 20), host="127.0.0.1", port=central_port,
+    manager = RolloutManager(site, registry, MqttClient(mqtt, f"{site}-central"), f"http://127.0.0.1:{port}")
+    manager.start()
+    running.callback(manager.stop)
+    server = uvicorn.Server(uvicorn.Config(create_api(registry, "x" * 20, manager), host="127.0.0.1", port=port,
                                            log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    prom_port = free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s}\nscrape_configs:\n"
-        f"  - {{job_name: edge, static_configs: [{{targets: ['127.0.0.1:{agent.metrics_port}']}}]}}\n"
-        f"  - {{job_name: central, static_configs: [{{targets: ['127.0.0.1:{central_port}']}}]}}\n")
-    prometheus = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    running.callback(lambda: (setattr(server, "should_exit", True), thread.join(10)))
+    return port
+
+
+def start_prometheus(running: ExitStack, binary: str, targets: dict[str, int], tmp_path: Path) -> str:
+    port = free_port()
+    jobs = "".join(f"  - {{job_name: {job}, static_configs: [{{targets: ['127.0.0.1:{target}']}}]}}\n"
+                   for job, target in targets.items())
+    (tmp_path / "prometheus.yml").write_text(f"global: {{scrape_interval: 1s}}\nscrape_configs:\n{jobs}")
+    process = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    running.callback(lambda: (process.terminate(), process.wait(10)))
+    return f"http://127.0.0.1:{port}"
+
+
+def prom_query(prometheus: str, expr: str) -> dict:
+    url = f"{prometheus}/api/v1/query?query={urllib.parse.quote(expr)}"
     try:
-        deadline, up, series = time.monotonic() + 40, {}, []
-        while time.monotonic() < deadline:
-            try:
-                api = f"http://127.0.0.1:{prom_port}/api/v1/query?query="
-                up = {r["metric"]["job"]: r["value"][1]
-                      for r in json.load(urllib.request.urlopen(api + "up", timeout=2))["data"]["result"]}
-                series = json.load(urllib.request.urlopen(api + "edgeline_edge_frames_inferred_total",
-                                                          timeout=2))["data"]["result"]
-            except OSError:
-                pass
-            if up == {"edge": "1", "central": "1"} and series:
-                break
-            time.sleep(0.5)
-        assert up == {"edge": "1", "central": "1"}, up
-        assert series and series[0]["metric"]["camera"] == "c1"
-    finally:
-        prometheus.terminate()
-        prometheus.wait(10)
-        server.should_exit = True
-        agent.stop()
+        return json.load(urllib.request.urlopen(url, timeout=5))
+    except urllib.error.HTTPError as exc:  # a bad query is a 400 with Prometheus' reason
+        return json.load(exc)
+
+
+def wait_until_up(prometheus: str, jobs: set[str], timeout: float = 60.0) -> dict[str, str]:
+    deadline, up = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        try:
+            up = {r["metric"]["job"]: r["value"][1] for r in prom_query(prometheus, "up")["data"]["result"]}
+        except OSError:
+            pass
+        if set(up) == jobs and set(up.values()) == {"1"}:
+            break
+        time.sleep(0.5)
+    return up

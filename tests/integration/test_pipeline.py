@@ -16,7 +16,7 @@ import pytest
 
 from edge.agent import EdgeAgent
 from edgeline.config import SiteConfig, from_dict
-from edgeline.services import MosquittoBroker
+from edgeline.services import MosquittoBroker, scrape_metrics
 from stream.embedded import EmbeddedRulesRunner, deadletter_topic
 from stream.messages import Alert, Command, Event, Result, parse_message
 from stream.mqtt import MqttClient
@@ -72,7 +72,7 @@ def test_injected_defects_and_anomalies_end_as_alerts(mosquitto: MosquittoBroker
     probe.subscribe(site_filter(site))
     runner = rules_runner(config)
     agents = [EdgeAgent(config, machine.id, heartbeat_s=1.0) for machine in config.machines]
-    runner.start()
+    runner.start(metrics_port=0)
     try:
         for agent in agents:
             agent.start()
@@ -81,6 +81,7 @@ def test_injected_defects_and_anomalies_end_as_alerts(mosquitto: MosquittoBroker
         for agent in agents:
             agent.stop()
         time.sleep(0.5)
+        scraped = scrape_metrics(runner.metrics_port)
         runner.stop()
 
     seen = drain(probe)
@@ -97,6 +98,13 @@ def test_injected_defects_and_anomalies_end_as_alerts(mosquitto: MosquittoBroker
     assert any(isinstance(m, Event) and m.name == "command_applied" for m in seen)
     assert any(isinstance(m, Result) and m.camera == "defective" and m.frames[0].outputs[0].mask for m in seen)
     assert runner.stats.dead_lettered == 0
+    emitted = {kind: scraped.get(f'edgeline_rules_emitted_total{{kind="{kind}"}}', 0.0)
+               for kind in ("decision", "alert", "command")}
+    assert sum(emitted.values()) == runner.stats.published and emitted["alert"] >= len(alerts)
+    evaluated = {kind: scraped[f'edgeline_rules_messages_total{{kind="{kind}"}}'] for kind in ("result", "anomaly")}
+    assert all(count > 0 for count in evaluated.values())
+    assert [scraped[f'edgeline_rules_latency_seconds_count{{kind="{kind}"}}'] for kind in evaluated] == list(
+        evaluated.values())
 
 
 def test_malformed_messages_are_dead_lettered_and_the_runner_goes_on(
@@ -106,12 +114,13 @@ def test_malformed_messages_are_dead_lettered_and_the_runner_goes_on(
     probe = mqtt_probe(mosquitto, "watch")
     probe.subscribe(deadletter_topic(site))
     runner = rules_runner(config)
-    runner.start()
+    runner.start(metrics_port=0)
     try:
         sender = mqtt_probe(mosquitto, "send")
         sender.publish(f"edgeline/v1/{site}/m1/result/cam1", b"{not json")
         sender.publish(f"edgeline/v1/{site}/m1/anomaly", json.dumps({"schema": "edgeline.anomaly/1"}))
         dead = [json.loads(m.payload) for m in probe.expect(2, timeout=10)]
+        assert scrape_metrics(runner.metrics_port)["edgeline_rules_dead_lettered_total"] == 2
     finally:
         runner.stop()
     assert [d["topic"] for d in dead] == [f"edgeline/v1/{site}/m1/result/cam1", f"edgeline/v1/{site}/m1/anomaly"]
