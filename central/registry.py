@@ -83,9 +83,14 @@ class StoredPackage:
     uploaded_at: float
 
 
+def engine_url(url: str) -> str:
+    """``postgresql://...`` means psycopg 3 (the driver the central extra installs)."""
+    return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
+
+
 class Registry:
     def __init__(self, url: str, storage: Path, trusted_keys: list[Ed25519PublicKey]) -> None:
-        self.engine = create_engine(url)
+        self.engine = create_engine(engine_url(url))
         Base.metadata.create_all(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.storage = storage

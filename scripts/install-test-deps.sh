@@ -2,8 +2,8 @@
 # Install everything the test suite needs; safe to run again (it skips what is already there).
 #
 #   - Debian packages: mosquitto, mosquitto-clients (the compose healthcheck's mosquitto_sub),
-#     prometheus, docker-compose (v1, for `docker-compose config`),
-#     and a JRE / Maven only when java / mvn are missing;
+#     prometheus, postgresql (central's registry on PostgreSQL), docker-compose (v1, for
+#     `docker-compose config`), and a JRE / Maven only when java / mvn are missing;
 #   - .venv with `pip install -e '.[all]'` (skipped while pyproject.toml is unchanged);
 #   - the Apache Kafka 3.9.1 jars from Maven Central into
 #     ${EDGELINE_CACHE:-$HOME/.cache/edgeline}/kafka-3.9.1/lib (deploy/kafka/pom.xml).
@@ -63,6 +63,7 @@ have_kafka_jars() { compgen -G "$KAFKA_LIB/kafka_2.13-*.jar" >/dev/null; }
 missing=()
 have_mosquitto || missing+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 command -v prometheus >/dev/null 2>&1 || command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
 if ! have_kafka_jars && ! command -v mvn >/dev/null 2>&1; then missing+=(maven); fi
@@ -73,7 +74,7 @@ fi
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}" || say "WARNING: could not install ${missing[*]}; tests that need them will skip (or fail under EDGELINE_REQUIRE_SERVICES=1)"
 else
-    say "system packages present (mosquitto, mosquitto-clients, prometheus, java$(command -v docker-compose >/dev/null 2>&1 && echo ', docker-compose'))"
+    say "system packages present (mosquitto, mosquitto-clients, postgresql, prometheus, java$(command -v docker-compose >/dev/null 2>&1 && echo ', docker-compose'))"
 fi
 
 # ---------------------------------------------------------------- Python

@@ -35,7 +35,7 @@ import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeline.services import KafkaBroker, MosquittoBroker, ServiceError
+from edgeline.services import KafkaBroker, MosquittoBroker, PostgresServer, ServiceError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LEAK_GRACE_S = 3.0
@@ -44,7 +44,7 @@ OWNED_THREAD_PREFIXES = ("capture:", "infer:", "sensors:", "heartbeat:", "ota:",
 """Daemon threads that are still ours to stop: the edge agent's workers and paho's network loops."""
 
 # Processes of session-scoped services (they may be restarted by a test, so pids are read late).
-_session_services: list[MosquittoBroker | KafkaBroker] = []
+_session_services: list[MosquittoBroker | KafkaBroker | PostgresServer] = []
 
 
 def services_required() -> bool:
@@ -61,7 +61,7 @@ def service_unavailable(reason: str) -> None:
 # ------------------------------------------------------------------ brokers
 
 
-def _serve_for_session(broker: MosquittoBroker | KafkaBroker, name: str) -> Iterator[Any]:
+def _serve_for_session(broker: MosquittoBroker | KafkaBroker | PostgresServer, name: str) -> Iterator[Any]:
     """Start a broker for the whole session (skip, or fail under EDGELINE_REQUIRE_SERVICES), then stop it."""
     try:
         broker.start()
@@ -104,6 +104,12 @@ def restartable_mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     """An Apache Kafka 3.9.1 node (KRaft) on 127.0.0.1:<free port>, shared by the whole session."""
     yield from _serve_for_session(KafkaBroker(tmp_path_factory.mktemp("kafka")), "Kafka")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server (a fresh cluster) on 127.0.0.1:<free port>, shared by the whole session."""
+    yield from _serve_for_session(PostgresServer(), "PostgreSQL")
 
 
 # ------------------------------------------------------------------ per-test helpers

@@ -1,5 +1,6 @@
-"""The central API in-process (FastAPI's TestClient over the real app and a real SQLite file):
-auth on writes, signed uploads only, downloads with their checksum, clear 4xx on bad input."""
+"""The central API in-process (FastAPI's TestClient over the real app), on a real SQLite file and
+on a real PostgreSQL server: auth on writes, signed uploads only, downloads with their checksum,
+clear 4xx on bad input."""
 
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ TOKEN = "s3cret-token-of-the-plant"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture
-def client(tmp_path):
-    registry = Registry(f"sqlite:///{tmp_path / 'central.db'}", tmp_path / "storage", builtin_trusted_keys())
+@pytest.fixture(params=["sqlite", "postgresql"])
+def client(request, tmp_path):
+    url = (f"sqlite:///{tmp_path / 'central.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres").new_database())
+    registry = Registry(url, tmp_path / "storage", builtin_trusted_keys())
     with TestClient(create_api(registry, TOKEN)) as client:
         yield client
+    registry.engine.dispose()
 
 
 @pytest.fixture
