@@ -38,7 +38,9 @@ class RolloutIn(BaseModel):
     soak_s: float = Field(60.0, ge=0)
     max_latency_ratio: float = Field(1.2, gt=1)
     max_error_rate: float = Field(0.01, ge=0)
-    max_drift: float = Field(0.05, ge=0)
+    max_drift: float = Field(0.05, ge=0, description="largest shift of a machine's mean defect ratio from its "
+                             "old version's")
+    drift_min_frames: int = Field(20, ge=1, description="frames each version needs on a machine before drift is judged")
     deploy_timeout_s: float = Field(120.0, gt=0)
     min_shadow_agreement: float | None = Field(None, ge=0, le=1, description="run the package in shadow mode on each "
                                                "stage's machines first and promote it only where its agreement "
@@ -188,7 +190,8 @@ def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) 
     @app.post("/rollouts", status_code=201, dependencies=[Depends(require_token)])
     def create(body: RolloutIn) -> dict[str, Any]:
         gates = Gates(max_latency_ratio=body.max_latency_ratio, max_error_rate=body.max_error_rate,
-                      max_drift=body.max_drift, deploy_timeout_s=body.deploy_timeout_s,
+                      max_drift=body.max_drift, drift_min_frames=body.drift_min_frames,
+                      deploy_timeout_s=body.deploy_timeout_s,
                       min_shadow_agreement=body.min_shadow_agreement, shadow_frames=body.shadow_frames,
                       shadow_timeout_s=body.shadow_timeout_s)
         try:

@@ -9,8 +9,9 @@ the stage reports the new version loaded (or ``deploy_timeout_s`` passes), then 
   old version again, or a load failure, fails the gate);
 * ``latency``: p95 inference latency within ``max_latency_ratio`` of the same machine's p95 on
   the old version (its last report before the deploy);
-* ``errors``: error rate at most ``max_error_rate``;
-* ``drift``: mean defect ratio within ``max_drift`` (absolute) of the machine's old-version mean;
+* ``errors``: error rate (frames whose inference failed) at most ``max_error_rate``;
+* ``drift``: mean defect ratio within ``max_drift`` (absolute) of the machine's old-version mean,
+  judged once both versions have at least ``drift_min_frames`` frames on that machine;
 With ``min_shadow_agreement`` set, each stage first runs the candidate in shadow mode on its new
 machines (``Shadow``): beside the old version, on a sample of live frames. Once every one of them
 has compared ``shadow_frames`` frames with an agreement (mask IoU) of at least
@@ -40,6 +41,7 @@ class Gates:
     max_latency_ratio: float = 1.2
     max_error_rate: float = 0.01
     max_drift: float = 0.05
+    drift_min_frames: int = 20
     min_shadow_agreement: float | None = None
     shadow_frames: int = 50
     shadow_timeout_s: float = 300.0
@@ -77,6 +79,8 @@ class Health:
     p95_latency_ms: float = 0.0
     error_rate: float = 0.0
     defect_ratio_mean: float = 0.0
+    frames: int = 0
+    """Frames the reported version has inferred on this machine since it was loaded."""
     shadow_agreement: float | None = None
     shadow_frames: int = 0
 
@@ -271,7 +275,8 @@ class Rollout:
                         f"{base.p95_latency_ms:.1f} ms (limit {gates.max_latency_ratio:g}x)")
         if health.error_rate > gates.max_error_rate:
             return f"gate errors: {machine} error rate {health.error_rate:.3f} > {gates.max_error_rate:g}"
-        if base is not None and abs(health.defect_ratio_mean - base.defect_ratio_mean) > gates.max_drift:
+        if (base is not None and min(health.frames, base.frames) >= gates.drift_min_frames
+                and abs(health.defect_ratio_mean - base.defect_ratio_mean) > gates.max_drift):
             return (f"gate drift: {machine} mean defect ratio {health.defect_ratio_mean:.3f} vs "
                     f"{base.defect_ratio_mean:.3f} before (limit ±{gates.max_drift:g})")
         return None

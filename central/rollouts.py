@@ -7,7 +7,8 @@ service, verifies it and swaps it in), or ``promote_shadow`` {model} when the ca
 runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha256, every};
 ``StopShadow`` becomes ``stop_shadow``; ``Rollback`` becomes ``rollback_model`` {model}. Health is
 read from heartbeats (the package each machine runs, p99 inference latency of its cameras, the
-shadow's agreement and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A
+model's failed frames and mean defect ratio since its package was loaded, the shadow's agreement
+and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A
 ticker thread (``rollouts:<site>``) drives soak times and timeouts.
 """
 
@@ -24,7 +25,7 @@ import paho.mqtt.client as paho
 from central.registry import Registry
 from central.rollout import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, Shadow, StopShadow,
                              rollout_from_dict, rollout_to_dict)
-from stream.messages import Command, Event, Heartbeat, MessageError, parse_message
+from stream.messages import Command, Event, Heartbeat, MessageError, ModelHealth, parse_message
 from stream.mqtt import MqttClient
 from stream.topics import mqtt_topic, topic_for
 
@@ -48,6 +49,8 @@ class RolloutManager:
         """rollout id -> the model name (site config key) it replaces."""
         self.running: dict[str, dict[str, str]] = {}
         """machine -> {model name: package id}, from the latest heartbeat."""
+        self.model_health: dict[str, dict[str, ModelHealth]] = {}
+        """machine -> {model name: its health since its package was loaded}, from the latest heartbeat."""
         self.shadow: dict[tuple[str, str], tuple[float, int]] = {}
         """(machine, package) -> the last shadow-mode (agreement, frames) that machine reported."""
         self._latency: dict[str, float] = {}
@@ -144,6 +147,7 @@ class RolloutManager:
             self.registry.record_heartbeat(parsed.machine, parsed.site, parsed.ts, dict(parsed.models))
             with self._lock:
                 self.running[parsed.machine] = dict(parsed.models)
+                self.model_health[parsed.machine] = dict(parsed.health)
                 self._latency[parsed.machine] = max((c.latency_p99_ms for c in parsed.cameras), default=0.0)
                 for shadow in parsed.shadow.values():
                     self.shadow[(parsed.machine, shadow.package)] = (shadow.agreement, shadow.frames)
@@ -154,9 +158,14 @@ class RolloutManager:
     def _health(self, machine: str, model: str, candidate: str, loaded: bool = True) -> Health:
         """What ``machine`` reports for ``model``; a failure is reported against ``candidate``."""
         version = self.running.get(machine, {}).get(model, "") if loaded else candidate
-        agreement, frames = self.shadow.get((machine, candidate), (None, 0))
+        agreement, shadow_frames = self.shadow.get((machine, candidate), (None, 0))
+        results = self.model_health.get(machine, {}).get(model)
+        if results is None or results.package != version:
+            results = ModelHealth(package=version)
         return Health(machine, version, loaded=loaded, p95_latency_ms=self._latency.get(machine, 0.0),
-                      shadow_agreement=agreement, shadow_frames=frames)
+                      error_rate=results.errors / max(1, results.frames + results.errors),
+                      defect_ratio_mean=results.defect_ratio_mean, frames=results.frames,
+                      shadow_agreement=agreement, shadow_frames=shadow_frames)
 
     def _feed(self, now: float, machine: str, loaded: bool) -> None:
         for rollout_id, rollout in list(self.rollouts.items()):

@@ -27,7 +27,8 @@ from edge.gate import ChangeGate
 from edge.grouping import ResultGrouper
 from edge.inference import ModelLoadError, SegmentationModel
 from edge.metrics import EdgeMetrics
-from edge.ota import DownloadError, ModelSwapper, ShadowRun, SwapOutcome, fetch_package
+from edge.ota import (LOCAL_ROLLBACK_BATCHES, DownloadError, ModelRecord, ModelSwapper, ShadowRun, SwapOutcome,
+                      fetch_package)
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.scheduler import LoadShedder
@@ -35,7 +36,7 @@ from edge.sensors import MqttSensorFeed, SensorSource, make_sensor_source
 from edgeline.config import ModelRef, SiteConfig, resolve_model_path
 from models.package import PackageError, default_cache_dir, load_package
 from stream.messages import (Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
-                             Heartbeat, MessageError, ModelOutput, Result, parse_message)
+                             Heartbeat, MessageError, ModelHealth, ModelOutput, Result, parse_message)
 from stream.mqtt import MqttClient, Will
 from stream.topics import machine_commands_filter, status_topic, topic_for
 
@@ -86,6 +87,9 @@ class EdgeAgent:
                                     threads={n: r.threads for n, r in config.models.items()})
         self.recent_frames: deque[np.ndarray] = deque(maxlen=RECENT_FRAMES)
         self.shadows: dict[str, ShadowRun] = {}
+        self.model_records: dict[tuple[str, str], ModelRecord] = {}
+        """(model name, package id) -> its health since first loaded; kept for the previous package
+        too, so that a rollback goes on with the figures it had."""
         self.anomaly_models = self._load_anomaly_models(config, base_dir)
         self.cameras = [Camera(machine_id, cam, make_source(cam, base_dir), self._frame_ready)
                         for cam in self.machine.cameras]
@@ -214,17 +218,21 @@ class EdgeAgent:
         frames = [(camera, frame) for camera, frame in frames if self._not_shed(camera)]
         fresh = [(camera, frame) for camera, frame in frames if self._needs_inference(camera, frame)]
         self.recent_frames.extend(frame.image for _, frame in fresh)
-        for name, model in self.seg_models.items():
+        failed: set[tuple[str, int]] = set()
+        for name, model in list(self.seg_models.items()):
             batch = [(camera, frame) for camera, frame in fresh if name in camera.config.models]
             for start in range(0, len(batch), self.inference.max_batch):
-                self._run_batch(name, model, batch[start : start + self.inference.max_batch], outputs)
+                part = batch[start : start + self.inference.max_batch]
+                if not self._run_batch(name, model, part, outputs):
+                    failed |= {(camera.id, frame.seq) for camera, frame in part}
         for camera, frame in frames:
+            key = (camera.id, frame.seq)
             if not camera.config.models:
                 continue
-            if (camera.id, frame.seq) in outputs:
-                self._last_outputs[camera.id] = outputs[(camera.id, frame.seq)]
-                self._publish_result(camera, frame, outputs[(camera.id, frame.seq)])
-            else:
+            if key in outputs:  # what the models that ran gave, even if another one failed
+                self._last_outputs[camera.id] = outputs[key]
+                self._publish_result(camera, frame, outputs[key])
+            elif key not in failed:  # gated: the last result stands for this frame
                 reused = [o.model_copy(update={"reused": True, "latency_ms": 0.0, "mask": None})
                           for o in self._last_outputs[camera.id]]
                 self._publish_result(camera, frame, reused)
@@ -243,19 +251,44 @@ class EdgeAgent:
             return True
         return self.gates[camera.id].should_infer(frame.image, frame.ts)
 
+    def model_record(self, name: str, model: SegmentationModel) -> ModelRecord:
+        """The health record of ``model`` as ``name``: a fresh one for a newly swapped-in package."""
+        key = (name, model.package_id)
+        if key not in self.model_records:
+            previous = self.swapper.previous.get(name)
+            kept = {model.package_id, previous.package_id if previous is not None else ""}
+            self.model_records = {k: r for k, r in self.model_records.items() if k[0] != name or k[1] in kept}
+            self.model_records[key] = ModelRecord(model.package_id)
+        return self.model_records[key]
+
+    def _model_health(self, name: str, model: SegmentationModel) -> ModelHealth:
+        """Read-only (heartbeat thread): the inference thread alone creates and updates records."""
+        record = self.model_records.get((name, model.package_id))
+        return record.health() if record is not None else ModelHealth(package=model.package_id)
+
     def _run_batch(self, name: str, model: SegmentationModel, batch: list[tuple[Camera, CapturedFrame]],
-                   outputs: dict[tuple[str, int], list[ModelOutput]]) -> None:
+                   outputs: dict[tuple[str, int], list[ModelOutput]]) -> bool:
+        """Infer one micro-batch into ``outputs``; False when the model raised (no outputs)."""
+        record = self.model_record(name, model)
         started = time.perf_counter()
         images = [frame.image for _, frame in batch]
-        probabilities = model.infer(images)
+        try:
+            probabilities = model.infer(images)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors derive from Exception only
+            record.failed(len(batch))
+            self.metrics.inference_errors.labels(self.id, name).inc(len(batch))
+            log.warning("edge:%s: %s (%s) failed on %d frames: %s", self.id, name, record.package, len(batch), exc)
+            if record.failing_batches >= LOCAL_ROLLBACK_BATCHES and name in self.swapper.previous:
+                self._roll_back_locally(name, record, exc)
+            return False
         seconds = time.perf_counter() - started
-        shadow = self.shadows.get(name)
-        if shadow is not None:
-            shadow.maybe_compare(images, probabilities, seconds, model.postprocess.threshold)
+        self._shadow_compare(name, images, probabilities, seconds, model.postprocess.threshold)
         self.metrics.observe_batch(self.id, model.name, seconds, len(batch))
         latency_ms = seconds * 1000.0
+        ratios = []
         for (camera, frame), prob in zip(batch, probabilities):
             regions, ratio = regions_from_probabilities(prob, model.postprocess.threshold, model.postprocess.min_area)
+            ratios.append(ratio)
             alarm = image_alarm(prob, model.postprocess, regions)
             counters = self.camera_counters[camera.id]
             mask = None
@@ -266,6 +299,34 @@ class EdgeAgent:
                 model=model.name, version=model.version, latency_ms=latency_ms,
                 defect_ratio=ratio, regions=regions, alarm=alarm, mask=mask,
             ))
+        record.succeeded(ratios)
+        return True
+
+    def _shadow_compare(self, name: str, images: list[np.ndarray], probabilities: list[np.ndarray], seconds: float,
+                        threshold: float) -> None:
+        """Run the shadow of ``name`` on this batch (1 in N); a shadow that raises is dropped and reported."""
+        shadow = self.shadows.get(name)
+        if shadow is None:
+            return
+        try:
+            shadow.maybe_compare(images, probabilities, seconds, threshold)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors derive from Exception only
+            self.shadows.pop(name, None)
+            text = f"{name}: shadow {shadow.model.package_id} failed and was stopped: {exc}"[:2000]
+            log.error("edge:%s: %s", self.id, text)
+            self._publish(Event(site=self.site, machine=self.id, ts=time.time(), name="shadow_failed", level="error",
+                                text=text, details={"model": name, "package": shadow.model.package_id}))
+
+    def _roll_back_locally(self, name: str, record: ModelRecord, exc: Exception) -> None:
+        """A swapped-in package that keeps failing goes back to the one before, without waiting for central."""
+        outcome = self.swapper.rollback(name)
+        text = (f"{name}: {record.package} failed {record.failing_batches} batches in a row ({exc}); "
+                f"{outcome.text}")[:2000]
+        log.error("edge:%s: %s", self.id, text)
+        self._publish(Event(site=self.site, machine=self.id, ts=time.time(), name="model_rolled_back",
+                            level="error", text=text,
+                            details={**outcome.details, "reason": "local_failure", "failed": record.package,
+                                     "errors": record.errors}))
 
     def _publish_result(self, camera: Camera, frame: CapturedFrame, outputs: list[ModelOutput]) -> None:
         counters = self.camera_counters[camera.id]
@@ -340,6 +401,7 @@ class EdgeAgent:
             outbox_depth=self.outbox.depth, outbox_dropped=self.outbox.dropped_total,
             models={name: model.package_id for name, model in self.seg_models.items()},
             shadow={name: run.status() for name, run in self.shadows.items()},
+            health={name: self._model_health(name, model) for name, model in self.seg_models.items()},
         )
 
     def camera_status(self, camera: Camera) -> CameraStatus:

@@ -131,7 +131,10 @@ class SegmentationModel(PackagedModel):
         self.postprocess = manifest.postprocess
         self.session = create_session(package, providers, threads)
         self._input = self.session.get_inputs()[0].name
-        self.infer([np.zeros((self.spec.height, self.spec.width), np.uint8)])  # warm-up
+        try:
+            self.infer([np.zeros((self.spec.height, self.spec.width), np.uint8)])  # warm-up
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors derive from Exception only
+            raise ModelLoadError(f"{package.ref}: warm-up inference failed: {exc}") from None
 
 
     def infer(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:

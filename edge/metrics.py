@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -39,6 +39,9 @@ class EdgeMetrics:
         self.batch_size = Histogram(
             "edgeline_edge_inference_batch_frames", "Frames per inference call (cameras sharing a model)",
             ["machine", "model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.inference_errors = Counter(
+            "edgeline_edge_inference_errors", "Frames whose inference raised (no result published for them)",
+            ["machine", "model"], registry=self.registry)
         self.registry.register(AgentCollector(agent))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -6,7 +6,10 @@ cameras' most recent frames: every probability map must be finite, in [0, 1] and
 and its agreement with the running model (mask IoU over the same frames) is measured, which is
 what shadow mode reports. Only then is it put in place, by replacing one dict entry that the
 inference thread reads once per batch, so no frame waits on the swap. The model it replaced is
-kept, and ``rollback`` puts it back.
+kept, and ``rollback`` puts it back. :class:`ModelRecord` keeps each model's health since its
+package was loaded (frames, failures, mean defect ratio): heartbeats carry it to the rollout
+gates, and a package that fails ``LOCAL_ROLLBACK_BATCHES`` batches in a row is rolled back on
+the machine itself.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.inference import ModelLoadError, SegmentationModel
 from models.package import PackageError, load_package
-from stream.messages import ShadowStatus
+from stream.messages import ModelHealth, ShadowStatus
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,37 @@ KEEP_DOWNLOADS = 3
 """Downloaded package tars kept on disk (the running one, the one before, and one more)."""
 
 
+LOCAL_ROLLBACK_BATCHES = 3
+"""Batches in a row a newly loaded package may fail before the agent puts the previous one back."""
+
+
 class DownloadError(RuntimeError):
     pass
+
+
+@dataclass
+class ModelRecord:
+    """One model's health since its package was loaded."""
+
+    package: str
+    frames: int = 0
+    errors: int = 0
+    ratio_sum: float = 0.0
+    failing_batches: int = 0
+    """Batches in a row that raised (0 after any success)."""
+
+    def succeeded(self, ratios: Sequence[float]) -> None:
+        self.frames += len(ratios)
+        self.ratio_sum += sum(ratios)
+        self.failing_batches = 0
+
+    def failed(self, frames: int) -> None:
+        self.errors += frames
+        self.failing_batches += 1
+
+    def health(self) -> ModelHealth:
+        return ModelHealth(package=self.package, frames=self.frames, errors=self.errors,
+                           defect_ratio_mean=min(1.0, self.ratio_sum / self.frames) if self.frames else 0.0)
 
 
 def fetch_package(url: str, sha256: str, folder: Path, keep: int = KEEP_DOWNLOADS) -> Path:
@@ -90,7 +122,10 @@ def mask_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray], threshold: 
 
 def self_test(candidate: SegmentationModel, frames: Sequence[np.ndarray]) -> tuple[list[np.ndarray], str | None]:
     """The candidate's maps for ``frames``, and what is wrong with them (None: nothing)."""
-    maps = candidate.infer(list(frames))
+    try:
+        maps = candidate.infer(list(frames))
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors derive from Exception only
+        return [], f"inference failed on {len(frames)} frames: {exc}"
     for frame, prob in zip(frames, maps):
         if prob.shape != frame.shape[:2]:
             return maps, f"output {prob.shape} does not match the frame {frame.shape[:2]}"

@@ -173,6 +173,16 @@ class ShadowStatus(_Strict):
         0.0, description="candidate's inference time over the current model's on those frames")
 
 
+class ModelHealth(_Strict):
+    """How a model has done since its package was loaded: what rollout gates read (error rate,
+    drift of the mean defect ratio against the version before)."""
+
+    package: Annotated[str, Field(max_length=200)]
+    frames: Annotated[int, Field(ge=0)] = Field(0, description="frames inferred since the package was loaded")
+    errors: Annotated[int, Field(ge=0)] = Field(0, description="frames whose inference failed since then")
+    defect_ratio_mean: UnitFloat = Field(0.0, description="mean defect ratio over those frames")
+
+
 class Heartbeat(Envelope):
     SCHEMA: ClassVar[str] = "edgeline.heartbeat/1"
     KIND: ClassVar[str] = "heartbeat"
@@ -187,6 +197,8 @@ class Heartbeat(Envelope):
         default_factory=dict, description="model name in the site config -> package id running "
         "(<name>-<version>-<precision>), what rollouts watch")
     shadow: dict[Identifier, ShadowStatus] = Field(default_factory=dict, description="model name -> its shadow run")
+    health: dict[Identifier, ModelHealth] = Field(default_factory=dict, description="model name -> its health "
+                                                  "since its package was loaded")
 
 
 class Event(Envelope):

@@ -90,6 +90,13 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(mosquitto, unique_n
         assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate latency"), failed
         assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
         assert httpx.post(f"{base}/rollouts/{slow['id']}/resume", headers=AUTH).status_code == 409
+
+        wrong = httpx.post(f"{base}/rollouts", headers=AUTH, json={  # latency allowed: its outputs must fail it
+            "package": "seg-tiles-1.1.0-int8", "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
+            "soak_s": 10, "max_latency_ratio": 100.0, "max_drift": 0.05, "drift_min_frames": 20}).json()
+        drifted = wait_phase(base, wrong["id"], {"completed", "rolled_back"})
+        assert drifted["phase"] == "rolled_back" and drifted["failure"].startswith("gate drift: m1"), drifted
+        assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
         again = RolloutManager(unique_name, manager.registry, MqttClient(MqttSettings(), "unused"), base)
         again.restore()  # a restarted central reads every rollout back from its database
         for rollout_id in (good["id"], slow["id"]):

@@ -17,8 +17,8 @@ def plan(**kw) -> Plan:
     return Plan(package=NEW, previous=OLD, targets=MACHINES, soak_s=30.0, **kw)
 
 
-def healthy(machine: str, version: str, p95: float = 10.0, ratio: float = 0.02, **kw) -> Health:
-    return Health(machine, version, p95_latency_ms=p95, defect_ratio_mean=ratio, **kw)
+def healthy(machine: str, version: str, p95: float = 10.0, ratio: float = 0.02, frames: int = 100, **kw) -> Health:
+    return Health(machine, version, p95_latency_ms=p95, defect_ratio_mean=ratio, frames=frames, **kw)
 
 
 def baseline(rollout: Rollout, now: float = 0.0) -> None:
@@ -68,6 +68,15 @@ def test_a_failed_gate_rolls_back_every_machine_that_got_the_new_version(report,
     for m in ("m01", "m02"):
         rollout.report(45.0, healthy(m, OLD))
     assert rollout.phase == "rolled_back" and rollout.failure.startswith(gate)
+
+
+def test_drift_waits_for_enough_frames_on_the_new_version():
+    rollout = Rollout(plan(gates=Gates(drift_min_frames=50)))
+    baseline(rollout)
+    rollout.start(0.0)
+    assert swap(rollout, ["m01"], 1.0, ratio=0.3, frames=49) == []  # too few frames to judge the shift
+    (action,) = swap(rollout, ["m01"], 2.0, ratio=0.3, frames=50)
+    assert action.reason == "gate drift: m01 mean defect ratio 0.300 vs 0.020 before (limit ±0.05)"
 
 
 def test_latency_is_judged_against_the_same_machine_on_the_old_version():
