@@ -90,6 +90,10 @@ DASHBOARDS = (
               description="1 while the overload policy infers only one frame in N for the camera"),
         panel("Camera up", f"edgeline_edge_camera_up{{{M}}}", "{{machine}}/{{camera}}",
               description="0 while a camera reconnects or has failed"),
+        panel("Inference errors per second",
+              f"sum by (machine, model) (rate(edgeline_edge_inference_errors_total{{{M}}}[5m]))",
+              "{{machine}} {{model}}", description="Frames whose inference raised; 3 failing batches in a row after "
+              "a swap roll the package back on the machine"),
     ), machine_variable=True),
     DashboardSpec("edgeline-quality", "Edgeline: defects and anomalies", (
         panel("Defect frames per minute", "60 * sum by (machine) (rate(edgeline_edge_defect_frames_total[5m]))",
