@@ -163,11 +163,24 @@ class Registry:
             session.commit()
         return self.machine(machine_id)
 
-    def record_heartbeat(self, machine_id: str, site: str, ts: float, models: dict[str, str]) -> None:
-        """A heartbeat: the machine is online, runs ``models``; unknown machines register themselves."""
+    def sync_site(self, site: str, machines: dict[str, tuple[str, list[str]]]) -> None:
+        """Register the site file's machines {id: (line, cameras)}; their status, models and last
+        heartbeat stay as the machines reported them."""
         with self.sessions() as session:
-            row = session.get(MachineRow, machine_id) or MachineRow(id=machine_id, site=site, line="", cameras="[]")
-            row.status, row.last_heartbeat, row.models = "online", ts, json.dumps(models)
+            for machine_id, (line, cameras) in machines.items():
+                row = session.get(MachineRow, machine_id) or MachineRow(id=machine_id)
+                row.site, row.line, row.cameras = site, line, json.dumps(cameras)
+                session.merge(row)
+            session.commit()
+
+    def record_heartbeat(self, machine_id: str, site: str, ts: float, models: dict[str, str],
+                         cameras: list[str]) -> None:
+        """A heartbeat: the machine is online, has ``cameras`` and runs ``models``; unknown machines
+        register themselves."""
+        with self.sessions() as session:
+            row = session.get(MachineRow, machine_id) or MachineRow(id=machine_id, site=site, line="")
+            row.status, row.last_heartbeat = "online", ts
+            row.models, row.cameras = json.dumps(models), json.dumps(cameras)
             session.merge(row)
             session.commit()
 

@@ -144,7 +144,8 @@ class RolloutManager:
             return
         now = time.time()
         if isinstance(parsed, Heartbeat):
-            self.registry.record_heartbeat(parsed.machine, parsed.site, parsed.ts, dict(parsed.models))
+            self.registry.record_heartbeat(parsed.machine, parsed.site, parsed.ts, dict(parsed.models),
+                                           [camera.camera for camera in parsed.cameras])
             with self._lock:
                 self.running[parsed.machine] = dict(parsed.models)
                 self.model_health[parsed.machine] = dict(parsed.health)

@@ -232,6 +232,7 @@ def central_serve(
 
     keys = builtin_trusted_keys() + [k for p in site.signatures.trusted_keys for k in load_public_keys(config.parent / p)]
     registry = Registry(db, storage, keys)  # central refuses unsigned packages whatever the edge requires
+    registry.sync_site(site.site, {m.id: (m.line, [c.id for c in m.cameras]) for m in site.machines})
     from central.rollouts import RolloutManager
     from stream.mqtt import MqttClient
 

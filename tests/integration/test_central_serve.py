@@ -15,7 +15,8 @@ from models.package import write_package_tar
 
 
 def test_central_serves_the_model_registry_over_http(tmp_path, mosquitto):
-    (tmp_path / "site.yaml").write_text(f"site: plant\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n")
+    (tmp_path / "site.yaml").write_text(f"site: plant\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
+                                        "machines: [{id: m01, line: line-1, cameras: [{id: c1}, {id: c2}]}]\n")
     (tmp_path / "token").write_text("a-long-enough-api-token\n")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "edgeline.cli", "central", "serve", "-c", str(tmp_path / "site.yaml"),
@@ -38,6 +39,9 @@ def test_central_serves_the_model_registry_over_http(tmp_path, mosquitto):
         assert created.status_code == 201, created.text
         assert httpx.get(f"{base}/models/{created.json()['id']}/download").content == tar
         assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "Edgeline central"
+        (m01,) = httpx.get(f"{base}/machines").json()  # the site file's machines, registered at start
+        assert (m01["id"], m01["site"], m01["line"], m01["cameras"], m01["status"]) == (
+            "m01", "plant", "line-1", ["c1", "c2"], "unknown")
         cli = [sys.executable, "-m", "edgeline.cli", "central"]
         listed = subprocess.run([*cli, "models", "--url", base], capture_output=True, text=True, check=True)
         assert created.json()["id"] in listed.stdout

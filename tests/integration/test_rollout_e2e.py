@@ -103,7 +103,8 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(mosquitto, unique_n
             assert again.describe(rollout_id) == httpx.get(f"{base}/rollouts/{rollout_id}").json()
         fleet = {m["id"]: m for m in httpx.get(f"{base}/machines").json()}
         assert sorted(fleet) == MACHINES and {m["status"] for m in fleet.values()} == {"online"}
-        assert all(m["models"] == {"seg": "seg-synth-1.0.0-fp32"} and m["last_heartbeat"] > 0 for m in fleet.values())
+        assert all(m["models"] == {"seg": "seg-synth-1.0.0-fp32"} and m["cameras"] == ["c1"] and m["last_heartbeat"] > 0
+                   for m in fleet.values())
     finally:
         for agent in agents:
             agent.stop()
