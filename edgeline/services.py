@@ -193,6 +193,15 @@ class _ChildProcessService(ABC):
     """Shared by the brokers that run as child processes: crash, restart, logs, context manager."""
 
     _proc: subprocess.Popen[bytes] | None
+    _port: int
+
+    @property
+    def host(self) -> str:
+        return LOOPBACK
+
+    @property
+    def port(self) -> int:
+        return self._port
 
     @property
     @abstractmethod
@@ -285,14 +294,6 @@ class MosquittoBroker(_ChildProcessService):
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._console: IO[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return LOOPBACK
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def workdir(self) -> Path:
@@ -628,14 +629,6 @@ class KafkaBroker(_ChildProcessService):
         self.startup_seconds: float | None = None
 
     @property
-    def host(self) -> str:
-        return LOOPBACK
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
     def controller_port(self) -> int:
         return self._controller_port
 
@@ -865,14 +858,6 @@ class PostgresServer(_ChildProcessService):
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._console: IO[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return LOOPBACK
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def log_path(self) -> Path:
