@@ -153,15 +153,15 @@ def _spawn(args: list[str], log_file: IO[bytes], cwd: Path) -> subprocess.Popen[
     )
 
 
-def _terminate(proc: subprocess.Popen[Any], name: str, timeout: float) -> None:
-    """SIGTERM, wait up to ``timeout`` s, then SIGKILL; always reaps the process."""
+def _terminate(proc: subprocess.Popen[Any], name: str, timeout: float, sig: int = signal.SIGTERM) -> None:
+    """``sig`` (SIGTERM), wait up to ``timeout`` s, then SIGKILL; always reaps the process."""
     if proc.poll() is not None:
         return
-    proc.terminate()
+    proc.send_signal(sig)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, proc.pid, timeout)
+        log.warning("%s (pid %d) ignored signal %d for %.0f s; killing it", name, proc.pid, sig, timeout)
         proc.kill()
         proc.wait(timeout=10)
 
@@ -193,7 +193,11 @@ class _ChildProcessService(ABC):
     """Shared by the brokers that run as child processes: crash, restart, logs, context manager."""
 
     _proc: subprocess.Popen[bytes] | None
+    _console: IO[bytes] | None
     _port: int
+    name: str
+    stop_signal: int = signal.SIGTERM
+    stop_timeout: float = 10.0
 
     @property
     def host(self) -> str:
@@ -213,8 +217,14 @@ class _ChildProcessService(ABC):
     @abstractmethod
     def stop(self) -> None: ...
 
-    @abstractmethod
-    def _stop_process(self, timeout: float = 10.0) -> None: ...
+    def _stop_process(self, timeout: float | None = None) -> None:
+        """Stop the process (``stop_signal``, SIGKILL after ``stop_timeout`` s) and close its console log."""
+        if self._proc is not None:
+            _terminate(self._proc, self.name, self.stop_timeout if timeout is None else timeout, self.stop_signal)
+            self._proc = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
 
     @property
     def pid(self) -> int | None:
@@ -271,6 +281,8 @@ class MosquittoBroker(_ChildProcessService):
     stop. ``workdir`` holds the config and ``mosquitto.log``; a temp folder is used (and removed by
     :meth:`stop`) when none is given.
     """
+
+    name = "mosquitto"
 
     def __init__(
         self,
@@ -363,14 +375,6 @@ class MosquittoBroker(_ChildProcessService):
                 f"--- console\n{tail(workdir / 'mosquitto.console.log')}"
             ) from exc
         log.info("mosquitto up on %s:%d in %.2f s (pid %d)", self.host, self._port, time.monotonic() - started, self._proc.pid)
-
-    def _stop_process(self, timeout: float = 10.0) -> None:
-        if self._proc is not None:
-            _terminate(self._proc, "mosquitto", timeout)
-            self._proc = None
-        if self._console is not None:
-            self._console.close()
-            self._console = None
 
     def stop(self) -> None:
         """Stop the broker (SIGTERM, then SIGKILL after 10 s) and remove an owned temp folder."""
@@ -600,6 +604,8 @@ class KafkaBroker(_ChildProcessService):
     with the tests for CPU, at the price of lower peak throughput. Benchmarks pass ``False``.
     """
 
+    name = "kafka"
+
     def __init__(
         self,
         workdir: Path,
@@ -800,14 +806,6 @@ class KafkaBroker(_ChildProcessService):
         finally:
             admin.close()
 
-    def _stop_process(self, timeout: float | None = None) -> None:
-        if self._proc is not None:
-            _terminate(self._proc, "kafka", self.stop_timeout if timeout is None else timeout)
-            self._proc = None
-        if self._console is not None:
-            self._console.close()
-            self._console = None
-
     def stop(self) -> None:
         """Controlled shutdown (SIGTERM), SIGKILL after ``stop_timeout`` s. The workdir is kept."""
         self._stop_process()
@@ -851,6 +849,9 @@ class PostgresServer(_ChildProcessService):
     (trust authentication, loopback only, fsync off), removed by :meth:`stop`. PostgreSQL will
     not run as root, so as root it runs as Debian's ``postgres`` user, in a folder that user owns.
     :meth:`new_database` gives each test a database of its own."""
+
+    name = "postgres"
+    stop_signal = signal.SIGINT  # "fast" shutdown: SIGTERM would wait for every client to leave
 
     def __init__(self, port: int | None = None, start_timeout: float = 30.0) -> None:
         self._port = port if port is not None else free_port()
@@ -906,16 +907,6 @@ class PostgresServer(_ChildProcessService):
         except (TimeoutError, ServiceError) as exc:
             self._stop_process()
             raise ServiceError(f"postgres did not start on {self.host}:{self._port}: {exc}\n{tail(self.log_path)}") from exc
-
-    def _stop_process(self, timeout: float = 10.0) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.send_signal(signal.SIGINT)  # "fast" shutdown: SIGTERM would wait for every client
-            _terminate(self._proc, "postgres", timeout)
-            self._proc = None
-        if self._console is not None:
-            self._console.close()
-            self._console = None
 
     def stop(self) -> None:
         self._stop_process()
