@@ -8,8 +8,8 @@ runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha2
 ``StopShadow`` becomes ``stop_shadow``; ``Rollback`` becomes ``rollback_model`` {model}. Health is
 read from heartbeats (the package each machine runs, p99 inference latency of its cameras, the
 model's failed frames and mean defect ratio since its package was loaded, the shadow's agreement
-and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A
-ticker thread (``rollouts:<site>``) drives soak times and timeouts.
+and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A ticker thread
+(``rollouts:<site>``) drives soak times and timeouts.
 """
 
 from __future__ import annotations

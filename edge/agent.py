@@ -226,9 +226,9 @@ class EdgeAgent:
                 if not self._run_batch(name, model, part, outputs):
                     failed |= {(camera.id, frame.seq) for camera, frame in part}
         for camera, frame in frames:
-            key = (camera.id, frame.seq)
             if not camera.config.models:
                 continue
+            key = (camera.id, frame.seq)
             if key in outputs:  # what the models that ran gave, even if another one failed
                 self._last_outputs[camera.id] = outputs[key]
                 self._publish_result(camera, frame, outputs[key])
