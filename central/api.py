@@ -201,6 +201,12 @@ def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) 
             raise HTTPException(409, str(exc)) from None
         return rollouts.describe(rollout_id)
 
+    @app.get("/rollouts")
+    def list_rollouts() -> list[dict[str, Any]]:
+        """Every rollout (in the order they were created), without its history."""
+        return [{k: v for k, v in rollouts.describe(rollout_id).items() if k != "history"}
+                for rollout_id in list(rollouts.rollouts)]
+
     @app.get("/rollouts/{rollout_id}")
     def describe(rollout_id: str) -> dict[str, Any]:
         return rollouts.describe(known(rollout_id))

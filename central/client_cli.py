@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 from rich.console import Console
+from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True)
@@ -22,12 +25,18 @@ TokenOption = Annotated[Path | None, typer.Option("--token-file", envvar="EDGELI
 def register(app: typer.Typer) -> None:
     app.command("upload")(upload)
     app.command("models")(models)
+    app.command("model")(model)
+    app.command("download")(download)
+    app.command("machines")(machines)
+    app.command("register-machine")(register_machine)
     app.command("rollout")(rollout)
+    app.command("rollouts")(rollouts)
     app.command("rollout-status")(rollout_status)
     app.command("rollout-control")(rollout_control)
 
 
-def _call(method: str, url: str, token_file: Path | None = None, **kwargs: Any) -> Any:
+def _request(method: str, url: str, token_file: Path | None = None, **kwargs: Any) -> httpx.Response:
+    """The API's answer; a 4xx/5xx or no answer prints the reason and exits (1, or 2 unreachable)."""
     headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file else {}
     try:
         response = httpx.request(method, url, headers=headers, timeout=120, **kwargs)
@@ -38,7 +47,16 @@ def _call(method: str, url: str, token_file: Path | None = None, **kwargs: Any) 
         detail = response.json().get("detail") if "json" in response.headers.get("content-type", "") else response.text
         err_console.print(f"[bold red]{response.status_code}: {detail}[/]")
         raise typer.Exit(1)
-    return response.json()
+    return response
+
+
+def _print_json(data: Any) -> None:
+    """Plain JSON on stdout (rich would wrap long lines inside strings and break it)."""
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _call(method: str, url: str, token_file: Path | None = None, **kwargs: Any) -> Any:
+    return _request(method, url, token_file, **kwargs).json()
 
 
 def upload(package: Annotated[Path, typer.Argument(help="package folder or .tar")], url: UrlOption = "http://127.0.0.1:8080",
@@ -58,6 +76,45 @@ def models(url: UrlOption = "http://127.0.0.1:8080") -> None:
         console.print(f"{stored['id']}  {stored['task']}  sha256 {stored['sha256'][:12]}…")
 
 
+def model(package_id: str, url: UrlOption = "http://127.0.0.1:8080") -> None:
+    """A package's registry entry and manifest."""
+    _print_json(_call("GET", f"{url}/models/{package_id}"))
+
+
+def download(package_id: str, out: Annotated[Path, typer.Option(help="where the .tar goes")] = Path("."),
+             url: UrlOption = "http://127.0.0.1:8080") -> None:
+    """Download a package .tar; its sha256 is checked against the X-Checksum-Sha256 header."""
+    response = _request("GET", f"{url}/models/{package_id}/download")
+    digest = hashlib.sha256(response.content).hexdigest()
+    if digest != response.headers.get("X-Checksum-Sha256"):
+        err_console.print(f"[bold red]{package_id}: sha256 {digest} does not match the registry's "
+                          f"{response.headers.get('X-Checksum-Sha256')}[/]")
+        raise typer.Exit(1)
+    path = out / f"{package_id}.tar" if out.is_dir() else out
+    path.write_bytes(response.content)
+    console.print(f"wrote {path} (sha256 {digest[:12]}…)")
+
+
+def machines(url: UrlOption = "http://127.0.0.1:8080") -> None:
+    """The fleet: each machine's line, status, last heartbeat and the package each model runs."""
+    table = Table("machine", "site", "line", "status", "last heartbeat", "cameras", "models")
+    now = time.time()
+    for row in _call("GET", f"{url}/machines"):
+        beat = f"{now - row['last_heartbeat']:.0f} s ago" if row["last_heartbeat"] else "never"
+        table.add_row(row["id"], row["site"], row["line"], row["status"], beat, ", ".join(row["cameras"]),
+                      ", ".join(f"{m}={p}" for m, p in row["models"].items()))
+    console.print(table)
+
+
+def register_machine(machine_id: str, site: Annotated[str, typer.Option(help="site id")],
+                     line: str = "", cameras: Annotated[str, typer.Option(help="comma-separated camera ids")] = "",
+                     url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
+    """Register a machine (or change its site, line and cameras)."""
+    body = {"site": site, "line": line, "cameras": [c for c in cameras.split(",") if c]}
+    row = _call("PUT", f"{url}/machines/{machine_id}", token_file, json=body)
+    console.print(f"machine {row['id']}: site {row['site']}, line {row['line'] or '-'}, {len(row['cameras'])} cameras")
+
+
 def rollout(package: Annotated[str, typer.Option(help="package id, e.g. seg-synth-1.0.0-int8")],
             model: Annotated[str, typer.Option(help="model name in the site config")],
             machines: Annotated[str, typer.Option(help="comma-separated machine ids")],
@@ -75,10 +132,19 @@ def rollout(package: Annotated[str, typer.Option(help="package id, e.g. seg-synt
     console.print(f"rollout {state['id']}: {state['previous']} -> {state['package']}, {state['phase']}")
 
 
+def rollouts(url: UrlOption = "http://127.0.0.1:8080") -> None:
+    """Every rollout: package, phase, stage and failure."""
+    table = Table("rollout", "package", "previous", "phase", "stage", "failure")
+    for row in _call("GET", f"{url}/rollouts"):
+        table.add_row(row["id"], row["package"], row["previous"], row["phase"] + (" (paused)" if row["paused"] else ""),
+                      f"{row['stage']}/{row['stages']}", row["failure"] or "")
+    console.print(table)
+
+
 def rollout_status(rollout_id: str, url: UrlOption = "http://127.0.0.1:8080") -> None:
     """A rollout's phase, stage and history."""
     state = _call("GET", f"{url}/rollouts/{rollout_id}")
-    console.print(json.dumps(state, indent=2))
+    _print_json(state)
 
 
 def rollout_control(rollout_id: str, verb: Annotated[str, typer.Argument(help="pause, resume or abort")],

@@ -1,8 +1,11 @@
-"""`edgeline central serve` as a real process on a real port: upload a signed package with the
-token, refuse one without it, and download it back."""
+"""`edgeline central serve` as a real process on a real port, and the `edgeline central` client
+commands against it: upload a signed package with the token, refuse one without it, inspect and
+download it back, register and list machines, list rollouts."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -51,6 +54,26 @@ def test_central_serves_the_model_registry_over_http(tmp_path, mosquitto):
         again = subprocess.run([*cli, "upload", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--url", base,
                                 "--token-file", str(tmp_path / "token")], capture_output=True, text=True)
         assert again.returncode == 1 and "409" in again.stderr and "already registered" in again.stderr
+        inspected = subprocess.run([*cli, "model", "seg-synth-1.0.0-int8", "--url", base], capture_output=True,
+                                   text=True, check=True)
+        assert json.loads(inspected.stdout)["manifest"]["precision"] == "int8"
+        fetched = subprocess.run([*cli, "download", "seg-synth-1.0.0-int8", "--out", str(tmp_path), "--url", base],
+                                 capture_output=True, text=True, check=True)
+        assert "wrote" in fetched.stdout
+        assert (tmp_path / "seg-synth-1.0.0-int8.tar").read_bytes() == httpx.get(
+            f"{base}/models/seg-synth-1.0.0-int8/download").content
+        registered = subprocess.run([*cli, "register-machine", "m02", "--site", "plant", "--line", "line-2",
+                                     "--cameras", "top,side", "--url", base, "--token-file", str(tmp_path / "token")],
+                                    capture_output=True, text=True)
+        assert registered.returncode == 0 and "machine m02: site plant, line line-2, 2 cameras" in registered.stdout
+        unauthorised = subprocess.run([*cli, "register-machine", "m03", "--site", "plant", "--url", base],
+                                      capture_output=True, text=True)
+        assert unauthorised.returncode == 1 and "401" in unauthorised.stderr
+        fleet = subprocess.run([*cli, "machines", "--url", base], capture_output=True, text=True, check=True,
+                               env=os.environ | {"COLUMNS": "200"})
+        assert "m01" in fleet.stdout and "line-2" in fleet.stdout and "top, side" in fleet.stdout
+        listed_rollouts = subprocess.run([*cli, "rollouts", "--url", base], capture_output=True, text=True, check=True)
+        assert "rollout" in listed_rollouts.stdout and httpx.get(f"{base}/rollouts").json() == []
         refused = subprocess.run([*cli, "rollout", "--package", "seg-synth-1.0.0-int8", "--model", "seg",
                                   "--machines", "m01", "--url", base, "--token-file", str(tmp_path / "token")],
                                  capture_output=True, text=True)  # the rollout API is live; m01 never reported
