@@ -11,7 +11,7 @@ verifies it (checksums and signature, as the edge does), and reports it in its n
 with 5 more frames compared per second (a 10 fps camera, one batch in 2) at the agreement the
 case sets; ``promote_shadow`` makes it the running package. They do not run inference: frames
 dropped at a swap are measured on real agents by tests/integration/test_rollout_e2e.py. A "slow"
-package makes the machines that run it report 3x their p99 latency. Rows: a good package
+package makes the machines that run it report 3x their p95 latency. Rows: a good package
 (canary, 25%, all), a slow one caught at the canary, one slow only on machines past the first 5
 (caught at the 25% stage after reaching 13 machines), and two shadow-gated rollouts (20 frames
 at agreement >= 0.9 per machine before each stage deploys): one agreeing, one that disagrees and
@@ -114,7 +114,8 @@ class SimulatedFleet:
     def _heartbeat(self, machine: str) -> None:
         package = self.running[machine]
         slow = package in self.slow_packages and machine in self.slow_machines
-        camera = CameraStatus(camera="c1", state="ok", latency_p50_ms=4.0, latency_p99_ms=15.0 if slow else 5.0)
+        camera = CameraStatus(camera="c1", state="ok", latency_p50_ms=4.0, latency_p95_ms=15.0 if slow else 5.0,
+                              latency_p99_ms=16.0 if slow else 6.0)
         shadow = {}
         if machine in self.shadows:
             candidate, since = self.shadows[machine]

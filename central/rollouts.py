@@ -6,7 +6,7 @@ machines' retained status keep the fleet registry's status, last heartbeat and m
 service, verifies it and swaps it in), or ``promote_shadow`` {model} when the candidate already
 runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha256, every};
 ``StopShadow`` becomes ``stop_shadow``; ``Rollback`` becomes ``rollback_model`` {model}. Health is
-read from heartbeats (the package each machine runs, p99 inference latency of its cameras, the
+read from heartbeats (the package each machine runs, p95 inference latency of its cameras, the
 model's failed frames and mean defect ratio since its package was loaded, the shadow's agreement
 and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A ticker thread
 (``rollouts:<site>``) drives soak times and timeouts.
@@ -54,7 +54,7 @@ class RolloutManager:
         self.shadow: dict[tuple[str, str], tuple[float, int]] = {}
         """(machine, package) -> the last shadow-mode (agreement, frames) that machine reported."""
         self._latency: dict[str, float] = {}
-        """machine -> p99 inference latency over its cameras, from the latest heartbeat."""
+        """machine -> p95 inference latency (the worst of its cameras), from the latest heartbeat."""
         self._saved: dict[str, tuple[int, str, bool]] = {}
         """What was last written per rollout: (history length, phase, paused)."""
         self._lock = threading.Lock()
@@ -149,7 +149,7 @@ class RolloutManager:
             with self._lock:
                 self.running[parsed.machine] = dict(parsed.models)
                 self.model_health[parsed.machine] = dict(parsed.health)
-                self._latency[parsed.machine] = max((c.latency_p99_ms for c in parsed.cameras), default=0.0)
+                self._latency[parsed.machine] = max((c.latency_p95_ms for c in parsed.cameras), default=0.0)
                 for shadow in parsed.shadow.values():
                     self.shadow[(parsed.machine, shadow.package)] = (shadow.agreement, shadow.frames)
             self._feed(now, parsed.machine, loaded=True)

@@ -409,7 +409,8 @@ class EdgeAgent:
         latencies = np.asarray(counters.latencies_ms or [0.0])
         return CameraStatus(
             camera=camera.id, state=camera.state, fps=camera.fps,
-            latency_p50_ms=float(np.percentile(latencies, 50)), latency_p99_ms=float(np.percentile(latencies, 99)),
+            latency_p50_ms=float(np.percentile(latencies, 50)), latency_p95_ms=float(np.percentile(latencies, 95)),
+            latency_p99_ms=float(np.percentile(latencies, 99)),
             queue_depth=camera.queue_depth(), frames_dropped=camera.frames_dropped,
             frames_gated=self.gates[camera.id].gated, shed=camera.id in self.shedder.shed,
             models=[f"{m.name}:{m.version}" for n, m in self.seg_models.items() if n in camera.config.models],

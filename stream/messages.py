@@ -155,6 +155,8 @@ class CameraStatus(_Strict):
     fps: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     inferred_fps: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     latency_p50_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    latency_p95_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        0.0, description="what the rollout latency gate compares")
     latency_p99_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     queue_depth: Annotated[int, Field(ge=0)] = 0
     frames_dropped: Annotated[int, Field(ge=0)] = 0
