@@ -210,5 +210,5 @@ class Demo:
                 frames_inferred=sum(c.frames_inferred for a in self.agents for c in a.camera_counters.values()),
                 results=m.results, anomaly_steps=m.anomaly_steps, anomalies=m.anomalies,
                 alerts_firing=m.alerts_firing, alerts_resolved=m.alerts_resolved, commands=m.commands,
-                dead_lettered=self.runner.stats.dead_lettered if self.runner else 0,
+                dead_lettered=self.runner.metrics.count("dead_lettered") if self.runner else 0,
             )

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 import paho.mqtt.client as paho
@@ -34,13 +33,6 @@ def deadletter_topic(site: str) -> str:
     return f"{MQTT_ROOT}/{site}/_deadletter"
 
 
-@dataclass
-class RunnerStats:
-    received: int = 0
-    dead_lettered: int = 0
-    published: int = 0
-
-
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -57,6 +49,10 @@ class RulesMetrics:
                                  "sample) to its rule evaluation", ["kind"], buckets=LATENCY_BUCKETS,
                                  registry=self.registry)
 
+    def count(self, name: str, **labels: str) -> int:
+        """A counter's value now, e.g. ``count("dead_lettered")`` or ``count("emitted", kind="alert")``."""
+        return int(self.registry.get_sample_value(f"edgeline_rules_{name}_total", labels) or 0)
+
 
 class EmbeddedRulesRunner:
     """One rules engine, fed by MQTT on ``edgeline/v1/<site>/+/result/+`` and ``.../anomaly``."""
@@ -68,7 +64,6 @@ class EmbeddedRulesRunner:
         self.engine = RulesEngine(rules, lines=lines, allowed_lateness_s=allowed_lateness_s,
                                   dedupe_ttl_s=dedupe_ttl_s)
         self.mqtt = client
-        self.stats = RunnerStats()
         self.metrics = RulesMetrics()
         self.metrics_port: int | None = None
         self.listeners: list[Callable[[Envelope], None]] = []
@@ -90,7 +85,6 @@ class EmbeddedRulesRunner:
             self._metrics_server.shutdown()
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
-        self.stats.received += 1
         try:
             envelope = parse_message(message.payload)
             self._check_topic(message.topic, envelope)
@@ -112,7 +106,6 @@ class EmbeddedRulesRunner:
 
     def _emit(self, output: Envelope) -> None:
         self.mqtt.publish(topic_for(output), output.to_json(), qos=1)
-        self.stats.published += 1
         self.metrics.emitted.labels(output.KIND).inc()
         if isinstance(output, Command):
             log.info("rules: command %s -> %s/%s", output.name, output.machine, output.camera or "*")
@@ -120,7 +113,6 @@ class EmbeddedRulesRunner:
             listener(output)
 
     def _dead_letter(self, message: paho.MQTTMessage, reason: str) -> None:
-        self.stats.dead_lettered += 1
         self.metrics.dead_lettered.inc()
         log.warning("rules: dead-lettered a message on %s: %s", message.topic, reason)
         record = {"topic": message.topic, "reason": reason,
