@@ -4,7 +4,8 @@
 #   - Debian packages: mosquitto, mosquitto-clients (the compose healthcheck's mosquitto_sub),
 #     prometheus, postgresql (central's registry on PostgreSQL), docker-compose (v1, for
 #     `docker-compose config`), and a JRE / Maven only when java / mvn are missing;
-#   - .venv with `pip install -e '.[all]'` (skipped while pyproject.toml is unchanged);
+#   - .venv with `pip install -c requirements.lock -e '.[all]'`: every version pinned by the lock
+#     (scripts/lock.sh refreshes it); skipped while pyproject.toml and the lock are unchanged;
 #   - the Apache Kafka 3.9.1 jars from Maven Central into
 #     ${EDGELINE_CACHE:-$HOME/.cache/edgeline}/kafka-3.9.1/lib (deploy/kafka/pom.xml).
 #
@@ -89,13 +90,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 stamp=.venv/.edgeline-install-all
-want=$( (sha256sum < pyproject.toml; echo all) | sha256sum | cut -c1-16)  # demo.sh reads the same stamp
+want=$( (cat pyproject.toml requirements.lock; echo all) | sha256sum | cut -c1-16)  # demo.sh reads the same stamp
 if [ "${EDGELINE_FORCE_INSTALL:-0}" != "1" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    say "python packages up to date (.[all], pyproject.toml unchanged)"
+    say "python packages up to date (.[all] from requirements.lock, unchanged)"
 else
-    say "pip install -e '.[all]' (torch comes from pip's cache when present)"
+    say "pip install -c requirements.lock -e '.[all]' (torch comes from pip's cache when present)"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e '.[all]'
+    .venv/bin/python -m pip install -q -c requirements.lock -e '.[all]'
     echo "$want" > "$stamp"
 fi
 
