@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the embedded demo: `scripts/demo.sh [edgeline demo options]`.
-# Creates .venv and installs the base package (no torch, no Kafka) on first use.
+# Creates .venv and installs the base package (no torch, no Kafka) on first use, at the versions
+# of requirements.lock.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
@@ -10,13 +11,13 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
     "$PYTHON" -m venv "$ROOT/.venv" || { echo "[demo] python3 -m venv failed: install python3-venv" >&2; exit 1; }
 fi
 
-# Skip pip while pyproject.toml is unchanged since the last install (base or full).
-hash=$(sha256sum < "$ROOT/pyproject.toml")
+# Skip pip while pyproject.toml and the lock are unchanged since the last install (base or full).
+hash=$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.lock" | sha256sum)
 base=$( (echo "$hash"; echo base) | sha256sum | cut -c1-16)
 all=$( (echo "$hash"; echo all) | sha256sum | cut -c1-16)
 if ! grep -qsx -e "$base" "$ROOT/.venv/.edgeline-install-base" && ! grep -qsx -e "$all" "$ROOT/.venv/.edgeline-install-all"; then
-    echo "[demo] pip install -e $ROOT" >&2
-    "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT"
+    echo "[demo] pip install -c requirements.lock -e $ROOT" >&2
+    "$ROOT/.venv/bin/python" -m pip install -q -c "$ROOT/requirements.lock" -e "$ROOT"
     echo "$base" > "$ROOT/.venv/.edgeline-install-base"
 fi
 

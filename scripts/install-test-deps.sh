@@ -90,7 +90,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 stamp=.venv/.edgeline-install-all
-want=$( (cat pyproject.toml requirements.lock; echo all) | sha256sum | cut -c1-16)  # demo.sh reads the same stamp
+want=$( (cat pyproject.toml requirements.lock | sha256sum; echo all) | sha256sum | cut -c1-16)  # demo.sh reads the same stamp
 if [ "${EDGELINE_FORCE_INSTALL:-0}" != "1" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     say "python packages up to date (.[all] from requirements.lock, unchanged)"
 else

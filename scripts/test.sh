@@ -8,6 +8,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-test-deps.sh
 
 rc=0
-.venv/bin/python -m pytest "$@" || rc=$?
+.venv/bin/python -m pytest --durations=15 "$@" || rc=$?
 printf '[test] pytest exited with %d; total wall time %d s\n' "$rc" "$SECONDS"
 exit "$rc"
