@@ -7,6 +7,7 @@ and must not block. A handler that raises is logged and counted, never fatal.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -67,6 +68,8 @@ class MqttClient:
         self.settings = settings
         self.stats = MqttStats()
         self.connected = threading.Event()
+        self.last_error: str | None = None
+        """Why the latest connection attempt failed (None once connected)."""
         self._stopping = False
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._on_connected: list[Callable[[], None]] = []
@@ -84,6 +87,7 @@ class MqttClient:
         if will:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
 
@@ -94,9 +98,9 @@ class MqttClient:
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         if not self.connected.wait(timeout):
-            raise ConnectionError(
-                f"mqtt:{self.client_id}: no connection to {self.settings.host}:{self.settings.port} after {timeout:.0f} s"
-            )
+            reason = f": {self.last_error}" if self.last_error else ""
+            raise ConnectionError(f"mqtt:{self.client_id}: no connection to {self.settings.host}:{self.settings.port} "
+                                  f"after {timeout:.0f} s{reason}")
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Disconnect cleanly, after publishing ``final`` (topic, payload; retained) if given."""
@@ -142,8 +146,9 @@ class MqttClient:
     def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
                     properties: object) -> None:
         if getattr(reason_code, "is_failure", False):
-            log.warning("mqtt:%s: connection refused: %s", self.client_id, reason_code)
+            self._connect_failed(f"the broker refused the connection: {reason_code}")
             return
+        self.last_error = None
         self.stats.connects += 1
         with self._lock:
             subscriptions = [(topic, qos) for topic, (qos, _) in self._subscriptions.items()]
@@ -153,6 +158,25 @@ class MqttClient:
         self.connected.set()
         for callback in self._on_connected:
             callback()
+
+    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
+        self._connect_failed(self._unreachable_reason())
+
+    def _unreachable_reason(self) -> str:
+        """Why a TCP connection failed: a name that does not resolve, or a broker that does not answer."""
+        host, port = self.settings.host, self.settings.port
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            return (f"cannot resolve broker host {host!r} (is this the compose hostname? use --broker or "
+                    "EDGELINE_BROKER)")
+        return f"cannot connect to broker {host}:{port} (is it running, on this port?)"
+
+    def _connect_failed(self, reason: str) -> None:
+        """Warn once per distinct reason while reconnecting, not on every retry."""
+        if reason != self.last_error:
+            log.warning("mqtt:%s: %s; retrying", self.client_id, reason)
+        self.last_error = reason
 
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
                        properties: object) -> None:
