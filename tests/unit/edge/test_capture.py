@@ -21,25 +21,38 @@ class ScriptedSource:
         self.opens = 0
         self.reads_since_open = 0
         self.closed = 0
+        self.read_times: list[float] = []
+        """``time.monotonic()`` of every read, so pacing is checked on the capture's own clock."""
+        self.camera: Camera | None = None
+        self.camera_states: list[str] = []
+        """The camera's state at each open and read, recorded from inside its capture thread."""
 
     def open(self) -> None:
+        self._record_state()
         self.opens += 1
         if self.opens <= self.open_failures:
             raise SourceError("scripted: device busy")
         self.reads_since_open = 0
 
     def read(self) -> np.ndarray:
+        self._record_state()
         if self.frames_per_open is not None and self.reads_since_open >= self.frames_per_open:
             raise SourceError("scripted: stream ended")
         self.reads_since_open += 1
+        self.read_times.append(time.monotonic())
         return np.full((4, 4, 3), self.reads_since_open, np.uint8)
+
+    def _record_state(self) -> None:
+        if self.camera is not None and (not self.camera_states or self.camera_states[-1] != self.camera.state):
+            self.camera_states.append(self.camera.state)
 
     def close(self) -> None:
         self.closed += 1
 
 
 def camera(source: ScriptedSource, fps: float = 120.0, queue_size: int = 3) -> Camera:
-    return Camera("m1", CameraConfig(id="c1", fps=fps, queue_size=queue_size, resolution=(4, 4)), source)
+    source.camera = Camera("m1", CameraConfig(id="c1", fps=fps, queue_size=queue_size, resolution=(4, 4)), source)
+    return source.camera
 
 
 def wait_until(condition, timeout: float = 5.0) -> None:
@@ -75,30 +88,35 @@ def test_thread_is_named_after_machine_and_camera() -> None:
     assert not any(t.name == "capture:m1/c1" for t in threading.enumerate())
 
 
+def assert_never_faster_than(read_times: list[float], fps: float) -> None:
+    """The n-th read after the first comes no earlier than n periods after it (a few ms of timer
+    slack): the cap holds over every span, however late a read was (no catch-up burst beats it)."""
+    first = read_times[0]
+    early = [n for n, t in enumerate(read_times) if t - first < n / fps - 0.005]
+    assert not early, f"reads {early[:5]} came before the {fps:g} fps cap allows"
+
+
 def test_fps_cap_paces_capture() -> None:
-    cam = camera(ScriptedSource(), fps=20.0)
+    source = ScriptedSource()
+    cam = camera(source, fps=20.0)
     cam.start()
-    time.sleep(1.0)
-    cam.stop()
-    assert 14 <= cam.frames_captured <= 24
+    try:
+        wait_until(lambda: cam.frames_captured >= 15, timeout=10.0)  # 0.7 s at 20 fps
+    finally:
+        cam.stop()
+    assert len(source.read_times) == cam.frames_captured >= 15
+    assert_never_faster_than(source.read_times, 20.0)
 
 
 def test_reconnects_after_open_failures_and_stream_end() -> None:
     source = ScriptedSource(open_failures=2, frames_per_open=5)
     cam = camera(source, fps=120.0)
-    states: list[str] = []
     cam.start()
     try:
-        deadline = time.monotonic() + 5
-        while source.opens < 5 and time.monotonic() < deadline:
-            if not states or states[-1] != cam.state:
-                states.append(cam.state)
-            time.sleep(0.005)
+        wait_until(lambda: source.opens >= 5, timeout=10.0)  # 2 failed opens, then 2 streams that end
     finally:
         cam.stop()
-    assert source.opens >= 5
-    assert "reconnecting" in states and "ok" in states
-    assert states.index("reconnecting") < states.index("ok")
+    assert source.camera_states[:4] == ["stopped", "reconnecting", "ok", "reconnecting"]
     assert cam.frames_captured >= 10  # frames from more than one connection
 
 
@@ -114,14 +132,20 @@ def test_persistent_failure_is_reported_as_failed() -> None:
 
 
 def test_set_fps_validates_and_applies_live() -> None:
-    cam = camera(ScriptedSource(), fps=5.0)
+    source = ScriptedSource()
+    cam = camera(source, fps=1.0)
     with pytest.raises(ValueError):
         cam.set_fps(0)
     cam.start()
-    cam.set_fps(100.0)
-    time.sleep(0.5)
-    cam.stop()
-    assert cam.frames_captured >= 25
+    try:
+        wait_until(lambda: cam.frames_captured >= 1)
+        cam.set_fps(100.0)
+        # after the 1 s wait already under way: 20 frames take 0.2 s at 100 fps, 20 s at the old 1 fps
+        wait_until(lambda: cam.frames_captured >= 22, timeout=10.0)
+    finally:
+        cam.stop()
+    assert cam.fps == 100.0
+    assert_never_faster_than(source.read_times[1:], 100.0)
 
 
 def test_take_latest_keeps_the_newest_and_counts_the_rest_as_dropped():
