@@ -9,6 +9,7 @@ with a retained ``offline`` status (the last-will does the same if the process d
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -26,14 +27,14 @@ from edge.capture import Camera, CapturedFrame, make_source
 from edge.gate import ChangeGate
 from edge.grouping import ResultGrouper
 from edge.inference import ModelLoadError, SegmentationModel
-from edge.metrics import EdgeMetrics
+from edge.metrics import EdgeMetrics, RecentRate
 from edge.ota import (LOCAL_ROLLBACK_BATCHES, DownloadError, ModelRecord, ModelSwapper, ShadowRun, SwapOutcome,
                       fetch_package)
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.scheduler import LoadShedder
 from edge.sensors import MqttSensorFeed, SensorSource, make_sensor_source
-from edgeline.config import ModelRef, SiteConfig, resolve_model_path
+from edgeline.config import ConfigError, ModelRef, SiteConfig, resolve_model_path
 from models.package import PackageError, default_cache_dir, load_package
 from stream.messages import (Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
                              Heartbeat, MessageError, ModelHealth, ModelOutput, Result, parse_message)
@@ -56,6 +57,7 @@ class CameraCounters:
     defects_last: int = 0
     defect_ratio_last: float = 0.0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    inferred_rate: RecentRate = field(default_factory=RecentRate)
     snapshot_requested: bool = False
 
 
@@ -111,17 +113,17 @@ class EdgeAgent:
         self.publish_failures = 0
         self.outbox = Outbox(config.outbox.path_for(machine_id, base_dir), config.outbox.max_messages)
         self.forwarder = Forwarder(self.outbox, self.mqtt, machine_id)
-        self.metrics_config = config.metrics
+        self.metrics_config, self.metrics_port_path = config.metrics_for(machine_id)
         self.metrics = EdgeMetrics(self)
         self.metrics_port: int | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self, connect_timeout_s: float = 10.0) -> None:
-        """Start everything; a broker that is not up within ``connect_timeout_s`` is not fatal."""
+        """Start everything; a broker that is not up within ``connect_timeout_s`` is not fatal, a
+        metrics port that cannot be bound is (:class:`ConfigError`, before anything has started)."""
         if self.metrics_config.enabled:
-            self.metrics_port = self.metrics.serve(self.metrics_config.host, self.metrics_config.port)
-            log.info("edge:%s: metrics on http://%s:%d/metrics", self.id, self.metrics_config.host, self.metrics_port)
+            self.metrics_port = self._serve_metrics()
         self.mqtt.subscribe(machine_commands_filter(self.site, self.id), self._on_command)
         for source in self.sensor_sources.values():
             if isinstance(source, MqttSensorFeed):
@@ -156,6 +158,22 @@ class EdgeAgent:
         self.outbox.close()
         self.metrics.stop()
         log.info("edge:%s: stopped", self.id)
+
+    def _serve_metrics(self) -> int:
+        host, port = self.metrics_config.host, self.metrics_config.port
+        try:
+            bound = self.metrics.serve(host, port)
+        except OSError as exc:
+            raise ConfigError(f"edge:{self.id}", [self._metrics_bind_problem(exc)]) from None
+        log.info("edge:%s: metrics on http://%s:%d/metrics", self.id, host, bound)
+        return bound
+
+    def _metrics_bind_problem(self, exc: OSError) -> str:
+        where = f"{self.metrics_port_path}: {self.metrics_config.host}:{self.metrics_config.port}"
+        if exc.errno == errno.EADDRINUSE:
+            return (f"{where} is already in use (another agent on this box? give each machine its own: "
+                    "machines[].metrics_port, or metrics.port: 0)")
+        return f"{where}: cannot serve metrics: {exc.strerror or exc}"
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -332,6 +350,7 @@ class EdgeAgent:
         counters = self.camera_counters[camera.id]
         if not any(o.reused for o in outputs):
             counters.frames_inferred += 1
+            counters.inferred_rate.add()
             counters.defect_frames += any(o.alarm for o in outputs)
             counters.latencies_ms.append(max(o.latency_ms for o in outputs))
         counters.defects_last = sum(len(o.regions) for o in outputs)
@@ -408,7 +427,7 @@ class EdgeAgent:
         counters = self.camera_counters[camera.id]
         latencies = np.asarray(counters.latencies_ms or [0.0])
         return CameraStatus(
-            camera=camera.id, state=camera.state, fps=camera.fps,
+            camera=camera.id, state=camera.state, fps=camera.fps, inferred_fps=counters.inferred_rate.per_second(),
             latency_p50_ms=float(np.percentile(latencies, 50)), latency_p95_ms=float(np.percentile(latencies, 95)),
             latency_p99_ms=float(np.percentile(latencies, 99)),
             queue_depth=camera.queue_depth(), frames_dropped=camera.frames_dropped,

@@ -10,7 +10,9 @@ are machine, camera, model, sensor group and outbox priority, never unbounded va
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 
     from edge.agent import EdgeAgent
 
+RATE_WINDOW_S = 10.0
+"""How far back a heartbeat's rates (frames inferred per second) look."""
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
@@ -60,6 +64,37 @@ class EdgeMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class RecentRate:
+    """Events per second over the last ``window_s`` seconds (or since creation, if younger).
+
+    ``add`` is called from one thread (inference), ``per_second`` from another (heartbeat).
+    """
+
+    def __init__(self, window_s: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._since = clock()
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        now = self._clock()
+        with self._lock:
+            self._times.append(now)
+            self._forget_before(now - self.window_s)
+
+    def per_second(self) -> float:
+        now = self._clock()
+        with self._lock:
+            self._forget_before(now - self.window_s)
+            span = min(self.window_s, now - self._since)
+            return len(self._times) / span if span > 0 else 0.0
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self._times and self._times[0] <= cutoff:
+            self._times.popleft()
 
 
 class AgentCollector(Collector):

@@ -50,6 +50,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="site YAML file", exists=False)]
+BrokerOption = Annotated[Optional[str], typer.Option(
+    "--broker", envvar="EDGELINE_BROKER", show_envvar=True,
+    help="MQTT broker host:port, in place of the site file's broker.host and broker.port (e.g. 127.0.0.1:1883)")]
 
 
 def _setup_logging(level: str) -> None:
@@ -57,9 +60,10 @@ def _setup_logging(level: str) -> None:
                         handlers=[RichHandler(console=err_console, show_path=False)])
 
 
-def _load_or_exit(path: Path) -> SiteConfig:
+def _load_or_exit(path: Path, broker: str | None = None) -> SiteConfig:
+    """The site file, with ``broker`` (host:port) in place of its broker's address if given."""
     try:
-        return load(path)
+        return load(path, broker=broker)
     except ConfigError as exc:
         err_console.print(f"[bold red]{exc.source}: invalid configuration[/]")
         for problem in exc.problems:
@@ -118,12 +122,12 @@ def config_check(path: Annotated[Path, typer.Argument(help="site YAML file")]) -
 
 @edge_app.command("run")
 def edge_run(config: ConfigOption, machine: Annotated[str, typer.Option(help="machine id from the config")],
-             log_level: str = "info") -> None:
+             broker: BrokerOption = None, log_level: str = "info") -> None:
     """Run the edge agent of one machine until Ctrl-C / SIGTERM."""
     from edge.agent import EdgeAgent
 
     _setup_logging(log_level)
-    site = _load_or_exit(config)
+    site = _load_or_exit(config, broker)
     try:
         agent = EdgeAgent(site, machine, base_dir=config.parent)
     except KeyError as exc:
@@ -132,29 +136,47 @@ def edge_run(config: ConfigOption, machine: Annotated[str, typer.Option(help="ma
     except ConfigError as exc:
         err_console.print(f"[bold red]{exc}[/]")
         raise typer.Exit(2) from None
-    _run_until_signal(agent)
+    try:
+        _run_until_signal(agent)
+    except ConfigError as exc:  # e.g. its metrics port is taken
+        for problem in exc.problems:
+            err_console.print(f"{exc.source}: {problem}", style="bold red", markup=False, highlight=False,
+                              soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 # ---------------------------------------------------------------- stream
 
 
 @stream_app.command("embedded")
-def stream_embedded(config: ConfigOption,
+def stream_embedded(config: ConfigOption, broker: BrokerOption = None,
                     metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics here")] = 9104,
+                    metrics_host: Annotated[Optional[str], typer.Option(
+                        help="address the metrics endpoint binds (default: metrics.host)")] = None,
                     log_level: str = "info") -> None:
-    """Run the rules engine straight from MQTT (one-box installs, no Kafka)."""
+    """Run the rules engine straight from MQTT (one-box installs, no Kafka); print its counts at the end."""
     from stream.embedded import EmbeddedRulesRunner
     from stream.mqtt import MqttClient
 
     _setup_logging(log_level)
-    site = _load_or_exit(config)
+    site = _load_or_exit(config, broker)
     client = MqttClient(site.broker.mqtt_settings(), client_id=f"rules-{site.site}", clean_session=False)
     runner = EmbeddedRulesRunner(site.site, site.rules, client, lines=site.lines(),
                                  allowed_lateness_s=site.engine.allowed_lateness_s,
                                  dedupe_ttl_s=site.engine.dedupe_ttl_s)
-    _run_until_signal(runner, lambda: runner.start(metrics_port=metrics_port),
-                      lambda: f"rules {site.site}: MQTT {site.broker.host}:{site.broker.port}"
-                              + (f", metrics on :{runner.metrics_port}" if runner.metrics_port else ""))
+    host = metrics_host or site.metrics.host
+    try:
+        _run_until_signal(runner, lambda: runner.start(metrics_port=metrics_port, metrics_host=host),
+                          lambda: f"rules {site.site}: MQTT {site.broker.host}:{site.broker.port}"
+                                  + (f", metrics on {host}:{runner.metrics_port}" if runner.metrics_port else ""))
+    except ConnectionError as exc:
+        err_console.print(str(exc), style="bold red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # the metrics endpoint could not bind
+        err_console.print(f"--metrics-host/--metrics-port: cannot serve metrics on {host}:{metrics_port}: "
+                          f"{exc.strerror or exc}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(runner.summary(), soft_wrap=True)
 
 
 KafkaOption = Annotated[Optional[str], typer.Option("--kafka", help="Kafka bootstrap servers (default: stream.kafka)")]
@@ -167,14 +189,14 @@ def _with_kafka(site: SiteConfig, kafka: str | None) -> SiteConfig:
 
 
 @stream_app.command("bridge")
-def stream_bridge(config: ConfigOption, kafka: KafkaOption = None,
+def stream_bridge(config: ConfigOption, kafka: KafkaOption = None, broker: BrokerOption = None,
                   metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics here")] = 9102,
                   log_level: str = "info") -> None:
     """Bridge the site's MQTT messages into Kafka (ack after Kafka acks), and Kafka commands back to MQTT."""
     from stream.bridge import MqttKafkaBridge
 
     _setup_logging(log_level)
-    site = _with_kafka(_load_or_exit(config), kafka)
+    site = _with_kafka(_load_or_exit(config, broker), kafka)
     bridge = MqttKafkaBridge(site.site, site.broker.mqtt_settings(), site.stream.kafka, topics=site.stream.topics(),
                              partitions=site.stream.partitions, replication=site.stream.replication)
     _run_until_signal(bridge, lambda: bridge.start(metrics_port=metrics_port),
@@ -204,6 +226,7 @@ def stream_worker(config: ConfigOption, kafka: KafkaOption = None,
 @central_app.command("serve")
 def central_serve(
     config: ConfigOption,
+    broker: BrokerOption = None,
     token_file: Annotated[Optional[Path], typer.Option(help="file holding the API bearer token (16+ characters)")] = None,
     db: Annotated[str, typer.Option(help="SQLAlchemy URL: sqlite:///central.db or postgresql://...")] = "sqlite:///central.db",
     storage: Annotated[Path, typer.Option(help="where uploaded packages are kept")] = Path("central-packages"),
@@ -222,7 +245,7 @@ def central_serve(
     except ImportError as exc:
         err_console.print(f"[bold red]the central service needs the 'central' extra (pip install 'edgeline[central]'): {exc}[/]")
         raise typer.Exit(2) from None
-    site = _load_or_exit(config)
+    site = _load_or_exit(config, broker)
     try:
         token = load_token(token_file) if token_file else token_from_env()
     except (OSError, ValueError) as exc:

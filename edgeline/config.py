@@ -8,7 +8,7 @@ one complete :class:`CameraConfig` per camera.
 from __future__ import annotations
 
 import os
-
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -155,6 +155,9 @@ class MachineConfig(_Strict):
     line: Identifier = Field("line-1", description="production line the machine belongs to")
     cameras: list[CameraConfig] = Field(default_factory=list, max_length=16, description="cameras on this machine")
     sensors: list[SensorGroupConfig] = Field(default_factory=list, max_length=64, description="sensor groups")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="this machine's agent serves metrics here "
+                                     "instead of metrics.port: one port each when several agents share a box "
+                                     "(0: pick a free one)")
 
 
 class ModelRef(_Strict):
@@ -334,6 +337,13 @@ class SiteConfig(_Strict):
                 return machine
         raise KeyError(f"no machine {machine_id!r} in site {self.site!r}")
 
+    def metrics_for(self, machine_id: str) -> tuple[MetricsConfig, str]:
+        """The metrics endpoint of one machine's agent, and the YAML path its port comes from."""
+        for index, machine in enumerate(self.machines):
+            if machine.id == machine_id and machine.metrics_port is not None:
+                return self.metrics.model_copy(update={"port": machine.metrics_port}), f"machines[{index}].metrics_port"
+        return self.metrics, "metrics.port"
+
     def trusted_keys(self, base_dir: Path) -> list[Ed25519PublicKey] | None:
         """Keys a package must be signed by (builtin + configured), or None when signatures are not required."""
         if not self.signatures.require:
@@ -351,16 +361,67 @@ class SiteConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | Path) -> SiteConfig:
-    """Read, validate and cross-check a site YAML file; raise :class:`ConfigError` on any problem."""
+def load(path: str | Path, broker: str | None = None) -> SiteConfig:
+    """Read, validate and cross-check a site YAML file; raise :class:`ConfigError` on any problem.
+
+    ``broker`` (``host:port``, from ``--broker`` or ``$EDGELINE_BROKER``) replaces the file's
+    ``broker.host`` and ``broker.port``.
+    """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {exc.start})"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [f"not valid YAML: {exc}".replace("\n", " ")]) from None
-    return from_dict(raw, base_dir=path.parent, source=str(path))
+        raise ConfigError(str(path), [_yaml_problem(path, exc)]) from None
+    if raw is None:
+        raise ConfigError(str(path), ["(top level): the file is empty; a site file needs at least 'site: <id>'"])
+    config = from_dict(raw, base_dir=path.parent, source=str(path))
+    return config if broker is None else with_broker(config, broker)
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """``site.yaml:3:7: not valid YAML: <problem> (<context>, line 2)``: the file and line, not PyYAML's
+    ``"<unicode string>"``."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {exc}".replace("<unicode string>", str(path)).replace("\n", " ")
+    text = f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {getattr(exc, 'problem', None) or exc}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        text += f" ({context}, line {context_mark.line + 1})"
+    elif context:
+        text += f" ({context})"
+    return text
+
+
+BROKER_OVERRIDE = "--broker / $EDGELINE_BROKER"
+HOST_NAME = re.compile(r"[A-Za-z0-9._:%-]+")
+
+
+def with_broker(config: SiteConfig, address: str, source: str = BROKER_OVERRIDE) -> SiteConfig:
+    """``config`` with its broker host and port replaced by ``address`` (``host:port``)."""
+    try:
+        host, port = parse_host_port(address)
+    except ValueError as exc:
+        raise ConfigError(source, [f"{source}: {exc}"]) from None
+    return config.model_copy(update={"broker": config.broker.model_copy(update={"host": host, "port": port})})
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[ipv6]:port`` -> (host, port); ValueError saying what is wrong."""
+    host, sep, port = address.strip().rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not sep or not HOST_NAME.fullmatch(host):
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:1883), got {address!r}")
+    if ":" in host and not bracketed:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:1883 (got {address!r})")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port must be a number from 1 to 65535 (got {port!r} in {address!r})")
+    return host, int(port)
 
 
 def from_dict(raw: Any, base_dir: Path = Path("."), source: str = "<config>") -> SiteConfig:
@@ -395,6 +456,7 @@ def _cross_check(config: SiteConfig, base_dir: Path) -> list[str]:
             problems.append(f"signatures.trusted_keys[{index}]: file not found: {key}")
     problems += _duplicates("machines", [m.id for m in config.machines], "machine id")
     problems += _duplicates("rules", [r.name for r in config.rules], "rule name")
+    problems += _shared_metrics_ports(config.machines)
     for i, machine in enumerate(config.machines):
         where = f"machines[{i}]"
         problems += _duplicates(f"{where}.cameras", [c.id for c in machine.cameras], "camera id")
@@ -410,6 +472,20 @@ def _cross_check(config: SiteConfig, base_dir: Path) -> list[str]:
                 problems.append(f"{where}.sensors[{j}].model: unknown model {sensor.model!r}{_known(config)}")
             if isinstance(sensor.source, CsvSensorSource) and not (base_dir / sensor.source.path).exists():
                 problems.append(f"{where}.sensors[{j}].source.path: file not found: {sensor.source.path}")
+    return problems
+
+
+def _shared_metrics_ports(machines: list[MachineConfig]) -> list[str]:
+    """Per-machine metrics ports exist for agents that share a box, so two alike are a clash."""
+    first: dict[int, int] = {}
+    problems = []
+    for index, machine in enumerate(machines):
+        port = machine.metrics_port
+        if port and port in first:
+            problems.append(f"machines[{index}].metrics_port: {port} is also machines[{first[port]}].metrics_port "
+                            "(each agent on a box needs its own port)")
+        elif port:
+            first[port] = index
     return problems
 
 

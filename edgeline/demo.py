@@ -160,7 +160,9 @@ class Demo:
         broker = self.config.broker.model_copy(update={"host": self.broker.host, "port": self.broker.port})
         outbox = self.config.outbox.model_copy(update={"path": f"{self._outbox_dir.name}/{{machine}}.sqlite"})
         metrics = self.config.metrics.model_copy(update={"port": 0})  # several agents in one process
-        self.config = self.config.model_copy(update={"broker": broker, "outbox": outbox, "metrics": metrics})
+        machines = [m.model_copy(update={"metrics_port": None}) for m in self.config.machines]
+        self.config = self.config.model_copy(update={"broker": broker, "outbox": outbox, "metrics": metrics,
+                                                     "machines": machines})
         settings = broker.mqtt_settings()
         self.monitor_client = MqttClient(settings, client_id="demo-monitor")
         self.monitor_client.subscribe(site_filter(self.config.site), self.monitor.on_message)

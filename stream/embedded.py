@@ -3,7 +3,9 @@
 Subscribes to everything machines of a site publish, feeds results and anomalies to
 :class:`stream.rules.RulesEngine`, and publishes the decisions, alerts and commands it makes.
 A message that does not parse goes to the dead-letter topic with the reason, and is counted.
-``edgeline stream embedded --metrics-port`` serves :class:`RulesMetrics` to Prometheus.
+Every alert (firing or resolved) and command is logged at INFO; :meth:`EmbeddedRulesRunner.summary`
+is the one line ``edgeline stream embedded`` prints at shutdown. ``--metrics-port`` serves
+:class:`RulesMetrics` to Prometheus.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from wsgiref.simple_server import WSGIServer
 import paho.mqtt.client as paho
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from stream.messages import Command, Envelope, MessageError, parse_message
+from stream.messages import Alert, Command, Envelope, MessageError, parse_message
 from stream.mqtt import MqttClient
 from stream.rule_config import RuleConfig
 from stream.rules import RulesEngine
@@ -70,19 +72,31 @@ class EmbeddedRulesRunner:
         self._lock = threading.Lock()
         self._metrics_server: WSGIServer | None = None
 
-    def start(self, metrics_port: int | None = None) -> None:
+    def start(self, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
+        """Serve metrics on ``metrics_host:metrics_port`` if a port is given (0: a free one), then
+        connect; OSError when the port cannot be bound, ConnectionError when the broker is not up."""
+        if metrics_port is not None:
+            self._metrics_server, _ = start_http_server(metrics_port, metrics_host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "result", "+"), self._on_message)
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "anomaly"), self._on_message)
         self.mqtt.start()
         self.mqtt.wait_connected()
-        if metrics_port is not None:
-            self._metrics_server, _ = start_http_server(metrics_port, registry=self.metrics.registry)
-            self.metrics_port = self._metrics_server.server_port
 
     def stop(self) -> None:
         self.mqtt.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+    def summary(self) -> str:
+        """One line of counts, e.g. for the console at shutdown."""
+        count = self.metrics.count
+        stats = self.engine.stats
+        messages = sum(count("messages", kind=kind) for kind in INPUT_KINDS)
+        return (f"rules {self.site}: {messages} messages, {count('emitted', kind='decision')} decisions, "
+                f"{count('emitted', kind='alert')} alerts, {count('emitted', kind='command')} commands, "
+                f"{count('dead_lettered')} dead-lettered, {stats.late} late, {stats.duplicates} duplicates")
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
         try:
@@ -107,7 +121,10 @@ class EmbeddedRulesRunner:
     def _emit(self, output: Envelope) -> None:
         self.mqtt.publish(topic_for(output), output.to_json(), qos=1)
         self.metrics.emitted.labels(output.KIND).inc()
-        if isinstance(output, Command):
+        if isinstance(output, Alert):
+            log.info("rules: alert %s: %s on %s %s, severity %s, value %g", output.state, output.rule, output.scope,
+                     output.key, output.severity, output.value)
+        elif isinstance(output, Command):
             log.info("rules: command %s -> %s/%s", output.name, output.machine, output.camera or "*")
         for listener in self.listeners:
             listener(output)

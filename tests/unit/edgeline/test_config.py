@@ -151,10 +151,67 @@ def test_missing_required_and_not_a_mapping(tmp_path: Path) -> None:
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
-    assert problems_of(tmp_path, "site: [unclosed\n")[0].startswith("not valid YAML:")
+    (problem,) = problems_of(tmp_path, "site: s1\nmachines: [unclosed\n")
+    assert problem.startswith(f"{tmp_path / 'site.yaml'}:3:1: not valid YAML: expected ',' or ']'")
+    assert problem.endswith("(while parsing a flow sequence, line 2)") and "<unicode string>" not in problem
     with pytest.raises(ConfigError) as caught:
         load(tmp_path / "absent.yaml")
     assert caught.value.problems[0].startswith("cannot read file")
+
+
+def test_an_empty_file_says_so(tmp_path: Path) -> None:
+    expected = ["(top level): the file is empty; a site file needs at least 'site: <id>'"]
+    assert problems_of(tmp_path, "") == expected
+    assert problems_of(tmp_path, "# only comments\n") == expected
+
+
+def test_a_file_that_is_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_bytes(b"site: s1\n\xff\xfe\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert caught.value.problems == ["not UTF-8 text (byte 9)"]
+
+
+def test_broker_override_replaces_host_and_port_only(tmp_path: Path) -> None:
+    path = write(tmp_path, "site: s1\nbroker: {host: mosquitto, port: 1883, keepalive_s: 20}\n")
+    assert (load(path).broker.host, load(path).broker.port) == ("mosquitto", 1883)
+    broker = load(path, broker="127.0.0.1:11883").broker
+    assert (broker.host, broker.port, broker.keepalive_s) == ("127.0.0.1", 11883, 20)
+    assert load(path, broker="[::1]:1884").broker.host == "::1"
+
+
+@pytest.mark.parametrize(("address", "problem"), [
+    ("localhost", "expected host:port (e.g. 127.0.0.1:1883), got 'localhost'"),
+    (":1883", "expected host:port (e.g. 127.0.0.1:1883), got ':1883'"),
+    ("my broker:1883", "expected host:port (e.g. 127.0.0.1:1883), got 'my broker:1883'"),
+    ("host:mqtt", "port must be a number from 1 to 65535 (got 'mqtt' in 'host:mqtt')"),
+    ("host:70000", "port must be a number from 1 to 65535 (got '70000' in 'host:70000')"),
+    ("::1:1883", "write an IPv6 address in brackets, e.g. [::1]:1883 (got '::1:1883')"),
+])
+def test_bad_broker_override_is_one_clear_line(tmp_path: Path, address: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, "site: s1\n"), broker=address)
+    assert caught.value.problems == [f"--broker / $EDGELINE_BROKER: {problem}"]
+
+
+def test_each_machine_may_have_its_own_metrics_port(tmp_path: Path) -> None:
+    config = from_dict({"site": "s1", "metrics": {"host": "127.0.0.1", "port": 9100},
+                        "machines": [{"id": "m1", "metrics_port": 9111}, {"id": "m2"}]})
+    mine, where = config.metrics_for("m1")
+    assert (mine.host, mine.port, where) == ("127.0.0.1", 9111, "machines[0].metrics_port")
+    assert (config.metrics_for("m2")[0].port, config.metrics_for("m2")[1]) == (9100, "metrics.port")
+    shared = from_dict({"site": "s1", "machines": [{"id": "m1"}, {"id": "m2"}, {"id": "m3", "metrics_port": 0},
+                                                   {"id": "m4", "metrics_port": 0}]})
+    assert [shared.metrics_for(m)[0].port for m in ("m1", "m2", "m3", "m4")] == [9100, 9100, 0, 0]  # many boxes
+
+
+def test_two_machines_with_the_same_own_metrics_port_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"site": "s1", "machines": [{"id": "m1", "metrics_port": 9111}, {"id": "m2", "metrics_port": 9112},
+                                              {"id": "m3", "metrics_port": 9111}]})
+    assert caught.value.problems == [
+        "machines[2].metrics_port: 9111 is also machines[0].metrics_port (each agent on a box needs its own port)"]
 
 
 def test_yaml_path_skips_union_tags_but_keeps_missing_keys() -> None:
@@ -203,3 +260,38 @@ def test_inference_overload_band_must_be_ordered(tmp_path):
     with pytest.raises(ConfigError) as err:
         from_dict({"site": "s1", "inference": {"overload_high": 0.5, "overload_low": 0.7}}, base_dir=tmp_path)
     assert "inference" in str(err.value) and "must be below overload_high" in str(err.value)
+
+
+def test_one_box_site_is_the_example_site_on_this_box() -> None:
+    one_box, example = load(REPO / "config" / "one-box.yaml"), load(REPO / "config" / "site.yaml")
+    assert (one_box.broker.host, one_box.broker.port, one_box.metrics.host) == ("127.0.0.1", 1883, "127.0.0.1")
+    ports = [one_box.metrics_for(m.id)[0].port for m in one_box.machines]
+    assert len(set(ports)) == len(ports) and not set(ports) & {9102, 9103, 9104}  # bridge, worker, rules
+    kept = {"broker", "outbox", "metrics", "stream", "machines"}
+    assert one_box.model_dump(exclude=kept) == example.model_dump(exclude=kept)
+    assert [m.model_dump(exclude={"metrics_port"}) for m in one_box.machines] == [
+        m.model_dump(exclude={"metrics_port"}) for m in example.machines]
+
+
+def test_one_box_outboxes_are_relative_to_the_site_file() -> None:
+    path = REPO / "config" / "one-box.yaml"
+    outbox = load(path).outbox.path_for("m01", path.parent)
+    assert outbox == REPO / "config" / "var" / "outbox-m01.sqlite"
+
+
+def test_cli_check_accepts_the_one_box_site() -> None:
+    result = CliRunner().invoke(app, ["config", "check", str(REPO / "config" / "one-box.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "3 machines, 7 cameras, 3 sensor groups" in result.output
+
+
+@pytest.mark.parametrize("command", [["edge", "run", "--machine", "m01"], ["stream", "embedded"],
+                                     ["stream", "bridge"], ["central", "serve"]])
+def test_a_bad_broker_address_exits_2_with_one_line(command: list[str]) -> None:
+    site = str(REPO / "config" / "one-box.yaml")
+    by_option = CliRunner().invoke(app, [*command, "--config", site, "--broker", "mosquitto"])
+    by_env = CliRunner().invoke(app, [*command, "--config", site], env={"EDGELINE_BROKER": "127.0.0.1:0"})
+    assert by_option.exit_code == 2, by_option.output
+    assert "--broker / $EDGELINE_BROKER: expected host:port (e.g. 127.0.0.1:1883), got 'mosquitto'" in by_option.output
+    assert by_env.exit_code == 2, by_env.output
+    assert "port must be a number from 1 to 65535 (got '0' in '127.0.0.1:0')" in by_env.output
