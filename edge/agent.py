@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -34,7 +35,7 @@ from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.scheduler import LoadShedder
 from edge.sensors import MqttSensorFeed, SensorSource, make_sensor_source
-from edgeline.config import ConfigError, ModelRef, SiteConfig, resolve_model_path
+from edgeline.config import ConfigError, ModelRef, OutboxConfig, SiteConfig, resolve_model_path
 from models.package import PackageError, default_cache_dir, load_package
 from stream.messages import (Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
                              Heartbeat, MessageError, ModelHealth, ModelOutput, Result, parse_message)
@@ -111,7 +112,7 @@ class EdgeAgent:
             will=Will(status_topic(self.site, machine_id), b"offline"),
         )
         self.publish_failures = 0
-        self.outbox = Outbox(config.outbox.path_for(machine_id, base_dir), config.outbox.max_messages)
+        self.outbox = self._open_outbox(config.outbox, base_dir)
         self.forwarder = Forwarder(self.outbox, self.mqtt, machine_id)
         self.metrics_config, self.metrics_port_path = config.metrics_for(machine_id)
         self.metrics = EdgeMetrics(self)
@@ -158,6 +159,15 @@ class EdgeAgent:
         self.outbox.close()
         self.metrics.stop()
         log.info("edge:%s: stopped", self.id)
+
+    def _open_outbox(self, config: OutboxConfig, base_dir: Path) -> Outbox:
+        path = config.path_for(self.id, base_dir)
+        try:
+            return Outbox(path, config.max_messages)
+        except (OSError, sqlite3.Error) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise ConfigError(f"edge:{self.id}", [f"outbox.path: cannot open {path}: {reason} (a writable folder: "
+                                                  "relative paths are relative to the site file)"]) from None
 
     def _serve_metrics(self) -> int:
         host, port = self.metrics_config.host, self.metrics_config.port

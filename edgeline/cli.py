@@ -133,16 +133,19 @@ def edge_run(config: ConfigOption, machine: Annotated[str, typer.Option(help="ma
     except KeyError as exc:
         err_console.print(f"[bold red]{exc.args[0]}[/]")
         raise typer.Exit(2) from None
-    except ConfigError as exc:
-        err_console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(2) from None
+    except ConfigError as exc:  # e.g. an outbox folder it cannot write
+        raise _one_line_each(exc) from None
     try:
         _run_until_signal(agent)
     except ConfigError as exc:  # e.g. its metrics port is taken
-        for problem in exc.problems:
-            err_console.print(f"{exc.source}: {problem}", style="bold red", markup=False, highlight=False,
-                              soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _one_line_each(exc) from None
+
+
+def _one_line_each(exc: ConfigError) -> typer.Exit:
+    """Print ``<source>: <problem>`` per problem; the exit of bad input, to raise."""
+    for problem in exc.problems:
+        err_console.print(f"{exc.source}: {problem}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(2)
 
 
 # ---------------------------------------------------------------- stream

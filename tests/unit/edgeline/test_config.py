@@ -295,3 +295,16 @@ def test_a_bad_broker_address_exits_2_with_one_line(command: list[str]) -> None:
     assert "--broker / $EDGELINE_BROKER: expected host:port (e.g. 127.0.0.1:1883), got 'mosquitto'" in by_option.output
     assert by_env.exit_code == 2, by_env.output
     assert "port must be a number from 1 to 65535 (got '0' in '127.0.0.1:0')" in by_env.output
+
+
+def test_edge_run_with_an_outbox_it_cannot_open_exits_2_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where the outbox folder should be")
+    path = write(tmp_path, """
+        site: s1
+        outbox: {path: "blocker/outbox-{machine}.sqlite"}
+        machines: [{id: m1}]
+        """)
+    result = CliRunner().invoke(app, ["edge", "run", "-c", str(path), "--machine", "m1"])
+    assert result.exit_code == 2, result.output
+    assert f"edge:m1: outbox.path: cannot open {tmp_path / 'blocker' / 'outbox-m1.sqlite'}: " in result.output
+    assert "relative paths are relative to the site file" in result.output
