@@ -200,10 +200,8 @@ class ModelSwapper:
                 details["self_test_frames"] = float(len(recent_frames))
             self.previous[name] = current
             self.models[name] = candidate  # the swap: the inference thread picks it up at its next batch
-        log.info("model %s: %s:%s (%s) in place of %s:%s", name, candidate.name, candidate.version,
-                 package.manifest.precision, current.name, current.version)
-        return SwapOutcome(True, f"{name}: now {candidate.name}:{candidate.version} ({package.manifest.precision})",
-                           details)
+        log.info("model %s: %s in place of %s", name, candidate.package_id, current.package_id)
+        return SwapOutcome(True, f"{name}: now {candidate.package_id} in place of {current.package_id}", details)
 
     def candidate(self, name: str, path: Path) -> SegmentationModel:
         """A verified, warmed-up model for ``name`` that is not put in place (shadow mode)."""
@@ -217,7 +215,7 @@ class ModelSwapper:
         with self._lock:
             self.previous[name], self.models[name] = self.models[name], candidate
         manifest = candidate.package.manifest
-        return SwapOutcome(True, f"{name}: promoted {manifest.name}:{manifest.version} ({manifest.precision})",
+        return SwapOutcome(True, f"{name}: promoted {manifest.package_id}",
                            {"model": name, "version": manifest.version, "precision": manifest.precision})
 
     def rollback(self, name: str) -> SwapOutcome:
@@ -226,6 +224,6 @@ class ModelSwapper:
             if previous is None:
                 return SwapOutcome(False, f"{name}: nothing to roll back to")
             self.models[name] = previous
-        return SwapOutcome(True, f"{name}: back on {previous.name}:{previous.version}",
+        return SwapOutcome(True, f"{name}: back on {previous.package_id}",
                            {"model": name, "version": previous.version,
                             "precision": previous.package.manifest.precision})

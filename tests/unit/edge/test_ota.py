@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -35,6 +36,16 @@ def test_swap_measures_agreement_and_rolls_back():
     assert models.models["seg"].package.manifest.precision == "fp32"
     assert models.rollback("seg").ok and models.models["seg"].package.manifest.precision == "int8"
     assert not models.rollback("seg").ok  # nothing left to roll back to
+
+
+def test_a_swap_names_both_packages_in_full(caplog):
+    """Same name and version, two precisions: the log and the outcome must still tell them apart."""
+    models = swapper()
+    with caplog.at_level(logging.INFO, logger="edge.ota"):
+        outcome = models.load("seg", BUILTIN_PACKAGES / "seg-synth-fp32", [])
+    assert "seg-synth-1.0.0-fp32 in place of seg-synth-1.0.0-int8" in caplog.text
+    assert "seg-synth-1.0.0-fp32 in place of seg-synth-1.0.0-int8" in outcome.text
+    assert models.rollback("seg").text == "seg: back on seg-synth-1.0.0-int8"
 
 
 def test_unknown_model_and_forged_signature_are_refused(tmp_path):
