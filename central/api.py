@@ -7,10 +7,8 @@ reads are open on the plant network. OpenAPI docs at ``/docs``.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import asdict
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -22,7 +20,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
 from central.registry import MachineRow, Registry, RegistryError
-from central.rollout import Gates, RolloutError
+from central.rollout import GATE_HELP, Gates, Operation, RolloutError
 from central.rollouts import RolloutManager
 from stream.messages import IDENTIFIER_PATTERN
 
@@ -34,19 +32,16 @@ class RolloutIn(BaseModel):
     model: str = Field(pattern=IDENTIFIER_PATTERN, description="model name in the site config it replaces")
     machines: list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]] = Field(min_length=1)
     stages: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.0, 0.25, 1.0],
-                                                              description="fractions of the machines; 0 = one")
-    soak_s: float = Field(60.0, ge=0)
-    max_latency_ratio: float = Field(1.2, gt=1)
-    max_error_rate: float = Field(0.01, ge=0)
-    max_drift: float = Field(0.05, ge=0, description="largest shift of a machine's mean defect ratio from its "
-                             "old version's")
-    drift_min_frames: int = Field(20, ge=1, description="frames each version needs on a machine before drift is judged")
-    deploy_timeout_s: float = Field(120.0, gt=0)
-    min_shadow_agreement: float | None = Field(None, ge=0, le=1, description="run the package in shadow mode on each "
-                                               "stage's machines first and promote it only where its agreement "
-                                               "(mask IoU with the running version) is at least this")
-    shadow_frames: int = Field(50, ge=1, description="frames each machine compares in shadow mode before it is judged")
-    shadow_timeout_s: float = Field(300.0, gt=0, description="longest wait for those frames")
+                                                              description=GATE_HELP["stages"])
+    soak_s: float = Field(60.0, ge=0, description=GATE_HELP["soak_s"])
+    max_latency_ratio: float = Field(1.2, gt=1, description=GATE_HELP["max_latency_ratio"])
+    max_error_rate: float = Field(0.01, ge=0, description=GATE_HELP["max_error_rate"])
+    max_drift: float = Field(0.05, ge=0, description=GATE_HELP["max_drift"])
+    drift_min_frames: int = Field(20, ge=1, description=GATE_HELP["drift_min_frames"])
+    deploy_timeout_s: float = Field(120.0, gt=0, description=GATE_HELP["deploy_timeout_s"])
+    min_shadow_agreement: float | None = Field(None, ge=0, le=1, description=GATE_HELP["min_shadow_agreement"])
+    shadow_frames: int = Field(50, ge=1, description=GATE_HELP["shadow_frames"])
+    shadow_timeout_s: float = Field(300.0, gt=0, description=GATE_HELP["shadow_timeout_s"])
 
 
 class MachineIn(BaseModel):
@@ -197,6 +192,8 @@ def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) 
         try:
             rollout_id = rollouts.create(body.package, body.model, body.machines, stages=tuple(body.stages),
                                          soak_s=body.soak_s, gates=gates)
+        except RegistryError:
+            raise  # an unknown package or machine: its own status (404)
         except ValueError as exc:
             raise HTTPException(409, str(exc)) from None
         return rollouts.describe(rollout_id)
@@ -209,33 +206,15 @@ def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) 
 
     @app.get("/rollouts/{rollout_id}")
     def describe(rollout_id: str) -> dict[str, Any]:
+        """A rollout and its history; stages are counted from 1 (0: not started), times are UTC epoch seconds."""
         return rollouts.describe(known(rollout_id))
 
-    @app.post("/rollouts/{rollout_id}/{verb}", dependencies=[Depends(require_token)])
-    def control(rollout_id: str, verb: str) -> dict[str, Any]:
-        operation = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}.get(verb)
-        if operation is None:
-            raise HTTPException(404, f"unknown operation {verb!r}: pause, resume or abort")
+    @app.post("/rollouts/{rollout_id}/{operation}", dependencies=[Depends(require_token)],
+              summary="Pause, resume or abort a rollout (abort rolls back)")
+    def control(rollout_id: str, operation: Operation) -> dict[str, Any]:
         try:
-            operation(known(rollout_id))
+            {Operation.pause: rollouts.pause, Operation.resume: rollouts.resume,
+             Operation.abort: rollouts.abort}[operation](known(rollout_id))
         except RolloutError as exc:
             raise HTTPException(409, str(exc)) from None
         return rollouts.describe(rollout_id)
-
-
-def load_token(path: Path) -> str:
-    return _checked(path.read_text().strip(), str(path))
-
-
-def token_from_env() -> str:
-    """The token from ``$EDGELINE_CENTRAL_TOKEN`` (containers), when no token file is given."""
-    token = os.environ.get("EDGELINE_CENTRAL_TOKEN", "").strip()
-    if not token:
-        raise ValueError("no API token: pass --token-file or set EDGELINE_CENTRAL_TOKEN")
-    return _checked(token, "EDGELINE_CENTRAL_TOKEN")
-
-
-def _checked(token: str, where: str) -> str:
-    if len(token) < 16:
-        raise ValueError(f"{where}: the API token must be at least 16 characters")
-    return token

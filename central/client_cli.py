@@ -1,25 +1,33 @@
-"""`edgeline central ...` client commands: every registry and rollout operation over the HTTP API."""
+"""`edgeline central ...` client commands: every registry and rollout operation over the HTTP API.
+
+They need only HTTP (httpx, in the base install), never the ``central`` extra. Listings print a
+table (whole when piped) or, with ``--json``, the API's answer as it came.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from central.rollout import GATE_HELP, Operation
+from central.tokens import TOKEN_FILE_ENV, TOKEN_HELP, find_token
+from stream.console import Column, TableOutput, fail, print_json, print_table
 
 console = Console()
-err_console = Console(stderr=True)
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="EDGELINE_CENTRAL_URL", help="central base URL")]
-TokenOption = Annotated[Path | None, typer.Option("--token-file", envvar="EDGELINE_CENTRAL_TOKEN_FILE",
-                                                  help="file holding the API token (writes only)")]
+TokenOption = Annotated[Path | None, typer.Option("--token-file", envvar=TOKEN_FILE_ENV, show_envvar=False,
+                                                  help=TOKEN_HELP)]
+JsonOption = Annotated[bool, typer.Option("--json", help="print the API's answer as JSON instead of a table")]
+STAGE_BASE_NOTE = "stages counted from 1, 0 before the first"
 
 
 def register(app: typer.Typer) -> None:
@@ -35,28 +43,46 @@ def register(app: typer.Typer) -> None:
     app.command("rollout-control")(rollout_control)
 
 
+def _headers(token_file: Path | None, write: bool) -> dict[str, str]:
+    if not write:
+        return {}
+    try:
+        token = find_token(token_file)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _request(method: str, url: str, token_file: Path | None = None, **kwargs: Any) -> httpx.Response:
     """The API's answer; a 4xx/5xx or no answer prints the reason and exits (1, or 2 unreachable)."""
-    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file else {}
     try:
-        response = httpx.request(method, url, headers=headers, timeout=120, **kwargs)
+        response = httpx.request(method, url, headers=_headers(token_file, method != "GET"), timeout=120, **kwargs)
     except httpx.TransportError as exc:
-        err_console.print(f"[bold red]cannot reach {url}: {exc}[/]")
-        raise typer.Exit(2) from None
+        raise fail(f"cannot reach {url}: {exc}") from None
     if response.status_code >= 400:
-        detail = response.json().get("detail") if "json" in response.headers.get("content-type", "") else response.text
-        err_console.print(f"[bold red]{response.status_code}: {detail}[/]")
-        raise typer.Exit(1)
+        raise fail(f"{response.status_code}: {_reason(response)}", status=1)
     return response
 
 
-def _print_json(data: Any) -> None:
-    """Plain JSON on stdout (rich would wrap long lines inside strings and break it)."""
-    typer.echo(json.dumps(data, indent=2))
+def _reason(response: httpx.Response) -> str:
+    """The API's ``detail`` in one line (FastAPI's validation errors are a list)."""
+    if "json" not in response.headers.get("content-type", ""):
+        return response.text
+    detail = response.json().get("detail")
+    if isinstance(detail, list):
+        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
+    if response.status_code == 401:
+        detail = f"{detail} (give the token: --token-file, ${TOKEN_FILE_ENV} or $EDGELINE_CENTRAL_TOKEN)"
+    return str(detail)
 
 
 def _call(method: str, url: str, token_file: Path | None = None, **kwargs: Any) -> Any:
     return _request(method, url, token_file, **kwargs).json()
+
+
+def _utc(ts: float) -> str:
+    """Epoch seconds as ISO 8601 UTC, e.g. 2025-06-01T12:00:05Z."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def upload(package: Annotated[Path, typer.Argument(help="package folder or .tar")], url: UrlOption = "http://127.0.0.1:8080",
@@ -67,18 +93,23 @@ def upload(package: Annotated[Path, typer.Argument(help="package folder or .tar"
     with tempfile.TemporaryDirectory() as tmp:
         tar = package if package.is_file() else write_package_tar(package, Path(tmp) / "package.tar")
         stored = _call("POST", f"{url}/models", token_file, content=tar.read_bytes())
-    console.print(f"registered {stored['id']} (sha256 {stored['sha256'][:12]}…, signed by {stored['key_id']})")
+    typer.echo(f"registered {stored['id']} (sha256 {stored['sha256'][:12]}…, signed by {stored['key_id']})")
 
 
-def models(url: UrlOption = "http://127.0.0.1:8080") -> None:
+def models(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
     """List the packages in the registry."""
-    for stored in _call("GET", f"{url}/models"):
-        console.print(f"{stored['id']}  {stored['task']}  sha256 {stored['sha256'][:12]}…")
+    stored = _call("GET", f"{url}/models")
+    if as_json:
+        print_json(stored)
+        return
+    print_table(TableOutput([Column("package", key=True), "task", Column("sha256", key=True),
+                             Column("signed by", key=True)],
+                            [[p["id"], p["task"], p["sha256"][:12], p["key_id"]] for p in stored]), console)
 
 
 def model(package_id: str, url: UrlOption = "http://127.0.0.1:8080") -> None:
-    """A package's registry entry and manifest."""
-    _print_json(_call("GET", f"{url}/models/{package_id}"))
+    """A package's registry entry and manifest (JSON)."""
+    print_json(_call("GET", f"{url}/models/{package_id}"))
 
 
 def download(package_id: str, out: Annotated[Path, typer.Option(help="where the .tar goes")] = Path("."),
@@ -87,23 +118,25 @@ def download(package_id: str, out: Annotated[Path, typer.Option(help="where the 
     response = _request("GET", f"{url}/models/{package_id}/download")
     digest = hashlib.sha256(response.content).hexdigest()
     if digest != response.headers.get("X-Checksum-Sha256"):
-        err_console.print(f"[bold red]{package_id}: sha256 {digest} does not match the registry's "
-                          f"{response.headers.get('X-Checksum-Sha256')}[/]")
-        raise typer.Exit(1)
+        raise fail(f"{package_id}: sha256 {digest} does not match the registry's "
+                   f"{response.headers.get('X-Checksum-Sha256')}", status=1)
     path = out / f"{package_id}.tar" if out.is_dir() else out
     path.write_bytes(response.content)
-    console.print(f"wrote {path} (sha256 {digest[:12]}…)")
+    typer.echo(f"wrote {path} (sha256 {digest[:12]}…)")
 
 
-def machines(url: UrlOption = "http://127.0.0.1:8080") -> None:
+def machines(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
     """The fleet: each machine's line, status, last heartbeat and the package each model runs."""
-    table = Table("machine", "site", "line", "status", "last heartbeat", "cameras", "models")
+    fleet = _call("GET", f"{url}/machines")
+    if as_json:
+        print_json(fleet)
+        return
     now = time.time()
-    for row in _call("GET", f"{url}/machines"):
-        beat = f"{now - row['last_heartbeat']:.0f} s ago" if row["last_heartbeat"] else "never"
-        table.add_row(row["id"], row["site"], row["line"], row["status"], beat, ", ".join(row["cameras"]),
-                      ", ".join(f"{m}={p}" for m, p in row["models"].items()))
-    console.print(table)
+    rows = [[row["id"], row["site"], row["line"], row["status"],
+             f"{now - row['last_heartbeat']:.0f} s ago" if row["last_heartbeat"] else "never",
+             ", ".join(row["cameras"]), "\n".join(f"{m}={p}" for m, p in row["models"].items())] for row in fleet]
+    print_table(TableOutput([Column("machine", key=True), "site", "line", "status", "last heartbeat", "cameras",
+                             Column("models", key=True)], rows), console)
 
 
 def register_machine(machine_id: str, site: Annotated[str, typer.Option(help="site id")],
@@ -112,43 +145,69 @@ def register_machine(machine_id: str, site: Annotated[str, typer.Option(help="si
     """Register a machine (or change its site, line and cameras)."""
     body = {"site": site, "line": line, "cameras": [c for c in cameras.split(",") if c]}
     row = _call("PUT", f"{url}/machines/{machine_id}", token_file, json=body)
-    console.print(f"machine {row['id']}: site {row['site']}, line {row['line'] or '-'}, {len(row['cameras'])} cameras")
+    typer.echo(f"machine {row['id']}: site {row['site']}, line {row['line'] or '-'}, {len(row['cameras'])} cameras")
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise fail(f"--stages {text!r}: give fractions of the machines separated by commas, e.g. 0,0.25,1") from None
 
 
 def rollout(package: Annotated[str, typer.Option(help="package id, e.g. seg-synth-1.0.0-int8")],
             model: Annotated[str, typer.Option(help="model name in the site config")],
             machines: Annotated[str, typer.Option(help="comma-separated machine ids")],
-            stages: str = "0,0.25,1", soak_s: float = 60.0, max_latency_ratio: float = 1.2,
-            max_error_rate: float = 0.01, max_drift: float = 0.05,
-            min_shadow_agreement: Annotated[float | None, typer.Option(
-                help="shadow each stage first; promote only at this mask agreement (0-1)")] = None,
-            shadow_frames: int = 50, url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
-    """Start a staged rollout (canary, 25%, all by default)."""
-    body = {"package": package, "model": model, "machines": machines.split(","),
-            "stages": [float(s) for s in stages.split(",")], "soak_s": soak_s, "max_latency_ratio": max_latency_ratio,
-            "max_error_rate": max_error_rate, "max_drift": max_drift, "min_shadow_agreement": min_shadow_agreement,
-            "shadow_frames": shadow_frames}
+            stages: Annotated[str, typer.Option(help=GATE_HELP["stages"])] = "0,0.25,1",
+            soak_s: Annotated[float, typer.Option(help=GATE_HELP["soak_s"])] = 60.0,
+            max_latency_ratio: Annotated[float, typer.Option(help=GATE_HELP["max_latency_ratio"])] = 1.2,
+            max_error_rate: Annotated[float, typer.Option(help=GATE_HELP["max_error_rate"])] = 0.01,
+            max_drift: Annotated[float, typer.Option(help=GATE_HELP["max_drift"])] = 0.05,
+            min_shadow_agreement: Annotated[float | None, typer.Option(help=GATE_HELP["min_shadow_agreement"])] = None,
+            shadow_frames: Annotated[int, typer.Option(help=GATE_HELP["shadow_frames"])] = 50,
+            url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
+    """Start a staged rollout (canary, 25%, all by default); each stage is gated, a failed gate rolls back."""
+    body = {"package": package, "model": model, "machines": machines.split(","), "stages": _fractions(stages),
+            "soak_s": soak_s, "max_latency_ratio": max_latency_ratio, "max_error_rate": max_error_rate,
+            "max_drift": max_drift, "min_shadow_agreement": min_shadow_agreement, "shadow_frames": shadow_frames}
     state = _call("POST", f"{url}/rollouts", token_file, json=body)
-    console.print(f"rollout {state['id']}: {state['previous']} -> {state['package']}, {state['phase']}")
+    typer.echo(f"rollout {state['id']}: {state['previous']} -> {state['package']}, {state['phase']}")
 
 
-def rollouts(url: UrlOption = "http://127.0.0.1:8080") -> None:
-    """Every rollout: package, phase, stage and failure."""
-    table = Table("rollout", "package", "previous", "phase", "stage", "failure")
-    for row in _call("GET", f"{url}/rollouts"):
-        table.add_row(row["id"], row["package"], row["previous"], row["phase"] + (" (paused)" if row["paused"] else ""),
-                      f"{row['stage']}/{row['stages']}", row["failure"] or "")
-    console.print(table)
+def rollouts(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
+    """Every rollout: package, the package it replaces, phase and stage; failures below the table."""
+    listed = _call("GET", f"{url}/rollouts")
+    if as_json:
+        print_json(listed)
+        return
+    rows = [[row["id"], row["package"], row["previous"], row["phase"] + (" (paused)" if row["paused"] else ""),
+             f"{row['stage']}/{row['stages']}"] for row in listed]
+    print_table(TableOutput([Column("rollout", key=True), Column("package", key=True), Column("previous", key=True),
+                             "phase", Column("stage", numeric=True)], rows), console)
+    for row in listed:
+        if row["failure"]:
+            typer.echo(f"{row['id']} failed: {row['failure']}")
 
 
-def rollout_status(rollout_id: str, url: UrlOption = "http://127.0.0.1:8080") -> None:
-    """A rollout's phase, stage and history."""
+def rollout_status(rollout_id: str, url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
+    """A rollout's phase, stage and history (times in UTC; stages are counted from 1)."""
     state = _call("GET", f"{url}/rollouts/{rollout_id}")
-    _print_json(state)
+    if as_json:
+        print_json(state)
+        return
+    typer.echo(f"rollout {state['id']}: {state['previous']} -> {state['package']} (model {state['model']}) on "
+               f"{', '.join(state['machines'])}")
+    typer.echo(f"{state['phase']}{' (paused)' if state['paused'] else ''}, stage {state['stage']} of "
+               f"{state['stages']} ({STAGE_BASE_NOTE})")
+    if state["failure"]:
+        typer.echo(f"failure: {state['failure']}")
+    rows = [[_utc(e["ts"]), e["phase"], str(e["stage"]), e["text"]] for e in state["history"]]
+    print_table(TableOutput([Column("time (UTC)", key=True), "phase", Column("stage", numeric=True), "what"], rows),
+                console)
 
 
-def rollout_control(rollout_id: str, verb: Annotated[str, typer.Argument(help="pause, resume or abort")],
+def rollout_control(rollout_id: str, operation: Annotated[Operation, typer.Argument(help="abort rolls back")],
                     url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
     """Pause, resume or abort a rollout (abort rolls back)."""
-    state = _call("POST", f"{url}/rollouts/{rollout_id}/{verb}", token_file)
-    console.print(f"rollout {rollout_id}: {state['phase']}{' (paused)' if state['paused'] else ''}")
+    state = _call("POST", f"{url}/rollouts/{rollout_id}/{operation.value}", token_file)
+    typer.echo(f"rollout {rollout_id}: {state['phase']}{' (paused)' if state['paused'] else ''}")

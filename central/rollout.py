@@ -30,10 +30,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Literal
 
 Phase = Literal["pending", "shadowing", "deploying", "soaking", "completed", "rolling_back", "rolled_back"]
 ACTIVE: tuple[Phase, ...] = ("shadowing", "deploying", "soaking")
+
+GATE_HELP = {
+    "stages": "fractions of the machines, one per stage, e.g. 0,0.25,1 (0 = one machine: the canary)",
+    "soak_s": "seconds each stage runs, its gates checked, before the next stage starts",
+    "max_latency_ratio": "latency gate: largest p95 inference latency on the new package, as a multiple of the "
+                         "same machine's p95 on the old one",
+    "max_error_rate": "errors gate: largest share of frames whose inference failed (0-1)",
+    "max_drift": "drift gate: largest shift of a machine's mean defect ratio from its old package's (absolute)",
+    "drift_min_frames": "frames each package needs on a machine before drift is judged",
+    "deploy_timeout_s": "longest wait, in seconds, for a stage's machines to report the new package loaded",
+    "min_shadow_agreement": "shadow each stage first: promote only where the mask agreement (IoU) with the "
+                            "running package is at least this (0-1)",
+    "shadow_frames": "frames each machine compares in shadow mode before it is judged",
+    "shadow_timeout_s": "longest wait, in seconds, for those shadow frames",
+}
+"""What each setting of a rollout means: the API's field descriptions and the CLI's help."""
+
+
+class Operation(str, Enum):
+    """What an operator can do to a running rollout."""
+
+    pause = "pause"
+    resume = "resume"
+    abort = "abort"
 
 
 @dataclass(frozen=True)
@@ -119,6 +144,7 @@ class Entry:
     ts: float
     phase: Phase
     stage: int
+    """The stage's index, from 0 (``RolloutManager.describe`` shows stages from 1, as the texts do)."""
     text: str
 
 

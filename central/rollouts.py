@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 import paho.mqtt.client as paho
 
-from central.registry import Registry
+from central.registry import Registry, RegistryError
 from central.rollout import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, Shadow, StopShadow,
                              rollout_from_dict, rollout_to_dict)
 from stream.messages import Command, Event, Heartbeat, MessageError, ModelHealth, parse_message
@@ -85,14 +85,15 @@ class RolloutManager:
 
     def create(self, package_id: str, model: str, machines: list[str], *, stages: tuple[float, ...] = (0.0, 0.25, 1.0),
                soak_s: float = 60.0, gates: Gates | None = None) -> str:
+        """Start a rollout; RegistryError 404 for an unknown package or machine, ValueError when the
+        machines do not all report one running package for ``model``."""
         self.registry.package(package_id)  # 404 for an unknown package
+        known = {row.id for row in self.registry.machines()}
         with self._lock:
-            previous = {self.running.get(m, {}).get(model) for m in machines}
-            if None in previous or len(previous) != 1:
-                raise ValueError(f"the machines must all report one running package for {model!r} first "
-                                 f"(have: {sorted(str(p) for p in previous)})")
+            self._check_targets(model, machines, known | set(self.running))
             rollout_id = uuid.uuid4().hex[:12]
-            rollout = Rollout(Plan(package_id, previous.pop(), tuple(machines), stages, soak_s, gates or Gates()))
+            previous = self.running[machines[0]][model]
+            rollout = Rollout(Plan(package_id, previous, tuple(machines), stages, soak_s, gates or Gates()))
             self.rollouts[rollout_id], self.models[rollout_id] = rollout, model
             now = time.time()
             for machine in machines:
@@ -100,6 +101,21 @@ class RolloutManager:
             actions = rollout.start(now)
         self._execute(rollout_id, actions)
         return rollout_id
+
+    def _check_targets(self, model: str, machines: list[str], known: set[str]) -> None:
+        unknown = [m for m in machines if m not in known]
+        if unknown:
+            raise RegistryError(404, f"no machine {', '.join(unknown)} in the fleet; known machines: "
+                                     f"{', '.join(sorted(known)) or 'none'}")
+        silent = [m for m in machines if model not in self.running.get(m, {})]
+        if silent:
+            raise ValueError(f"{', '.join(silent)} reported no running package for {model!r} since central started: "
+                             "wait for their heartbeats (is the edge agent running?)")
+        running = {m: self.running[m][model] for m in machines}
+        if len(set(running.values())) > 1:
+            raise ValueError(f"the machines run different packages for {model!r} "
+                             f"({', '.join(f'{m}={p}' for m, p in running.items())}): roll out to the machines of "
+                             "one package at a time")
 
     def pause(self, rollout_id: str) -> None:
         with self._lock:
@@ -117,12 +133,15 @@ class RolloutManager:
         self._execute(rollout_id, actions)
 
     def describe(self, rollout_id: str) -> dict:
+        """A rollout as the API shows it. Stages are counted from 1, at the top and in the history
+        (0: not started); times are UTC epoch seconds."""
         with self._lock:
             rollout = self._get(rollout_id)
             return {"id": rollout_id, "package": rollout.plan.package, "previous": rollout.plan.previous,
                     "model": self.models[rollout_id], "phase": rollout.phase, "stage": rollout.stage + 1,
                     "stages": len(rollout.plan.stages), "paused": rollout.paused, "failure": rollout.failure,
-                    "machines": list(rollout.plan.targets), "history": [asdict(e) for e in rollout.history]}
+                    "machines": list(rollout.plan.targets),
+                    "history": [asdict(e) | {"stage": e.stage + 1} for e in rollout.history]}
 
     def _get(self, rollout_id: str) -> Rollout:
         if rollout_id not in self.rollouts:

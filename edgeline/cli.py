@@ -14,13 +14,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 
+from central.client_cli import register as register_central_client
+from central.tokens import TOKEN_ENV, TOKEN_FILE_ENV, TOKEN_HELP, find_token
 from edgeline.config import ConfigError, SiteConfig, load
 from models.anomaly_cli import register as register_anomaly_commands
 from models.package_cli import register as register_package_commands
 from models.seg_cli import register as register_segmentation_commands
+from stream.console import fail, needs_extra
 
 app = typer.Typer(help="Edgeline: real-time analytics on the factory floor.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, rich_markup_mode=None)  # plain help: whole at any width
 edge_app = typer.Typer(help="The edge agent of a vision machine.", no_args_is_help=True)
 stream_app = typer.Typer(help="Stream processing: the MQTT->Kafka bridge, Faust workers, or the embedded rules engine.",
                          no_args_is_help=True)
@@ -37,12 +40,7 @@ register_segmentation_commands(models_app)
 register_anomaly_commands(models_app)
 app.add_typer(config_app, name="config")
 app.add_typer(central_app, name="central")
-try:
-    from central.client_cli import register as register_central_client
-except ImportError:  # the central extra is not installed: its client commands are absent
-    pass
-else:
-    register_central_client(central_app)
+register_central_client(central_app)
 grafana_app = typer.Typer(help="Grafana dashboards as code (needs the 'central' extra).", no_args_is_help=True)
 app.add_typer(grafana_app, name="grafana")
 
@@ -196,7 +194,8 @@ def stream_bridge(config: ConfigOption, kafka: KafkaOption = None, broker: Broke
                   metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics here")] = 9102,
                   log_level: str = "info") -> None:
     """Bridge the site's MQTT messages into Kafka (ack after Kafka acks), and Kafka commands back to MQTT."""
-    from stream.bridge import MqttKafkaBridge
+    with needs_extra("stream bridge", "kafka"):
+        from stream.bridge import MqttKafkaBridge
 
     _setup_logging(log_level)
     site = _with_kafka(_load_or_exit(config, broker), kafka)
@@ -214,7 +213,8 @@ def stream_worker(config: ConfigOption, kafka: KafkaOption = None,
                   metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics here")] = 9103,
                   log_level: str = "info") -> None:
     """Run one Faust worker of the site (start more, on any host, to share the partitions)."""
-    from stream.app import run_worker
+    with needs_extra("stream worker", "kafka"):
+        from stream.app import run_worker
 
     _setup_logging(log_level)
     site = _with_kafka(_load_or_exit(config), kafka)
@@ -230,7 +230,8 @@ def stream_worker(config: ConfigOption, kafka: KafkaOption = None,
 def central_serve(
     config: ConfigOption,
     broker: BrokerOption = None,
-    token_file: Annotated[Optional[Path], typer.Option(help="file holding the API bearer token (16+ characters)")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(envvar=TOKEN_FILE_ENV, show_envvar=False,
+                                                       help=TOKEN_HELP)] = None,
     db: Annotated[str, typer.Option(help="SQLAlchemy URL: sqlite:///central.db or postgresql://...")] = "sqlite:///central.db",
     storage: Annotated[Path, typer.Option(help="where uploaded packages are kept")] = Path("central-packages"),
     host: str = "127.0.0.1",
@@ -240,20 +241,18 @@ def central_serve(
     log_level: str = "info",
 ) -> None:
     """Serve the fleet and model registries and run rollouts over MQTT (OpenAPI docs at /docs)."""
-    try:
+    with needs_extra("central serve", "central"):
         import uvicorn
 
-        from central.api import create_api, load_token, token_from_env
+        from central.api import create_api
         from central.registry import Registry
-    except ImportError as exc:
-        err_console.print(f"[bold red]the central service needs the 'central' extra (pip install 'edgeline[central]'): {exc}[/]")
-        raise typer.Exit(2) from None
     site = _load_or_exit(config, broker)
     try:
-        token = load_token(token_file) if token_file else token_from_env()
-    except (OSError, ValueError) as exc:
-        err_console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(2) from None
+        token = find_token(token_file)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if token is None:
+        raise fail(f"no API token: pass --token-file, or set ${TOKEN_FILE_ENV} or ${TOKEN_ENV}")
     from models.signing import builtin_trusted_keys, load_public_keys
 
     keys = builtin_trusted_keys() + [k for p in site.signatures.trusted_keys for k in load_public_keys(config.parent / p)]
@@ -275,7 +274,8 @@ def central_serve(
 def grafana_build(out: Annotated[Path, typer.Option(help="dashboard JSON folder (file provisioning)")] =
                   Path("deploy/grafana/dashboards")) -> None:
     """Render every dashboard to JSON for Grafana's file provisioning."""
-    from central.dashboards import write_dashboards
+    with needs_extra("grafana build", "central"):
+        from central.dashboards import write_dashboards
 
     for path in write_dashboards(out):
         console.print(f"wrote {path}")
@@ -288,10 +288,11 @@ def grafana_provision(
     prometheus_url: Annotated[str, typer.Option(help="Prometheus as Grafana reaches it")] = "http://prometheus:9090",
 ) -> None:
     """Create/update the Prometheus datasource and push every dashboard to a running Grafana."""
-    from central.dashboards import provision
+    with needs_extra("grafana provision", "central"):
+        from central.dashboards import provision
 
-    for uid in provision(url, token, prometheus_url):
-        console.print(f"dashboard {uid} provisioned on {url}")
+        for uid in provision(url, token, prometheus_url):
+            console.print(f"dashboard {uid} provisioned on {url}")
 
 
 @central_app.command("broker-auth")
@@ -326,13 +327,12 @@ def models_build(
     key: Annotated[Optional[Path], typer.Option(help="Ed25519 private key that signs them")] = None,
 ) -> None:
     """Rebuild every builtin package from the real data (~30 min on 2 cores): train, export, quantize, gate, sign."""
-    try:
-        from models.build import DEFAULT_KEY, build_all
-    except ImportError as exc:
-        err_console.print(f"[bold red]building needs the 'models' extra (pip install 'edgeline[models]'): {exc}[/]")
-        raise typer.Exit(2) from None
-    for package in build_all(out, key or DEFAULT_KEY):
-        console.print(f"{package.ref}: {package.folder} (signed by {package.manifest.signature.key_id})")
+    from models.build import DEFAULT_KEY, build_all
+
+    with needs_extra("models build", "models"):
+        for package in build_all(out, key or DEFAULT_KEY):
+            console.print(f"{package.manifest.package_id}: {package.folder} "
+                          f"(signed by {package.manifest.signature.key_id})")
 
 
 # ---------------------------------------------------------------- demo
@@ -361,10 +361,12 @@ def demo(
         runner.start()
         view = DemoView(runner, duration)
         with Live(view.render(), console=console, refresh_per_second=4, transient=False,
-                  auto_refresh=False) if live else _NoLive() as screen:
+                  auto_refresh=False) if live and console.is_terminal else _NoLive() as screen:
             while duration is None or time.monotonic() - runner.started < duration:
                 time.sleep(0.25)
                 screen.update(view.render(), refresh=True)
+        if live and not console.is_terminal:  # piped: the last view once, whole
+            console.print(view.render(), crop=False)
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -1,31 +1,58 @@
 """`edgeline central serve` as a real process on a real port, and the `edgeline central` client
 commands against it: upload a signed package with the token, refuse one without it, inspect and
-download it back, register and list machines, list rollouts."""
+download it back, register and list machines; a rollout started, shown and aborted from the CLI,
+with clear refusals of an unknown machine and an unknown operation. Output is read piped, as a
+script would: tables whole, ``--json`` raw."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+import pytest
 
 from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import free_port
 from models.package import write_package_tar
+from stream.messages import Heartbeat
+from stream.topics import topic_for
+
+pytestmark = pytest.mark.integration
+TOKEN = "a-long-enough-api-token"
+CLI = [sys.executable, "-m", "edgeline.cli", "central"]
+ISO_UTC = re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\b")
 
 
-def test_central_serves_the_model_registry_over_http(tmp_path, mosquitto):
-    (tmp_path / "site.yaml").write_text(f"site: plant\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
-                                        "machines: [{id: m01, line: line-1, cameras: [{id: c1}, {id: c2}]}]\n")
-    (tmp_path / "token").write_text("a-long-enough-api-token\n")
+def client_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELINE_CENTRAL_")}
+    return env | {"COLUMNS": "80"} | extra
+
+
+def central_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=client_env(**env), timeout=120)
+
+
+@pytest.fixture
+def central(tmp_path: Path, mosquitto, unique_name: str) -> Iterator[str]:
+    """A central serving site ``unique_name`` (machines m01, m02) on a free port; the token comes
+    from the file named by $EDGELINE_CENTRAL_TOKEN_FILE."""
+    (tmp_path / "site.yaml").write_text(
+        f"site: {unique_name}\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
+        "machines: [{id: m01, line: line-1, cameras: [{id: c1}, {id: c2}]}, {id: m02, cameras: [{id: c1}]}]\n")
+    (tmp_path / "token").write_text(TOKEN + "\n")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "edgeline.cli", "central", "serve", "-c", str(tmp_path / "site.yaml"),
-                               "--token-file", str(tmp_path / "token"), "--db", f"sqlite:///{tmp_path / 'c.db'}",
-                               "--storage", str(tmp_path / "store"), "--port", str(port), "--log-level", "warning"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([*CLI, "serve", "-c", str(tmp_path / "site.yaml"), "--db",
+                               f"sqlite:///{tmp_path / 'c.db'}", "--storage", str(tmp_path / "store"),
+                               "--port", str(port), "--log-level", "warning"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=client_env(EDGELINE_CENTRAL_TOKEN_FILE=str(tmp_path / "token")))
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -36,48 +63,95 @@ def test_central_serves_the_model_registry_over_http(tmp_path, mosquitto):
             except httpx.TransportError:
                 assert server.poll() is None and time.monotonic() < deadline, "central did not come up"
                 time.sleep(0.3)
-        tar = write_package_tar(BUILTIN_PACKAGES / "seg-synth-fp32", tmp_path / "p.tar").read_bytes()
-        assert httpx.post(f"{base}/models", content=tar).status_code == 401
-        created = httpx.post(f"{base}/models", content=tar, headers={"Authorization": "Bearer a-long-enough-api-token"})
-        assert created.status_code == 201, created.text
-        assert httpx.get(f"{base}/models/{created.json()['id']}/download").content == tar
-        assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "Edgeline central"
-        (m01,) = httpx.get(f"{base}/machines").json()  # the site file's machines, registered at start
-        assert (m01["id"], m01["site"], m01["line"], m01["cameras"], m01["status"]) == (
-            "m01", "plant", "line-1", ["c1", "c2"], "unknown")
-        cli = [sys.executable, "-m", "edgeline.cli", "central"]
-        listed = subprocess.run([*cli, "models", "--url", base], capture_output=True, text=True, check=True)
-        assert created.json()["id"] in listed.stdout
-        upload = subprocess.run([*cli, "upload", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--url", base,
-                                 "--token-file", str(tmp_path / "token")], capture_output=True, text=True)
-        assert upload.returncode == 0 and "registered seg-synth-1.0.0-int8" in upload.stdout, upload.stderr
-        again = subprocess.run([*cli, "upload", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--url", base,
-                                "--token-file", str(tmp_path / "token")], capture_output=True, text=True)
-        assert again.returncode == 1 and "409" in again.stderr and "already registered" in again.stderr
-        inspected = subprocess.run([*cli, "model", "seg-synth-1.0.0-int8", "--url", base], capture_output=True,
-                                   text=True, check=True)
-        assert json.loads(inspected.stdout)["manifest"]["precision"] == "int8"
-        fetched = subprocess.run([*cli, "download", "seg-synth-1.0.0-int8", "--out", str(tmp_path), "--url", base],
-                                 capture_output=True, text=True, check=True)
-        assert "wrote" in fetched.stdout
-        assert (tmp_path / "seg-synth-1.0.0-int8.tar").read_bytes() == httpx.get(
-            f"{base}/models/seg-synth-1.0.0-int8/download").content
-        registered = subprocess.run([*cli, "register-machine", "m02", "--site", "plant", "--line", "line-2",
-                                     "--cameras", "top,side", "--url", base, "--token-file", str(tmp_path / "token")],
-                                    capture_output=True, text=True)
-        assert registered.returncode == 0 and "machine m02: site plant, line line-2, 2 cameras" in registered.stdout
-        unauthorised = subprocess.run([*cli, "register-machine", "m03", "--site", "plant", "--url", base],
-                                      capture_output=True, text=True)
-        assert unauthorised.returncode == 1 and "401" in unauthorised.stderr
-        fleet = subprocess.run([*cli, "machines", "--url", base], capture_output=True, text=True, check=True,
-                               env=os.environ | {"COLUMNS": "200"})
-        assert "m01" in fleet.stdout and "line-2" in fleet.stdout and "top, side" in fleet.stdout
-        listed_rollouts = subprocess.run([*cli, "rollouts", "--url", base], capture_output=True, text=True, check=True)
-        assert "rollout" in listed_rollouts.stdout and httpx.get(f"{base}/rollouts").json() == []
-        refused = subprocess.run([*cli, "rollout", "--package", "seg-synth-1.0.0-int8", "--model", "seg",
-                                  "--machines", "m01", "--url", base, "--token-file", str(tmp_path / "token")],
-                                 capture_output=True, text=True)  # the rollout API is live; m01 never reported
-        assert refused.returncode == 1 and "409" in refused.stderr and "report one running package" in refused.stderr
+        yield base
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_central_serves_the_model_registry_over_http(tmp_path, central):
+    base = central
+    tar = write_package_tar(BUILTIN_PACKAGES / "seg-synth-fp32", tmp_path / "p.tar").read_bytes()
+    assert httpx.post(f"{base}/models", content=tar).status_code == 401
+    created = httpx.post(f"{base}/models", content=tar, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert created.status_code == 201, created.text
+    assert httpx.get(f"{base}/models/{created.json()['id']}/download").content == tar
+    assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "Edgeline central"
+    m01, _ = httpx.get(f"{base}/machines").json()  # the site file's machines, registered at start
+    assert (m01["id"], m01["line"], m01["cameras"], m01["status"]) == ("m01", "line-1", ["c1", "c2"], "unknown")
+    upload = central_cli("upload", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--url", base,
+                         EDGELINE_CENTRAL_TOKEN=TOKEN)  # the token's value, as serve also takes it
+    assert upload.returncode == 0 and "registered seg-synth-1.0.0-int8" in upload.stdout, upload.stderr
+    again = central_cli("upload", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--url", base,
+                        "--token-file", str(tmp_path / "token"))
+    assert again.returncode == 1 and "409" in again.stderr and "already registered" in again.stderr
+    listed = central_cli("models", "--url", base)
+    assert listed.returncode == 0 and "…" not in listed.stdout
+    assert "| seg-synth-1.0.0-fp32 |" in listed.stdout and "| seg-synth-1.0.0-int8 |" in listed.stdout
+    assert [p["id"] for p in json.loads(central_cli("models", "--url", base, "--json").stdout)] == [
+        "seg-synth-1.0.0-fp32", "seg-synth-1.0.0-int8"]
+    inspected = central_cli("model", "seg-synth-1.0.0-int8", "--url", base)
+    assert json.loads(inspected.stdout)["manifest"]["precision"] == "int8"
+    fetched = central_cli("download", "seg-synth-1.0.0-int8", "--out", str(tmp_path), "--url", base)
+    assert fetched.returncode == 0 and "wrote" in fetched.stdout
+    assert (tmp_path / "seg-synth-1.0.0-int8.tar").read_bytes() == httpx.get(
+        f"{base}/models/seg-synth-1.0.0-int8/download").content
+    registered = central_cli("register-machine", "m03", "--site", "other", "--line", "line-2", "--cameras",
+                             "top,side", "--url", base, EDGELINE_CENTRAL_TOKEN_FILE=str(tmp_path / "token"))
+    assert registered.returncode == 0 and "machine m03: site other, line line-2, 2 cameras" in registered.stdout
+    unauthorised = central_cli("register-machine", "m04", "--site", "plant", "--url", base)
+    assert unauthorised.returncode == 1 and "401" in unauthorised.stderr and "--token-file" in unauthorised.stderr
+    fleet = central_cli("machines", "--url", base)
+    assert fleet.returncode == 0 and "| m03 " in fleet.stdout and "| top, side |" in fleet.stdout
+    assert [m["id"] for m in json.loads(central_cli("machines", "--url", base, "--json").stdout)] == [
+        "m01", "m02", "m03"]
+
+
+def report_running(mqtt_probe, mosquitto, site: str, base: str, package: str) -> None:
+    """Heartbeats from m01 running ``package`` as model ``seg``, until central's fleet shows it."""
+    probe = mqtt_probe(mosquitto, "m01")
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{base}/machines/m01").json()["models"] != {"seg": package}:
+        assert time.monotonic() < deadline, "central never saw m01's heartbeat"
+        beat = Heartbeat(site=site, machine="m01", ts=time.time(), uptime_s=1.0, models={"seg": package})
+        probe.publish(topic_for(beat), beat.to_json())
+        time.sleep(0.3)
+
+
+def test_a_rollout_from_the_cli_refused_started_shown_and_aborted(central, mqtt_probe, mosquitto, unique_name,
+                                                                   tmp_path):
+    base = central
+    for name in ("seg-synth-fp32", "seg-synth-int8"):
+        assert central_cli("upload", str(BUILTIN_PACKAGES / name), "--url", base,
+                           EDGELINE_CENTRAL_TOKEN=TOKEN).returncode == 0
+    start = ["rollout", "--package", "seg-synth-1.0.0-int8", "--model", "seg", "--stages", "1", "--url", base]
+    unknown = central_cli(*start, "--machines", "m09", EDGELINE_CENTRAL_TOKEN=TOKEN)
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == "404: no machine m09 in the fleet; known machines: m01, m02"
+    silent = central_cli(*start, "--machines", "m01", EDGELINE_CENTRAL_TOKEN=TOKEN)
+    assert silent.returncode == 1 and "409: m01 reported no running package for 'seg'" in silent.stderr
+
+    report_running(mqtt_probe, mosquitto, unique_name, base, "seg-synth-1.0.0-fp32")
+    fleet = central_cli("machines", "--url", base)
+    assert "seg=seg-synth-1.0.0-fp32" in fleet.stdout and "…" not in fleet.stdout
+    started = central_cli(*start, "--machines", "m01", EDGELINE_CENTRAL_TOKEN=TOKEN)
+    assert started.returncode == 0, started.stderr
+    rollout_id = re.match(r"rollout (\w+): seg-synth-1.0.0-fp32 -> seg-synth-1.0.0-int8", started.stdout).group(1)
+
+    status = central_cli("rollout-status", rollout_id, "--url", base)
+    assert status.returncode == 0, status.stderr
+    assert "stage 1 of 1 (stages counted from 1, 0 before the first)" in status.stdout
+    assert ISO_UTC.search(status.stdout) and not re.search(r"\b1\d{9}\.\d+", status.stdout)  # no raw epochs
+    raw = json.loads(central_cli("rollout-status", rollout_id, "--url", base, "--json").stdout)
+    assert raw["stage"] == 1 and {e["stage"] for e in raw["history"]} == {1}
+    assert isinstance(raw["history"][0]["ts"], float)
+
+    listed = central_cli("rollouts", "--url", base)
+    assert f"| {rollout_id} | seg-synth-1.0.0-int8 | seg-synth-1.0.0-fp32 |" in listed.stdout
+    assert [r["id"] for r in json.loads(central_cli("rollouts", "--url", base, "--json").stdout)] == [rollout_id]
+    stop = central_cli("rollout-control", rollout_id, "stop", "--url", base, EDGELINE_CENTRAL_TOKEN=TOKEN)
+    assert stop.returncode == 2 and "'stop' is not one of 'pause', 'resume', 'abort'" in stop.stderr
+    aborted = central_cli("rollout-control", rollout_id, "abort", "--url", base, EDGELINE_CENTRAL_TOKEN=TOKEN)
+    assert aborted.returncode == 0 and f"rollout {rollout_id}: rolled_back" in aborted.stdout, aborted.stderr
+    failed = central_cli("rollouts", "--url", base)
+    assert f"{rollout_id} failed: aborted by operator" in failed.stdout

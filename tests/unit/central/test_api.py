@@ -13,9 +13,11 @@ from fastapi.testclient import TestClient
 
 from central.api import create_api
 from central.registry import Registry
+from central.rollouts import RolloutManager
 from edgeline.config import BUILTIN_PACKAGES
 from models.package import write_package_tar
 from models.signing import builtin_trusted_keys
+from stream.mqtt import MqttClient, MqttSettings
 
 TOKEN = "s3cret-token-of-the-plant"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -82,3 +84,35 @@ def test_machines_registry_and_bad_input(client, package_tar):
     bad = client.put("/machines/m 03", json={"site": "bad site/"}, headers=AUTH)
     assert bad.status_code == 422
     assert client.get("/machines/m09").status_code == 404
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def with_rollouts(request, tmp_path, package_tar):
+    """The API with its rollout routes (a manager that is never started: no request here reaches MQTT),
+    seg-synth int8 uploaded and m01, m02 in the fleet."""
+    url = (f"sqlite:///{tmp_path / 'central.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres").new_database())
+    registry = Registry(url, tmp_path / "storage", builtin_trusted_keys())
+    manager = RolloutManager("plant", registry, MqttClient(MqttSettings(), "central-plant"), "http://127.0.0.1:8080")
+    with TestClient(create_api(registry, TOKEN, manager)) as client:
+        assert client.post("/models", content=package_tar, headers=AUTH).status_code == 201
+        registry.sync_site("plant", {"m01": ("L1", ["c1"]), "m02": ("L1", ["c1"])})
+        yield client
+    registry.engine.dispose()
+
+
+def test_a_rollout_to_an_unknown_machine_lists_the_known_ones(with_rollouts):
+    body = {"package": "seg-synth-1.0.0-int8", "model": "seg", "machines": ["m01", "m09"]}
+    unknown = with_rollouts.post("/rollouts", json=body, headers=AUTH)
+    assert unknown.status_code == 404
+    assert unknown.json()["detail"] == "no machine m09 in the fleet; known machines: m01, m02"
+    silent = with_rollouts.post("/rollouts", json=body | {"machines": ["m01"]}, headers=AUTH)
+    assert silent.status_code == 409 and silent.json()["detail"].startswith(
+        "m01 reported no running package for 'seg' since central started")
+
+
+def test_an_unknown_rollout_operation_lists_the_valid_ones(with_rollouts):
+    refused = with_rollouts.post("/rollouts/abc/stop", headers=AUTH)
+    assert refused.status_code == 422
+    assert "'pause', 'resume' or 'abort'" in refused.json()["detail"][0]["msg"]
+    assert with_rollouts.post("/rollouts/abc/pause", headers=AUTH).status_code == 404  # a valid verb, no such rollout
