@@ -20,10 +20,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import onnxruntime as ort
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from bench.report import report
+from bench.report import print_rows, report
 from edgeline.config import BUILTIN_PACKAGES
 from models.package import load_package
 
@@ -141,15 +139,6 @@ def seg_rows(seconds: float, threads: int, packages: Path = BUILTIN_PACKAGES) ->
     return rows, "\n".join(notes)
 
 
-def _print_table(title: str, rows: list[dict]) -> None:
-    table = Table(title=title)
-    for column in rows[0]:
-        table.add_column(column, justify="right" if isinstance(rows[0][column], (int, float)) else "left")
-    for row in rows:
-        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
-    Console().print(table)
-
-
 def main(seconds: float = 2.0, threads: int = 2, packages: Path = BUILTIN_PACKAGES,
          out: Optional[Path] = None) -> None:
     rows, notes = seg_rows(seconds, threads, packages)
@@ -162,7 +151,7 @@ def main(seconds: float = 2.0, threads: int = 2, packages: Path = BUILTIN_PACKAG
     path = report("models", f"{SEG}: per-frame latency, CPU, {threads} intra-op thread(s)", rows,
                   notes=notes + "\n" + lstm_note, out=out)
     if lstm:
-        _print_table("streaming LSTM (bench.lstm)", lstm)
+        print_rows("streaming LSTM (bench.lstm)", lstm)
     result = json.loads(path.read_text())
     result["lstm_rows"] = lstm
     path.write_text(json.dumps(result, indent=2))

@@ -1,4 +1,4 @@
-"""Shared output of the benchmarks: a rich table on the terminal and a JSON file."""
+"""Shared output of the benchmarks: a table on the terminal (whole when piped) and a JSON file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 import psutil
 from rich.console import Console
-from rich.table import Table
+
+from stream.console import Column, TableOutput, print_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -22,17 +23,19 @@ def machine() -> dict[str, Any]:
 
 def report(name: str, title: str, rows: list[dict[str, Any]], notes: str = "", out: Path | None = None) -> Path:
     """Print ``rows`` as a table and write them, with the machine, to ``bench/results/<name>.json``."""
-    table = Table(title=title)
-    for column in rows[0]:
-        table.add_column(column, justify="right" if isinstance(rows[0][column], (int, float)) else "left")
-    for row in rows:
-        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
     console = Console()
-    console.print(table)
+    print_rows(title, rows, console)
     if notes:
-        console.print(notes)
+        console.print(notes, markup=False, highlight=False, soft_wrap=True)
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows, "notes": notes}, indent=2))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
     return path
+
+
+def print_rows(title: str, rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """One row per dict, one column per key (numbers right-aligned, floats to 3 significant digits)."""
+    columns = [Column(name, numeric=isinstance(value, (int, float))) for name, value in rows[0].items()]
+    print_table(TableOutput(columns, [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()]
+                                      for row in rows], title), console)

@@ -7,53 +7,66 @@ calibration on its first rows) and prints F1/FAR/MAR per file, per folder and po
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-log = logging.getLogger(__name__)
+from stream.console import Column, TableOutput, fail, needs_extra, print_json, print_table
 
 DEFAULT_PACKAGE = Path(__file__).resolve().parent / "packages" / "anomaly-skab"
+RATES = ("f1", "far", "mar")
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def results_tables(results: list, title: str) -> list[Table]:
-    """Rich tables: one row per file, then one per folder and the pooled total."""
+def _rates(counts: Any) -> dict[str, float | None]:
+    return {k: (getattr(counts, k) if counts is not None else None) for k in RATES}
+
+
+def results_rows(results: list) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per file, then one per folder and the pooled ``TOTAL`` (F1/FAR/MAR None where unlabelled)."""
     from models.skab import pooled
 
-    files = Table(title=f"{title}: per file")
-    files.add_column("file", no_wrap=True, min_width=max((len(r.file.name) for r in results), default=4))
-    for column in ("rows", "scored", "anomalous", "alarms", "F1", "FAR", "MAR"):
-        files.add_column(column, justify="right")
+    files = []
     for r in results:
-        scored = r.alarms[r.scored_from:]
-        counts = r.counts
-        labelled = counts is not None
-        files.add_row(
-            r.file.name, str(len(r.file.values)), str(len(scored)),
-            str(counts.tp + counts.fn) if labelled else "-", str(int(scored.sum())),
-            _fmt(counts.f1 if labelled else None), _fmt(counts.far if labelled else None),
-            _fmt(counts.mar if labelled else None),
-        )
-    folders = Table(title=f"{title}: per folder (pooled over its files)")
-    for column in ("folder", "files", "scored rows", "F1", "FAR", "MAR"):
-        folders.add_column(column, justify="left" if column == "folder" else "right")
+        scored, counts = r.alarms[r.scored_from:], r.counts
+        files.append({"file": r.file.name, "rows": len(r.file.values), "scored": len(scored),
+                      "anomalous": counts.tp + counts.fn if counts is not None else None,
+                      "alarms": int(scored.sum()), **_rates(counts)})
     names = sorted({r.file.folder for r in results})
     groups = [(name, [r for r in results if r.file.folder == name]) for name in names] + [("TOTAL", list(results))]
+    folders = []
     for name, group in groups:
         counts = [r.counts for r in group if r.counts is not None]
         total = pooled(counts) if counts else None
-        folders.add_row(name, str(len(group)), str(total.rows) if total else "-",
-                        _fmt(total.f1 if total else None), _fmt(total.far if total else None),
-                        _fmt(total.mar if total else None), end_section=name == names[-1])
-    return [files, folders]
+        folders.append({"folder": name, "files": len(group), "scored_rows": total.rows if total else None,
+                        **_rates(total)})
+    return files, folders
+
+
+def results_tables(results: list, title: str) -> list[TableOutput]:
+    """The per-file and per-folder tables; F1/FAR/MAR are never cut."""
+    files, folders = results_rows(results)
+    rates = [Column(k.upper(), numeric=True, key=True) for k in RATES]
+    counted = [Column(k, numeric=True) for k in ("rows", "scored", "anomalous", "alarms")]
+    return [
+        TableOutput([Column("file", key=True), *counted, *rates],
+                    [[f["file"], *(_count(f[c.header]) for c in counted), *(_fmt(f[k]) for k in RATES)] for f in files],
+                    f"{title}: per file"),
+        TableOutput([Column("folder", key=True), Column("files", numeric=True), Column("scored rows", numeric=True),
+                     *rates],
+                    [[f["folder"], str(f["files"]), _count(f["scored_rows"]), *(_fmt(f[k]) for k in RATES)]
+                     for f in folders],
+                    f"{title}: per folder (pooled over its files)"),
+    ]
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def register(app: typer.Typer) -> None:
@@ -65,6 +78,7 @@ def register(app: typer.Typer) -> None:
         package: Annotated[Path, typer.Option("--package", "-p", help="anomaly model package folder")] = DEFAULT_PACKAGE,
         calibration_steps: Annotated[int, typer.Option(help="calibration rows per file (SKAB protocol: 400)")] = 400,
         profile: Annotated[str | None, typer.Option(help="postprocess profile of the package")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON instead of tables")] = False,
     ) -> None:
         """Score SKAB files with the SKAB protocol through the edge runtime (ONNX Runtime, no torch)."""
         from edge.anomaly import StreamingAnomalyModel
@@ -72,29 +86,34 @@ def register(app: typer.Typer) -> None:
         from models.package import PackageError, load_package
         from models.skab import evaluate, load_folder, summary
 
-        console = Console()
         if not path.exists():
-            console.print(f"[red]{path}: no such file or folder[/]")
-            raise typer.Exit(2)
+            raise fail(f"{path}: no such file or folder")
         try:
             model = StreamingAnomalyModel(load_package(package), calibration_steps=calibration_steps, profile=profile)
         except (PackageError, ModelLoadError, ValueError) as exc:
-            console.print(f"[red]{exc}[/]")
-            raise typer.Exit(2) from None
+            raise fail(str(exc)) from None
         files = load_folder(path)
         for f in files:
             if f.labels is None:
-                console.print(f"[yellow]warning: {f.name} has no 'anomaly' column: scored, no F1[/]")
+                Console(stderr=True).print(f"warning: {f.name} has no 'anomaly' column: scored, no F1", markup=False,
+                                           style="yellow", soft_wrap=True)
         if not files:
-            console.print(f"[red]{path}: no SKAB-format CSV files[/]")
-            raise typer.Exit(1)
+            raise fail(f"{path}: no SKAB-format CSV files", status=1)
         results = evaluate(model, files)
-        for table in results_tables(results, f"{model.package.ref} on {path}"):
-            console.print(table)
         pooled_f1 = summary(results).get("pooled_f1")
+        labelled = sum(r.counts is not None for r in results)
+        if as_json:
+            per_file, per_folder = results_rows(results)
+            print_json({"package": model.package.manifest.package_id, "path": str(path),
+                        "calibration_steps": calibration_steps, "pooled_f1": pooled_f1, "labelled_files": labelled,
+                        "files": per_file, "folders": per_folder})
+            return
+        console = Console()
+        for table in results_tables(results, f"{model.package.manifest.package_id} on {path}"):
+            print_table(table, console)
         if pooled_f1 is not None:
-            console.print(f"pooled F1 {pooled_f1:.3f} over {sum(r.counts is not None for r in results)} labelled files "
-                          f"({calibration_steps} calibration rows each)")
+            console.print(f"pooled F1 {pooled_f1:.3f} over {labelled} labelled files "
+                          f"({calibration_steps} calibration rows each)", soft_wrap=True)
 
     @app.command("train-anomaly")
     def train_anomaly(
@@ -102,14 +121,12 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Path | None, typer.Option(help="SKAB root (default $EDGELINE_DATA/skab)")] = None,
     ) -> None:
         """Train, export, evaluate and package anomaly-skab (needs the models extra: torch)."""
-        try:
+        with needs_extra("models train-anomaly", "models"):
             import torch
-        except ImportError:
-            Console().print("[red]train-anomaly needs torch: install the 'models' extra[/]")
-            raise typer.Exit(2) from None
-        from models.anomaly import build_anomaly_package
 
-        torch.set_num_threads(1)
-        package = build_anomaly_package(out, progress=True, data=data)
+            from models.anomaly import build_anomaly_package
+
+            torch.set_num_threads(1)
+            package = build_anomaly_package(out, progress=True, data=data)
         shown = {k: round(v, 4) for k, v in package.manifest.metrics.items()}
-        Console().print(f"{package.ref} -> {package.folder}\n{shown}")
+        Console().print(f"{package.manifest.package_id} -> {package.folder}\n{shown}", soft_wrap=True)

@@ -19,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
 from models.package import (
     MANIFEST_FILE,
@@ -45,6 +45,7 @@ from models.signing import (
     sign_package,
     verify_signature,
 )
+from stream.console import Column, TableOutput, print_json, print_table
 
 console = Console()
 err_console = Console(stderr=True)
@@ -153,7 +154,10 @@ def verify(
     _say(f"ok: {verified.ref} signed by key {verified.key_id}; checksums match", err=True)
 
 
-def inspect(path: PackageArg) -> None:
+def inspect(
+    path: PackageArg,
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest and file checks as JSON")] = False,
+) -> None:
     """Show a package: what it is, its files and checksums, and its signature."""
     try:
         if not path.exists():
@@ -161,10 +165,16 @@ def inspect(path: PackageArg) -> None:
         with tempfile.TemporaryDirectory() as cache:
             folder = extract_package_tar(path, cache) if path.is_file() and is_package_tar(path) else path
             manifest = read_manifest(folder, label=path)
-            console.print(_summary(path, manifest))
-            console.print(_files_table(folder, manifest))
+            files = _file_checks(folder, manifest)
     except (PackageError, OSError) as exc:
         raise _fail(str(exc)) from None
+    signature = _signature_status(manifest)
+    if as_json:
+        print_json({"package": manifest.package_id, "manifest": manifest.model_dump(mode="json"),
+                    "signature": signature.plain, "files": files})
+        return
+    print_table(_summary(path, manifest, signature), console)
+    print_table(_files_table(files), console)
 
 
 # ---------------------------------------------------------------- helpers
@@ -232,19 +242,19 @@ def _editable(path: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _signature_status(manifest: Manifest) -> str:
+def _signature_status(manifest: Manifest) -> Text:
     if manifest.signature is None:
-        return "[yellow]not signed[/]"
+        return Text("not signed", style="yellow")
     try:
         trusted = builtin_trusted_keys()
     except SigningError as exc:
-        return f"key {manifest.signature.key_id}; [yellow]cannot check: {_escape(str(exc))}[/]"
+        return Text(f"key {manifest.signature.key_id}; cannot check: {exc}", style="yellow")
     try:
         signer = verify_signature(manifest, trusted)
     except SigningError as exc:
         reason = "not a builtin trusted key" if "not trusted" in str(exc) else "does NOT verify"
-        return f"key {manifest.signature.key_id}; [red]{reason}[/]"
-    return f"key {signer}; [green]verifies (builtin trusted key)[/]"
+        return Text(f"key {manifest.signature.key_id}; {reason}", style="red")
+    return Text(f"key {signer}; verifies (builtin trusted key)", style="green")
 
 
 def _tensors(specs: list[Any]) -> str:
@@ -259,11 +269,9 @@ def _fields(model: Any) -> str:
     return "\n".join(f"{k} = {v}" for k, v in model.model_dump(mode="json").items() if k != "kind")
 
 
-def _summary(path: Path, manifest: Manifest) -> Table:
-    table = Table(title=f"{manifest.name}:{manifest.version}  ({path})", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
+def _summary(path: Path, manifest: Manifest, signature: Text) -> TableOutput:
     rows = [
+        ("package", manifest.package_id),
         ("name", manifest.name),
         ("version", manifest.version),
         ("task", manifest.task),
@@ -276,25 +284,28 @@ def _summary(path: Path, manifest: Manifest) -> Table:
         ("metrics", _numbers(manifest.metrics)),
         ("bench", _numbers(manifest.bench)),
     ]
-    for name, value in rows:
-        table.add_row(name, _escape(value))
-    table.add_row("signature", _signature_status(manifest))
-    return table
+    return TableOutput([Column("field", key=True), "value"], [*rows, ("signature", signature)],
+                       f"{manifest.package_id} ({path})")
 
 
-def _files_table(folder: Path, manifest: Manifest) -> Table:
-    table = Table(title="files", title_justify="left")
-    for column in ("file", "bytes", "sha256", "check"):
-        table.add_column(column, justify="right" if column == "bytes" else "left")
+def _file_checks(folder: Path, manifest: Manifest) -> list[dict[str, Any]]:
+    """Each listed file with its size and whether its sha256 matches; the manifest; an unlisted model."""
+    checks: list[dict[str, Any]] = []
     for name, expected in sorted(manifest.files.items()):
         path = folder / name
-        if not path.is_file():
-            table.add_row(_escape(name), "-", expected[:16], "[red]missing[/]")
-            continue
-        check = "[green]ok[/]" if sha256_file(path) == expected else "[red]mismatch[/]"
-        table.add_row(_escape(name), f"{path.stat().st_size:,}", expected[:16], check)
-    manifest_path = folder / MANIFEST_FILE
-    table.add_row(MANIFEST_FILE, f"{manifest_path.stat().st_size:,}", "-", "(not listed: holds the checksums)")
+        present = path.is_file()
+        check = "missing" if not present else "ok" if sha256_file(path) == expected else "mismatch"
+        checks.append({"file": name, "bytes": path.stat().st_size if present else None, "sha256": expected,
+                       "check": check})
+    checks.append({"file": MANIFEST_FILE, "bytes": (folder / MANIFEST_FILE).stat().st_size, "sha256": None,
+                   "check": "not listed: holds the checksums"})
     if MODEL_FILE not in manifest.files:
-        table.add_row(MODEL_FILE, "-", "-", "[red]not listed[/]")
-    return table
+        checks.append({"file": MODEL_FILE, "bytes": None, "sha256": None, "check": "not listed"})
+    return checks
+
+
+def _files_table(files: list[dict[str, Any]]) -> TableOutput:
+    styles = {"ok": "green", "missing": "red", "mismatch": "red", "not listed": "red"}
+    return TableOutput([Column("file", key=True), Column("bytes", numeric=True), Column("sha256", key=True), "check"],
+                       [[f["file"], "-" if f["bytes"] is None else f"{f['bytes']:,}", (f["sha256"] or "-")[:16],
+                         Text(f["check"], style=styles.get(f["check"], ""))] for f in files], "files")

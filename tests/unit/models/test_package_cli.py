@@ -230,3 +230,12 @@ def test_inspect_missing_package(tmp_path, run):
     tmp_path.joinpath("empty").mkdir()
     result = run("inspect", tmp_path / "empty")
     assert result.exit_code == 1 and "missing file manifest.json" in result.stderr
+
+
+def test_inspect_json_is_the_manifest_and_the_file_checks(run):
+    result = run("inspect", SEG, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["package"] == "seg-synth-1.0.0-int8" and data["manifest"]["precision"] == "int8"
+    assert data["signature"].endswith("verifies (builtin trusted key)")
+    assert {f["file"]: f["check"] for f in data["files"]}[MODEL_FILE] == "ok"

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,21 @@ def test_skab_protocol_on_the_real_files(model):
     print(metrics)
     assert metrics["pooled_f1"] >= 0.76
     assert metrics["valve1_f1"] >= 0.72 and metrics["other_f1"] >= 0.76
+
+
+def test_eval_skab_json_has_every_file_folder_and_rate(tmp_path):
+    write_csv(tmp_path / "valve9" / "1.csv", 650, 3, anomaly=(480, 600))
+    write_csv(tmp_path / "free" / "normal.csv", 500, 5, labels=False)
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["eval-skab", str(tmp_path), "--package", str(PACKAGE), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # warnings go to stderr: stdout stays JSON
+    assert data["package"] == "anomaly-skab-1.0.0-fp32" and data["labelled_files"] == 1
+    files = {f["file"]: f for f in data["files"]}
+    assert set(files) == {"valve9/1.csv", "free/normal.csv"}
+    assert 0 <= files["valve9/1.csv"]["f1"] <= 1 and files["free/normal.csv"]["f1"] is None
+    assert [f["folder"] for f in data["folders"]] == ["free", "valve9", "TOTAL"]
+    assert data["folders"][-1]["f1"] == pytest.approx(data["pooled_f1"])
+    assert "has no 'anomaly' column" in result.stderr
