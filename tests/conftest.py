@@ -14,8 +14,8 @@ Fixtures:
 A service that is not installed or does not start skips the tests that need it, with the reason;
 with ``EDGELINE_REQUIRE_SERVICES=1`` (CI) it fails them instead.
 
-Every test is checked for leaks: non-daemon threads or child processes that it started and that
-are still alive after it (with a short grace period) fail it.
+Every test is checked for leaks: threads (daemon or not) or child processes that it started and
+that are still alive after it (with a short grace period) fail it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ from edgeline.services import KafkaBroker, MosquittoBroker, PostgresServer, Serv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LEAK_GRACE_S = 3.0
-OWNED_THREAD_PREFIXES = ("capture:", "infer:", "sensors:", "heartbeat:", "ota:", "paho-mqtt-client-",
-                         "mqtt:embedded-broker")
-"""Daemon threads that are still ours to stop: the edge agent's workers and paho's network loops."""
+"""How long the threads and child processes a test started get to end after it."""
 
 # Processes of session-scoped services (they may be restarted by a test, so pids are read late).
 _session_services: list[MosquittoBroker | KafkaBroker | PostgresServer] = []
@@ -269,6 +267,28 @@ def mqtt_probe(unique_name: str) -> Iterator[Callable[..., MqttProbe]]:
         probe.stop()
 
 
+# ------------------------------------------------------------------ markers
+
+FOLDER_MARKERS = {"integration": REPO_ROOT / "tests" / "integration", "e2e": REPO_ROOT / "tests" / "e2e"}
+"""Every test under each folder carries its marker, so that ``-m "not integration"`` leaves out
+every test that needs a broker."""
+
+
+def unmarked_tests(items: list[pytest.Item]) -> list[str]:
+    """``path (marker)`` of each test file under a folder of :data:`FOLDER_MARKERS` with a test
+    that lacks the folder's marker."""
+    return sorted({f"{item.path.relative_to(REPO_ROOT)} (add: pytestmark = pytest.mark.{marker})"
+                   for item in items for marker, folder in FOLDER_MARKERS.items()
+                   if item.path.is_relative_to(folder) and item.get_closest_marker(marker) is None})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stop the run when a test misses its folder's marker (see :data:`FOLDER_MARKERS`)."""
+    unmarked = unmarked_tests(items)
+    if unmarked:
+        raise pytest.UsageError("tests without their folder's marker:\n  " + "\n  ".join(unmarked))
+
+
 # ------------------------------------------------------------------ leak guard
 
 
@@ -301,14 +321,20 @@ def _describe(proc: psutil.Process) -> str:
 
 @pytest.fixture(autouse=True)
 def leak_guard() -> Iterator[None]:
-    """Fail a test that leaves non-daemon threads, our named daemon threads or child processes behind."""
+    """Fail a test that leaves threads or child processes behind.
+
+    Daemon threads count too: every long-running thread the project starts is a daemon that its
+    owner's ``stop()`` must end (``capture:``, ``infer:``, ``sensors:``, ``heartbeat:``, ``ota:``,
+    ``outbox:``, ``bridge-retry:``, ``bridge-commands:``, ``rollouts:``, ``mqtt:embedded-broker``),
+    and so are the ones its libraries start for it (paho's ``paho-mqtt-client-*``, kafka-python's
+    ``kafka-io-*`` and ``*-network-thread``, prometheus_client's ``serve_forever``). Matching all
+    threads rather than a list of names keeps a new thread from slipping past."""
     threads_before = set(threading.enumerate())
     children_before = set(_live_children())
     yield
     deadline = time.monotonic() + LEAK_GRACE_S
     while True:
-        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
-                   and (not t.daemon or t.name.startswith(OWNED_THREAD_PREFIXES))]
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
         excluded = children_before | _service_pids()
         children = {pid: p for pid, p in _live_children().items() if pid not in excluded}
         # Descendants of the session brokers (none today) are theirs, not the test's.

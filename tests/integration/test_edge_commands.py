@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from edge.agent import EdgeAgent
 from stream.messages import Command, Event, Heartbeat, Result, parse_message
 from stream.topics import command_topic, site_filter
 from tests.conftest import edge_site
+
+pytestmark = pytest.mark.integration
 
 
 def wait_for(probe, predicate, timeout: float = 15.0):

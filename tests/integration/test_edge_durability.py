@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
 from edge.agent import EdgeAgent
@@ -19,6 +20,8 @@ from edgeline.config import from_dict
 from edgeline.services import MosquittoBroker
 from stream.messages import Result, parse_message
 from stream.topics import mqtt_topic
+
+pytestmark = pytest.mark.integration
 
 EDGELINE = [sys.executable, "-m", "edgeline.cli"]
 

@@ -8,10 +8,13 @@ import subprocess
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.agent import EdgeAgent
 from tests.conftest import edge_site, service_unavailable
+
+pytestmark = pytest.mark.integration
 
 
 def scrape(port: int) -> str:

@@ -20,6 +20,8 @@ from stream.messages import Command, Event, Heartbeat, Result, parse_message
 from stream.topics import command_topic, site_filter
 from tests.conftest import edge_site
 
+pytestmark = pytest.mark.integration
+
 
 def parsed(probe) -> list:
     try:

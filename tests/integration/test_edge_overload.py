@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from edge.agent import EdgeAgent
 from stream.messages import Event, Heartbeat, parse_message
 from stream.topics import site_filter
 from tests.conftest import edge_site
+
+pytestmark = pytest.mark.integration
 
 
 def test_lowest_priority_camera_is_shed_and_reported(mosquitto, mqtt_probe, unique_name, tmp_path):

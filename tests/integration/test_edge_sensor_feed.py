@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from edge.agent import EdgeAgent
 from edge.synthetic import CHANNELS, SyntheticPump
 from stream.messages import Anomaly, parse_message
 from stream.topics import mqtt_topic
 from tests.conftest import edge_site
+
+pytestmark = pytest.mark.integration
 
 
 def test_gateway_samples_become_anomaly_scores(mosquitto, mqtt_probe, unique_name, tmp_path):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 
 from edge.outbox import Forwarder, Outbox, Priority
 from stream.mqtt import MqttClient, MqttSettings
+
+pytestmark = pytest.mark.integration
 
 
 def _received_ids(probe, expected: int, timeout: float) -> set[int]:
