@@ -78,10 +78,10 @@ class DemoView:
         return Panel(text, title="Edgeline demo", border_style="blue")
 
     def _cameras(self) -> TableOutput:
-        columns = [Column("machine", key=True), Column("camera", key=True), Column("model", key=True), "state",
-                   *(Column(name, numeric=True) for name in ("fps", "inferred/s", "p50 ms", "p99 ms", "drops")),
-                   Column(f"defect frames, last {DEFECT_WINDOW_S:g} s", numeric=True),
-                   Column("last frame defect %", numeric=True)]
+        columns = [Column("camera", key=True), Column("model", key=True), Column("state", key=True),
+                   *(Column(name, numeric=True) for name in ("fps", "inferred fps", "p50/p99 ms", "drops",
+                                                             f"defect frames in last {DEFECT_WINDOW_S:g} s",
+                                                             "last frame defect %"))]
         rows = [self._camera_row(agent, camera) for agent in self.demo.agents for camera in agent.cameras]
         return TableOutput(columns, rows, "Cameras")
 
@@ -90,15 +90,14 @@ class DemoView:
         counters = agent.camera_counters[camera.id]
         fps = f"{self.captured.update(key, camera.frames_captured):.1f}"
         if not camera.config.models:
-            return [agent.id, camera.id, "—", camera.state, fps, "—", "—", "—", str(camera.frames_dropped),
-                    "—", "—"]
+            return [key, "—", camera.state, fps, "—", "—", str(camera.frames_dropped), "—", "—"]
         status = agent.camera_status(camera)
         defects = self.defect_frames.update(key, counters.defect_frames)
         inferred = self.inferred_frames.update(key, counters.frames_inferred)
-        return [agent.id, camera.id, ",".join(camera.config.models), camera.state, fps,
-                f"{self.inferred.update(key, counters.frames_inferred):.1f}", f"{status.latency_p50_ms:.1f}",
-                f"{status.latency_p99_ms:.1f}", str(camera.frames_dropped), f"{defects} of {inferred}",
-                f"{100 * counters.defect_ratio_last:.2f}"]
+        return [key, ",".join(camera.config.models), camera.state, fps,
+                f"{self.inferred.update(key, counters.frames_inferred):.1f}",
+                f"{status.latency_p50_ms:.1f}/{status.latency_p99_ms:.1f}", str(camera.frames_dropped),
+                f"{defects} of {inferred}", f"{100 * counters.defect_ratio_last:.2f}"]
 
     def _sensors(self) -> TableOutput:
         rows = []

@@ -1,8 +1,9 @@
 """What every ``edgeline`` command shows on its terminal: tables that are never cut, JSON, one-line errors.
 
 A table goes to a terminal as a rich table in which the columns a user decides by (ids, package
-ids, scores) are never wrapped or cut; anywhere else (a pipe, a file, a log), or on a terminal too
-narrow for those columns, it goes out whole as an aligned markdown table.
+ids, scores) are kept on one line, other columns wrapping as needed; on a terminal too narrow for
+even those, every column wraps (folds), and nothing is ever cut to "…". Anywhere else (a pipe, a
+file, a log) it goes out whole as an aligned markdown table.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 Cell = str | Text
-NARROWEST = 10
+NARROWEST = 6
 """A column that is not a key column is folded no narrower than this (or its own width)."""
 MARKDOWN_PAD = 40
 """Markdown cells are padded to align their column up to this width; longer ones run on."""
@@ -35,11 +36,11 @@ class Column:
     numeric: bool = False
     """Right-aligned."""
     key: bool = False
-    """A column users decide by: never wrapped or cut on a terminal."""
+    """A column users decide by: never wrapped or cut on a terminal (numbers never are; their headers may wrap)."""
 
 
 class TableOutput:
-    """A table that renders as rich on a terminal that fits its key columns, as markdown elsewhere."""
+    """A table that renders as rich on a terminal (see the module), as whole markdown elsewhere."""
 
     def __init__(self, columns: Sequence[Column | str], rows: Iterable[Sequence[Cell]], title: str = "") -> None:
         self.columns = [c if isinstance(c, Column) else Column(c) for c in columns]
@@ -47,19 +48,21 @@ class TableOutput:
         self.title = title
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        table = self.rich_table()
-        if console.is_terminal and self._narrowest(console, options, table) <= options.max_width:
-            yield table
-        else:
+        if not console.is_terminal:
             yield Text(self.markdown(), no_wrap=True, overflow="ignore")
+            return
+        table = self.rich_table(keys_whole=True)
+        if self._narrowest(console, options, table) > options.max_width:
+            table = self.rich_table(keys_whole=False)  # too narrow even for the key columns: fold, never cut
+        yield table
 
-    def rich_table(self) -> Table:
+    def rich_table(self, keys_whole: bool = True) -> Table:
         table = Table(title=self.title or None, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                       collapse_padding=True)
         for column in self.columns:
-            width = self._width(column)
-            table.add_column(column.header, justify="right" if column.numeric else "left", no_wrap=column.key,
-                             overflow="fold", min_width=width if column.key else min(width, NARROWEST))
+            table.add_column(column.header, justify="right" if column.numeric else "left",
+                             no_wrap=column.key and keys_whole, overflow="fold",
+                             min_width=self._least_width(column) if keys_whole else None)
         for row in self.rows:
             table.add_row(*row)
         return table
@@ -78,10 +81,19 @@ class TableOutput:
         """The width the table needs without cutting a key column (rich clamps a measure to the width given)."""
         return console.measure(table, options=options.update_width(10_000)).minimum
 
-    def _width(self, column: Column) -> int:
+    def _least_width(self, column: Column) -> int:
+        """A key column's whole width; a numeric one its values' (the header may wrap); another's own
+        width up to ``NARROWEST`` (wider ones wrap)."""
+        if column.key:
+            return self._width(column)
+        if column.numeric:
+            return self._width(column, header=False)
+        return min(self._width(column), NARROWEST)
+
+    def _width(self, column: Column, header: bool = True) -> int:
         index = self.columns.index(column)
-        return max(cell_len(line) for cell in [Text(column.header)] + [row[index] for row in self.rows]
-                   for line in cell.plain.splitlines() or [""])
+        cells = ([Text(column.header)] if header else []) + [row[index] for row in self.rows]
+        return max([cell_len(line) for cell in cells for line in cell.plain.splitlines() or [""]] or [1])
 
     @staticmethod
     def _line(cells: Sequence[str], widths: Sequence[int], columns: Sequence[Column]) -> str:

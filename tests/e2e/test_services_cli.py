@@ -96,7 +96,7 @@ def test_piped_demo_prints_its_last_view_whole() -> None:
                           timeout=120, env=os.environ | {"COLUMNS": "80"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "…" not in done.stdout
-    header = next(line for line in done.stdout.splitlines() if line.startswith("| machine | camera | model |"))
-    assert "| defect frames, last 10 s |" in header and "| inferred/s |" in header
-    assert re.search(r"^\| m01 +\| cam\d +\| seg +\|.*\| +\d+ of \d+ \|", done.stdout, re.MULTILINE)
+    header = next(line for line in done.stdout.splitlines() if line.startswith("| camera   | model | state"))
+    assert "| defect frames in last 10 s |" in header and "| inferred fps |" in header
+    assert re.search(r"^\| m01/cam\d +\| seg +\|.*\| +\d+ of \d+ \|", done.stdout, re.MULTILINE)
     assert "| machine | group | steps | score | threshold | anomalous steps |" in done.stdout
