@@ -28,6 +28,8 @@ TokenOption = Annotated[Path | None, typer.Option("--token-file", envvar=TOKEN_F
                                                   help=TOKEN_HELP)]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the API's answer as JSON instead of a table")]
 STAGE_BASE_NOTE = "stages counted from 1, 0 before the first"
+POLL_S = 0.5
+DONE_PHASES = ("completed", "rolled_back")
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +38,7 @@ def register(app: typer.Typer) -> None:
     app.command("model")(model)
     app.command("download")(download)
     app.command("machines")(machines)
+    app.command("wait")(wait)
     app.command("register-machine")(register_machine)
     app.command("rollout")(rollout)
     app.command("rollouts")(rollouts)
@@ -85,8 +88,8 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def upload(package: Annotated[Path, typer.Argument(help="package folder or .tar")], url: UrlOption = "http://127.0.0.1:8080",
-           token_file: TokenOption = None) -> None:
+def upload(package: Annotated[Path, typer.Argument(help="package folder or .tar")],
+           url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
     """Upload a signed model package to the registry."""
     from models.package import write_package_tar
 
@@ -139,6 +142,33 @@ def machines(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = Fal
                              Column("models", key=True)], rows), console)
 
 
+def wait(machines: Annotated[str, typer.Option(help="comma-separated machine ids that must have reported")],
+         timeout: Annotated[float, typer.Option(help="seconds to wait at most")] = 60.0,
+         url: UrlOption = "http://127.0.0.1:8080") -> None:
+    """Wait until central answers and every one of the machines has sent a heartbeat (exit 1 on timeout)."""
+    wanted = [m for m in machines.split(",") if m]
+    deadline = time.monotonic() + timeout
+    reported = _reported(url)
+    while (reported is None or not set(wanted) <= reported) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        reported = _reported(url)
+    if reported is None:
+        raise fail(f"central at {url} did not answer in {timeout:g} s", status=1)
+    missing = [m for m in wanted if m not in reported]
+    if missing:
+        raise fail(f"no heartbeat from {', '.join(missing)} at {url} in {timeout:g} s", status=1)
+    typer.echo(f"central at {url}: {', '.join(wanted)} reported")
+
+
+def _reported(url: str) -> set[str] | None:
+    """The machines central has had a heartbeat from; None while it does not answer."""
+    try:
+        fleet = httpx.get(f"{url}/machines", timeout=5).raise_for_status().json()
+    except httpx.HTTPError:
+        return None
+    return {row["id"] for row in fleet if row["last_heartbeat"]}
+
+
 def register_machine(machine_id: str, site: Annotated[str, typer.Option(help="site id")],
                      line: str = "", cameras: Annotated[str, typer.Option(help="comma-separated camera ids")] = "",
                      url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
@@ -165,6 +195,8 @@ def rollout(package: Annotated[str, typer.Option(help="package id, e.g. seg-synt
             max_drift: Annotated[float, typer.Option(help=GATE_HELP["max_drift"])] = 0.05,
             min_shadow_agreement: Annotated[float | None, typer.Option(help=GATE_HELP["min_shadow_agreement"])] = None,
             shadow_frames: Annotated[int, typer.Option(help=GATE_HELP["shadow_frames"])] = 50,
+            wait: Annotated[bool, typer.Option("--wait", help="follow the rollout to its end, printing its "
+                                               "history; exit 1 if it is rolled back")] = False,
             url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
     """Start a staged rollout (canary, 25%, all by default); each stage is gated, a failed gate rolls back."""
     body = {"package": package, "model": model, "machines": machines.split(","), "stages": _fractions(stages),
@@ -172,6 +204,24 @@ def rollout(package: Annotated[str, typer.Option(help="package id, e.g. seg-synt
             "max_drift": max_drift, "min_shadow_agreement": min_shadow_agreement, "shadow_frames": shadow_frames}
     state = _call("POST", f"{url}/rollouts", token_file, json=body)
     typer.echo(f"rollout {state['id']}: {state['previous']} -> {state['package']}, {state['phase']}")
+    if wait:
+        _follow(url, state["id"])
+
+
+def _follow(url: str, rollout_id: str) -> None:
+    """Print the rollout's history as it grows until it ends; exit 1 when it was rolled back."""
+    shown = 0
+    while True:
+        state = _call("GET", f"{url}/rollouts/{rollout_id}")
+        for entry in state["history"][shown:]:
+            typer.echo(f"{_utc(entry['ts'])}  {entry['text']}")
+        shown = len(state["history"])
+        if state["phase"] in DONE_PHASES:
+            break
+        time.sleep(POLL_S)
+    typer.echo(f"rollout {rollout_id}: {state['phase']}" + (f" ({state['failure']})" if state["failure"] else ""))
+    if state["phase"] == "rolled_back":
+        raise typer.Exit(1)
 
 
 def rollouts(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:

@@ -107,19 +107,31 @@ def test_central_serves_the_model_registry_over_http(tmp_path, central):
         "m01", "m02", "m03"]
 
 
-def report_running(mqtt_probe, mosquitto, site: str, base: str, package: str) -> None:
-    """Heartbeats from m01 running ``package`` as model ``seg``, until central's fleet shows it."""
-    probe = mqtt_probe(mosquitto, "m01")
+def heartbeat(probe, site: str, package: str) -> None:
+    """One heartbeat from m01, as if it ran ``package`` as model ``seg``."""
+    beat = Heartbeat(site=site, machine="m01", ts=time.time(), uptime_s=1.0, models={"seg": package})
+    probe.publish(topic_for(beat), beat.to_json())
+
+
+def report_running(probe, site: str, base: str, package: str) -> None:
+    """Heartbeats from m01 running ``package`` until central's fleet shows it."""
     deadline = time.monotonic() + 30
     while httpx.get(f"{base}/machines/m01").json()["models"] != {"seg": package}:
         assert time.monotonic() < deadline, "central never saw m01's heartbeat"
-        beat = Heartbeat(site=site, machine="m01", ts=time.time(), uptime_s=1.0, models={"seg": package})
-        probe.publish(topic_for(beat), beat.to_json())
+        heartbeat(probe, site, package)
         time.sleep(0.3)
 
 
-def test_a_rollout_from_the_cli_refused_started_shown_and_aborted(central, mqtt_probe, mosquitto, unique_name,
-                                                                   tmp_path):
+def follow(*args: str) -> tuple[subprocess.Popen, str]:
+    """``central rollout ... --wait`` in the background, and the rollout id from its first line."""
+    process = subprocess.Popen([*CLI, *args, "--wait"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=client_env(EDGELINE_CENTRAL_TOKEN=TOKEN))
+    first = process.stdout.readline()
+    assert first.startswith("rollout "), first + process.communicate(timeout=30)[0]
+    return process, first.split()[1].rstrip(":")
+
+
+def test_a_rollout_from_the_cli_refused_followed_aborted_and_completed(central, mqtt_probe, mosquitto, unique_name):
     base = central
     for name in ("seg-synth-fp32", "seg-synth-int8"):
         assert central_cli("upload", str(BUILTIN_PACKAGES / name), "--url", base,
@@ -130,14 +142,16 @@ def test_a_rollout_from_the_cli_refused_started_shown_and_aborted(central, mqtt_
     assert unknown.stderr.strip() == "404: no machine m09 in the fleet; known machines: m01, m02"
     silent = central_cli(*start, "--machines", "m01", EDGELINE_CENTRAL_TOKEN=TOKEN)
     assert silent.returncode == 1 and "409: m01 reported no running package for 'seg'" in silent.stderr
+    early = central_cli("wait", "--machines", "m01", "--timeout", "1", "--url", base)
+    assert early.returncode == 1 and "no heartbeat from m01" in early.stderr
 
-    report_running(mqtt_probe, mosquitto, unique_name, base, "seg-synth-1.0.0-fp32")
+    m01 = mqtt_probe(mosquitto, "m01")
+    report_running(m01, unique_name, base, "seg-synth-1.0.0-fp32")
+    assert central_cli("wait", "--machines", "m01", "--url", base).returncode == 0
     fleet = central_cli("machines", "--url", base)
     assert "seg=seg-synth-1.0.0-fp32" in fleet.stdout and "…" not in fleet.stdout
-    started = central_cli(*start, "--machines", "m01", EDGELINE_CENTRAL_TOKEN=TOKEN)
-    assert started.returncode == 0, started.stderr
-    rollout_id = re.match(r"rollout (\w+): seg-synth-1.0.0-fp32 -> seg-synth-1.0.0-int8", started.stdout).group(1)
 
+    waiting, rollout_id = follow(*start, "--machines", "m01")  # m01 never loads it: deploying until aborted
     status = central_cli("rollout-status", rollout_id, "--url", base)
     assert status.returncode == 0, status.stderr
     assert "stage 1 of 1 (stages counted from 1, 0 before the first)" in status.stdout
@@ -145,7 +159,6 @@ def test_a_rollout_from_the_cli_refused_started_shown_and_aborted(central, mqtt_
     raw = json.loads(central_cli("rollout-status", rollout_id, "--url", base, "--json").stdout)
     assert raw["stage"] == 1 and {e["stage"] for e in raw["history"]} == {1}
     assert isinstance(raw["history"][0]["ts"], float)
-
     listed = central_cli("rollouts", "--url", base)
     assert f"| {rollout_id} | seg-synth-1.0.0-int8 | seg-synth-1.0.0-fp32 |" in listed.stdout
     assert [r["id"] for r in json.loads(central_cli("rollouts", "--url", base, "--json").stdout)] == [rollout_id]
@@ -153,5 +166,15 @@ def test_a_rollout_from_the_cli_refused_started_shown_and_aborted(central, mqtt_
     assert stop.returncode == 2 and "'stop' is not one of 'pause', 'resume', 'abort'" in stop.stderr
     aborted = central_cli("rollout-control", rollout_id, "abort", "--url", base, EDGELINE_CENTRAL_TOKEN=TOKEN)
     assert aborted.returncode == 0 and f"rollout {rollout_id}: rolled_back" in aborted.stdout, aborted.stderr
-    failed = central_cli("rollouts", "--url", base)
-    assert f"{rollout_id} failed: aborted by operator" in failed.stdout
+    followed = waiting.communicate(timeout=30)[0]
+    assert waiting.returncode == 1 and f"rollout {rollout_id}: rolled_back (aborted by operator)" in followed
+    assert re.search(rf"^{ISO_UTC.pattern}  stage 1/1: deploying seg-synth-1.0.0-int8 to m01$", followed, re.MULTILINE)
+    assert f"{rollout_id} failed: aborted by operator" in central_cli("rollouts", "--url", base).stdout
+
+    good, good_id = follow(*start, "--machines", "m01", "--soak-s", "0")
+    deadline = time.monotonic() + 60
+    while good.poll() is None and time.monotonic() < deadline:
+        heartbeat(m01, unique_name, "seg-synth-1.0.0-int8")  # m01 loaded the new package
+        time.sleep(0.3)
+    output = good.communicate(timeout=30)[0]
+    assert good.returncode == 0 and f"rollout {good_id}: completed" in output, output
