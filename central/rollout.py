@@ -303,8 +303,8 @@ class Rollout:
             return f"gate errors: {machine} error rate {health.error_rate:.3f} > {gates.max_error_rate:g}"
         if (base is not None and min(health.frames, base.frames) >= gates.drift_min_frames
                 and abs(health.defect_ratio_mean - base.defect_ratio_mean) > gates.max_drift):
-            return (f"gate drift: {machine} mean defect ratio {health.defect_ratio_mean:.3f} vs "
-                    f"{base.defect_ratio_mean:.3f} before (limit ±{gates.max_drift:g})")
+            return (f"gate drift: {machine} mean defect ratio {health.defect_ratio_mean:.3g} vs "
+                    f"{base.defect_ratio_mean:.3g} before (limit ±{gates.max_drift:g})")
         return None
 
     def _roll_back(self, now: float, reason: str) -> list[Action]:

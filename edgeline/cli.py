@@ -264,8 +264,11 @@ def central_serve(
     manager = RolloutManager(site.site, registry, MqttClient(site.broker.mqtt_settings(), f"central-{site.site}"),
                              public_url or f"http://{host}:{port}")
     manager.start()
+    _interrupt_on_signals()  # uvicorn re-raises the SIGTERM it caught once it has shut down: let it come back here
     try:
         uvicorn.run(create_api(registry, token, manager), host=host, port=port, log_level=log_level)
+    except KeyboardInterrupt:
+        pass
     finally:
         manager.stop()
 

@@ -185,8 +185,9 @@ def _run_one(command: Command, cwd: Path, env: dict[str, str]) -> Ran:
 
 
 def _stop_all(command: Command, background: list[tuple[Command, subprocess.Popen[bytes], Path]]) -> Ran:
-    """SIGTERM to every background command, newest first; its exit code is the worst of theirs
-    (a process that had to be killed counts as -9)."""
+    """SIGTERM to every background command, newest first; its exit code is the worst of theirs:
+    each must shut down in order and exit 0 (one that had to be killed counts as -9). Its output: each command's last logged line
+    (its last 40 when it failed)."""
     notes, worst = [], 0
     while background:
         started, proc, log = background.pop()
@@ -198,8 +199,10 @@ def _stop_all(command: Command, background: list[tuple[Command, subprocess.Popen
             proc.kill()
             code = proc.wait()
             code = -9
-        worst = worst if code in (0, -signal.SIGTERM) else code
-        notes.append(f"[{started.text}] exited {code}\n{log.read_text(errors='replace')[-3000:]}")
+        worst = worst if code == 0 else code
+        logged = log.read_text(errors="replace").rstrip().splitlines()
+        shown = logged[-1:] if code == 0 else logged[-40:]
+        notes.append(f"[{started.text}] exited {code}: " + "\n".join(shown or ["(nothing logged)"]))
     return Ran(command, worst, "\n".join(notes))
 
 
@@ -207,7 +210,7 @@ def transcript(block: Block, results: list[Ran]) -> list[str]:
     """``$ command`` and what it printed, for the block's foreground commands."""
     lines: list[str] = []
     for ran in results:
-        if any(ran.command is c for c in block.commands) and not ran.command.background and ran.command.text != STOP_ALL:
+        if any(ran.command is c for c in block.commands) and not ran.command.background:
             lines.append(f"$ {ran.command.text}")
             lines += [line.rstrip() for line in ran.output.rstrip().splitlines()]
     if block.last is not None:

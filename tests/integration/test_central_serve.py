@@ -39,12 +39,11 @@ def central_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=client_env(**env), timeout=120)
 
 
-@pytest.fixture
-def central(tmp_path: Path, mosquitto, unique_name: str) -> Iterator[str]:
-    """A central serving site ``unique_name`` (machines m01, m02) on a free port; the token comes
-    from the file named by $EDGELINE_CENTRAL_TOKEN_FILE."""
+def start_central(tmp_path: Path, mosquitto, site: str) -> tuple[subprocess.Popen, str]:
+    """``central serve`` for ``site`` (machines m01, m02) on a free port, once it answers; the
+    token comes from the file named by $EDGELINE_CENTRAL_TOKEN_FILE."""
     (tmp_path / "site.yaml").write_text(
-        f"site: {unique_name}\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
+        f"site: {site}\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
         "machines: [{id: m01, line: line-1, cameras: [{id: c1}, {id: c2}]}, {id: m02, cameras: [{id: c1}]}]\n")
     (tmp_path / "token").write_text(TOKEN + "\n")
     port = free_port()
@@ -54,19 +53,35 @@ def central(tmp_path: Path, mosquitto, unique_name: str) -> Iterator[str]:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=client_env(EDGELINE_CENTRAL_TOKEN_FILE=str(tmp_path / "token")))
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{base}/models", timeout=1).raise_for_status()
+            return server, base
+        except httpx.TransportError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"central did not come up: {server.communicate()[0]}")
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def central(tmp_path: Path, mosquitto, unique_name: str) -> Iterator[str]:
+    server, base = start_central(tmp_path, mosquitto, unique_name)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{base}/models", timeout=1).raise_for_status()
-                break
-            except httpx.TransportError:
-                assert server.poll() is None and time.monotonic() < deadline, "central did not come up"
-                time.sleep(0.3)
         yield base
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_central_serve_shuts_down_in_order_on_sigterm(tmp_path, mosquitto, unique_name):
+    """uvicorn re-raises the SIGTERM it handled; the rollout manager must still be stopped and the
+    process exit 0, as systemd and compose expect of a clean stop."""
+    server, _ = start_central(tmp_path, mosquitto, unique_name)
+    server.terminate()
+    output, _ = server.communicate(timeout=20)
+    assert server.returncode == 0, output
 
 
 def test_central_serves_the_model_registry_over_http(tmp_path, central):

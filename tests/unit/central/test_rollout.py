@@ -76,7 +76,7 @@ def test_drift_waits_for_enough_frames_on_the_new_version():
     rollout.start(0.0)
     assert swap(rollout, ["m01"], 1.0, ratio=0.3, frames=49) == []  # too few frames to judge the shift
     (action,) = swap(rollout, ["m01"], 2.0, ratio=0.3, frames=50)
-    assert action.reason == "gate drift: m01 mean defect ratio 0.300 vs 0.020 before (limit ±0.05)"
+    assert action.reason == "gate drift: m01 mean defect ratio 0.3 vs 0.02 before (limit ±0.05)"
 
 
 def test_latency_is_judged_against_the_same_machine_on_the_old_version():
@@ -196,3 +196,13 @@ def test_a_rollout_saved_while_shadowing_and_restored_promotes_the_same_machines
     assert restored.shadowing == ("m01",) and restored.phase == "shadowing"
     for rollout in (straight, restored):
         assert shadow(rollout, ["m01"], 10.0, 0.95) == [Deploy(("m01",), NEW, promote=True)]
+
+
+def test_a_drift_failure_shows_small_means_apart():
+    """Defect ratios are often below 0.001: the reason must not read "0.000 vs 0.000"."""
+    rollout = Rollout(plan(gates=Gates(max_drift=0.0)))
+    for m in MACHINES:
+        rollout.report(0.0, healthy(m, OLD, ratio=0.000298))
+    rollout.start(0.0)
+    (action,) = swap(rollout, ["m01"], 1.0, ratio=0.000312)
+    assert action.reason == "gate drift: m01 mean defect ratio 0.000312 vs 0.000298 before (limit ±0)"
