@@ -124,7 +124,7 @@ def unique_name(request: pytest.FixtureRequest) -> str:
     return f"t-{stem or 'x'}-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The shared data folder; the test is skipped (never failed) when it is absent."""
     path = Path(os.environ.get("EDGELINE_DATA") or REPO_ROOT / ".." / "shared" / "data").resolve()
