@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import prometheus, stat, timeseries
@@ -186,9 +187,21 @@ def metric_names(expr: str) -> set[str]:
 def provision(url: str, token: str, prometheus_url: str) -> list[str]:
     """Create or update the Prometheus datasource and every dashboard on a running Grafana."""
     from grafana_client import GrafanaApi
-    from grafana_client.client import GrafanaClientError
 
     api = GrafanaApi.from_url(url, credential=token)
+    try:
+        _provision_datasource(api, prometheus_url)
+        for spec in DASHBOARDS:
+            api.dashboard.update_dashboard({"dashboard": build(spec), "overwrite": True,
+                                            "message": "provisioned by edgeline grafana provision"})
+    finally:
+        api.client.s.close()  # its HTTP session runs an idle-connection thread until closed
+    return [spec.uid for spec in DASHBOARDS]
+
+
+def _provision_datasource(api: Any, prometheus_url: str) -> None:
+    from grafana_client.client import GrafanaClientError
+
     datasource = {"name": "Edgeline Prometheus", "uid": DATASOURCE_UID, "type": "prometheus", "access": "proxy",
                   "url": prometheus_url, "isDefault": True}
     try:
@@ -196,9 +209,3 @@ def provision(url: str, token: str, prometheus_url: str) -> list[str]:
         api.datasource.update_datasource_by_uid(DATASOURCE_UID, datasource)
     except GrafanaClientError:
         api.datasource.create_datasource(datasource)
-    uids = []
-    for spec in DASHBOARDS:
-        api.dashboard.update_dashboard({"dashboard": build(spec), "overwrite": True,
-                                        "message": "provisioned by edgeline grafana provision"})
-        uids.append(spec.uid)
-    return uids
