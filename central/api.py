@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
@@ -174,6 +174,12 @@ class CentralCollector(Collector):
             frames.add_metric([machine, package], count)
         yield agreement
         yield frames
+        rejected = CounterMetricFamily("edgeline_central_messages_rejected", "Messages from the machines that "
+                                       "central dropped, by reason: identity (payload and topic disagree), invalid, "
+                                       "unknown_machine", labels=["reason"])
+        for reason, count in sorted((self.rollouts.rejected if self.rollouts else {}).items()):
+            rejected.add_metric([reason], count)
+        yield rejected
 
 
 def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) -> None:

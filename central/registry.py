@@ -174,15 +174,19 @@ class Registry:
             session.commit()
 
     def record_heartbeat(self, machine_id: str, site: str, ts: float, models: dict[str, str],
-                         cameras: list[str]) -> None:
-        """A heartbeat: the machine is online, has ``cameras`` and runs ``models``; unknown machines
-        register themselves."""
+                         cameras: list[str], register_unknown: bool = False) -> bool:
+        """A heartbeat: the machine is online, has ``cameras`` and runs ``models``. A machine the
+        registry does not know is registered only with ``register_unknown``; False when it was not."""
         with self.sessions() as session:
-            row = session.get(MachineRow, machine_id) or MachineRow(id=machine_id, site=site, line="")
+            row = session.get(MachineRow, machine_id)
+            if row is None and not register_unknown:
+                return False
+            row = row or MachineRow(id=machine_id, site=site, line="")
             row.status, row.last_heartbeat = "online", ts
             row.models, row.cameras = json.dumps(models), json.dumps(cameras)
             session.merge(row)
             session.commit()
+        return True
 
     def set_status(self, machine_id: str, status: str) -> None:
         with self.sessions() as session:

@@ -10,6 +10,11 @@ read from heartbeats (the package each machine runs, p95 inference latency of it
 model's failed frames and mean defect ratio since its package was loaded, the shadow's agreement
 and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A ticker thread
 (``rollouts:<site>``) drives soak times and timeouts.
+
+A message's machine is the one in its topic, which the broker's ACL binds to the machine's login:
+a payload naming another machine or site, one that fails validation, and a heartbeat from a
+machine that neither the site file nor the registry knows (unless ``register_unknown``) are
+dropped, logged and counted by reason (``edgeline_central_messages_rejected_total``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict
 
 import paho.mqtt.client as paho
@@ -27,7 +33,7 @@ from central.rollout import (Action, Deploy, Gates, Health, Plan, Rollback, Roll
                              rollout_from_dict, rollout_to_dict)
 from stream.messages import Command, Event, Heartbeat, MessageError, ModelHealth, parse_message
 from stream.mqtt import MqttClient
-from stream.topics import mqtt_topic, topic_for
+from stream.topics import mqtt_topic, parse_topic, topic_for
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +44,14 @@ at half the candidate's cost."""
 
 
 class RolloutManager:
-    def __init__(self, site: str, registry: Registry, mqtt: MqttClient, public_url: str, tick_s: float = 0.5) -> None:
+    def __init__(self, site: str, registry: Registry, mqtt: MqttClient, public_url: str, tick_s: float = 0.5,
+                 *, register_unknown: bool = False) -> None:
         self.site = site
+        self.register_unknown = register_unknown
+        """Register a machine on its first heartbeat when neither the site file nor the registry has it."""
+        self.rejected: Counter[str] = Counter()
+        """reason -> messages from the machines that were dropped (identity, invalid, unknown_machine)."""
+        self._warned: set[tuple[str, str]] = set()
         self.registry = registry
         self.mqtt = mqtt
         self.public_url = public_url.rstrip("/")
@@ -159,12 +171,20 @@ class RolloutManager:
     def _on_message(self, message: paho.MQTTMessage) -> None:
         try:
             parsed = parse_message(message.payload)
-        except MessageError:
+        except MessageError as exc:
+            self._reject(message.topic, "invalid", str(exc))
+            return
+        if (parsed.site, parsed.machine) != (self.site, parse_topic(message.topic).machine):
+            self._reject(message.topic, "identity", f"the payload claims to come from {parsed.site}/{parsed.machine}")
             return
         now = time.time()
         if isinstance(parsed, Heartbeat):
-            self.registry.record_heartbeat(parsed.machine, parsed.site, parsed.ts, dict(parsed.models),
-                                           [camera.camera for camera in parsed.cameras])
+            if not self.registry.record_heartbeat(parsed.machine, parsed.site, parsed.ts, dict(parsed.models),
+                                                  [camera.camera for camera in parsed.cameras],
+                                                  register_unknown=self.register_unknown):
+                self._reject(message.topic, "unknown_machine", f"{parsed.machine} is in neither the site file nor "
+                             "the registry (central serve --register-unknown-machines admits it)")
+                return
             with self._lock:
                 self.running[parsed.machine] = dict(parsed.models)
                 self.model_health[parsed.machine] = dict(parsed.health)
@@ -174,6 +194,14 @@ class RolloutManager:
             self._feed(now, parsed.machine, loaded=True)
         elif isinstance(parsed, Event) and parsed.name in FAILURE_EVENTS:
             self._feed(now, parsed.machine, loaded=False)
+
+    def _reject(self, topic: str, reason: str, text: str) -> None:
+        """Drop a machine's message: counted by reason, logged at warning the first time per topic and reason."""
+        self.rejected[reason] += 1
+        level = logging.DEBUG if (topic, reason) in self._warned else logging.WARNING
+        self._warned.add((topic, reason))
+        log.log(level, "rollouts: dropped a message on %s (%s): %s; %d dropped for this reason so far",
+                topic, reason, text, self.rejected[reason])
 
     def _health(self, machine: str, model: str, candidate: str, loaded: bool = True) -> Health:
         """What ``machine`` reports for ``model``; a failure is reported against ``candidate``."""

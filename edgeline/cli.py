@@ -238,6 +238,9 @@ def central_serve(
     port: int = 8080,
     public_url: Annotated[Optional[str], typer.Option(help="URL the edges download packages from "
                                                       "(default http://<host>:<port>)")] = None,
+    register_unknown_machines: Annotated[bool, typer.Option(
+        help="register a machine on its first heartbeat when neither the site file nor the registry has it "
+             "(off: its messages are dropped and counted)")] = False,
     log_level: str = "info",
 ) -> None:
     """Serve the fleet and model registries and run rollouts over MQTT (OpenAPI docs at /docs)."""
@@ -262,7 +265,7 @@ def central_serve(
     from stream.mqtt import MqttClient
 
     manager = RolloutManager(site.site, registry, MqttClient(site.broker.mqtt_settings(), f"central-{site.site}"),
-                             public_url or f"http://{host}:{port}")
+                             public_url or f"http://{host}:{port}", register_unknown=register_unknown_machines)
     manager.start()
     _interrupt_on_signals()  # uvicorn re-raises the SIGTERM it caught once it has shut down: let it come back here
     try:

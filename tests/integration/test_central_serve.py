@@ -22,10 +22,11 @@ from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import free_port
 from models.package import write_package_tar
 from stream.messages import Heartbeat
-from stream.topics import topic_for
+from stream.topics import mqtt_topic, topic_for
 
 pytestmark = pytest.mark.integration
 TOKEN = "a-long-enough-api-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLI = [sys.executable, "-m", "edgeline.cli", "central"]
 ISO_UTC = re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\b")
 
@@ -39,9 +40,9 @@ def central_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=client_env(**env), timeout=120)
 
 
-def start_central(tmp_path: Path, mosquitto, site: str) -> tuple[subprocess.Popen, str]:
-    """``central serve`` for ``site`` (machines m01, m02) on a free port, once it answers; the
-    token comes from the file named by $EDGELINE_CENTRAL_TOKEN_FILE."""
+def start_central(tmp_path: Path, mosquitto, site: str, *options: str) -> tuple[subprocess.Popen, str]:
+    """``central serve`` for ``site`` (machines m01, m02) on a free port with ``options``, once it
+    answers; the token comes from the file named by $EDGELINE_CENTRAL_TOKEN_FILE."""
     (tmp_path / "site.yaml").write_text(
         f"site: {site}\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
         "machines: [{id: m01, line: line-1, cameras: [{id: c1}, {id: c2}]}, {id: m02, cameras: [{id: c1}]}]\n")
@@ -49,7 +50,7 @@ def start_central(tmp_path: Path, mosquitto, site: str) -> tuple[subprocess.Pope
     port = free_port()
     server = subprocess.Popen([*CLI, "serve", "-c", str(tmp_path / "site.yaml"), "--db",
                                f"sqlite:///{tmp_path / 'c.db'}", "--storage", str(tmp_path / "store"),
-                               "--port", str(port), "--log-level", "warning"],
+                               "--port", str(port), "--log-level", "warning", *options],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=client_env(EDGELINE_CENTRAL_TOKEN_FILE=str(tmp_path / "token")))
     base = f"http://127.0.0.1:{port}"
@@ -193,3 +194,44 @@ def test_a_rollout_from_the_cli_refused_followed_aborted_and_completed(central, 
         time.sleep(0.3)
     output = good.communicate(timeout=30)[0]
     assert good.returncode == 0 and f"rollout {good_id}: completed" in output, output
+
+
+def test_central_takes_the_machine_from_the_topic_and_registers_no_stranger(tmp_path, mosquitto, unique_name,
+                                                                             mqtt_probe):
+    """Issue 13 defect 7: m01, on its own heartbeat topic, claims to be m02 running an evil package,
+    and a heartbeat comes from ghost-99, a machine in neither the site file nor the registry: both
+    are dropped and counted; m01's own heartbeat still counts."""
+    server, base = start_central(tmp_path, mosquitto, unique_name)
+    try:
+        m01 = mqtt_probe(mosquitto, "m01")
+        spoof = Heartbeat(site=unique_name, machine="m02", ts=time.time(), uptime_s=1.0, models={"seg": "evil-9.9.9"})
+        m01.publish(mqtt_topic(unique_name, "m01", "heartbeat"), spoof.to_json())
+        ghost = Heartbeat(site=unique_name, machine="ghost-99", ts=time.time(), uptime_s=1.0)
+        m01.publish(topic_for(ghost), ghost.to_json())
+        report_running(m01, unique_name, base, "seg-synth-1.0.0-fp32")  # after the two, on the same connection
+        fleet = {m["id"]: m for m in httpx.get(f"{base}/machines", headers=AUTH).json()}
+        assert sorted(fleet) == ["m01", "m02"]
+        assert (fleet["m02"]["models"], fleet["m02"]["status"], fleet["m02"]["last_heartbeat"]) == ({}, "unknown", 0)
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'edgeline_central_messages_rejected_total{reason="identity"} 1.0' in metrics
+        assert 'edgeline_central_messages_rejected_total{reason="unknown_machine"} 1.0' in metrics
+    finally:
+        server.terminate()
+        server.wait(10)
+    output = server.communicate()[0].decode()
+    assert "(identity): the payload claims to come from" in output and "ghost-99 is in neither" in output
+
+
+def test_central_registers_unknown_machines_only_when_told(tmp_path, mosquitto, unique_name, mqtt_probe):
+    server, base = start_central(tmp_path, mosquitto, unique_name, "--register-unknown-machines")
+    try:
+        ghost = mqtt_probe(mosquitto, "ghost-99")
+        deadline = time.monotonic() + 30
+        while "ghost-99" not in [m["id"] for m in httpx.get(f"{base}/machines", headers=AUTH).json()]:
+            assert time.monotonic() < deadline, "central never registered ghost-99"
+            beat = Heartbeat(site=unique_name, machine="ghost-99", ts=time.time(), uptime_s=1.0)
+            ghost.publish(topic_for(beat), beat.to_json())
+            time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -34,6 +34,7 @@ MACHINES = ["m1", "m2", "m3"]
 def central(mosquitto, unique_name, tmp_path):
     port = free_port()
     registry = Registry(f"sqlite:///{tmp_path / 'central.db'}", tmp_path / "store", builtin_trusted_keys())
+    registry.sync_site(unique_name, {machine: ("line-1", ["c1"]) for machine in MACHINES})  # as serve does
     manager = RolloutManager(unique_name, registry, MqttClient(MqttSettings(host=mosquitto.host, port=mosquitto.port),
                                                                f"{unique_name}-central"), f"http://127.0.0.1:{port}")
     manager.start()
