@@ -84,10 +84,13 @@ class EdgeAgent:
         self._frame_ready = threading.Event()
         self._threads: list[threading.Thread] = []
         self.base_dir = base_dir
+        self.packages = config.packages
+        self.downloads = default_cache_dir() / "downloads" / machine_id
         self.seg_models = self._load_seg_models(config, base_dir)
         self.swapper = ModelSwapper(self.seg_models, config.trusted_keys(base_dir),
                                     providers={n: r.providers for n, r in config.models.items()},
-                                    threads={n: r.threads for n, r in config.models.items()})
+                                    threads={n: r.threads for n, r in config.models.items()},
+                                    downloads=self.downloads, limits=config.packages)
         self.recent_frames: deque[np.ndarray] = deque(maxlen=RECENT_FRAMES)
         self.shadows: dict[str, ShadowRun] = {}
         self.model_records: dict[tuple[str, str], ModelRecord] = {}
@@ -197,8 +200,8 @@ class EdgeAgent:
         names = {name for camera in self.machine.cameras for name in camera.models}
         trusted = config.trusted_keys(base_dir)
         return {
-            name: SegmentationModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted),
-                                    ref.providers, ref.threads)
+            name: SegmentationModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted,
+                                                 limits=config.packages), ref.providers, ref.threads)
             for name, ref in config.models.items() if name in names
         }
 
@@ -207,7 +210,8 @@ class EdgeAgent:
         names = {sensor.model for sensor in self.machine.sensors if sensor.model}
         trusted = config.trusted_keys(base_dir)
         return {
-            name: StreamingAnomalyModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted),
+            name: StreamingAnomalyModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted,
+                                                     limits=config.packages),
                                         ref.providers, ref.threads, calibration_steps=ref.calibration_steps,
                                         profile=ref.profile)
             for name, ref in config.models.items() if name in names
@@ -508,10 +512,11 @@ class EdgeAgent:
         return SwapOutcome(True, outcome.text, {**outcome.details, **shadow.status().model_dump()}), "model_loaded"
 
     def _package_for(self, command: Command) -> Path:
-        """``url`` + ``sha256`` (from central): downloaded and verified; else ``path`` on this box."""
+        """``url`` + ``sha256`` (from central; http(s) under ``packages.download_urls`` only): downloaded and
+        verified; else ``path`` on this box."""
         if "url" in command.args:
-            return fetch_package(str(command.args["url"]), str(command.args.get("sha256", "")),
-                                 default_cache_dir() / "downloads" / self.id)
+            return fetch_package(str(command.args["url"]), str(command.args.get("sha256", "")), self.downloads,
+                                 allowed=self.packages.download_urls)
         return resolve_model_path(ModelRef(path=str(command.args.get("path", ""))), self.base_dir)
 
     def apply_command(self, command: Command) -> tuple[bool, str]:

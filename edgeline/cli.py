@@ -259,7 +259,7 @@ def central_serve(
     from models.signing import builtin_trusted_keys, load_public_keys
 
     keys = builtin_trusted_keys() + [k for p in site.signatures.trusted_keys for k in load_public_keys(config.parent / p)]
-    registry = Registry(db, storage, keys)  # central refuses unsigned packages whatever the edge requires
+    registry = Registry(db, storage, keys, site.packages)  # unsigned packages refused whatever the edge requires
     registry.sync_site(site.site, {m.id: (m.line, [c.id for c in m.cameras]) for m in site.machines})
     from central.rollouts import RolloutManager
     from stream.mqtt import MqttClient

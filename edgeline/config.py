@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import models
-from models.package import is_package_tar
+from models.package import PackageSettings, is_package_tar
 from models.signing import builtin_trusted_keys, load_public_keys
 
 from stream.messages import Identifier
@@ -314,6 +314,8 @@ class SiteConfig(_Strict):
     camera_defaults: CameraDefaults = Field(default_factory=CameraDefaults, description="merged into every camera")
     models: dict[Identifier, ModelRef] = Field(default_factory=dict, description="model catalog: name -> package")
     signatures: SignatureConfig = Field(default_factory=SignatureConfig, description="who may sign model packages")
+    packages: PackageSettings = Field(default_factory=PackageSettings, description="package tar limits (central "
+                                      "and edge) and the URLs the edge downloads packages from")
     machines: list[MachineConfig] = Field(default_factory=list, max_length=1000, description="vision machines")
     rules: list[RuleConfig] = Field(default_factory=list, description="decision rules")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="rules engine settings")
