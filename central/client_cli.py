@@ -90,11 +90,14 @@ def _utc(ts: float) -> str:
 
 def upload(package: Annotated[Path, typer.Argument(help="package folder or .tar")],
            url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
-    """Upload a signed model package to the registry."""
-    from models.package import write_package_tar
+    """Upload a signed model package to the registry (a folder is checked and packed first)."""
+    from models.package import PackageError, write_package_tar
 
     with tempfile.TemporaryDirectory() as tmp:
-        tar = package if package.is_file() else write_package_tar(package, Path(tmp) / "package.tar")
+        try:
+            tar = package if package.is_file() else write_package_tar(package, Path(tmp) / "package.tar")
+        except PackageError as exc:
+            raise fail(f"package refused: {exc}", status=1) from None
         stored = _call("POST", f"{url}/models", token_file, content=tar.read_bytes())
     typer.echo(f"registered {stored['id']} (sha256 {stored['sha256'][:12]}…, signed by {stored['key_id']})")
 
