@@ -432,6 +432,7 @@ class EdgeAgent:
             cameras=[self.camera_status(camera) for camera in self.cameras],
             cpu_percent=process.cpu_percent(), rss_mb=process.memory_info().rss / 2**20,
             outbox_depth=self.outbox.depth, outbox_dropped=self.outbox.dropped_total,
+            outbox_oldest_age_s=self.outbox.oldest_age_s(),
             models={name: model.package_id for name, model in self.seg_models.items()},
             shadow={name: run.status() for name, run in self.shadows.items()},
             health={name: self._model_health(name, model) for name, model in self.seg_models.items()},

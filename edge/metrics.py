@@ -160,6 +160,8 @@ class AgentCollector(Collector):
         agent = self.agent
         yield self._gauge("edgeline_edge_outbox_messages", "Messages stored, waiting for their PUBACK",
                           agent.outbox.depth)
+        yield self._gauge("edgeline_edge_outbox_oldest_age_seconds",
+                          "Age of the oldest message waiting in the outbox (0 when empty)", agent.outbox.oldest_age_s())
         dropped = CounterMetricFamily("edgeline_edge_outbox_dropped", "Messages the full outbox dropped",
                                       labels=["machine", "priority"])
         for priority in Priority:

@@ -220,6 +220,8 @@ class Heartbeat(Envelope):
     rss_mb: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     outbox_depth: Annotated[int, Field(ge=0)] = 0
     outbox_dropped: Annotated[int, Field(ge=0)] = Field(0, description="messages the full outbox dropped so far")
+    outbox_oldest_age_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        0.0, description="seconds the oldest message in the outbox has waited (0 when empty)")
     models: dict[Identifier, Annotated[str, Field(max_length=200)]] = Field(
         default_factory=dict, description="model name in the site config -> package id running "
         "(<name>-<version>-<precision>), what rollouts watch")
