@@ -164,7 +164,8 @@ def stream_embedded(config: ConfigOption, broker: BrokerOption = None,
     client = MqttClient(site.broker.mqtt_settings(), client_id=f"rules-{site.site}", clean_session=False)
     runner = EmbeddedRulesRunner(site.site, site.rules, client, lines=site.lines(),
                                  allowed_lateness_s=site.engine.allowed_lateness_s,
-                                 dedupe_ttl_s=site.engine.dedupe_ttl_s)
+                                 dedupe_ttl_s=site.engine.dedupe_ttl_s, dedupe_max_entries=site.engine.dedupe_max_entries,
+                                 max_states=site.engine.max_rule_states, limits=site.messages)
     host = metrics_host or site.metrics.host
     try:
         _run_until_signal(runner, lambda: runner.start(metrics_port=metrics_port, metrics_host=host),

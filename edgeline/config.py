@@ -20,7 +20,7 @@ import models
 from models.package import PackageSettings, is_package_tar
 from models.signing import builtin_trusted_keys, load_public_keys
 
-from stream.messages import Identifier
+from stream.messages import Identifier, MessageLimits
 from stream.mqtt import MqttSettings
 from stream.topics import KafkaTopics
 from stream.rule_config import RuleConfig
@@ -279,7 +279,12 @@ class MetricsConfig(_Strict):
 
 class EngineConfig(_Strict):
     allowed_lateness_s: float = Field(2.0, ge=0, description="event-time lateness accepted before an observation is dropped")
-    dedupe_ttl_s: float = Field(600.0, gt=0, description="how long a msg_id is remembered for dedupe")
+    dedupe_ttl_s: float = Field(60.0, gt=0, description="how long a msg_id is remembered for dedupe, in event time "
+                                "of its machine (redeliveries come right behind a machine's newest message)")
+    dedupe_max_entries: int = Field(100_000, ge=1, description="embedded runner: most msg_ids remembered "
+                                    "(50 machines at 10 messages/s for 60 s need 30,000)")
+    max_rule_states: int = Field(10_000, ge=1, description="embedded runner: most (rule, scope key) states kept; "
+                                 "beyond it the least recently updated is forgotten")
 
 
 class WebhookConfig(_Strict):
@@ -319,6 +324,8 @@ class SiteConfig(_Strict):
     machines: list[MachineConfig] = Field(default_factory=list, max_length=1000, description="vision machines")
     rules: list[RuleConfig] = Field(default_factory=list, description="decision rules")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="rules engine settings")
+    messages: MessageLimits = Field(default_factory=MessageLimits, description="what the rules runners, the "
+                                    "bridge and the edge accept: timestamps near the receiver's clock, size")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="edge outbox")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     inference: InferenceConfig = Field(default_factory=InferenceConfig, description="edge batching and overload")
