@@ -60,6 +60,8 @@ class CameraCounters:
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     inferred_rate: RecentRate = field(default_factory=RecentRate)
     snapshot_requested: bool = False
+    masks_refused: int = 0
+    """Masks dropped from a result that would have been over the message size limit with them."""
 
 
 @dataclass
@@ -104,6 +106,7 @@ class EdgeAgent:
         self._last_outputs: dict[str, list[ModelOutput]] = {}
         self.inference = config.inference
         self.grouper = ResultGrouper(config.inference.result_window_ms / 1000.0)
+        self.max_message_bytes = config.messages.max_bytes
         self.shedder = LoadShedder({cam.id: cam.config.priority for cam in self.cameras},
                                    high=config.inference.overload_high, low=config.inference.overload_low)
         self.sensor_sources: dict[str, SensorSource] = {
@@ -379,9 +382,23 @@ class EdgeAgent:
 
     def _publish_group(self, camera: str, frames: list[FrameResult]) -> None:
         """One result message for a camera's frames of one window."""
-        result = Result(site=self.site, machine=self.id, ts=frames[0].ts, camera=camera, frames=frames)
+        result = self._within_size(Result(site=self.site, machine=self.id, ts=frames[0].ts, camera=camera,
+                                          frames=frames))
         if self._publish(result):
             self.camera_counters[camera].results_published += len(frames)
+
+    def _within_size(self, result: Result) -> Result:
+        """The result, or without its masks when they would take it over the message size limit
+        (receivers refuse such a message; the refusal is counted per camera)."""
+        masks = sum(o.mask is not None for f in result.frames for o in f.outputs)
+        if not masks or len(result.to_json()) <= self.max_message_bytes:
+            return result
+        self.camera_counters[result.camera].masks_refused += masks
+        log.warning("edge:%s: dropped %d mask(s) of %s: the result would be over the %d byte message limit",
+                    self.id, masks, result.camera, self.max_message_bytes)
+        frames = [f.model_copy(update={"outputs": [o.model_copy(update={"mask": None}) for o in f.outputs]})
+                  for f in result.frames]
+        return result.model_copy(update={"frames": frames})
 
     # ------------------------------------------------------------ sensors
 
