@@ -3,7 +3,8 @@ heartbeats and events over MQTT, its actions sent as edge commands. The same hea
 machines' retained status keep the fleet registry's status, last heartbeat and models current.
 
 ``Deploy`` becomes ``load_model`` {model, url, sha256} (the edge downloads the package from this
-service, verifies it and swaps it in), or ``promote_shadow`` {model} when the candidate already
+service by a short-lived signed link, :class:`central.tokens.DownloadLinks`, so it needs no
+credential of its own; it verifies the package and swaps it in), or ``promote_shadow`` {model} when the candidate already
 runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha256, every};
 ``StopShadow`` becomes ``stop_shadow``; ``Rollback`` becomes ``rollback_model`` {model}. Health is
 read from heartbeats (the package each machine runs, p95 inference latency of its cameras, the
@@ -31,6 +32,7 @@ import paho.mqtt.client as paho
 from central.registry import Registry, RegistryError
 from central.rollout import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, Shadow, StopShadow,
                              rollout_from_dict, rollout_to_dict)
+from central.tokens import DownloadLinks
 from stream.messages import Command, Event, Heartbeat, MessageError, ModelHealth, parse_message
 from stream.mqtt import MqttClient
 from stream.topics import mqtt_topic, parse_topic, topic_for
@@ -45,8 +47,11 @@ at half the candidate's cost."""
 
 class RolloutManager:
     def __init__(self, site: str, registry: Registry, mqtt: MqttClient, public_url: str, tick_s: float = 0.5,
-                 *, register_unknown: bool = False) -> None:
+                 *, links: DownloadLinks | None = None, register_unknown: bool = False) -> None:
         self.site = site
+        self.links = links
+        """Signs the download URLs of load_model/shadow_model (None: unsigned URLs, only for tests that
+        never download)."""
         self.register_unknown = register_unknown
         """Register a machine on its first heartbeat when neither the site file nor the registry has it."""
         self.rejected: Counter[str] = Counter()
@@ -267,7 +272,10 @@ class RolloutManager:
 
     def _fetch_args(self, model: str, package_id: str) -> dict[str, str]:
         stored = self.registry.package(package_id)
-        return {"model": model, "url": f"{self.public_url}/models/{stored.id}/download", "sha256": stored.sha256}
+        url = f"{self.public_url}/models/{stored.id}/download"
+        if self.links is not None:
+            url += "?" + self.links.query(stored.id, time.time())
+        return {"model": model, "url": url, "sha256": stored.sha256}
 
     def _command(self, machines: tuple[str, ...], name: str, args: dict, reason: str) -> None:
         for machine in machines:

@@ -15,7 +15,8 @@ from rich.live import Live
 from rich.logging import RichHandler
 
 from central.client_cli import register as register_central_client
-from central.tokens import TOKEN_ENV, TOKEN_FILE_ENV, TOKEN_HELP, find_token
+from central.tokens import (DOWNLOAD_LINK_TTL_S, READ_TOKEN_ENV, READ_TOKEN_FILE_ENV, READ_TOKEN_HELP, TOKEN_ENV,
+                            TOKEN_FILE_ENV, TOKEN_HELP, find_token)
 from edgeline.config import ConfigError, SiteConfig, load
 from models.anomaly_cli import register as register_anomaly_commands
 from models.package_cli import register as register_package_commands
@@ -232,7 +233,9 @@ def central_serve(
     config: ConfigOption,
     broker: BrokerOption = None,
     token_file: Annotated[Optional[Path], typer.Option(envvar=TOKEN_FILE_ENV, show_envvar=False,
-                                                       help=TOKEN_HELP)] = None,
+                                                       help=TOKEN_HELP + " (writes and reads)")] = None,
+    read_token_file: Annotated[Optional[Path], typer.Option(envvar=READ_TOKEN_FILE_ENV, show_envvar=False,
+                                                            help=READ_TOKEN_HELP + " (reads only)")] = None,
     db: Annotated[str, typer.Option(help="SQLAlchemy URL: sqlite:///central.db or postgresql://...")] = "sqlite:///central.db",
     storage: Annotated[Path, typer.Option(help="where uploaded packages are kept")] = Path("central-packages"),
     host: str = "127.0.0.1",
@@ -242,6 +245,12 @@ def central_serve(
     register_unknown_machines: Annotated[bool, typer.Option(
         help="register a machine on its first heartbeat when neither the site file nor the registry has it "
              "(off: its messages are dropped and counted)")] = False,
+    download_link_ttl_s: Annotated[float, typer.Option(
+        min=1, help="how long the signed download links in rollout commands stay valid")] = DOWNLOAD_LINK_TTL_S,
+    metrics_host: Annotated[str, typer.Option(help="address of --metrics-port")] = "127.0.0.1",
+    metrics_port: Annotated[Optional[int], typer.Option(
+        help="serve /metrics without a token on this port (of --metrics-host); the API's own /metrics then "
+             "needs a read token (default: /metrics open on the API port)")] = None,
     log_level: str = "info",
 ) -> None:
     """Serve the fleet and model registries and run rollouts over MQTT (OpenAPI docs at /docs)."""
@@ -251,30 +260,49 @@ def central_serve(
         from central.api import create_api
         from central.registry import Registry
     site = _load_or_exit(config, broker)
-    try:
-        token = find_token(token_file)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
-    if token is None:
-        raise fail(f"no API token: pass --token-file, or set ${TOKEN_FILE_ENV} or ${TOKEN_ENV}")
+    token, read_token = _central_tokens(token_file, read_token_file)
     from models.signing import builtin_trusted_keys, load_public_keys
 
     keys = builtin_trusted_keys() + [k for p in site.signatures.trusted_keys for k in load_public_keys(config.parent / p)]
     registry = Registry(db, storage, keys, site.packages)  # unsigned packages refused whatever the edge requires
     registry.sync_site(site.site, {m.id: (m.line, [c.id for c in m.cameras]) for m in site.machines})
+    from central.api import central_metrics
     from central.rollouts import RolloutManager
+    from central.tokens import DownloadLinks
     from stream.mqtt import MqttClient
 
+    links = DownloadLinks(token, download_link_ttl_s)
     manager = RolloutManager(site.site, registry, MqttClient(site.broker.mqtt_settings(), f"central-{site.site}"),
-                             public_url or f"http://{host}:{port}", register_unknown=register_unknown_machines)
+                             public_url or f"http://{host}:{port}", links=links,
+                             register_unknown=register_unknown_machines)
     manager.start()
+    metrics_server = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        metrics_server, _ = start_http_server(metrics_port, metrics_host, registry=central_metrics(registry, manager))
     _interrupt_on_signals()  # uvicorn re-raises the SIGTERM it caught once it has shut down: let it come back here
     try:
-        uvicorn.run(create_api(registry, token, manager), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_api(registry, token, manager, read_token=read_token, links=links,
+                               open_metrics=metrics_port is None), host=host, port=port, log_level=log_level)
     except KeyboardInterrupt:
         pass
     finally:
         manager.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+
+
+def _central_tokens(token_file: Path | None, read_token_file: Path | None) -> tuple[str, str | None]:
+    """The write token (required) and the read token (optional: the write token also reads)."""
+    try:
+        token = find_token(token_file)
+        read_token = find_token(read_token_file, value_env=READ_TOKEN_ENV)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if token is None:
+        raise fail(f"no API token: pass --token-file, or set ${TOKEN_FILE_ENV} or ${TOKEN_ENV}")
+    return token, read_token
 
 
 @grafana_app.command("build")
