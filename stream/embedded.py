@@ -30,7 +30,8 @@ from stream.dedupe import Deduper
 from stream.messages import DEFAULT_LIMITS, Alert, Command, Envelope, MessageError, MessageLimits, parse_message
 from stream.mqtt import MqttClient
 from stream.rule_config import RuleConfig
-from stream.rules import DEFAULT_MAX_STATES, BoundedStates, EngineStats, RulesEngine
+from stream.rules import DEFAULT_MAX_STATES, BoundedStates, RulesEngine
+from stream.rules_metrics import EngineStatsCollector
 from stream.topics import MQTT_ROOT, mqtt_topic, parse_topic, topic_for
 
 log = logging.getLogger(__name__)
@@ -43,23 +44,6 @@ def deadletter_topic(site: str) -> str:
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class EngineStatsCollector(Collector):
-    """The engine's own counts, read at scrape time: observations dropped as late or refused
-    (``<prefix>_late_observations_total``, ``<prefix>_refused_observations_total``)."""
-
-    def __init__(self, prefix: str, stats: Callable[[], list[EngineStats]]) -> None:
-        self.prefix = prefix
-        self.stats = stats
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self.stats()
-        yield CounterMetricFamily(f"{self.prefix}_late_observations", "Observations dropped as older than their "
-                                  "rule key's clock minus the allowed lateness", value=sum(s.late for s in stats))
-        yield CounterMetricFamily(f"{self.prefix}_refused_observations", "Observations refused before any state "
-                                  "changed: a time or value not finite, or a time too far ahead of the receiver's "
-                                  "clock", value=sum(s.refused for s in stats))
 
 
 class MemoryCollector(Collector):

@@ -5,7 +5,10 @@ observations, levels that overflow, oversized messages, and its memory bound."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -167,3 +170,9 @@ def test_memory_stays_within_its_bounds_and_shows_them(
     assert scraped['edgeline_rules_state_entries{store="rules"}'] == 4
     assert scraped['edgeline_rules_state_evicted_total{store="dedupe"}'] == 121 - 50
     assert scraped['edgeline_rules_state_evicted_total{store="rules"}'] > 0
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{runner.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
