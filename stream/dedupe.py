@@ -17,7 +17,7 @@ class Deduper:
     own ids, not the others'), and every such early eviction is counted in ``evicted``.
     """
 
-    def __init__(self, ttl_s: float = 600.0, max_entries: int = 200_000) -> None:
+    def __init__(self, ttl_s: float = 60.0, max_entries: int = 100_000) -> None:
         if ttl_s <= 0 or max_entries < 1:
             raise ValueError("ttl_s must be > 0 and max_entries >= 1")
         self.ttl_s = ttl_s
