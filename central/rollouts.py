@@ -4,8 +4,8 @@ machines' retained status keep the fleet registry's status, last heartbeat and m
 
 ``Deploy`` becomes ``load_model`` {model, url, sha256} (the edge downloads the package from this
 service by a short-lived signed link, :class:`central.tokens.DownloadLinks`, so it needs no
-credential of its own; it verifies the package and swaps it in), or ``promote_shadow`` {model} when the candidate already
-runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha256, every};
+credential of its own; it verifies the package and swaps it in), or ``promote_shadow`` {model}
+when the candidate already runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha256, every};
 ``StopShadow`` becomes ``stop_shadow``; ``Rollback`` becomes ``rollback_model`` {model}. Health is
 read from heartbeats (the package each machine runs, p95 inference latency of its cameras, the
 model's failed frames and mean defect ratio since its package was loaded, the shadow's agreement
@@ -43,6 +43,8 @@ FAILURE_EVENTS = ("model_load_failed", "shadow_failed")
 SHADOW_EVERY = 2
 """A shadow runs the candidate on one batch in this many: enough frames for the gate in seconds,
 at half the candidate's cost."""
+WARNED_TOPICS_MAX = 1000
+"""Dropped messages are logged at warning once per (topic, reason), for this many pairs at most."""
 
 
 class RolloutManager:
@@ -203,8 +205,10 @@ class RolloutManager:
     def _reject(self, topic: str, reason: str, text: str) -> None:
         """Drop a machine's message: counted by reason, logged at warning the first time per topic and reason."""
         self.rejected[reason] += 1
-        level = logging.DEBUG if (topic, reason) in self._warned else logging.WARNING
-        self._warned.add((topic, reason))
+        first = (topic, reason) not in self._warned and len(self._warned) < WARNED_TOPICS_MAX
+        if first:
+            self._warned.add((topic, reason))
+        level = logging.WARNING if first else logging.DEBUG
         log.log(level, "rollouts: dropped a message on %s (%s): %s; %d dropped for this reason so far",
                 topic, reason, text, self.rejected[reason])
 
