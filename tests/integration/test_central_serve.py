@@ -203,7 +203,8 @@ def test_a_rollout_from_the_cli_refused_followed_aborted_and_completed(central, 
     assert isinstance(raw["history"][0]["ts"], float)
     listed = central_cli("rollouts", "--url", base, **READER)
     assert f"| {rollout_id} | seg-synth-1.0.0-int8 | seg-synth-1.0.0-fp32 |" in listed.stdout
-    assert [r["id"] for r in json.loads(central_cli("rollouts", "--url", base, "--json", **READER).stdout)] == [rollout_id]
+    listed_json = json.loads(central_cli("rollouts", "--url", base, "--json", **READER).stdout)
+    assert [r["id"] for r in listed_json] == [rollout_id]
     stop = central_cli("rollout-control", rollout_id, "stop", "--url", base, EDGELINE_CENTRAL_TOKEN=TOKEN)
     assert stop.returncode == 2 and "'stop' is not one of 'pause', 'resume', 'abort'" in stop.stderr
     aborted = central_cli("rollout-control", rollout_id, "abort", "--url", base, EDGELINE_CENTRAL_TOKEN=TOKEN)
