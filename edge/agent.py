@@ -534,7 +534,7 @@ class EdgeAgent:
         verified; else ``path`` on this box."""
         if "url" in command.args:
             return fetch_package(str(command.args["url"]), str(command.args.get("sha256", "")), self.downloads,
-                                 allowed=self.packages.download_urls)
+                                 self.packages)
         return resolve_model_path(ModelRef(path=str(command.args.get("path", ""))), self.base_dir)
 
     def apply_command(self, command: Command) -> tuple[bool, str]:

@@ -25,7 +25,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -107,7 +109,8 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, allowed: Sequence[str]) -> None:
         self.allowed = allowed
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def] # urllib's
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Message,
+                         newurl: str) -> urllib.request.Request | None:
         try:
             check_download_url(newurl, self.allowed)
         except DownloadError as exc:
@@ -115,12 +118,12 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def fetch_package(url: str, sha256: str, folder: Path, keep: int = KEEP_DOWNLOADS,
-                  allowed: Sequence[str] = ()) -> Path:
+def fetch_package(url: str, sha256: str, folder: Path, settings: PackageSettings, keep: int = KEEP_DOWNLOADS) -> Path:
     """Download a package tar from central into ``folder`` (verified against ``sha256``, which central
     sends with the rollout), keeping the ``keep`` newest downloads. Already there: not fetched again.
-    A URL that :func:`check_download_url` refuses is refused before anything is read or written."""
-    check_download_url(url, allowed)
+    A URL that :func:`check_download_url` refuses (``settings.download_urls``) is refused before
+    anything is read or written; a download is stopped once it passes ``settings.max_archive_mib``."""
+    check_download_url(url, settings.download_urls)
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise DownloadError(f"refused to download {url!r}: sha256 {sha256[:80]!r} is not 64 hex digits")
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,12 +131,18 @@ def fetch_package(url: str, sha256: str, folder: Path, keep: int = KEEP_DOWNLOAD
     if not target.exists():
         partial = target.with_suffix(".part")
         digest = hashlib.sha256()
-        opener = urllib.request.build_opener(_CheckedRedirects(allowed))
+        opener = urllib.request.build_opener(_CheckedRedirects(settings.download_urls))
         try:
             with opener.open(url, timeout=60) as response, partial.open("wb") as out:
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
+                    if out.tell() > settings.max_archive_bytes:
+                        raise DownloadError(f"download of {url} stopped: over {settings.max_archive_mib:g} MiB "
+                                            "(packages.max_archive_mib)")
+        except DownloadError:
+            partial.unlink(missing_ok=True)
+            raise
         except (urllib.error.URLError, OSError) as exc:
             partial.unlink(missing_ok=True)
             raise DownloadError(f"download of {url} failed: {exc}") from exc

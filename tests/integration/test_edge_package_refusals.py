@@ -1,9 +1,10 @@
 """What a running agent (real Mosquitto, real ONNX Runtime, packages over real HTTP) refuses to
 download or load: URLs that are not http(s) or not under ``packages.download_urls`` (nothing read
-or written), a redirect out of them, a compression bomb (refused at the limit before its big file
-is written), a signed package whose model.onnx is not a model. Every refusal is a
-``model_load_failed`` or ``shadow_failed`` event naming the reason, and leaves nothing in the
-downloads or the package cache; a good package from the same server still loads."""
+or written), a redirect out of them, a download past ``packages.max_archive_mib``, a compression
+bomb (refused at the limit before its big file is written), a signed package whose model.onnx is
+not a model. Every refusal is a ``model_load_failed`` or ``shadow_failed`` event naming the
+reason, and leaves nothing in the downloads or the package cache; a good package from the same
+server still loads."""
 
 from __future__ import annotations
 
@@ -97,11 +98,12 @@ def test_the_agent_refuses_bad_urls_and_packages_and_keeps_none(mosquitto, mqtt_
     write_package_tar(BUILTIN_PACKAGES / "seg-synth-fp32", root / "models" / "good.tar")
     bomb(root / "models" / "bomb.tar", 256 * 2**20)
     shutil.copy(root / "models" / "good.tar", root / "other" / "good.tar")
+    (root / "models" / "huge.tar").write_bytes(bytes(3 * 2**20))
     site = unique_name
     config = edge_site(mosquitto, site, tmp_path, [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"],
                                                                                "fps": 5}]}],
                        {"seg": {"path": "builtin:seg-synth-int8"}}, signatures={"trusted_keys": [str(public_key)]},
-                       packages={"download_urls": [f"{base}/models/"], "max_unpacked_mib": 64})
+                       packages={"download_urls": [f"{base}/models/"], "max_unpacked_mib": 64, "max_archive_mib": 1})
     probe = mqtt_probe(mosquitto)
     probe.subscribe(site_filter(site))
     agent = EdgeAgent(config, "m1", base_dir=tmp_path, heartbeat_s=1.0)
@@ -122,6 +124,9 @@ def test_the_agent_refuses_bad_urls_and_packages_and_keeps_none(mosquitto, mqtt_
         assert away.name == "model_load_failed" and f"'{base}/other/good.tar': not under packages" in away.text
         assert "redirected to" in away.text and list(downloads.iterdir()) == []
 
+        huge = load(f"{base}/models/huge.tar", sha256(root / "models" / "huge.tar"))
+        assert huge.name == "model_load_failed"
+        assert "huge.tar stopped: over 1 MiB (packages.max_archive_mib)" in huge.text
         refused = load(f"{base}/models/bomb.tar", sha256(root / "models" / "bomb.tar"))
         assert refused.name == "model_load_failed"
         assert "unpacks to more than 64 MiB (packages.max_unpacked_mib; refused at member 'weights.bin'" in refused.text

@@ -15,7 +15,7 @@ from edge.inference import SegmentationModel
 from edge.ota import DownloadError, ModelSwapper, check_download_url, fetch_package, mask_agreement
 from edge.synthetic import SyntheticCamera
 from edgeline.config import BUILTIN_PACKAGES
-from models.package import load_package
+from models.package import PackageSettings, load_package
 from models.signing import builtin_trusted_keys
 
 
@@ -87,7 +87,7 @@ def test_download_urls_under_the_allow_list_pass_with_their_query():
 
 def test_a_refused_url_writes_nothing(tmp_path):
     with pytest.raises(DownloadError, match="only http:// and https://"):
-        fetch_package("file:///etc/passwd", hashlib.sha256(b"").hexdigest(), tmp_path / "downloads")
+        fetch_package("file:///etc/passwd", hashlib.sha256(b"").hexdigest(), tmp_path / "downloads", PackageSettings())
     with pytest.raises(DownloadError, match="is not 64 hex digits"):
-        fetch_package("http://127.0.0.1:9/x.tar", "../../escape", tmp_path / "downloads")
+        fetch_package("http://127.0.0.1:9/x.tar", "../../escape", tmp_path / "downloads", PackageSettings())
     assert not (tmp_path / "downloads").exists()
