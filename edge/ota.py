@@ -245,8 +245,6 @@ class ModelSwapper:
         self._lock = threading.Lock()  # one swap at a time
 
     def load(self, name: str, path: Path, recent_frames: Sequence[np.ndarray]) -> SwapOutcome:
-        if name not in self.models:
-            return SwapOutcome(False, f"no model {name!r} on this machine")
         with self._lock:
             outcome = self._load(name, path, recent_frames)
             if not outcome.ok:
@@ -275,13 +273,13 @@ class ModelSwapper:
         return SwapOutcome(True, f"{name}: now {candidate.package_id} in place of {current.package_id}", details)
 
     def _open(self, name: str, path: Path) -> SegmentationModel:
+        if name not in self.models:
+            raise ModelLoadError(f"no model {name!r} on this machine")
         package = load_package(path, trusted_keys=self.trusted_keys, limits=self.limits)
         return SegmentationModel(package, self.providers.get(name, ("cpu",)), self.threads.get(name, 1))
 
     def candidate(self, name: str, path: Path) -> SegmentationModel:
         """A verified, warmed-up model for ``name`` that is not put in place (shadow mode)."""
-        if name not in self.models:
-            raise ModelLoadError(f"no model {name!r} on this machine")
         try:
             return self._open(name, path)
         except (PackageError, ModelLoadError, OSError):

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.inference import SegmentationModel
+from edge.inference import ModelLoadError, SegmentationModel
 from edge.ota import DownloadError, ModelSwapper, check_download_url, fetch_package, mask_agreement
 from edge.synthetic import SyntheticCamera
 from edgeline.config import BUILTIN_PACKAGES
-from models.package import PackageSettings, load_package
+from models.package import CACHE_ENV, PackageSettings, load_package, write_package_tar
 from models.signing import builtin_trusted_keys
 
 
@@ -91,3 +91,27 @@ def test_a_refused_url_writes_nothing(tmp_path):
     with pytest.raises(DownloadError, match="is not 64 hex digits"):
         fetch_package("http://127.0.0.1:9/x.tar", "../../escape", tmp_path / "downloads", PackageSettings())
     assert not (tmp_path / "downloads").exists()
+
+
+def test_refused_downloads_are_removed_and_local_packages_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    models = swapper(downloads)
+    unknown = write_package_tar(BUILTIN_PACKAGES / "seg-synth-fp32", downloads / "a.tar")
+    assert "no model 'other' on this machine" in models.load("other", unknown, []).text
+    assert not unknown.exists()
+    random_onnx = tmp_path / "random"
+    shutil.copytree(BUILTIN_PACKAGES / "seg-synth-fp32", random_onnx)
+    manifest = json.loads((random_onnx / "manifest.json").read_text())
+    (random_onnx / "model.onnx").write_bytes(b"not onnx")
+    manifest["files"]["model.onnx"] = hashlib.sha256(b"not onnx").hexdigest()
+    (random_onnx / "manifest.json").write_text(json.dumps(manifest))
+    unsigned = ModelSwapper(models.models, None, providers={}, threads={}, downloads=downloads)
+    assert "INVALID_PROTOBUF" in unsigned.load("seg", write_package_tar(random_onnx, downloads / "b.tar"), []).text
+    local = write_package_tar(random_onnx, tmp_path / "c.tar")
+    assert "INVALID_PROTOBUF" in unsigned.load("seg", local, []).text
+    with pytest.raises(ModelLoadError, match="INVALID_PROTOBUF"):
+        unsigned.candidate("seg", local)
+    assert list(downloads.iterdir()) == [] and local.exists()  # a tar given on this box stays
+    assert list((tmp_path / "cache" / "packages").iterdir()) == []
