@@ -202,7 +202,8 @@ def stream_bridge(config: ConfigOption, kafka: KafkaOption = None, broker: Broke
     _setup_logging(log_level)
     site = _with_kafka(_load_or_exit(config, broker), kafka)
     bridge = MqttKafkaBridge(site.site, site.broker.mqtt_settings(), site.stream.kafka, topics=site.stream.topics(),
-                             partitions=site.stream.partitions, replication=site.stream.replication)
+                             partitions=site.stream.partitions, replication=site.stream.replication,
+                             settings=site.stream.bridge)
     _run_until_signal(bridge, lambda: bridge.start(metrics_port=metrics_port),
                       lambda: f"bridge {site.site}: MQTT {site.broker.host}:{site.broker.port} <-> Kafka "
                               f"{site.stream.kafka}" + (f", metrics on :{bridge.metrics_port}" if bridge.metrics_port else ""))

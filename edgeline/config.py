@@ -21,6 +21,7 @@ from models.package import PackageSettings, is_package_tar
 from models.signing import builtin_trusted_keys, load_public_keys
 
 from stream.messages import Identifier, MessageLimits
+from stream.kafka_settings import BridgeSettings, WorkerGroupSettings
 from stream.mqtt import MqttSettings
 from stream.topics import KafkaTopics
 from stream.rule_config import RuleConfig
@@ -308,6 +309,10 @@ class StreamConfig(_Strict):
                        "rocksdb:// (needs rocksdict; on disk, fast restarts)")
     heartbeat_timeout_s: float = Field(15.0, gt=0, description="a machine silent this long raises an offline alert")
     webhook: WebhookConfig | None = Field(None, description="POST every alert here (retries, then dead-letter)")
+    bridge: BridgeSettings = Field(default_factory=BridgeSettings, description="the MQTT->Kafka bridge's "
+                                   "delivery, retries and shutdown")
+    workers: WorkerGroupSettings = Field(default_factory=WorkerGroupSettings, description="the Faust workers' "
+                                         "consumer group: how fast a dead worker's partitions move to the others")
 
     def topics(self) -> KafkaTopics:
         return KafkaTopics(self.topic_prefix)
