@@ -30,8 +30,9 @@ class BridgeSettings(_Strict):
 
 
 class WorkerGroupSettings(_Strict):
-    session_timeout_s: float = Field(10.0, ge=1, le=1800, description="a worker whose heartbeats stop this long "
-                                     "(a kill -9, a lost host) leaves the group and its partitions move; within "
+    session_timeout_s: float = Field(8.0, ge=1, le=1800, description="a worker whose heartbeats stop this long "
+                                     "(a kill -9, a lost host) leaves the group and its partitions move (a worker "
+                                     "started after a kill -9 processes about this long after its start); within "
                                      "the broker's group.min/max.session.timeout.ms (6 s .. 30 min by default)")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=600, description="how often a worker tells the group it is "
                                         "alive; at most a third of session_timeout_s")
