@@ -1,27 +1,36 @@
-"""The central HTTP API (FastAPI): fleet and model registries. Every write needs the bearer token;
-reads are open on the plant network. OpenAPI docs at ``/docs``.
+"""The central HTTP API (FastAPI): fleet and model registries. Every write needs the bearer
+token; every read (fleet, registry, rollouts, downloads, OpenAPI docs at ``/docs``) needs the read
+token or the write token, as a bearer token or as the password of HTTP basic auth (what a browser
+sends for ``/docs``). A package download also accepts a signed link
+(:class:`central.tokens.DownloadLinks`), which is what the rollout commands send to the edge.
+``/metrics`` is open unless told otherwise (central serve --metrics-port serves it apart).
 
     edgeline central serve --config site.yaml --token-file token --db sqlite:///central.db
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import secrets
+import time
 from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
 from central.registry import MachineRow, Registry, RegistryError
 from central.rollout import GATE_HELP, Gates, Operation, RolloutError
 from central.rollouts import RolloutManager
+from central.tokens import DownloadLinks
 from stream.messages import IDENTIFIER_PATTERN
 
 MAX_PACKAGE_BYTES = 512 * 2**20
@@ -56,15 +65,53 @@ def machine_out(row: MachineRow) -> dict[str, Any]:
             "models": json.loads(row.models), "status": row.status, "last_heartbeat": row.last_heartbeat}
 
 
-def create_api(registry: Registry, token: str, rollouts: RolloutManager | None = None) -> FastAPI:
-    app = FastAPI(title="Edgeline central", version="1", description="Fleet and model registries of one site.")
+def presented_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization`` header: a bearer token, or the password of basic auth."""
+    scheme, _, value = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
+def check_token(authorization: str | None, accepted: list[str], what: str) -> None:
+    """401 without a token, 403 with one that is not among ``accepted``."""
+    presented = presented_token(authorization)
+    if not presented:
+        raise HTTPException(401, f"{what}: send 'Authorization: Bearer <token>'",
+                            headers={"WWW-Authenticate": 'Bearer, Basic realm="edgeline central"'})
+    if not any(secrets.compare_digest(presented.encode(), good.encode()) for good in accepted):
+        raise HTTPException(403, "the token is not valid")
+
+
+def create_api(registry: Registry, token: str, rollouts: RolloutManager | None = None, *,
+               read_token: str | None = None, links: DownloadLinks | None = None,
+               open_metrics: bool = True) -> FastAPI:
+    """The API: writes take ``token``; reads take it or ``read_token``; downloads also take a link
+    signed by ``links`` (by default keyed on ``token``); ``/metrics`` needs a read token unless
+    ``open_metrics``."""
+    app = FastAPI(title="Edgeline central", version="1", description="Fleet and model registries of one site.",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    links = links or DownloadLinks(token)
+    readers = [token] + ([read_token] if read_token else [])
 
     def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        if authorization is None or not authorization.startswith("Bearer "):
-            raise HTTPException(401, "this call changes state: send 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(authorization.removeprefix("Bearer ").strip(), token):
-            raise HTTPException(403, "the bearer token is not valid")
+        check_token(authorization, [token], "this call changes state")
+
+    def require_read(authorization: Annotated[str | None, Header()] = None) -> None:
+        check_token(authorization, readers, "reads need the read token (or the write token)")
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_read)])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_read)])
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Edgeline central")
 
     @app.exception_handler(RegistryError)
     async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
@@ -80,16 +127,22 @@ def create_api(registry: Registry, token: str, rollouts: RolloutManager | None =
             raise HTTPException(413, f"package larger than {MAX_PACKAGE_BYTES // 2**20} MiB")
         return asdict(registry.add_package(body))
 
-    @app.get("/models")
+    @app.get("/models", dependencies=[Depends(require_read)])
     def list_models() -> list[dict[str, Any]]:
         return [asdict(p) for p in registry.packages()]
 
-    @app.get("/models/{package_id}")
+    @app.get("/models/{package_id}", dependencies=[Depends(require_read)])
     def inspect_model(package_id: str) -> dict[str, Any]:
         return asdict(registry.package(package_id))
 
-    @app.get("/models/{package_id}/download", response_class=FileResponse)
-    def download(package_id: str) -> FileResponse:
+    @app.get("/models/{package_id}/download", response_class=FileResponse,
+             summary="Download a package: with a read token, or by a signed link from a rollout command")
+    def download(package_id: str, expires: int | None = None, signature: str | None = None,
+                 authorization: Annotated[str | None, Header()] = None) -> FileResponse:
+        if expires is None or signature is None:
+            require_read(authorization)
+        elif not links.valid(package_id, expires, signature, time.time()):
+            raise HTTPException(403, "the download link has expired or is not valid")
         stored = registry.package(package_id)
         return FileResponse(registry.package_path(package_id), media_type="application/x-tar",
                             filename=f"{package_id}.tar", headers={"X-Checksum-Sha256": stored.sha256})
@@ -101,24 +154,31 @@ def create_api(registry: Registry, token: str, rollouts: RolloutManager | None =
         return machine_out(registry.upsert_machine(machine_id, machine.site, machine.line, machine.cameras,
                                                    machine.models))
 
-    @app.get("/machines")
+    @app.get("/machines", dependencies=[Depends(require_read)])
     def list_machines() -> list[dict[str, Any]]:
         return [machine_out(row) for row in registry.machines()]
 
-    @app.get("/machines/{machine_id}")
+    @app.get("/machines/{machine_id}", dependencies=[Depends(require_read)])
     def get_machine(machine_id: str) -> dict[str, Any]:
         return machine_out(registry.machine(machine_id))
 
     if rollouts is not None:
-        _rollout_routes(app, rollouts, require_token)
-    metrics_registry = CollectorRegistry()
-    metrics_registry.register(CentralCollector(registry, rollouts))
+        _rollout_routes(app, rollouts, require_token, require_read)
+    metrics_registry = central_metrics(registry, rollouts)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse,
+             dependencies=[] if open_metrics else [Depends(require_read)])
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics_registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def central_metrics(registry: Registry, rollouts: RolloutManager | None) -> CollectorRegistry:
+    """A Prometheus registry holding :class:`CentralCollector`."""
+    metrics_registry = CollectorRegistry()
+    metrics_registry.register(CentralCollector(registry, rollouts))
+    return metrics_registry
 
 
 class CentralCollector(Collector):
@@ -174,9 +234,15 @@ class CentralCollector(Collector):
             frames.add_metric([machine, package], count)
         yield agreement
         yield frames
+        rejected = CounterMetricFamily("edgeline_central_messages_rejected", "Messages from the machines that "
+                                       "central dropped, by reason: identity (payload and topic disagree), invalid, "
+                                       "unknown_machine", labels=["reason"])
+        for reason, count in sorted((self.rollouts.rejected if self.rollouts else {}).items()):
+            rejected.add_metric([reason], count)
+        yield rejected
 
 
-def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) -> None:
+def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any, require_read: Any) -> None:
     def known(rollout_id: str) -> str:
         if rollout_id not in rollouts.rollouts:
             raise HTTPException(404, f"no rollout {rollout_id!r}")
@@ -198,13 +264,13 @@ def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any) 
             raise HTTPException(409, str(exc)) from None
         return rollouts.describe(rollout_id)
 
-    @app.get("/rollouts")
+    @app.get("/rollouts", dependencies=[Depends(require_read)])
     def list_rollouts() -> list[dict[str, Any]]:
         """Every rollout (in the order they were created), without its history."""
         return [{k: v for k, v in rollouts.describe(rollout_id).items() if k != "history"}
                 for rollout_id in list(rollouts.rollouts)]
 
-    @app.get("/rollouts/{rollout_id}")
+    @app.get("/rollouts/{rollout_id}", dependencies=[Depends(require_read)])
     def describe(rollout_id: str) -> dict[str, Any]:
         """A rollout and its history; stages are counted from 1 (0: not started), times are UTC epoch seconds."""
         return rollouts.describe(known(rollout_id))

@@ -2,9 +2,12 @@
 and read only its own commands; the site services (MQTT->Kafka bridge, central, embedded rules)
 read the whole site and send commands.
 
-The machine's MQTT user name is its machine id, so one ``pattern`` line (``%u``) covers every
-machine; an agent that tries to publish as another machine is refused by the broker (MQTT 3.1.1
-brokers drop such a message silently), whatever its client id says. Every service has its own
+The machine's MQTT user name is its machine id, so ``pattern`` lines (``%u``) cover every
+machine: it may publish only its own result, anomaly, heartbeat, event and status topics, never a
+command, decision or alert (not even under its own id); anything else is refused by the broker
+(MQTT 3.1.1 brokers drop such a message silently). The broker ties every client id to its login
+(``use_username_as_clientid`` in deploy/mosquitto/mosquitto.conf), so a machine cannot take over
+a service's client id and its persistent session either. Every service has its own
 user, so one leaked secret is revoked alone. Passwords are hashed by Debian's ``mosquitto_passwd``;
 each user's clear password is also written to ``secrets/<user>.pass`` for the process that logs
 in as that user (``broker.password_file`` or ``$EDGELINE_MQTT_PASSWORD_FILE``).
@@ -20,10 +23,12 @@ from pathlib import Path
 import yaml
 
 from edgeline.config import SiteConfig
-from stream.topics import MQTT_ROOT
+from stream.topics import CAMERA_KINDS, MQTT_ROOT
 
 BRIDGE_USER = "edgeline-bridge"
 SERVICE_USERS = (BRIDGE_USER, "edgeline-central", "edgeline-rules")
+MACHINE_KINDS = ("result", "anomaly", "heartbeat", "event", "status")
+"""What a machine publishes under its own id; commands, decisions and alerts come from the services."""
 
 
 def site_acl(site: SiteConfig) -> str:
@@ -31,8 +36,9 @@ def site_acl(site: SiteConfig) -> str:
     root = f"{MQTT_ROOT}/{site.site}"
     lines = [
         f"# Mosquitto ACL for site {site.site}, written by `edgeline central broker-auth`.",
-        "# Machines log in with their machine id as user name (%u).",
-        f"pattern write {root}/%u/#",
+        "# Machines log in with their machine id as user name (%u) and publish only their own data.",
+        *(f"pattern write {root}/%u/{kind}" for kind in MACHINE_KINDS),
+        *(f"pattern write {root}/%u/{kind}/+" for kind in CAMERA_KINDS),
         f"pattern read {root}/%u/cmd/#",
         "",
     ]

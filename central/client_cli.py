@@ -1,7 +1,8 @@
 """`edgeline central ...` client commands: every registry and rollout operation over the HTTP API.
 
 They need only HTTP (httpx, in the base install), never the ``central`` extra. Listings print a
-table (whole when piped) or, with ``--json``, the API's answer as it came.
+table (whole when piped) or, with ``--json``, the API's answer as it came. Writes send the write
+token; reads send the read token, or the write token when that is the one given.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import typer
 from rich.console import Console
 
 from central.rollout import GATE_HELP, Operation
-from central.tokens import TOKEN_FILE_ENV, TOKEN_HELP, find_token
+from central.tokens import (READ_TOKEN_ENV, READ_TOKEN_FILE_ENV, READ_TOKEN_HELP, TOKEN_ENV, TOKEN_FILE_ENV,
+                            TOKEN_HELP, find_read_token, find_token)
 from stream.console import Column, TableOutput, fail, print_json, print_table
 
 console = Console()
@@ -26,6 +28,8 @@ console = Console()
 UrlOption = Annotated[str, typer.Option("--url", envvar="EDGELINE_CENTRAL_URL", help="central base URL")]
 TokenOption = Annotated[Path | None, typer.Option("--token-file", envvar=TOKEN_FILE_ENV, show_envvar=False,
                                                   help=TOKEN_HELP)]
+ReadTokenOption = Annotated[Path | None, typer.Option("--read-token-file", envvar=READ_TOKEN_FILE_ENV,
+                                                      show_envvar=False, help=READ_TOKEN_HELP)]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the API's answer as JSON instead of a table")]
 STAGE_BASE_NOTE = "stages counted from 1, 0 before the first"
 POLL_S = 0.5
@@ -46,20 +50,21 @@ def register(app: typer.Typer) -> None:
     app.command("rollout-control")(rollout_control)
 
 
-def _headers(token_file: Path | None, write: bool) -> dict[str, str]:
-    if not write:
-        return {}
+def _headers(token_file: Path | None, read_token_file: Path | None, write: bool) -> dict[str, str]:
+    """The bearer token for a write (the write token) or a read (the read token, else the write token)."""
     try:
-        token = find_token(token_file)
+        token = find_token(token_file) if write else find_read_token(read_token_file, token_file)
     except ValueError as exc:
         raise fail(str(exc)) from None
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _request(method: str, url: str, token_file: Path | None = None, **kwargs: Any) -> httpx.Response:
+def _request(method: str, url: str, token_file: Path | None = None, read_token_file: Path | None = None,
+             **kwargs: Any) -> httpx.Response:
     """The API's answer; a 4xx/5xx or no answer prints the reason and exits (1, or 2 unreachable)."""
+    headers = _headers(token_file, read_token_file, method != "GET")
     try:
-        response = httpx.request(method, url, headers=_headers(token_file, method != "GET"), timeout=120, **kwargs)
+        response = httpx.request(method, url, headers=headers, timeout=120, **kwargs)
     except httpx.TransportError as exc:
         raise fail(f"cannot reach {url}: {exc}") from None
     if response.status_code >= 400:
@@ -74,13 +79,17 @@ def _reason(response: httpx.Response) -> str:
     detail = response.json().get("detail")
     if isinstance(detail, list):
         detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
-    if response.status_code == 401:
-        detail = f"{detail} (give the token: --token-file, ${TOKEN_FILE_ENV} or $EDGELINE_CENTRAL_TOKEN)"
+    if response.status_code == 401 and response.request.method == "GET":
+        detail = (f"{detail} (give the read token: --read-token-file, ${READ_TOKEN_FILE_ENV} or ${READ_TOKEN_ENV}; "
+                  f"or the write token: --token-file, ${TOKEN_FILE_ENV} or ${TOKEN_ENV})")
+    elif response.status_code == 401:
+        detail = f"{detail} (give the token: --token-file, ${TOKEN_FILE_ENV} or ${TOKEN_ENV})"
     return str(detail)
 
 
-def _call(method: str, url: str, token_file: Path | None = None, **kwargs: Any) -> Any:
-    return _request(method, url, token_file, **kwargs).json()
+def _call(method: str, url: str, token_file: Path | None = None, read_token_file: Path | None = None,
+          **kwargs: Any) -> Any:
+    return _request(method, url, token_file, read_token_file, **kwargs).json()
 
 
 def _utc(ts: float) -> str:
@@ -90,18 +99,22 @@ def _utc(ts: float) -> str:
 
 def upload(package: Annotated[Path, typer.Argument(help="package folder or .tar")],
            url: UrlOption = "http://127.0.0.1:8080", token_file: TokenOption = None) -> None:
-    """Upload a signed model package to the registry."""
-    from models.package import write_package_tar
+    """Upload a signed model package to the registry (a folder is checked and packed first)."""
+    from models.package import PackageError, write_package_tar
 
     with tempfile.TemporaryDirectory() as tmp:
-        tar = package if package.is_file() else write_package_tar(package, Path(tmp) / "package.tar")
+        try:
+            tar = package if package.is_file() else write_package_tar(package, Path(tmp) / "package.tar")
+        except PackageError as exc:
+            raise fail(f"package refused: {exc}", status=1) from None
         stored = _call("POST", f"{url}/models", token_file, content=tar.read_bytes())
     typer.echo(f"registered {stored['id']} (sha256 {stored['sha256'][:12]}…, signed by {stored['key_id']})")
 
 
-def models(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
+def models(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False,
+           read_token_file: ReadTokenOption = None, token_file: TokenOption = None) -> None:
     """List the packages in the registry."""
-    stored = _call("GET", f"{url}/models")
+    stored = _call("GET", f"{url}/models", token_file, read_token_file)
     if as_json:
         print_json(stored)
         return
@@ -110,15 +123,17 @@ def models(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False
                             [[p["id"], p["task"], p["sha256"][:12], p["key_id"]] for p in stored]), console)
 
 
-def model(package_id: str, url: UrlOption = "http://127.0.0.1:8080") -> None:
+def model(package_id: str, url: UrlOption = "http://127.0.0.1:8080", read_token_file: ReadTokenOption = None,
+          token_file: TokenOption = None) -> None:
     """A package's registry entry and manifest (JSON)."""
-    print_json(_call("GET", f"{url}/models/{package_id}"))
+    print_json(_call("GET", f"{url}/models/{package_id}", token_file, read_token_file))
 
 
 def download(package_id: str, out: Annotated[Path, typer.Option(help="where the .tar goes")] = Path("."),
-             url: UrlOption = "http://127.0.0.1:8080") -> None:
+             url: UrlOption = "http://127.0.0.1:8080", read_token_file: ReadTokenOption = None,
+             token_file: TokenOption = None) -> None:
     """Download a package .tar; its sha256 is checked against the X-Checksum-Sha256 header."""
-    response = _request("GET", f"{url}/models/{package_id}/download")
+    response = _request("GET", f"{url}/models/{package_id}/download", token_file, read_token_file)
     digest = hashlib.sha256(response.content).hexdigest()
     if digest != response.headers.get("X-Checksum-Sha256"):
         raise fail(f"{package_id}: sha256 {digest} does not match the registry's "
@@ -128,9 +143,10 @@ def download(package_id: str, out: Annotated[Path, typer.Option(help="where the 
     typer.echo(f"wrote {path} (sha256 {digest[:12]}…)")
 
 
-def machines(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
+def machines(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False,
+             read_token_file: ReadTokenOption = None, token_file: TokenOption = None) -> None:
     """The fleet: each machine's line, status, last heartbeat and the package each model runs."""
-    fleet = _call("GET", f"{url}/machines")
+    fleet = _call("GET", f"{url}/machines", token_file, read_token_file)
     if as_json:
         print_json(fleet)
         return
@@ -144,14 +160,16 @@ def machines(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = Fal
 
 def wait(machines: Annotated[str, typer.Option(help="comma-separated machine ids that must have reported")],
          timeout: Annotated[float, typer.Option(help="seconds to wait at most")] = 60.0,
-         url: UrlOption = "http://127.0.0.1:8080") -> None:
+         url: UrlOption = "http://127.0.0.1:8080", read_token_file: ReadTokenOption = None,
+         token_file: TokenOption = None) -> None:
     """Wait until central answers and every one of the machines has sent a heartbeat (exit 1 on timeout)."""
     wanted = [m for m in machines.split(",") if m]
+    headers = _headers(token_file, read_token_file, write=False)
     deadline = time.monotonic() + timeout
-    reported = _reported(url)
+    reported = _reported(url, headers)
     while (reported is None or not set(wanted) <= reported) and time.monotonic() < deadline:
         time.sleep(POLL_S)
-        reported = _reported(url)
+        reported = _reported(url, headers)
     if reported is None:
         raise fail(f"central at {url} did not answer in {timeout:g} s", status=1)
     missing = [m for m in wanted if m not in reported]
@@ -160,12 +178,18 @@ def wait(machines: Annotated[str, typer.Option(help="comma-separated machine ids
     typer.echo(f"central at {url}: {', '.join(wanted)} reported")
 
 
-def _reported(url: str) -> set[str] | None:
-    """The machines central has had a heartbeat from; None while it does not answer."""
+def _reported(url: str, headers: dict[str, str]) -> set[str] | None:
+    """The machines central has had a heartbeat from; None while it does not answer. A refused
+    token prints the reason and exits 1."""
     try:
-        fleet = httpx.get(f"{url}/machines", timeout=5).raise_for_status().json()
-    except httpx.HTTPError:
+        response = httpx.get(f"{url}/machines", headers=headers, timeout=5)
+    except httpx.TransportError:
         return None
+    if response.status_code in (401, 403):
+        raise fail(f"{response.status_code}: {_reason(response)}", status=1)
+    if response.status_code >= 400:
+        return None
+    fleet = response.json()
     return {row["id"] for row in fleet if row["last_heartbeat"]}
 
 
@@ -205,14 +229,14 @@ def rollout(package: Annotated[str, typer.Option(help="package id, e.g. seg-synt
     state = _call("POST", f"{url}/rollouts", token_file, json=body)
     typer.echo(f"rollout {state['id']}: {state['previous']} -> {state['package']}, {state['phase']}")
     if wait:
-        _follow(url, state["id"])
+        _follow(url, state["id"], token_file)
 
 
-def _follow(url: str, rollout_id: str) -> None:
+def _follow(url: str, rollout_id: str, token_file: Path | None) -> None:
     """Print the rollout's history as it grows until it ends; exit 1 when it was rolled back."""
     shown = 0
     while True:
-        state = _call("GET", f"{url}/rollouts/{rollout_id}")
+        state = _call("GET", f"{url}/rollouts/{rollout_id}", token_file)
         for entry in state["history"][shown:]:
             typer.echo(f"{_utc(entry['ts'])}  {entry['text']}")
         shown = len(state["history"])
@@ -224,9 +248,10 @@ def _follow(url: str, rollout_id: str) -> None:
         raise typer.Exit(1)
 
 
-def rollouts(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
+def rollouts(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False,
+             read_token_file: ReadTokenOption = None, token_file: TokenOption = None) -> None:
     """Every rollout: package, the package it replaces, phase and stage; failures below the table."""
-    listed = _call("GET", f"{url}/rollouts")
+    listed = _call("GET", f"{url}/rollouts", token_file, read_token_file)
     if as_json:
         print_json(listed)
         return
@@ -239,9 +264,10 @@ def rollouts(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = Fal
             typer.echo(f"{row['id']} failed: {row['failure']}")
 
 
-def rollout_status(rollout_id: str, url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
+def rollout_status(rollout_id: str, url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False,
+                   read_token_file: ReadTokenOption = None, token_file: TokenOption = None) -> None:
     """A rollout's phase, stage and history (times in UTC; stages are counted from 1)."""
-    state = _call("GET", f"{url}/rollouts/{rollout_id}")
+    state = _call("GET", f"{url}/rollouts/{rollout_id}", token_file, read_token_file)
     if as_json:
         print_json(state)
         return

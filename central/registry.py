@@ -1,9 +1,10 @@
 """The fleet and model registries in SQL (SQLite by default, PostgreSQL by URL, via SQLAlchemy).
 
 Model packages are stored as the uploaded tar under ``storage/`` and indexed by
-``<name>-<version>-<precision>``; an upload is verified before it is kept (every file's sha256
-and the Ed25519 signature against the trusted keys), so the registry never serves a package the
-edge would refuse.
+``<name>-<version>-<precision>``; an upload is verified before it is kept (extraction limits,
+every file's sha256, the Ed25519 signature against the trusted keys, and ``model.onnx`` loaded in
+ONNX Runtime with the inputs and outputs the manifest names), so the registry never serves a
+package the edge would refuse.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Float, String, Text, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from models.package import PackageError, load_package, manifest_json
+from models.package import PackageError, PackageSettings, check_model_graph, load_package, manifest_json
 
 
 class Base(DeclarativeBase):
@@ -89,7 +90,9 @@ def engine_url(url: str) -> str:
 
 
 class Registry:
-    def __init__(self, url: str, storage: Path, trusted_keys: list[Ed25519PublicKey]) -> None:
+    def __init__(self, url: str, storage: Path, trusted_keys: list[Ed25519PublicKey],
+                 limits: PackageSettings | None = None) -> None:
+        self.limits = limits or PackageSettings()
         self.engine = create_engine(engine_url(url))
         Base.metadata.create_all(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -100,13 +103,16 @@ class Registry:
     # ------------------------------------------------------------ packages
 
     def add_package(self, tar_bytes: bytes) -> StoredPackage:
-        """Verify and keep an uploaded package tar; refuse unsigned, tampered or duplicate ones."""
+        """Verify and keep an uploaded package tar; refuse oversized, unsigned, tampered, unloadable
+        (``model.onnx`` not matching its manifest) or duplicate ones."""
         digest = hashlib.sha256(tar_bytes).hexdigest()
         with tempfile.TemporaryDirectory(prefix="edgeline-upload-") as tmp:
             tar = Path(tmp) / "package.tar"
             tar.write_bytes(tar_bytes)
             try:
-                package = load_package(tar, trusted_keys=self.trusted_keys, cache_dir=Path(tmp) / "x")
+                package = load_package(tar, trusted_keys=self.trusted_keys, cache_dir=Path(tmp) / "x",
+                                       limits=self.limits)
+                check_model_graph(package)
             except PackageError as exc:
                 raise RegistryError(400, f"package refused: {exc}") from None
             manifest = package.manifest
@@ -174,15 +180,19 @@ class Registry:
             session.commit()
 
     def record_heartbeat(self, machine_id: str, site: str, ts: float, models: dict[str, str],
-                         cameras: list[str]) -> None:
-        """A heartbeat: the machine is online, has ``cameras`` and runs ``models``; unknown machines
-        register themselves."""
+                         cameras: list[str], register_unknown: bool = False) -> bool:
+        """A heartbeat: the machine is online, has ``cameras`` and runs ``models``. A machine the
+        registry does not know is registered only with ``register_unknown``; False when it was not."""
         with self.sessions() as session:
-            row = session.get(MachineRow, machine_id) or MachineRow(id=machine_id, site=site, line="")
+            row = session.get(MachineRow, machine_id)
+            if row is None and not register_unknown:
+                return False
+            row = row or MachineRow(id=machine_id, site=site, line="")
             row.status, row.last_heartbeat = "online", ts
             row.models, row.cameras = json.dumps(models), json.dumps(cameras)
             session.merge(row)
             session.commit()
+        return True
 
     def set_status(self, machine_id: str, status: str) -> None:
         with self.sessions() as session:

@@ -3,13 +3,19 @@ heartbeats and events over MQTT, its actions sent as edge commands. The same hea
 machines' retained status keep the fleet registry's status, last heartbeat and models current.
 
 ``Deploy`` becomes ``load_model`` {model, url, sha256} (the edge downloads the package from this
-service, verifies it and swaps it in), or ``promote_shadow`` {model} when the candidate already
-runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha256, every};
+service by a short-lived signed link, :class:`central.tokens.DownloadLinks`, so it needs no
+credential of its own; it verifies the package and swaps it in), or ``promote_shadow`` {model}
+when the candidate already runs there in shadow mode; ``Shadow`` becomes ``shadow_model`` {model, url, sha256, every};
 ``StopShadow`` becomes ``stop_shadow``; ``Rollback`` becomes ``rollback_model`` {model}. Health is
 read from heartbeats (the package each machine runs, p95 inference latency of its cameras, the
 model's failed frames and mean defect ratio since its package was loaded, the shadow's agreement
 and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A ticker thread
 (``rollouts:<site>``) drives soak times and timeouts.
+
+A message's machine is the one in its topic, which the broker's ACL binds to the machine's login:
+a payload naming another machine or site, one that fails validation, and a heartbeat from a
+machine that neither the site file nor the registry knows (unless ``register_unknown``) are
+dropped, logged and counted by reason (``edgeline_central_messages_rejected_total``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict
 
 import paho.mqtt.client as paho
@@ -25,9 +32,10 @@ import paho.mqtt.client as paho
 from central.registry import Registry, RegistryError
 from central.rollout import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, Shadow, StopShadow,
                              rollout_from_dict, rollout_to_dict)
+from central.tokens import DownloadLinks
 from stream.messages import Command, Event, Heartbeat, MessageError, ModelHealth, parse_message
 from stream.mqtt import MqttClient
-from stream.topics import mqtt_topic, topic_for
+from stream.topics import mqtt_topic, parse_topic, topic_for
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +43,22 @@ FAILURE_EVENTS = ("model_load_failed", "shadow_failed")
 SHADOW_EVERY = 2
 """A shadow runs the candidate on one batch in this many: enough frames for the gate in seconds,
 at half the candidate's cost."""
+WARNED_TOPICS_MAX = 1000
+"""Dropped messages are logged at warning once per (topic, reason), for this many pairs at most."""
 
 
 class RolloutManager:
-    def __init__(self, site: str, registry: Registry, mqtt: MqttClient, public_url: str, tick_s: float = 0.5) -> None:
+    def __init__(self, site: str, registry: Registry, mqtt: MqttClient, public_url: str, tick_s: float = 0.5,
+                 *, links: DownloadLinks | None = None, register_unknown: bool = False) -> None:
         self.site = site
+        self.links = links
+        """Signs the download URLs of load_model/shadow_model (None: unsigned URLs, only for tests that
+        never download)."""
+        self.register_unknown = register_unknown
+        """Register a machine on its first heartbeat when neither the site file nor the registry has it."""
+        self.rejected: Counter[str] = Counter()
+        """reason -> messages from the machines that were dropped (identity, invalid, unknown_machine)."""
+        self._warned: set[tuple[str, str]] = set()
         self.registry = registry
         self.mqtt = mqtt
         self.public_url = public_url.rstrip("/")
@@ -159,12 +178,20 @@ class RolloutManager:
     def _on_message(self, message: paho.MQTTMessage) -> None:
         try:
             parsed = parse_message(message.payload)
-        except MessageError:
+        except MessageError as exc:
+            self._reject(message.topic, "invalid", str(exc))
+            return
+        if (parsed.site, parsed.machine) != (self.site, parse_topic(message.topic).machine):
+            self._reject(message.topic, "identity", f"the payload claims to come from {parsed.site}/{parsed.machine}")
             return
         now = time.time()
         if isinstance(parsed, Heartbeat):
-            self.registry.record_heartbeat(parsed.machine, parsed.site, parsed.ts, dict(parsed.models),
-                                           [camera.camera for camera in parsed.cameras])
+            if not self.registry.record_heartbeat(parsed.machine, parsed.site, parsed.ts, dict(parsed.models),
+                                                  [camera.camera for camera in parsed.cameras],
+                                                  register_unknown=self.register_unknown):
+                self._reject(message.topic, "unknown_machine", f"{parsed.machine} is in neither the site file nor "
+                             "the registry (central serve --register-unknown-machines admits it)")
+                return
             with self._lock:
                 self.running[parsed.machine] = dict(parsed.models)
                 self.model_health[parsed.machine] = dict(parsed.health)
@@ -174,6 +201,16 @@ class RolloutManager:
             self._feed(now, parsed.machine, loaded=True)
         elif isinstance(parsed, Event) and parsed.name in FAILURE_EVENTS:
             self._feed(now, parsed.machine, loaded=False)
+
+    def _reject(self, topic: str, reason: str, text: str) -> None:
+        """Drop a machine's message: counted by reason, logged at warning the first time per topic and reason."""
+        self.rejected[reason] += 1
+        first = (topic, reason) not in self._warned and len(self._warned) < WARNED_TOPICS_MAX
+        if first:
+            self._warned.add((topic, reason))
+        level = logging.WARNING if first else logging.DEBUG
+        log.log(level, "rollouts: dropped a message on %s (%s): %s; %d dropped for this reason so far",
+                topic, reason, text, self.rejected[reason])
 
     def _health(self, machine: str, model: str, candidate: str, loaded: bool = True) -> Health:
         """What ``machine`` reports for ``model``; a failure is reported against ``candidate``."""
@@ -239,7 +276,10 @@ class RolloutManager:
 
     def _fetch_args(self, model: str, package_id: str) -> dict[str, str]:
         stored = self.registry.package(package_id)
-        return {"model": model, "url": f"{self.public_url}/models/{stored.id}/download", "sha256": stored.sha256}
+        url = f"{self.public_url}/models/{stored.id}/download"
+        if self.links is not None:
+            url += "?" + self.links.query(stored.id, time.time())
+        return {"model": model, "url": url, "sha256": stored.sha256}
 
     def _command(self, machines: tuple[str, ...], name: str, args: dict, reason: str) -> None:
         for machine in machines:

@@ -60,6 +60,8 @@ class CameraCounters:
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     inferred_rate: RecentRate = field(default_factory=RecentRate)
     snapshot_requested: bool = False
+    masks_refused: int = 0
+    """Masks dropped from a result that would have been over the message size limit with them."""
 
 
 @dataclass
@@ -84,10 +86,13 @@ class EdgeAgent:
         self._frame_ready = threading.Event()
         self._threads: list[threading.Thread] = []
         self.base_dir = base_dir
+        self.packages = config.packages
+        self.downloads = default_cache_dir() / "downloads" / machine_id
         self.seg_models = self._load_seg_models(config, base_dir)
         self.swapper = ModelSwapper(self.seg_models, config.trusted_keys(base_dir),
                                     providers={n: r.providers for n, r in config.models.items()},
-                                    threads={n: r.threads for n, r in config.models.items()})
+                                    threads={n: r.threads for n, r in config.models.items()},
+                                    downloads=self.downloads, limits=config.packages)
         self.recent_frames: deque[np.ndarray] = deque(maxlen=RECENT_FRAMES)
         self.shadows: dict[str, ShadowRun] = {}
         self.model_records: dict[tuple[str, str], ModelRecord] = {}
@@ -101,6 +106,7 @@ class EdgeAgent:
         self._last_outputs: dict[str, list[ModelOutput]] = {}
         self.inference = config.inference
         self.grouper = ResultGrouper(config.inference.result_window_ms / 1000.0)
+        self.max_message_bytes = config.messages.max_bytes
         self.shedder = LoadShedder({cam.id: cam.config.priority for cam in self.cameras},
                                    high=config.inference.overload_high, low=config.inference.overload_low)
         self.sensor_sources: dict[str, SensorSource] = {
@@ -197,8 +203,8 @@ class EdgeAgent:
         names = {name for camera in self.machine.cameras for name in camera.models}
         trusted = config.trusted_keys(base_dir)
         return {
-            name: SegmentationModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted),
-                                    ref.providers, ref.threads)
+            name: SegmentationModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted,
+                                                 limits=config.packages), ref.providers, ref.threads)
             for name, ref in config.models.items() if name in names
         }
 
@@ -207,7 +213,8 @@ class EdgeAgent:
         names = {sensor.model for sensor in self.machine.sensors if sensor.model}
         trusted = config.trusted_keys(base_dir)
         return {
-            name: StreamingAnomalyModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted),
+            name: StreamingAnomalyModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted,
+                                                     limits=config.packages),
                                         ref.providers, ref.threads, calibration_steps=ref.calibration_steps,
                                         profile=ref.profile)
             for name, ref in config.models.items() if name in names
@@ -375,9 +382,23 @@ class EdgeAgent:
 
     def _publish_group(self, camera: str, frames: list[FrameResult]) -> None:
         """One result message for a camera's frames of one window."""
-        result = Result(site=self.site, machine=self.id, ts=frames[0].ts, camera=camera, frames=frames)
+        result = self._within_size(Result(site=self.site, machine=self.id, ts=frames[0].ts, camera=camera,
+                                          frames=frames))
         if self._publish(result):
             self.camera_counters[camera].results_published += len(frames)
+
+    def _within_size(self, result: Result) -> Result:
+        """The result, or without its masks when they would take it over the message size limit
+        (receivers refuse such a message; the refusal is counted per camera)."""
+        masks = sum(o.mask is not None for f in result.frames for o in f.outputs)
+        if not masks or len(result.to_json()) <= self.max_message_bytes:
+            return result
+        self.camera_counters[result.camera].masks_refused += masks
+        log.warning("edge:%s: dropped %d mask(s) of %s: the result would be over the %d byte message limit",
+                    self.id, masks, result.camera, self.max_message_bytes)
+        frames = [f.model_copy(update={"outputs": [o.model_copy(update={"mask": None}) for o in f.outputs]})
+                  for f in result.frames]
+        return result.model_copy(update={"frames": frames})
 
     # ------------------------------------------------------------ sensors
 
@@ -428,6 +449,7 @@ class EdgeAgent:
             cameras=[self.camera_status(camera) for camera in self.cameras],
             cpu_percent=process.cpu_percent(), rss_mb=process.memory_info().rss / 2**20,
             outbox_depth=self.outbox.depth, outbox_dropped=self.outbox.dropped_total,
+            outbox_oldest_age_s=self.outbox.oldest_age_s(),
             models={name: model.package_id for name, model in self.seg_models.items()},
             shadow={name: run.status() for name, run in self.shadows.items()},
             health={name: self._model_health(name, model) for name, model in self.seg_models.items()},
@@ -508,10 +530,11 @@ class EdgeAgent:
         return SwapOutcome(True, outcome.text, {**outcome.details, **shadow.status().model_dump()}), "model_loaded"
 
     def _package_for(self, command: Command) -> Path:
-        """``url`` + ``sha256`` (from central): downloaded and verified; else ``path`` on this box."""
+        """``url`` + ``sha256`` (from central; http(s) under ``packages.download_urls`` only): downloaded and
+        verified; else ``path`` on this box."""
         if "url" in command.args:
-            return fetch_package(str(command.args["url"]), str(command.args.get("sha256", "")),
-                                 default_cache_dir() / "downloads" / self.id)
+            return fetch_package(str(command.args["url"]), str(command.args.get("sha256", "")), self.downloads,
+                                 self.packages)
         return resolve_model_path(ModelRef(path=str(command.args.get("path", ""))), self.base_dir)
 
     def apply_command(self, command: Command) -> tuple[bool, str]:

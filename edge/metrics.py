@@ -118,6 +118,9 @@ class AgentCollector(Collector):
                                                 labels=["machine", "camera"]),
             "results": CounterMetricFamily("edgeline_edge_results", "Frame results handed to the outbox (a grouped message holds several)",
                                            labels=["machine", "camera"]),
+            "masks_refused": CounterMetricFamily("edgeline_edge_masks_refused", "Masks dropped from a result "
+                                                 "because they would take it over the message size limit",
+                                                 labels=["machine", "camera", "reason"]),
             "defects": CounterMetricFamily("edgeline_edge_defect_frames",
                                            "Inferred frames on which a model's image-level alarm fired",
                                            labels=["machine", "camera"]),
@@ -136,6 +139,7 @@ class AgentCollector(Collector):
             per_camera["frames_inferred"].add_metric(labels, counters.frames_inferred)
             per_camera["frames_gated"].add_metric(labels, agent.gates[camera.id].gated)
             per_camera["results"].add_metric(labels, counters.results_published)
+            per_camera["masks_refused"].add_metric([*labels, "size"], counters.masks_refused)
             per_camera["defects"].add_metric(labels, counters.defect_frames)
             per_camera["up"].add_metric(labels, 1.0 if camera.state == "ok" else 0.0)
             per_camera["queue"].add_metric(labels, camera.queue_depth())
@@ -160,6 +164,8 @@ class AgentCollector(Collector):
         agent = self.agent
         yield self._gauge("edgeline_edge_outbox_messages", "Messages stored, waiting for their PUBACK",
                           agent.outbox.depth)
+        yield self._gauge("edgeline_edge_outbox_oldest_age_seconds",
+                          "Age of the oldest message waiting in the outbox (0 when empty)", agent.outbox.oldest_age_s())
         dropped = CounterMetricFamily("edgeline_edge_outbox_dropped", "Messages the full outbox dropped",
                                       labels=["machine", "priority"])
         for priority in Priority:

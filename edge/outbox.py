@@ -8,7 +8,8 @@ is published and deleted only when the broker acknowledges it (PUBACK, QoS 1).
   first, and the receiving side dedupes by ``msg_id`` (delivery is at least once).
 - The store is bounded: when full, the oldest message of the LOWEST priority present goes first
   (sampled masks, then results, then events; anomalies and alerts last); a newcomer that ranks
-  below everything stored is refused instead. Every drop is counted per priority.
+  below everything stored is refused instead. Every drop is counted per priority, and the age of
+  the oldest stored message says how much of an outage the store is holding.
 
 Not in the outbox: heartbeats and the retained status (only the latest matters).
 """
@@ -117,6 +118,12 @@ class Outbox:
     @property
     def depth(self) -> int:
         return self._depth
+
+    def oldest_age_s(self) -> float:
+        """Seconds the oldest stored message has waited (0 when empty): how much of an outage it has held."""
+        with self._lock:
+            row = self._db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
+        return max(0.0, time.time() - row[0]) if row else 0.0
 
     @property
     def dropped_total(self) -> int:

@@ -15,7 +15,8 @@ from rich.live import Live
 from rich.logging import RichHandler
 
 from central.client_cli import register as register_central_client
-from central.tokens import TOKEN_ENV, TOKEN_FILE_ENV, TOKEN_HELP, find_token
+from central.tokens import (DOWNLOAD_LINK_TTL_S, READ_TOKEN_ENV, READ_TOKEN_FILE_ENV, READ_TOKEN_HELP, TOKEN_ENV,
+                            TOKEN_FILE_ENV, TOKEN_HELP, find_token)
 from edgeline.config import ConfigError, SiteConfig, load
 from models.anomaly_cli import register as register_anomaly_commands
 from models.package_cli import register as register_package_commands
@@ -164,7 +165,8 @@ def stream_embedded(config: ConfigOption, broker: BrokerOption = None,
     client = MqttClient(site.broker.mqtt_settings(), client_id=f"rules-{site.site}", clean_session=False)
     runner = EmbeddedRulesRunner(site.site, site.rules, client, lines=site.lines(),
                                  allowed_lateness_s=site.engine.allowed_lateness_s,
-                                 dedupe_ttl_s=site.engine.dedupe_ttl_s)
+                                 dedupe_ttl_s=site.engine.dedupe_ttl_s, dedupe_max_entries=site.engine.dedupe_max_entries,
+                                 max_states=site.engine.max_rule_states, limits=site.messages)
     host = metrics_host or site.metrics.host
     try:
         _run_until_signal(runner, lambda: runner.start(metrics_port=metrics_port, metrics_host=host),
@@ -200,7 +202,8 @@ def stream_bridge(config: ConfigOption, kafka: KafkaOption = None, broker: Broke
     _setup_logging(log_level)
     site = _with_kafka(_load_or_exit(config, broker), kafka)
     bridge = MqttKafkaBridge(site.site, site.broker.mqtt_settings(), site.stream.kafka, topics=site.stream.topics(),
-                             partitions=site.stream.partitions, replication=site.stream.replication)
+                             partitions=site.stream.partitions, replication=site.stream.replication,
+                             settings=site.stream.bridge)
     _run_until_signal(bridge, lambda: bridge.start(metrics_port=metrics_port),
                       lambda: f"bridge {site.site}: MQTT {site.broker.host}:{site.broker.port} <-> Kafka "
                               f"{site.stream.kafka}" + (f", metrics on :{bridge.metrics_port}" if bridge.metrics_port else ""))
@@ -231,13 +234,24 @@ def central_serve(
     config: ConfigOption,
     broker: BrokerOption = None,
     token_file: Annotated[Optional[Path], typer.Option(envvar=TOKEN_FILE_ENV, show_envvar=False,
-                                                       help=TOKEN_HELP)] = None,
+                                                       help=TOKEN_HELP + " (writes and reads)")] = None,
+    read_token_file: Annotated[Optional[Path], typer.Option(envvar=READ_TOKEN_FILE_ENV, show_envvar=False,
+                                                            help=READ_TOKEN_HELP + " (reads only)")] = None,
     db: Annotated[str, typer.Option(help="SQLAlchemy URL: sqlite:///central.db or postgresql://...")] = "sqlite:///central.db",
     storage: Annotated[Path, typer.Option(help="where uploaded packages are kept")] = Path("central-packages"),
     host: str = "127.0.0.1",
     port: int = 8080,
     public_url: Annotated[Optional[str], typer.Option(help="URL the edges download packages from "
                                                       "(default http://<host>:<port>)")] = None,
+    register_unknown_machines: Annotated[bool, typer.Option(
+        help="register a machine on its first heartbeat when neither the site file nor the registry has it "
+             "(off: its messages are dropped and counted)")] = False,
+    download_link_ttl_s: Annotated[float, typer.Option(
+        min=1, help="how long the signed download links in rollout commands stay valid")] = DOWNLOAD_LINK_TTL_S,
+    metrics_host: Annotated[str, typer.Option(help="address of --metrics-port")] = "127.0.0.1",
+    metrics_port: Annotated[Optional[int], typer.Option(
+        help="serve /metrics without a token on this port (of --metrics-host); the API's own /metrics then "
+             "needs a read token (default: /metrics open on the API port)")] = None,
     log_level: str = "info",
 ) -> None:
     """Serve the fleet and model registries and run rollouts over MQTT (OpenAPI docs at /docs)."""
@@ -247,30 +261,49 @@ def central_serve(
         from central.api import create_api
         from central.registry import Registry
     site = _load_or_exit(config, broker)
-    try:
-        token = find_token(token_file)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
-    if token is None:
-        raise fail(f"no API token: pass --token-file, or set ${TOKEN_FILE_ENV} or ${TOKEN_ENV}")
+    token, read_token = _central_tokens(token_file, read_token_file)
     from models.signing import builtin_trusted_keys, load_public_keys
 
     keys = builtin_trusted_keys() + [k for p in site.signatures.trusted_keys for k in load_public_keys(config.parent / p)]
-    registry = Registry(db, storage, keys)  # central refuses unsigned packages whatever the edge requires
+    registry = Registry(db, storage, keys, site.packages)  # unsigned packages refused whatever the edge requires
     registry.sync_site(site.site, {m.id: (m.line, [c.id for c in m.cameras]) for m in site.machines})
+    from central.api import central_metrics
     from central.rollouts import RolloutManager
+    from central.tokens import DownloadLinks
     from stream.mqtt import MqttClient
 
+    links = DownloadLinks(token, download_link_ttl_s)
     manager = RolloutManager(site.site, registry, MqttClient(site.broker.mqtt_settings(), f"central-{site.site}"),
-                             public_url or f"http://{host}:{port}")
+                             public_url or f"http://{host}:{port}", links=links,
+                             register_unknown=register_unknown_machines)
     manager.start()
+    metrics_server = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        metrics_server, _ = start_http_server(metrics_port, metrics_host, registry=central_metrics(registry, manager))
     _interrupt_on_signals()  # uvicorn re-raises the SIGTERM it caught once it has shut down: let it come back here
     try:
-        uvicorn.run(create_api(registry, token, manager), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_api(registry, token, manager, read_token=read_token, links=links,
+                               open_metrics=metrics_port is None), host=host, port=port, log_level=log_level)
     except KeyboardInterrupt:
         pass
     finally:
         manager.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+
+
+def _central_tokens(token_file: Path | None, read_token_file: Path | None) -> tuple[str, str | None]:
+    """The write token (required) and the read token (optional: the write token also reads)."""
+    try:
+        token = find_token(token_file)
+        read_token = find_token(read_token_file, value_env=READ_TOKEN_ENV)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if token is None:
+        raise fail(f"no API token: pass --token-file, or set ${TOKEN_FILE_ENV} or ${TOKEN_ENV}")
+    return token, read_token
 
 
 @grafana_app.command("build")

@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import models
-from models.package import is_package_tar
+from models.package import PackageSettings, is_package_tar
 from models.signing import builtin_trusted_keys, load_public_keys
 
-from stream.messages import Identifier
+from stream.messages import Identifier, MessageLimits
+from stream.kafka_settings import BridgeSettings, WorkerGroupSettings
 from stream.mqtt import MqttSettings
 from stream.topics import KafkaTopics
 from stream.rule_config import RuleConfig
@@ -279,7 +280,12 @@ class MetricsConfig(_Strict):
 
 class EngineConfig(_Strict):
     allowed_lateness_s: float = Field(2.0, ge=0, description="event-time lateness accepted before an observation is dropped")
-    dedupe_ttl_s: float = Field(600.0, gt=0, description="how long a msg_id is remembered for dedupe")
+    dedupe_ttl_s: float = Field(60.0, gt=0, description="how long a msg_id is remembered for dedupe, in event time "
+                                "of its machine (redeliveries come right behind a machine's newest message)")
+    dedupe_max_entries: int = Field(100_000, ge=1, description="embedded runner: most msg_ids remembered "
+                                    "(50 machines at 10 messages/s for 60 s need 30,000)")
+    max_rule_states: int = Field(10_000, ge=1, description="embedded runner: most (rule, scope key) states kept; "
+                                 "beyond it the least recently updated is forgotten")
 
 
 class WebhookConfig(_Strict):
@@ -303,6 +309,10 @@ class StreamConfig(_Strict):
                        "rocksdb:// (needs rocksdict; on disk, fast restarts)")
     heartbeat_timeout_s: float = Field(15.0, gt=0, description="a machine silent this long raises an offline alert")
     webhook: WebhookConfig | None = Field(None, description="POST every alert here (retries, then dead-letter)")
+    bridge: BridgeSettings = Field(default_factory=BridgeSettings, description="the MQTT->Kafka bridge's "
+                                   "delivery, retries and shutdown")
+    workers: WorkerGroupSettings = Field(default_factory=WorkerGroupSettings, description="the Faust workers' "
+                                         "consumer group: how fast a dead worker's partitions move to the others")
 
     def topics(self) -> KafkaTopics:
         return KafkaTopics(self.topic_prefix)
@@ -314,9 +324,13 @@ class SiteConfig(_Strict):
     camera_defaults: CameraDefaults = Field(default_factory=CameraDefaults, description="merged into every camera")
     models: dict[Identifier, ModelRef] = Field(default_factory=dict, description="model catalog: name -> package")
     signatures: SignatureConfig = Field(default_factory=SignatureConfig, description="who may sign model packages")
+    packages: PackageSettings = Field(default_factory=PackageSettings, description="package tar limits (central "
+                                      "and edge) and the URLs the edge downloads packages from")
     machines: list[MachineConfig] = Field(default_factory=list, max_length=1000, description="vision machines")
     rules: list[RuleConfig] = Field(default_factory=list, description="decision rules")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="rules engine settings")
+    messages: MessageLimits = Field(default_factory=MessageLimits, description="what the rules runners, the "
+                                    "bridge and the edge accept: timestamps near the receiver's clock, size")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="edge outbox")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     inference: InferenceConfig = Field(default_factory=InferenceConfig, description="edge batching and overload")

@@ -171,7 +171,8 @@ class Demo:
         self.runner = EmbeddedRulesRunner(
             self.config.site, self.config.rules, MqttClient(settings, client_id="demo-rules"),
             lines=self.config.lines(), allowed_lateness_s=self.config.engine.allowed_lateness_s,
-            dedupe_ttl_s=self.config.engine.dedupe_ttl_s,
+            dedupe_ttl_s=self.config.engine.dedupe_ttl_s, dedupe_max_entries=self.config.engine.dedupe_max_entries,
+            max_states=self.config.engine.max_rule_states, limits=self.config.messages,
         )
         self.runner.start()
         self.agents = [EdgeAgent(self.config, machine.id, self.base_dir) for machine in self.config.machines]

@@ -6,8 +6,10 @@ and bench, the sha256 of every file, and an Ed25519 signature over the canonical
 (:mod:`models.signing`). :func:`load_package` refuses a package whose manifest does not validate,
 whose files are missing, unlisted or do not match their checksums, and, when given trusted keys,
 whose signature is missing, by an untrusted key or does not verify. A package may also be a
-``.tar``/``.tar.gz`` file, extracted safely into a cache. No torch here: edge and central import
-this module.
+``.tar``/``.tar.gz`` file, extracted safely into a cache within :class:`PackageSettings` limits
+(archive size, unpacked size, file count); a refused tar leaves nothing in the cache.
+:func:`check_model_graph` loads ``model.onnx`` in ONNX Runtime and compares its inputs and outputs
+with the manifest. No torch here: edge and central import this module.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -44,6 +47,33 @@ class PackageError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class PackageSettings(_Strict):
+    """How packages are accepted: extraction limits (central and the edge) and where the edge downloads them."""
+
+    max_archive_mib: float = Field(512.0, gt=0, description="largest package tar, as stored (compressed)")
+    max_unpacked_mib: float = Field(1024.0, gt=0, description="most bytes a package tar may unpack to, all files "
+                                    "together; extraction stops before writing past it")
+    max_files: int = Field(64, ge=2, description="most entries (files and folders) in a package tar")
+    download_urls: list[Annotated[str, Field(pattern=r"^https?://[^/?#]+")]] = Field(
+        default_factory=list, description="URL prefixes the edge may download packages from, e.g. "
+        "'https://central.plant.local:8080/models/'; empty: any http:// or https:// URL (other schemes never)")
+
+    @field_validator("download_urls")
+    @classmethod
+    def _numeric_ports(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            urlsplit(prefix).port  # noqa: B018 - raises ValueError naming a port that is not a number
+        return prefixes
+
+    @property
+    def max_archive_bytes(self) -> int:
+        return int(self.max_archive_mib * 2**20)
+
+    @property
+    def max_unpacked_bytes(self) -> int:
+        return int(self.max_unpacked_mib * 2**20)
 
 
 class TensorSpec(_Strict):
@@ -229,6 +259,7 @@ def load_package(
     *,
     trusted_keys: Sequence[Ed25519PublicKey] | None = None,
     cache_dir: str | Path | None = None,
+    limits: PackageSettings | None = None,
 ) -> Package:
     """Read and verify a package folder or tar (``.tar``, ``.tar.gz``, ``.tgz``).
 
@@ -236,19 +267,27 @@ def load_package(
     package, exists and matches its sha256; the package holds no file the manifest does not list.
     With ``trusted_keys`` (checked first): the manifest carries a valid Ed25519 signature by one of
     them (:func:`models.signing.verify_signature`). A tar is extracted safely into ``cache_dir``
-    (default ``$EDGELINE_CACHE_DIR`` or ``~/.cache/edgeline``) under ``packages/<sha256 of the tar>``.
+    (default ``$EDGELINE_CACHE_DIR`` or ``~/.cache/edgeline``) under ``packages/<sha256 of the tar>``,
+    within ``limits`` (default :class:`PackageSettings`), and removed from there if refused.
     Raises :class:`PackageError` naming the package and the file at fault.
     """
     path = Path(path)
     if path.is_dir():
-        folder = path
-    elif path.is_file() and is_package_tar(path):
-        folder = extract_package_tar(path, cache_dir)
-    elif path.exists():
+        return _verified(path, label=path, trusted_keys=trusted_keys)
+    if path.is_file() and is_package_tar(path):
+        folder = extract_package_tar(path, cache_dir, limits)
+        try:
+            return _verified(folder, label=path, trusted_keys=trusted_keys)
+        except PackageError:
+            remove_extraction(path, cache_dir)
+            raise
+    if path.exists():
         raise PackageError(f"{path}: not a package (a folder, or a {'/'.join(TAR_SUFFIXES)} file)")
-    else:
-        raise PackageError(f"{path}: no such package folder or file")
-    manifest = read_manifest(folder, label=path)
+    raise PackageError(f"{path}: no such package folder or file")
+
+
+def _verified(folder: Path, label: Path, trusted_keys: Sequence[Ed25519PublicKey] | None) -> Package:
+    manifest = read_manifest(folder, label=label)
     key_id = None
     if trusted_keys is not None:
         from models.signing import verify_signature  # models.signing imports this module
@@ -256,9 +295,44 @@ def load_package(
         try:
             key_id = verify_signature(manifest, trusted_keys)
         except PackageError as exc:
-            raise type(exc)(f"{path}: {exc}") from None
-    _verify_files(folder, manifest, label=path)
+            raise type(exc)(f"{label}: {exc}") from None
+    _verify_files(folder, manifest, label=label)
     return Package(folder=folder, manifest=manifest, model_path=folder / MODEL_FILE, key_id=key_id)
+
+
+def check_model_graph(package: Package) -> None:
+    """Refuse (:class:`PackageError`) a ``model.onnx`` that ONNX Runtime cannot load, or whose graph
+    inputs or outputs differ from the manifest's: names in order, element types, ranks and fixed sizes
+    (a named, dynamic axis on either side matches any size)."""
+    import onnxruntime as ort  # only where graphs are checked (central's upload), not in every manifest reader
+
+    try:
+        session = ort.InferenceSession(str(package.model_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise PackageError(f"{package.ref}: {MODEL_FILE} does not load in ONNX Runtime: {exc}") from None
+    problems = (_tensor_problems("input", package.manifest.inputs, session.get_inputs())
+                + _tensor_problems("output", package.manifest.outputs, session.get_outputs()))
+    if problems:
+        raise PackageError(f"{package.ref}: {MODEL_FILE} does not match the manifest: {'; '.join(problems)}")
+
+
+ONNX_ELEMENT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)",
+                      "uint8": "tensor(uint8)"}
+
+
+def _tensor_problems(kind: str, specs: list[TensorSpec], graph: list[Any]) -> list[str]:
+    """What differs between the manifest's ``specs`` and the graph's tensors (ONNX Runtime NodeArgs)."""
+    if [s.name for s in specs] != [t.name for t in graph]:
+        return [f"{kind}s are {[t.name for t in graph]} in the graph, {[s.name for s in specs]} in the manifest"]
+    problems = []
+    for spec, tensor in zip(specs, graph):
+        if ONNX_ELEMENT_TYPES[spec.dtype] != tensor.type:
+            problems.append(f"{kind} {spec.name!r} is {tensor.type} in the graph, {spec.dtype} in the manifest")
+        sizes_differ = any(isinstance(a, int) and isinstance(b, int) and a != b
+                           for a, b in zip(spec.shape, tensor.shape))
+        if len(spec.shape) != len(tensor.shape) or sizes_differ:
+            problems.append(f"{kind} {spec.name!r} has shape {tensor.shape} in the graph, {spec.shape} in the manifest")
+    return problems
 
 
 def read_manifest(folder: str | Path, label: str | Path | None = None) -> Manifest:
@@ -313,22 +387,39 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/edgeline").expanduser()
 
 
-def extract_package_tar(tar_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+def extraction_dir(tar_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`extract_package_tar` puts a tar's files: ``<cache>/packages/<sha256 of the tar>``."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return cache / "packages" / sha256_file(tar_path)
+
+
+def remove_extraction(tar_path: str | Path, cache_dir: str | Path | None = None) -> None:
+    """Delete what :func:`extract_package_tar` extracted from ``tar_path`` (nothing there: no-op)."""
+    shutil.rmtree(extraction_dir(tar_path, cache_dir), ignore_errors=True)
+
+
+def extract_package_tar(tar_path: str | Path, cache_dir: str | Path | None = None,
+                        limits: PackageSettings | None = None) -> Path:
     """Extract a package tar safely (once per tar content) and return the package folder. No checks of
     the package itself: :func:`load_package` does those.
 
     Only regular files and folders with plain relative names are accepted; absolute names, ``..``,
-    links, devices and duplicate names are refused. The package files sit either at the top of the
-    archive or in its single top-level folder.
+    links, devices and duplicate names are refused, and so is a tar over ``limits`` (archive size,
+    then entry count and unpacked size, each checked before the entry is written). The package
+    files sit either at the top of the archive or in its single top-level folder.
     """
     tar_path = Path(tar_path)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = cache / "packages" / sha256_file(tar_path)
+    limits = limits or PackageSettings()
+    size = tar_path.stat().st_size
+    if size > limits.max_archive_bytes:
+        raise PackageError(f"{tar_path}: archive of {size:,} bytes is over the limit of "
+                           f"{limits.max_archive_mib:g} MiB (packages.max_archive_mib)")
+    target = extraction_dir(tar_path, cache_dir)
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
         try:
-            _extract_members(tar_path, tmp)
+            _extract_members(tar_path, tmp, limits)
             try:
                 tmp.rename(target)
             except OSError:
@@ -341,14 +432,16 @@ def extract_package_tar(tar_path: str | Path, cache_dir: str | Path | None = Non
     entries = list(target.iterdir())
     if len(entries) == 1 and (entries[0] / MANIFEST_FILE).is_file():
         return entries[0]
+    shutil.rmtree(target, ignore_errors=True)
     raise PackageError(f"{tar_path}: no {MANIFEST_FILE} at the top of the archive or in its single top-level folder")
 
 
-def _extract_members(tar_path: Path, dest: Path) -> None:
+def _extract_members(tar_path: Path, dest: Path, limits: PackageSettings) -> None:
     seen: set[str] = set()
+    unpacked = 0
     try:
         with tarfile.open(tar_path, "r:*") as tar:
-            for member in tar:
+            for count, member in enumerate(tar, start=1):
                 name = member.name
                 pure = PurePosixPath(name)
                 parts = [part for part in pure.parts if part != "."]
@@ -359,6 +452,14 @@ def _extract_members(tar_path: Path, dest: Path) -> None:
                     raise PackageError(
                         f"{tar_path}: archive member {name!r} is a {kind}; packages hold only regular files and folders"
                     )
+                if count > limits.max_files:
+                    raise PackageError(f"{tar_path}: more than {limits.max_files} entries in the archive "
+                                       "(packages.max_files)")
+                unpacked += member.size
+                if unpacked > limits.max_unpacked_bytes:
+                    raise PackageError(f"{tar_path}: unpacks to more than {limits.max_unpacked_mib:g} MiB "
+                                       f"(packages.max_unpacked_mib; refused at member {name!r} of "
+                                       f"{member.size / 2**20:.1f} MiB)")
                 if not parts:
                     continue
                 rel = "/".join(parts)

@@ -22,6 +22,9 @@ with partitions and workers):
 
 Decisions, alerts and commands go to their topics keyed by machine, with stable ids: a restart
 that reprocesses input recomputes the same ids, which consumers dedupe.
+
+A worker that dies without leaving the group (``kill -9``, a lost host) keeps its partitions until
+its session times out (``stream.workers.session_timeout_s``, 8 s; Faust's own default is 60 s).
 """
 
 from __future__ import annotations
@@ -117,6 +120,9 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
         datadir=str(datadir), topic_partitions=cfg.partitions, topic_replication_factor=cfg.replication,
         web_enabled=False, consumer_auto_offset_reset="earliest", broker_commit_interval=1.0,
         table_standby_replicas=0, producer_acks=-1, stream_wait_empty=True,
+        # a killed worker's partitions move after session_timeout_s (Faust's default: 60 s)
+        broker_session_timeout=cfg.workers.session_timeout_s, broker_heartbeat_interval=cfg.workers.heartbeat_interval_s,
+        broker_rebalance_timeout=cfg.workers.rebalance_timeout_s,
         producer_linger=0.005,  # batch the many small changelog and output records (5 ms)
     )
 

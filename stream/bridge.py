@@ -6,7 +6,14 @@ its kind, keyed by machine (so one machine's messages stay ordered on one partit
 capture time as the record timestamp. The MQTT message is acknowledged only after Kafka has
 acknowledged the record (idempotent producer, acks=all), and acknowledgements go out in the order
 the messages came in. If the bridge dies in between, the broker redelivers to the same session;
-consumers dedupe on ``msg_id``. A record Kafka refuses is retried with backoff, never dropped.
+consumers dedupe on ``msg_id``.
+
+A record Kafka fails for a transient reason (broker away, leader moving, delivery timeout) is
+retried on its own backoff (``retry_first_s`` doubling to ``retry_max_s``), never dropped; the first
+record Kafka confirms after failures brings every waiting retry forward, so a queue of retries
+drains as soon as Kafka is back. A record Kafka refuses for what it is (too large, a timestamp it
+cannot encode, an invalid record) goes to the dead-letter topic with the reason and is acked, so
+one record never holds up the ones behind it.
 
 Messages that fail validation (bad JSON, schema, topic/body mismatch) go to
 ``<prefix>.deadletter`` with the reason, are counted, and are acknowledged. A machine's retained
@@ -17,26 +24,33 @@ Outbound: ``<prefix>.commands`` (consumer group ``edgeline-bridge-<site>``) is p
 machine's MQTT command topic at QoS 1; a record's offset is committed only after the broker's
 PUBACK.
 
+``stop()`` is ordered: stop taking messages, give the records in flight ``shutdown_timeout_s`` to
+be confirmed (their MQTT acks go out), then disconnect; whatever is left stays with the broker.
+
 Threads: paho's network loop (``mqtt:edgeline-bridge-<site>``), kafka-python's sender, one retry
 thread (``bridge-retry:<site>``) and the command forwarder (``bridge-commands:<site>``).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
-import queue
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import paho.mqtt.client as paho
-from kafka import KafkaConsumer
-from kafka.errors import KafkaError
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import (CorruptRecordError, InvalidRecordError, InvalidTimestampError, KafkaError,
+                          KafkaTimeoutError, MessageSizeTooLargeError, RecordListTooLargeError, UnsupportedForMessageFormatError)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from stream.kafka import deadletter_record, ensure_topics, reliable_producer
+from stream.kafka import close_producer, deadletter_record, ensure_topics, reliable_producer
+from stream.kafka_settings import BridgeSettings
 from stream.messages import Command, Envelope, Event, MessageError, parse_message
 from stream.mqtt import MqttClient, MqttSettings
 from stream.topics import KafkaTopics, command_topic, parse_topic, site_filter
@@ -44,7 +58,14 @@ from stream.topics import KafkaTopics, command_topic, parse_topic, site_filter
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-RETRY_MAX_S = 10.0
+KAFKA_TS_MAX_S = 253402300799.0
+"""The last second of year 9999: later timestamps cannot be encoded in a record batch beside others."""
+SEND_BLOCK_MS = 5000
+"""Longest a send may block paho's network thread (metadata unknown while Kafka is away, buffer full)."""
+PERMANENT_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError,
+                    InvalidTimestampError, UnsupportedForMessageFormatError, struct.error, OverflowError, TypeError,
+                    ValueError)
+"""What Kafka (or the client, encoding it) says about one record that no retry changes."""
 EDGE_KINDS = ("result", "anomaly", "heartbeat", "event", "status")
 """What edge agents publish, and so what the bridge carries into Kafka."""
 
@@ -60,6 +81,63 @@ class _Record:
     timestamp_ms: int | None
     received: float
     kind: str
+    attempts: int = 0
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when a failure is about the record itself (size, encoding): retrying cannot help."""
+    return isinstance(exc, PERMANENT_ERRORS)
+
+
+class RetrySchedule:
+    """Records waiting to be sent again, each on its own backoff: ``first_s`` after its first
+    failure, doubling per attempt up to ``max_s``. Thread-safe; pure (no I/O), tested alone."""
+
+    def __init__(self, first_s: float, max_s: float) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self._heap: list[tuple[float, int, _Record]] = []
+        self._arrival = itertools.count()
+        self._ready = threading.Condition()
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._heap)
+
+    def add(self, record: _Record, now: float) -> float:
+        """Schedule ``record`` (whose ``attempts`` failed so far); returns when it is due."""
+        due = now + min(self.max_s, self.first_s * 2 ** max(0, record.attempts - 1))
+        with self._ready:
+            heapq.heappush(self._heap, (due, next(self._arrival), record))
+            self._ready.notify()
+        return due
+
+    def hasten(self, now: float) -> None:
+        """Kafka is confirming again: every record waits ``first_s`` at most."""
+        latest = now + self.first_s
+        with self._ready:
+            self._heap = [(min(due, latest), order, record) for due, order, record in self._heap]
+            heapq.heapify(self._heap)
+            self._ready.notify()
+
+    def take_due(self, timeout_s: float, now: Callable[[], float] = time.monotonic) -> list[_Record]:
+        """The records due by now, in the order they were first scheduled; waits up to ``timeout_s``
+        for the first one to fall due (``[]`` if none does)."""
+        deadline = now() + timeout_s
+        with self._ready:
+            while not self._heap or self._heap[0][0] > (current := now()):
+                wait = min(deadline, self._heap[0][0] if self._heap else deadline) - now()
+                if wait <= 0:
+                    return []
+                self._ready.wait(wait)
+            due = []
+            while self._heap and self._heap[0][0] <= current:
+                due.append(heapq.heappop(self._heap))
+        return [record for _, _, record in sorted(due, key=lambda entry: entry[1])]
+
+    def wake(self) -> None:
+        with self._ready:
+            self._ready.notify_all()
 
 
 class _InOrderAcks:
@@ -69,7 +147,7 @@ class _InOrderAcks:
         self._send_ack = send_ack
         self._order: deque[int] = deque()
         self._done: set[int] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     def expect(self, mid: int) -> None:
         with self._lock:
@@ -82,10 +160,17 @@ class _InOrderAcks:
                 head = self._order.popleft()
                 self._done.discard(head)
                 self._send_ack(head)
+            if not self._order:
+                self._lock.notify_all()
 
     def pending(self) -> int:
         with self._lock:
             return len(self._order)
+
+    def wait_all_acked(self, timeout_s: float) -> bool:
+        """Until every expected message is acked (True) or ``timeout_s`` passed (False)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._order, timeout_s)
 
 
 class BridgeMetrics:
@@ -99,6 +184,10 @@ class BridgeMetrics:
                                      registry=self.registry)
         self.produce_errors = Counter("edgeline_bridge_produce_errors", "Kafka sends that failed and were retried",
                                       registry=self.registry)
+        self.refused = Counter("edgeline_bridge_kafka_refused", "Records Kafka refused for good (too large, "
+                               "unencodable), dead-lettered", registry=self.registry)
+        self.retrying = Gauge("edgeline_bridge_retry_records", "Records waiting for their next try",
+                              registry=self.registry)
         self.commands = Counter("edgeline_bridge_commands_forwarded", "Commands published to the edge",
                                 registry=self.registry)
         self.latency = Histogram("edgeline_bridge_latency_seconds", "MQTT receipt to Kafka acknowledgement",
@@ -111,27 +200,34 @@ class MqttKafkaBridge:
     """One site's bridge; ``start()``/``stop()`` (ordered: MQTT intake first, then Kafka flush)."""
 
     def __init__(self, site: str, mqtt: MqttSettings, bootstrap: str, *, topics: KafkaTopics | None = None,
-                 partitions: int = 4, replication: int = 1, forward_commands: bool = True) -> None:
+                 partitions: int = 4, replication: int = 1, forward_commands: bool = True,
+                 settings: BridgeSettings | None = None) -> None:
         self.site = site
         self.topics = topics or KafkaTopics()
         self.bootstrap = bootstrap
         self.partitions = partitions
         self.replication = replication
         self.forward_commands = forward_commands
+        self.settings = settings or BridgeSettings()
         self.metrics = BridgeMetrics()
         self.mqtt = MqttClient(mqtt, client_id=f"edgeline-bridge-{site}", clean_session=False, manual_ack=True)
         self._acks = _InOrderAcks(self.mqtt.ack)
-        self._retries: queue.Queue[_Record] = queue.Queue()
+        self._retries = RetrySchedule(self.settings.retry_first_s, self.settings.retry_max_s)
+        self._kafka_failing = False
         self._stop = threading.Event()
+        self._taking = False
         self._threads: list[threading.Thread] = []
-        self._producer = None
+        self._producer: KafkaProducer | None = None
+        self._last_refusal: BaseException | None = None
+        self._renew_producer = False
         self._metrics_server = None
         self.metrics_port: int | None = None
 
     def start(self, metrics_port: int | None = None, connect_timeout_s: float = 30.0) -> None:
         ensure_topics(self.bootstrap, self.topics, self.partitions, self.replication)
-        self._producer = reliable_producer(self.bootstrap, f"edgeline-bridge-{self.site}")
+        self._producer = self._new_producer()
         self._stop.clear()
+        self._taking = True
         self._spawn(f"bridge-retry:{self.site}", self._retry_loop)
         if self.forward_commands:
             self._spawn(f"bridge-commands:{self.site}", self._command_loop)
@@ -144,22 +240,31 @@ class MqttKafkaBridge:
         log.info("bridge:%s: MQTT %s:%d -> Kafka %s", self.site, self.mqtt.settings.host, self.mqtt.settings.port,
                  self.bootstrap)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop MQTT intake, let Kafka confirm what is in flight (and ack it), then close."""
-        self.mqtt.stop()  # unacked messages stay with the broker for the next session
-        if self._producer is not None:
-            self._producer.flush(timeout=timeout_s)
+    def stop(self) -> None:
+        """Stop taking MQTT messages, give Kafka ``shutdown_timeout_s`` to confirm the records in
+        flight (their MQTT acks go out as it does), then disconnect and close. What is left unacked
+        stays with the broker, which redelivers it to the next session."""
+        self._taking = False
+        all_acked = self._acks.wait_all_acked(self.settings.shutdown_timeout_s)
         self._stop.set()
+        self._retries.wake()
         for thread in self._threads:
-            thread.join(timeout_s)
+            thread.join(self.settings.shutdown_timeout_s + 5.0)
         self._threads.clear()
+        self.mqtt.stop()
         if self._producer is not None:
-            self._producer.close(timeout=timeout_s)
+            close_producer(self._producer, self.settings.shutdown_timeout_s if all_acked else 0.0)
             self._producer = None
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
-        log.info("bridge:%s: stopped", self.site)
+        log.info("bridge:%s: stopped; %d messages left unacked for the broker to redeliver", self.site,
+                 self._acks.pending())
+
+    def _new_producer(self) -> KafkaProducer:
+        delivery_ms = int(self.settings.delivery_timeout_s * 1000)
+        return reliable_producer(self.bootstrap, f"edgeline-bridge-{self.site}", delivery_timeout_ms=delivery_ms,
+                                 request_timeout_ms=min(30_000, delivery_ms // 2), max_block_ms=SEND_BLOCK_MS)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -169,6 +274,8 @@ class MqttKafkaBridge:
     # ------------------------------------------------------------ MQTT -> Kafka
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
+        if not self._taking:
+            return  # stopping: left unacked, the broker redelivers it to the next session
         received = time.monotonic()
         if not self._from_an_edge(message.topic):
             self._ack_now(message)  # commands we publish, decisions/alerts of an embedded runner, side topics
@@ -201,6 +308,8 @@ class MqttKafkaBridge:
             if (parts.site, parts.machine, parts.kind) != (envelope.site, envelope.machine, envelope.KIND):
                 raise MessageError(f"message for {envelope.site}/{envelope.machine}/{envelope.KIND} "
                                    f"on topic {message.topic}")
+        if not 0 <= envelope.ts <= KAFKA_TS_MAX_S:
+            raise MessageError(f"ts {envelope.ts:.6g} is outside the timestamps a Kafka record can carry")
         value = envelope.to_json() if parts.kind == "status" else message.payload
         return _Record(message.mid, self.topics.for_message(envelope), envelope.machine.encode(), value,
                        int(envelope.ts * 1000), received, envelope.KIND)
@@ -222,35 +331,79 @@ class MqttKafkaBridge:
         try:
             future = self._producer.send(record.topic, key=record.key, value=record.value,  # type: ignore[union-attr]
                                          timestamp_ms=record.timestamp_ms)
-        except KafkaError as exc:
-            self._failed(record, exc)
+        except (KafkaError, *PERMANENT_ERRORS) as exc:
+            self._failed(record, exc, sent=False)
             return
         future.add_callback(lambda _meta: self._confirmed(record))
-        future.add_errback(lambda exc: self._failed(record, exc))
+        future.add_errback(lambda exc: self._failed(record, exc, sent=True))
 
     def _confirmed(self, record: _Record) -> None:
         self.metrics.produced.labels(record.topic).inc()
         self.metrics.latency.observe(time.monotonic() - record.received)
+        if self._kafka_failing:
+            self._kafka_failing = False
+            self._retries.hasten(time.monotonic())
+        self._finished(record)
+
+    def _finished(self, record: _Record) -> None:
         if record.mid:
             self._acks.done(record.mid)
         self.metrics.unacked.set(self._acks.pending())
 
-    def _failed(self, record: _Record, exc: BaseException) -> None:
+    def _failed(self, record: _Record, exc: BaseException, *, sent: bool) -> None:
+        """``sent``: the failure came back from the producer (else ``send()`` raised it)."""
+        if self._stop.is_set():
+            return  # abandoned at shutdown: its MQTT message is redelivered to the next bridge
+        if is_permanent(exc) and exc is not self._last_refusal:
+            self._refused(record, exc, sent)
+            return
         self.metrics.produce_errors.inc()
-        log.warning("bridge:%s: Kafka refused a %s record (%s); retrying", self.site, record.topic, exc)
-        self._retries.put(record)
+        self._kafka_failing = True
+        if sent and isinstance(exc, KafkaTimeoutError):
+            self._renew_producer = True  # kafka-python may hold the rest of an expired partition forever
+        retry = replace(record, attempts=record.attempts + 1)
+        wait_s = self._retries.add(retry, time.monotonic()) - time.monotonic()
+        self.metrics.retrying.set(len(self._retries))
+        log.warning("bridge:%s: Kafka failed a %s record (attempt %d: %s); retrying in %.1f s", self.site,
+                    record.topic, retry.attempts, exc, wait_s)
+
+    def _refused(self, record: _Record, exc: BaseException, sent: bool) -> None:
+        """Kafka will never take this record: dead-letter it with the reason, so that its MQTT
+        message is acked and the ones behind it are not held up.
+
+        After the broker refuses one record, kafka-python's idempotent producer fails every other
+        record in flight with the same exception and takes no more: those are retried (on a new
+        producer, which the retry thread makes), only the first one is dead-lettered."""
+        self.metrics.refused.inc()
+        if sent:
+            self._last_refusal = exc
+            self._renew_producer = True
+        reason = f"Kafka refused the record: {type(exc).__name__}: {exc}"
+        if record.kind == "deadletter":
+            log.error("bridge:%s: %s, even as a dead letter; acked and dropped", self.site, reason)
+            self._finished(record)
+            return
+        log.warning("bridge:%s: dead-lettered a %s record of %s: %s", self.site, record.kind, record.key.decode(),
+                    reason)
+        self.metrics.dead_lettered.inc()
+        self._produce(_Record(record.mid, self.topics.deadletter, record.key,
+                              deadletter_record(record.topic, reason, record.value), None, record.received,
+                              "deadletter"))
 
     def _retry_loop(self) -> None:
-        delay = 0.5
         while not self._stop.is_set():
-            try:
-                record = self._retries.get(timeout=0.5)
-            except queue.Empty:
-                delay = 0.5
-                continue
-            self._stop.wait(delay)
-            delay = min(RETRY_MAX_S, delay * 2)
-            self._produce(record)
+            if self._renew_producer:
+                self._replace_producer()
+            for record in self._retries.take_due(timeout_s=0.5):
+                self._produce(record)
+            self.metrics.retrying.set(len(self._retries))
+
+    def _replace_producer(self) -> None:
+        self._renew_producer = False
+        old, self._producer = self._producer, self._new_producer()
+        if old is not None:
+            close_producer(old, 0.0)  # what it still held fails over to the retries
+        log.info("bridge:%s: new Kafka producer (the last one refused a record or let one expire)", self.site)
 
     def _dead_letter(self, message: paho.MQTTMessage, reason: str, received: float) -> None:
         self.metrics.dead_lettered.inc()
@@ -270,16 +423,27 @@ class MqttKafkaBridge:
         consumer = KafkaConsumer(self.topics.for_kind("command"), bootstrap_servers=self.bootstrap,
                                  group_id=f"edgeline-bridge-{self.site}", client_id=f"edgeline-bridge-{self.site}-cmd",
                                  enable_auto_commit=False, auto_offset_reset="earliest")
+        failing = False
         try:
             while not self._stop.is_set():
-                batches = consumer.poll(timeout_ms=500)
-                for records in batches.values():
-                    for record in records:
-                        self._forward_command(record.value)
-                if batches:
-                    consumer.commit()
+                try:
+                    self._forward_commands_once(consumer)
+                    failing = False
+                except KafkaError as exc:  # Kafka away: the commands wait in their topic
+                    if not failing:
+                        log.warning("bridge:%s: reading commands failed (%s); retrying", self.site, exc)
+                    failing = True
+                    self._stop.wait(1.0)
         finally:
             consumer.close()
+
+    def _forward_commands_once(self, consumer: KafkaConsumer) -> None:
+        batches = consumer.poll(timeout_ms=500)
+        for records in batches.values():
+            for record in records:
+                self._forward_command(record.value)
+        if batches:
+            consumer.commit()
 
     def _forward_command(self, payload: bytes) -> None:
         try:

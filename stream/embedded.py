@@ -2,7 +2,11 @@
 
 Subscribes to everything machines of a site publish, feeds results and anomalies to
 :class:`stream.rules.RulesEngine`, and publishes the decisions, alerts and commands it makes.
-A message that does not parse goes to the dead-letter topic with the reason, and is counted.
+A message that does not parse or fails a check of :func:`stream.messages.parse_message` (a
+timestamp beyond the clock skew, a size over the limit, a non-finite number) goes to the
+dead-letter topic with the reason, and is counted by check. Memory is bounded: at most
+``dedupe_max_entries`` msg_ids (dedupe clocks per machine) and ``max_states`` rule states, both
+shown in ``edgeline_rules_state_entries`` beside their bound.
 Every alert (firing or resolved) and command is logged at INFO; :meth:`EmbeddedRulesRunner.summary`
 is the one line ``edgeline stream embedded`` prints at shutdown. ``--metrics-port`` serves
 :class:`RulesMetrics` to Prometheus.
@@ -14,16 +18,20 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 import paho.mqtt.client as paho
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from stream.messages import Alert, Command, Envelope, MessageError, parse_message
+from stream.dedupe import Deduper
+from stream.messages import DEFAULT_LIMITS, Alert, Command, Envelope, MessageError, MessageLimits, parse_message
 from stream.mqtt import MqttClient
 from stream.rule_config import RuleConfig
-from stream.rules import RulesEngine
+from stream.rules import DEFAULT_MAX_STATES, BoundedStates, RulesEngine
+from stream.rules_metrics import EngineStatsCollector
 from stream.topics import MQTT_ROOT, mqtt_topic, parse_topic, topic_for
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,32 @@ def deadletter_topic(site: str) -> str:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class MemoryCollector(Collector):
+    """What the embedded engine holds in memory, its bound, and what the bound made it forget."""
+
+    def __init__(self, engine: RulesEngine, states: BoundedStates) -> None:
+        self.engine = engine
+        self.states = states
+
+    def collect(self) -> Iterator[Metric]:
+        held = GaugeMetricFamily("edgeline_rules_state_entries", "Entries held: msg_ids (dedupe) or rule states "
+                                 "(rules)", labels=["store"])
+        bound = GaugeMetricFamily("edgeline_rules_state_max_entries", "The configured bound of each store",
+                                  labels=["store"])
+        evicted = CounterMetricFamily("edgeline_rules_state_evicted", "Entries forgotten early because the store "
+                                      "was at its bound", labels=["store"])
+        stores: dict[str, Deduper | BoundedStates] = {"rules": self.states}
+        if self.engine.deduper is not None:
+            stores["dedupe"] = self.engine.deduper
+        for name, store in stores.items():
+            held.add_metric([name], len(store))
+            bound.add_metric([name], store.max_entries)
+            evicted.add_metric([name], store.evicted)
+        yield from (held, bound, evicted)
+        yield CounterMetricFamily("edgeline_rules_duplicates", "Messages dropped as repeats of a msg_id",
+                                  value=self.engine.stats.duplicates)
+
+
 class RulesMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -45,6 +79,8 @@ class RulesMetrics:
                                 registry=self.registry)
         self.dead_lettered = Counter("edgeline_rules_dead_lettered", "Messages sent to the dead-letter topic",
                                      registry=self.registry)
+        self.invalid = Counter("edgeline_rules_invalid_messages", "Messages dead-lettered, by the check they failed "
+                               "(json, schema, size, clock, topic)", ["check"], registry=self.registry)
         self.emitted = Counter("edgeline_rules_emitted", "Decisions, alerts and commands published", ["kind"],
                                registry=self.registry)
         self.latency = Histogram("edgeline_rules_latency_seconds", "A message's timestamp (its newest frame or "
@@ -61,12 +97,18 @@ class EmbeddedRulesRunner:
 
     def __init__(self, site: str, rules: list[RuleConfig], client: MqttClient, *,
                  lines: dict[str, str] | None = None, allowed_lateness_s: float = 2.0,
-                 dedupe_ttl_s: float = 600.0) -> None:
+                 dedupe_ttl_s: float = 60.0, dedupe_max_entries: int = 100_000,
+                 max_states: int = DEFAULT_MAX_STATES, limits: MessageLimits = DEFAULT_LIMITS) -> None:
         self.site = site
+        self.limits = limits
+        states = BoundedStates(max_states)
         self.engine = RulesEngine(rules, lines=lines, allowed_lateness_s=allowed_lateness_s,
-                                  dedupe_ttl_s=dedupe_ttl_s)
+                                  dedupe_ttl_s=dedupe_ttl_s, dedupe_max_entries=dedupe_max_entries,
+                                  states=states, max_ahead_s=limits.max_ahead_s)
         self.mqtt = client
         self.metrics = RulesMetrics()
+        self.metrics.registry.register(EngineStatsCollector("edgeline_rules", lambda: [self.engine.stats]))
+        self.metrics.registry.register(MemoryCollector(self.engine, states))
         self.metrics_port: int | None = None
         self.listeners: list[Callable[[Envelope], None]] = []
         self._lock = threading.Lock()
@@ -100,13 +142,13 @@ class EmbeddedRulesRunner:
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
         try:
-            envelope = parse_message(message.payload)
+            envelope = parse_message(message.payload, self.limits)
             self._check_topic(message.topic, envelope)
         except MessageError as exc:
-            self._dead_letter(message, exc.reason)
+            self._dead_letter(message, exc)
             return
         with self._lock:
-            outputs = self.engine.process(envelope)
+            outputs = self.engine.process(envelope, now=time.time())
         self.metrics.consumed.labels(envelope.KIND).inc()
         self.metrics.latency.labels(envelope.KIND).observe(max(0.0, time.time() - envelope.ts))
         for output in outputs:
@@ -116,7 +158,8 @@ class EmbeddedRulesRunner:
     def _check_topic(topic: str, envelope: Envelope) -> None:
         parts = parse_topic(topic)
         if (parts.site, parts.machine, parts.kind) != (envelope.site, envelope.machine, envelope.KIND):
-            raise MessageError(f"message for {envelope.site}/{envelope.machine}/{envelope.KIND} on topic {topic}")
+            raise MessageError(f"message for {envelope.site}/{envelope.machine}/{envelope.KIND} on topic {topic}",
+                               "topic")
 
     def _emit(self, output: Envelope) -> None:
         self.mqtt.publish(topic_for(output), output.to_json(), qos=1)
@@ -129,9 +172,10 @@ class EmbeddedRulesRunner:
         for listener in self.listeners:
             listener(output)
 
-    def _dead_letter(self, message: paho.MQTTMessage, reason: str) -> None:
+    def _dead_letter(self, message: paho.MQTTMessage, error: MessageError) -> None:
         self.metrics.dead_lettered.inc()
-        log.warning("rules: dead-lettered a message on %s: %s", message.topic, reason)
-        record = {"topic": message.topic, "reason": reason,
+        self.metrics.invalid.labels(error.check).inc()
+        log.warning("rules: dead-lettered a message on %s: %s", message.topic, error.reason)
+        record = {"topic": message.topic, "reason": error.reason, "check": error.check,
                   "payload": message.payload[:65536].decode("utf-8", errors="replace")}
         self.mqtt.publish(deadletter_topic(self.site), json.dumps(record).encode(), qos=1)

@@ -7,7 +7,7 @@ import logging
 import time
 
 from kafka import KafkaAdminClient, KafkaProducer
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from stream.topics import KafkaTopics
 
@@ -49,6 +49,21 @@ def reliable_producer(bootstrap: str, client_id: str, **overrides: object) -> Ka
                                    "enable_idempotence": True, "linger_ms": 5, "batch_size": 65536,
                                    "max_in_flight_requests_per_connection": 5}
     return KafkaProducer(**(settings | overrides))
+
+
+def close_producer(producer: KafkaProducer, timeout_s: float) -> bool:
+    """Close ``producer`` once its records in flight are confirmed, or after ``timeout_s``: the ones
+    still unconfirmed then are abandoned (their futures fail) instead of a ``KafkaTimeoutError``
+    escaping and leaving its I/O thread behind. True when nothing was abandoned."""
+    try:
+        producer.close(timeout=timeout_s)
+        return True
+    except KafkaTimeoutError:
+        sender = producer._sender  # kafka-python has no public abort: its I/O thread fails what is left
+        sender.force_close()
+        sender.join(timeout_s + 5.0)
+        producer.close(timeout=0)
+        return False
 
 
 def deadletter_record(source: str, reason: str, payload: bytes) -> bytes:

@@ -8,6 +8,7 @@ Every message is one JSON object with a versioned ``schema`` (``edgeline.<kind>/
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -19,21 +20,45 @@ IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
 """Names that become MQTT topic levels: no '/', '+', '#' or spaces."""
 
-Scalar = str | int | float | bool
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Scalar = str | int | FiniteFloat | bool
 Severity = Literal["info", "warning", "critical"]
 Scope = Literal["camera", "machine", "line"]
 Timestamp = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 UnitFloat = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 _MSG_ID_NAMESPACE = uuid.UUID("6f1c3c8e-8f5e-4d0e-9d2b-6a1f0e7c2b11")
+KAFKA_MAX_REQUEST_BYTES = 1_048_576
+"""Kafka's default ``max.request.size``: a message must fit in one record below it."""
+
+Check = Literal["json", "schema", "size", "clock", "topic"]
 
 
 class MessageError(ValueError):
-    """Raised for bytes that are not a valid Edgeline message; ``reason`` says why."""
+    """Raised for bytes that are not a valid Edgeline message; ``reason`` says why, ``check``
+    which check failed (a bounded label for metrics)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, check: Check = "schema") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.check = check
+
+
+class MessageLimits(BaseModel):
+    """What a receiver accepts beyond the schema: timestamps near its own clock, bounded size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_ahead_s: float = Field(86_400.0, gt=0, allow_inf_nan=False,
+                               description="a timestamp further ahead of the receiver's clock is refused")
+    max_age_s: float = Field(86_400.0, gt=0, allow_inf_nan=False,
+                             description="a timestamp further behind the receiver's clock is refused (an edge "
+                             "outbox holding messages longer than this loses them to the dead-letter place)")
+    max_bytes: int = Field(900_000, ge=4096, lt=KAFKA_MAX_REQUEST_BYTES,
+                           description="largest message accepted, in bytes (below Kafka's default max.request.size)")
+
+
+DEFAULT_LIMITS = MessageLimits()
 
 
 def new_msg_id() -> str:
@@ -46,7 +71,7 @@ def stable_msg_id(*parts: object) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, ser_json_inf_nan="null")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False, ser_json_inf_nan="null")
 
 
 class Envelope(_Strict):
@@ -195,6 +220,8 @@ class Heartbeat(Envelope):
     rss_mb: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     outbox_depth: Annotated[int, Field(ge=0)] = 0
     outbox_dropped: Annotated[int, Field(ge=0)] = Field(0, description="messages the full outbox dropped so far")
+    outbox_oldest_age_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        0.0, description="seconds the oldest message in the outbox has waited (0 when empty)")
     models: dict[Identifier, Annotated[str, Field(max_length=200)]] = Field(
         default_factory=dict, description="model name in the site config -> package id running "
         "(<name>-<version>-<precision>), what rollouts watch")
@@ -269,14 +296,33 @@ MESSAGE_TYPES: tuple[type[Envelope], ...] = (Result, Anomaly, Heartbeat, Event, 
 _MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
 
 
-def parse_message(data: bytes | str) -> Envelope:
-    """Parse one message from the wire. Any bad input raises :class:`MessageError`, nothing else."""
+def parse_message(data: bytes | str, limits: MessageLimits = DEFAULT_LIMITS, now: float | None = None) -> Envelope:
+    """Parse one message from the wire and check it against ``limits`` with ``now`` (default: this
+    machine's clock) as the receiver's time. Any bad input raises :class:`MessageError`, nothing else."""
+    size = len(data.encode() if isinstance(data, str) else data)
+    if size > limits.max_bytes:
+        raise MessageError(f"message of {size} bytes is over the {limits.max_bytes} byte limit", "size")
     try:
-        return _MESSAGE_ADAPTER.validate_json(data)
+        message = _MESSAGE_ADAPTER.validate_json(data)
     except ValidationError as exc:
         raise MessageError(_summarise(exc)) from None
     except (ValueError, RecursionError) as exc:
-        raise MessageError(f"not a JSON message: {exc}") from None
+        raise MessageError(f"not a JSON message: {exc}", "json") from None
+    check_clock(message, time.time() if now is None else now, limits)
+    return message
+
+
+def check_clock(message: Envelope, now: float, limits: MessageLimits = DEFAULT_LIMITS) -> None:
+    """Raise :class:`MessageError` when a timestamp of the message (its own, or a frame's) is more
+    than ``limits.max_ahead_s`` ahead of ``now`` or ``limits.max_age_s`` behind it."""
+    frames = message.frames if isinstance(message, Result) else []
+    for where, ts in [("ts", message.ts), *((f"frames.{i}.ts", f.ts) for i, f in enumerate(frames))]:
+        if ts > now + limits.max_ahead_s:
+            raise MessageError(f"{where} {ts:.10g} is {ts - now:.3g} s ahead of the receiver's clock "
+                               f"(limit {limits.max_ahead_s:g} s)", "clock")
+        if ts < now - limits.max_age_s:
+            raise MessageError(f"{where} {ts:.10g} is {now - ts:.3g} s behind the receiver's clock "
+                               f"(limit {limits.max_age_s:g} s)", "clock")
 
 
 def _summarise(exc: ValidationError) -> str:

@@ -5,12 +5,18 @@ so the same input sequence gives the same output list, message ids included.
 
 How one message is handled:
 
-1. Dedupe on ``msg_id`` (:class:`stream.dedupe.Deduper`, event time of the message). A repeat
-   produces nothing and counts in ``stats.duplicates``.
+1. Dedupe on ``msg_id`` (:class:`stream.dedupe.Deduper`, event time of the message, one dedupe
+   clock per machine). A repeat produces nothing and counts in ``stats.duplicates``.
 2. Results and anomalies become :class:`Observation` s (one per frame per model output, or one per
    anomaly); every other kind produces nothing.
 3. Each observation goes to every rule whose metric it carries and whose ``match`` it passes, into
    the window of that rule's scope key (``m01/cam2``, ``m01`` or ``line:L1``).
+
+Values: an anomaly level (score / threshold) and a rate are capped at ``VALUE_CAP`` in magnitude,
+so every Decision carries a finite value. An observation whose time or a value is not finite, or
+whose time is more than ``max_ahead_s`` ahead of the receiver's ``now`` (when the runner passes
+one), is refused before any state changes and counted once in ``stats.refused``: no clock can be
+pushed beyond the receiver's time plus that skew.
 
 Event time, per (rule, scope key): the key's clock ``T`` is the newest event time it has seen and
 never goes back. An observation older than ``T - allowed_lateness_s`` is dropped and counted once
@@ -40,13 +46,15 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import operator
-from collections.abc import Callable, Collection, MutableMapping
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from stream.dedupe import Deduper
-from stream.messages import Alert, Anomaly, Command, Decision, Envelope, Result, stable_msg_id
+from stream.messages import DEFAULT_LIMITS, Alert, Anomaly, Command, Decision, Envelope, Result, stable_msg_id
 from stream.rule_config import AlertAction, CommandAction, RuleConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,10 @@ log = logging.getLogger(__name__)
 UNASSIGNED_LINE = "unassigned"
 RATE_BUFFER_CAP = 1000
 """Most observations a rate_of_change window keeps; beyond it the oldest go (the rate then spans less)."""
+VALUE_CAP = 1e12
+"""Largest magnitude of a value the engine computes (an anomaly level, a rate): beyond it, capped."""
+DEFAULT_MAX_STATES = 10_000
+"""Rule states an in-memory engine keeps (rules x scope keys; a 50-machine site needs a few thousand)."""
 
 State = Literal["firing", "resolved"]
 
@@ -97,6 +109,7 @@ class EngineStats:
     messages: int = 0
     duplicates: int = 0
     late: int = 0
+    refused: int = 0
     observations: int = 0
     decisions: int = 0
     alerts: int = 0
@@ -127,10 +140,15 @@ def observations(message: Envelope, lines: dict[str, str] | None = None) -> list
             Observation(
                 site=message.site, machine=message.machine, line=line, model=message.model, ts=message.ts,
                 group=message.group,
-                values={"anomaly_score": message.score, "anomaly_level": message.score / message.threshold},
+                values={"anomaly_score": message.score, "anomaly_level": capped(message.score / message.threshold)},
             )
         ]
     return []
+
+
+def capped(value: float) -> float:
+    """``value`` limited to ``[-VALUE_CAP, VALUE_CAP]`` (an overflow to inf included)."""
+    return max(-VALUE_CAP, min(VALUE_CAP, value))
 
 
 def matches(rule: RuleConfig, obs: Observation) -> bool:
@@ -204,7 +222,7 @@ def evaluate(rule: RuleConfig, points: list[tuple[float, float]], now: float) ->
     (t0, v0), (t1, v1) = points[start], points[-1]
     if t1 <= t0:
         return None, 0.0
-    rate = (v1 - v0) / (t1 - t0)
+    rate = capped((v1 - v0) / (t1 - t0))
     return cond(rate, limit), rate
 
 
@@ -237,13 +255,60 @@ class SeenIds(Protocol):
     def seen(self, msg_id: str, now: float) -> bool: ...
 
 
+class _OneClock:
+    """A shared-clock :class:`SeenIds` (e.g. the Faust worker's table) used where the engine asks
+    per machine: the machine is not passed on."""
+
+    def __init__(self, ids: SeenIds) -> None:
+        self._ids = ids
+
+    def seen(self, msg_id: str, now: float, source: str) -> bool:
+        return self._ids.seen(msg_id, now)
+
+
+class BoundedStates(MutableMapping[str, RuleState]):
+    """In-memory rule states, at most ``max_entries``: beyond that the least recently updated goes
+    (counted in ``evicted``; its key starts afresh if it comes back)."""
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_STATES) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = max_entries
+        self.evicted = 0
+        self._states: OrderedDict[str, RuleState] = OrderedDict()
+
+    def __getitem__(self, key: str) -> RuleState:
+        return self._states[key]
+
+    def __setitem__(self, key: str, state: RuleState) -> None:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        while len(self._states) > self.max_entries:
+            evicted, _ = self._states.popitem(last=False)
+            self.evicted += 1
+            log.warning("rules: %d rule states held, the bound: forgot the least recently updated, %s",
+                        self.max_entries, evicted)
+
+    def __delitem__(self, key: str) -> None:
+        del self._states[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
 class RulesEngine:
     """Feeds messages through the rules; see the module docstring for the exact semantics.
 
     ``scopes`` limits the engine to the rules of those scopes (the Faust worker runs camera and
     machine rules where messages are partitioned by machine, and line rules after repartitioning
     by line). ``states`` (rule state by ``"<rule>|<scope key>"``) and ``deduper`` default to
-    in-memory ones; the Faust worker passes table-backed ones so that a restart resumes.
+    in-memory ones bounded by ``max_states`` and ``dedupe_max_entries`` (dedupe clocks per
+    machine); the Faust worker passes table-backed ones so that a restart resumes (a passed
+    ``deduper`` keeps its own clock). ``max_ahead_s``: how far ahead of the ``now`` a runner
+    passes an observation's time may be.
     """
 
     def __init__(
@@ -251,9 +316,11 @@ class RulesEngine:
         rules: list[RuleConfig],
         lines: dict[str, str] | None = None,
         allowed_lateness_s: float = 2.0,
-        dedupe_ttl_s: float = 600.0,
-        dedupe_max_entries: int = 200_000,
+        dedupe_ttl_s: float = 60.0,
+        dedupe_max_entries: int = 100_000,
         *,
+        max_states: int = DEFAULT_MAX_STATES,
+        max_ahead_s: float = DEFAULT_LIMITS.max_ahead_s,
         scopes: Collection[str] = ("camera", "machine", "line"),
         states: MutableMapping[str, RuleState] | None = None,
         deduper: SeenIds | None = None,
@@ -264,28 +331,31 @@ class RulesEngine:
         for machine, line in sorted(self._lines.items()):
             self._line_machines.setdefault(line, []).append(machine)
         self._lateness = allowed_lateness_s
-        self._deduper = deduper if deduper is not None else Deduper(dedupe_ttl_s, dedupe_max_entries)
-        self._states: MutableMapping[str, RuleState] = states if states is not None else {}
+        self._max_ahead_s = max_ahead_s
+        self.deduper = Deduper(dedupe_ttl_s, dedupe_max_entries) if deduper is None else None
+        self._seen_ids = self.deduper if self.deduper is not None else _OneClock(deduper)
+        self.states: MutableMapping[str, RuleState] = states if states is not None else BoundedStates(max_states)
         self.stats = EngineStats()
 
     @property
     def lines(self) -> dict[str, str]:
         return self._lines
 
-    def process(self, message: Envelope) -> list[Envelope]:
-        """Feed one parsed message; return the Decision, Alert and Command messages it caused, in a deterministic order."""
+    def process(self, message: Envelope, now: float | None = None) -> list[Envelope]:
+        """Feed one parsed message received at ``now`` (the receiver's clock; None: not checked);
+        return the Decision, Alert and Command messages it caused, in a deterministic order."""
         if not self.accept(message):
             return []
-        return self.observe_all(observations(message, self._lines))
+        return self.observe_all(observations(message, self._lines), now)
 
     def accept(self, message: Envelope) -> bool:
         """Count the message; False for a repeat of one already seen (dedupe on ``msg_id``)."""
         self.stats.messages += 1
-        return self.first_time(message.msg_id, message.ts)
+        return self.first_time(message.msg_id, message.ts, message.machine)
 
-    def first_time(self, msg_id: str, ts: float) -> bool:
-        """Record an id at event time ``ts``; False (and counted) when it is a repeat."""
-        if self._deduper.seen(msg_id, ts):
+    def first_time(self, msg_id: str, ts: float, machine: str = "") -> bool:
+        """Record an id of ``machine`` at event time ``ts``; False (and counted) when it is a repeat."""
+        if self._seen_ids.seen(msg_id, ts, machine):
             self.stats.duplicates += 1
             return False
         return True
@@ -298,25 +368,37 @@ class RulesEngine:
         """Feed one observation; the messages its transitions emit."""
         return self.observe_all([obs])
 
-    def observe_all(self, batch: list[Observation]) -> list[Envelope]:
-        """Feed observations in order; each rule state they touch is read from ``states`` once
-        and written back once at the end (a table-backed store then serialises a state once per
-        message, not once per frame)."""
+    def observe_all(self, batch: list[Observation], now: float | None = None) -> list[Envelope]:
+        """Feed observations in order, received at ``now`` (None: not checked against a clock);
+        each rule state they touch is read from ``states`` once and written back once at the end
+        (a table-backed store then serialises a state once per message, not once per frame)."""
         touched: dict[str, RuleState] = {}
         out: list[Envelope] = []
         try:
             for obs in batch:
                 self.stats.observations += 1
+                if not self._admissible(obs, now):
+                    continue
                 for transition in self._observe(obs, touched):
                     out.extend(self._emit(transition))
         finally:
             for key, state in touched.items():
-                self._states[key] = state
+                self.states[key] = state
         return out
 
     def buffered(self) -> int:
         """Observations held in all windows (bounded by rules x keys x per-kind caps)."""
-        return sum(len(s.points) for s in self._states.values())
+        return sum(len(s.points) for s in self.states.values())
+
+    def _admissible(self, obs: Observation, now: float | None) -> bool:
+        """False (and counted) for a time or value that is not finite, or a time too far ahead."""
+        finite = math.isfinite(obs.ts) and all(math.isfinite(v) for v in obs.values.values())
+        if finite and (now is None or obs.ts <= now + self._max_ahead_s):
+            return True
+        self.stats.refused += 1
+        log.warning("rules: refused an observation of %s/%s at ts=%r (receiver's clock %r): a time or value "
+                    "not finite, or more than %g s ahead", obs.machine, obs.source, obs.ts, now, self._max_ahead_s)
+        return False
 
     def _observe(self, obs: Observation, touched: dict[str, RuleState]) -> list[_Transition]:
         transitions: list[_Transition] = []
@@ -326,7 +408,7 @@ class RulesEngine:
                 continue
             key = scope_key(rule, obs)
             state_key = f"{rule.name}|{key}"
-            state = touched.get(state_key) or self._states.get(state_key) or RuleState()
+            state = touched.get(state_key) or self.states.get(state_key) or RuleState()
             if not add_point(state, rule, self._lateness, obs.ts, obs.values[rule.metric]):
                 late = True
                 continue

@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,22 @@ def test_a_machine_publishes_as_itself_only(secured):
     m01.publish("edgeline/v1/plant/m02/heartbeat", b"{}")  # as m02: dropped by the broker
     m01.publish("edgeline/v1/other-site/m01/heartbeat", b"{}")
     assert drain(bridge) == ["edgeline/v1/plant/m01/heartbeat"]
+
+
+def test_a_machine_publishes_only_its_own_data_never_commands_alerts_or_decisions(secured):
+    """Issue 13 defect 9: under its own id, m01 may send results, anomalies, heartbeats, events and
+    its status; a command to itself, an alert or a decision is dropped by the broker."""
+    bridge = secured(BRIDGE_USER).start()
+    bridge.subscribe("edgeline/v1/plant/#")
+    m01 = secured("m01").start()
+    m01.subscribe("edgeline/v1/plant/m01/cmd/#")
+    own = [f"edgeline/v1/plant/m01/{kind}" for kind in ("result/c1", "anomaly", "heartbeat", "event", "status")]
+    forbidden = ["edgeline/v1/plant/m01/cmd/load_model", "edgeline/v1/plant/m01/alert",
+                 "edgeline/v1/plant/m01/decision", "edgeline/v1/plant/m01/result/c1/extra"]
+    for topic in forbidden + own:
+        m01.publish(topic, b"{}")
+    assert sorted(drain(bridge)) == sorted(own)
+    assert drain(m01, 0.5) == []  # its own command never reached it
 
 
 def test_a_machine_reads_only_its_own_commands(secured):
@@ -175,10 +193,31 @@ def test_the_compose_broker_config_admits_each_compose_client_and_no_one_else(tm
     """deploy/mosquitto/mosquitto.conf on a real Mosquitto (its container paths moved under
     tmp_path), with the auth that the compose service broker-auth writes for config/site.yaml:
     every compose MQTT client logs in with its compose environment; anonymous is refused."""
-    binary = mosquitto_path()
-    if binary is None or shutil.which("mosquitto_sub") is None:
-        service_unavailable("mosquitto or mosquitto_sub is not installed (scripts/install-test-deps.sh)")
+    if shutil.which("mosquitto_sub") is None:
+        service_unavailable("mosquitto_sub is not installed (scripts/install-test-deps.sh)")
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    with compose_broker(tmp_path) as port:
+        for service, spec in compose.items():
+            env = spec.get("environment") or {}
+            if "EDGELINE_MQTT_USERNAME" not in env:
+                continue
+            mount = next(v.split(":")[1] for v in spec["volumes"] if v.startswith("broker-auth:"))
+            secret = Path(env["EDGELINE_MQTT_PASSWORD_FILE"].replace(mount, str(tmp_path / "auth")))
+            assert login_refused(port, env["EDGELINE_MQTT_USERNAME"], secret.read_text().strip()) is False, service
+        assert login_refused(port, None, None) is True
+        health = compose["mosquitto"]["healthcheck"]["test"][1].replace("$$", "$")
+        health = health.replace("/mosquitto/", f"{tmp_path}/").replace("-h 127.0.0.1", f"-h 127.0.0.1 -p {port}")
+        assert subprocess.run(["sh", "-c", health], capture_output=True, timeout=10).returncode == 0, health
+
+
+@contextmanager
+def compose_broker(tmp_path: Path) -> Iterator[int]:
+    """deploy/mosquitto/mosquitto.conf on a real Mosquitto (its container paths moved under
+    tmp_path), with the auth broker-auth writes for config/site.yaml (site plant-a, m01..m03);
+    yields its port."""
+    binary = mosquitto_path()
+    if binary is None:
+        service_unavailable("mosquitto is not installed (scripts/install-test-deps.sh)")
     done = CliRunner().invoke(app, ["central", "broker-auth", "--config", str(REPO_ROOT / "config" / "site.yaml"),
                                     "--out", str(tmp_path / "auth")])
     assert done.exit_code == 0, done.output
@@ -192,20 +231,44 @@ def test_the_compose_broker_config_admits_each_compose_client_and_no_one_else(tm
         broker = subprocess.Popen([binary, "-c", str(tmp_path / "mosquitto.conf")], stdout=console, stderr=console)
     try:
         wait_for_port("127.0.0.1", port, 10, proc=broker)
-        for service, spec in compose.items():
-            env = spec.get("environment") or {}
-            if "EDGELINE_MQTT_USERNAME" not in env:
-                continue
-            mount = next(v.split(":")[1] for v in spec["volumes"] if v.startswith("broker-auth:"))
-            secret = Path(env["EDGELINE_MQTT_PASSWORD_FILE"].replace(mount, str(tmp_path / "auth")))
-            assert login_refused(port, env["EDGELINE_MQTT_USERNAME"], secret.read_text().strip()) is False, service
-        assert login_refused(port, None, None) is True
-        health = compose["mosquitto"]["healthcheck"]["test"][1].replace("$$", "$")
-        health = health.replace("/mosquitto/", f"{tmp_path}/").replace("-h 127.0.0.1", f"-h 127.0.0.1 -p {port}")
-        assert subprocess.run(["sh", "-c", health], capture_output=True, timeout=10).returncode == 0, health
+        yield port
     finally:
         broker.terminate()
         broker.wait(10)
+
+
+def test_a_machine_cannot_take_over_the_bridge_client_id_or_its_session(tmp_path):
+    """Issue 13 defect 8, on the compose broker config: m01 logging in with the bridge's client id
+    and a clean session neither kicks the connected bridge off nor wipes its persistent session."""
+    with compose_broker(tmp_path) as port:
+        credentials = yaml.safe_load((tmp_path / "auth" / "credentials.yaml").read_text())
+        probes: list[MqttProbe] = []
+
+        def login(user: str, client_id: str, clean_session: bool = True) -> MqttProbe:
+            probe = MqttProbe("127.0.0.1", port, client_id, clean_session=clean_session)
+            probe.client.username_pw_set(user, credentials[user])
+            probes.append(probe)
+            return probe.start()
+
+        try:
+            bridge = login(BRIDGE_USER, "edgeline-bridge-plant-a", clean_session=False)
+            bridge.subscribe("edgeline/v1/plant-a/+/result/+")
+            impostor = login("m01", "edgeline-bridge-plant-a")
+            m02 = login("m02", "edgeline-edge-m02")
+            m02.publish("edgeline/v1/plant-a/m02/result/cam1", b"while the impostor is connected")
+            assert bridge.get(timeout=5).payload == b"while the impostor is connected"
+            assert bridge.connects == 1 and bridge.connected.is_set()  # never kicked off
+            bridge.stop()
+            for n in range(10):
+                m02.publish("edgeline/v1/plant-a/m02/result/cam1", f"queued {n}".encode())
+            impostor.stop()
+            login("m01", "edgeline-bridge-plant-a")  # a clean session under the bridge's client id
+            back = login(BRIDGE_USER, "edgeline-bridge-plant-a", clean_session=False)
+            assert back.session_present
+            assert [back.get(timeout=5).payload for _ in range(10)] == [f"queued {n}".encode() for n in range(10)]
+        finally:
+            for probe in probes:
+                probe.stop()
 
 
 def login_refused(port: int, user: str | None, password: str | None) -> bool:

@@ -78,3 +78,44 @@ def test_broker_outage_mid_stream_loses_nothing(restartable_mosquitto, mqtt_prob
     finally:
         forwarder.stop()
         client.stop()
+
+
+def test_heartbeats_and_metrics_show_how_long_the_oldest_message_has_waited(restartable_mosquitto, mqtt_probe,
+                                                                           unique_name, tmp_path):
+    """A real agent through a broker outage: the age of its oldest stored message grows while the
+    broker is down (metrics and the heartbeats sent after it), and is 0 again once the outbox drained."""
+    from edge.agent import EdgeAgent
+    from edgeline.services import scrape_metrics
+    from stream.messages import parse_message
+    from stream.topics import site_filter
+    from tests.conftest import edge_site
+
+    broker = restartable_mosquitto
+    config = edge_site(broker, unique_name, tmp_path, [{"id": "m1", "cameras": [{"id": "c1", "models": ["seg"],
+                                                                                "fps": 5}]}],
+                       {"seg": {"path": "builtin:seg-synth-int8"}})
+    config = config.model_copy(update={"broker": config.broker.model_copy(update={"reconnect_max_s": 1})})
+    probe = mqtt_probe(broker, clean_session=False)
+    probe.subscribe(site_filter(unique_name))
+    agent = EdgeAgent(config, "m1", base_dir=tmp_path, heartbeat_s=0.5)
+    agent.start()
+    age = 'edgeline_edge_outbox_oldest_age_seconds{machine="m1"}'
+    try:
+        assert _wait(lambda: agent.outbox.acked > 0, 20), "nothing published"
+        assert scrape_metrics(agent.metrics_port)[age] < 1.0
+        broker._stop_process()
+        down_at = time.monotonic()
+        assert _wait(lambda: scrape_metrics(agent.metrics_port)[age] >= 2.0, 20), "the age did not grow"
+        assert scrape_metrics(agent.metrics_port)[age] <= time.monotonic() - down_at + 1.0
+        broker.start()
+        assert _wait(lambda: agent.outbox.depth == 0 and scrape_metrics(agent.metrics_port)[age] == 0.0, 30)
+        beats: list[float] = []
+        deadline = time.monotonic() + 20
+        while not beats or beats[-1] > 0:  # one built during the outage, then one after the outbox drained
+            assert time.monotonic() < deadline, f"no heartbeat with an empty outbox after the outage: {beats}"
+            message = probe.get(timeout=10)
+            if message.topic.endswith("/heartbeat"):
+                beats.append(parse_message(message.payload).outbox_oldest_age_s)
+        assert max(beats) >= 2.0, beats
+    finally:
+        agent.stop()

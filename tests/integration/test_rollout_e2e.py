@@ -16,6 +16,7 @@ import uvicorn
 from central.api import create_api
 from central.registry import Registry
 from central.rollouts import RolloutManager
+from central.tokens import DownloadLinks
 from edge.agent import EdgeAgent
 from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import free_port
@@ -34,8 +35,10 @@ MACHINES = ["m1", "m2", "m3"]
 def central(mosquitto, unique_name, tmp_path):
     port = free_port()
     registry = Registry(f"sqlite:///{tmp_path / 'central.db'}", tmp_path / "store", builtin_trusted_keys())
+    registry.sync_site(unique_name, {machine: ("line-1", ["c1"]) for machine in MACHINES})  # as serve does
     manager = RolloutManager(unique_name, registry, MqttClient(MqttSettings(host=mosquitto.host, port=mosquitto.port),
-                                                               f"{unique_name}-central"), f"http://127.0.0.1:{port}")
+                                                               f"{unique_name}-central"), f"http://127.0.0.1:{port}",
+                             links=DownloadLinks(TOKEN))  # the agents download by signed links, with no token
     manager.start()
     server = uvicorn.Server(uvicorn.Config(create_api(registry, TOKEN, manager), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -50,10 +53,11 @@ def central(mosquitto, unique_name, tmp_path):
 
 
 @pytest.fixture
-def fleet(mosquitto, unique_name, tmp_path, central):
+def fleet(mosquitto, unique_name, tmp_path, central, monkeypatch):
     """``fleet(fps)``: three agents on seg-synth int8 that central knows, with seg-synth fp32 and
-    seg-tiles int8 in the registry."""
+    seg-tiles int8 in the registry. Their download cache is new: every package is downloaded."""
     base, manager = central
+    monkeypatch.setenv("EDGELINE_CACHE_DIR", str(tmp_path / "cache"))
     agents: list[EdgeAgent] = []
 
     def start(fps: float) -> list[EdgeAgent]:
@@ -78,7 +82,7 @@ def fleet(mosquitto, unique_name, tmp_path, central):
 def wait_phase(base: str, rollout_id: str, phases: set[str], timeout: float = 90.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = httpx.get(f"{base}/rollouts/{rollout_id}").json()
+        state = httpx.get(f"{base}/rollouts/{rollout_id}", headers=AUTH).json()
         if state["phase"] in phases:
             return state
         time.sleep(0.5)
@@ -102,7 +106,7 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(fleet, unique_name,
 
     slow = httpx.post(f"{base}/rollouts", headers=AUTH, json={
         "package": "seg-tiles-1.1.0-int8", "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
-        "soak_s": 6, "max_latency_ratio": 1.5}).json()
+        "soak_s": 6, "max_latency_ratio": 1.5, "max_drift": 1.0}).json()  # drift allowed: its latency must fail it
     failed = wait_phase(base, slow["id"], {"completed", "rolled_back"})
     assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate latency"), failed
     assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
@@ -122,15 +126,15 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(fleet, unique_name,
     again = RolloutManager(unique_name, manager.registry, MqttClient(MqttSettings(), "unused"), base)
     again.restore()  # a restarted central reads every rollout back from its database
     for rollout_id in (good["id"], slow["id"], wrong["id"]):
-        assert again.describe(rollout_id) == httpx.get(f"{base}/rollouts/{rollout_id}").json()
-    registered = {m["id"]: m for m in httpx.get(f"{base}/machines").json()}
+        assert again.describe(rollout_id) == httpx.get(f"{base}/rollouts/{rollout_id}", headers=AUTH).json()
+    registered = {m["id"]: m for m in httpx.get(f"{base}/machines", headers=AUTH).json()}
     assert sorted(registered) == MACHINES and {m["status"] for m in registered.values()} == {"online"}
     assert all(m["models"] == {"seg": "seg-synth-1.0.0-fp32"} and m["cameras"] == ["c1"] and m["last_heartbeat"] > 0
                for m in registered.values())
     while agents:  # the fixture stops what is left in the list
         agents.pop().stop()
     deadline = time.monotonic() + 10
-    while {m["status"] for m in httpx.get(f"{base}/machines").json()} != {"offline"}:
+    while {m["status"] for m in httpx.get(f"{base}/machines", headers=AUTH).json()} != {"offline"}:
         assert time.monotonic() < deadline, "the machines' offline status never reached the registry"
         time.sleep(0.2)
 

@@ -1,12 +1,15 @@
 """The central API in-process (FastAPI's TestClient over the real app), on a real SQLite file and
-on a real PostgreSQL server: auth on writes, signed uploads only, downloads with their checksum,
-clear 4xx on bad input."""
+on a real PostgreSQL server: the write token for writes, the read token (or the write token) for
+reads, signed download links, signed uploads only, downloads with their checksum, clear 4xx on bad
+input."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,6 +17,7 @@ from fastapi.testclient import TestClient
 from central.api import create_api
 from central.registry import Registry
 from central.rollouts import RolloutManager
+from central.tokens import DownloadLinks
 from edgeline.config import BUILTIN_PACKAGES
 from models.package import write_package_tar
 from models.signing import builtin_trusted_keys
@@ -21,6 +25,8 @@ from stream.mqtt import MqttClient, MqttSettings
 
 TOKEN = "s3cret-token-of-the-plant"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READ_TOKEN = "read-only-token-of-the-plant"
+READ = {"Authorization": f"Bearer {READ_TOKEN}"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -28,7 +34,7 @@ def client(request, tmp_path):
     url = (f"sqlite:///{tmp_path / 'central.db'}" if request.param == "sqlite"
            else request.getfixturevalue("postgres").new_database())
     registry = Registry(url, tmp_path / "storage", builtin_trusted_keys())
-    with TestClient(create_api(registry, TOKEN)) as client:
+    with TestClient(create_api(registry, TOKEN, read_token=READ_TOKEN)) as client:
         yield client
     registry.engine.dispose()
 
@@ -43,9 +49,9 @@ def test_upload_list_inspect_download(client, package_tar):
     assert created.status_code == 201, created.text
     package_id = created.json()["id"]
     assert package_id == "seg-synth-1.0.0-int8" and created.json()["key_id"] == "a6268398fe59b584"
-    assert [p["id"] for p in client.get("/models").json()] == [package_id]
-    assert client.get(f"/models/{package_id}").json()["manifest"]["precision"] == "int8"
-    download = client.get(f"/models/{package_id}/download")
+    assert [p["id"] for p in client.get("/models", headers=READ).json()] == [package_id]
+    assert client.get(f"/models/{package_id}", headers=AUTH).json()["manifest"]["precision"] == "int8"
+    download = client.get(f"/models/{package_id}/download", headers=READ)
     assert download.content == package_tar
     assert download.headers["X-Checksum-Sha256"] == hashlib.sha256(package_tar).hexdigest()
     again = client.post("/models", content=package_tar, headers=AUTH)
@@ -57,7 +63,36 @@ def test_writes_need_the_token(client, package_tar):
     assert missing.status_code == 401 and "Bearer" in missing.json()["detail"]
     wrong = client.put("/machines/m01", json={"site": "plant"}, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 403
-    assert client.get("/models").status_code == 200  # reads are open
+    assert client.put("/machines/m01", json={"site": "plant"}, headers=READ).status_code == 403  # reads only
+
+
+@pytest.mark.parametrize("path", ["/models", "/models/seg-synth-1.0.0-int8", "/models/seg-synth-1.0.0-int8/download",
+                                  "/machines", "/machines/m01", "/docs", "/openapi.json"])
+def test_reads_need_the_read_or_the_write_token(client, package_tar, path):
+    """Issue 13 defect 14: no read is open; a browser may give the token as basic auth's password."""
+    client.post("/models", content=package_tar, headers=AUTH)
+    client.put("/machines/m01", json={"site": "plant"}, headers=AUTH)
+    missing = client.get(path)
+    assert missing.status_code == 401 and "read token" in missing.json()["detail"]
+    assert "Basic" in missing.headers["WWW-Authenticate"]
+    assert client.get(path, headers={"Authorization": "Bearer not-the-token"}).status_code == 403
+    basic = base64.b64encode(f"anyone:{READ_TOKEN}".encode()).decode()
+    for headers in (READ, AUTH, {"Authorization": f"Basic {basic}"}):
+        assert client.get(path, headers=headers).status_code == 200, headers
+    assert client.get("/metrics").status_code == 200  # open unless served apart
+
+
+def test_a_signed_link_downloads_one_package_until_it_expires(client, package_tar):
+    client.post("/models", content=package_tar, headers=AUTH)
+    links, now = DownloadLinks(TOKEN, ttl_s=60), time.time()
+    link = f"/models/seg-synth-1.0.0-int8/download?{links.query('seg-synth-1.0.0-int8', now)}"
+    assert client.get(link).content == package_tar
+    expired = client.get(f"/models/seg-synth-1.0.0-int8/download?{links.query('seg-synth-1.0.0-int8', now - 61)}")
+    assert expired.status_code == 403 and "expired or is not valid" in expired.json()["detail"]
+    other = client.get(f"/models/seg-synth-1.0.0-fp32/download?{links.query('seg-synth-1.0.0-int8', now)}")
+    assert other.status_code == 403
+    forged = DownloadLinks("another-servers-token-0123").query("seg-synth-1.0.0-int8", now)
+    assert client.get(f"/models/seg-synth-1.0.0-int8/download?{forged}").status_code == 403
 
 
 def test_tampered_and_unsigned_packages_are_refused(client, tmp_path):
@@ -78,12 +113,12 @@ def test_machines_registry_and_bad_input(client, package_tar):
     put = client.put("/machines/m01", json={"site": "plant", "line": "L1", "cameras": ["c1"],
                                             "models": {"seg": "seg-synth-1.0.0-int8"}}, headers=AUTH)
     assert put.status_code == 200 and put.json()["models"] == {"seg": "seg-synth-1.0.0-int8"}
-    assert [m["id"] for m in client.get("/machines").json()] == ["m01"]
+    assert [m["id"] for m in client.get("/machines", headers=READ).json()] == ["m01"]
     unknown = client.put("/machines/m02", json={"site": "plant", "models": {"seg": "nope"}}, headers=AUTH)
     assert unknown.status_code == 404 and "no package 'nope'" in unknown.json()["detail"]
     bad = client.put("/machines/m 03", json={"site": "bad site/"}, headers=AUTH)
     assert bad.status_code == 422
-    assert client.get("/machines/m09").status_code == 404
+    assert client.get("/machines/m09", headers=READ).status_code == 404
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from central.tokens import find_token
+from central.tokens import find_read_token, find_token
 
 VALUE = "token-from-the-environment"
 
@@ -23,3 +23,13 @@ def test_unreadable_file_and_short_token_are_refused_with_where_they_came_from(t
         find_token(tmp_path / "nope", {})
     with pytest.raises(ValueError, match=r"^\$EDGELINE_CENTRAL_TOKEN: the API token must be at least 16"):
         find_token(None, {"EDGELINE_CENTRAL_TOKEN": "short"})
+
+
+def test_a_client_reads_with_the_read_token_else_the_write_token(tmp_path):
+    write = tmp_path / "token"
+    write.write_text("the-write-token-0001\n")
+    read = {"EDGELINE_CENTRAL_READ_TOKEN": "the-read-token-00001"}
+    assert find_read_token(None, write, read) == "the-read-token-00001"
+    assert find_read_token(None, write, {}) == "the-write-token-0001"
+    assert find_read_token(None, None, {"EDGELINE_CENTRAL_TOKEN": VALUE}) == VALUE
+    assert find_read_token(None, None, {}) is None

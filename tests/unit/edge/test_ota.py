@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from edge.inference import SegmentationModel
-from edge.ota import ModelSwapper, mask_agreement
+from edge.inference import ModelLoadError, SegmentationModel
+from edge.ota import DownloadError, ModelSwapper, check_download_url, fetch_package, mask_agreement
 from edge.synthetic import SyntheticCamera
 from edgeline.config import BUILTIN_PACKAGES
-from models.package import load_package
+from models.package import CACHE_ENV, PackageSettings, load_package, write_package_tar
 from models.signing import builtin_trusted_keys
 
 
@@ -23,9 +26,9 @@ def test_mask_agreement_is_pooled_iou():
     assert mask_agreement([np.zeros((2, 2))], [np.zeros((2, 2))], 0.5) == 1.0
 
 
-def swapper() -> ModelSwapper:
+def swapper(downloads: Path = Path("downloads")) -> ModelSwapper:
     current = SegmentationModel(load_package(BUILTIN_PACKAGES / "seg-synth-int8"))
-    return ModelSwapper({"seg": current}, builtin_trusted_keys(), providers={}, threads={})
+    return ModelSwapper({"seg": current}, builtin_trusted_keys(), providers={}, threads={}, downloads=downloads)
 
 
 def test_swap_measures_agreement_and_rolls_back():
@@ -59,3 +62,56 @@ def test_unknown_model_and_forged_signature_are_refused(tmp_path):
     outcome = models.load("seg", forged, [])
     assert not outcome.ok and "signature" in outcome.text
     assert models.models["seg"].package.manifest.precision == "int8"
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("file:///etc/passwd", "only http:// and https:// URLs"),
+    ("ftp://central/models/a/download", "only http:// and https:// URLs"),
+    ("http:///models/a/download", "only http:// and https:// URLs"),
+    ("https://central.plant:8443.evil.example/models/a/download", "Port could not be cast to integer"),
+    ("https://central.plant.evil.example:8443/models/a/download", "not under packages.download_urls"),
+    ("https://central.plant:9443/models/a/download", "not under packages.download_urls"),
+    ("http://central.plant:8443/models/a/download", "not under packages.download_urls"),
+    ("https://central.plant:8443/modelsx/a", "not under packages.download_urls"),
+])
+def test_download_urls_outside_the_allow_list_are_refused(url, reason):
+    with pytest.raises(DownloadError, match=reason):
+        check_download_url(url, ["https://central.plant:8443/models"])
+
+
+def test_download_urls_under_the_allow_list_pass_with_their_query():
+    check_download_url("https://central.plant:8443/models/a/download?token=x.y", ["https://central.plant:8443/models/"])
+    check_download_url("https://CENTRAL.plant/models/a", ["https://central.plant:443/"])
+    check_download_url("http://10.0.0.5:8080/models/a/download", [])  # no list: any http(s) URL
+
+
+def test_a_refused_url_writes_nothing(tmp_path):
+    with pytest.raises(DownloadError, match="only http:// and https://"):
+        fetch_package("file:///etc/passwd", hashlib.sha256(b"").hexdigest(), tmp_path / "downloads", PackageSettings())
+    with pytest.raises(DownloadError, match="is not 64 hex digits"):
+        fetch_package("http://127.0.0.1:9/x.tar", "../../escape", tmp_path / "downloads", PackageSettings())
+    assert not (tmp_path / "downloads").exists()
+
+
+def test_refused_downloads_are_removed_and_local_packages_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    models = swapper(downloads)
+    unknown = write_package_tar(BUILTIN_PACKAGES / "seg-synth-fp32", downloads / "a.tar")
+    assert "no model 'other' on this machine" in models.load("other", unknown, []).text
+    assert not unknown.exists()
+    random_onnx = tmp_path / "random"
+    shutil.copytree(BUILTIN_PACKAGES / "seg-synth-fp32", random_onnx)
+    manifest = json.loads((random_onnx / "manifest.json").read_text())
+    (random_onnx / "model.onnx").write_bytes(b"not onnx")
+    manifest["files"]["model.onnx"] = hashlib.sha256(b"not onnx").hexdigest()
+    (random_onnx / "manifest.json").write_text(json.dumps(manifest))
+    unsigned = ModelSwapper(models.models, None, providers={}, threads={}, downloads=downloads)
+    assert "INVALID_PROTOBUF" in unsigned.load("seg", write_package_tar(random_onnx, downloads / "b.tar"), []).text
+    local = write_package_tar(random_onnx, tmp_path / "c.tar")
+    assert "INVALID_PROTOBUF" in unsigned.load("seg", local, []).text
+    with pytest.raises(ModelLoadError, match="INVALID_PROTOBUF"):
+        unsigned.candidate("seg", local)
+    assert list(downloads.iterdir()) == [] and local.exists()  # a tar given on this box stays
+    assert list((tmp_path / "cache" / "packages").iterdir()) == []

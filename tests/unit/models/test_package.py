@@ -12,9 +12,11 @@ from models.package import (
     AnomalyPreprocess,
     Manifest,
     PackageError,
+    PackageSettings,
     SegmentationPostprocess,
     SegmentationPreprocess,
     TensorSpec,
+    check_model_graph,
     load_package,
     write_package,
     write_package_tar,
@@ -260,3 +262,82 @@ def test_unreadable_tar_is_refused(tmp_path):
     (tmp_path / "p.tar.gz").write_bytes(b"not a tar")
     with pytest.raises(PackageError, match="not a readable tar archive"):
         load_package(tmp_path / "p.tar.gz", cache_dir=tmp_path / "cache")
+
+
+class Zeros(io.RawIOBase):
+    """``size`` zero bytes, read without holding them: the body of a compression bomb."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.left)
+        buffer[:count] = bytes(count)
+        self.left -= count
+        return count
+
+
+def bomb_tar(path, size: int, extra_files: int = 0):
+    """A signed-looking package gzip whose last member unpacks to ``size`` zero bytes."""
+    write_package(path.parent / "src", seg_manifest(), b"x")
+    with tarfile.open(path, "w:gz") as tar:
+        for name in (MANIFEST_FILE, MODEL_FILE):
+            tar.add(path.parent / "src" / name, arcname=name)
+        for index in range(extra_files):
+            tar.addfile(tarfile.TarInfo(f"extra-{index}"), io.BytesIO())
+        big = tarfile.TarInfo("weights.bin")
+        big.size = size
+        tar.addfile(big, Zeros(size))
+    return path
+
+
+def test_a_compression_bomb_is_refused_before_anything_is_written(tmp_path):
+    tar = bomb_tar(tmp_path / "bomb.tar.gz", 64 * 2**20)
+    assert tar.stat().st_size < 2**20  # 64 MiB of zeros packs into well under 1 MiB
+    with pytest.raises(PackageError, match=r"bomb\.tar\.gz: unpacks to more than 1 MiB \(packages\.max_unpacked_mib; "
+                       r"refused at member 'weights\.bin' of 64\.0 MiB\)"):
+        load_package(tar, cache_dir=tmp_path / "cache", limits=PackageSettings(max_unpacked_mib=1))
+    assert not list((tmp_path / "cache" / "packages").iterdir())  # not one byte of it stayed
+
+
+def test_archive_size_and_entry_count_are_limited(tmp_path):
+    tar = bomb_tar(tmp_path / "p.tar.gz", 10, extra_files=5)
+    with pytest.raises(PackageError, match=rf"archive of {tar.stat().st_size:,} bytes is over the limit of 0\.0001 MiB "
+                       r"\(packages\.max_archive_mib\)"):
+        load_package(tar, cache_dir=tmp_path / "cache", limits=PackageSettings(max_archive_mib=0.0001))
+    assert not (tmp_path / "cache").exists()  # refused before extracting
+    with pytest.raises(PackageError, match=r"more than 4 entries in the archive \(packages\.max_files\)"):
+        load_package(tar, cache_dir=tmp_path / "cache", limits=PackageSettings(max_files=4))
+    assert not list((tmp_path / "cache" / "packages").iterdir())
+
+
+def test_a_tar_refused_after_extraction_leaves_nothing_in_the_cache(tmp_path):
+    write_package(tmp_path / "pkg", seg_manifest(), b"x")
+    (tmp_path / "pkg" / MODEL_FILE).write_bytes(b"y")
+    with tarfile.open(tmp_path / "p.tar", "w") as tar:
+        for name in (MANIFEST_FILE, MODEL_FILE):
+            tar.add(tmp_path / "pkg" / name, arcname=name)
+    with pytest.raises(PackageError, match="checksum mismatch"):
+        load_package(tmp_path / "p.tar", cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "packages").iterdir())
+
+
+def test_the_graph_must_load_and_match_the_manifest(tmp_path):
+    from edgeline.config import BUILTIN_PACKAGES
+
+    real = (BUILTIN_PACKAGES / "seg-synth-fp32" / MODEL_FILE).read_bytes()
+    check_model_graph(write_package(tmp_path / "good", seg_manifest(
+        inputs=[TensorSpec(name="image", shape=["batch", 1, 128, 128])],
+        outputs=[TensorSpec(name="prob", shape=["batch", 1, 128, 128])]), real))
+    with pytest.raises(PackageError, match=r"seg-test:0\.0\.1: model\.onnx does not load in ONNX Runtime: .*"
+                       "INVALID_PROTOBUF"):
+        check_model_graph(write_package(tmp_path / "random", seg_manifest(), bytes(range(256)) * 64))
+    mismatched = write_package(tmp_path / "mismatched", seg_manifest(
+        inputs=[TensorSpec(name="image", shape=["batch", 3, 128, 128], dtype="float16")],
+        outputs=[TensorSpec(name="mask", shape=["batch", 1, 128, 128])]), real)
+    with pytest.raises(PackageError) as refused:
+        check_model_graph(mismatched)
+    assert str(refused.value) == (
+        "seg-test:0.0.1: model.onnx does not match the manifest: input 'image' is tensor(float) in the graph, "
+        "float16 in the manifest; input 'image' has shape ['batch', 1, 128, 128] in the graph, "
+        "['batch', 3, 128, 128] in the manifest; outputs are ['prob'] in the graph, ['mask'] in the manifest")

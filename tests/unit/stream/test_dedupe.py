@@ -80,3 +80,27 @@ def test_without_expiry_or_cap_reports_exactly_the_repeats(ids: list[int]) -> No
     for n in ids:
         assert d.seen(str(n), 0.0) is (n in seen)
         seen.add(n)
+
+
+def test_each_source_has_its_own_clock() -> None:
+    d = Deduper(ttl_s=10, max_entries=100)
+    assert d.seen("a", 0.0, "m04") is False
+    d.seen("far-future", 1e9, "m09")  # m09's clock only
+    assert d.seen("a", 1.0, "m04") is True
+
+
+def test_a_flooding_source_evicts_its_own_ids_first() -> None:
+    d = Deduper(ttl_s=1e9, max_entries=10)
+    d.seen("quiet-1", 0.0, "m01")
+    for n in range(50):
+        d.seen(f"flood-{n}", float(n), "m02")
+    assert len(d) == 10 and d.evicted == 41
+    assert d.seen("quiet-1", 1.0, "m01") is True
+
+
+def test_expired_ids_of_a_source_are_dropped_with_it() -> None:
+    d = Deduper(ttl_s=5, max_entries=100)
+    for i in range(100):
+        d.seen(f"m{i}", float(i), "m01")
+        d.seen(f"n{i}", float(i), "m02")
+    assert len(d) == 12 and d.evicted == 0

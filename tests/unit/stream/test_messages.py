@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -10,9 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.messages import (Alert, Anomaly, CameraStatus, Command, Decision, DefectRegion, EncodedMask, Event,
-                             FrameResult, Heartbeat, MessageError, ModelOutput, Result, parse_message, stable_msg_id)
+                             FrameResult, Heartbeat, MessageError, MessageLimits, ModelOutput, Result, parse_message,
+                             stable_msg_id)
 
-BASE = {"site": "plant-a", "machine": "m01", "ts": 1_760_000_000.25}
+NOW = float(int(time.time())) + 0.25
+BASE = {"site": "plant-a", "machine": "m01", "ts": NOW}
+DAY = 86_400.0
 
 
 def result(**overrides: object) -> Result:
@@ -62,7 +66,7 @@ def test_mask_encoding_is_lossless_and_compact() -> None:
     encoded = EncodedMask.encode(mask)
     assert len(encoded.data) < 2000
     assert np.array_equal(encoded.decode(), mask)
-    carried = parse_message(result(frames=[FrameResult(seq=1, ts=1.0, outputs=[ModelOutput(
+    carried = parse_message(result(frames=[FrameResult(seq=1, ts=NOW, outputs=[ModelOutput(
         model="seg", version="1", latency_ms=1, defect_ratio=0.01, mask=encoded)])]).to_json())
     assert np.array_equal(carried.frames[0].outputs[0].mask.decode(), mask)
 
@@ -101,6 +105,44 @@ def test_nan_and_infinite_numbers_are_rejected() -> None:
     wire = EXAMPLES[1].to_json().replace(b'"score":2.5', b'"score":Infinity')
     with pytest.raises(MessageError):
         parse_message(wire)
+
+
+@pytest.mark.parametrize("ts", [NOW + DAY + 60, NOW + 365 * DAY, 1e300, NOW - DAY - 60, 0.0])
+def test_timestamps_far_from_the_receivers_clock_are_refused(ts: float) -> None:
+    for wire in (mutate(EXAMPLES[1], ts=ts), result(frames=[FrameResult(seq=1, ts=ts, outputs=EXAMPLES[0].frames[0].outputs)]).to_json()):
+        with pytest.raises(MessageError) as caught:
+            parse_message(wire, now=NOW)
+        assert caught.value.check == "clock"
+        assert "the receiver's clock (limit 86400 s)" in caught.value.reason
+
+
+def test_the_clock_bounds_are_settings() -> None:
+    wire = mutate(EXAMPLES[1], ts=NOW + 120)
+    assert parse_message(wire, now=NOW).ts == NOW + 120
+    with pytest.raises(MessageError, match="ahead of the receiver's clock"):
+        parse_message(wire, MessageLimits(max_ahead_s=60), now=NOW)
+    assert parse_message(mutate(EXAMPLES[1], ts=NOW - 3 * DAY), MessageLimits(max_age_s=7 * DAY), now=NOW)
+
+
+def test_messages_over_the_size_limit_are_refused_before_parsing() -> None:
+    big = np.random.default_rng(0).integers(0, 2, (2000, 2000), dtype=np.uint8)
+    wire = result(frames=[FrameResult(seq=1, ts=NOW, outputs=[ModelOutput(
+        model="seg", version="1", latency_ms=1, defect_ratio=0.5, mask=EncodedMask.encode(big))])]).to_json()
+    assert len(wire) > MessageLimits().max_bytes
+    with pytest.raises(MessageError) as caught:
+        parse_message(wire)
+    assert caught.value.check == "size" and "byte limit" in caught.value.reason
+    with pytest.raises(MessageError, match="over the 4096 byte limit"):
+        parse_message(EXAMPLES[0].to_json() + b" " * 4096, MessageLimits(max_bytes=4096))
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"Infinity", b"NaN"])
+def test_free_form_numbers_must_be_finite_too(number: bytes) -> None:
+    event = EXAMPLES[3].to_json().replace(b'"attempt":3', b'"attempt":' + number)
+    command = EXAMPLES[4].to_json().replace(b'"fps":5', b'"fps":' + number)
+    for wire in (event, command):
+        with pytest.raises(MessageError, match="finite"):
+            parse_message(wire)
 
 
 @settings(max_examples=400, deadline=None)

@@ -25,7 +25,8 @@ from stream.messages import (
     stable_msg_id,
 )
 from stream.rule_config import RuleConfig
-from stream.rules import RATE_BUFFER_CAP, EngineStats, Observation, RulesEngine, RuleState, observations
+from stream.rules import (RATE_BUFFER_CAP, VALUE_CAP, BoundedStates, EngineStats, Observation, RulesEngine, RuleState,
+                          observations)
 
 # ---------------------------------------------------------------- builders
 
@@ -390,6 +391,69 @@ def test_dedupe_entries_expire_after_ttl() -> None:
     engine.process(result(10.0, 0.0))
     engine.process(first)
     assert engine.stats.duplicates == 0
+
+
+def test_dedupe_clocks_are_per_machine() -> None:
+    """Defect 2: one machine's far-future message made every other machine's ids expire."""
+    engine = RulesEngine([rule(kind="k_of_n", k=2, n=2)], dedupe_ttl_s=60.0)
+    engine.process(result(365 * 86_400.0, 0.0, machine="m09"))
+    twice = result(10.0, 0.1, machine="m04")
+    assert run(engine, [twice, twice.model_copy(), twice.model_copy()]) == []  # k=2: a repeat would fire
+    assert engine.stats.duplicates == 2
+
+
+# ---------------------------------------------------------------- refused, capped, bounded
+
+
+def test_a_far_future_observation_is_refused_and_leaves_the_clock_alone() -> None:
+    """Defect 1: one result a year ahead made the key's clock drop every later observation as late."""
+    engine = RulesEngine([rule()], max_ahead_s=60.0)
+    now = 1_000_000.0
+    assert engine.process(result(now + 365 * 86_400.0, 0.5), now=now) == []
+    assert engine.stats.refused == 1
+    assert engine.states == {}  # nothing stored, no clock moved
+    assert transitions(engine.process(result(now, 0.5), now=now)) == [("m01/cam1", "firing", now)]
+    assert engine.process(result(now + 59.0, 0.5), now=now) == []  # within the skew: accepted (still firing)
+    assert (engine.stats.refused, engine.stats.late) == (1, 0)
+
+
+def test_an_anomaly_level_overflowing_to_inf_is_capped_and_fires() -> None:
+    """Defect 5: score 1e308 / threshold 1e-300 gave level inf: the Decision failed after the state changed."""
+    engine = RulesEngine([rule(name="pump", metric="anomaly_level", condition={"op": ">=", "value": 1.0}, scope="machine")])
+    huge = Anomaly(site="s1", machine="m01", ts=1.0, group="pump1", seq=1, model="lstm", version="2",
+                   score=1e308, threshold=1e-300, is_anomaly=True)
+    fired = engine.process(huge)
+    assert [(d.state, d.value) for d in of(Decision, fired)] == [("firing", VALUE_CAP)]
+    assert of(Alert, fired)[0].value == VALUE_CAP
+    resolved = engine.process(anomaly(2.0, 0.1))
+    assert [d.state for d in of(Decision, resolved)] == ["resolved"]
+
+
+def test_a_rate_overflowing_to_inf_is_capped() -> None:
+    engine = RulesEngine([rule(kind="rate_of_change", metric="latency_ms", condition={"op": ">=", "value": 1.0})])
+    slow = Result(site="s1", machine="m01", camera="cam1", ts=1.000001, frames=[FrameResult(
+        seq=2, ts=1.000001, outputs=[output(latency=1.7e308)])])
+    run(engine, [result(1.0)])
+    assert [(d.state, d.value) for d in of(Decision, engine.process(slow))] == [("firing", VALUE_CAP)]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_observations_with_non_finite_numbers_are_refused(bad: float) -> None:
+    engine = RulesEngine([rule()])
+    obs = Observation(site="s1", machine="m01", line="L1", model="seg", ts=1.0, values={"defect_ratio": bad},
+                      camera="cam1")
+    timeless = Observation(**(obs.to_dict() | {"ts": bad, "values": {"defect_ratio": 0.5}}))
+    assert engine.observe_all([obs, timeless]) == []
+    assert engine.stats.refused == 2 and engine.states == {}
+
+
+def test_rule_states_are_bounded_least_recently_updated_first() -> None:
+    engine = RulesEngine([rule()], max_states=3)
+    run(engine, [result(float(i), 0.0, camera=f"cam{i}") for i in range(5)])
+    assert sorted(engine.states) == ["defects|m01/cam2", "defects|m01/cam3", "defects|m01/cam4"]
+    assert isinstance(engine.states, BoundedStates) and engine.states.evicted == 2
+    with pytest.raises(ValueError):
+        BoundedStates(0)
 
 
 # ---------------------------------------------------------------- commands
