@@ -21,10 +21,11 @@ is stopped at the canary's shadow.
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ from bench.report import report
 from central.api import create_api
 from central.registry import Registry
 from central.rollouts import RolloutManager
+from central.tokens import DownloadLinks
 from edge.ota import fetch_package
 from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import MosquittoBroker, free_port
-from models.package import load_package, write_package_tar
+from models.package import PackageSettings, load_package, write_package_tar
 from models.signing import builtin_trusted_keys
 from stream.messages import CameraStatus, Command, Heartbeat, ShadowStatus, parse_message
 from stream.mqtt import MqttClient, MqttSettings
@@ -73,7 +75,8 @@ class SimulatedFleet:
         self._stop = threading.Event()
 
     def start(self) -> None:
-        self.client.subscribe(f"edgeline/v1/{SITE}/+/cmd/+", lambda m: self.pool.submit(self._on_command, m.payload))
+        self.client.subscribe(f"edgeline/v1/{SITE}/+/cmd/+", lambda m: self.pool.submit(
+            self._on_command, m.payload).add_done_callback(_report_failure))
         self.client.start()
         self.client.wait_connected()
         threading.Thread(target=self._heartbeats, name="bench-fleet-hb", daemon=True).start()
@@ -88,7 +91,8 @@ class SimulatedFleet:
         assert isinstance(command, Command)
         machine = command.machine
         if command.name in ("load_model", "shadow_model"):
-            tar = fetch_package(str(command.args["url"]), str(command.args["sha256"]), self.workdir / machine)
+            tar = fetch_package(str(command.args["url"]), str(command.args["sha256"]), self.workdir / machine,
+                                PackageSettings())
             package = load_package(tar, trusted_keys=self.trusted, cache_dir=self.workdir / "cache")
             if command.name == "shadow_model":
                 self.shadows[machine] = (package.manifest.package_id, time.monotonic())
@@ -126,13 +130,19 @@ class SimulatedFleet:
         self.client.publish(topic_for(beat), beat.to_json())
 
 
+def _report_failure(done: Future[None]) -> None:
+    """A simulated machine whose command failed says why (else the rollout only times out)."""
+    if done.exception() is not None:
+        print(f"simulated machine: command failed: {done.exception()!r}", file=sys.stderr, flush=True)
+
+
 def run_rollout(base: str, package: str, machines: list[str], soak_s: float, gates: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     rollout = httpx.post(f"{base}/rollouts", headers=AUTH, timeout=30, json={
         "package": package, "model": "seg", "machines": machines, "stages": [0, 0.25, 1.0], "soak_s": soak_s,
         "max_latency_ratio": 1.5, **gates}).json()
     while True:
-        state = httpx.get(f"{base}/rollouts/{rollout['id']}", timeout=30).json()
+        state = httpx.get(f"{base}/rollouts/{rollout['id']}", headers=AUTH, timeout=30).json()
         if state["phase"] in ("completed", "rolled_back"):
             break
         time.sleep(0.1)
@@ -157,8 +167,11 @@ def main(machines: int = 50, soak: float = 5.0, out: Path | None = None) -> None
         workdir = Path(tmp)
         port = free_port()
         registry = Registry(f"sqlite:///{workdir / 'central.db'}", workdir / "store", builtin_trusted_keys())
+        fleet = SimulatedFleet(broker, machines, workdir / "fleet")
+        registry.sync_site(SITE, {machine: ("line-1", ["c1"]) for machine in fleet.ids})  # central admits known machines only
         manager = RolloutManager(SITE, registry, MqttClient(MqttSettings(host=broker.host, port=broker.port),
-                                                            "bench-central"), f"http://127.0.0.1:{port}", tick_s=0.1)
+                                                            "bench-central"), f"http://127.0.0.1:{port}", tick_s=0.1,
+                                 links=DownloadLinks(TOKEN))
         manager.start()
         server = uvicorn.Server(uvicorn.Config(create_api(registry, TOKEN, manager), host="127.0.0.1", port=port,
                                                log_level="warning"))
@@ -169,7 +182,6 @@ def main(machines: int = 50, soak: float = 5.0, out: Path | None = None) -> None
         for name in ("seg-synth-fp32", "seg-synth-fp16", "seg-synth-int8", "seg-tiles-int8"):
             tar = write_package_tar(BUILTIN_PACKAGES / name, workdir / f"{name}.tar").read_bytes()
             httpx.post(f"{base}/models", content=tar, headers=AUTH, timeout=60).raise_for_status()
-        fleet = SimulatedFleet(broker, machines, workdir / "fleet")
         fleet.start()
         try:
             while len(manager.running) < machines:

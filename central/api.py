@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from central.registry import MachineRow, Registry, RegistryError
 from central.rollout import GATE_HELP, Gates, Operation, RolloutError
@@ -125,7 +126,7 @@ def create_api(registry: Registry, token: str, rollouts: RolloutManager | None =
             raise HTTPException(400, "send the package .tar as the request body (Content-Type: application/x-tar)")
         if len(body) > MAX_PACKAGE_BYTES:
             raise HTTPException(413, f"package larger than {MAX_PACKAGE_BYTES // 2**20} MiB")
-        return asdict(registry.add_package(body))
+        return asdict(await run_in_threadpool(registry.add_package, body))  # verifies and loads it in ONNX Runtime
 
     @app.get("/models", dependencies=[Depends(require_read)])
     def list_models() -> list[dict[str, Any]]:
