@@ -203,7 +203,7 @@ def stream_bridge(config: ConfigOption, kafka: KafkaOption = None, broker: Broke
     site = _with_kafka(_load_or_exit(config, broker), kafka)
     bridge = MqttKafkaBridge(site.site, site.broker.mqtt_settings(), site.stream.kafka, topics=site.stream.topics(),
                              partitions=site.stream.partitions, replication=site.stream.replication,
-                             settings=site.stream.bridge)
+                             settings=site.stream.bridge, limits=site.messages)
     _run_until_signal(bridge, lambda: bridge.start(metrics_port=metrics_port),
                       lambda: f"bridge {site.site}: MQTT {site.broker.host}:{site.broker.port} <-> Kafka "
                               f"{site.stream.kafka}" + (f", metrics on :{bridge.metrics_port}" if bridge.metrics_port else ""))

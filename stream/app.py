@@ -43,6 +43,7 @@ from edgeline.config import SiteConfig
 from stream.kafka import deadletter_record
 from stream.messages import Alert, Envelope, Event, Heartbeat, MessageError, parse_message, stable_msg_id
 from stream.rules import Observation, RulesEngine, RuleState, observations
+from stream.rules_metrics import EngineStatsCollector
 from stream.webhook import WebhookSink
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.consumed = Counter("edgeline_worker_messages", "Messages consumed", ["topic"], registry=self.registry)
         self.dead_lettered = Counter("edgeline_worker_dead_lettered", "Messages sent to the dead-letter topic",
-                                     registry=self.registry)
+                                     ["check"], registry=self.registry)
         self.duplicates = Counter("edgeline_worker_duplicates", "Messages dropped as repeats of a msg_id",
                                   registry=self.registry)
         self.emitted = Counter("edgeline_worker_emitted", "Decisions, alerts and commands produced", ["kind"],
@@ -141,52 +142,65 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
             site.engine.dedupe_ttl_s, expires=2 * site.engine.dedupe_ttl_s).relative_to_stream()
         states = app.Table(table, default=None, partitions=cfg.partitions)
         return RulesEngine(site.rules, lines=site.lines(), allowed_lateness_s=site.engine.allowed_lateness_s,
-                           scopes=scopes, states=TableStates(states),
+                           max_ahead_s=site.messages.max_ahead_s, scopes=scopes, states=TableStates(states),
                            deduper=TableDeduper(seen, site.engine.dedupe_ttl_s))
 
     by_machine = rule_engine(("camera", "machine"), "rule-states")
     by_line = rule_engine(("line",), "line-rule-states")
+    metrics.registry.register(EngineStatsCollector("edgeline_worker", lambda: [by_machine.stats, by_line.stats]))
     liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
 
     async def emit(message: Envelope) -> None:
         await outputs[message.KIND].send(key=message.machine.encode(), value=message.to_json(), timestamp=message.ts)
         metrics.emitted.labels(message.KIND).inc()
 
-    async def dead_letter(event: faust.EventT, reason: str) -> None:
-        metrics.dead_lettered.inc()
+    async def dead_letter(event: faust.EventT, reason: str, check: str = "schema") -> None:
+        metrics.dead_lettered.labels(check).inc()
         log.warning("worker: dead-lettered a record of %s: %s", event.message.topic, reason)
         await deadletter.send(key=event.key or b"", value=deadletter_record(event.message.topic, reason, bytes(event.value or b"")))
+
+    async def evaluate(event: faust.EventT, engine: RulesEngine, batch: list[Observation]) -> None:
+        """Run a message's observations through the rules and emit what they cause; an engine
+        failure dead-letters the record with the reason instead of crashing the agent."""
+        try:
+            outputs = engine.observe_all(batch, now=time.time())
+        except ValueError as exc:  # e.g. a Decision that fails validation
+            log.exception("worker: the rules engine failed on a record of %s", event.message.topic)
+            await dead_letter(event, f"rules engine: {exc}", "engine")
+            return
+        for output in outputs:
+            await emit(output)
 
     def parse(event: faust.EventT, kinds: tuple[str, ...]) -> Envelope:
         metrics.consumed.labels(event.message.topic).inc()
         if not isinstance(event.value, bytes | bytearray):
             raise MessageError("record without a value")
-        message = parse_message(bytes(event.value))
+        message = parse_message(bytes(event.value), site.messages)
         if message.KIND not in kinds:
-            raise MessageError(f"a {message.KIND} message on {event.message.topic}")
+            raise MessageError(f"a {message.KIND} message on {event.message.topic}", "topic")
         return message
 
-    async def site_messages(stream: faust.StreamT, kinds: tuple[str, ...]) -> AsyncIterator[Envelope]:
-        """The stream's valid messages of ``kinds`` for this site; bad records are dead-lettered,
-        other sites' messages (sharing the topics) skipped."""
+    async def site_messages(stream: faust.StreamT,
+                            kinds: tuple[str, ...]) -> AsyncIterator[tuple[faust.EventT, Envelope]]:
+        """The stream's valid messages of ``kinds`` for this site, each with its record; bad
+        records are dead-lettered, other sites' messages (sharing the topics) skipped."""
         async for event in stream.events():
             try:
                 message = parse(event, kinds)
             except MessageError as exc:
-                await dead_letter(event, exc.reason)
+                await dead_letter(event, exc.reason, exc.check)
                 continue
             if message.site == site.site:
-                yield message
+                yield event, message
 
     @app.agent(raw_topic(topics.for_kind("result"), topics.for_kind("anomaly")), name="machine-stage", concurrency=1)
     async def machine_stage(stream: faust.StreamT) -> None:
-        async for message in site_messages(stream, ("result", "anomaly")):
+        async for event, message in site_messages(stream, ("result", "anomaly")):
             if not by_machine.accept(message):
                 metrics.duplicates.inc()
                 continue
             batch = observations(message, by_machine.lines)
-            for output in by_machine.observe_all(batch):
-                await emit(output)
+            await evaluate(event, by_machine, batch)
             now = time.time()
             for obs in batch:
                 metrics.latency.labels(message.KIND).observe(max(0.0, now - obs.ts))
@@ -212,12 +226,11 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
             if not by_line.first_time(msg_id, ts):
                 metrics.duplicates.inc()
                 continue
-            for output in by_line.observe_all(batch):
-                await emit(output)
+            await evaluate(event, by_line, batch)
 
     @app.agent(raw_topic(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks), name="liveness", concurrency=1)
     async def liveness_stage(stream: faust.StreamT) -> None:
-        async for message in site_messages(stream, ("heartbeat", "event")):
+        async for _, message in site_messages(stream, ("heartbeat", "event")):
             for alert in update_liveness(liveness, message, time.time(), cfg.heartbeat_timeout_s):
                 await emit(alert)
 
@@ -237,7 +250,7 @@ def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = P
             async for event in stream.events():
                 failure = await sink.deliver(event.value)
                 if failure is not None:
-                    await dead_letter(event, f"webhook: {failure}")
+                    await dead_letter(event, f"webhook: {failure}", "webhook")
 
     return app
 

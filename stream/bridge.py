@@ -51,7 +51,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from stream.kafka import close_producer, deadletter_record, ensure_topics, reliable_producer
 from stream.kafka_settings import BridgeSettings
-from stream.messages import Command, Envelope, Event, MessageError, parse_message
+from stream.messages import DEFAULT_LIMITS, Command, Envelope, Event, MessageError, MessageLimits, parse_message
 from stream.mqtt import MqttClient, MqttSettings
 from stream.topics import KafkaTopics, command_topic, parse_topic, site_filter
 
@@ -201,7 +201,7 @@ class MqttKafkaBridge:
 
     def __init__(self, site: str, mqtt: MqttSettings, bootstrap: str, *, topics: KafkaTopics | None = None,
                  partitions: int = 4, replication: int = 1, forward_commands: bool = True,
-                 settings: BridgeSettings | None = None) -> None:
+                 settings: BridgeSettings | None = None, limits: MessageLimits = DEFAULT_LIMITS) -> None:
         self.site = site
         self.topics = topics or KafkaTopics()
         self.bootstrap = bootstrap
@@ -209,6 +209,7 @@ class MqttKafkaBridge:
         self.replication = replication
         self.forward_commands = forward_commands
         self.settings = settings or BridgeSettings()
+        self.limits = limits
         self.metrics = BridgeMetrics()
         self.mqtt = MqttClient(mqtt, client_id=f"edgeline-bridge-{site}", clean_session=False, manual_ack=True)
         self._acks = _InOrderAcks(self.mqtt.ack)
@@ -304,7 +305,7 @@ class MqttKafkaBridge:
         if parts.kind == "status":
             envelope: Envelope = self._status_event(parts.machine, message.payload)
         else:
-            envelope = parse_message(message.payload)
+            envelope = parse_message(message.payload, self.limits)
             if (parts.site, parts.machine, parts.kind) != (envelope.site, envelope.machine, envelope.KIND):
                 raise MessageError(f"message for {envelope.site}/{envelope.machine}/{envelope.KIND} "
                                    f"on topic {message.topic}")
