@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 KAFKA_TS_MAX_S = 253402300799.0
 """The last second of year 9999: later timestamps cannot be encoded in a record batch beside others."""
-SEND_BLOCK_MS = 5000
+SEND_BLOCK_MS = 1000
 """Longest a send may block paho's network thread (metadata unknown while Kafka is away, buffer full)."""
 STUCK_GRACE_S = 5.0
 """A record still in the producer this long after its delivery timeout is taken back and retried."""
@@ -371,7 +371,8 @@ class MqttKafkaBridge:
         self.metrics.unacked.set(self._acks.pending())
         self._produce(record)
 
-    def _produce(self, record: _Record) -> None:
+    def _produce(self, record: _Record) -> bool:
+        """Hand ``record`` to the producer; False when ``send()`` itself failed."""
         token = self._in_producer.add(record, time.monotonic())
         try:
             future = self._producer.send(record.topic, key=record.key, value=record.value,  # type: ignore[union-attr]
@@ -379,9 +380,10 @@ class MqttKafkaBridge:
         except (KafkaError, *PERMANENT_ERRORS) as exc:
             self._in_producer.pop(token)
             self._failed(record, exc, sent=False)
-            return
+            return False
         future.add_callback(lambda _meta: self._outcome(token, None))
         future.add_errback(lambda exc: self._outcome(token, exc))
+        return True
 
     def _outcome(self, token: int, exc: BaseException | None) -> None:
         record = self._in_producer.pop(token)
@@ -453,8 +455,12 @@ class MqttKafkaBridge:
             if self._renew_producer or self._in_producer.oldest_age(time.monotonic()) > self._stuck_after_s:
                 self._renew_producer = True
                 self._replace_producer()
-            for record in self._retries.take_due(timeout_s=0.5):
-                self._produce(record)
+            due = self._retries.take_due(timeout_s=0.5)
+            for index, record in enumerate(due):
+                if not self._produce(record):  # each send would block SEND_BLOCK_MS: the rest wait their turn
+                    for later in due[index + 1:]:
+                        self._retries.add(later, time.monotonic())
+                    break
             self.metrics.retrying.set(len(self._retries))
 
     def _replace_producer(self) -> None:
