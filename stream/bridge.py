@@ -60,8 +60,10 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 KAFKA_TS_MAX_S = 253402300799.0
 """The last second of year 9999: later timestamps cannot be encoded in a record batch beside others."""
-SEND_BLOCK_MS = 5000
+SEND_BLOCK_MS = 1000
 """Longest a send may block paho's network thread (metadata unknown while Kafka is away, buffer full)."""
+STUCK_GRACE_S = 5.0
+"""A record still in the producer this long after its delivery timeout is taken back and retried."""
 PERMANENT_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError,
                     InvalidTimestampError, UnsupportedForMessageFormatError, struct.error, OverflowError, TypeError,
                     ValueError)
@@ -87,6 +89,38 @@ class _Record:
 def is_permanent(exc: BaseException) -> bool:
     """True when a failure is about the record itself (size, encoding): retrying cannot help."""
     return isinstance(exc, PERMANENT_ERRORS)
+
+
+class InProducer:
+    """The records handed to the Kafka producer and not yet confirmed or failed, with when they
+    were handed over. Each send has its own token, and only the first outcome of a token counts,
+    so a record given up on (and retried) is never acknowledged twice."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, tuple[float, _Record]] = {}  # in send order
+        self._tokens = itertools.count()
+        self._lock = threading.Lock()
+
+    def add(self, record: _Record, now: float) -> int:
+        with self._lock:
+            token = next(self._tokens)
+            self._sent[token] = (now, record)
+            return token
+
+    def pop(self, token: int) -> _Record | None:
+        with self._lock:
+            entry = self._sent.pop(token, None)
+        return None if entry is None else entry[1]
+
+    def oldest_age(self, now: float) -> float:
+        with self._lock:
+            return now - next(iter(self._sent.values()))[0] if self._sent else 0.0
+
+    def take_all(self) -> list[_Record]:
+        with self._lock:
+            records = [record for _, record in self._sent.values()]
+            self._sent.clear()
+        return records
 
 
 class RetrySchedule:
@@ -214,6 +248,7 @@ class MqttKafkaBridge:
         self.mqtt = MqttClient(mqtt, client_id=f"edgeline-bridge-{site}", clean_session=False, manual_ack=True)
         self._acks = _InOrderAcks(self.mqtt.ack)
         self._retries = RetrySchedule(self.settings.retry_first_s, self.settings.retry_max_s)
+        self._in_producer = InProducer()
         self._kafka_failing = False
         self._stop = threading.Event()
         self._taking = False
@@ -262,10 +297,18 @@ class MqttKafkaBridge:
         log.info("bridge:%s: stopped; %d messages left unacked for the broker to redeliver", self.site,
                  self._acks.pending())
 
+    @property
+    def _stuck_after_s(self) -> float:
+        return self.settings.delivery_timeout_s + STUCK_GRACE_S
+
     def _new_producer(self) -> KafkaProducer:
+        """A producer; a replacement reuses the broker version the first one found, so that it is
+        made at once even while Kafka is away (probing blocks until Kafka answers)."""
         delivery_ms = int(self.settings.delivery_timeout_s * 1000)
+        known = {"api_version": self._producer.config["api_version"]} if self._producer is not None else {}
         return reliable_producer(self.bootstrap, f"edgeline-bridge-{self.site}", delivery_timeout_ms=delivery_ms,
-                                 request_timeout_ms=min(30_000, delivery_ms // 2), max_block_ms=SEND_BLOCK_MS)
+                                 request_timeout_ms=min(30_000, delivery_ms // 2), max_block_ms=SEND_BLOCK_MS,
+                                 **known)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -328,15 +371,28 @@ class MqttKafkaBridge:
         self.metrics.unacked.set(self._acks.pending())
         self._produce(record)
 
-    def _produce(self, record: _Record) -> None:
+    def _produce(self, record: _Record) -> bool:
+        """Hand ``record`` to the producer; False when ``send()`` itself failed."""
+        token = self._in_producer.add(record, time.monotonic())
         try:
             future = self._producer.send(record.topic, key=record.key, value=record.value,  # type: ignore[union-attr]
                                          timestamp_ms=record.timestamp_ms)
         except (KafkaError, *PERMANENT_ERRORS) as exc:
+            self._in_producer.pop(token)
             self._failed(record, exc, sent=False)
-            return
-        future.add_callback(lambda _meta: self._confirmed(record))
-        future.add_errback(lambda exc: self._failed(record, exc, sent=True))
+            return False
+        future.add_callback(lambda _meta: self._outcome(token, None))
+        future.add_errback(lambda exc: self._outcome(token, exc))
+        return True
+
+    def _outcome(self, token: int, exc: BaseException | None) -> None:
+        record = self._in_producer.pop(token)
+        if record is None:
+            return  # given up on when its producer was replaced, and retried
+        if exc is None:
+            self._confirmed(record)
+        else:
+            self._failed(record, exc, sent=True)
 
     def _confirmed(self, record: _Record) -> None:
         self.metrics.produced.labels(record.topic).inc()
@@ -358,10 +414,13 @@ class MqttKafkaBridge:
         if is_permanent(exc) and exc is not self._last_refusal:
             self._refused(record, exc, sent)
             return
-        self.metrics.produce_errors.inc()
         self._kafka_failing = True
         if sent and isinstance(exc, KafkaTimeoutError):
             self._renew_producer = True  # kafka-python may hold the rest of an expired partition forever
+        self._retry_later(record, exc)
+
+    def _retry_later(self, record: _Record, exc: BaseException) -> None:
+        self.metrics.produce_errors.inc()
         retry = replace(record, attempts=record.attempts + 1)
         wait_s = self._retries.add(retry, time.monotonic()) - time.monotonic()
         self.metrics.retrying.set(len(self._retries))
@@ -393,18 +452,35 @@ class MqttKafkaBridge:
 
     def _retry_loop(self) -> None:
         while not self._stop.is_set():
-            if self._renew_producer:
+            if self._renew_producer or self._in_producer.oldest_age(time.monotonic()) > self._stuck_after_s:
+                self._renew_producer = True
                 self._replace_producer()
-            for record in self._retries.take_due(timeout_s=0.5):
-                self._produce(record)
+            due = self._retries.take_due(timeout_s=0.5)
+            for index, record in enumerate(due):
+                if not self._produce(record):  # each send would block SEND_BLOCK_MS: the rest wait their turn
+                    for later in due[index + 1:]:
+                        self._retries.add(later, time.monotonic())
+                    break
             self.metrics.retrying.set(len(self._retries))
 
     def _replace_producer(self) -> None:
+        """A new producer; the records the old one held are retried. Done after a refusal, an
+        expiry, or a record held past its delivery timeout (kafka-python does not always expire
+        records while the broker is away, and would hold them, and the acks behind them, forever)."""
+        try:
+            new = self._new_producer()
+        except KafkaError as exc:  # Kafka still away: the next turn of the retry loop tries again
+            log.debug("bridge:%s: no new Kafka producer yet: %s", self.site, exc)
+            return
         self._renew_producer = False
-        old, self._producer = self._producer, self._new_producer()
+        held = self._in_producer.take_all()
+        old, self._producer = self._producer, new
         if old is not None:
-            close_producer(old, 0.0)  # what it still held fails over to the retries
-        log.info("bridge:%s: new Kafka producer (the last one refused a record or let one expire)", self.site)
+            close_producer(old, 0.0)
+        for record in held:
+            self._retry_later(record, KafkaTimeoutError("held by a replaced producer"))
+        log.info("bridge:%s: new Kafka producer (the last one refused a record, or let %d expire or hold them)",
+                 self.site, len(held))
 
     def _dead_letter(self, message: paho.MQTTMessage, reason: str, received: float) -> None:
         self.metrics.dead_lettered.inc()

@@ -155,3 +155,27 @@ def test_sigterm_stops_a_bridge_process_with_its_acks_sent(mosquitto, kafka, mqt
     finally:
         bridge.stop()
     assert bridge.metrics.received.labels("result")._value.get() == 1
+
+
+def test_stop_while_kafka_is_away_returns_within_the_shutdown_timeout(mosquitto, mqtt_probe, unique_name, tmp_path):
+    """Records Kafka cannot confirm are left to the broker: stop() neither raises (it raised
+    KafkaTimeoutError from the producer's flush) nor leaves a thread behind."""
+    broker = KafkaBroker(tmp_path / "kafka")
+    broker.start()
+    bridge = MqttKafkaBridge(unique_name, MqttSettings(host=mosquitto.host, port=mosquitto.port), broker.bootstrap,
+                             topics=KafkaTopics(unique_name), settings=BridgeSettings(shutdown_timeout_s=3.0))
+    try:
+        bridge.start()
+        probe = mqtt_probe(mosquitto)
+        publish(probe, [result(unique_name, "m01", 0)])
+        wait_for(lambda: bridge._acks.pending() == 0, 30, "the first record acked")
+        broker.stop()
+        publish(probe, [result(unique_name, "m01", seq) for seq in range(1, 20)])
+        wait_for(lambda: bridge._acks.pending() >= 10, 30, "records in flight")
+        started = time.monotonic()
+        bridge.stop()
+        assert time.monotonic() - started < 3.0 + 5.0
+        assert bridge._acks.pending() >= 10  # unacked: the broker redelivers them to the next bridge
+    finally:
+        bridge.stop()
+        broker.stop()
