@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -18,14 +17,14 @@ import httpx
 import pytest
 
 from edgeline.config import BUILTIN_PACKAGES
-from edgeline.services import free_port
 from models.package import MANIFEST_FILE, MODEL_FILE, TensorSpec, read_manifest, write_package, write_package_tar
 from models.signing import generate_keypair, load_private_key, sign_package
+from tests.integration.central_process import CENTRAL_CLI, start_central
 from tests.unit.models.test_package import Zeros
 
 pytestmark = pytest.mark.integration
 TOKEN = "a-long-enough-api-token"
-CLI = [sys.executable, "-m", "edgeline.cli", "central"]
+CLI = CENTRAL_CLI
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -33,33 +32,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def central(tmp_path: Path, mosquitto, unique_name: str) -> Iterator[str]:
     """``central serve`` trusting ``test.pub`` (this test's key), unpacking at most 16 MiB a package."""
     generate_keypair(tmp_path / "test.key", tmp_path / "test.pub")
-    (tmp_path / "site.yaml").write_text(
-        f"site: {unique_name}\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
-        "signatures: {trusted_keys: [test.pub]}\npackages: {max_unpacked_mib: 16}\n")
     (tmp_path / "token").write_text(TOKEN + "\n")
-    port = free_port()
-    server = subprocess.Popen([*CLI, "serve", "-c", str(tmp_path / "site.yaml"), "--db",
-                               f"sqlite:///{tmp_path / 'c.db'}", "--storage", str(tmp_path / "store"),
-                               "--port", str(port), "--token-file", str(tmp_path / "token"), "--log-level", "warning"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_central(
+        tmp_path, f"site: {unique_name}\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
+        "signatures: {trusted_keys: [test.pub]}\npackages: {max_unpacked_mib: 16}\n",
+        "--token-file", str(tmp_path / "token"))
     try:
-        deadline = time.monotonic() + 30
-        while not _answers(base):
-            assert server.poll() is None and time.monotonic() < deadline, "central did not come up"
-            time.sleep(0.3)
         yield base
     finally:
         server.terminate()
         server.wait(10)
-
-
-def _answers(base: str) -> bool:
-    try:
-        httpx.get(f"{base}/metrics", timeout=1)
-        return True
-    except httpx.TransportError:
-        return False
 
 
 def signed(tmp_path: Path, name: str, onnx: bytes, **manifest_changes) -> bytes:

@@ -7,10 +7,8 @@ script would: tables whole, ``--json`` raw."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,8 @@ from edgeline.services import free_port
 from models.package import write_package_tar
 from stream.messages import Heartbeat
 from stream.topics import mqtt_topic, topic_for
+from tests.integration.central_process import CENTRAL_CLI, client_env
+from tests.integration.central_process import start_central as start_central_process
 
 pytestmark = pytest.mark.integration
 TOKEN = "a-long-enough-api-token"
@@ -31,13 +31,8 @@ READ_TOKEN = "a-long-enough-read-token"
 READ = {"Authorization": f"Bearer {READ_TOKEN}"}
 READER = {"EDGELINE_CENTRAL_READ_TOKEN": READ_TOKEN}
 """How a client with the read token runs: ``central_cli(..., **READER)``."""
-CLI = [sys.executable, "-m", "edgeline.cli", "central"]
+CLI = CENTRAL_CLI
 ISO_UTC = re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\b")
-
-
-def client_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELINE_CENTRAL_")}
-    return env | {"COLUMNS": "80"} | extra
 
 
 def central_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -45,30 +40,13 @@ def central_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def start_central(tmp_path: Path, mosquitto, site: str, *options: str) -> tuple[subprocess.Popen, str]:
-    """``central serve`` for ``site`` (machines m01, m02) on a free port with ``options``, once it
-    answers; the token comes from the file named by $EDGELINE_CENTRAL_TOKEN_FILE, the read token
-    from $EDGELINE_CENTRAL_READ_TOKEN."""
-    (tmp_path / "site.yaml").write_text(
-        f"site: {site}\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
-        "machines: [{id: m01, line: line-1, cameras: [{id: c1}, {id: c2}]}, {id: m02, cameras: [{id: c1}]}]\n")
+    """``central serve`` for ``site`` (machines m01, m02) with ``options``; the token comes from the
+    file named by $EDGELINE_CENTRAL_TOKEN_FILE, the read token from $EDGELINE_CENTRAL_READ_TOKEN."""
     (tmp_path / "token").write_text(TOKEN + "\n")
-    port = free_port()
-    server = subprocess.Popen([*CLI, "serve", "-c", str(tmp_path / "site.yaml"), "--db",
-                               f"sqlite:///{tmp_path / 'c.db'}", "--storage", str(tmp_path / "store"),
-                               "--port", str(port), "--log-level", "warning", *options],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=client_env(EDGELINE_CENTRAL_TOKEN_FILE=str(tmp_path / "token"), **READER))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{base}/models", headers=READ, timeout=1).raise_for_status()
-            return server, base
-        except httpx.TransportError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"central did not come up: {server.communicate()[0]}")
-            time.sleep(0.3)
+    site_yaml = (f"site: {site}\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
+                 "machines: [{id: m01, line: line-1, cameras: [{id: c1}, {id: c2}]}, {id: m02, cameras: [{id: c1}]}]\n")
+    return start_central_process(tmp_path, site_yaml, *options,
+                                 env=client_env(EDGELINE_CENTRAL_TOKEN_FILE=str(tmp_path / "token"), **READER))
 
 
 @pytest.fixture
