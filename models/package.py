@@ -132,8 +132,24 @@ class AnomalyPostprocess(_Strict):
     threshold_factor: float = Field(1.0, gt=0, description="calibrated threshold = this x the calibration quantile")
     min_scale: float = Field(1e-3, gt=0, description="floor of a fitted std, relative to the channel's level (inputs) "
                              "or absolute in normalised units (residuals)")
-    level_weight: float = Field(0.0, ge=0, description="weight of the level term: score = mean((residual/scale)^2) "
-                                "+ level_weight * mean(((x - mean)/std)^2), mean/std fitted on all calibration samples")
+    level_weight: float = Field(0.0, ge=0, description="weight of the level term: score = forecast_weight * "
+                                "mean((residual/scale)^2) + level_weight * mean(((e - mean)/std)^2), e the level_alpha "
+                                "EMA of the values, mean/std fitted on the calibration samples' e")
+    level_alpha: float = Field(1.0, gt=0, le=1, description="EMA of the raw values before the level z (a mean-shift "
+                               "detector): e = a*x + (1-a)*e_prev; the level mean/std are fitted on the EMA'd calibration "
+                               "values; 1 = the raw values")
+    forecast_weight: float = Field(1.0, ge=0, description="weight of the forecast term mean((residual/scale)^2)")
+    drift_halflife: float = Field(0.0, ge=0, description="samples: outside alarm events and below the exit level, "
+                                  "a group's level mean follows its EMA'd values with this half-life (slow normal "
+                                  "drift); frozen during events; 0 = never")
+    exit_ratio: float = Field(1.0, gt=0, le=1, description="hysteresis: an alarm event opens when the smoothed score "
+                              "exceeds the threshold and closes after ``clear_steps`` samples at or below this x "
+                              "the threshold")
+    clear_steps: int = Field(1, ge=1, description="consecutive samples at or below the exit level that close an event")
+    max_false_alarms_per_day: float | None = Field(
+        None, gt=0, description="false-alarm budget per group: the threshold comes from a peaks-over-threshold fit "
+        "of the smoothed calibration scores (edge.anomaly.budget_threshold); None = threshold_factor x "
+        "threshold_quantile")
     profiles: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="named sets of overrides of the scalar fields above, measured with this "
         "model for another use (e.g. 'fast-start': short calibration on a fast-drifting pump); chosen at load time")
