@@ -72,14 +72,21 @@ def parse_time(cell: str) -> float:
     return moment.timestamp()
 
 
+def gap_flags(timestamps: np.ndarray) -> np.ndarray:
+    """[T] bool: True where the step from the previous known time is longer than ``GAP_FACTOR`` x the
+    median positive step (rows with an unparseable time are skipped and never flagged)."""
+    flags = np.zeros(len(timestamps), bool)
+    known = np.flatnonzero(np.isfinite(timestamps))
+    steps = np.diff(timestamps[known])
+    positive = steps[steps > 0]
+    if positive.size:
+        flags[known[1:]] = steps > GAP_FACTOR * float(np.median(positive))
+    return flags
+
+
 def count_gaps(timestamps: np.ndarray) -> int:
     """Steps longer than ``GAP_FACTOR`` x the median positive step (unparseable times are ignored)."""
-    known = timestamps[np.isfinite(timestamps)]
-    steps = np.diff(known)
-    positive = steps[steps > 0]
-    if positive.size == 0:
-        return 0
-    return int(np.count_nonzero(steps > GAP_FACTOR * float(np.median(positive))))
+    return int(np.count_nonzero(gap_flags(timestamps)))
 
 
 def read_series_csv(

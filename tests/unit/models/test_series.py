@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.series import count_gaps, parse_time, read_series_csv, sniff_separator
+from models.series import count_gaps, gap_flags, parse_time, read_series_csv, sniff_separator
 
 REPO = Path(__file__).resolve().parents[3]
 DATA = Path(os.environ.get("EDGELINE_DATA") or REPO.parent / "shared" / "data")
@@ -148,3 +148,9 @@ def test_real_nab_file() -> None:
     assert s.channels == ("value",) and s.values.shape[0] > 10000 and s.missing == 0
     assert s.timestamps is not None and np.median(np.diff(s.timestamps)) == 1800.0  # half-hourly taxi counts
     assert s.labels is None
+
+
+def test_gap_flags_mark_the_row_after_the_gap() -> None:
+    flags = gap_flags(np.array([0.0, 1.0, 2.0, 9.0, math.nan, 10.0, 11.0]))
+    assert flags.tolist() == [False, False, False, True, False, False, False]
+    assert not gap_flags(np.array([], np.float64)).any()
