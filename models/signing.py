@@ -232,6 +232,19 @@ def sign_package(folder: str | Path, private_key: Ed25519PrivateKey) -> Package:
     return signed
 
 
+def ensure_signing_key(key_path: str | Path | None = None) -> tuple[Ed25519PrivateKey, Path | None]:
+    """The private key at ``key_path`` (default :func:`default_signing_key_path`), generated on first use
+    (mode 0600, its public half beside it as ``<name>.pub``); returns the key and the path it was created at
+    (None when it already existed)."""
+    key_path = Path(key_path).expanduser() if key_path is not None else default_signing_key_path()
+    if key_path.exists():
+        return load_private_key(key_path), None
+    key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_key = _generate_private_only(key_path)
+    _write_atomic(key_path.with_name(key_path.name + ".pub"), public_key_pem(private_key.public_key()), mode=0o644)
+    return private_key, key_path
+
+
 def sign_builtin_packages(
     packages_dir: str | Path = BUILTIN_PACKAGES, key_path: str | Path | None = None
 ) -> list[Package]:
@@ -242,12 +255,7 @@ def sign_builtin_packages(
     an earlier key must be re-signed, which this does for every folder holding a manifest.
     """
     packages_dir = Path(packages_dir)
-    key_path = Path(key_path).expanduser() if key_path is not None else default_signing_key_path()
-    if key_path.exists():
-        private_key = load_private_key(key_path)
-    else:
-        key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        private_key = _generate_private_only(key_path)
+    private_key, _ = ensure_signing_key(key_path)
     folders = sorted(p for p in packages_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file())
     signed = [sign_package(folder, private_key) for folder in folders]
     signed_by = key_id(private_key.public_key())
