@@ -155,6 +155,22 @@ class Result(Envelope):
 # ---------------------------------------------------------------- anomalies
 
 
+MAX_TOP_CHANNELS = 8
+
+
+class AlarmSpan(_Strict):
+    """An alarm event of a sensor group as the edge runtime sees it (hysteresis included): where it
+    started, where it ended (None while open), how high it went and which channels drove it."""
+
+    start_seq: Annotated[int, Field(ge=0)]
+    start_ts: Timestamp
+    end_seq: Annotated[int, Field(ge=0)] | None = None
+    end_ts: Timestamp | None = None
+    peak_level: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(description="highest score / threshold")
+    channels: list[Identifier] = Field(default_factory=list, max_length=MAX_TOP_CHANNELS,
+                                       description="channels with the largest contribution at the peak, largest first")
+
+
 class Anomaly(Envelope):
     """Anomaly score of one sensor group for one time step."""
 
@@ -169,6 +185,9 @@ class Anomaly(Envelope):
     threshold: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     is_anomaly: bool
     channel_scores: dict[Identifier, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
+    top_channels: list[Identifier] = Field(default_factory=list, max_length=MAX_TOP_CHANNELS,
+                                           description="channels with the largest contribution now, largest first")
+    alarm: AlarmSpan | None = Field(None, description="the open alarm event, or the one that ended at this step")
 
 
 # ---------------------------------------------------------------- heartbeats and events

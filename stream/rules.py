@@ -89,6 +89,8 @@ class Observation:
     values: dict[str, float]
     camera: str | None = None
     group: str | None = None
+    channels: tuple[str, ...] = ()
+    """Anomalies: the channels that drove the alarm event (else the top channels now), largest first."""
 
     @property
     def source(self) -> str:
@@ -97,11 +99,11 @@ class Observation:
 
     def to_dict(self) -> dict[str, object]:
         return {"site": self.site, "machine": self.machine, "line": self.line, "model": self.model, "ts": self.ts,
-                "values": self.values, "camera": self.camera, "group": self.group}
+                "values": self.values, "camera": self.camera, "group": self.group, "channels": list(self.channels)}
 
     @classmethod
     def from_dict(cls, data: dict) -> Observation:
-        return cls(**data)
+        return cls(**(data | {"channels": tuple(data.get("channels", ()))}))
 
 
 @dataclass
@@ -141,6 +143,8 @@ def observations(message: Envelope, lines: dict[str, str] | None = None) -> list
                 site=message.site, machine=message.machine, line=line, model=message.model, ts=message.ts,
                 group=message.group,
                 values={"anomaly_score": message.score, "anomaly_level": capped(message.score / message.threshold)},
+                channels=tuple(message.alarm.channels if message.alarm and message.alarm.channels
+                               else message.top_channels),
             )
         ]
     return []
@@ -477,4 +481,5 @@ def _summary(t: _Transition) -> str:
         what = f"{rule.metric} changing {t.value:+g}/s (limit {cond}/s)"
     else:
         what = f"{rule.metric} {t.value:g} (limit {cond})"
-    return f"{t.state}: {what} on {t.key}"
+    channels = f" (top channels: {', '.join(t.obs.channels)})" if t.obs.channels else ""
+    return f"{t.state}: {what} on {t.key}{channels}"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.messages import (Alert, Anomaly, CameraStatus, Command, Decision, DefectRegion, EncodedMask, Event,
+from stream.messages import (AlarmSpan, Alert, Anomaly, CameraStatus, Command, Decision, DefectRegion, EncodedMask, Event,
                              FrameResult, Heartbeat, MessageError, MessageLimits, ModelOutput, Result, parse_message,
                              stable_msg_id)
 
@@ -38,6 +38,10 @@ EXAMPLES = [
           value=0.3, camera="cam1"),
     Decision(**BASE, rule="surface-defect", state="resolved", scope="machine", key="m01", value=0.0,
              actions=["alert"]),
+    Anomaly(**BASE, group="pump1", seq=9, model="lstm", version="1", score=2.5, threshold=1.2, is_anomaly=True,
+            channel_scores={"Current": 4.0, "Pressure": 0.1}, top_channels=["Current", "Pressure"],
+            alarm=AlarmSpan(start_seq=5, start_ts=NOW - 4, end_seq=9, end_ts=NOW, peak_level=3.5,
+                            channels=["Current"])),
 ]
 
 
@@ -50,6 +54,27 @@ def test_round_trip_keeps_every_field_and_the_schema(message: object) -> None:
     parsed = parse_message(wire)
     assert type(parsed) is type(message)
     assert parsed == message
+
+
+def test_an_anomaly_of_an_older_producer_is_still_valid() -> None:
+    old = {"schema": "edgeline.anomaly/1", "msg_id": "0123456789abcdef", **BASE, "group": "pump1", "seq": 3,
+           "model": "lstm", "version": "1", "score": 2.5, "threshold": 1.2, "is_anomaly": True,
+           "channel_scores": {"Current": 4.0}}
+    parsed = parse_message(json.dumps(old).encode())
+    assert isinstance(parsed, Anomaly) and parsed.top_channels == [] and parsed.alarm is None
+    assert "alarm" not in json.loads(parsed.to_json())  # an open slot stays off the wire
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"top_channels": [f"c{i}" for i in range(9)]}, "top_channels"),
+    ({"top_channels": ["has space"]}, "top_channels"),
+    ({"alarm": {"start_seq": 1, "start_ts": NOW, "peak_level": -1.0}}, "peak_level"),
+    ({"alarm": {"start_seq": 1, "start_ts": NOW, "peak_level": 1.0, "channels": ["a/b"]}}, "channels"),
+])
+def test_anomaly_top_channels_and_alarm_are_checked(changes: dict[str, object], reason: str) -> None:
+    document = json.loads(EXAMPLES[-1].to_json()) | changes
+    with pytest.raises(MessageError, match=reason):
+        parse_message(json.dumps(document).encode())
 
 
 def test_msg_ids_are_unique_by_default_and_stable_when_derived() -> None:

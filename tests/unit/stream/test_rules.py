@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.messages import (
+    AlarmSpan,
     Alert,
     Anomaly,
     Command,
@@ -111,6 +112,31 @@ def test_other_messages_produce_nothing_but_are_counted(message: Envelope) -> No
     assert observations(message) == []
     assert engine.process(message) == []
     assert engine.stats == EngineStats(messages=1)
+
+
+def test_anomaly_observation_carries_the_alarm_channels_else_the_top_channels() -> None:
+    top = anomaly(5.0, 1.7).model_copy(update={"top_channels": ["Current", "Pressure"]})
+    assert observations(top)[0].channels == ("Current", "Pressure")
+    event = AlarmSpan(start_seq=3, start_ts=3.0, peak_level=2.0, channels=["Voltage"])
+    assert observations(top.model_copy(update={"alarm": event}))[0].channels == ("Voltage",)
+    assert observations(anomaly(5.0, 1.7))[0].channels == ()
+    (obs,) = observations(top)
+    assert Observation.from_dict(json.loads(json.dumps(obs.to_dict()))) == obs  # as the Faust worker forwards it
+    old = {k: v for k, v in obs.to_dict().items() if k != "channels"}  # forwarded by a worker before this field
+    assert Observation.from_dict(old).channels == ()
+
+
+def test_anomaly_alert_text_names_the_top_channels_and_ids_do_not_depend_on_them() -> None:
+    pump = rule(name="pump-anomaly", description="pump sensors off their forecast", metric="anomaly_level",
+                condition={"op": ">=", "value": 1.0}, scope="machine", actions=[{"type": "alert"}])
+    plain = RulesEngine([pump]).process(anomaly(1.0, 3.0))
+    named = RulesEngine([pump]).process(
+        anomaly(1.0, 3.0).model_copy(update={"top_channels": ["VolumeFlowRateRMS", "Pressure"]}))
+    (alert,) = of(Alert, named)
+    assert alert.text == ("pump sensors off their forecast: firing: anomaly_level 3 (limit >= 1) on m01 "
+                          "(top channels: VolumeFlowRateRMS, Pressure)")
+    assert of(Alert, plain)[0].text == "pump sensors off their forecast: firing: anomaly_level 3 (limit >= 1) on m01"
+    assert [m.msg_id for m in named] == [m.msg_id for m in plain]
 
 
 # ---------------------------------------------------------------- kinds
