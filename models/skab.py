@@ -15,7 +15,6 @@ Data: ``$EDGELINE_DATA/skab`` (default ``<repo>/../shared/data/skab``), from git
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 
 from edge.anomaly import StreamingAnomalyModel
 from edge.synthetic import CHANNELS
+from models.series import Series, read_series_csv
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def skab_root() -> Path:
 class SkabFile:
     path: Path
     name: str  # relative to the folder it was found under, e.g. "valve1/3.csv"
-    values: np.ndarray  # [T, 8] float32, CHANNELS order
+    values: np.ndarray  # [T, C] float32 (SKAB: the 8 CHANNELS in order); NaN where missing
     labels: np.ndarray | None  # [T] bool, None when the file has no `anomaly` column
 
     @property
@@ -54,27 +54,16 @@ class SkabFile:
         parent = Path(self.name).parent.as_posix()
         return "." if parent in ("", ".") else parent
 
-
-def _key(name: str) -> str:
-    return name.strip().replace(" ", "")
+    @classmethod
+    def from_series(cls, series: Series) -> SkabFile:
+        """Any labelled (or unlabelled) series of :mod:`models.series`, whatever its channels."""
+        return cls(series.path, series.name, series.values, series.labels)
 
 
 def read_skab_file(path: Path, name: str | None = None) -> SkabFile:
-    """One SKAB-format CSV (``;``-separated, the eight channels by name, optional ``anomaly``)."""
-    with Path(path).open(newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=";")
-        header = {_key(h): h for h in reader.fieldnames or []}
-        missing = [c for c in CHANNELS if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing SKAB columns {', '.join(missing)}")
-        label_col = header.get("anomaly")
-        values, labels = [], []
-        for record in reader:
-            values.append([float(record[header[c]]) for c in CHANNELS])
-            if label_col is not None:
-                labels.append(float(record[label_col] or 0) > 0.5)
-    array = np.asarray(values, np.float32).reshape(-1, len(CHANNELS))
-    return SkabFile(Path(path), name or Path(path).name, array, np.asarray(labels, bool) if label_col else None)
+    """One SKAB-format CSV (``;``-separated, the eight channels by name, optional ``anomaly``); an empty or
+    unparseable value is NaN (the runtime imputes it). Raises ValueError naming a missing column."""
+    return SkabFile.from_series(read_series_csv(path, columns=CHANNELS, label_column="anomaly", name=name))
 
 
 def find_files(root: Path) -> list[Path]:

@@ -43,8 +43,18 @@ def test_reads_channels_labels_and_files_without_labels(tmp_path):
     assert f.labels.sum() == 10 and f.labels[20] and not f.labels[19]
     assert read_skab_file(write_csv(tmp_path / "b.csv", 5, 0, labels=False)).labels is None
     (tmp_path / "bad.csv").write_text("a;b\n1;2\n")
-    with pytest.raises(ValueError, match="missing SKAB columns"):
+    with pytest.raises(ValueError, match="'Accelerometer1RMS' not found"):
         read_skab_file(tmp_path / "bad.csv")
+
+
+def test_an_empty_cell_reads_as_nan_not_an_error(tmp_path):
+    path = write_csv(tmp_path / "a.csv", 5, 0)
+    lines = path.read_text().splitlines()
+    cells = lines[2].split(";")
+    cells[3] = ""  # Current
+    path.write_text("\n".join([*lines[:2], ";".join(cells), *lines[3:]]) + "\n")
+    f = read_skab_file(path)
+    assert np.isnan(f.values[1, 2]) and np.isfinite(np.delete(f.values, 2, axis=1)).all()
 
 
 def test_finds_files_recursively_in_natural_order_and_skips_unreadable(tmp_path):
