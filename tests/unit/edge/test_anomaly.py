@@ -1,27 +1,90 @@
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edge.anomaly import (
+    AlarmEvent,
     AnomalyScore,
     StreamingAnomalyModel,
+    budget_threshold,
     event_metrics,
     runs,
     score_streams,
+    smooth_scores,
 )
 from edge.inference import ModelLoadError
 from edge.synthetic import CHANNELS, SyntheticPump, pump_dataset
-from models.package import load_package
+from models.package import (
+    AnomalyPostprocess,
+    AnomalyPreprocess,
+    Manifest,
+    Package,
+    TensorSpec,
+    load_package,
+    write_package,
+)
 
 PACKAGES = Path(__file__).resolve().parents[3] / "models" / "packages"
+# the scoring settings of the runtime's own tests, pinned whatever the shipped package is tuned to
+PLAIN = {"level_alpha": 1.0, "forecast_weight": 1.0, "drift_halflife": 0.0, "exit_ratio": 1.0, "clear_steps": 1,
+         "max_false_alarms_per_day": None}
 
 
 @pytest.fixture(scope="module")
 def package():
     return load_package(PACKAGES / "anomaly-skab")
+
+
+def repackage(package: Package, folder: Path, **post: Any) -> Package:
+    """The same graph with postprocess fields replaced (written and loaded as a real package)."""
+    manifest = package.manifest
+    postprocess = AnomalyPostprocess.model_validate(manifest.postprocess.model_dump() | post)
+    return write_package(folder, manifest.model_copy(update={"postprocess": postprocess}), package.model_path.read_bytes())
+
+
+def lstm_graph(channels: int, hidden: int, seed: int, head: float) -> bytes:
+    """A one-step LSTM forecaster shaped like the exported one: x [B, C], h/c [1, B, H] -> y [B, C], h_out, c_out.
+    Random weights; ``head`` 0 makes the forecast 0 (the score is then the scaled input itself)."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "W": rng.normal(0, 0.5, (1, 4 * hidden, channels)), "R": rng.normal(0, 0.5, (1, 4 * hidden, hidden)),
+        "B": np.zeros((1, 8 * hidden)), "head_w": head * rng.normal(0, 1, (hidden, channels)),
+        "head_b": np.zeros(channels), "axes0": np.array([0]), "axes01": np.array([0, 1])}
+    inits = [numpy_helper.from_array(v.astype(np.int64 if k.startswith("axes") else np.float32), k)
+             for k, v in weights.items()]
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "axes0"], ["seq"]),
+        helper.make_node("LSTM", ["seq", "W", "R", "B", "", "h", "c"], ["Y", "h_out", "c_out"], hidden_size=hidden),
+        helper.make_node("Squeeze", ["Y", "axes01"], ["last"]),
+        helper.make_node("MatMul", ["last", "head_w"], ["mm"]),
+        helper.make_node("Add", ["mm", "head_b"], ["y"]),
+    ]
+    def io(name: str, shape: list[Any]) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+    graph = helper.make_graph(nodes, "forecaster", [io("x", ["batch", channels]), io("h", [1, "batch", hidden]),
+                                                    io("c", [1, "batch", hidden])],
+                              [io("y", ["batch", channels]), io("h_out", [1, "batch", hidden]),
+                               io("c_out", [1, "batch", hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def tiny_package(folder: Path, channels: int, difference: bool = False, head: float = 0.3, hidden: int = 8,
+                 seed: int = 0, **post: Any) -> Package:
+    """A real package around :func:`lstm_graph` with channels ``ch0..``, unit normalisation and scales."""
+    names = [f"ch{i}" for i in range(channels)]
+    spec = lambda name, shape: TensorSpec(name=name, shape=shape)  # noqa: E731
+    manifest = Manifest(
+        name="anomaly-tiny", version="1", task="anomaly",
+        inputs=[spec("x", ["batch", channels]), spec("h", [1, "batch", hidden]), spec("c", [1, "batch", hidden])],
+        outputs=[spec("y", ["batch", channels]), spec("h_out", [1, "batch", hidden]), spec("c_out", [1, "batch", hidden])],
+        preprocess=AnomalyPreprocess(channels=names, mean=[0.0] * channels, std=[1.0] * channels, hidden_size=hidden,
+                                     difference=difference),
+        postprocess=AnomalyPostprocess.model_validate({"residual_scale": [1.0] * channels, "threshold": 1.0} | post))
+    return write_package(folder, manifest, lstm_graph(channels, hidden, seed, head))
 
 
 class NumpyForecaster:
@@ -52,7 +115,7 @@ class NumpyForecaster:
 
 
 def reference_scores(package, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """The documented calibration and score, written out again in numpy: (scores, alarms, threshold)."""
+    """The documented calibration and score, written out again in numpy: (scores, raw exceedances, threshold)."""
     post = package.manifest.postprocess
     assert package.manifest.preprocess.difference
     k, warm = round(n * post.normalise_fraction), post.warmup_steps
@@ -70,8 +133,12 @@ def reference_scores(package, values: np.ndarray, n: int) -> tuple[np.ndarray, n
     samples = np.arange(k + 1, len(v))
     cal = (samples >= k + warm) & (samples < n)
     scale = np.maximum(np.sqrt((residual[cal] ** 2).mean(0)), post.min_scale)
-    level_mean, level_std = fit(v[:n])
-    raw = ((residual / scale) ** 2 + post.level_weight * ((v[k + 1 :] - level_mean) / level_std) ** 2).mean(1)
+    level = v.copy()  # the level EMA of the raw samples
+    for t in range(1, len(v)):
+        level[t] = post.level_alpha * v[t] + (1 - post.level_alpha) * level[t - 1]
+    level_mean, level_std = fit(level[:n])
+    raw = (post.forecast_weight * (residual / scale) ** 2
+           + post.level_weight * ((level[k + 1 :] - level_mean) / level_std) ** 2).mean(1)
     smoothed, s = [], None
     for r in raw[cal | (samples >= n)]:
         s = r if s is None else post.ema_alpha * r + (1 - post.ema_alpha) * s
@@ -87,9 +154,12 @@ def stream(model: StreamingAnomalyModel, values: np.ndarray, group: str = "pump"
     return [model.step({group: v})[group] for v in values]
 
 
-def test_streaming_equals_an_independent_reference_of_the_protocol(package):
+@pytest.mark.parametrize("level_alpha, forecast_weight", [(1.0, 1.0), (0.2, 0.5)])
+def test_streaming_equals_an_independent_reference_of_the_protocol(package, tmp_path, level_alpha, forecast_weight):
     values, _ = SyntheticPump(5, anomaly_rate=0.05).generate(500)
     values[300:340, 3] += 0.5  # a sustained shift the level term must carry
+    package = repackage(package, tmp_path, **PLAIN | {"level_weight": 1.0, "ema_alpha": 0.1, "level_alpha": level_alpha,
+                                                      "forecast_weight": forecast_weight})
     model = StreamingAnomalyModel(package, calibration_steps=120)
     streamed = stream(model, values)
     scores, alarms, threshold = reference_scores(package, values, 120)
@@ -100,22 +170,43 @@ def test_streaming_equals_an_independent_reference_of_the_protocol(package):
     assert alarms[300:340].any()
 
 
-def test_batched_groups_score_like_one_by_one(package):
-    streams = {f"m{i}/pump": pump_dataset(40 + i, 160, anomaly_rate=0.1)[0] for i in range(6)}
-    alone = {name: stream(StreamingAnomalyModel(package, calibration_steps=60), values, name)
-             for name, values in streams.items()}
+@pytest.mark.parametrize("post", [
+    {"level_weight": 0.0, "max_false_alarms_per_day": 2.0},
+    {"level_weight": 0.3, "level_alpha": 0.2, "drift_halflife": 30.0, "forecast_weight": 0.5},
+])
+def test_batched_groups_score_like_one_by_one(package, tmp_path, post):
+    """The knobs on (level EMA, drift, hysteresis, budget, rates, missing values): the vectorised batch
+    of groups in different phases gives each group what it gets streamed alone."""
+    package = repackage(package, tmp_path, **PLAIN | {"ema_alpha": 0.2, "exit_ratio": 0.6, "clear_steps": 4} | post)
+    streams = {f"m{i}/pump": pump_dataset(40 + i, 200, anomaly_rate=0.1)[0] for i in range(6)}
+    for i, values in enumerate(streams.values()):
+        values[np.random.default_rng(i).random(values.shape) < 0.03] = np.nan
+    rates = {name: 1.0 + k for k, name in enumerate(streams)}
+    alone = {}
+    for name, values in streams.items():
+        model = StreamingAnomalyModel(package, calibration_steps=60)
+        alone[name] = [model.step({name: v}, rates_hz={name: rates[name]})[name] for v in values]
+        alone[name + " missing"] = model.missing(name)
     together = StreamingAnomalyModel(package, calibration_steps=60)
     batched = {name: [] for name in streams}
-    for t in range(160):
+    for t in range(200):
         # groups join at different times, like sensors coming online: the batch mixes calibration phases
         tick = {name: values[t - k * 10] for k, (name, values) in enumerate(streams.items()) if t >= k * 10}
-        for name, score in together.step(tick).items():
+        for name, score in together.step(tick, rates_hz=rates).items():
             batched[name].append(score)
+    events = 0
     for k, name in enumerate(streams):
-        expected = alone[name][: 160 - k * 10]
+        expected = alone[name][: 200 - k * 10]
         np.testing.assert_allclose([s.score for s in batched[name]], [s.score for s in expected], rtol=1e-5, atol=1e-6)
         assert [s.is_anomaly for s in batched[name]] == [s.is_anomaly for s in expected]
         assert [s.threshold for s in batched[name]] == pytest.approx([s.threshold for s in expected], rel=1e-5)
+        assert [s.top_channels for s in batched[name]] == [s.top_channels for s in expected]
+        assert [s.event for s in batched[name]] == [s.event for s in expected]
+        assert [s.step for s in batched[name]] == list(range(200 - k * 10))
+        events += sum(s.event is not None and s.event.start == s.step for s in expected)
+        if k == 0:
+            assert together.missing(name) == alone[name + " missing"] == np.isnan(streams[name]).sum()
+    assert events >= 2  # events did open
 
 
 def test_calibration_never_alarms_then_the_group_threshold_applies(package):
@@ -125,15 +216,16 @@ def test_calibration_never_alarms_then_the_group_threshold_applies(package):
     values, _ = pump_dataset(3, 60)
     wild = np.full(8, 1e3, np.float32)
     during = stream(model, np.vstack([values[:59], wild[None]]), "a")
-    quiet = AnomalyScore(0.0, model.threshold, False, {ch: 0.0 for ch in CHANNELS})
-    assert all(s == quiet for s in during)  # scores 0, package threshold, never alarms while calibrating
+    quiet = [AnomalyScore(0.0, model.threshold, False, {ch: 0.0 for ch in CHANNELS}, step=t) for t in range(60)]
+    assert during == quiet  # scores 0, package threshold, never alarms while calibrating
     threshold = model.group_threshold("a")
     assert threshold is not None and threshold != model.threshold
     after = model.step({"a": -wild})["a"]
     assert after.is_anomaly and after.threshold == threshold and set(after.channel_scores) == set(CHANNELS)
+    assert after.event == AlarmEvent(60, None, after.score / threshold, after.top_channels) and after.step == 60
     model.reset("a")
     assert model.group_threshold("a") is None
-    assert model.step({"a": wild})["a"] == quiet  # calibrates again
+    assert model.step({"a": wild})["a"] == quiet[0]  # calibrates again
     assert model.groups == ["a"]
 
 
