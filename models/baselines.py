@@ -53,13 +53,18 @@ class ThresholdRule:
         return float(median + self.factor * (high - median))
 
 
+def fit_rows_of(calibration_rows: int, holdout: float = HOLDOUT) -> int:
+    """How many of the calibration rows a detector is fitted on (the rest set its threshold)."""
+    return calibration_rows - max(1, round(holdout * calibration_rows))
+
+
 def fit_and_score(detector: Detector, values: np.ndarray, calibration_rows: int,
                   holdout: float = HOLDOUT) -> tuple[np.ndarray, np.ndarray]:
     """Fit ``detector`` on the first ``1 - holdout`` of the calibration rows and score the whole
     file: returns (scores [T], the scores of the held-out calibration rows, which set the threshold).
     Held out because a detector scores the rows it was fitted on too well (an autoencoder
     reconstructs its own training noise), which would put the threshold below normal behaviour."""
-    fit_rows = calibration_rows - max(1, round(holdout * calibration_rows))
+    fit_rows = fit_rows_of(calibration_rows, holdout)
     detector.fit(np.asarray(values[:fit_rows]))
     scores = detector.score(values)
     return scores, scores[fit_rows:calibration_rows]
@@ -179,7 +184,7 @@ class ConvAE(Detector):
 
     name = "conv-ae"
 
-    def __init__(self, window: int = 60, epochs: int = 30, seed: int = 0) -> None:
+    def __init__(self, window: int = 60, epochs: int = 20, seed: int = 0) -> None:
         if window % 4:
             raise ValueError("window must be a multiple of 4 (two stride-2 stages)")
         self.window, self.epochs, self.seed = window, epochs, seed

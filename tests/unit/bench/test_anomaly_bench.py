@@ -1,0 +1,70 @@
+"""bench.anomaly: ours and the baselines side by side on a few real SKAB and NAB files (--quick),
+one JSON with every method's SKAB and NAB figures; and its cross-validation picks a threshold
+factor on the other folds' files only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.anomaly import FACTORS, OURS, Run, best_factor, cross_validate, folds_of, main
+from models import nab, skab
+from models.baselines import torch_missing
+
+HAVE_DATA = (skab.skab_root() / "valve1").is_dir() and (nab.nab_root() / nab.WINDOWS_FILE).is_file()
+METHODS = [OURS, "always-alarm", "rolling-z", "pca-t2q", "isolation-forest"] + ([] if torch_missing() else ["conv-ae"])
+
+
+def test_folds_cover_every_file_once():
+    parts = folds_of(11, 5, seed=0)
+    assert len(parts) == 5 and sorted(np.concatenate(parts).tolist()) == list(range(11))
+    assert [p.tolist() for p in folds_of(11, 5, seed=0)] == [p.tolist() for p in parts]  # fixed seed
+    assert len(folds_of(3, 5, seed=0)) == 3
+
+
+def test_cross_validation_chooses_on_the_other_folds_only():
+    """The files of the first fold reward few alarms (a high factor), the others many (factor 1):
+    each fold's held-out files get the factor the OTHER fold's files prefer."""
+    first, second = folds_of(4, 2, seed=0)
+    quiet = set(first.tolist())
+    run = Run("x", [0] * 4, scores=[np.arange(100.0)] * 4, calibration=[np.arange(10.0)] * 4)  # 30 x: no alarm
+
+    def objective(pairs):
+        return sum(-a.sum() if i in quiet else a.sum() for i, a in pairs)
+
+    assert best_factor(run, sorted(quiet), objective) == FACTORS[-1]
+    assert best_factor(run, second.tolist(), objective) == 1.0
+    alarms, chosen = cross_validate(run, objective, folds=2, seed=0)
+    assert chosen == [1.0, FACTORS[-1]]
+    for i in range(4):
+        expected = run.alarms(i, 1.0 if i in quiet else FACTORS[-1])
+        np.testing.assert_array_equal(alarms[i], expected)
+    assert alarms[first[0]].sum() > alarms[second[0]].sum()
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason=f"SKAB/NAB data not found under {skab.data_root()} (set EDGELINE_DATA)")
+def test_quick_run_writes_every_method_for_skab_and_nab(tmp_path: Path):
+    out = tmp_path / "anomaly.json"
+    main(quick=True, nab_package=None, skab_package=Path(__file__).resolve().parents[3] / "models" / "packages" /
+         "anomaly-skab", folds=2, seed=0, out=out)
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "anomaly" and data["quick"] and "machine" in data
+    skab_rows = {r["method"]: r for r in data["skab"]["rows"]}
+    assert list(skab_rows) == METHODS
+    for row in skab_rows.values():
+        assert {"f1", "far", "mar", "free_alarmed_pct", "samples_per_s", "x_ours"} <= set(row)
+        assert 0 <= row["f1"] <= 1 and 0 <= row["far"] <= 1 and 0 <= row["free_alarmed_pct"] <= 100
+    assert skab_rows["always-alarm"]["far"] == 1 and skab_rows["always-alarm"]["mar"] == 0
+    assert skab_rows["always-alarm"]["free_alarmed_pct"] == 100
+    assert skab_rows[OURS]["x_ours"] == pytest.approx(1.0) and skab_rows["pca-t2q"]["samples_per_s"] > 0
+    assert {r["folder"] for r in data["skab"]["folders"]} == {"valve1", "other"}
+    nab_rows = {r["method"]: r for r in data["nab"]["rows"]}
+    assert list(nab_rows) == METHODS and "no package" in nab_rows[OURS]["skipped"]
+    for method in METHODS[1:]:
+        row = nab_rows[method]
+        assert {"target_detected_pct", "target_fp_events_per_file", "no_anomaly_files_alarmed", "nab_score"} <= set(row)
+    assert nab_rows["always-alarm"]["all_detected_pct"] == 100 and nab_rows["always-alarm"]["nab_score"] < 0
+    assert {c["category"] for c in data["nab"]["categories"]} == set(nab.CATEGORIES)
