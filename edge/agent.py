@@ -34,10 +34,10 @@ from edge.ota import (LOCAL_ROLLBACK_BATCHES, DownloadError, ModelRecord, ModelS
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.scheduler import LoadShedder
-from edge.sensors import MqttSensorFeed, SensorSource, make_sensor_source
+from edge.sensors import ChannelBatch, MqttSensorFeed, SensorSource, make_sensor_source
 from edgeline.config import ConfigError, ModelRef, OutboxConfig, SiteConfig, resolve_model_path
 from models.package import PackageError, default_cache_dir, load_package
-from stream.messages import (Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
+from stream.messages import (AlarmSpan, Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
                              Heartbeat, MessageError, ModelHealth, ModelOutput, Result, parse_message)
 from stream.mqtt import MqttClient, Will
 from stream.topics import machine_commands_filter, status_topic, topic_for
@@ -48,6 +48,9 @@ LATENCY_WINDOW = 200
 RECENT_FRAMES = 8
 """Latest inferred frames kept for a new model's self-test before a swap."""
 MODEL_COMMANDS = ("load_model", "rollback_model", "shadow_model", "promote_shadow", "stop_shadow")
+RECENT_TICKS = 4096
+"""Capture times of a sensor group's latest steps kept to stamp the start of an alarm event (the
+runtime may open an event a few steps back); an older start is stamped with the oldest kept."""
 
 
 @dataclass
@@ -70,6 +73,12 @@ class SensorCounters:
     anomalies: int = 0
     score_last: float = 0.0
     threshold: float = 0.0
+    recent_ts: np.ndarray = field(default_factory=lambda: np.zeros(RECENT_TICKS))
+    """Capture time of step ``seq`` at ``seq % RECENT_TICKS``."""
+
+    def ts_of(self, seq: int) -> float:
+        """Capture time of one of the latest ``RECENT_TICKS`` steps (older: the oldest kept)."""
+        return float(self.recent_ts[max(seq, self.steps - RECENT_TICKS) % RECENT_TICKS])
 
 
 class EdgeAgent:
@@ -113,6 +122,13 @@ class EdgeAgent:
             s.id: make_sensor_source(s, base_dir) for s in self.machine.sensors if s.model
         }
         self.sensor_counters = {group: SensorCounters() for group in self.sensor_sources}
+        self.channel_batches = {
+            name: ChannelBatch([s for s in self.machine.sensors if s.model == name], model.channels)
+            for name, model in self.anomaly_models.items()
+        }
+        """Per anomaly model: its groups' samples in its channel order, valid ranges, missing counts."""
+        self._unrated = {name: {s.id: s.rate_hz for s in self.machine.sensors if s.model == name}
+                         for name in self.anomaly_models}
         self.mqtt = client or MqttClient(
             config.broker.mqtt_settings(machine_id, base_dir), client_id=f"edge-{self.site}-{machine_id}",
             will=Will(status_topic(self.site, machine_id), b"offline"),
@@ -421,20 +437,44 @@ class EdgeAgent:
                 by_model.setdefault(group.model, {})[group.id] = sample
         for name, samples in by_model.items():
             model = self.anomaly_models[name]
-            for group, score in model.step(samples).items():
+            scores = model.step(self.channel_batches[name].map(samples), self._new_rates(name, samples))
+            for group, score in scores.items():
                 self._publish_anomaly(model, group, score, ts)
+
+    def _new_rates(self, model: str, samples: dict[str, np.ndarray]) -> dict[str, float] | None:
+        """The sample rates of the groups stepping for the first time (the runtime keeps them)."""
+        unrated = self._unrated[model]
+        if not unrated:
+            return None
+        return {group: unrated.pop(group) for group in samples if group in unrated} or None
 
     def _publish_anomaly(self, model: StreamingAnomalyModel, group: str, score: AnomalyScore, ts: float) -> None:
         counters = self.sensor_counters[group]
+        seq = counters.steps
+        counters.recent_ts[seq % RECENT_TICKS] = ts
         counters.steps += 1
         counters.score_last = score.score
         counters.threshold = score.threshold
         counters.anomalies += int(score.is_anomaly)
         self._publish(Anomaly(
-            site=self.site, machine=self.id, ts=ts, group=group, seq=counters.steps - 1,
+            site=self.site, machine=self.id, ts=ts, group=group, seq=seq,
             model=model.name, version=model.version, score=score.score, threshold=score.threshold,
-            is_anomaly=score.is_anomaly, channel_scores=score.channel_scores,
+            is_anomaly=score.is_anomaly, channel_scores=score.channel_scores, top_channels=list(score.top_channels),
+            alarm=self._alarm_span(counters, seq, score),
         ))
+
+    @staticmethod
+    def _alarm_span(counters: SensorCounters, seq: int, score: AnomalyScore) -> AlarmSpan | None:
+        """The runtime's event in message terms: its steps become this group's seqs, stamped with their capture
+        times (``score.step`` is ``seq``'s step in the runtime, which counts the group's steps too)."""
+        event = score.event
+        if event is None:
+            return None
+        start = seq - (score.step - event.start)
+        end = None if event.end is None else seq - (score.step - event.end)
+        return AlarmSpan(start_seq=max(start, 0), start_ts=counters.ts_of(max(start, 0)), end_seq=end,
+                         end_ts=None if end is None else counters.ts_of(end), peak_level=event.peak,
+                         channels=list(event.channels))
 
     # ------------------------------------------------------------ heartbeats and commands
 

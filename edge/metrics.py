@@ -159,6 +159,32 @@ class AgentCollector(Collector):
             anomalies.add_metric([agent.id, group], counters.anomalies)
         yield samples
         yield anomalies
+        yield from self._sensor_feeds()
+
+    def _sensor_feeds(self) -> Iterator[Metric]:
+        """What the sources delivered short of a clean sample: missing and out-of-range values (NaN to
+        the model, which imputes them), time gaps in a replayed file, gateway payloads it could not use."""
+        agent = self.agent
+        families = {
+            "missing": CounterMetricFamily("edgeline_edge_sensor_missing_values", "Channel values missing or "
+                                           "not a number (the model imputes them)", labels=["machine", "group"]),
+            "out_of_range": CounterMetricFamily("edgeline_edge_sensor_out_of_range_values", "Channel values "
+                                                "outside the channel's min/max (treated as missing)",
+                                                labels=["machine", "group"]),
+            "gaps": CounterMetricFamily("edgeline_edge_sensor_time_gaps", "Time steps longer than 1.5x the median "
+                                        "in a replayed CSV", labels=["machine", "group"]),
+            "bad": CounterMetricFamily("edgeline_edge_sensor_bad_payloads", "Gateway payloads skipped: not a JSON "
+                                       "object with a number for any channel", labels=["machine", "group"]),
+        }
+        for batch in agent.channel_batches.values():
+            for group in batch.groups:
+                missing, out_of_range = batch.counts(group)
+                families["missing"].add_metric([agent.id, group], missing)
+                families["out_of_range"].add_metric([agent.id, group], out_of_range)
+        for group, source in agent.sensor_sources.items():
+            families["gaps"].add_metric([agent.id, group], source.counters.gaps)
+            families["bad"].add_metric([agent.id, group], source.counters.bad_payloads)
+        yield from families.values()
 
     def _transport(self) -> Iterator[Metric]:
         agent = self.agent

@@ -7,8 +7,11 @@ one complete :class:`CameraConfig` per camera.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
+import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,10 +20,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import models
-from models.package import PackageSettings, is_package_tar
+from edge.synthetic import CHANNELS as PUMP_CHANNELS
+from models.package import (MANIFEST_FILE, AnomalyPreprocess, Manifest, PackageError, PackageSettings, is_package_tar,
+                            read_manifest)
+from models.series import column_key, sniff_separator
 from models.signing import builtin_trusted_keys, load_public_keys
 
-from stream.messages import Identifier, MessageLimits
+from stream.messages import IDENTIFIER_PATTERN, Identifier, MessageLimits
 from stream.kafka_settings import BridgeSettings, WorkerGroupSettings
 from stream.mqtt import MqttSettings
 from stream.topics import KafkaTopics
@@ -114,6 +120,44 @@ class CameraConfig(_Strict):
 # ---------------------------------------------------------------- sensors
 
 
+MAX_CHANNELS = 64
+
+
+class SensorChannel(_Strict):
+    """One channel of a sensor group; ``column`` and ``field`` default to ``name`` at validation."""
+
+    name: Identifier = Field(description="channel name, as the group's model package names it")
+    column: str | None = Field(None, min_length=1, description="csv source: the CSV column (default: the name; "
+                               "spaces are ignored, as in SKAB's 'Volume Flow RateRMS')")
+    field: str | None = Field(None, min_length=1, description="mqtt source: the JSON key (default: the name)")
+    unit: str | None = Field(None, max_length=32, description="unit, for people (e.g. degC, bar)")
+    min: float | None = Field(None, allow_inf_nan=False, description="lowest valid value: below it the value "
+                              "is treated as missing and counted as out of range")
+    max: float | None = Field(None, allow_inf_nan=False, description="highest valid value: above it the value "
+                              "is treated as missing and counted as out of range")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _defaults_and_range(self) -> "SensorChannel":
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) is above max ({self.max:g})")
+        self.column = self.column or self.name
+        self.field = self.field or self.name
+        return self
+
+
+def _distinct_channels(channels: list[SensorChannel] | None) -> list[SensorChannel] | None:
+    names = [channel.name for channel in channels or []]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"channel listed twice: {', '.join(twice)}")
+    return channels
+
+
 class SyntheticSensorSource(_Strict):
     type: Literal["synthetic"] = "synthetic"
     seed: int = Field(0, description="random seed of the simulated pump")
@@ -122,20 +166,19 @@ class SyntheticSensorSource(_Strict):
 
 class CsvSensorSource(_Strict):
     type: Literal["csv"] = "csv"
-    path: Path = Field(description="SKAB-format CSV (';' separated, datetime column first)")
+    path: Path = Field(description="CSV file, relative to the site file; channels are read by column name")
+    time_column: str | None = Field("auto", description="time column ('auto': datetime, timestamp, time or ts; "
+                                    "null: none); steps longer than 1.5x the median are counted as gaps")
+    separator: str | None = Field(None, min_length=1, max_length=1, description="column separator (default: "
+                                  "',' ';' or tab, whichever the header line has most)")
     speed: float = Field(1.0, gt=0, description="replay speed: 1 is real time, 10 is ten times faster")
     loop: bool = Field(False, description="start again at the end of the file")
 
 
-SKAB_CHANNELS = ("Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature", "Thermocouple",
-                 "Voltage", "VolumeFlowRateRMS")
-
-
 class MqttSensorSource(_Strict):
     type: Literal["mqtt"] = "mqtt"
-    topic: str = Field(min_length=1, description="MQTT topic (filter) a sensor gateway publishes JSON objects on")
-    fields: list[str] = Field(default_factory=lambda: list(SKAB_CHANNELS), min_length=8, max_length=8,
-                              description="the JSON keys of the 8 channels, in the model's channel order")
+    topic: str = Field(min_length=1, description="MQTT topic (filter) a sensor gateway publishes JSON objects on, "
+                       "one key per channel (the channels' field)")
 
 
 SensorSource = Annotated[SyntheticSensorSource | CsvSensorSource | MqttSensorSource, Field(discriminator="type")]
@@ -146,6 +189,10 @@ class SensorGroupConfig(_Strict):
     source: SensorSource = Field(default_factory=SyntheticSensorSource, description="where samples come from")
     model: Identifier | None = Field(None, description="anomaly model name from the models catalog")
     rate_hz: float = Field(1.0, gt=0, le=1000, description="samples per second")
+    channels: Annotated[list[SensorChannel] | None, AfterValidator(_distinct_channels)] = Field(
+        None, min_length=1, max_length=MAX_CHANNELS, description="the group's channels: names, or objects with "
+        "name, column, field, unit, min, max (default: its model package's channels; without a model, the "
+        "synthetic pump's); they must be the package's, in any order")
 
 
 # ---------------------------------------------------------------- machines and site
@@ -471,6 +518,7 @@ def _cross_check(config: SiteConfig, base_dir: Path) -> list[str]:
     problems += _duplicates("machines", [m.id for m in config.machines], "machine id")
     problems += _duplicates("rules", [r.name for r in config.rules], "rule name")
     problems += _shared_metrics_ports(config.machines)
+    packages = _package_channels(config, base_dir)
     for i, machine in enumerate(config.machines):
         where = f"machines[{i}]"
         problems += _duplicates(f"{where}.cameras", [c.id for c in machine.cameras], "camera id")
@@ -482,11 +530,112 @@ def _cross_check(config: SiteConfig, base_dir: Path) -> list[str]:
             if isinstance(camera.source, FileSource) and not (base_dir / camera.source.path).exists():
                 problems.append(f"{where}.cameras[{j}].source.path: file not found: {camera.source.path}")
         for j, sensor in enumerate(machine.sensors):
-            if sensor.model is not None and sensor.model not in config.models:
-                problems.append(f"{where}.sensors[{j}].model: unknown model {sensor.model!r}{_known(config)}")
-            if isinstance(sensor.source, CsvSensorSource) and not (base_dir / sensor.source.path).exists():
-                problems.append(f"{where}.sensors[{j}].source.path: file not found: {sensor.source.path}")
+            problems += _sensor_problems(f"{where}.sensors[{j}]", sensor, config, base_dir, packages)
     return problems
+
+
+def _sensor_problems(where: str, sensor: SensorGroupConfig, config: SiteConfig, base_dir: Path,
+                     packages: dict[str, list[str] | str]) -> list[str]:
+    """Resolves the group's channels (declared, else its package's, else the pump's) and checks them
+    against its model package, its source's CSV header and the synthetic pump."""
+    if sensor.model is not None and sensor.model not in config.models:
+        return [f"{where}.model: unknown model {sensor.model!r}{_known(config)}"]
+    expected = packages.get(sensor.model) if sensor.model else None
+    if isinstance(expected, str):
+        return [f"{where}.model: {expected}"]
+    if sensor.channels is None and (expected or isinstance(sensor.source, SyntheticSensorSource)):
+        sensor.channels = [SensorChannel(name=name) for name in expected or PUMP_CHANNELS]
+    declared = [channel.name for channel in sensor.channels or []]
+    problems = []
+    if expected is not None and sorted(declared) != sorted(expected):
+        problems.append(f"{where}.channels: {_names(declared)} differ from the channels of model {sensor.model!r}: "
+                        f"{_names(expected)}{_difference(declared, expected)}")
+    if isinstance(sensor.source, SyntheticSensorSource) and set(declared) - set(PUMP_CHANNELS):
+        problems.append(f"{where}.channels: the synthetic pump has no {_names(sorted(set(declared) - set(PUMP_CHANNELS)))} "
+                        f"(it has {_names(PUMP_CHANNELS)})")
+    if isinstance(sensor.source, CsvSensorSource):
+        problems += _csv_problems(where, sensor.source, sensor.channels, base_dir)
+    if sensor.channels is None and sensor.model is None and not isinstance(sensor.source, SyntheticSensorSource):
+        problems.append(f"{where}.channels: declare the group's channels (it has no model to take them from)")
+    return problems
+
+
+def _csv_problems(where: str, source: CsvSensorSource, channels: list[SensorChannel] | None,
+                  base_dir: Path) -> list[str]:
+    """The file exists and its header has the channels' columns (and the time column, when named)."""
+    path = base_dir / source.path
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            header = handle.readline()
+    except OSError:
+        return [f"{where}.source.path: file not found: {source.path}"]
+    sep = source.separator or sniff_separator(header)
+    columns = {column_key(name) for name in next(csv.reader([header], delimiter=sep), [])}
+    wanted = [channel.column or channel.name for channel in channels or []]
+    if source.time_column not in (None, "auto"):
+        wanted.append(source.time_column)
+    absent = [name for name in wanted if column_key(name) not in columns]
+    if not absent:
+        return []
+    return [f"{where}.source.path: {source.path} has no column {_names(absent)} "
+            f"(its columns: {_names(sorted(columns))})"]
+
+
+def _package_channels(config: SiteConfig, base_dir: Path) -> dict[str, list[str] | str]:
+    """Model name -> the channels its package declares (its manifest only: no checksums, no ONNX), or
+    why they cannot be read; only the models that sensor groups use and whose package exists."""
+    used = {sensor.model for machine in config.machines for sensor in machine.sensors if sensor.model}
+    out: dict[str, list[str] | str] = {}
+    for name in sorted(used & set(config.models)):
+        package = resolve_model_path(config.models[name], base_dir)
+        try:
+            manifest = _read_any_manifest(package)
+        except FileNotFoundError:
+            continue  # reported as models.<name>.path
+        except (PackageError, OSError, tarfile.TarError, KeyError) as exc:
+            out[name] = f"cannot read the manifest of model {name!r}: {exc}"
+            continue
+        except ValidationError as exc:
+            errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)[:3])
+            out[name] = f"cannot read the manifest of model {name!r}: {package}/{MANIFEST_FILE}: {errors}"
+            continue
+        if not isinstance(manifest.preprocess, AnomalyPreprocess):
+            out[name] = f"model {name!r} is a {manifest.task} model, a sensor group needs an anomaly model"
+        elif bad := [ch for ch in manifest.preprocess.channels if not re.fullmatch(IDENTIFIER_PATTERN, ch)]:
+            out[name] = f"model {name!r} names channels that are not identifiers (letters, digits, _ . -): {_names(bad)}"
+        else:
+            out[name] = list(manifest.preprocess.channels)
+    return out
+
+
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def _read_any_manifest(package: Path) -> Manifest:
+    """The manifest of a package folder, or read straight out of a package tar (nothing extracted)."""
+    if package.is_dir():
+        if not (package / MANIFEST_FILE).is_file():
+            raise FileNotFoundError(package)
+        return read_manifest(package)
+    if not (is_package_tar(package) and package.is_file()):
+        raise FileNotFoundError(package)
+    with tarfile.open(package) as tar:
+        member = tar.getmember(MANIFEST_FILE)
+        handle = tar.extractfile(member) if member.isfile() and member.size <= MAX_MANIFEST_BYTES else None
+        if handle is None:
+            raise PackageError(f"{package}: {MANIFEST_FILE} is not a plain file under {MAX_MANIFEST_BYTES} bytes")
+        return Manifest.model_validate_json(handle.read())
+
+
+def _names(names: Sequence[str]) -> str:
+    return "[" + ", ".join(names) + "]"
+
+
+def _difference(declared: list[str], expected: list[str]) -> str:
+    missing, extra = [n for n in expected if n not in declared], [n for n in declared if n not in expected]
+    parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"not in the model {', '.join(extra)}"]
+                                                                       if extra else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _shared_metrics_ports(machines: list[MachineConfig]) -> list[str]:

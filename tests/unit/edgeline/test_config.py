@@ -310,3 +310,157 @@ def test_edge_run_with_an_outbox_it_cannot_open_exits_2_with_one_line(tmp_path: 
     assert result.exit_code == 2, result.output
     assert f"edge:m1: outbox.path: cannot open {tmp_path / 'blocker' / 'outbox-m1.sqlite'}: " in result.output
     assert "relative paths are relative to the site file" in result.output
+
+
+# ---------------------------------------------------------------- sensor channels
+
+SKAB = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature", "Thermocouple", "Voltage",
+        "VolumeFlowRateRMS"]
+
+
+def manifest_only(tmp_path: Path, channels: list[str], name: str = "press") -> Path:
+    """A package folder holding only its manifest: all that config check reads (no ONNX)."""
+    from models.package import write_manifest
+    from tests.tiny_anomaly import tiny_manifest
+
+    folder = tmp_path / name
+    folder.mkdir()
+    write_manifest(folder, tiny_manifest(channels, name=name))
+    return folder
+
+
+def sensor_site(tmp_path: Path, sensors: list[dict], models: dict | None = None) -> dict:
+    return {"site": "s1", "models": models or {"anomaly": {"path": "builtin:anomaly-skab"}},
+            "machines": [{"id": "m1", "sensors": sensors}]}
+
+
+def sensor_problems(tmp_path: Path, sensors: list[dict], models: dict | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        from_dict(sensor_site(tmp_path, sensors, models), base_dir=tmp_path)
+    return caught.value.problems
+
+
+def test_sensor_channels_default_to_the_packages(tmp_path: Path) -> None:
+    config = from_dict(sensor_site(tmp_path, [{"id": "p1", "model": "anomaly"}, {"id": "p2"}]), base_dir=tmp_path)
+    with_model, synthetic = config.machines[0].sensors
+    assert [c.name for c in with_model.channels] == SKAB
+    assert [(c.column, c.field, c.min, c.max) for c in with_model.channels][2] == ("Current", "Current", None, None)
+    assert [c.name for c in synthetic.channels] == SKAB  # no model: the synthetic pump's
+
+
+def test_declared_channels_in_any_order_with_columns_fields_units_and_ranges(tmp_path: Path) -> None:
+    declared = [{"name": "Temperature", "unit": "degC", "min": -20, "max": 200, "field": "temp_c"},
+                *[name for name in reversed(SKAB) if name != "Temperature"]]
+    config = from_dict(sensor_site(tmp_path, [{"id": "p1", "model": "anomaly", "channels": declared}]),
+                       base_dir=tmp_path)
+    channels = config.machines[0].sensors[0].channels
+    assert channels[0].model_dump() == {"name": "Temperature", "column": "Temperature", "field": "temp_c",
+                                        "unit": "degC", "min": -20.0, "max": 200.0}
+    assert [c.name for c in channels[1:]] == [n for n in reversed(SKAB) if n != "Temperature"]
+
+
+def test_channels_that_differ_from_the_package_are_refused_naming_the_yaml_path(tmp_path: Path) -> None:
+    problems = sensor_problems(tmp_path, [
+        {"id": "p0", "model": "anomaly"},
+        {"id": "p1", "model": "anomaly", "channels": ["Current", "Pressure", "Flow"],
+         "source": {"type": "mqtt", "topic": "t"}},
+    ])
+    assert problems == [
+        "machines[0].sensors[1].channels: [Current, Pressure, Flow] differ from the channels of model 'anomaly': "
+        f"[{', '.join(SKAB)}] (missing Accelerometer1RMS, Accelerometer2RMS, Temperature, Thermocouple, Voltage, "
+        "VolumeFlowRateRMS; not in the model Flow)"]
+
+
+def test_cli_check_prints_the_channel_mismatch_and_exits_non_zero(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        site: s1
+        models:
+          anomaly: {path: "builtin:anomaly-skab"}
+        machines:
+          - id: m1
+            sensors:
+              - {id: p1, model: anomaly, channels: [Current]}
+        """)
+    result = CliRunner().invoke(app, ["config", "check", str(path)])
+    assert result.exit_code != 0
+    assert "machines[0].sensors[0].channels: [Current] differ from the channels of model 'anomaly'" in result.output
+
+
+@pytest.mark.parametrize("count", [1, 64])
+def test_one_to_64_channels(tmp_path: Path, count: int) -> None:
+    names = ["value"] if count == 1 else [f"vib{i:02d}" for i in range(count)]
+    models = {"press": {"path": str(manifest_only(tmp_path, names))}}
+    config = from_dict(sensor_site(tmp_path, [{"id": "g", "model": "press", "source": {"type": "mqtt", "topic": "t"}},
+                                              {"id": "h", "model": "press", "channels": names[::-1],
+                                               "source": {"type": "mqtt", "topic": "u"}}], models),
+                       base_dir=tmp_path)
+    assert [len(s.channels) for s in config.machines[0].sensors] == [count, count]
+    assert config.machines[0].sensors[0].channels[-1].field == names[-1]
+
+
+def test_channel_list_bounds_ranges_and_names_are_checked(tmp_path: Path) -> None:
+    problems = sensor_problems(tmp_path, [
+        {"id": "a", "channels": []},
+        {"id": "b", "channels": [f"c{i}" for i in range(65)]},
+        {"id": "c", "channels": [{"name": "Current", "min": 5, "max": 1}]},
+        {"id": "d", "channels": ["Current", "Current"]},
+        {"id": "e", "channels": ["has space"]},
+    ])
+    assert problems[0] == "machines[0].sensors[0].channels: List should have at least 1 item after validation, not 0"
+    assert problems[1] == "machines[0].sensors[1].channels: List should have at most 64 items after validation, not 65"
+    assert problems[2] == "machines[0].sensors[2].channels[0]: min (5) is above max (1)"
+    assert problems[3] == "machines[0].sensors[3].channels: channel listed twice: Current"
+    assert problems[4].startswith("machines[0].sensors[4].channels[0].name: String should match pattern")
+    assert len(problems) == 5
+
+
+def test_sources_are_checked_against_the_channels(tmp_path: Path) -> None:
+    (tmp_path / "press.csv").write_text("timestamp,load,pressure\n2024-01-01 00:00:00,1,2\n")
+    models = {"press": {"path": str(manifest_only(tmp_path, ["load", "pressure", "motor_temp"]))},
+              "seg": {"path": "builtin:seg-synth-int8"}}
+    problems = sensor_problems(tmp_path, [
+        {"id": "a", "model": "press", "source": {"type": "csv", "path": "press.csv"}},
+        {"id": "b", "model": "press", "source": {"type": "csv", "path": "press.csv", "time_column": "clock"},
+         "channels": ["load", "pressure", {"name": "motor_temp", "column": "temp"}]},
+        {"id": "c", "model": "press"},  # synthetic pump: it has none of these
+        {"id": "d", "source": {"type": "mqtt", "topic": "t"}},  # no model, nothing declared
+        {"id": "e", "model": "seg"},
+    ], models)
+    assert problems == [
+        "machines[0].sensors[0].source.path: press.csv has no column [motor_temp] (its columns: [load, pressure, "
+        "timestamp])",
+        "machines[0].sensors[1].source.path: press.csv has no column [temp, clock] (its columns: [load, pressure, "
+        "timestamp])",
+        "machines[0].sensors[2].channels: the synthetic pump has no [load, motor_temp, pressure] (it has "
+        f"[{', '.join(SKAB)}])",
+        "machines[0].sensors[3].channels: declare the group's channels (it has no model to take them from)",
+        "machines[0].sensors[4].model: model 'seg' is a segmentation model, a sensor group needs an anomaly model",
+    ]
+
+
+def test_csv_source_by_column_name_with_its_own_separator(tmp_path: Path) -> None:
+    (tmp_path / "pump.csv").write_text("datetime;Volume Flow RateRMS;Current\n2020-03-09 10:14:33;32.0;1.3\n")
+    models = {"pump": {"path": str(manifest_only(tmp_path, ["flow", "Current"]))}}
+    config = from_dict(sensor_site(tmp_path, [
+        {"id": "a", "model": "pump", "source": {"type": "csv", "path": "pump.csv", "separator": ";"},
+         "channels": [{"name": "flow", "column": "VolumeFlowRateRMS"}, "Current"]}], models), base_dir=tmp_path)
+    assert config.machines[0].sensors[0].channels[0].column == "VolumeFlowRateRMS"
+
+
+def test_channels_are_read_from_a_package_tar_without_extracting(tmp_path: Path) -> None:
+    import tarfile
+
+    folder = manifest_only(tmp_path, ["a", "b", "c"])
+    with tarfile.open(tmp_path / "press.tar", "w") as tar:
+        tar.add(folder / "manifest.json", arcname="manifest.json")
+    models = {"press": {"path": "press.tar"}}
+    problems = sensor_problems(tmp_path, [{"id": "g", "model": "press", "channels": ["a", "b"],
+                                           "source": {"type": "mqtt", "topic": "t"}}], models)
+    assert problems == ["machines[0].sensors[0].channels: [a, b] differ from the channels of model 'press': [a, b, c] "
+                        "(missing c)"]
+
+
+def test_the_mqtt_source_has_no_fixed_field_list_any_more(tmp_path: Path) -> None:
+    problems = sensor_problems(tmp_path, [{"id": "p", "model": "anomaly",
+                                           "source": {"type": "mqtt", "topic": "t", "fields": SKAB}}])
+    assert problems == ["machines[0].sensors[0].source.fields: unknown field"]
