@@ -164,18 +164,23 @@ def channel_errors(residuals: np.ndarray, scale: np.ndarray, values: np.ndarray,
     return errors
 
 
-def budget_threshold(smoothed: np.ndarray, exceedance: float) -> float:
-    """The score exceeded by a share ``exceedance`` of normal samples, from a peaks-over-threshold fit
-    (SPOT-style): above ``u``, the calibration scores' 0.9 quantile, the excesses are taken as
-    exponential with the mean excess ``beta`` as scale, so ``P(s > u + y) = p_u exp(-y / beta)`` and
-    the threshold is ``u + beta ln(p_u / exceedance)``. A budget looser than ``p_u`` returns ``u``."""
+def budget_threshold(smoothed: np.ndarray, events_per_sample: float) -> float:
+    """The score that starts ``events_per_sample`` alarm events per normal sample, from a peaks-over-threshold
+    fit (SPOT-style) on the clusters of the calibration scores: ``u`` is their 0.9 quantile, each run of
+    scores above ``u`` is one cluster (one would-be event) and its peak excess over ``u`` is taken as
+    exponential with the mean peak excess ``beta`` as scale. With ``r_u`` clusters per sample,
+    ``P(cluster peak > u + y) = exp(-y / beta)`` gives ``thr = u + beta ln(r_u / events_per_sample)``.
+    Counting clusters, not samples, measures how long an excursion lasts instead of assuming it (a
+    smoothed score's run above a high level is ~2 samples on i.i.d. noise whatever ``ema_alpha``).
+    A budget looser than ``r_u`` returns ``u``."""
     smoothed = np.asarray(smoothed, np.float64)
     u = float(np.quantile(smoothed, TAIL_QUANTILE))
-    excess = smoothed[smoothed > u] - u
-    p_u = len(excess) / len(smoothed)
-    if not len(excess) or exceedance >= p_u:
+    clusters = runs(smoothed > u)
+    rate = len(clusters) / len(smoothed)
+    if not clusters or events_per_sample >= rate:
         return u
-    return u + float(excess.mean()) * math.log(p_u / exceedance)
+    beta = float(np.mean([smoothed[start:end].max() - u for start, end in clusters]))
+    return u + beta * math.log(rate / events_per_sample)
 
 
 def calibrated_threshold(smoothed: np.ndarray, post: AnomalyPostprocess,
@@ -183,17 +188,17 @@ def calibrated_threshold(smoothed: np.ndarray, post: AnomalyPostprocess,
     """A group's threshold from its smoothed calibration scores.
 
     Without a budget: ``threshold_factor`` x their ``threshold_quantile``. With
-    ``max_false_alarms_per_day`` B: :func:`budget_threshold` at the per-sample exceedance
-    ``p = B x (1 / ema_alpha) / samples_per_day``. The assumptions: the calibration samples are
-    normal operation and their score tail above its 0.9 quantile is exponential; the smoothed score
-    decorrelates over about ``1 / ema_alpha`` samples, so one false alarm event spans that many
-    exceeding samples; ``samples_per_day`` is the group's rate (``step(rates_hz=...)``, default
-    1 Hz) x 86,400. A short calibration extrapolates a small ``p`` far into the fitted tail, and the
-    hysteresis (``exit_ratio``, ``clear_steps``) merges exceedances into fewer events.
+    ``max_false_alarms_per_day`` B: :func:`budget_threshold` at ``B / samples_per_day`` events per
+    sample. The assumptions: the calibration samples are normal operation (what a false alarm
+    looks like) and the peaks of their excursions above the 0.9 quantile have an exponential tail;
+    ``samples_per_day`` is the group's rate (``step(rates_hz=...)``, default 1 Hz) x 86,400. A short
+    calibration extrapolates a small budget far into the fitted tail (with N samples, about N / 30
+    clusters fit it); on lighter tails than exponential (e.g. Gaussian-like noise) the threshold is
+    conservative: fewer false alarms than the budget.
     """
     if post.max_false_alarms_per_day is None:
         return float(post.threshold_factor * np.quantile(smoothed, post.threshold_quantile))
-    return budget_threshold(smoothed, post.max_false_alarms_per_day / post.ema_alpha / samples_per_day)
+    return budget_threshold(smoothed, post.max_false_alarms_per_day / samples_per_day)
 
 
 def apply_profile(post: AnomalyPostprocess, profile: str | None, ref: str = "package") -> AnomalyPostprocess:

@@ -299,3 +299,148 @@ def test_event_metrics_by_hand():
 def test_wrong_task_is_refused():
     with pytest.raises(ModelLoadError, match="not anomaly"):
         StreamingAnomalyModel(load_package(PACKAGES / "seg-synth-int8"))
+
+
+# ---------------------------------------------------------------- events, channels, drift, missing values, budget
+
+
+def squares(*rows: list[float]) -> list[np.ndarray]:
+    """Samples whose per-channel score (zero forecast, unit scales, no smoothing) is the given squares."""
+    return [np.sqrt(np.asarray(row, np.float32)) for row in rows]
+
+
+def test_events_open_and_close_with_hysteresis_and_name_their_channels(tmp_path):
+    # forecast 0, unit scales, no smoothing, no calibration: a sample's score is the mean of its squares
+    package = tiny_package(tmp_path, 3, head=0.0, exit_ratio=0.5, clear_steps=3)
+    model = StreamingAnomalyModel(package, calibration_steps=0)
+    samples = squares([0, 0, 0], [0.3] * 3, [0.5, 4.5, 1.0], [2.4, 0, 0], [0.3] * 3, [0.3] * 3, [0.6] * 3,
+                      [0.3] * 3, [0.3] * 3, [0.3] * 3, [9.0, 0, 0])
+    scores = stream(model, samples, "g")
+    assert [s.score for s in scores] == pytest.approx([0, 0.3, 2.0, 0.8, 0.3, 0.3, 0.6, 0.3, 0.3, 0.3, 3.0], rel=1e-5)
+    # opens above 1.0; stays while above 0.5; closes at the 3rd consecutive sample at or below 0.5
+    assert [s.is_anomaly for s in scores] == [False, False] + [True] * 7 + [False, True]
+    first = AlarmEvent(2, None, pytest.approx(2.0), ("ch1", "ch2", "ch0"))
+    assert [s.event for s in scores[2:9]] == [first] * 7  # the peak and its channels stay those of step 2
+    assert scores[9].event == AlarmEvent(2, 9, pytest.approx(2.0), ("ch1", "ch2", "ch0"))  # ended at this step
+    assert scores[10].event == AlarmEvent(10, None, pytest.approx(3.0), ("ch0", "ch1", "ch2"))
+    assert scores[0].event is scores[1].event is None
+    assert scores[2].top_channels == ("ch1", "ch2", "ch0") and scores[3].top_channels[0] == "ch0"
+    assert [s.step for s in scores] == list(range(11))
+    assert scores[2].channel_scores == pytest.approx({"ch0": 0.5, "ch1": 4.5, "ch2": 1.0})
+
+
+@pytest.mark.parametrize("channels, difference", [(1, False), (3, True), (64, False)])
+def test_any_channel_count(tmp_path, channels, difference):
+    """1, 3 and 64 channels: calibration, scores and events name the package's own channels; a shift on
+    the last channel opens an event it leads."""
+    package = tiny_package(tmp_path, channels, difference=difference, seed=channels, ema_alpha=0.3,
+                           level_weight=1.0, threshold_factor=3.0, calibration_steps=60)
+    model = StreamingAnomalyModel(package)
+    names = tuple(f"ch{i}" for i in range(channels))
+    assert model.channels == names
+    values = np.random.default_rng(channels).normal(5.0, 1.0, (160, channels)).astype(np.float32)
+    values[110:, -1] += 6.0 * np.sqrt(channels) + 2.0  # the score is a mean over channels: one channel weighs 1/C
+    groups = {"a": values, "b": values[::-1].copy()}
+    scores = {name: [] for name in groups}
+    for t in range(160):
+        for name, score in model.step({name: v[t] for name, v in groups.items()}).items():
+            scores[name].append(score)
+    a = scores["a"]
+    assert model.group_threshold("a") > 0 and model.group_threshold("a") != model.group_threshold("b")
+    assert all(tuple(s.channel_scores) == names for s in a)
+    assert all(len(s.top_channels) == min(3, channels) for s in a[60:]) and a[59].top_channels == ()
+    assert not any(s.is_anomaly for s in a[:110])
+    opened = next(s for s in a if s.is_anomaly)
+    assert 110 <= opened.step < 115 and opened.event.channels[0] == names[-1] and opened.top_channels[0] == names[-1]
+    with pytest.raises(ValueError, match=f"needs {channels} channel values"):
+        model.step({"a": np.zeros(channels + 1, np.float32)})
+
+
+def drifting(n: int = 5600, calibration: int = 400, step_at: int = 5000, seed: int = 7) -> np.ndarray:
+    """Normal noise whose level drifts by 9 sigma after the calibration, then steps up by 4 sigma."""
+    t = np.arange(n)
+    level = 0.002 * np.maximum(t - calibration, 0) + 4.0 * (t >= step_at)
+    return (np.random.default_rng(seed).normal(0.0, 1.0, n) + level).astype(np.float32)[:, None]
+
+
+@pytest.mark.parametrize("halflife", [0.0, 30.0])
+def test_drift_adaptation_keeps_slow_drift_quiet_while_a_step_change_alarms(tmp_path, halflife):
+    package = tiny_package(tmp_path, 1, head=0.0, forecast_weight=0.0, level_weight=1.0, level_alpha=0.1,
+                           ema_alpha=0.5, threshold_factor=1.5, calibration_steps=400, drift_halflife=halflife)
+    model = StreamingAnomalyModel(package)
+    alarms = np.array([s.is_anomaly for s in stream(model, drifting(), "g")])
+    if halflife:
+        assert not alarms[:5000].any()  # 9 sigma of drift over 4600 samples: followed, no alarm
+        assert 5000 <= np.flatnonzero(alarms)[0] < 5010 and alarms[5010:].all()  # the step: an event, reference frozen
+    else:
+        assert alarms[:5000].mean() > 0.5  # without adaptation the drift is one long alarm
+
+
+def test_missing_values_are_imputed_counted_and_never_poison_state(tmp_path):
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.0, 1.0, (200, 3)).astype(np.float32)
+    holes = rng.random(values.shape) < 0.05
+    holes[5] = holes[150] = True  # whole samples missing too
+    holed = np.where(holes, np.nan, values)
+    holed[20, 1] = np.inf
+    holes[20, 1] = True
+
+    # no calibration, forecast 0: a missing value is imputed with the forecast, 0 here, and scores 0
+    plain = StreamingAnomalyModel(tiny_package(tmp_path / "plain", 3, head=0.0), calibration_steps=0)
+    scores = stream(plain, holed, "g")
+    assert [s.score for s in scores] == pytest.approx([s.score for s in stream(plain, np.where(holes, 0, values), "z")])
+    assert all(s.channel_scores["ch1"] == 0.0 for s, hole in zip(scores[1:], holes[1:, 1]) if hole)
+    assert plain.missing("g") == holes.sum() and plain.missing("z") == 0 and plain.missing("unknown") == 0
+
+    # calibrating: before the LSTM runs a missing value is the group's last value
+    model = StreamingAnomalyModel(tiny_package(tmp_path / "cal", 3, level_weight=1.0, ema_alpha=0.3), calibration_steps=100)
+    early = np.where(np.arange(200)[:, None] < 50, holed, values)  # holes only while buffering (K = 50)
+    filled = early.copy()
+    for t in range(1, 50):
+        filled[t] = np.where(np.isfinite(early[t]), early[t], filled[t - 1])
+    filled[0] = np.where(np.isfinite(early[0]), early[0], 0.0)  # a first sample falls back to the package mean
+    assert stream(model, early, "g") == stream(model, filled, "f")
+    late = stream(model, holed, "late")  # holes in every phase
+    assert all(np.isfinite(s.score) and np.isfinite(s.threshold) for s in late)
+    assert np.isfinite(model.group_threshold("late")) and model.missing("late") == holes.sum()
+    model.reset("late")
+    assert model.missing("late") == 0
+
+
+def test_budget_threshold_gives_about_the_promised_rate_on_iid_noise():
+    rng = np.random.default_rng(1)
+    smoothed = smooth_scores((rng.normal(size=(300_000, 4)) ** 2).mean(1), 0.1)
+    calibration, rest = smoothed[:100_000], smoothed[100_000:]
+    rates = (1e-2, 1e-3, 1e-4)  # excursions above the threshold per sample
+    thresholds = [budget_threshold(calibration, rate) for rate in rates]
+    assert thresholds[0] < thresholds[1] < thresholds[2]
+    for rate, threshold in zip(rates[1:], thresholds[1:]):
+        assert rate / 2 < len(runs(rest > threshold)) / len(rest) < rate * 2
+    assert budget_threshold(calibration, 0.5) == pytest.approx(np.quantile(calibration, 0.9))  # looser than the fit
+
+
+def test_false_alarm_budget_through_the_model(tmp_path):
+    """i.i.d. noise at a rate that makes 2,000 samples a day: about the promised events per day, never
+    more; a smaller budget or a faster group gets a higher threshold."""
+    package = tiny_package(tmp_path, 4, head=0.0, ema_alpha=0.1, exit_ratio=0.8, clear_steps=5, calibration_steps=2000)
+    rng = np.random.default_rng(5)
+    names = [f"g{i}" for i in range(16)]
+    data = rng.normal(size=(14_000, 16, 4)).astype(np.float32)
+    per_day = {}
+    for budget in (1.0, 0.1):
+        model = StreamingAnomalyModel(package, max_false_alarms_per_day=budget)
+        assert model.post.max_false_alarms_per_day == budget
+        rates = {name: 2000 / 86_400 for name in names}
+        opened = 0
+        for t, row in enumerate(data):
+            out = model.step(dict(zip(names, row)), rates_hz=rates)
+            opened += sum(s.event is not None and s.event.start == t for s in out.values())
+        per_day[budget] = (opened / (16 * 12_000 / 2000), [model.group_threshold(name) for name in names])
+    assert 0.25 < per_day[1.0][0] <= 1.0 and per_day[0.1][0] <= 0.2
+    assert all(low < high for low, high in zip(per_day[1.0][1], per_day[0.1][1]))
+    fast = StreamingAnomalyModel(package, max_false_alarms_per_day=1.0)
+    for row in data[:2000]:
+        fast.step(dict(zip(names, row)), rates_hz={name: 1.0 for name in names})  # 86,400 samples a day
+    assert all(fast.group_threshold(name) > slow for name, slow in zip(names, per_day[1.0][1]))
+    with pytest.raises(ValueError, match="greater than 0"):
+        StreamingAnomalyModel(package, max_false_alarms_per_day=0.0)
