@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as paho
 import psutil
+from pydantic import ValidationError
 
 from edge.anomaly import AnomalyScore, StreamingAnomalyModel
 from edge.capture import Camera, CapturedFrame, make_source
@@ -73,6 +74,8 @@ class SensorCounters:
     anomalies: int = 0
     score_last: float = 0.0
     threshold: float = 0.0
+    invalid_scores: int = 0
+    """Scores that could not become a valid Anomaly message (not published)."""
     recent_ts: np.ndarray = field(default_factory=lambda: np.zeros(RECENT_TICKS))
     """Capture time of step ``seq`` at ``seq % RECENT_TICKS``."""
 
@@ -456,12 +459,21 @@ class EdgeAgent:
         counters.score_last = score.score
         counters.threshold = score.threshold
         counters.anomalies += int(score.is_anomaly)
-        self._publish(Anomaly(
-            site=self.site, machine=self.id, ts=ts, group=group, seq=seq,
-            model=model.name, version=model.version, score=score.score, threshold=score.threshold,
-            is_anomaly=score.is_anomaly, channel_scores=score.channel_scores, top_channels=list(score.top_channels),
-            alarm=self._alarm_span(counters, seq, score),
-        ))
+        try:
+            message = Anomaly(
+                site=self.site, machine=self.id, ts=ts, group=group, seq=seq,
+                model=model.name, version=model.version, score=score.score, threshold=score.threshold,
+                is_anomaly=score.is_anomaly, channel_scores=score.channel_scores,
+                top_channels=list(score.top_channels), alarm=self._alarm_span(counters, seq, score),
+            )
+        except ValidationError as exc:  # e.g. a zero threshold calibrated on a flat signal: skip, count, go on
+            counters.invalid_scores += 1
+            if counters.invalid_scores == 1:
+                log.warning("edge:%s: %s: a score of model %s is not a valid anomaly message, not published "
+                            "(counted in edgeline_edge_sensor_invalid_scores_total): %s", self.id, group, model.name,
+                            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3]))
+            return
+        self._publish(message)
 
     @staticmethod
     def _alarm_span(counters: SensorCounters, seq: int, score: AnomalyScore) -> AlarmSpan | None:

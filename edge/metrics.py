@@ -154,11 +154,15 @@ class AgentCollector(Collector):
                                       labels=["machine", "group"])
         anomalies = CounterMetricFamily("edgeline_edge_anomalies", "Samples scored above the threshold",
                                         labels=["machine", "group"])
+        invalid = CounterMetricFamily("edgeline_edge_sensor_invalid_scores", "Scores not published: not a valid "
+                                      "anomaly message (e.g. a zero threshold)", labels=["machine", "group"])
         for group, counters in agent.sensor_counters.items():
             samples.add_metric([agent.id, group], counters.steps)
             anomalies.add_metric([agent.id, group], counters.anomalies)
+            invalid.add_metric([agent.id, group], counters.invalid_scores)
         yield samples
         yield anomalies
+        yield invalid
         yield from self._sensor_feeds()
 
     def _sensor_feeds(self) -> Iterator[Metric]:

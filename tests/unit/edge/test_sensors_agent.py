@@ -3,6 +3,7 @@ missing and out-of-range values counted and exported, anomaly messages with top 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,15 @@ def test_an_alarm_event_becomes_seqs_and_capture_times() -> None:
     span = EdgeAgent._alarm_span(counters, 9, ended)
     assert (span.start_seq, span.end_seq, span.end_ts) == (6, 9, 1009.0)
     assert EdgeAgent._alarm_span(counters, 9, AnomalyScore(0.2, 1.0, False, {}, step=109)) is None
+
+
+def test_a_score_that_is_no_valid_message_is_counted_not_fatal(agent: EdgeAgent) -> None:
+    model = agent.anomaly_models["press"]
+    flat = AnomalyScore(0.0, 0.0, False, dict.fromkeys(CHANNELS, 0.0), step=0)  # zero threshold: level undefined
+    agent._publish_anomaly(model, "press3", flat, time.time())
+    agent._publish_anomaly(model, "press3", AnomalyScore(0.5, 1.0, False, dict.fromkeys(CHANNELS, 0.1), step=1),
+                           time.time())
+    assert agent.sensor_counters["press3"].invalid_scores == 1
+    assert [parse_message(p.payload).seq for p in agent.outbox.pending()] == [1]
+    assert 'edgeline_edge_sensor_invalid_scores_total{group="press3",machine="m1"} 1.0' in generate_latest(
+        agent.metrics.registry).decode()
