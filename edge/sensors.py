@@ -161,6 +161,8 @@ class ChannelBatch:
                 self._order[row, col] = at
                 self._low[row, col] = -np.inf if channel.min is None else channel.min
                 self._high[row, col] = np.inf if channel.max is None else channel.max
+        self._ranged = bool(np.isfinite(self._low).any() or np.isfinite(self._high).any())
+        self._arange = np.arange(len(groups))[:, None]
         self.missing = np.zeros(len(groups), np.int64)
         self.out_of_range = np.zeros(len(groups), np.int64)
 
@@ -168,13 +170,16 @@ class ChannelBatch:
         """Group -> [C] float32 in model order; NaN where missing or out of range (both counted)."""
         if not samples:
             return {}
-        rows = np.fromiter((self._row[group] for group in samples), np.intp, len(samples))
-        raw = np.stack([np.asarray(sample, np.float32) for sample in samples.values()])
-        x = np.take_along_axis(raw, self._order[rows], axis=1)
-        outside = (x < self._low[rows]) | (x > self._high[rows])  # NaN compares False: counted as missing only
-        self.missing[rows] += np.isnan(x).sum(axis=1)
-        self.out_of_range[rows] += outside.sum(axis=1)
-        x[outside] = np.nan
+        rows = np.fromiter(map(self._row.__getitem__, samples), np.intp, len(samples))
+        x = np.array(list(samples.values()), np.float32)[self._arange[: len(rows)], self._order[rows]]
+        missing = np.isnan(x)
+        if missing.any():
+            self.missing[rows] += missing.sum(axis=1)
+        if self._ranged:
+            outside = (x < self._low[rows]) | (x > self._high[rows])  # NaN compares False: missing only
+            if outside.any():
+                self.out_of_range[rows] += outside.sum(axis=1)
+                x[outside] = np.nan
         return dict(zip(samples, x))
 
     def counts(self, group: str) -> tuple[int, int]:
