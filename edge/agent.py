@@ -38,8 +38,8 @@ from edge.scheduler import LoadShedder
 from edge.sensors import ChannelBatch, MqttSensorFeed, SensorSource, make_sensor_source
 from edgeline.config import ConfigError, ModelRef, OutboxConfig, SiteConfig, resolve_model_path
 from models.package import PackageError, default_cache_dir, load_package
-from stream.messages import (AlarmSpan, Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event, FrameResult,
-                             Heartbeat, MessageError, ModelHealth, ModelOutput, Result, parse_message)
+from stream.messages import (AlarmSpan, Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event,
+                             FrameResult, Heartbeat, MessageError, ModelHealth, ModelOutput, Result, parse_message)
 from stream.mqtt import MqttClient, Will
 from stream.topics import machine_commands_filter, status_topic, topic_for
 

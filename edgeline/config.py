@@ -550,9 +550,9 @@ def _sensor_problems(where: str, sensor: SensorGroupConfig, config: SiteConfig, 
     if expected is not None and sorted(declared) != sorted(expected):
         problems.append(f"{where}.channels: {_names(declared)} differ from the channels of model {sensor.model!r}: "
                         f"{_names(expected)}{_difference(declared, expected)}")
-    if isinstance(sensor.source, SyntheticSensorSource) and set(declared) - set(PUMP_CHANNELS):
-        problems.append(f"{where}.channels: the synthetic pump has no {_names(sorted(set(declared) - set(PUMP_CHANNELS)))} "
-                        f"(it has {_names(PUMP_CHANNELS)})")
+    unknown = sorted(set(declared) - set(PUMP_CHANNELS))
+    if isinstance(sensor.source, SyntheticSensorSource) and unknown:
+        problems.append(f"{where}.channels: the synthetic pump has no {_names(unknown)} (it has {_names(PUMP_CHANNELS)})")
     if isinstance(sensor.source, CsvSensorSource):
         problems += _csv_problems(where, sensor.source, sensor.channels, base_dir)
     if sensor.channels is None and sensor.model is None and not isinstance(sensor.source, SyntheticSensorSource):
@@ -602,7 +602,7 @@ def _package_channels(config: SiteConfig, base_dir: Path) -> dict[str, list[str]
         if not isinstance(manifest.preprocess, AnomalyPreprocess):
             out[name] = f"model {name!r} is a {manifest.task} model, a sensor group needs an anomaly model"
         elif bad := [ch for ch in manifest.preprocess.channels if not re.fullmatch(IDENTIFIER_PATTERN, ch)]:
-            out[name] = f"model {name!r} names channels that are not identifiers (letters, digits, _ . -): {_names(bad)}"
+            out[name] = f"model {name!r} names channels that are not identifiers (letters, digits, _ . -): " + _names(bad)
         else:
             out[name] = list(manifest.preprocess.channels)
     return out

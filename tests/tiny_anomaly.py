@@ -63,10 +63,10 @@ def tiny_manifest(channels: Sequence[str], hidden: int = 4, name: str = "tiny",
         inputs=[TensorSpec(name="x", shape=["batch", n]), state, state.model_copy(update={"name": "c"})],
         outputs=[TensorSpec(name="y", shape=["batch", n]), state.model_copy(update={"name": "h_out"}),
                  state.model_copy(update={"name": "c_out"})],
-        preprocess=AnomalyPreprocess(kind="anomaly", channels=list(channels), mean=[0.0] * n, std=[1.0] * n, hidden_size=hidden,
-                                     num_layers=1, difference=True),
-        postprocess=AnomalyPostprocess(kind="anomaly", residual_scale=[1.0] * n, threshold=1.0, calibration_steps=calibration_steps,
-                                       warmup_steps=2),
+        preprocess=AnomalyPreprocess(kind="anomaly", channels=list(channels), mean=[0.0] * n, std=[1.0] * n,
+                                     hidden_size=hidden, num_layers=1, difference=True),
+        postprocess=AnomalyPostprocess(kind="anomaly", residual_scale=[1.0] * n, threshold=1.0,
+                                       calibration_steps=calibration_steps, warmup_steps=2),
     )
 
 

@@ -90,7 +90,8 @@ def test_a_plants_own_three_channels_over_mqtt(mosquitto, mqtt_probe, unique_nam
         # until the agent's subscription is up: payloads it counts as bad and never steps on
         wait_for(lambda: probe.publish(feed_topic, b"{}") or feed.counters.bad_payloads >= 1, "the subscription")
         for i in range(40):
-            sample = {"load_pct": 50 + rng.normal(), "p_bar": 2 + 0.1 * rng.normal(), "T_motor": 40 + 0.1 * rng.normal()}
+            load, p_bar, temp = 50 + rng.normal(), 2 + 0.1 * rng.normal(), 40 + 0.1 * rng.normal()
+            sample = {"load_pct": load, "p_bar": p_bar, "T_motor": temp}
             if i == 10:
                 del sample["p_bar"]  # a missing value
             if i == 20:

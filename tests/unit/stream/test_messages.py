@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.messages import (AlarmSpan, Alert, Anomaly, CameraStatus, Command, Decision, DefectRegion, EncodedMask, Event,
-                             FrameResult, Heartbeat, MessageError, MessageLimits, ModelOutput, Result, parse_message,
+from stream.messages import (AlarmSpan, Alert, Anomaly, CameraStatus, Command, Decision, DefectRegion, EncodedMask,
+                             Event, FrameResult, Heartbeat, MessageError, MessageLimits, ModelOutput, Result, parse_message,
                              stable_msg_id)
 
 NOW = float(int(time.time())) + 0.25
