@@ -449,13 +449,14 @@ class StreamingAnomalyModel(PackagedModel):
         g.start[index] = start = np.where(opening, steps, g.start[index])
         g.below[index] = np.where(inside, below, 0)
         g.in_event[index] = inside
-        codes_list = codes.tolist()
+        codes_list, rows = codes.tolist(), np.flatnonzero(inside | closing)
         tops = self._top_names
-        for code in set(codes_list).union(top[inside | closing].tolist()) - tops.keys():
+        for code in set(codes_list).union(top[rows].tolist()) - tops.keys():
             tops[code] = self._top_channels(code)
         events: list[AlarmEvent | None] = [None] * len(names)
-        for i in np.flatnonzero(inside | closing).tolist():
-            events[i] = AlarmEvent(int(start[i]), int(steps[i]) if closing[i] else None, float(peak[i]), tops[int(top[i])])
+        for i, first, step, ended, high, code in zip(rows.tolist(), start[rows].tolist(), steps[rows].tolist(),
+                                                     closing[rows].tolist(), peak[rows].tolist(), top[rows].tolist()):
+            events[i] = AlarmEvent(first, step if ended else None, high, tops[code])
         channels, quiet = self.channels, dict.fromkeys(self.channels, 0.0)
         return {name: _score(s, t, a, dict(zip(channels, row)), tops[code], event, step)
                 if alive else _score(0.0, t, False, dict(quiet), (), None, step)
