@@ -1,6 +1,6 @@
 """Does the stateful stream pay, and what does the edge's Python around it cost? Per NEW sample, ONE CPU core.
 
-    python -m bench.lstm [--seconds 6]
+    python -m bench.lstm [--seconds 15]
 
 (a) torch full-window recompute (only where torch is installed, the models extra): for every new
     sample, re-run the LSTM over the last 128 samples (what a stateless window model does);
@@ -98,14 +98,14 @@ def _edge_step(package: Any, groups: int) -> Callable[[], Any]:
     return lambda: model.step(next(cycle))
 
 
-def lstm_rows(seconds: float = 6.0, package: Path = PACKAGE) -> list[dict[str, Any]]:
+def lstm_rows(seconds: float = 15.0, package: Path = PACKAGE) -> list[dict[str, Any]]:
     """One row per (method, groups): samples/s, µs per sample, and the ratios of the module docstring."""
     from models.package import load_package
 
     pkg = load_package(package)
     pre = pkg.manifest.preprocess
     shape = (len(pre.channels), pre.hidden_size, pre.num_layers)
-    per = max(0.5, seconds / len(GROUPS) / 3)
+    per = max(0.05, seconds / len(GROUPS) / 3)
     rows: list[dict[str, Any]] = []
     for groups in GROUPS:
         recompute = _recompute(*shape, groups)
@@ -135,7 +135,7 @@ def summary(rows: list[dict[str, Any]], groups: int = 64) -> str:
     return "\n".join(lines)
 
 
-def main(seconds: float = 6.0, out: Path | None = None) -> None:
+def main(seconds: float = 15.0, out: Path | None = None) -> None:
     from bench.report import report
 
     rows = lstm_rows(seconds)
