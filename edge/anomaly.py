@@ -60,6 +60,7 @@ from edge.inference import ModelLoadError, PackagedModel, create_session
 from models.package import AnomalyPostprocess, AnomalyPreprocess, Package
 
 TOP_CHANNELS = 3  # channels named in a score and an event
+THRESHOLD_FLOOR = 1e-9  # a calibrated threshold is at least this: a flat calibration signal scores 0 throughout
 TAIL_QUANTILE = 0.9  # the peaks-over-threshold fit uses the calibration scores above this quantile
 SECONDS_PER_DAY = 86_400.0
 
@@ -274,7 +275,8 @@ class StreamingAnomalyModel(PackagedModel):
             raise ModelLoadError(f"{package.ref}: task is {manifest.task!r}, not anomaly")
         post = apply_profile(post, profile, package.ref)
         if max_false_alarms_per_day is not None:
-            post = AnomalyPostprocess.model_validate(post.model_dump() | {"max_false_alarms_per_day": max_false_alarms_per_day})
+            budget = {"max_false_alarms_per_day": max_false_alarms_per_day}
+            post = AnomalyPostprocess.model_validate(post.model_dump() | budget)
         self.package, self.pre, self.post, self.profile = package, pre, post, profile
         self.calibration = Calibration.of(post, calibration_steps)
         self._quiet_steps = max(self.calibration.steps, self.calibration.warmup)  # samples that never alarm
@@ -436,7 +438,7 @@ class StreamingAnomalyModel(PackagedModel):
         """Advance the alarm events (hysteresis) and build the scores, in the order of ``names``."""
         g, post = self._state, self.post
         threshold = g.threshold[index]
-        ratio = score / np.maximum(threshold, np.finfo(np.float64).tiny)  # a flat calibration may give threshold 0
+        ratio = score / threshold
         was_in = g.in_event[index]
         opening = live & (steps >= self._quiet_steps) & ~was_in & (score > threshold)
         below = np.where(was_in & (ratio <= post.exit_ratio), g.below[index] + 1, 0)
@@ -478,7 +480,8 @@ class StreamingAnomalyModel(PackagedModel):
         if not self._drift:
             return
         g = self._state
-        calm = live & g.has_level[index] & ~g.in_event[index] & (g.smoothed[index] <= self.post.exit_ratio * g.threshold[index])
+        calm = g.smoothed[index] <= self.post.exit_ratio * g.threshold[index]
+        calm &= live & g.has_level[index] & ~g.in_event[index]
         mean = g.level_mean[index]
         g.level_mean[index] = mean + (self._drift * calm)[:, None] * (level - mean)
 
@@ -493,7 +496,8 @@ class StreamingAnomalyModel(PackagedModel):
 
     def _fit_normalisation(self, slot: int) -> None:
         g = self._state
-        g.mean[slot], g.std[slot] = fit_normalisation(g.cal_raw[slot, : self.calibration.normalise], self.post.min_scale)
+        raw = g.cal_raw[slot, : self.calibration.normalise]
+        g.mean[slot], g.std[slot] = fit_normalisation(raw, self.post.min_scale)
         g.has_norm[slot] = True
 
     def _fit(self, slot: int) -> None:
@@ -508,7 +512,8 @@ class StreamingAnomalyModel(PackagedModel):
                                 post.forecast_weight)
         smoothed = smooth_scores(errors.mean(-1), post.ema_alpha)
         g.scale[slot], g.level_mean[slot], g.level_std[slot] = scale, level_mean, level_std
-        g.threshold[slot] = calibrated_threshold(smoothed, post, SECONDS_PER_DAY * float(g.rate[slot]))
+        threshold = calibrated_threshold(smoothed, post, SECONDS_PER_DAY * float(g.rate[slot]))
+        g.threshold[slot] = max(threshold, THRESHOLD_FLOOR)
         g.smoothed[slot] = smoothed[-1]
         g.has_level[slot] = g.has_threshold[slot] = g.has_smoothed[slot] = True
 
@@ -528,17 +533,19 @@ class StreamingAnomalyModel(PackagedModel):
         return slot
 
     def _allocate(self, capacity: int) -> _Slots:
-        c, n = len(self.channels), self.calibration.steps
+        """Zeroed arrays for ``capacity`` slots: flags are bool, counters int64, scores and the level float64,
+        the rest (what meets the float32 graph) float32 per channel."""
+        c, n, state = len(self.channels), self.calibration.steps, (self.pre.num_layers, self.pre.hidden_size)
         shapes: dict[str, tuple[tuple[int, ...], type]] = {
-            "h": ((self.pre.num_layers, self.pre.hidden_size), np.float32), "c": ((self.pre.num_layers, self.pre.hidden_size), np.float32),
-            "cal_raw": ((n, c), np.float32), "cal_res": ((n, c), np.float32),
-            "level_mean": ((c,), np.float64), "level_std": ((c,), np.float64), "level_ema": ((c,), np.float64),
-            "smoothed": ((), np.float64), "threshold": ((), np.float64), "rate": ((), np.float64), "peak": ((), np.float64),
-            "steps": ((), np.int64), "below": ((), np.int64), "start": ((), np.int64), "top": ((), np.int64),
-            "missing": ((), np.int64)}
+            "h": (state, np.float32), "c": (state, np.float32), "cal_raw": ((n, c), np.float32),
+            "cal_res": ((n, c), np.float32), "level_mean": ((c,), np.float64), "level_std": ((c,), np.float64),
+            "level_ema": ((c,), np.float64)}
+        shapes |= dict.fromkeys(("smoothed", "threshold", "rate", "peak"), ((), np.float64))
+        shapes |= dict.fromkeys(("steps", "below", "start", "top", "missing"), ((), np.int64))
         arrays = {}
         for f in fields(_Slots):
-            shape, dtype = shapes.get(f.name, ((c,), np.float32) if not f.name.startswith(("has_", "in_")) else ((), bool))
+            flag = f.name.startswith(("has_", "in_"))
+            shape, dtype = shapes.get(f.name, ((), bool) if flag else ((c,), np.float32))
             arrays[f.name] = np.zeros((capacity, *shape), dtype)
         return _Slots(**arrays)
 

@@ -43,7 +43,8 @@ def repackage(package: Package, folder: Path, **post: Any) -> Package:
     """The same graph with postprocess fields replaced (written and loaded as a real package)."""
     manifest = package.manifest
     postprocess = AnomalyPostprocess.model_validate(manifest.postprocess.model_dump() | post)
-    return write_package(folder, manifest.model_copy(update={"postprocess": postprocess}), package.model_path.read_bytes())
+    manifest = manifest.model_copy(update={"postprocess": postprocess})
+    return write_package(folder, manifest, package.model_path.read_bytes())
 
 
 def lstm_graph(channels: int, hidden: int, seed: int, head: float) -> bytes:
@@ -80,7 +81,8 @@ def tiny_package(folder: Path, channels: int, difference: bool = False, head: fl
     manifest = Manifest(
         name="anomaly-tiny", version="1", task="anomaly",
         inputs=[spec("x", ["batch", channels]), spec("h", [1, "batch", hidden]), spec("c", [1, "batch", hidden])],
-        outputs=[spec("y", ["batch", channels]), spec("h_out", [1, "batch", hidden]), spec("c_out", [1, "batch", hidden])],
+        outputs=[spec("y", ["batch", channels]), spec("h_out", [1, "batch", hidden]),
+                 spec("c_out", [1, "batch", hidden])],
         preprocess=AnomalyPreprocess(channels=names, mean=[0.0] * channels, std=[1.0] * channels, hidden_size=hidden,
                                      difference=difference),
         postprocess=AnomalyPostprocess.model_validate({"residual_scale": [1.0] * channels, "threshold": 1.0} | post))
@@ -393,7 +395,8 @@ def test_missing_values_are_imputed_counted_and_never_poison_state(tmp_path):
     assert plain.missing("g") == holes.sum() and plain.missing("z") == 0 and plain.missing("unknown") == 0
 
     # calibrating: before the LSTM runs a missing value is the group's last value
-    model = StreamingAnomalyModel(tiny_package(tmp_path / "cal", 3, level_weight=1.0, ema_alpha=0.3), calibration_steps=100)
+    package = tiny_package(tmp_path / "cal", 3, level_weight=1.0, ema_alpha=0.3)
+    model = StreamingAnomalyModel(package, calibration_steps=100)
     early = np.where(np.arange(200)[:, None] < 50, holed, values)  # holes only while buffering (K = 50)
     filled = early.copy()
     for t in range(1, 50):
@@ -444,3 +447,11 @@ def test_false_alarm_budget_through_the_model(tmp_path):
     assert all(fast.group_threshold(name) > slow for name, slow in zip(names, per_day[1.0][1]))
     with pytest.raises(ValueError, match="greater than 0"):
         StreamingAnomalyModel(package, max_false_alarms_per_day=0.0)
+
+
+def test_a_flat_calibration_gives_a_positive_threshold_that_any_change_exceeds(tmp_path):
+    model = StreamingAnomalyModel(tiny_package(tmp_path, 2, head=0.0, level_weight=1.0), calibration_steps=40)
+    flat = np.full((60, 2), 3.0, np.float32)
+    scores = stream(model, flat, "g")
+    assert 0 < model.group_threshold("g") and not any(s.is_anomaly for s in scores)
+    assert model.step({"g": np.array([3.0, 3.1], np.float32)})["g"].is_anomaly
