@@ -252,11 +252,6 @@ class _Slots:
     in_event: np.ndarray  # [S] inside an alarm event
 
 
-def _running(index: np.ndarray, running: np.ndarray) -> tuple[np.ndarray, np.ndarray | slice]:
-    """(slots, batch rows) of the running groups; no copies when all run (the steady state)."""
-    return (index, slice(None)) if running.all() else (index[running], running)
-
-
 class StreamingAnomalyModel(PackagedModel):
     """An anomaly package in one ONNX Runtime session, scoring many sensor groups per tick.
 
@@ -341,28 +336,29 @@ class StreamingAnomalyModel(PackagedModel):
         steps = g.steps[index]
         level = self._track_level(index, values, steps)
         cal = self.calibration
-        if cal.steps:
+        calibrating = bool(cal.steps) and not g.has_threshold[index].all()
+        if calibrating:
             buffering = steps < cal.steps
             g.cal_raw[index[buffering], steps[buffering]] = values[buffering]
         running = g.has_norm[index]
-        x, y = self._forecast(index, values, running)
+        kept, rows = (index[running], running) if calibrating and not running.all() else (index, slice(None))
+        x, y = self._forecast(index, values, running, kept, rows)
         residual = x - g.forecast[index]
         level_weight = self.level_weight * g.has_level[index][:, None]
         errors = channel_errors(residual, g.scale[index], level, g.level_mean[index], g.level_std[index],
                                 level_weight, self.post.forecast_weight)
         has_forecast = g.has_forecast[index]
         live = g.has_threshold[index] & has_forecast
-        if cal.steps:
+        if calibrating:
             keep = running & has_forecast & ~live & (steps >= cal.first_residual)
             g.cal_res[index[keep], steps[keep]] = residual[keep]
         score = self._smooth(index, np.add.reduce(errors, 1) / len(self.channels), live)
         out = self._scores(names, index, steps, errors, score, live)
         self._adapt(index, level, live)
-        kept, rows = _running(index, running)
         g.forecast[kept], g.previous[kept] = y[rows], x[rows]
         g.has_forecast[index] = has_forecast | running
         g.steps[index] = steps + 1
-        if cal.steps:
+        if calibrating:
             self._calibrate(index, steps, running)
         return out
 
@@ -412,15 +408,16 @@ class StreamingAnomalyModel(PackagedModel):
         g.level_ema[index] = level
         return level
 
-    def _forecast(self, index: np.ndarray, values: np.ndarray, running: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One batched LSTM step: (normalised samples, forecasts of the next), state kept for running groups."""
+    def _forecast(self, index: np.ndarray, values: np.ndarray, running: np.ndarray, kept: np.ndarray,
+                  rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
+        """One batched LSTM step: (normalised samples, forecasts of the next); the state is kept for the
+        running groups, slots ``kept`` (batch ``rows``): groups still buffering run a zero row that is dropped."""
         g = self._state
         x = (values - g.mean[index]) / g.std[index]
-        if not running.all():
-            x = np.where(running[:, None], x, np.float32(0))  # groups still buffering: rows run but are dropped
+        if kept is not index:
+            x = np.where(running[:, None], x, np.float32(0))
         feed = x - np.where(g.has_forecast[index][:, None], g.previous[index], x) if self.pre.difference else x
         y, h_out, c_out = self._run(feed, g.h[index].transpose(1, 0, 2), g.c[index].transpose(1, 0, 2))
-        kept, rows = _running(index, running)
         g.h[kept], g.c[kept] = h_out.transpose(1, 0, 2)[rows], c_out.transpose(1, 0, 2)[rows]
         return x, (x + y if self.pre.difference else y)
 
