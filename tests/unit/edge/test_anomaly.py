@@ -455,3 +455,19 @@ def test_a_flat_calibration_gives_a_positive_threshold_that_any_change_exceeds(t
     scores = stream(model, flat, "g")
     assert 0 < model.group_threshold("g") and not any(s.is_anomaly for s in scores)
     assert model.step({"g": np.array([3.0, 3.1], np.float32)})["g"].is_anomaly
+
+
+def test_the_level_reference_is_frozen_inside_an_event_and_follows_outside(tmp_path):
+    """Half-life 1 sample: outside events the level mean jumps halfway to the level each sample; inside
+    an event (here its 99-sample tail below the exit level) it does not move."""
+    package = tiny_package(tmp_path, 1, head=0.0, forecast_weight=0.0, level_weight=1.0, ema_alpha=1.0,
+                           threshold_factor=4.0, exit_ratio=0.5, clear_steps=100, drift_halflife=1.0)
+    model = StreamingAnomalyModel(package, calibration_steps=40)
+    calibration = np.array([[1.0], [-1.0]] * 20, np.float32)  # level mean 0, std 1: every score 1, threshold 4
+    stream(model, calibration, "g")
+    assert model.group_threshold("g") == pytest.approx(4.0)
+    scores = stream(model, np.array([[3.0]] + [[1.0]] * 102, np.float32), "g")
+    assert scores[0].is_anomaly and scores[0].score == pytest.approx(9.0)
+    assert all(s.is_anomaly and s.score == pytest.approx(1.0) for s in scores[1:100])  # frozen: z stays 1
+    assert not scores[100].is_anomaly and scores[100].event == AlarmEvent(40, 140, pytest.approx(2.25), ("ch0",))
+    assert [s.score for s in scores[100:]] == pytest.approx([1.0, 0.25, 0.0625])  # then it follows
