@@ -258,7 +258,8 @@ class StreamingAnomalyModel(PackagedModel):
     ``calibration_steps`` overrides the package's per-group calibration length (``None``: the
     manifest's; 400 is the SKAB protocol; 0 turns per-group calibration off). ``profile`` picks
     one of the package's named postprocess profiles (``None``: the package's own settings);
-    ``max_false_alarms_per_day`` overrides the package's false-alarm budget after that.
+    ``max_false_alarms_per_day`` overrides the package's false-alarm budget after that (a budget
+    sets the threshold of groups that calibrate; with N = 0 the package's threshold applies).
     """
 
     def __init__(self, package: Package, providers: Sequence[str] = ("cpu",), threads: int = 1,
