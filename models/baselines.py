@@ -90,6 +90,12 @@ class Detector(ABC):
     name: ClassVar[str]
     thresholded: ClassVar[bool] = True  # False: the detector's alarms do not come from a threshold
 
+    @property
+    def context(self) -> int:
+        """Rows a score needs: ``score(values[t - context + 1 : t + 1])[-1]`` is ``score(values)[t]``
+        (how a stream scores one new sample)."""
+        return 1
+
     @abstractmethod
     def fit(self, calibration: np.ndarray) -> None:
         """Learn normal behaviour from the calibration rows ``[N, C]``."""
@@ -115,6 +121,10 @@ class RollingZ(Detector):
 
     def __init__(self, window: int = 100) -> None:
         self.window = window
+
+    @property
+    def context(self) -> int:
+        return self.window + 1
 
     def fit(self, calibration: np.ndarray) -> None:
         self.mean, self.std = _standardiser(calibration)
@@ -189,6 +199,10 @@ class ConvAE(Detector):
             raise ValueError("window must be a multiple of 4 (two stride-2 stages)")
         self.window, self.epochs, self.seed = window, epochs, seed
 
+    @property
+    def context(self) -> int:
+        return self.window
+
     def fit(self, calibration: np.ndarray) -> None:
         import torch
         from torch import nn
@@ -222,7 +236,7 @@ class ConvAE(Detector):
         z = _standardise(values, self.mean, self.std).astype(np.float32)
         if len(z) < self.window:
             return torch.zeros((0, z.shape[1], self.window))
-        return torch.from_numpy(np.ascontiguousarray(sliding_window_view(z, self.window, axis=0)))
+        return torch.from_numpy(sliding_window_view(z, self.window, axis=0).copy())
 
     def score(self, values: np.ndarray) -> np.ndarray:
         import torch

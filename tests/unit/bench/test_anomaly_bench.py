@@ -30,7 +30,7 @@ def test_cross_validation_chooses_on_the_other_folds_only():
     each fold's held-out files get the factor the OTHER fold's files prefer."""
     first, second = folds_of(4, 2, seed=0)
     quiet = set(first.tolist())
-    run = Run("x", [0] * 4, scores=[np.arange(100.0)] * 4, calibration=[np.arange(10.0)] * 4)  # 30 x: no alarm
+    run = Run("x", [0] * 4, scores=[np.arange(2000.0)] * 4, calibration=[np.arange(10.0)] * 4)
 
     def objective(pairs):
         return sum(-a.sum() if i in quiet else a.sum() for i, a in pairs)

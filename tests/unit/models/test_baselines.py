@@ -73,6 +73,17 @@ def test_scores_are_causal():
         np.testing.assert_allclose(full[:650], changed[:650], rtol=1e-5, err_msg=detector.name)
 
 
+def test_one_new_row_scores_as_in_the_whole_file():
+    """A stream scoring each new sample with only its ``context`` rows gets the batch score."""
+    x = planted(3)
+    for detector in baselines():
+        detector.fit(x[:CAL])
+        full = detector.score(x)
+        for t in (CAL, 705, 999):
+            one = detector.score(x[t - detector.context + 1 : t + 1])[-1]
+            assert one == pytest.approx(full[t], rel=1e-4), detector.name
+
+
 def test_threshold_rule_is_the_spread_above_the_median():
     scores = np.arange(101, dtype=float)  # median 50, 99 % quantile 99
     assert ThresholdRule(0.99, 1.0).threshold(scores) == pytest.approx(99.0)
