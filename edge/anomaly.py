@@ -433,36 +433,43 @@ class StreamingAnomalyModel(PackagedModel):
 
     def _scores(self, names: tuple[str, ...], index: np.ndarray, steps: np.ndarray, errors: np.ndarray,
                 score: np.ndarray, live: np.ndarray) -> dict[str, AnomalyScore]:
-        """Advance the alarm events (hysteresis) and build the scores, in the order of ``names``."""
-        g, post = self._state, self.post
-        threshold = g.threshold[index]
-        ratio = score / threshold
-        was_in = g.in_event[index]
+        """Advance the alarm events and build the scores, in the order of ``names``."""
+        threshold = self._state.threshold[index]
+        was_in = self._state.in_event[index]
         opening = live & (steps >= self._quiet_steps) & ~was_in & (score > threshold)
-        below = np.where(was_in & (ratio <= post.exit_ratio), g.below[index] + 1, 0)
-        closing = was_in & (below >= post.clear_steps)
-        inside = (was_in & ~closing) | opening
         codes = self._top_codes(errors)
-        higher = opening | (was_in & (ratio > g.peak[index]))
-        g.peak[index] = peak = np.where(higher, ratio, g.peak[index])
-        g.top[index] = top = np.where(higher, codes, g.top[index])
-        g.start[index] = start = np.where(opening, steps, g.start[index])
-        g.below[index] = np.where(inside, below, 0)
-        g.in_event[index] = inside
-        codes_list, rows = codes.tolist(), np.flatnonzero(inside | closing)
-        tops = self._top_names
-        for code in set(codes_list).union(top[rows].tolist()) - tops.keys():
+        codes_list, tops = codes.tolist(), self._top_names
+        for code in set(codes_list) - tops.keys():
             tops[code] = self._top_channels(code)
         events: list[AlarmEvent | None] = [None] * len(names)
-        for i, first, step, ended, high, code in zip(rows.tolist(), start[rows].tolist(), steps[rows].tolist(),
-                                                     closing[rows].tolist(), peak[rows].tolist(), top[rows].tolist()):
-            events[i] = AlarmEvent(first, step if ended else None, high, tops[code])
+        inside = self._events(index, steps, score / threshold, was_in, opening, codes, events) \
+            if was_in.any() or opening.any() else was_in
         channels, quiet = self.channels, dict.fromkeys(self.channels, 0.0)
         return {name: _score(s, t, a, dict(zip(channels, row)), tops[code], event, step)
                 if alive else _score(0.0, t, False, dict(quiet), (), None, step)
                 for name, s, t, a, row, code, event, step, alive in zip(
                     names, score.tolist(), threshold.tolist(), inside.tolist(), errors.tolist(), codes_list,
                     events, steps.tolist(), live.tolist())}
+
+    def _events(self, index: np.ndarray, steps: np.ndarray, ratio: np.ndarray, was_in: np.ndarray,
+                opening: np.ndarray, codes: np.ndarray, events: list[AlarmEvent | None]) -> np.ndarray:
+        """Hysteresis for a tick where some group is in or enters an event: fills ``events`` (the open
+        event, or the one that ends at this step) and returns who is inside an event now."""
+        g, post = self._state, self.post
+        below = np.where(was_in & (ratio <= post.exit_ratio), g.below[index] + 1, 0)
+        closing = was_in & (below >= post.clear_steps)
+        inside = (was_in & ~closing) | opening
+        higher = opening | (was_in & (ratio > g.peak[index]))
+        g.peak[index] = peak = np.where(higher, ratio, g.peak[index])
+        g.top[index] = top = np.where(higher, codes, g.top[index])
+        g.start[index] = start = np.where(opening, steps, g.start[index])
+        g.below[index] = np.where(inside, below, 0)
+        g.in_event[index] = inside
+        rows = np.flatnonzero(inside | closing)
+        for i, first, step, ended, high, code in zip(rows.tolist(), start[rows].tolist(), steps[rows].tolist(),
+                                                     closing[rows].tolist(), peak[rows].tolist(), top[rows].tolist()):
+            events[i] = AlarmEvent(first, step if ended else None, high, self._top_names[code])
+        return inside
 
     def _top_codes(self, errors: np.ndarray) -> np.ndarray:
         """The top channels of each row (largest contribution first) as one integer (base C digits)."""
