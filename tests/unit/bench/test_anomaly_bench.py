@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.anomaly import FACTORS, OURS, Run, best_factor, cross_validate, folds_of, main
+from bench.anomaly import (FACTORS, OURS, SKAB_PACKAGE, Run, best_factor, cross_validate, folds_of, main,
+                           nab_package_problem, run_ours_nab)
 from models import nab, skab
 from models.baselines import torch_missing
+from models.series import Series
+from tests.tiny_anomaly import write_tiny_anomaly_package
 
 HAVE_DATA = (skab.skab_root() / "valve1").is_dir() and (nab.nab_root() / nab.WINDOWS_FILE).is_file()
 METHODS = [OURS, "always-alarm", "rolling-z", "pca-t2q", "isolation-forest"] + ([] if torch_missing() else ["conv-ae"])
@@ -45,11 +48,32 @@ def test_cross_validation_chooses_on_the_other_folds_only():
     assert alarms[first[0]].sum() > alarms[second[0]].sum()
 
 
+def test_ours_on_nab_streams_each_file_calibrating_on_its_probation(tmp_path: Path):
+    """A univariate package runs on NAB files of two probation lengths; the 8-channel SKAB one is refused."""
+    package = tmp_path / "uni"
+    write_tiny_anomaly_package(package, ["value"], name="uni")
+    rng = np.random.default_rng(0)
+    files = []
+    for i, rows in enumerate((300, 300, 500)):
+        values = rng.standard_normal((rows, 1)).astype(np.float32)
+        values[250:260] += 40.0  # a spike no calibration saw
+        t = np.arange(rows, dtype=np.float64) * 300
+        files.append(nab.NabFile(Series(Path(f"c/{i}.csv"), f"c/{i}.csv", ("value",), values, t, None, 0, 0),
+                                 ((240, 270),)))
+    assert nab_package_problem(package) is None
+    assert "8 channels" in nab_package_problem(SKAB_PACKAGE) and "no package" in nab_package_problem(None)
+    run = run_ours_nab(package, files)
+    assert run.calibration_rows == [45, 45, 75] and run.rows == 1100 and run.rate > 0
+    for i, f in enumerate(files):
+        alarms = run.alarms(i, 1.0)
+        assert alarms.shape == (len(f.values),) and not alarms[: f.probation].any()
+        assert alarms[250:262].any(), f"file {i}: the 40-sigma spike raised no alarm"
+
+
 @pytest.mark.skipif(not HAVE_DATA, reason=f"SKAB/NAB data not found under {skab.data_root()} (set EDGELINE_DATA)")
 def test_quick_run_writes_every_method_for_skab_and_nab(tmp_path: Path):
     out = tmp_path / "anomaly.json"
-    main(quick=True, nab_package=None, skab_package=Path(__file__).resolve().parents[3] / "models" / "packages" /
-         "anomaly-skab", folds=2, seed=0, out=out)
+    main(quick=True, nab_package=None, skab_package=SKAB_PACKAGE, folds=2, seed=0, out=out)
     data = json.loads(out.read_text())
     assert data["benchmark"] == "anomaly" and data["quick"] and "machine" in data
     skab_rows = {r["method"]: r for r in data["skab"]["rows"]}
