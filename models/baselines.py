@@ -1,8 +1,8 @@
 """Baseline anomaly detectors that ``bench.anomaly`` runs beside our streaming model, on the same files.
 
 One interface: :meth:`Detector.fit` on a file's calibration rows (SKAB: its first 400; NAB: its
-probation period; :func:`fit_and_score` fits on the first 75 % of them and keeps the rest to set
-the threshold out of sample), then :meth:`Detector.score` on the whole file ``[T, C]`` gives ``[T]`` scores in
+probation period; the bench fits on the first 75 % of them, :func:`fit_rows_of`, and keeps the
+rest to set the threshold out of sample), then :meth:`Detector.score` on the whole file ``[T, C]`` gives ``[T]`` scores in
 which row t depends only on rows <= t (what a streaming detector could emit at t; NaN while a
 detector is not ready, e.g. before its first full window). One threshold rule for every method:
 ``median + factor x (quantile(q) - median)`` of the held-out calibration scores (:class:`ThresholdRule`: the
@@ -54,20 +54,11 @@ class ThresholdRule:
 
 
 def fit_rows_of(calibration_rows: int, holdout: float = HOLDOUT) -> int:
-    """How many of the calibration rows a detector is fitted on (the rest set its threshold)."""
+    """How many of the calibration rows a detector is fitted on; the scores of the rest set its
+    threshold. Held out because a detector scores the rows it was fitted on too well (an
+    autoencoder reconstructs its own training noise), which would put the threshold inside
+    normal behaviour."""
     return calibration_rows - max(1, round(holdout * calibration_rows))
-
-
-def fit_and_score(detector: Detector, values: np.ndarray, calibration_rows: int,
-                  holdout: float = HOLDOUT) -> tuple[np.ndarray, np.ndarray]:
-    """Fit ``detector`` on the first ``1 - holdout`` of the calibration rows and score the whole
-    file: returns (scores [T], the scores of the held-out calibration rows, which set the threshold).
-    Held out because a detector scores the rows it was fitted on too well (an autoencoder
-    reconstructs its own training noise), which would put the threshold below normal behaviour."""
-    fit_rows = fit_rows_of(calibration_rows, holdout)
-    detector.fit(np.asarray(values[:fit_rows]))
-    scores = detector.score(values)
-    return scores, scores[fit_rows:calibration_rows]
 
 
 def alarms_above(scores: np.ndarray, threshold: float) -> np.ndarray:
