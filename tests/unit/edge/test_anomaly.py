@@ -245,12 +245,23 @@ def test_calibration_length_is_checked_and_can_be_turned_off(package):
     assert scores[-1].threshold == model.threshold
 
 
-def test_profiles_override_the_postprocess(package):
-    fast = StreamingAnomalyModel(package, profile="fast-start")
-    assert fast.post.level_weight == 0 and fast.calibration.steps == 80
-    assert StreamingAnomalyModel(package, profile="fast-start", calibration_steps=100).calibration.steps == 100
+def test_profiles_override_the_postprocess(tmp_path):
+    profiles = {"fast": {"calibration_steps": 80, "level_weight": 0.0, "clear_steps": 3.0, "exit_ratio": 0.7,
+                         "max_false_alarms_per_day": 2.0},
+                "odd": {"clear_steps": 2.5}, "alien": {"colour": 1.0}}
+    package = tiny_package(tmp_path, 2, level_weight=1.0, calibration_steps=400, profiles=profiles)
+    fast = StreamingAnomalyModel(package, profile="fast")
+    assert fast.post.level_weight == 0 and fast.calibration.steps == 80 and fast.post.clear_steps == 3
+    assert fast.post.exit_ratio == 0.7 and fast.post.max_false_alarms_per_day == 2.0
+    assert StreamingAnomalyModel(package, profile="fast", calibration_steps=100).calibration.steps == 100
+    tighter = StreamingAnomalyModel(package, profile="fast", max_false_alarms_per_day=0.5)
+    assert tighter.post.max_false_alarms_per_day == 0.5
     with pytest.raises(ModelLoadError, match="no postprocess profile 'nope'"):
         StreamingAnomalyModel(package, profile="nope")
+    with pytest.raises(ModelLoadError, match="(?s)profile 'odd': .*clear_steps"):
+        StreamingAnomalyModel(package, profile="odd")
+    with pytest.raises(ModelLoadError, match="unknown fields \\['colour'\\]"):
+        StreamingAnomalyModel(package, profile="alien")
 
 
 def demo_pumps(seeds: range, anomaly_rate: float, n: int = 3000) -> list[tuple[np.ndarray, np.ndarray]]:
