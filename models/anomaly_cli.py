@@ -117,16 +117,95 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train-anomaly")
     def train_anomaly(
-        out: Annotated[Path, typer.Option(help="folder to write the package folder into")] = DEFAULT_PACKAGE.parent,
-        data: Annotated[Path | None, typer.Option(help="SKAB root (default $EDGELINE_DATA/skab)")] = None,
+        files: Annotated[list[Path], typer.Argument(help="your CSV files, or folders of them (searched recursively)",
+                                                    show_default=False)],
+        name: Annotated[str, typer.Option(help="package name (what the site's models catalog refers to)")],
+        version: Annotated[str, typer.Option(help="package version")] = "1.0.0",
+        out: Annotated[Path, typer.Option(help="folder to write the package folder into")] = Path("packages"),
+        columns: Annotated[str | None, typer.Option(help="channel columns, comma-separated (default: every numeric "
+                                                    "column but the time and label columns)")] = None,
+        time_column: Annotated[str, typer.Option(help="time column ('auto': datetime, timestamp, time or ts; "
+                                                 "'none': rows are equally spaced)")] = "auto",
+        separator: Annotated[str | None, typer.Option(help="column separator (default: sniffed: , ; or tab)")] = None,
+        label_column: Annotated[str | None, typer.Option(help="0/1 column marking anomalous rows: rows labelled 0 "
+                                                         "train the model, labelled files are evaluated")] = None,
+        normal_rows: Annotated[int | None, typer.Option(min=1, help="the first N rows of every file are normal "
+                                                        "(train on these only)")] = None,
+        normal_from: Annotated[str | None, typer.Option(help="start of a normal time range (ISO time), with "
+                                                        "--normal-to")] = None,
+        normal_to: Annotated[str | None, typer.Option(help="end of the normal time range (ISO time)")] = None,
+        calibration_steps: Annotated[int | None, typer.Option(min=1, help="samples each sensor group calibrates "
+                                                              "on at run time (default: the recipe's)")] = None,
+        max_false_alarms_per_day: Annotated[float | None, typer.Option(min=0.0, help="false-alarm budget that "
+                                                                       "sets each group's threshold")] = None,
+        steps: Annotated[int | None, typer.Option(min=1, help="training steps (default: the recipe's)")] = None,
+        key: Annotated[Path | None, typer.Option(help="Ed25519 private key that signs the package (default "
+                                                 "$EDGELINE_SIGNING_KEY or ~/.config/edgeline/signing.key, "
+                                                 "created on first use)")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     ) -> None:
-        """Train, export, evaluate and package anomaly-skab (needs the models extra: torch)."""
+        """Train an anomaly model on your own sensor CSVs: train, export, parity, calibrate, evaluate, package, sign.
+
+        Needs the models extra (torch). What is normal: --normal-rows, or --normal-from/--normal-to, or
+        the rows a --label-column marks 0; with none of them every row is taken as normal.
+        """
+        from models.anomaly_data import NormalSelection, load_training_data
+
         with needs_extra("models train-anomaly", "models"):
-            import torch
+            import torch  # noqa: F401 - fail before reading the data, not after
 
-            from models.anomaly import build_anomaly_package
+        try:
+            selection = NormalSelection(rows=normal_rows, start=normal_from, end=normal_to)
+            data = load_training_data(files, _split(columns), time_column, label_column, separator, selection)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        for line in data.notes:
+            Console(stderr=True).print(f"note: {line}", markup=False, style="yellow", soft_wrap=True)
+        with needs_extra("models train-anomaly", "models"):
+            package = _build_and_sign(data, name, version, out, calibration_steps, max_false_alarms_per_day, steps,
+                                      key, progress=not as_json)
+        report = data.summary() | {"package": package.ref, "folder": str(package.folder), "key_id": package.key_id,
+                                   "metrics": package.manifest.metrics}
+        if as_json:
+            print_json(report)
+            return
+        _print_training_report(report)
 
-            torch.set_num_threads(1)
-            package = build_anomaly_package(out, progress=True, data=data)
-        shown = {k: round(v, 4) for k, v in package.manifest.metrics.items()}
-        Console().print(f"{package.manifest.package_id} -> {package.folder}\n{shown}", soft_wrap=True)
+
+def _split(columns: str | None) -> list[str] | None:
+    return [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+
+
+def _build_and_sign(data: Any, name: str, version: str, out: Path, calibration_steps: int | None,
+                    budget: float | None, steps: int | None, key: Path | None, progress: bool) -> Any:
+    """Train and package (torch), then sign with the plant's key (created on first use)."""
+    from dataclasses import replace
+
+    from models.anomaly import Recipe, build_anomaly_package
+    from models.package import PackageError
+    from models.signing import SigningError, ensure_signing_key, sign_package
+
+    recipe = Recipe() if steps is None else replace(Recipe(), steps=steps)
+    overrides = {k: v for k, v in {"calibration_steps": calibration_steps,
+                                   "max_false_alarms_per_day": budget}.items() if v is not None}
+    try:
+        package = build_anomaly_package(data.normal, data.channels, name=name, version=version, out_dir=out,
+                                        recipe=recipe, evaluate=data.labelled or None, postprocess=overrides,
+                                        progress=progress)
+        private_key, created = ensure_signing_key(key)
+        if created:
+            Console(stderr=True).print(f"note: created signing key {created} (its public half: {created}.pub; "
+                                       "add that to signatures.trusted_keys)", markup=False, soft_wrap=True)
+        return sign_package(package.folder, private_key)
+    except (ValueError, PackageError, SigningError, OSError) as exc:
+        raise fail(str(exc)) from None
+
+
+def _print_training_report(report: dict[str, Any]) -> None:
+    console = Console()
+    metrics = report["metrics"]
+    rows = [[k, f"{v:.4g}"] for k, v in sorted(metrics.items())]
+    print_table(TableOutput([Column("metric", key=True), Column("value", numeric=True)], rows,
+                            f"{report['package']}: {', '.join(report['channels'])}"), console)
+    console.print(f"{report['package']} -> {report['folder']} (signed by {report['key_id']}); trained on "
+                  f"{report['normal_rows']} normal rows of {report['files']} file(s)", soft_wrap=True)

@@ -16,6 +16,7 @@ labels are evaluated on after training (calibrated on their first rows, as the e
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,18 +85,30 @@ def load_training_data(paths: Sequence[Path], columns: Sequence[str] | None, tim
     files = [_read(path, base, columns, time_column, label_column, separator) for path, base in _expand(paths)]
     if not files:
         raise ValueError(f"no CSV files in {', '.join(map(str, paths))}")
-    channels = files[0].channels
+    channels = channel_names(files[0].channels)
     for f in files[1:]:
         if f.channels != channels:
             raise ValueError(f"{f.path}: channels {', '.join(f.channels)} differ from {files[0].path}'s "
                              f"({', '.join(channels)}); pass --columns to pick the same ones")
     normal = [part for f in files for part in selection.parts(f) if len(part)]
     data = TrainingData(channels, files, normal, [f for f in files if f.labels is not None])
+    data.notes += [f"column {column!r} is channel {channel!r} (site file: {{name: {channel}, column: {column!r}}})"
+                   for column, channel in zip(files[0].channels, channels) if column != channel]
     if not normal:
         raise ValueError("no normal rows selected: check --normal-rows, --normal-from/--normal-to or the labels")
     if selection.rows is None and selection.start is None and label_column is None:
         data.notes.append("no --normal-rows, --normal-from/--normal-to or --label-column: every row is taken as normal")
     return data
+
+
+def channel_names(columns: Sequence[str]) -> tuple[str, ...]:
+    """Channel names for column names: what messages and topics accept (letters, digits, ``_ . -``; 64 at most)."""
+    names = tuple((re.sub(r"[^A-Za-z0-9_.-]+", "_", c).strip("_.-") or "channel")[:64] for c in columns)
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"columns {', '.join(c for c, n in zip(columns, names) if n in clashes)} all become "
+                         f"channel {clashes[0]!r}: rename them or pick with --columns")
+    return names
 
 
 def _read(path: Path, base: Path, columns: Sequence[str] | None, time_column: str, label_column: str | None,

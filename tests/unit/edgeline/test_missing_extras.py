@@ -46,7 +46,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("central serve -c {site}", "central"),
     ("models build --out {tmp}/packages", "models"),
     ("models train-seg --preset synthetic --out {tmp}/packages", "models"),
-    ("models train-anomaly --out {tmp}/packages", "models"),
+    ("models train-anomaly {tmp}/plant.csv --name press --out {tmp}/packages", "models"),
     ("models quantize models/packages/seg-synth-fp32 --out {tmp}/packages", "models"),
 ])
 def test_a_command_that_needs_an_extra_says_which_in_one_line(command: str, extra: str, site: Path,

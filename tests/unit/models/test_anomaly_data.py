@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.anomaly_data import MIN_RUN, NormalSelection, load_training_data
+from models.anomaly_data import MIN_RUN, NormalSelection, channel_names, load_training_data
 
 
 def write_csv(path: Path, rows: int, labels: list[int] | None = None, columns: str = "a,b,c") -> Path:
@@ -87,3 +87,13 @@ def test_missing_cells_are_kept_as_nan_and_counted(tmp_path: Path) -> None:
                                                 for i in range(40)))
     data = load([path], NormalSelection())
     assert np.isnan(data.normal[0][3, 1]) and data.summary()["missing_values"] == 1
+
+
+def test_column_names_become_channel_names_messages_accept(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("time,Load %,motor temp (C),ok\n" + "".join(f"{i},{i},{i},{i}\n" for i in range(40)))
+    data = load([path], NormalSelection())
+    assert data.channels == ("Load", "motortemp_C", "ok")  # the reader drops spaces; the rest become '_'
+    assert any("'Load%' is channel 'Load'" in note for note in data.notes)
+    with pytest.raises(ValueError, match="all become channel 'a'"):
+        channel_names(["a%", "a#"])
