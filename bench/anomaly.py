@@ -21,8 +21,9 @@ fixed seed): SKAB's by pooled F1 (then lower FAR), NAB's by NAB score, on the ot
 Every SKAB/NAB figure of a baseline is the cross-validated one; the anomaly-free share uses the
 factor chosen on all labelled SKAB files.
 
-Speed: samples/s per core, a sample being one new row of one file (all its channels), one thread
-everywhere (threadpoolctl, torch, ONNX Runtime intra-op 1), as a stream pays it: ours over its
+Speed: samples per CPU second of this process (per core: on a shared box the wall clock counts
+others' turns), a sample being one new row of one file (all its channels), one thread everywhere
+(threadpoolctl, torch, ONNX Runtime intra-op 1), as a stream pays it: ours over its
 whole stream (every file a group, one batched step per row index; it calibrates online), a
 baseline scoring one new row per call from the rows it needs (its ``context``; 200 rows of each of
 the first 3 files). ``x_ours`` = that rate over ours in the same run. ``batch_samples_per_s``: a
@@ -111,12 +112,12 @@ def run_baseline(detector: Detector, arrays: Sequence[np.ndarray], calibration_r
         return run
     for values, rows in zip(arrays, calibration_rows):
         fit_rows = fit_rows_of(rows)
-        started = time.perf_counter()
+        started = time.process_time()
         detector.fit(values[:fit_rows])
-        scored = time.perf_counter()
+        scored = time.process_time()
         scores = detector.score(values)
         run.fit_seconds += scored - started
-        run.seconds += time.perf_counter() - scored
+        run.seconds += time.process_time() - scored
         run.rows += len(values)
         run.scores.append(scores)
         run.calibration.append(scores[fit_rows:rows])
@@ -129,10 +130,10 @@ def time_stream(detector: Detector, values: np.ndarray, start: int, run: Run) ->
     """Score rows ``start..`` one per call, each from its context rows only, as a stream would."""
     context = detector.context
     stop = min(len(values), start + STREAM_ROWS)
-    started = time.perf_counter()
+    started = time.process_time()
     for t in range(max(start, context - 1), stop):
         detector.score(values[t - context + 1 : t + 1])
-    run.stream_seconds += time.perf_counter() - started
+    run.stream_seconds += time.process_time() - started
     run.stream_rows += max(0, stop - max(start, context - 1))
 
 
@@ -152,9 +153,9 @@ def stream(model: StreamingAnomalyModel, arrays: Sequence[np.ndarray]) -> list[n
 
 def run_ours_skab(package: Path, files: Sequence[skab.SkabFile]) -> Run:
     model = StreamingAnomalyModel(load_package(package), threads=1, calibration_steps=skab.PROTOCOL_STEPS)
-    started = time.perf_counter()
+    started = time.process_time()
     results = skab.evaluate(model, files)
-    seconds = time.perf_counter() - started
+    seconds = time.process_time() - started
     return Run(OURS, [r.scored_from for r in results], fixed=[r.alarms for r in results],
                rows=sum(len(f.values) for f in files), seconds=seconds)
 
@@ -166,9 +167,9 @@ def run_ours_nab(package: Path, files: Sequence[nab.NabFile]) -> Run:
     for steps in sorted({f.probation for f in files}):
         chosen = [i for i, f in enumerate(files) if f.probation == steps]
         model = StreamingAnomalyModel(loaded, threads=1, calibration_steps=steps)
-        started = time.perf_counter()
+        started = time.process_time()
         alarms = stream(model, [files[i].values for i in chosen])
-        run.seconds += time.perf_counter() - started
+        run.seconds += time.process_time() - started
         for i, a in zip(chosen, alarms):
             run.fixed[i] = a
         run.rows += sum(len(files[i].values) for i in chosen)
