@@ -59,6 +59,10 @@ class SyntheticSensorGroup:
         self._index += 1
         return values[self._columns]
 
+    def injected(self) -> list[tuple[int, int]]:
+        """The pump faults among the samples drawn so far, as (first, end) sample indices (end exclusive)."""
+        return [(ep.start, ep.start + ep.length) for ep in self._pump.episodes(self._index) if ep.start < self._index]
+
 
 class CsvReplay:
     """Replays a CSV file's channel columns (by name) at ``rate_hz x speed``; a row that follows a time

@@ -19,6 +19,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from edge.agent import EdgeAgent
+from edge.sensors import SyntheticSensorGroup
 from edgeline.config import SiteConfig, from_dict
 from edgeline.services import start_mqtt_broker
 from stream.embedded import EmbeddedRulesRunner
@@ -74,6 +75,8 @@ class SiteMonitor:
     frames: int = 0
     anomaly_steps: int = 0
     anomalies: int = 0
+    alarm_events: dict[tuple[str, str, int], int | None] = field(default_factory=dict)
+    """(machine, group, first seq) of each alarm event seen -> its end seq (None while open)."""
     alerts_firing: int = 0
     alerts_resolved: int = 0
     commands: int = 0
@@ -103,6 +106,8 @@ class SiteMonitor:
             self.anomaly_steps += 1
             self.anomalies += int(envelope.is_anomaly)
             self.last_anomaly[(envelope.machine, envelope.group)] = envelope
+            if envelope.alarm is not None:
+                self.alarm_events[(envelope.machine, envelope.group, envelope.alarm.start_seq)] = envelope.alarm.end_seq
         elif isinstance(envelope, Alert):
             self.recent_alerts.appendleft(envelope)
             if envelope.state == "firing":
@@ -111,6 +116,37 @@ class SiteMonitor:
                 self.alerts_resolved += 1
         elif isinstance(envelope, Command):
             self.commands += 1
+
+
+@dataclass(frozen=True)
+class PumpTally:
+    """Faults the simulated pumps injected after their calibration, against the alarm events the agents raised."""
+
+    injected: int = 0
+    detected: int = 0
+    events: int = 0
+    false_events: int = 0
+
+    def __add__(self, other: PumpTally) -> PumpTally:
+        return PumpTally(self.injected + other.injected, self.detected + other.detected, self.events + other.events,
+                         self.false_events + other.false_events)
+
+
+def tally_pump(faults: list[tuple[int, int]], events: list[tuple[int, int | None]], calibration: int,
+               tolerance: int) -> PumpTally:
+    """A fault (first, end) counts when it starts after the calibration; it is detected when an alarm event
+    (first, end or None) overlaps it or the ``tolerance`` samples after it. An event that overlaps no fault
+    so widened (calibration-time faults included) is false."""
+    widened = [(first, end + tolerance) for first, end in faults]
+    counted = [w for w, (first, _) in zip(widened, faults) if first >= calibration]
+    spans = [(first, end if end is not None else first + 1) for first, end in events]
+
+    def overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+        return a[0] < b[1] and b[0] < a[1]
+
+    detected = sum(any(overlaps(f, e) for e in spans) for f in counted)
+    false_events = sum(not any(overlaps(e, f) for f in widened) for e in spans)
+    return PumpTally(len(counted), detected, len(spans), false_events)
 
 
 @dataclass
@@ -123,6 +159,7 @@ class DemoSummary:
     results: int
     anomaly_steps: int
     anomalies: int
+    pump_faults: PumpTally
     alerts_firing: int
     alerts_resolved: int
     commands: int
@@ -133,7 +170,9 @@ class DemoSummary:
             f"machines {self.machines}, cameras {self.cameras}, ran {self.duration_s:.1f} s",
             f"frames captured {self.frames_captured}, inferred {self.frames_inferred}",
             f"results {self.results}",
-            f"anomaly scores {self.anomaly_steps}, anomalies {self.anomalies}",
+            f"anomaly scores {self.anomaly_steps}, anomalous scores {self.anomalies}",
+            f"pump faults injected {self.pump_faults.injected}, detected {self.pump_faults.detected}; "
+            f"alarm events {self.pump_faults.events}, false {self.pump_faults.false_events}",
             f"alerts {self.alerts_firing} firing, {self.alerts_resolved} resolved; commands {self.commands}",
             f"dead-lettered {self.dead_lettered}",
         ]
@@ -203,6 +242,20 @@ class Demo:
             last = seen
             time.sleep(quiet_s)
 
+    def _pump_faults(self, tolerance_s: float = 2.0) -> PumpTally:
+        """Injected pump faults against alarm events, over every synthetic sensor group (monitor lock held)."""
+        total = PumpTally()
+        for agent in self.agents:
+            for group in agent.machine.sensors:
+                source = agent.sensor_sources.get(group.id)
+                if not isinstance(source, SyntheticSensorGroup) or group.model is None:
+                    continue
+                events = [(first, end) for (machine, name, first), end in self.monitor.alarm_events.items()
+                          if (machine, name) == (agent.id, group.id)]
+                calibration = agent.anomaly_models[group.model].calibration.steps
+                total += tally_pump(source.injected(), events, calibration, round(tolerance_s * group.rate_hz))
+        return total
+
     def summary(self) -> DemoSummary:
         with self.monitor.lock:
             m = self.monitor
@@ -212,6 +265,7 @@ class Demo:
                 frames_captured=sum(c.frames_captured for a in self.agents for c in a.cameras),
                 frames_inferred=sum(c.frames_inferred for a in self.agents for c in a.camera_counters.values()),
                 results=m.results, anomaly_steps=m.anomaly_steps, anomalies=m.anomalies,
+                pump_faults=self._pump_faults(),
                 alerts_firing=m.alerts_firing, alerts_resolved=m.alerts_resolved, commands=m.commands,
                 dead_lettered=self.runner.metrics.count("dead_lettered") if self.runner else 0,
             )

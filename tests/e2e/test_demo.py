@@ -21,6 +21,8 @@ def counts(output: str) -> dict[str, int]:
     patterns = {
         "frames": r"frames captured (\d+)", "inferred": r"inferred (\d+)", "results": r"results (\d+)",
         "scores": r"anomaly scores (\d+)", "alerts": r"alerts (\d+) firing",
+        "faults": r"pump faults injected (\d+)", "detected": r"detected (\d+); alarm events",
+        "events": r"alarm events (\d+)", "false_events": r"alarm events \d+, false (\d+)",
     }
     found = {}
     for name, pattern in patterns.items():
@@ -48,6 +50,8 @@ def test_demo_runs_for_its_duration_and_prints_the_summary() -> None:
     assert 0 < found["results"] <= found["inferred"] <= found["frames"]
     assert found["scores"] > 100  # 3 pumps at 5 Hz
     assert found["alerts"] > 0
+    assert found["detected"] <= found["faults"] and found["detected"] <= found["events"]
+    assert found["false_events"] <= 1, "the pumps' alarm events should be their injected faults"
     assert "Cameras" in done.stdout and "Latest alerts" in done.stdout  # the live view rendered
 
 
