@@ -63,6 +63,13 @@ PARITY_TOLERANCE = 1e-4
 MAX_WINDOWS = 8192
 """Training windows kept (evenly spaced over the data): bounds memory and time on long recordings."""
 MAX_CHANNELS = 64
+DEFAULT_POSTPROCESS: dict[str, Any] = {
+    "level_weight": 1.0, "level_alpha": 0.1, "forecast_weight": 0.0, "min_scale": 0.006, "drift_halflife": 300.0,
+    "exit_ratio": 1.0, "clear_steps": 5, "ema_alpha": 1.0, "max_false_alarms_per_day": 1.0,
+}
+"""Runtime settings of a new package unless overridden: the setting leave-files-out cross-validation chose on
+all SKAB files (``anomaly-skab``'s; see its training.json). Re-tune on a plant's labelled files with
+:mod:`models.anomaly_cv`."""
 
 
 @dataclass(frozen=True)
@@ -357,7 +364,10 @@ def build_anomaly_package(
 
     ``series``: normal data, each [T, C] in ``channels`` order (NaN forward-filled); ``evaluate``: labelled
     series scored through the edge runtime (metrics ``eval_pooled_f1`` ...); ``postprocess``: overrides of
-    the runtime settings (any AnomalyPostprocess field, ``profiles`` included). Unsigned; raises
+    the runtime settings (any AnomalyPostprocess field, ``profiles`` included) on top of
+    :data:`DEFAULT_POSTPROCESS`. The threshold is calibrated per sensor group on its first
+    ``recipe.calibration_steps`` samples by the runtime; the manifest's is the median over the normal series
+    (what a group reports while calibrating). Unsigned; raises
     AnomalyBuildError on bad data or an ONNX graph that disagrees with torch above PARITY_TOLERANCE.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -372,7 +382,7 @@ def build_anomaly_package(
         train_s = time.perf_counter() - t0
         bar.update(task, description=f"{name}: export + parity")
         onnx_bytes = export_step(model)
-        post = recipe.postprocess(np.ones(len(channels)), 1.0, postprocess)
+        post = recipe.postprocess(np.ones(len(channels)), 1.0, DEFAULT_POSTPROCESS | dict(postprocess or {}))
         manifest = make_manifest(model, channels, name, version, data, post)
         package = write_anomaly_package(Path(out_dir) / name, manifest, onnx_bytes)
         parity = step_parity(model, package.model_path)
@@ -448,7 +458,8 @@ def build_skab_package(out_dir: Path = DEFAULT_OUT, progress: bool = True, recip
 
     root = data or skab.skab_root()
     normal = training_series(root)
-    package = build_anomaly_package(normal, skab.CHANNELS, NAME, VERSION, out_dir, recipe, progress=progress)
+    package = build_anomaly_package(normal, skab.CHANNELS, NAME, VERSION, out_dir, recipe,
+                                    postprocess={"max_false_alarms_per_day": None}, progress=progress)
     files = anomaly_cv.cv_files(root)
     report = anomaly_cv.cross_validate(package, files, grid or anomaly_cv.GRID, folds=folds, progress=progress)
     tuned = anomaly_cv.with_overrides(package, report.final)

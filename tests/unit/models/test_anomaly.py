@@ -158,3 +158,9 @@ def test_the_shipped_package_records_its_cross_validation_recipe_and_data_hash()
     post = package.manifest.postprocess.model_dump()
     assert all(post[k] == pytest.approx(v) for k, v in cv["final"].items())
     assert "fast-start" in package.manifest.postprocess.profiles
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped anomaly-skab package")
+def test_new_packages_default_to_the_setting_cross_validation_chose_for_anomaly_skab():
+    post = load_package(SHIPPED).manifest.postprocess.model_dump()
+    assert all(post[k] == pytest.approx(v) for k, v in anomaly.DEFAULT_POSTPROCESS.items())

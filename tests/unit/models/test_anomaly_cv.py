@@ -110,11 +110,14 @@ def test_fast_start_is_chosen_on_tuning_pumps_and_reported_on_others(package, mo
         return real(pkg, profile, seeds, **kwargs)
 
     monkeypatch.setattr(anomaly_cv, "pump_figures", spy)
-    grid = [{"calibration_steps": 80.0, "threshold_factor": f} for f in (1.0, 4.0)]
-    fast = anomaly_cv.tune_fast_start(package, grid, samples=800)
+    budgets = [{"calibration_steps": 80.0, "max_false_alarms_per_day": b} for b in (0.01, 10.0)]
+    quantile = [{"calibration_steps": 80.0, "threshold_factor": 2.0}]  # cannot unset the package's budget
+    assert package.manifest.postprocess.max_false_alarms_per_day is not None
+    fast = anomaly_cv.tune_fast_start(package, budgets + quantile, samples=800)
     assert seen[:2] == [anomaly_cv.TUNE_SEEDS] * 2 and seen[2:] == [anomaly_cv.REPORT_SEEDS]
+    assert [s for s, _ in fast.grid] == budgets
     assert not set(anomaly_cv.TUNE_SEEDS) & set(anomaly_cv.REPORT_SEEDS)
-    assert fast.chosen in grid and fast.report["episodes"] >= 0
+    assert fast.chosen in budgets and fast.report["episodes"] >= 0
     assert {"synth_episodes", "synth_detected", "synth_false_events", "synth_quiet_pump_events"} <= set(fast.metrics())
 
 

@@ -119,13 +119,23 @@ REAL = skab.skab_root()
 
 @pytest.mark.skipif(not (REAL / "valve1").is_dir(), reason=f"SKAB data not found under {REAL} (set EDGELINE_DATA)")
 def test_skab_protocol_on_the_real_files(model):
-    """Pooled F1 over valve1 + other as measured at build time (0.792; valve1 0.772, other 0.825), minus a margin."""
+    """The shipped setting on every shared file, as the build measured it (in-sample: the setting was chosen
+    on these files; the cross-validated figures are in the manifest's cv_* metrics)."""
     files = [f for f in load_folder(REAL) if f.labels is not None]
     assert len(files) >= 20
     metrics = summary(evaluate(model, files))
-    print(metrics)
-    assert metrics["pooled_f1"] >= 0.76
-    assert metrics["valve1_f1"] >= 0.72 and metrics["other_f1"] >= 0.76
+    built = model.package.manifest.metrics
+    assert metrics["pooled_f1"] == pytest.approx(built["eval_pooled_f1"], abs=1e-3)
+    assert metrics["pooled_f1"] >= 0.80 and metrics["pooled_far"] <= 0.12
+    assert metrics["valve1_f1"] >= 0.80 and metrics["other_f1"] >= 0.75
+
+
+@pytest.mark.skipif(not (REAL / "anomaly-free").is_dir(), reason=f"SKAB data not found under {REAL}")
+def test_the_long_anomaly_free_recording_stays_quiet(model):
+    """9,405 normal rows, calibrated on the first 400: hours of slow drift must not become an endless alarm."""
+    free = [f for f in load_folder(REAL) if f.labels is None]
+    result = evaluate(model, free)[0]
+    assert result.alarms[400:].mean() <= 0.01
 
 
 def test_eval_skab_json_has_every_file_folder_and_rate(tmp_path):
@@ -137,7 +147,7 @@ def test_eval_skab_json_has_every_file_folder_and_rate(tmp_path):
     result = CliRunner().invoke(app, ["eval-skab", str(tmp_path), "--package", str(PACKAGE), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)  # warnings go to stderr: stdout stays JSON
-    assert data["package"] == "anomaly-skab-1.0.0-fp32" and data["labelled_files"] == 1
+    assert data["package"] == "anomaly-skab-1.1.0-fp32" and data["labelled_files"] == 1
     files = {f["file"]: f for f in data["files"]}
     assert set(files) == {"valve9/1.csv", "free/normal.csv"}
     assert 0 <= files["valve9/1.csv"]["f1"] <= 1 and files["free/normal.csv"]["f1"] is None
