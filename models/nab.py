@@ -14,7 +14,10 @@ alarms as the detections: a window's reward is the largest weighted scaled sigmo
 relative position of its alarms (``A_TP`` for an alarm on the window's first row, falling to 0
 at its last), a window without an alarm costs ``A_FN``, and EVERY alarmed row outside the windows
 costs ``A_FP`` times the scaled sigmoid of its distance past the previous window's end (the full
-``A_FP`` before the first window or 3 window lengths after one). The corpus score is normalised
+``A_FP`` before the first window or 3 window lengths after one). Alarm EVENTS (an alert per run of
+alarmed rows, what an operator sees) are also scored with only each run's first row as the
+detection (``nab_score_onsets``): NAB's literal rule charges every alarmed row, so one long
+event costs as much as hundreds of separate false alerts. The corpus score is normalised
 as NAB's runner does: ``100 (S - S_null) / (S_perfect - S_null)`` with the null detector (no alarm:
 NAB's constant-score null detector at its best threshold) and ``S_perfect = A_TP x windows``.
 NAB optimises every detector's threshold on the whole corpus before scoring; here each
@@ -140,6 +143,12 @@ def runs(flags: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
+def onsets(alarms: np.ndarray) -> np.ndarray:
+    """[T] bool: the first row of every run of consecutive alarms."""
+    alarms = np.asarray(alarms, bool)
+    return alarms & ~np.concatenate([[False], alarms[:-1]])
+
+
 def scaled_sigmoid(position: np.ndarray) -> np.ndarray:
     """NAB's sweeper: ``2 sigmoid(-5 x) - 1``, and -1 from x = 3 (well past a window) on."""
     x = np.asarray(position, np.float64)
@@ -196,6 +205,7 @@ class FileOutcome:
     scored_rows: int
     nab_raw: float
     nab_null: float  # the null detector's (no alarm) raw score on this file
+    nab_onset_raw: float  # raw score with only each alarm run's first row as a detection
 
     @property
     def category(self) -> str:
@@ -211,19 +221,21 @@ def outcome(file: NabFile, alarms: np.ndarray, costs: CostMatrix = STANDARD) -> 
     return FileOutcome(
         file.name, len(file.windows), detected, len(runs(scored & ~file.in_window)), int(scored.sum()),
         len(scored) - file.probation, nab_raw_score(scored, file.windows, file.probation, costs),
-        nab_raw_score(none, file.windows, file.probation, costs))
+        nab_raw_score(none, file.windows, file.probation, costs),
+        nab_raw_score(onsets(scored), file.windows, file.probation, costs))
 
 
-def nab_score(outcomes: Sequence[FileOutcome], costs: CostMatrix = STANDARD) -> float:
-    """The normalised corpus score, 0 = the null detector, 100 = every window on its first row, no FP."""
-    raw = sum(o.nab_raw for o in outcomes)
+def nab_score(outcomes: Sequence[FileOutcome], costs: CostMatrix = STANDARD, use_onsets: bool = False) -> float:
+    """The normalised corpus score, 0 = the null detector, 100 = every window on its first row, no
+    FP; ``use_onsets``: of the alarm runs' first rows only."""
+    raw = sum(o.nab_onset_raw if use_onsets else o.nab_raw for o in outcomes)
     null = sum(o.nab_null for o in outcomes)
     perfect = costs.tp * sum(o.windows for o in outcomes)
     return 100.0 * (raw - null) / (perfect - null) if perfect != null else float("nan")
 
 
 def summary(outcomes: Sequence[FileOutcome], costs: CostMatrix = STANDARD) -> dict[str, float]:
-    """Windows detected (count and share), FP events per file, alarmed rows, NAB score."""
+    """Windows detected (count and share), FP events per file, alarmed rows, NAB scores."""
     windows = sum(o.windows for o in outcomes)
     detected = sum(o.detected for o in outcomes)
     return {"files": float(len(outcomes)), "windows": float(windows), "detected": float(detected),
@@ -231,4 +243,5 @@ def summary(outcomes: Sequence[FileOutcome], costs: CostMatrix = STANDARD) -> di
             "fp_events_per_file": float(np.mean([o.fp_events for o in outcomes])) if outcomes else float("nan"),
             "alarmed_rows": float(sum(o.alarmed_rows for o in outcomes)),
             "alarmed_share": sum(o.alarmed_rows for o in outcomes) / max(1, sum(o.scored_rows for o in outcomes)),
-            "nab_score": nab_score(outcomes, costs) if windows else float("nan")}
+            "nab_score": nab_score(outcomes, costs) if windows else float("nan"),
+            "nab_score_onsets": nab_score(outcomes, costs, use_onsets=True) if windows else float("nan")}

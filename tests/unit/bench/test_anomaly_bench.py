@@ -89,6 +89,7 @@ def test_quick_run_writes_every_method_for_skab_and_nab(tmp_path: Path):
     assert list(nab_rows) == METHODS and "no package" in nab_rows[OURS]["skipped"]
     for method in METHODS[1:]:
         row = nab_rows[method]
-        assert {"target_detected_pct", "target_fp_events_per_file", "no_anomaly_files_alarmed", "nab_score"} <= set(row)
+        assert {"target_detected_pct", "target_fp_events_per_file", "no_anomaly_files_alarmed", "nab_score",
+                "nab_score_onsets"} <= set(row)
     assert nab_rows["always-alarm"]["all_detected_pct"] == 100 and nab_rows["always-alarm"]["nab_score"] < 0
     assert {c["category"] for c in data["nab"]["categories"]} == set(nab.CATEGORIES)

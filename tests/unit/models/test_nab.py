@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from models import nab
-from models.nab import STANDARD, CostMatrix, NabFile, load_corpus, nab_raw_score, nab_score, outcome, probation_rows
+from models.nab import (STANDARD, CostMatrix, NabFile, load_corpus, nab_raw_score, nab_score, onsets, outcome,
+                        probation_rows)
 from models.series import Series
 
 
@@ -103,6 +104,19 @@ def test_detected_windows_and_false_positive_events():
     assert (o.windows, o.detected, o.fp_events) == (2, 1, 4)
     assert o.alarmed_rows == 12 and o.scored_rows == 170
     assert o.nab_null == -2.0
+
+
+def test_onset_score_counts_each_alarm_run_once():
+    assert onsets(np.array([0, 1, 1, 0, 1, 1, 1], bool)).tolist() == [False, True, False, False, True, False, False]
+    f = nab_file(np.zeros(200), ((50, 59),))
+    alarms = np.zeros(200, bool)
+    alarms[55:80] = True  # one event: starts inside the window, runs 20 rows past it
+    o = outcome(f, alarms)
+    window_part = (2 * sigmoid(2.5) - 1) / (2 * sigmoid(5) - 1)  # row 55: relative position -0.5
+    assert o.nab_onset_raw == pytest.approx(window_part)  # the onset is the only detection
+    tail = sum(0.11 * (2 * sigmoid(-5 * (i - 59) / 9) - 1) for i in range(60, 80))
+    assert o.nab_raw == pytest.approx(window_part + tail)  # NAB's literal rule charges every row past the window
+    assert nab_score([o], use_onsets=True) > nab_score([o])
 
 
 def test_corpus_score_normalised_between_null_and_perfect():
