@@ -11,8 +11,9 @@ edge runs it), always-alarm, rolling z-score, PCA T²+Q, Isolation Forest and a 
   ``anomaly-free/anomaly-free.csv`` rows alarmed after calibrating on its first 400.
 * NAB (:mod:`models.nab`): each file calibrates on its probation rows; windows detected, false-
   positive alarm events per file, alarms on the ``artificialNoAnomaly`` files, and NAB's
-  standard-profile score at each method's own threshold. Ours runs on NAB only with
-  ``--nab-package`` (a univariate package); without one its row says so.
+  standard-profile score at each method's own threshold. Ours runs on NAB with ``--nab-package``
+  (a univariate package; default: the shipped ``models/packages/anomaly-nab`` if present);
+  without one its row says so.
 
 Thresholds: ours calibrates itself (the package's rule, untouched here). Every baseline uses one
 rule, ``median + factor x (q99 - median)`` of its scores on held-out calibration rows; the factor
@@ -54,7 +55,9 @@ from models.baselines import (ConvAE, Detector, ThresholdRule, alarms_above, bas
 from models.package import load_package
 from stream.console import Column, TableOutput, print_table
 
-SKAB_PACKAGE = Path(__file__).resolve().parents[1] / "models" / "packages" / "anomaly-skab"
+PACKAGES = Path(__file__).resolve().parents[1] / "models" / "packages"
+SKAB_PACKAGE = PACKAGES / "anomaly-skab"
+NAB_PACKAGE = PACKAGES / "anomaly-nab"  # the shipped univariate package, when there is one
 FACTORS = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 50.0, 80.0, 120.0, 200.0)
 STREAM_FILES, STREAM_ROWS = 3, 200  # rows scored one at a time (after calibration) per file, first files
 QUANTILE = 0.99
@@ -373,7 +376,8 @@ NOTES = [
 
 
 def main(quick: bool = typer.Option(False, help="a few files per set (for tests)"),
-         nab_package: Path | None = typer.Option(None, help="a univariate anomaly package for NAB's 'ours' row"),
+         nab_package: Path | None = typer.Option(NAB_PACKAGE if NAB_PACKAGE.is_dir() else None,
+                                                 help="a univariate anomaly package for NAB's 'ours' row"),
          skab_package: Path = typer.Option(SKAB_PACKAGE, help="the package for SKAB's 'ours' row"),
          folds: int = typer.Option(5, help="leave-files-out folds for the baselines' threshold factor"),
          seed: int = typer.Option(0), out: Path | None = typer.Option(None, help="JSON path")) -> dict[str, Any]:
