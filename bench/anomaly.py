@@ -238,7 +238,8 @@ def load_skab(quick: bool) -> tuple[list[skab.SkabFile], skab.SkabFile | None]:
     root = skab.skab_root()
     files = [f for f in skab.load_folder(root) if f.labels is not None]
     if quick:  # the first two files of each folder
-        files = [f for folder in sorted({f.folder for f in files}) for f in [g for g in files if g.folder == folder][:2]]
+        folders = sorted({f.folder for f in files})
+        files = [f for folder in folders for f in [g for g in files if g.folder == folder][:2]]
     free = root / FREE
     return files, (skab.read_skab_file(free, FREE.as_posix()) if free.is_file() else None)
 

@@ -2,12 +2,13 @@
 
 One interface: :meth:`Detector.fit` on a file's calibration rows (SKAB: its first 400; NAB: its
 probation period; the bench fits on the first 75 % of them, :func:`fit_rows_of`, and keeps the
-rest to set the threshold out of sample), then :meth:`Detector.score` on the whole file ``[T, C]`` gives ``[T]`` scores in
-which row t depends only on rows <= t (what a streaming detector could emit at t; NaN while a
-detector is not ready, e.g. before its first full window). One threshold rule for every method:
-``median + factor x (quantile(q) - median)`` of the held-out calibration scores (:class:`ThresholdRule`: the
-calibration spread above the median, so that it means the same for scores with an offset, like the
-Isolation Forest's, as for scores from zero); an alarm is a score above it.
+rest to set the threshold out of sample), then :meth:`Detector.score` on the whole file
+``[T, C]`` gives ``[T]`` scores in which row t depends only on rows <= t (what a streaming
+detector could emit at t; NaN while a detector is not ready, e.g. before its first full window).
+One threshold rule for every method: ``median + factor x (quantile(q) - median)`` of the
+held-out calibration scores (:class:`ThresholdRule`: the calibration spread above the median, so
+that it means the same for scores with an offset, like the Isolation Forest's, as for scores from
+zero); an alarm is a score above it.
 
 * :class:`AlwaysAlarm` — alarms on every row (the floor F1 alone hides);
 * :class:`RollingZ` — per channel, the distance of the sample from the mean of the previous

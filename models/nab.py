@@ -103,7 +103,8 @@ def read_windows(path: Path) -> dict[str, list[tuple[float, float]]]:
     return {name: [(parse_time(a), parse_time(b)) for a, b in windows] for name, windows in raw.items()}
 
 
-def window_rows(timestamps: np.ndarray, limits: Iterable[tuple[float, float]], name: str = "") -> tuple[tuple[int, int], ...]:
+def window_rows(timestamps: np.ndarray, limits: Iterable[tuple[float, float]],
+                name: str = "") -> tuple[tuple[int, int], ...]:
     """Windows in POSIX seconds as inclusive row ranges: the rows with ``start <= t <= end``."""
     out = []
     for start, end in limits:

@@ -152,12 +152,14 @@ def test_loads_windows_by_timestamp(tmp_path):
 REAL = nab.nab_root()
 
 
-@pytest.mark.skipif(not (REAL / nab.WINDOWS_FILE).is_file(), reason=f"NAB data not found under {REAL} (set EDGELINE_DATA)")
+@pytest.mark.skipif(not (REAL / nab.WINDOWS_FILE).is_file(),
+                    reason=f"NAB data not found under {REAL} (set EDGELINE_DATA)")
 def test_real_corpus_loads_every_window_on_rows():
     files = load_corpus()
     assert len(files) >= 30
     by_category = {c: [f for f in files if f.category == c] for c in nab.CATEGORIES}
-    assert len(by_category["artificialNoAnomaly"]) == 5 and all(not f.windows for f in by_category["artificialNoAnomaly"])
+    quiet = by_category["artificialNoAnomaly"]
+    assert len(quiet) == 5 and all(not f.windows for f in quiet)
     for f in files:
         for first, last in f.windows:
             assert f.probation <= first < last < len(f.values)
