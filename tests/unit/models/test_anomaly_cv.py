@@ -137,3 +137,67 @@ def test_a_held_out_file_that_would_change_the_choice_does_not_change_its_folds(
     assert report.final == GRID[0]  # with the heavy file in the pool, setting 0 wins
     assert report.chosen[0] == 1  # its own fold chose without it
     assert report.chosen[1] == 0  # the other fold trained on it
+
+
+NAB_PACKAGE = PACKAGE.parent / "anomaly-nab"
+
+
+def nab_file(category: str, index: int, window: tuple[int, int] | None):
+    """A univariate NAB-like file: a daily-ish cycle plus noise; inside the window a 10-sigma jump."""
+    from models.nab import NabFile
+    from models.series import Series
+
+    rng, t = np.random.default_rng(index), np.arange(1200)
+    values = (10 + np.sin(2 * np.pi * t / 288) + 0.1 * rng.standard_normal(1200)).astype(np.float32)
+    if window:
+        values[window[0] : window[1]] += 1.0
+    name = f"{category}/f{index}.csv"
+    series = Series(Path(name), name, ("value",), values[:, None], t * 300.0, None, 0, 0)
+    return NabFile(series, (window,) if window else ())
+
+
+@pytest.mark.skipif(not NAB_PACKAGE.is_dir(), reason="no shipped anomaly-nab package")
+def test_nab_cross_validation_scores_held_out_files_with_the_training_choice():
+    files = [nab_file("realKnownCause", i, (700, 760)) for i in range(3)]
+    files += [nab_file("realAWSCloudwatch", 3 + i, (800, 850)) for i in range(3)]
+    files += [nab_file("artificialNoAnomaly", 6 + i, None) for i in range(2)]
+    grid = [{"level_weight": 1.0, "max_false_alarms_per_day": b} for b in (0.001, 1000.0)]
+    report = anomaly_cv.cross_validate_nab(load_package(NAB_PACKAGE), files, grid, folds=2)
+    assert report["final"] in grid and len(report["folds"]) == 2
+    held = sorted(name for fold in report["folds"] for name in fold["held_out"])
+    assert held == sorted(f.name for f in files)
+    pooled = report["pooled"]
+    assert 0 <= pooled["detected_share"] <= 1 and pooled["quiet_files"] == 2
+    assert pooled["detected_share"] > 0.5  # a 10-sigma jump
+
+
+@pytest.mark.skipif(not NAB_PACKAGE.is_dir(), reason="no shipped anomaly-nab package")
+def test_the_shipped_nab_package_is_univariate_and_records_its_cross_validation():
+    import json
+
+    package = load_package(NAB_PACKAGE)
+    assert package.manifest.preprocess.channels == ["value"]
+    assert {"cv_nab_detected_share", "cv_nab_fp_events_per_file", "cv_nab_quiet_files_alarmed"} <= set(
+        package.manifest.metrics)
+    training = json.loads((NAB_PACKAGE / "training.json").read_text())
+    assert training["cross_validation"]["pooled"]["detected_share"] == pytest.approx(
+        package.manifest.metrics["cv_nab_detected_share"])
+    post = package.manifest.postprocess.model_dump()
+    assert all(post[k] == pytest.approx(v) for k, v in training["cross_validation"]["final"].items())
+
+
+def test_cli_prints_the_tables_and_writes_json(root, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+    import typer
+    import json
+
+    monkeypatch.setattr(anomaly_cv, "GRID", GRID)
+    app = typer.Typer()
+    app.command()(anomaly_cv.main)
+    out = tmp_path / "cv.json"
+    result = CliRunner().invoke(app, ["--data", str(root), "--package", str(PACKAGE), "--folds", "2", "--json", str(out)],
+                                terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "POOLED (CV)" in result.output and "anomaly-free.csv alarmed" in result.output
+    data = json.loads(out.read_text())
+    assert data["final"] in GRID and 0 <= data["anomaly_free_alarm_share"] <= 1
