@@ -26,7 +26,8 @@ threshold (that sample is the event's ``end``, the first one outside it). ``is_a
 contributions at that peak. With ``drift_halflife`` H > 0, a group outside an event whose score
 is at or below the exit level moves its level mean towards ``e`` with half-life H samples: slow
 normal drift does not become one endless alarm, while a step change opens an event and freezes
-the reference. Missing values (NaN or infinite) are replaced by the group's forecast (or its last
+the reference. Top channels rank by each channel's term over its own calm baseline (a drifting
+channel's steady offset is not news). Missing values (NaN or infinite) are replaced by the group's forecast (or its last
 value before the LSTM runs; the package mean for a first sample) and counted per group.
 
 Online calibration (``calibration_steps`` N > 0, the SKAB protocol with N = 400): each group
@@ -230,6 +231,7 @@ class _Slots:
     level_mean: np.ndarray  # [S, C] level reference (float64; follows drift outside events)
     level_std: np.ndarray
     level_ema: np.ndarray  # [S, C] EMA of the raw samples (level_alpha)
+    calm_errors: np.ndarray  # [S, C] per-channel score terms of calm samples (EMA; the baseline of "excess")
     forecast: np.ndarray  # [S, C] normalised forecast of the next sample
     previous: np.ndarray  # [S, C] last normalised sample (difference models)
     last: np.ndarray  # [S, C] last raw sample (imputes a missing value before the LSTM runs)
@@ -354,8 +356,9 @@ class StreamingAnomalyModel(PackagedModel):
             keep = running & has_forecast & ~live & (steps >= cal.first_residual)
             g.cal_res[index[keep], steps[keep]] = residual[keep]
         score = self._smooth(index, np.add.reduce(errors, 1) / len(self.channels), live)
-        out = self._scores(names, index, steps, errors, score, live)
-        self._adapt(index, level, live)
+        excess = errors - g.calm_errors[index]
+        out = self._scores(names, index, steps, errors, excess, score, live)
+        self._adapt(index, level, live, excess)
         g.forecast[kept], g.previous[kept] = y[rows], x[rows]
         g.has_forecast[index] = has_forecast | running
         g.steps[index] = steps + 1
@@ -432,12 +435,13 @@ class StreamingAnomalyModel(PackagedModel):
         return np.where(live, smoothed, 0.0)
 
     def _scores(self, names: tuple[str, ...], index: np.ndarray, steps: np.ndarray, errors: np.ndarray,
-                score: np.ndarray, live: np.ndarray) -> dict[str, AnomalyScore]:
-        """Advance the alarm events and build the scores, in the order of ``names``."""
+                excess: np.ndarray, score: np.ndarray, live: np.ndarray) -> dict[str, AnomalyScore]:
+        """Advance the alarm events and build the scores, in the order of ``names``; top channels rank by
+        ``excess`` (each channel's term over its calm baseline: a drifting channel's steady offset is not news)."""
         threshold = self._state.threshold[index]
         was_in = self._state.in_event[index]
         opening = live & (steps >= self._quiet_steps) & ~was_in & (score > threshold)
-        codes = self._top_codes(errors)
+        codes = self._top_codes(excess)
         codes_list, tops = codes.tolist(), self._top_names
         for code in set(codes_list) - tops.keys():
             tops[code] = self._top_channels(code)
@@ -480,15 +484,21 @@ class StreamingAnomalyModel(PackagedModel):
         """The channel names of a :meth:`_top_codes` code."""
         return tuple(self.channels[(code // int(r)) % len(self.channels)] for r in self._radix)
 
-    def _adapt(self, index: np.ndarray, level: np.ndarray, live: np.ndarray) -> None:
-        """Drift: the level mean of live groups outside an event, at or below the exit level, follows the level EMA."""
+    def _adapt(self, index: np.ndarray, level: np.ndarray, live: np.ndarray, excess: np.ndarray) -> None:
+        """Drift: the level mean of a calm group (live, outside an event, at or below the exit level) follows the
+        level EMA, and its channels' calm baseline (what top channels rank against) follows their terms.
+
+        Inside an event every channel is frozen. Letting the channels that do not drive the event follow (so a
+        drifting passenger cannot hold an event open) was measured on SKAB and cost more than it gave: pooled
+        F1 0.824 -> 0.792 and FAR 0.094 -> 0.159 with the shipped setting, in-sample."""
         if not self._drift:
             return
         g = self._state
         calm = g.smoothed[index] <= self.post.exit_ratio * g.threshold[index]
         calm &= live & g.has_level[index] & ~g.in_event[index]
-        mean = g.level_mean[index]
-        g.level_mean[index] = mean + (self._drift * calm)[:, None] * (level - mean)
+        follow = (self._drift * calm)[:, None]
+        g.level_mean[index] += follow * (level - g.level_mean[index])
+        g.calm_errors[index] += follow * excess
 
     # ------------------------------------------------------------ calibration transitions (per group)
 
@@ -517,6 +527,7 @@ class StreamingAnomalyModel(PackagedModel):
                                 post.forecast_weight)
         smoothed = smooth_scores(errors.mean(-1), post.ema_alpha)
         g.scale[slot], g.level_mean[slot], g.level_std[slot] = scale, level_mean, level_std
+        g.calm_errors[slot] = errors.mean(0)
         threshold = calibrated_threshold(smoothed, post, SECONDS_PER_DAY * float(g.rate[slot]))
         g.threshold[slot] = max(threshold, THRESHOLD_FLOOR)
         g.smoothed[slot] = smoothed[-1]
@@ -544,7 +555,7 @@ class StreamingAnomalyModel(PackagedModel):
         shapes: dict[str, tuple[tuple[int, ...], type]] = {
             "h": (state, np.float32), "c": (state, np.float32), "cal_raw": ((n, c), np.float32),
             "cal_res": ((n, c), np.float32), "level_mean": ((c,), np.float64), "level_std": ((c,), np.float64),
-            "level_ema": ((c,), np.float64)}
+            "level_ema": ((c,), np.float64), "calm_errors": ((c,), np.float64)}
         shapes |= dict.fromkeys(("smoothed", "threshold", "rate", "peak"), ((), np.float64))
         shapes |= dict.fromkeys(("steps", "below", "start", "top", "missing"), ((), np.int64))
         arrays = {}

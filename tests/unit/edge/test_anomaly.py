@@ -482,3 +482,23 @@ def test_the_level_reference_is_frozen_inside_an_event_and_follows_outside(tmp_p
     assert all(s.is_anomaly and s.score == pytest.approx(1.0) for s in scores[1:100])  # frozen: z stays 1
     assert not scores[100].is_anomaly and scores[100].event == AlarmEvent(40, 140, pytest.approx(2.25), ("ch0",))
     assert [s.score for s in scores[100:]] == pytest.approx([1.0, 0.25, 0.0625])  # then it follows
+
+
+def test_top_channels_rank_by_the_excess_over_each_channels_calm_baseline(tmp_path):
+    """ch0 ramps (normal drift): the level reference follows with a lag, so its raw term sits near 7 on
+    every calm sample, which its calm baseline learns. Then ch1 steps to a raw term of 6: the event names
+    ch1 first although ch0's raw term is the larger."""
+    package = tiny_package(tmp_path, 2, head=0.0, forecast_weight=0.0, level_weight=1.0, ema_alpha=1.0,
+                           threshold_factor=6.0, drift_halflife=20.0)
+    model = StreamingAnomalyModel(package, calibration_steps=40)
+    stream(model, np.array([[1.0, 1.0], [-1.0, -1.0]] * 20, np.float32), "g")  # level 0, std 1, every score 1
+    assert model.group_threshold("g") == pytest.approx(6.0)
+    slope, tau = 0.0915, 1 / -np.log(0.5 ** (1 / 20.0))  # lag in steady state: slope * tau = 2.64 std
+    ramp = slope * np.arange(1, 321)
+    calm = stream(model, np.column_stack([ramp[:300], np.zeros(300)]).astype(np.float32), "g")
+    assert not any(s.is_anomaly for s in calm)
+    assert calm[-1].channel_scores["ch0"] == pytest.approx((slope * tau) ** 2, rel=0.1)
+    step = stream(model, np.column_stack([ramp[300:303], np.full(3, 2.45)]).astype(np.float32), "g")
+    assert all(s.is_anomaly for s in step)
+    assert all(s.channel_scores["ch0"] > s.channel_scores["ch1"] for s in step)
+    assert all(s.top_channels[0] == "ch1" for s in step) and step[-1].event.channels[0] == "ch1"
