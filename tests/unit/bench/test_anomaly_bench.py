@@ -70,6 +70,16 @@ def test_ours_on_nab_streams_each_file_calibrating_on_its_probation(tmp_path: Pa
         assert alarms[250:262].any(), f"file {i}: the 40-sigma spike raised no alarm"
 
 
+def test_absent_data_skips_each_part_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("EDGELINE_DATA", str(tmp_path / "nowhere"))
+    out = tmp_path / "anomaly.json"
+    main(quick=True, nab_package=None, skab_package=SKAB_PACKAGE, folds=2, seed=0, out=out)
+    data = json.loads(out.read_text())
+    assert "SKAB data not found under" in data["skab"]["skipped"] and "rows" not in data["skab"]
+    assert "NAB data not found under" in data["nab"]["skipped"] and "rows" not in data["nab"]
+    assert any(note.startswith("skab skipped: ") for note in data["notes"])
+
+
 @pytest.mark.skipif(not HAVE_DATA, reason=f"SKAB/NAB data not found under {skab.data_root()} (set EDGELINE_DATA)")
 def test_quick_run_writes_every_method_for_skab_and_nab(tmp_path: Path):
     out = tmp_path / "anomaly.json"
