@@ -35,22 +35,24 @@ from edge.anomaly import StreamingAnomalyModel, event_metrics, runs
 from models import skab
 from models.package import AnomalyPostprocess, Package, load_package
 
-Setting = dict[str, float]
+Setting = dict[str, float | None]
 FREE_FOLDER = "anomaly-free"
 FREE_CHUNKS = 3
 DEFAULT_PACKAGE = Path(__file__).resolve().parent / "packages" / "anomaly-skab"
 
 
-def product(**axes: Sequence[float]) -> list[Setting]:
-    """Every combination of the given values, as override dicts (axes in the order given)."""
+def product(**axes: Sequence[float | None]) -> list[Setting]:
+    """Every combination of the given values, as override dicts (axes in the order given; None unsets a field)."""
     names = list(axes)
-    return [dict(zip(names, map(float, values))) for values in itertools.product(*(axes[n] for n in names))]
+    return [{n: None if v is None else float(v) for n, v in zip(names, values)}
+            for values in itertools.product(*(axes[n] for n in names))]
 
 
 _SKAB_AXES = dict(forecast_weight=[0.0, 0.1], level_weight=[1.0], level_alpha=[0.05, 0.1, 0.2],
                   min_scale=[0.001, 0.004, 0.006, 0.008], clear_steps=[5, 20], drift_halflife=[300.0],
                   exit_ratio=[1.0], ema_alpha=[1.0])
-GRID: list[Setting] = (product(**_SKAB_AXES, threshold_quantile=[1.0], threshold_factor=[2.0, 2.5])
+GRID: list[Setting] = (product(**_SKAB_AXES, threshold_quantile=[1.0], threshold_factor=[2.0, 2.5],
+                               max_false_alarms_per_day=[None])
                        + product(**_SKAB_AXES, max_false_alarms_per_day=[1.0, 10.0]))
 """The SKAB grid (192 settings), spanning what the exploration on all files looked at: a level detector on
 EMA'd values (``level_alpha``) with or without the LSTM forecast term; the std floor ``min_scale`` (relative
@@ -230,7 +232,7 @@ class CVReport:
 
 
 def _short(setting: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={v:g}" for k, v in setting.items())
+    return " ".join(f"{k}={'none' if v is None else f'{v:g}'}" for k, v in setting.items())
 
 
 def cross_validate(package: Package, files: Sequence[skab.SkabFile], grid: Sequence[Setting], folds: int = 5,
