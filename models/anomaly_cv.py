@@ -262,12 +262,16 @@ def free_alarm_share(package: Package, root: Path | None = None) -> float:
 # ---------------------------------------------------------------- fast-start on the synthetic pump
 
 
-_FAST_AXES = dict(calibration_steps=[80], forecast_weight=[1.0], level_weight=[0.0], ema_alpha=[0.3],
+_FAST_AXES = dict(calibration_steps=[80, 160], forecast_weight=[1.0], level_weight=[0.0], ema_alpha=[0.3],
                   exit_ratio=[0.7], min_scale=[0.001], clear_steps=[10, 30])
 FAST_GRID: list[Setting] = (product(**_FAST_AXES, threshold_quantile=[1.0], threshold_factor=[2.0, 3.0, 4.0])
-                            + product(**_FAST_AXES, max_false_alarms_per_day=[0.01, 0.1]))
+                            + product(**_FAST_AXES, max_false_alarms_per_day=[1e-6, 1e-4, 0.01]))
 """fast-start candidates: the forecast term alone (a few seconds of calibration cannot give a level reference
-for a pump whose load cycles over minutes), with the budget and hysteresis tuned for 10 Hz."""
+for a pump whose load cycles over minutes), with the calibration length, the margin or budget and the
+hysteresis tuned for the demo pump at 10 and 20 Hz. On 80 calibration samples the fitted score tail is too light, so a budget that keeps quiet pumps quiet is far
+below anything a plant would state (1e-6/day): read it as a knob, not a rate."""
+FAST_RATES = (10.0, 20.0)
+"""The demo pump's rates (the tuning sums over both; the report gives each)."""
 TUNE_SEEDS = tuple(range(30_000, 30_006))
 REPORT_SEEDS = tuple(range(40_000, 40_006))
 
@@ -277,16 +281,21 @@ class FastStart:
     """The ``fast-start`` profile chosen on tuning pumps, and its event figures on other pumps."""
 
     chosen: Setting
-    tune: dict[str, float]
-    report: dict[str, float]
+    tune: dict[str, float]  # summed over FAST_RATES
+    report: dict[float, dict[str, float]]  # per rate
     grid: list[tuple[Setting, dict[str, float]]]
 
     def metrics(self) -> dict[str, float]:
-        return {f"synth_{k}": v for k, v in self.report.items()} | {"synth_event_f1": event_f1(self.report)}
+        """``synth_<rate>hz_<figure>`` on the report pumps, per rate."""
+        out = {}
+        for rate, fig in self.report.items():
+            out |= {f"synth_{rate:g}hz_{k}": v for k, v in fig.items()} | {f"synth_{rate:g}hz_event_f1": event_f1(fig)}
+        return out
 
     def as_json(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "tune_seeds": list(TUNE_SEEDS), "report_seeds": list(REPORT_SEEDS),
-                "tune": self.tune, "report": self.report,
+                "rates_hz": list(FAST_RATES), "tune": self.tune,
+                "report": {f"{rate:g}hz": fig for rate, fig in self.report.items()},
                 "grid": [{"setting": s, "tune": m} for s, m in self.grid]}
 
 
@@ -336,6 +345,12 @@ def event_f1(fig: Mapping[str, float]) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
+def fast_key(fig: Mapping[str, float]) -> tuple[float, float]:
+    """Fewest false alarm events (on the injected pumps and on the quiet ones), then most episodes detected:
+    the demo's alarm count should be the injected faults."""
+    return (-(fig["false_events"] + fig["quiet_pump_events"]), fig["detected"])
+
+
 def tune_fast_start(package: Package, grid: Sequence[Setting] | None = None, samples: int = 6000) -> FastStart:
     """Choose the fast-start overrides (default FAST_GRID) on TUNE_SEEDS pumps; report them on REPORT_SEEDS
     pumps, never seen by the choice. A profile cannot unset the package's false-alarm budget (profile
@@ -344,10 +359,17 @@ def tune_fast_start(package: Package, grid: Sequence[Setting] | None = None, sam
     usable = [s for s in grid or FAST_GRID if not budget or "max_false_alarms_per_day" in s]
     if not usable:
         raise ValueError("no fast-start candidate sets max_false_alarms_per_day, which this package's budget needs")
-    scored = [(dict(s), pump_figures(package, s, TUNE_SEEDS, samples=samples)) for s in usable]
-    best = max(range(len(scored)), key=lambda i: (event_f1(scored[i][1]), -i))
+    scored = [(dict(s), _summed([pump_figures(package, s, TUNE_SEEDS, rate, samples) for rate in FAST_RATES]))
+              for s in usable]
+    best = max(range(len(scored)), key=lambda i: (fast_key(scored[i][1]), -i))
     chosen, tune = scored[best]
-    return FastStart(chosen, tune, pump_figures(package, chosen, REPORT_SEEDS, samples=samples), scored)
+    report = {rate: pump_figures(package, chosen, REPORT_SEEDS, rate, samples) for rate in FAST_RATES}
+    return FastStart(chosen, tune, report, scored)
+
+
+def _summed(figures: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    out = {k: float(sum(f[k] for f in figures)) for k in ("episodes", "detected", "false_events", "quiet_pump_events")}
+    return out | {"event_recall": out["detected"] / out["episodes"] if out["episodes"] else 1.0}
 
 
 # ---------------------------------------------------------------- NAB (univariate packages)

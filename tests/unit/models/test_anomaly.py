@@ -136,7 +136,7 @@ def test_skab_build_is_the_generic_build_plus_cross_validated_settings(tmp_path)
                                  folds=2, fast_grid=fast, pump_samples=600)
     metrics = package.manifest.metrics
     for key in ("cv_f1", "cv_far", "cv_mar", "cv_free_share", "cv_fold_f1_mean", "eval_pooled_f1",
-                "anomaly_free_alarm_share", "synth_episodes", "synth_detected", "synth_quiet_pump_events"):
+                "anomaly_free_alarm_share", "synth_10hz_episodes", "synth_20hz_detected", "synth_10hz_quiet_pump_events"):
         assert key in metrics, key
     training = json.loads((package.folder / "training.json").read_text())
     final = training["cross_validation"]["final"]

@@ -105,20 +105,23 @@ def test_fast_start_is_chosen_on_tuning_pumps_and_reported_on_others(package, mo
     seen = []
     real = anomaly_cv.pump_figures
 
-    def spy(pkg, profile, seeds, **kwargs):
+    def spy(pkg, profile, seeds, *args, **kwargs):
         seen.append(tuple(seeds))
-        return real(pkg, profile, seeds, **kwargs)
+        return real(pkg, profile, seeds, *args, **kwargs)
 
     monkeypatch.setattr(anomaly_cv, "pump_figures", spy)
     budgets = [{"calibration_steps": 80.0, "max_false_alarms_per_day": b} for b in (0.01, 10.0)]
     quantile = [{"calibration_steps": 80.0, "threshold_factor": 2.0}]  # cannot unset the package's budget
     assert package.manifest.postprocess.max_false_alarms_per_day is not None
     fast = anomaly_cv.tune_fast_start(package, budgets + quantile, samples=800)
-    assert seen[:2] == [anomaly_cv.TUNE_SEEDS] * 2 and seen[2:] == [anomaly_cv.REPORT_SEEDS]
+    rates = len(anomaly_cv.FAST_RATES)
+    assert seen[: 2 * rates] == [anomaly_cv.TUNE_SEEDS] * 2 * rates
+    assert seen[2 * rates :] == [anomaly_cv.REPORT_SEEDS] * rates
     assert [s for s, _ in fast.grid] == budgets
     assert not set(anomaly_cv.TUNE_SEEDS) & set(anomaly_cv.REPORT_SEEDS)
-    assert fast.chosen in budgets and fast.report["episodes"] >= 0
-    assert {"synth_episodes", "synth_detected", "synth_false_events", "synth_quiet_pump_events"} <= set(fast.metrics())
+    assert fast.chosen in budgets and set(fast.report) == set(anomaly_cv.FAST_RATES)
+    assert {"synth_10hz_episodes", "synth_20hz_detected", "synth_10hz_false_events", "synth_20hz_quiet_pump_events",
+            "synth_10hz_event_f1"} <= set(fast.metrics())
 
 
 def test_a_held_out_file_that_would_change_the_choice_does_not_change_its_folds(root, package, monkeypatch):
@@ -201,3 +204,11 @@ def test_cli_prints_the_tables_and_writes_json(root, monkeypatch, tmp_path):
     assert "POOLED (CV)" in result.output and "anomaly-free.csv alarmed" in result.output
     data = json.loads(out.read_text())
     assert data["final"] in GRID and 0 <= data["anomaly_free_alarm_share"] <= 1
+
+
+def test_fast_start_prefers_no_false_alarm_events_over_more_detections():
+    quiet = {"detected": 90.0, "false_events": 0.0, "quiet_pump_events": 0.0}
+    loud = {"detected": 120.0, "false_events": 1.0, "quiet_pump_events": 2.0}
+    sharper = {"detected": 100.0, "false_events": 0.0, "quiet_pump_events": 0.0}
+    assert max([quiet, loud, sharper], key=anomaly_cv.fast_key) is sharper
+    assert anomaly_cv.fast_key(quiet) > anomaly_cv.fast_key(loud)
