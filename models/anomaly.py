@@ -374,7 +374,7 @@ def build_anomaly_package(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    recipe, channels = recipe or Recipe(), tuple(channels)
+    recipe, channels = _aligned(recipe or Recipe(), postprocess or {}), tuple(channels)
     data = _checked_series(series, channels)
     columns = (TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.completed:>5.0f}/{task.total:.0f}"))
     with Progress(*columns, TimeElapsedColumn(), disable=not progress) as bar:
@@ -422,6 +422,14 @@ def configure(package: Package, normal: Sequence[np.ndarray], overrides: Mapping
 def _training(package: Package) -> dict[str, Any]:
     path = package.folder / TRAINING_FILE
     return json.loads(path.read_text()) if TRAINING_FILE in package.manifest.files else {}
+
+
+def _aligned(recipe: Recipe, postprocess: Mapping[str, Any]) -> Recipe:
+    """The recipe with the calibration the package will run (an override of ``calibration_steps`` or
+    ``normalise_fraction``): training windows are normalised on as many rows as a group will be."""
+    fields = {k: type(getattr(recipe, k))(postprocess[k]) for k in ("calibration_steps", "normalise_fraction")
+              if postprocess.get(k) is not None}
+    return replace(recipe, **fields)
 
 
 def _checked_series(series: Sequence[np.ndarray], channels: tuple[str, ...]) -> list[np.ndarray]:

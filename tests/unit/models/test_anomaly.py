@@ -164,3 +164,11 @@ def test_the_shipped_package_records_its_cross_validation_recipe_and_data_hash()
 def test_new_packages_default_to_the_setting_cross_validation_chose_for_anomaly_skab():
     post = load_package(SHIPPED).manifest.postprocess.model_dump()
     assert all(post[k] == pytest.approx(v) for k, v in anomaly.DEFAULT_POSTPROCESS.items())
+
+
+def test_a_calibration_override_also_sets_how_training_windows_are_normalised(tmp_path):
+    package = build_anomaly_package([pump3(900, 0)[0]], CHANNELS, "short", "0", tmp_path, TINY_RECIPE,
+                                    postprocess={"calibration_steps": 120}, progress=False)
+    assert package.manifest.postprocess.calibration_steps == 120
+    training = json.loads((package.folder / "training.json").read_text())
+    assert training["recipe"]["calibration_steps"] == 120
