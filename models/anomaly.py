@@ -38,7 +38,6 @@ from torch import nn
 from edge.anomaly import StreamingAnomalyModel, fit_normalisation, fit_residual_scale
 from models import skab
 from models.package import (
-    MANIFEST_FILE,
     AnomalyPostprocess,
     AnomalyPreprocess,
     Manifest,
