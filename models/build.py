@@ -4,7 +4,8 @@
 
 Runs the segmentation pipeline twice (seg-tiles on magnetic tiles, default preset; seg-synth on
 synthetic conveyor cameras, the demo's model: train, export with parity, int8 and fp16 with the
-quality gate) and the anomaly pipeline (SKAB streaming LSTM), then signs every package in the
+quality gate) and the anomaly pipelines (anomaly-skab and anomaly-nab: streaming LSTM, settings by
+leave-files-out cross-validation), then signs every package in the
 folder with the developer key (generated on first use) and rewrites ``trusted.pub``. About 30
 minutes on 2 CPU cores; needs the ``models`` extra and the data. The shipped seg-tiles packages
 come from the ``quality`` preset instead (see the README).
@@ -24,11 +25,12 @@ DEFAULT_KEY = Path(os.environ.get("EDGELINE_SIGNING_KEY", "~/.config/edgeline/si
 
 
 def build_all(out_dir: Path, key_path: Path = DEFAULT_KEY, progress: bool = True) -> list[Package]:
-    from models.anomaly import build_anomaly_package
+    from models.anomaly import build_nab_package, build_skab_package
     from models.segmentation import build_segmentation_packages, preset
     from models.signing import sign_builtin_packages
 
     build_segmentation_packages(out_dir, preset("synthetic"), progress=progress)
     build_segmentation_packages(out_dir, progress=progress)
-    build_anomaly_package(out_dir, progress=progress)
+    build_skab_package(out_dir, progress=progress)
+    build_nab_package(out_dir, progress=progress)
     return sign_builtin_packages(out_dir, key_path)
