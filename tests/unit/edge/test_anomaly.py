@@ -211,9 +211,9 @@ def test_batched_groups_score_like_one_by_one(package, tmp_path, post):
     assert events >= 2  # events did open
 
 
-def test_calibration_never_alarms_then_the_group_threshold_applies(package):
+def test_calibration_never_alarms_then_the_group_threshold_applies(package, tmp_path):
     assert package.manifest.postprocess.calibration_steps == 400  # the SKAB protocol by default
-    model = StreamingAnomalyModel(package, calibration_steps=60)
+    model = StreamingAnomalyModel(repackage(package, tmp_path, **PLAIN), calibration_steps=60)
     assert model.calibration.steps == 60
     values, _ = pump_dataset(3, 60)
     wild = np.full(8, 1e3, np.float32)
@@ -231,9 +231,10 @@ def test_calibration_never_alarms_then_the_group_threshold_applies(package):
     assert model.groups == ["a"]
 
 
-def test_calibration_length_is_checked_and_can_be_turned_off(package):
+def test_calibration_length_is_checked_and_can_be_turned_off(package, tmp_path):
     with pytest.raises(ValueError, match="calibration_steps=20"):
         StreamingAnomalyModel(package, calibration_steps=20)
+    package = repackage(package, tmp_path, **PLAIN)  # the forecast term: with calibration off the level term is
     model = StreamingAnomalyModel(package, calibration_steps=0)  # the package's own constants
     values, _ = pump_dataset(3, 30)
     first = model.step({"a": values[0]})["a"]
@@ -265,31 +266,32 @@ def test_profiles_override_the_postprocess(tmp_path):
 
 
 def demo_pumps(seeds: range, anomaly_rate: float, n: int = 3000) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [SyntheticPump(seed, rate_hz=10.0, anomaly_rate=anomaly_rate).generate(n) for seed in seeds]
+    """Pumps at the demo's 20 Hz; seeds apart from those that tuned fast-start (models.anomaly_cv.TUNE_SEEDS)."""
+    return [SyntheticPump(seed, rate_hz=20.0, anomaly_rate=anomaly_rate).generate(n) for seed in seeds]
 
 
 def test_normal_demo_pumps_stay_quiet_after_a_short_calibration(package):
-    model = StreamingAnomalyModel(package, profile="fast-start", calibration_steps=80)
+    model = StreamingAnomalyModel(package, profile="fast-start")
     _, alarms = score_streams(model, [values for values, _ in demo_pumps(range(31_100, 31_104), 0.0)])
     assert sum(len(runs(a)) for a in alarms) <= 1
 
 
 def test_detects_anomaly_episodes_on_fresh_demo_pumps(package):
-    """The committed SKAB-trained package as the demo runs it: 10 Hz synthetic pumps (never used in
-    training), 80 calibration samples, the 'fast-start' profile. Event-level F1 (edge.anomaly.event_metrics):
-    an episode is caught by any alarm inside it or within 10 samples after; a run of alarms touching no
-    episode is a false alarm. Measured here: F1 0.87 (precision 0.94, recall 0.81); the package build's
-    own check on seeds 30000-30005 gave F1 0.82 (precision 0.70, recall 1.0)."""
-    model = StreamingAnomalyModel(package, profile="fast-start", calibration_steps=80)
+    """The committed SKAB-trained package as the demo runs it: 20 Hz synthetic pumps (never used in
+    training or tuning), the 'fast-start' profile and its 160-sample calibration. Event-level F1
+    (edge.anomaly.event_metrics): an episode is caught by any alarm inside it or within 10 samples after;
+    a run of alarms touching no episode is a false alarm. Measured here: 11 of 15 episodes, no false alarm
+    (F1 0.85); the package build reports 91 of 133 and 2 false events on its report seeds."""
+    model = StreamingAnomalyModel(package, profile="fast-start")
+    calibration = model.calibration.steps
     data = demo_pumps(range(31_000, 31_006), 0.03)
     _, alarms = score_streams(model, [values for values, _ in data])
     labels = np.stack([labels for _, labels in data])
-    labels[:, :80] = False  # nothing can be flagged while calibrating
+    labels[:, :calibration] = False  # nothing can be flagged while calibrating
     metrics = event_metrics(labels.ravel(), alarms.ravel())
-    print(metrics)
-    assert metrics["episodes"] >= 15
-    assert metrics["event_recall"] >= 0.7
-    assert metrics["event_f1"] >= 0.75
+    assert metrics["episodes"] >= 12
+    assert metrics["event_recall"] >= 0.6
+    assert metrics["event_precision"] >= 0.9
 
 
 def test_event_metrics_by_hand():
