@@ -20,8 +20,11 @@ from central.rollouts import RolloutManager
 from central.tokens import DownloadLinks
 from edgeline.config import BUILTIN_PACKAGES
 from models.package import write_package_tar
-from models.signing import builtin_trusted_keys
+from models.signing import builtin_trusted_keys, key_id
 from stream.mqtt import MqttClient, MqttSettings
+
+BUILTIN_KEY_ID = key_id(builtin_trusted_keys()[0])
+"""The key that signs the builtin packages (models/packages/trusted.pub)."""
 
 TOKEN = "s3cret-token-of-the-plant"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -48,7 +51,7 @@ def test_upload_list_inspect_download(client, package_tar):
     created = client.post("/models", content=package_tar, headers=AUTH)
     assert created.status_code == 201, created.text
     package_id = created.json()["id"]
-    assert package_id == "seg-synth-1.0.0-int8" and created.json()["key_id"] == "a6268398fe59b584"
+    assert package_id == "seg-synth-1.0.0-int8" and created.json()["key_id"] == BUILTIN_KEY_ID
     assert [p["id"] for p in client.get("/models", headers=READ).json()] == [package_id]
     assert client.get(f"/models/{package_id}", headers=AUTH).json()["manifest"]["precision"] == "int8"
     download = client.get(f"/models/{package_id}/download", headers=READ)
