@@ -62,6 +62,9 @@ FACTORS = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 50.0, 80.0, 120.0, 20
 STREAM_FILES, STREAM_ROWS = 3, 200  # rows scored one at a time (after calibration) per file, first files
 QUANTILE = 0.99
 OURS = "ours"
+OURS_CV = "ours, cross-validated"
+"""Ours with its postprocess setting chosen per fold on the other files (models.anomaly_cv's grid), scored on the
+held-out files: the figure to quote. The plain "ours" row runs the shipped setting, chosen on all these files."""
 FREE = Path("anomaly-free") / "anomaly-free.csv"
 TARGET_CATEGORIES = ("realKnownCause", "realAWSCloudwatch")
 NO_ANOMALY = "artificialNoAnomaly"
@@ -270,9 +273,21 @@ def skab_part(methods: Sequence[Detector], package: Path, quick: bool, folds: in
             c = skab_counts(files, [(i, a) for i, a in pairs if files[i].folder == folder])
             folders.append({"method": run.method, "folder": folder, "f1": c.f1, "far": c.far, "mar": c.mar})
         per_file[run.method] = [{"file": files[i].name} | skab_counts(files, [(i, a)]).metrics() for i, a in pairs]
+    if not quick:
+        rows.insert(1, skab_cv_row(package))
     add_ratios(rows)
     return {"files": len(files), "free_rows": None if free is None else len(free.values),
             "package": load_package(package).manifest.name, "rows": rows, "folders": folders, "per_file": per_file}
+
+
+def skab_cv_row(package: Path) -> dict[str, Any]:
+    """Ours re-chosen per fold over the settings grid (the anomaly-free file cut in chunks takes part)."""
+    from models import anomaly_cv
+
+    report = anomaly_cv.cross_validate(load_package(package), anomaly_cv.cv_files(), anomaly_cv.GRID)
+    pooled = report.pooled()
+    return {"method": OURS_CV, "f1": pooled["f1"], "far": pooled["far"], "mar": pooled["mar"],
+            "free_alarmed_pct": 100.0 * pooled["free_share"], "cv_factors": f"{len(anomaly_cv.GRID)} settings"}
 
 
 # ---------------------------------------------------------------- NAB
@@ -299,6 +314,17 @@ def nab_row(method: str, outcomes: Sequence[nab.FileOutcome]) -> dict[str, Any]:
             "nab_score": nab.nab_score(outcomes), "nab_score_onsets": nab.nab_score(outcomes, use_onsets=True)}
 
 
+def nab_cv_row(package: Path, files: Sequence[nab.NabFile]) -> dict[str, Any]:
+    """Ours re-chosen per fold over the NAB settings grid, scored on the held-out files."""
+    from models import anomaly_cv
+
+    pooled = anomaly_cv.cross_validate_nab(load_package(package), files)["pooled"]
+    return {"method": OURS_CV, "target_detected_pct": 100.0 * pooled["detected_share"],
+            "target_fp_events_per_file": pooled["fp_events_per_file"],
+            "no_anomaly_files_alarmed": f"{pooled['quiet_files_alarmed']:.0f}/{pooled['quiet_files']:.0f}",
+            "cv_factors": f"{len(anomaly_cv.NAB_GRID)} settings"}
+
+
 def nab_part(methods: Sequence[Detector], package: Path | None, quick: bool, folds: int, seed: int) -> dict[str, Any]:
     root = nab.nab_root()
     if not (root / nab.WINDOWS_FILE).is_file():
@@ -321,6 +347,8 @@ def nab_part(methods: Sequence[Detector], package: Path | None, quick: bool, fol
                                "windows": int(s["windows"]), "detected": int(s["detected"]),
                                "fp_events_per_file": s["fp_events_per_file"], "alarmed_rows": int(s["alarmed_rows"])})
         per_file[run.method] = [asdict(o) for o in outcomes]
+    if not problem and not quick:
+        rows.insert(1, nab_cv_row(package, files))
     add_ratios(rows)
     return {"files": len(files), "windows": sum(len(f.windows) for f in files),
             "package": None if problem else load_package(package).manifest.name,
@@ -373,6 +401,8 @@ NOTES = [
     "comparable with these figures. nab_score charges every alarmed row (NAB's rule); nab_score_onsets takes only "
     "the first row of each alarm run as a detection (one alert per event)",
     "target = the issue's NAB target files (realKnownCause + realAWSCloudwatch): windows detected, FP events per file",
+    f"'{OURS_CV}': ours with its postprocess setting chosen per fold on the other files (models.anomaly_cv), "
+    "scored on the held-out ones: the figures to quote; 'ours' runs the shipped setting, chosen on all these files",
 ]
 
 
