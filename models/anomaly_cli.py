@@ -114,6 +114,10 @@ def register(app: typer.Typer) -> None:
         if pooled_f1 is not None:
             console.print(f"pooled F1 {pooled_f1:.3f} over {labelled} labelled files "
                           f"({calibration_steps} calibration rows each)", soft_wrap=True)
+        built = model.package.manifest.metrics
+        if {"cv_f1", "cv_far", "cv_mar"} <= built.keys():
+            console.print(f"cross-validated when the package was built (setting chosen on other files): F1 "
+                          f"{built['cv_f1']:.3f}, FAR {built['cv_far']:.3f}, MAR {built['cv_mar']:.3f}", soft_wrap=True)
 
     @app.command("train-anomaly")
     def train_anomaly(

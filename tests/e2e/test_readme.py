@@ -63,5 +63,7 @@ def test_the_services_shut_down_in_order(walkthrough):
 
 def test_grafana_and_the_model_evaluations_print_their_figures(walkthrough):
     assert walkthrough.result("edgeline grafana build").output.count("wrote ") >= 5
-    assert re.search(r"pooled F1 0\.\d+", walkthrough.result("edgeline models eval-skab").output)
+    skab_output = walkthrough.result("edgeline models eval-skab").output
+    assert re.search(r"pooled F1 0\.\d+", skab_output)
+    assert re.search(r"cross-validated when the package was built .*: F1 0\.\d{3}, FAR 0\.\d{3}", skab_output)
     assert re.search(r"\biou\b.*0\.\d+", walkthrough.result("edgeline models eval-seg").output)
