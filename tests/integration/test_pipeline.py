@@ -25,7 +25,9 @@ from stream.topics import site_filter
 
 pytestmark = pytest.mark.integration
 
-RUN_S = 12.0
+RUN_S = 60.0
+"""Deadline for the injected faults' alerts: m2's pump calibrates on its first 160 samples (8 s at 20 Hz,
+fast-start) and its first fault after that starts at sample 175 (seed 202)."""
 
 
 def site_config(broker: MosquittoBroker, site: str, outbox_dir: Path) -> SiteConfig:
@@ -73,11 +75,12 @@ def test_injected_defects_and_anomalies_end_as_alerts(mosquitto: MosquittoBroker
     probe.subscribe(site_filter(site))
     runner = rules_runner(config)
     agents = [EdgeAgent(config, machine.id, heartbeat_s=1.0) for machine in config.machines]
+    expected = {("surface-defect", "m1/defective"), ("pump-anomaly", "m2")}
     runner.start(metrics_port=0)
     try:
         for agent in agents:
             agent.start()
-        time.sleep(RUN_S)
+        seen = watch_until_fired(probe, expected, timeout=RUN_S)
     finally:
         for agent in agents:
             agent.stop()
@@ -85,7 +88,7 @@ def test_injected_defects_and_anomalies_end_as_alerts(mosquitto: MosquittoBroker
         scraped = scrape_metrics(runner.metrics_port)
         runner.stop()
 
-    seen = drain(probe)
+    seen += drain(probe)
     alerts = [m for m in seen if isinstance(m, Alert) and m.state == "firing"]
     fired = {(a.rule, a.key) for a in alerts}
     assert ("surface-defect", "m1/defective") in fired
@@ -128,6 +131,26 @@ def test_malformed_messages_are_dead_lettered_and_the_runner_goes_on(
     assert [d["topic"] for d in dead] == [f"edgeline/v1/{site}/m1/result/cam1", f"edgeline/v1/{site}/m1/anomaly"]
     assert "JSON" in dead[0]["reason"] and "Field required" in dead[1]["reason"]
     assert runner.metrics.count("dead_lettered") == 2
+
+
+def watch_until_fired(probe: object, expected: set[tuple[str, str]], timeout: float) -> list[object]:
+    """Every message seen until each (rule, key) in ``expected`` has fired; fails at the deadline."""
+    seen: list[object] = []
+    fired: set[tuple[str, str]] = set()
+    deadline = time.monotonic() + timeout
+    while not expected <= fired:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"not fired within {timeout} s: {sorted(expected - fired)}"
+        try:
+            message = probe.get(timeout=min(1.0, remaining))
+        except TimeoutError:
+            continue
+        if message.topic.endswith(("/status", "/_deadletter")):
+            continue
+        seen.append(parse_message(message.payload))
+        if isinstance(seen[-1], Alert) and seen[-1].state == "firing":
+            fired.add((seen[-1].rule, seen[-1].key))
+    return seen
 
 
 def drain(probe: object) -> list[object]:
