@@ -150,9 +150,10 @@ class AnomalyPostprocess(_Strict):
         None, gt=0, description="false-alarm budget per group: the threshold comes from a peaks-over-threshold fit "
         "of the smoothed calibration scores (edge.anomaly.budget_threshold); None = threshold_factor x "
         "threshold_quantile")
-    profiles: dict[str, dict[str, float]] = Field(
+    profiles: dict[str, dict[str, float | None]] = Field(
         default_factory=dict, description="named sets of overrides of the scalar fields above, measured with this "
-        "model for another use (e.g. 'fast-start': short calibration on a fast-drifting pump); chosen at load time")
+        "model for another use (e.g. 'fast-start': short calibration on a fast-drifting pump); chosen at load time; "
+        "null unsets an optional field (max_false_alarms_per_day: back to the quantile x factor threshold)")
 
 
 Preprocess = Annotated[Union[SegmentationPreprocess, AnomalyPreprocess], Field(discriminator="kind")]

@@ -249,8 +249,12 @@ def test_calibration_length_is_checked_and_can_be_turned_off(package, tmp_path):
 def test_profiles_override_the_postprocess(tmp_path):
     profiles = {"fast": {"calibration_steps": 80, "level_weight": 0.0, "clear_steps": 3.0, "exit_ratio": 0.7,
                          "max_false_alarms_per_day": 2.0},
-                "odd": {"clear_steps": 2.5}, "alien": {"colour": 1.0}}
-    package = tiny_package(tmp_path, 2, level_weight=1.0, calibration_steps=400, profiles=profiles)
+                "margin": {"max_false_alarms_per_day": None}, "odd": {"clear_steps": 2.5}, "alien": {"colour": 1.0},
+                "unset": {"clear_steps": None}}
+    package = tiny_package(tmp_path, 2, level_weight=1.0, calibration_steps=400, max_false_alarms_per_day=1.0,
+                           profiles=profiles)
+    assert StreamingAnomalyModel(package).post.max_false_alarms_per_day == 1.0
+    assert StreamingAnomalyModel(package, profile="margin").post.max_false_alarms_per_day is None
     fast = StreamingAnomalyModel(package, profile="fast")
     assert fast.post.level_weight == 0 and fast.calibration.steps == 80 and fast.post.clear_steps == 3
     assert fast.post.exit_ratio == 0.7 and fast.post.max_false_alarms_per_day == 2.0
@@ -263,6 +267,8 @@ def test_profiles_override_the_postprocess(tmp_path):
         StreamingAnomalyModel(package, profile="odd")
     with pytest.raises(ModelLoadError, match="unknown fields \\['colour'\\]"):
         StreamingAnomalyModel(package, profile="alien")
+    with pytest.raises(ModelLoadError, match="(?s)profile 'unset': .*clear_steps"):  # only optional fields unset
+        StreamingAnomalyModel(package, profile="unset")
 
 
 def demo_pumps(seeds: range, anomaly_rate: float, n: int = 3000) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -277,21 +283,21 @@ def test_normal_demo_pumps_stay_quiet_after_a_short_calibration(package):
 
 
 def test_detects_anomaly_episodes_on_fresh_demo_pumps(package):
-    """The committed SKAB-trained package as the demo runs it: 20 Hz synthetic pumps (never used in
-    training or tuning), the 'fast-start' profile and its 160-sample calibration. Event-level F1
-    (edge.anomaly.event_metrics): an episode is caught by any alarm inside it or within 10 samples after;
-    a run of alarms touching no episode is a false alarm. Measured here: 11 of 15 episodes, no false alarm
-    (F1 0.85); the package build reports 91 of 133 and 2 false events on its report seeds."""
+    """The committed SKAB-trained package as the demo runs it: 20 Hz synthetic pumps with the demo's fault
+    rate (never used in training or tuning), the 'fast-start' profile and its own calibration. Event-level
+    (edge.anomaly.event_metrics): an episode is caught by any alarm inside it or within 10 samples after; a run
+    of alarms touching no episode is a false alarm. Measured here: 97 of 130 episodes, no false alarm; the
+    package build reports 101 of 134 and none on its report seeds."""
     model = StreamingAnomalyModel(package, profile="fast-start")
     calibration = model.calibration.steps
-    data = demo_pumps(range(31_000, 31_006), 0.03)
+    data = demo_pumps(range(31_000, 31_006), 0.1, n=6000)
     _, alarms = score_streams(model, [values for values, _ in data])
     labels = np.stack([labels for _, labels in data])
     labels[:, :calibration] = False  # nothing can be flagged while calibrating
     metrics = event_metrics(labels.ravel(), alarms.ravel())
-    assert metrics["episodes"] >= 12
-    assert metrics["event_recall"] >= 0.6
-    assert metrics["event_precision"] >= 0.9
+    assert metrics["episodes"] >= 100
+    assert metrics["event_recall"] >= 0.65
+    assert metrics["event_precision"] >= 0.95
 
 
 def test_event_metrics_by_hand():

@@ -111,15 +111,15 @@ def test_fast_start_is_chosen_on_tuning_pumps_and_reported_on_others(package, mo
 
     monkeypatch.setattr(anomaly_cv, "pump_figures", spy)
     budgets = [{"calibration_steps": 80.0, "max_false_alarms_per_day": b} for b in (0.01, 10.0)]
-    quantile = [{"calibration_steps": 80.0, "threshold_factor": 2.0}]  # cannot unset the package's budget
-    assert package.manifest.postprocess.max_false_alarms_per_day is not None
-    fast = anomaly_cv.tune_fast_start(package, budgets + quantile, samples=800)
+    margin = [{"calibration_steps": 80.0, "threshold_factor": 2.0, "max_false_alarms_per_day": None}]
+    assert package.manifest.postprocess.max_false_alarms_per_day is not None  # the margin candidate unsets it
+    fast = anomaly_cv.tune_fast_start(package, budgets + margin, samples=800)
     rates = len(anomaly_cv.FAST_RATES)
-    assert seen[: 2 * rates] == [anomaly_cv.TUNE_SEEDS] * 2 * rates
-    assert seen[2 * rates :] == [anomaly_cv.REPORT_SEEDS] * rates
-    assert [s for s, _ in fast.grid] == budgets
+    assert seen[: 3 * rates] == [anomaly_cv.TUNE_SEEDS] * 3 * rates
+    assert seen[3 * rates :] == [anomaly_cv.REPORT_SEEDS] * rates
+    assert [s for s, _ in fast.grid] == budgets + margin
     assert not set(anomaly_cv.TUNE_SEEDS) & set(anomaly_cv.REPORT_SEEDS)
-    assert fast.chosen in budgets and set(fast.report) == set(anomaly_cv.FAST_RATES)
+    assert fast.chosen in budgets + margin and set(fast.report) == set(anomaly_cv.FAST_RATES)
     assert {"synth_10hz_episodes", "synth_20hz_detected", "synth_10hz_false_events", "synth_20hz_quiet_pump_events",
             "synth_10hz_event_f1"} <= set(fast.metrics())
 
