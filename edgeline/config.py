@@ -21,8 +21,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 import models
 from edge.synthetic import CHANNELS as PUMP_CHANNELS
-from models.package import (MANIFEST_FILE, AnomalyPreprocess, Manifest, PackageError, PackageSettings, is_package_tar,
-                            read_manifest)
+from models.package import (MANIFEST_FILE, MAX_CHANNELS, AnomalyPreprocess, Manifest, PackageError, PackageSettings,
+                            is_package_tar, read_manifest)
 from models.series import column_key, sniff_separator
 from models.signing import builtin_trusted_keys, load_public_keys
 
@@ -120,7 +120,6 @@ class CameraConfig(_Strict):
 # ---------------------------------------------------------------- sensors
 
 
-MAX_CHANNELS = 64
 
 
 class SensorChannel(_Strict):

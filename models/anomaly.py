@@ -38,6 +38,7 @@ from torch import nn
 from edge.anomaly import StreamingAnomalyModel, fit_normalisation, fit_residual_scale
 from models import skab
 from models.package import (
+    MAX_CHANNELS,
     AnomalyPostprocess,
     AnomalyPreprocess,
     Manifest,
@@ -63,7 +64,6 @@ PARITY_TOLERANCE = 1e-4
 """Largest |torch - ONNX| forecast difference (normalised units) a build accepts."""
 MAX_WINDOWS = 8192
 """Training windows kept (evenly spaced over the data): bounds memory and time on long recordings."""
-MAX_CHANNELS = 64
 DEFAULT_POSTPROCESS: dict[str, Any] = {
     "level_weight": 1.0, "level_alpha": 0.1, "forecast_weight": 0.0, "min_scale": 0.006, "drift_halflife": 300.0,
     "exit_ratio": 1.0, "clear_steps": 5, "ema_alpha": 1.0, "max_false_alarms_per_day": 1.0,

@@ -92,6 +92,10 @@ class SegmentationPreprocess(_Strict):
     std: float = Field(1.0, gt=0, description="then divide by this")
 
 
+MAX_CHANNELS = 64
+"""Most channels an anomaly package (and a sensor group) has."""
+
+
 class AnomalyPreprocess(_Strict):
     kind: Literal["anomaly"] = "anomaly"
     channels: list[str] = Field(min_length=1, description="input channel names, in tensor order")

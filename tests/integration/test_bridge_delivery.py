@@ -60,6 +60,15 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
+def lose_kafka_after_one_ack(bridge: MqttKafkaBridge, broker: KafkaBroker, probe, site: str):
+    """Start the bridge, see one record acked by Kafka, then stop Kafka; returns ``probe`` to publish more."""
+    bridge.start()
+    publish(probe, [result(site, "m01", 0)])
+    wait_for(lambda: bridge._acks.pending() == 0, 30, "the first record acked")
+    broker.stop()
+    return probe
+
+
 def test_a_record_kafka_refuses_is_dead_lettered_and_the_ones_behind_it_get_through(
         mosquitto, kafka, mqtt_probe, unique_name, tmp_path):
     _, config = write_site(tmp_path, unique_name, mosquitto, kafka, [], [{"id": "m01"}])
@@ -99,11 +108,7 @@ def test_a_queue_of_retries_drains_within_seconds_of_kafka_coming_back(mosquitto
     bridge = MqttKafkaBridge(unique_name, MqttSettings(host=mosquitto.host, port=mosquitto.port), broker.bootstrap, topics=topics,
                              forward_commands=False, settings=BridgeSettings(delivery_timeout_s=3.0))
     try:
-        bridge.start()
-        probe = mqtt_probe(mosquitto)
-        publish(probe, [result(unique_name, "m01", 0)])
-        wait_for(lambda: bridge._acks.pending() == 0, 30, "the first record acked")
-        broker.stop()
+        probe = lose_kafka_after_one_ack(bridge, broker, mqtt_probe(mosquitto), unique_name)
         stream = [result(unique_name, f"m{seq % 4:02d}", seq) for seq in range(1, count + 1)]
         publish(probe, stream)
         wait_for(lambda: bridge.metrics.produce_errors._value.get() >= 50, 90, "a queue of retries")
@@ -165,11 +170,7 @@ def test_stop_while_kafka_is_away_returns_within_the_shutdown_timeout(mosquitto,
     bridge = MqttKafkaBridge(unique_name, MqttSettings(host=mosquitto.host, port=mosquitto.port), broker.bootstrap,
                              topics=KafkaTopics(unique_name), settings=BridgeSettings(shutdown_timeout_s=3.0))
     try:
-        bridge.start()
-        probe = mqtt_probe(mosquitto)
-        publish(probe, [result(unique_name, "m01", 0)])
-        wait_for(lambda: bridge._acks.pending() == 0, 30, "the first record acked")
-        broker.stop()
+        probe = lose_kafka_after_one_ack(bridge, broker, mqtt_probe(mosquitto), unique_name)
         publish(probe, [result(unique_name, "m01", seq) for seq in range(1, 20)])
         wait_for(lambda: bridge._acks.pending() >= 10, 30, "records in flight")
         started = time.monotonic()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from edge.synthetic import CHANNELS
 from edgeline.cli import app
 from edgeline.config import ConfigError, from_dict, load, yaml_path
 
@@ -314,8 +315,7 @@ def test_edge_run_with_an_outbox_it_cannot_open_exits_2_with_one_line(tmp_path: 
 
 # ---------------------------------------------------------------- sensor channels
 
-SKAB = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature", "Thermocouple", "Voltage",
-        "VolumeFlowRateRMS"]
+SKAB = list(CHANNELS)
 
 
 def manifest_only(tmp_path: Path, channels: list[str], name: str = "press") -> Path:

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edge.synthetic import CHANNELS as SKAB_CHANNELS
 from models.series import count_gaps, gap_flags, parse_time, read_series_csv, sniff_separator
+from models.skab import data_root
 
-REPO = Path(__file__).resolve().parents[3]
-DATA = Path(os.environ.get("EDGELINE_DATA") or REPO.parent / "shared" / "data")
-SKAB_CHANNELS = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "VolumeFlowRateRMS",
-)
+DATA = data_root()
 
 
 def write(tmp_path: Path, text: str, name: str = "s.csv") -> Path:
