@@ -99,7 +99,7 @@ def test_a_record_kafka_refuses_is_dead_lettered_and_the_ones_behind_it_get_thro
 
 def test_a_queue_of_retries_drains_within_seconds_of_kafka_coming_back(mosquitto, mqtt_probe, unique_name, tmp_path):
     """Kafka away longer than the producer's delivery timeout: every record fails and waits for a
-    retry; once Kafka is back they all reach it within seconds (the old single retry queue: one
+    retry; once Kafka acks again they all reach it within seconds (the old single retry queue: one
     record per 10 s)."""
     count = 100
     broker = KafkaBroker(tmp_path / "kafka")
@@ -114,10 +114,12 @@ def test_a_queue_of_retries_drains_within_seconds_of_kafka_coming_back(mosquitto
         wait_for(lambda: bridge.metrics.produce_errors._value.get() >= 50, 90, "a queue of retries")
         broker.start()
         produced = bridge.metrics.produced.labels(topics.for_kind("result"))
+        # Kafka's own restart takes as long as the machine is loaded: the clock starts at its first ack.
+        back_s = wait_for(lambda: produced._value.get() >= 2, 120, "Kafka acking again")
         drain_s = wait_for(lambda: produced._value.get() >= count + 1, 60, "the retries drained")
-        print(f"{count} records reached Kafka {drain_s:.1f} s after it was back "
+        print(f"Kafka acked again {back_s:.1f} s after its start; the other records followed within {drain_s:.1f} s "
               f"({bridge.metrics.produce_errors._value.get():.0f} failed sends before)")
-        assert drain_s < 20
+        assert drain_s < 15  # one record per retry_max_s (10 s) would take 990 s
         got = read_until_ids(broker.bootstrap, topics.for_kind("result"), {m.msg_id for m in stream}, timeout=30)
         assert {m.msg_id for m in stream} <= {m.msg_id for m in got}
     finally:
