@@ -2,8 +2,9 @@
 
 A :class:`SegmentationModel` owns one ``onnxruntime.InferenceSession`` for one package. It
 turns camera frames (BGR or gray, any size) into the model's input as the manifest says
-(gray, resize, scale/mean/std), runs a whole batch in one ``session.run``, and returns each
-frame's defect probability map resized back to that frame's size. No torch here.
+(gray, resize or keep the frame's own size, scale/mean/std), runs a batch in one ``session.run``
+(a ``native`` package: one per group of frames of the same padded size), and returns each frame's
+defect probability map at that frame's size. No torch here.
 """
 
 from __future__ import annotations
@@ -84,16 +85,52 @@ def create_session(package: Package, providers: Sequence[str] = ("cpu",), thread
 
 
 def preprocess_frame(image: np.ndarray, spec: SegmentationPreprocess) -> np.ndarray:
-    """One frame (H,W,3 BGR or H,W gray, uint8) to the model's [C, h, w] float32 input."""
+    """One frame (H,W,3 BGR or H,W gray, uint8) to the model's [C, h, w] float32 input: resized to
+    ``height x width`` (``fixed``), or at its own size, downscaled to ``max_side`` if set (``native``)."""
     if image.ndim == 3 and spec.grayscale:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     elif image.ndim == 2 and not spec.grayscale:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.shape[:2] != (spec.height, spec.width):
-        shrinking = image.shape[0] > spec.height or image.shape[1] > spec.width
-        image = cv2.resize(image, (spec.width, spec.height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    height, width = input_size(image.shape[:2], spec)
+    if image.shape[:2] != (height, width):
+        shrinking = image.shape[0] > height or image.shape[1] > width
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     x = (image.astype(np.float32) * spec.scale - spec.mean) / spec.std
     return x[None] if x.ndim == 2 else np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def input_size(frame: tuple[int, int], spec: SegmentationPreprocess) -> tuple[int, int]:
+    """(h, w) of the model input for a frame of ``frame`` = (H, W), before any padding."""
+    if spec.resize == "fixed":
+        return spec.height, spec.width
+    longest = max(frame)
+    if spec.max_side is None or longest <= spec.max_side:
+        return frame
+    ratio = spec.max_side / longest
+    return max(1, round(frame[0] * ratio)), max(1, round(frame[1] * ratio))
+
+
+def padded_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    return -(-size[0] // multiple) * multiple, -(-size[1] // multiple) * multiple
+
+
+def pad_input(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[C,h,w] -> [C,H,W] by mirroring the bottom and right edges (a mirrored border looks like the
+    surface to the net; zeros would look like a dark defect)."""
+    pad_h, pad_w = size[0] - x.shape[1], size[1] - x.shape[2]
+    if not pad_h and not pad_w:
+        return x
+    mode = "reflect" if pad_h < x.shape[1] and pad_w < x.shape[2] else "symmetric"
+    return np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
+
+
+def native_buckets(inputs: Sequence[np.ndarray], multiple: int) -> dict[tuple[int, int], list[int]]:
+    """Frame indexes grouped by padded input size: one ``session.run`` per group, so cameras of one
+    resolution batch together and no frame is padded beyond its own next multiple."""
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for index, x in enumerate(inputs):
+        buckets.setdefault(padded_size(x.shape[1:], multiple), []).append(index)
+    return buckets
 
 
 class PackagedModel:
@@ -138,12 +175,22 @@ class SegmentationModel(PackagedModel):
 
 
     def infer(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Defect probability map (float32, frame H×W) for each frame, all in one ``session.run``."""
+        """Defect probability map (float32, frame H×W) for each frame: one ``session.run`` for the
+        whole batch (``fixed``), or one per group of frames of the same padded size (``native``)."""
         if not images:
             return []
-        batch = np.stack([preprocess_frame(image, self.spec) for image in images])
-        (probs,) = self.session.run(None, {self._input: batch})[:1]
-        return [self._to_frame(prob[-1], image.shape[:2]) for prob, image in zip(probs, images)]
+        inputs = [preprocess_frame(image, self.spec) for image in images]
+        if self.spec.resize == "fixed":
+            (probs,) = self.session.run(None, {self._input: np.stack(inputs)})[:1]
+            return [self._to_frame(prob[-1], image.shape[:2]) for prob, image in zip(probs, images)]
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(images)
+        for size, indexes in native_buckets(inputs, self.spec.pad_multiple).items():
+            batch = np.stack([pad_input(inputs[i], size) for i in indexes])
+            (probs,) = self.session.run(None, {self._input: batch})[:1]
+            for i, prob in zip(indexes, probs):
+                h, w = inputs[i].shape[1:]
+                out[i] = self._to_frame(prob[-1, :h, :w], images[i].shape[:2])
+        return out
 
     def _to_frame(self, prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         prob = prob.astype(np.float32, copy=False)

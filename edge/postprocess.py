@@ -32,12 +32,23 @@ def regions_from_probabilities(
 
 
 def image_alarm(prob: np.ndarray, postprocess: SegmentationPostprocess, regions: Sequence[DefectRegion]) -> bool:
-    """The package's image-level verdict: the share of pixels above ``alarm_threshold`` exceeds
-    ``alarm_area_ratio`` (both calibrated at a false-alarm budget when the package was built).
+    """The package's image-level verdict: the mean of the ``alarm_top_k`` highest probabilities
+    exceeds ``alarm_threshold``, or (no ``alarm_top_k``) the share of pixels above ``alarm_threshold``
+    exceeds ``alarm_area_ratio``; calibrated at a false-alarm budget when the package was built.
     A package without a calibrated alarm flags any kept defect region."""
     if postprocess.alarm_threshold is None:
         return bool(regions)
+    if postprocess.alarm_top_k is not None:
+        return top_k_score(prob, postprocess.alarm_top_k) > postprocess.alarm_threshold
     return float((prob > postprocess.alarm_threshold).mean()) > postprocess.alarm_area_ratio
+
+
+def top_k_score(prob: np.ndarray, k: int) -> float:
+    """Mean of the ``k`` highest probabilities: high for a small confident defect (a blowhole of a
+    few dozen pixels), low for scattered faint speckle, unlike the share of pixels above a threshold."""
+    flat = prob.ravel()
+    k = min(k, flat.size)
+    return float(np.partition(flat, flat.size - k)[flat.size - k :].mean()) if k else 0.0
 
 
 def region_mask(prob: np.ndarray, threshold: float, min_area: int) -> np.ndarray:

@@ -90,6 +90,13 @@ class SegmentationPreprocess(_Strict):
     scale: float = Field(1 / 255, description="multiply pixel values by this first")
     mean: float = Field(0.0, description="then subtract this")
     std: float = Field(1.0, gt=0, description="then divide by this")
+    resize: Literal["fixed", "native"] = Field(
+        "fixed", description="fixed: every frame is resized to height x width; native: each frame runs at its own "
+        "size with its aspect kept, padded to a multiple of ``pad_multiple`` (height x width is then the reference "
+        "frame of the self-test and the benchmarks)")
+    pad_multiple: int = Field(16, ge=1, description="native: the padded sides are multiples of this (the net's stride)")
+    max_side: int | None = Field(None, gt=0, description="native: a frame with a longer side is first downscaled to "
+                                 "it, aspect kept (None: never)")
 
 
 MAX_CHANNELS = 64
@@ -118,6 +125,9 @@ class SegmentationPostprocess(_Strict):
     alarm_area_ratio: float = Field(
         0.0, ge=0, le=1, description="image-level alarm when the share of the frame above ``alarm_threshold`` "
         "exceeds this (calibrated on defect-free training images)")
+    alarm_top_k: int | None = Field(
+        None, ge=1, description="image-level alarm score: the mean of the frame's k highest pixel probabilities; "
+        "the alarm fires when it exceeds ``alarm_threshold`` (None: the area rule above)")
 
 
 class AnomalyPostprocess(_Strict):

@@ -189,11 +189,16 @@ above the chosen one exceeds a calibrated share of the frame. A stricter pixel t
 mask's trades a little area for far fewer speckles on clean tiles."""
 
 
+TOP_K = (1, 10, 30, 100, 300)
+"""Candidate k of the top-k image score (mean of the k highest pixel probabilities), in frame pixels."""
+
+
 @dataclass(frozen=True)
 class ImageScore:
     """What one image contributes to the metrics, measured at the image's own size.
 
-    ``alarm_areas[i]``: predicted area at ``ALARM_THRESHOLDS[i]``."""
+    ``alarm_areas[i]``: predicted area at ``ALARM_THRESHOLDS[i]``; ``top_scores[i]``: mean of the
+    ``TOP_K[i]`` highest probabilities."""
 
     cls: str
     inter: int
@@ -202,6 +207,7 @@ class ImageScore:
     true_area: int
     pixels: int
     alarm_areas: tuple[int, ...] = ()
+    top_scores: tuple[float, ...] = ()
 
     def alarm_ratio(self, index: int) -> float:
         return self.alarm_areas[index] / self.pixels
@@ -233,8 +239,15 @@ def score_images(model, images: list[np.ndarray], masks: list[np.ndarray], class
             pred, true = prob > threshold, mask > 0
             alarm_areas = tuple(int((prob > t).sum()) for t in ALARM_THRESHOLDS)
             scores.append(ImageScore(cls, int((pred & true).sum()), int((pred | true).sum()), int(pred.sum()),
-                                     int(true.sum()), int(true.size), alarm_areas))
+                                     int(true.sum()), int(true.size), alarm_areas, top_scores(prob)))
     return scores
+
+
+def top_scores(prob: np.ndarray) -> tuple[float, ...]:
+    """The top-k image scores of one probability map, for every k of ``TOP_K``."""
+    flat = prob.ravel()
+    top = np.sort(np.partition(flat, max(0, flat.size - max(TOP_K)))[-max(TOP_K):])[::-1]
+    return tuple(float(top[:k].mean()) for k in TOP_K)
 
 
 def score_set(model, images: ImageSet, batch: int = 8) -> list[ImageScore]:
