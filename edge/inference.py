@@ -168,6 +168,11 @@ class SegmentationModel(PackagedModel):
         self.postprocess = manifest.postprocess
         self.session = create_session(package, providers, threads)
         self._input = self.session.get_inputs()[0].name
+        if self.spec.resize == "native" and any(isinstance(d, int) for d in self.session.get_inputs()[0].shape[2:]):
+            # the warm-up below runs at the reference size only: such a graph would fail later, on
+            # the first camera of another size
+            raise ModelLoadError(f"{package.ref}: a native package needs a graph with dynamic height and width, "
+                                 f"this one takes {self.session.get_inputs()[0].shape}")
         try:
             self.infer([np.zeros((self.spec.height, self.spec.width), np.uint8)])  # warm-up
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors derive from Exception only

@@ -4,10 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.inference import ModelLoadError, SegmentationModel, preprocess_frame, resolve_providers, tensorrt_options
+from edge.inference import (ModelLoadError, SegmentationModel, input_size, native_buckets, preprocess_frame,
+                            resolve_providers, tensorrt_options)
 from edge.postprocess import region_mask, segmentation_metrics
 from edge.synthetic import SyntheticCamera
 from models.package import load_package
+from tests.tiny_segmentation import surface, write_dark_block_package
 
 PACKAGES = Path(__file__).resolve().parents[3] / "models" / "packages"
 
@@ -96,3 +98,79 @@ def test_detects_defects_on_fresh_cameras(model, package):
     assert metrics["iou"] >= 0.6
     assert metrics["recall"] >= 0.9
     assert metrics["false_alarm_rate"] <= 0.1
+
+
+# ------------------------------------------------------------------ native packages
+# The dark-block graph (tests/tiny_segmentation.py) has total stride 4: its answer for every pixel
+# is known, so these tests check values, not just shapes.
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    return SegmentationModel(write_dark_block_package(tmp_path_factory.mktemp("native") / "pkg"))
+
+
+def defect_mask(rows: slice, cols: slice, size: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(size, bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def test_native_maps_come_back_at_each_frames_own_size(native):
+    frames = [surface(37, 53), surface(48, 64, color=True), surface(3, 5), surface(1, 1), surface(90, 30)]
+    probs = native.infer(frames)
+    assert [p.shape for p in probs] == [(37, 53), (48, 64), (3, 5), (1, 1), (90, 30)]
+    assert all(p.dtype == np.float32 and p.max() < 0.01 for p in probs)  # bright everywhere: no defect
+    assert preprocess_frame(frames[0], native.spec).shape == (1, 37, 53)  # own size, aspect kept, not padded yet
+
+
+def test_native_finds_a_dark_block_where_it_is(native):
+    rows, cols = slice(8, 16), slice(12, 24)
+    prob = native.infer([surface(48, 64, (rows, cols))])[0]
+    np.testing.assert_array_equal(prob > 0.5, defect_mask(rows, cols, (48, 64)))
+
+
+def test_native_frames_of_different_sizes_batch_as_they_run_alone(native):
+    """37x53 and 39x55 share the 40x56 bucket (each cropped back from its own padding), 48x64 is
+    alone in its bucket, 8x8 in a third; one infer() call must give what each frame gives alone."""
+    frames = [surface(37, 53, (slice(4, 12), slice(8, 16))), surface(48, 64, (slice(20, 28), slice(0, 8))),
+              surface(39, 55, (slice(32, 39), slice(44, 55))), surface(8, 8, (slice(0, 4), slice(4, 8))),
+              surface(37, 53, (slice(28, 37), slice(0, 12)), color=True)]
+    assert native_buckets([preprocess_frame(f, native.spec) for f in frames], native.spec.pad_multiple) == {
+        (40, 56): [0, 2, 4], (48, 64): [1], (8, 8): [3]}
+    batched = native.infer(frames)
+    alone = [native.infer([f])[0] for f in frames]
+    for a, b, frame in zip(batched, alone, frames):
+        assert a.shape == frame.shape[:2]
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_array_equal(batched[1] > 0.5, defect_mask(slice(20, 28), slice(0, 8), (48, 64)))
+
+
+def test_native_padding_mirrors_the_frame_instead_of_darkening_its_border(native):
+    """37x53 pads to 40x56: the last block row and column hold 1 frame pixel and 3 of padding. Zeros
+    there would read as a dark defect along the bottom and right edges; the mirror keeps them bright,
+    and keeps a dark corner dark."""
+    bright = native.infer([surface(37, 53)])[0]
+    assert bright.max() < 0.01
+    rows, cols = slice(32, 37), slice(48, 53)
+    corner = native.infer([surface(37, 53, (rows, cols))])[0]
+    np.testing.assert_array_equal(corner > 0.5, defect_mask(rows, cols, (37, 53)))
+
+
+def test_native_max_side_downscales_and_answers_at_frame_size(tmp_path):
+    model = SegmentationModel(write_dark_block_package(tmp_path / "pkg", max_side=60))
+    assert input_size((40, 120), model.spec) == (20, 60) and input_size((30, 50), model.spec) == (30, 50)
+    frame = surface(40, 120, (slice(16, 32), slice(48, 80)))
+    assert preprocess_frame(frame, model.spec).shape == (1, 20, 60)
+    prob = model.infer([frame])[0]
+    assert prob.shape == (40, 120)
+    assert prob[18:30, 50:78].min() > 0.9  # the block, upscaled back (its edges are interpolated)
+    assert prob[:12].max() < 0.01 and prob[:, :44].max() < 0.01 and prob[:, 84:].max() < 0.01
+
+
+def test_native_package_with_a_fixed_size_graph_is_refused(tmp_path):
+    """A graph exported without dynamic height/width would pass the warm-up at the reference size and
+    fail on the first camera of another size: refused at load instead."""
+    package = write_dark_block_package(tmp_path / "pkg", dynamic=False)
+    with pytest.raises(ModelLoadError, match="dynamic height and width"):
+        SegmentationModel(package)
