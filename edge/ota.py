@@ -180,7 +180,11 @@ def mask_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray], threshold: 
 
 
 def self_test(candidate: SegmentationModel, frames: Sequence[np.ndarray]) -> tuple[list[np.ndarray], str | None]:
-    """The candidate's maps for ``frames``, and what is wrong with them (None: nothing)."""
+    """The candidate's maps for ``frames``, and what is wrong with them (None: nothing).
+
+    ``frames`` are the cameras' own recent frames, so a ``native`` candidate is tried at each
+    resolution it will run at; a fixed one and a native one both answer at frame size, so their
+    masks compare pixel for pixel (:func:`mask_agreement`)."""
     try:
         maps = candidate.infer(list(frames))
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors derive from Exception only

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from edge.inference import ModelLoadError, SegmentationModel
-from edge.ota import DownloadError, ModelSwapper, check_download_url, fetch_package, mask_agreement
+from edge.ota import DownloadError, ModelSwapper, ShadowRun, check_download_url, fetch_package, mask_agreement
 from edge.synthetic import SyntheticCamera
 from edgeline.config import BUILTIN_PACKAGES
 from models.package import CACHE_ENV, PackageSettings, load_package, write_package_tar
 from models.signing import builtin_trusted_keys
+from tests.tiny_segmentation import surface, write_dark_block_package
 
 
 def test_mask_agreement_is_pooled_iou():
@@ -115,3 +116,45 @@ def test_refused_downloads_are_removed_and_local_packages_kept(tmp_path, monkeyp
         unsigned.candidate("seg", local)
     assert list(downloads.iterdir()) == [] and local.exists()  # a tar given on this box stays
     assert list((tmp_path / "cache" / "packages").iterdir()) == []
+
+
+def camera_frames() -> list[np.ndarray]:
+    """Recent frames of two cameras of different sizes, neither a multiple of the native stride."""
+    return [surface(97, 130, (slice(16, 48), slice(32, 64))), surface(61, 91, (slice(30, 61), slice(0, 40))),
+            surface(97, 130, (slice(60, 97), slice(90, 130)), color=True)]
+
+
+def test_a_native_package_replaces_a_fixed_one_after_a_self_test_on_the_cameras_frames(tmp_path):
+    """Old: every frame resized to 48x64. New: each frame at its own size (padded to the stride).
+    Both answer at frame size, so the self-test passes on the real frames and their masks compare."""
+    fixed = SegmentationModel(write_dark_block_package(tmp_path / "fixed", resize="fixed", dynamic=False))
+    native = write_dark_block_package(tmp_path / "native", version="2.0.0")
+    models = ModelSwapper({"seg": fixed}, None, providers={}, threads={}, downloads=tmp_path / "downloads")
+    frames = camera_frames()
+    outcome = models.load("seg", native.folder, frames)
+    assert outcome.ok, outcome.text
+    assert models.models["seg"].spec.resize == "native" and outcome.details["self_test_frames"] == 3
+    maps = models.models["seg"].infer(frames)
+    assert [m.shape for m in maps] == [f.shape[:2] for f in frames]
+    assert outcome.details["agreement"] == round(mask_agreement(maps, fixed.infer(frames), 0.5), 4)
+    assert 0.8 < outcome.details["agreement"] < 1.0  # the same dark blocks, found at two resolutions
+
+
+def test_a_native_package_whose_graph_has_a_fixed_size_is_refused_by_the_swap(tmp_path):
+    fixed = SegmentationModel(write_dark_block_package(tmp_path / "fixed", resize="fixed"))
+    models = ModelSwapper({"seg": fixed}, None, providers={}, threads={}, downloads=tmp_path / "downloads")
+    outcome = models.load("seg", write_dark_block_package(tmp_path / "bad", dynamic=False).folder, camera_frames())
+    assert not outcome.ok and "dynamic height and width" in outcome.text
+    assert models.models["seg"] is fixed
+
+
+def test_shadow_agreement_of_a_native_candidate_beside_a_fixed_model(tmp_path):
+    fixed = SegmentationModel(write_dark_block_package(tmp_path / "fixed", resize="fixed"))
+    shadow = ShadowRun(SegmentationModel(write_dark_block_package(tmp_path / "native")), every=2)
+    frames = camera_frames()
+    for _ in range(4):
+        shadow.maybe_compare(frames, fixed.infer(frames), current_s=0.01, threshold=0.5)
+    status = shadow.status()
+    assert status.frames == 2 * len(frames)  # batches 2 and 4 of 4
+    assert status.agreement == pytest.approx(mask_agreement(shadow.model.infer(frames), fixed.infer(frames), 0.5))
+    assert 0.8 < status.agreement < 1.0 and status.latency_ratio > 0
