@@ -110,10 +110,13 @@ def quick_iou(sess: ort.InferenceSession, x: np.ndarray, y: np.ndarray, threshol
     return float((pred & y).sum()) / union if union else 1.0
 
 
-def latency_ms(onnx_model: bytes | str, size: int, batch: int, threads: int = 2, seconds: float = 1.5) -> float:
-    """Median wall time per frame of ``session.run`` at ``batch`` on this CPU."""
+def latency_ms(onnx_model: bytes | str, size: int | tuple[int, int], batch: int, threads: int = 2,
+               seconds: float = 1.5) -> float:
+    """Median wall time per frame of ``session.run`` at ``batch`` on this CPU, on inputs of
+    ``size`` (a side, or (height, width))."""
     sess = session(onnx_model, threads)
-    x = np.random.default_rng(0).normal(0, 1, (batch, 1, size, size)).astype(np.float32)
+    height, width = (size, size) if isinstance(size, int) else size
+    x = np.random.default_rng(0).normal(0, 1, (batch, 1, height, width)).astype(np.float32)
     name = sess.get_inputs()[0].name
     sess.run(None, {name: x})
     times, t_end = [], time.perf_counter() + seconds

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -61,7 +63,11 @@ class SegTrainConfig(BaseModel):
     seed: int = Field(0, description="seed of torch, numpy sampling and augmentation")
     threads: int = Field(2, ge=1, description="torch intra-op threads")
     device: str = Field("cpu", description="torch device that trains: cpu, cuda, cuda:1 (export is always on cpu)")
-    size: int = Field(256, ge=32, description="model input height and width")
+    size: int = Field(256, ge=32, description="fixed: model input height and width")
+    resize: Literal["fixed", "native"] = Field(
+        "fixed", description="fixed: frames resized to size x size; native: each frame at its own size (aspect kept)")
+    reference: tuple[int, int] = Field((325, 270), description="native: the reference frame (h, w) of the manifest, "
+                                       "the self-test and GFLOP figures (the median magnetic tile)")
     mean: float = Field(0.4, description="input normalisation: (x/255 - mean) / std")
     std: float = Field(0.2, gt=0, description="input normalisation std")
     widths: tuple[int, int, int, int] = Field((16, 32, 64, 96), description="channels per U-Net level")
@@ -76,6 +82,22 @@ class SegTrainConfig(BaseModel):
         0.0, ge=0, le=1, description="share of a batch drawn from synthetic frames (measured: 0.2 cost 0.24 val IoU "
         "at 12k steps, so off by default)")
     defect_centred: float = Field(0.7, ge=0, le=1, description="chance a crop of a defect image is centred on a defect")
+    sampling: Literal["mixed", "class_balanced"] = Field(
+        "mixed", description="mixed: defect images drawn uniformly; class_balanced: a defect class first (each as "
+        "often), then one of its images")
+    hard_negatives: float = Field(0.0, ge=0, le=1, description="share of defect-free crops centred on the spot the "
+                                  "model currently finds most defect-like (mined every ``mine_every`` steps)")
+    mine_every: int = Field(250, ge=1, description="steps between two hard-negative minings")
+    mine_images: int = Field(48, ge=1, description="defect-free images scored per mining")
+    loss: Literal["bce_dice", "focal_tversky"] = Field(
+        "bce_dice", description="bce_dice: weighted BCE + soft dice; focal_tversky: focal BCE + Tversky (misses "
+        "weigh more than false pixels: made for small structures)")
+    focal_gamma: float = Field(2.0, ge=0, description="focal loss exponent")
+    tversky_alpha: float = Field(0.3, ge=0, le=1, description="Tversky weight of false-positive pixels (beta = 1 - alpha)")
+    blur: float = Field(0.0, ge=0, le=1, description="chance of a Gaussian blur (sigma 0.3-1.2 px) on a crop")
+    noise: float = Field(0.0, ge=0, description="max std of additive Gaussian noise, in normalised units")
+    gamma: float = Field(0.0, ge=0, lt=1, description="max deviation of a random gamma from 1")
+    distill_weight: float = Field(0.0, ge=0, description="weight of the teacher term (MSE between probability maps)")
     brightness: float = Field(0.25, ge=0, description="max additive brightness shift, in normalised units")
     contrast: float = Field(0.25, ge=0, description="max relative contrast change")
     synthetic_cameras: int = Field(4, ge=0, description="synthetic training cameras (seeds 0..n-1)")
@@ -91,6 +113,7 @@ class SegTrainConfig(BaseModel):
     max_iou_drop: float = Field(0.01, ge=0, description="quantization gate: largest val IoU drop vs fp32")
     calib_frames: int = Field(64, ge=1, description="train frames used to calibrate int8")
     eval_every: int = Field(4, ge=1, description="validate every this many epochs (and after the last)")
+    checkpoint_every_s: float = Field(300.0, gt=0, description="seconds between two resumable checkpoints")
 
 
 PRESETS: dict[str, dict] = {
@@ -185,30 +208,51 @@ def conv_flops(model: nn.Module, shape: tuple[int, ...]) -> float:
 
 
 def preprocess_spec(config: SegTrainConfig) -> SegmentationPreprocess:
+    if config.resize == "native":
+        height, width = config.reference
+        return SegmentationPreprocess(height=height, width=width, grayscale=True, scale=1 / 255, mean=config.mean,
+                                      std=config.std, resize="native", pad_multiple=STRIDE)
     return SegmentationPreprocess(height=config.size, width=config.size, grayscale=True, scale=1 / 255,
                                   mean=config.mean, std=config.std)
 
 
-def _target(mask: np.ndarray, size: int) -> np.ndarray:
-    """Soft defect target at model size: the share of each model pixel covered by defect."""
-    return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+STRIDE = 16
+"""Total stride of :class:`TileUNet` (stem and three poolings): native inputs are padded to it."""
+
+
+def _target(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Defect target at the model input's ``shape``: the share of each input pixel covered by defect
+    (the mask itself at native resolution)."""
+    if mask.shape == shape:
+        return mask.astype(np.float16)
+    return cv2.resize(mask.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA).astype(np.float16)
 
 
 class FrameSet:
-    """Frames already preprocessed to the model input (float16 [N,h,w]) with soft targets."""
+    """Frames preprocessed to the model input (float16 [h,w] each: one size when ``fixed``, the
+    frame's own when ``native``) with their targets, and the indexes the sampler draws from."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, classes: list[str]) -> None:
-        self.x, self.y, self.classes = x, y, classes
+    def __init__(self, x: list[np.ndarray], y: list[np.ndarray], classes: list[str]) -> None:
+        self.x, self.y, self.classes = list(x), list(y), list(classes)
         self.defect_ids = np.array([i for i, c in enumerate(classes) if c != tiles.FREE and y[i].max() > 0], int)
         self.free_ids = np.array([i for i, c in enumerate(classes) if c == tiles.FREE], int)
+        self.by_class = {c: np.array([i for i in self.defect_ids if classes[i] == c], int)
+                         for c in sorted({classes[i] for i in self.defect_ids})}
+        self._defect_points: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.x)
 
+    def defect_points(self, index: int) -> np.ndarray:
+        """(row, col) of every defect pixel of frame ``index`` (cached: crops are centred on them)."""
+        if index not in self._defect_points:
+            self._defect_points[index] = np.argwhere(self.y[index] > 0.5)
+        return self._defect_points[index]
+
     @classmethod
     def from_images(cls, images, masks, classes: list[str], spec: SegmentationPreprocess) -> FrameSet:
-        x = np.stack([preprocess_frame(im, spec)[0] for im in images]).astype(np.float16)
-        y = np.stack([_target(m, spec.height) for m in masks]).astype(np.float16)
+        x = [preprocess_frame(im, spec)[0].astype(np.float16) for im in images]
+        y = [_target(m, xi.shape) for m, xi in zip(masks, x)]
         return cls(x, y, list(classes))
 
     @classmethod
@@ -220,67 +264,105 @@ def synthetic_train_set(config: SegTrainConfig, spec: SegmentationPreprocess) ->
     """Synthetic conveyor frames of training cameras (seeds below the eval seeds), mixed into
     tile batches at ``synthetic_fraction``."""
     if not config.synthetic_fraction or config.dataset == "synthetic":
-        return FrameSet(np.zeros((0, spec.height, spec.width), np.float16),
-                        np.zeros((0, spec.height, spec.width), np.float16), [])
+        return FrameSet([], [], [])
     train, _ = tiles.load_dataset("synthetic", synthetic_cameras=config.synthetic_cameras,
                                   synthetic_frames=config.synthetic_frames)
     return FrameSet.from_set(train, spec)
 
 
+Spot = tuple[int, int, int]
+"""(frame index, row, col) of a hard negative: where a defect-free frame looks most like a defect."""
+
+
 class Sampler:
-    """Augmented training batches: mixed sources, defect-centred zoomed crops, flips, rotations,
-    brightness/contrast. Deterministic for a given numpy generator."""
+    """Augmented training batches: mixed sources, defect-centred zoomed crops (classes balanced if
+    asked), hard negatives, flips, rotations, brightness/contrast, gamma, blur and noise.
+    Deterministic for a given numpy generator and ``hard`` list."""
 
     def __init__(self, tiles_set: FrameSet, synth: FrameSet, config: SegTrainConfig, rng: np.random.Generator):
         self.tiles, self.synth, self.config, self.rng = tiles_set, synth, config, rng
+        self.hard: list[Spot] = []
 
-    def _pick(self) -> tuple[FrameSet, int]:
+    def _pick(self) -> tuple[FrameSet, int, tuple[int, int] | None]:
+        """(source, frame index, the spot to centre the crop on or None)."""
         c, r = self.config, self.rng.random()
         if r < c.synthetic_fraction and len(self.synth):
-            return self.synth, int(self.rng.integers(len(self.synth)))
+            return self.synth, int(self.rng.integers(len(self.synth))), None
         r = self.rng.random()
         if r < c.defect_fraction / max(1e-9, 1 - c.synthetic_fraction) and len(self.tiles.defect_ids):
-            return self.tiles, int(self.rng.choice(self.tiles.defect_ids))
+            return self.tiles, self._defect_frame(), None
+        if self.hard and self.rng.random() < c.hard_negatives:
+            i, row, col = self.hard[int(self.rng.integers(len(self.hard)))]
+            return self.tiles, i, (row, col)
         if len(self.tiles.free_ids):
-            return self.tiles, int(self.rng.choice(self.tiles.free_ids))
-        return self.tiles, int(self.rng.integers(len(self.tiles)))
+            return self.tiles, int(self.rng.choice(self.tiles.free_ids)), None
+        return self.tiles, int(self.rng.integers(len(self.tiles))), None
 
-    def _crop(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        c, rng = self.config, self.rng
-        size = x.shape[0]
-        side = int(round(c.crop / rng.uniform(*c.scale_range)))
-        side = min(side, size)
-        ys, xs = np.nonzero(y > 0.5)
-        if len(ys) and rng.random() < c.defect_centred:
-            j = rng.integers(len(ys))
-            cy, cx = ys[j] + rng.integers(-side // 3, side // 3 + 1), xs[j] + rng.integers(-side // 3, side // 3 + 1)
-        else:
-            cy, cx = rng.integers(size), rng.integers(size)
-        y0 = int(np.clip(cy - side // 2, 0, size - side))
-        x0 = int(np.clip(cx - side // 2, 0, size - side))
-        xc = x[y0 : y0 + side, x0 : x0 + side].astype(np.float32)
-        yc = y[y0 : y0 + side, x0 : x0 + side].astype(np.float32)
+    def _defect_frame(self) -> int:
+        if self.config.sampling == "class_balanced":
+            members = self.tiles.by_class[list(self.tiles.by_class)[int(self.rng.integers(len(self.tiles.by_class)))]]
+            return int(self.rng.choice(members))
+        return int(self.rng.choice(self.tiles.defect_ids))
+
+    def _centre(self, source: FrameSet, i: int, spot: tuple[int, int] | None, side: int) -> tuple[int, int]:
+        h, w = source.x[i].shape
+        if spot is None:
+            points = source.defect_points(i)
+            if len(points) and self.rng.random() < self.config.defect_centred:
+                spot = tuple(points[self.rng.integers(len(points))])
+        if spot is None:
+            return int(self.rng.integers(h)), int(self.rng.integers(w))
+        jitter = side // 3
+        return (int(spot[0] + self.rng.integers(-jitter, jitter + 1)),
+                int(spot[1] + self.rng.integers(-jitter, jitter + 1)))
+
+    def _crop(self, source: FrameSet, i: int, spot: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config
+        x, y = source.x[i], source.y[i]
+        side = int(round(c.crop / self.rng.uniform(*c.scale_range)))
+        cy, cx = self._centre(source, i, spot, side)
+        sh, sw = min(side, x.shape[0]), min(side, x.shape[1])
+        y0 = int(np.clip(cy - sh // 2, 0, x.shape[0] - sh))
+        x0 = int(np.clip(cx - sw // 2, 0, x.shape[1] - sw))
+        xc = x[y0 : y0 + sh, x0 : x0 + sw].astype(np.float32)
+        yc = y[y0 : y0 + sh, x0 : x0 + sw].astype(np.float32)
+        if (sh, sw) != (side, side):  # a frame narrower than the crop: mirror it out to a square
+            pads = ((0, side - sh), (0, side - sw))
+            xc, yc = np.pad(xc, pads, mode="symmetric"), np.pad(yc, pads, mode="symmetric")
         if side != c.crop:
             xc = cv2.resize(xc, (c.crop, c.crop), interpolation=cv2.INTER_LINEAR)
             yc = cv2.resize(yc, (c.crop, c.crop), interpolation=cv2.INTER_LINEAR)
         return xc, yc
+
+    def _photometric(self, xc: np.ndarray) -> np.ndarray:
+        """Brightness/contrast, then (if configured) gamma on the raw [0,1] scale, blur and sensor noise."""
+        c, rng = self.config, self.rng
+        gain = 1.0 + rng.uniform(-c.contrast, c.contrast)
+        mean = float(xc.mean())
+        xc = (xc - mean) * gain + mean + rng.uniform(-c.brightness, c.brightness)
+        if c.gamma:
+            raw = np.clip(xc * c.std + c.mean, 0.0, 1.0) ** (1.0 + rng.uniform(-c.gamma, c.gamma))
+            xc = (raw - c.mean) / c.std
+        if c.blur and rng.random() < c.blur:
+            xc = cv2.GaussianBlur(np.ascontiguousarray(xc, np.float32), (0, 0), rng.uniform(0.3, 1.2))
+        if c.noise:
+            xc = xc + rng.normal(0.0, rng.uniform(0.0, c.noise), xc.shape)
+        return xc
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         c, rng = self.config, self.rng
         xb = np.empty((c.batch, 1, c.crop, c.crop), np.float32)
         yb = np.empty_like(xb)
         for k in range(c.batch):
-            source, i = self._pick()
-            xc, yc = self._crop(source.x[i], source.y[i])
+            source, i, spot = self._pick()
+            xc, yc = self._crop(source, i, spot)
             if rng.random() < 0.5:
                 xc, yc = xc[:, ::-1], yc[:, ::-1]
             if rng.random() < 0.5:
                 xc, yc = xc[::-1], yc[::-1]
             turns = int(rng.integers(4))
             xc, yc = np.rot90(xc, turns), np.rot90(yc, turns)
-            gain = 1.0 + rng.uniform(-c.contrast, c.contrast)
-            mean = float(xc.mean())
-            xb[k, 0] = (xc - mean) * gain + mean + rng.uniform(-c.brightness, c.brightness)
+            xb[k, 0] = self._photometric(xc)
             yb[k, 0] = yc
         return torch.from_numpy(xb), torch.from_numpy(yb)
 
@@ -288,32 +370,75 @@ class Sampler:
 # ---------------------------------------------------------------- training
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float, dice_weight: float) -> torch.Tensor:
-    """Weighted BCE (defect pixels count ``pos_weight`` times) + soft dice over the batch."""
-    weight = torch.tensor(pos_weight, device=logits.device)
-    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, config: SegTrainConfig) -> torch.Tensor:
+    """``bce_dice``: weighted BCE (defect pixels count ``pos_weight`` times) + soft dice over the
+    batch. ``focal_tversky``: focal BCE (easy background pixels fade out) + Tversky, which weighs a
+    missed defect pixel ``1 - tversky_alpha`` against ``tversky_alpha`` for a false one."""
     prob = torch.sigmoid(logits)
-    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
-    return bce + dice_weight * dice
+    if config.loss == "focal_tversky":
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        p_true = prob * target + (1 - prob) * (1 - target)
+        pixel = ((1 - p_true) ** config.focal_gamma * bce).mean()
+        tp, fp, fn = (prob * target).sum(), (prob * (1 - target)).sum(), ((1 - prob) * target).sum()
+        region = 1 - (tp + 1) / (tp + config.tversky_alpha * fp + (1 - config.tversky_alpha) * fn + 1)
+    else:
+        weight = torch.tensor(config.pos_weight, device=logits.device)
+        pixel = nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+        region = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    return pixel + config.dice_weight * region
+
+
+def pad_to_stride(x: np.ndarray) -> np.ndarray:
+    """[h,w] -> [H,W], H and W multiples of :data:`STRIDE`, mirrored like the edge runtime pads."""
+    from edge.inference import pad_input, padded_size
+
+    return pad_input(x[None], padded_size(x.shape, STRIDE))[0]
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Probability maps [N,h,w] for preprocessed inputs [N,h,w]."""
+def predict(model: nn.Module, xs: list[np.ndarray], batch: int = 16) -> list[np.ndarray]:
+    """Probability maps for preprocessed inputs (each [h,w], any sizes): frames of one padded size
+    run together, each map cropped back to its frame."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model(torch.from_numpy(x[i : i + batch].astype(np.float32)[:, None]).to(device)).cpu().numpy()[:, 0]
-           for i in range(0, len(x), batch)]
-    return np.concatenate(out) if out else np.zeros_like(x, np.float32)
+    out: list[np.ndarray] = [np.empty(0, np.float32)] * len(xs)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(pad_to_stride(x).shape, []).append(i)
+    for indexes in groups.values():
+        for start in range(0, len(indexes), batch):
+            chunk = indexes[start : start + batch]
+            inputs = np.stack([pad_to_stride(xs[i]) for i in chunk]).astype(np.float32)[:, None]
+            probs = model(torch.from_numpy(inputs).to(device)).cpu().numpy()[:, 0]
+            for i, prob in zip(chunk, probs):
+                out[i] = prob[: xs[i].shape[0], : xs[i].shape[1]]
+    return out
 
 
-def quick_metrics(prob: np.ndarray, frames: FrameSet, threshold: float) -> dict[str, float]:
-    """Pooled IoU and dice at model resolution (the per-epoch view; the package metrics are at
-    each image's own size through the edge runtime)."""
-    pred, true = prob > threshold, frames.y.astype(np.float32) > 0.5
-    inter, union = float((pred & true).sum()), float((pred | true).sum())
-    total = float(pred.sum() + true.sum())
-    return {"iou": inter / union if union else 1.0, "dice": 2 * inter / total if total else 1.0}
+def quick_metrics(probs: list[np.ndarray], frames: FrameSet, threshold: float) -> dict[str, float]:
+    """Pooled IoU and dice at model resolution over all frames, and pooled IoU over the defect frames
+    (the per-epoch view; the package metrics come from the edge runtime at each image's own size)."""
+    inter = union = total = inter_defect = union_defect = 0.0
+    for prob, target, cls in zip(probs, frames.y, frames.classes):
+        pred, true = prob > threshold, target.astype(np.float32) > 0.5
+        i, u = float((pred & true).sum()), float((pred | true).sum())
+        inter, union, total = inter + i, union + u, total + float(pred.sum() + true.sum())
+        if cls != tiles.FREE:
+            inter_defect, union_defect = inter_defect + i, union_defect + u
+    return {"iou": inter / union if union else 1.0, "dice": 2 * inter / total if total else 1.0,
+            "iou_defect_images": inter_defect / union_defect if union_defect else 1.0}
+
+
+def mine_hard_negatives(model: nn.Module, frames: FrameSet, count: int, rng: np.random.Generator) -> list[Spot]:
+    """Score ``count`` random defect-free frames; the more defect-like half, each at its most
+    defect-like pixel, become the next hard negatives."""
+    if not len(frames.free_ids):
+        return []
+    picks = rng.choice(frames.free_ids, size=min(count, len(frames.free_ids)), replace=False)
+    probs = predict(model, [frames.x[i] for i in picks])
+    spots = sorted(((float(p.max()), int(i), *np.unravel_index(int(p.argmax()), p.shape)) for i, p in zip(picks, probs)),
+                   reverse=True)
+    return [(i, int(row), int(col)) for _, i, row, col in spots[: max(1, len(spots) // 2)]]
 
 
 class TrainResult(BaseModel):
@@ -333,57 +458,123 @@ def lr_at(progress: float, peak: float, warmup: float = 0.05) -> float:
     return peak * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t)))
 
 
+@dataclass
+class _Run:
+    """Where a training run is: what a resumable checkpoint holds besides weights and optimizer."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
 def train(config: SegTrainConfig, train_set: FrameSet, synth: FrameSet, val_set: FrameSet | None = None,
           on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-          on_step: Callable[[], None] | None = None) -> TrainResult:
+          on_step: Callable[[], None] | None = None, teacher: nn.Module | None = None,
+          initial: TileUNet | None = None, resume_from: Path | None = None) -> TrainResult:
     """AdamW with warm-up + cosine decay. Progress is ``max(steps done / steps planned, seconds
     spent / max_train_seconds)``, so a run on a busy machine still finishes its schedule (fully
     annealed) inside the time budget; on an idle machine the step count rules and the run is
-    reproducible step for step."""
+    reproducible step for step.
+
+    ``teacher``: distillation, its probability maps are a second target (``distill_weight``);
+    ``initial``: start from these weights (fine-tuning a pruned net); ``resume_from``: a resumable
+    checkpoint written there every ``checkpoint_every_s`` and after each epoch, and read back first
+    when it exists, so a killed run goes on where it was."""
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
-    model = TileUNet(config.widths).to(config.device, memory_format=torch.channels_last)  # ~20% faster on CPU
-    total = config.epochs * config.steps_per_epoch
+    model = (initial or TileUNet(config.widths)).to(config.device, memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher = teacher.to(config.device, memory_format=torch.channels_last).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sampler = Sampler(train_set, synth, config, rng)
-    history: list[dict[str, float]] = []
-    t0, steps, progress = time.perf_counter(), 0, 0.0
-    for epoch in range(config.epochs):
-        model.train()
+    run = _Run()
+    if resume_from is not None and resume_from.exists():
+        run = _resume(resume_from, config, model, opt, rng, sampler)
+        log.info("resumed %s at step %d (%.0f s trained)", resume_from, run.steps, run.seconds)
+    total = config.epochs * config.steps_per_epoch
+    t0 = time.perf_counter() - run.seconds
+    saved_at = time.perf_counter()
+
+    def progress() -> float:
+        return max(run.steps / total, (time.perf_counter() - t0) / config.max_train_seconds)
+
+    for epoch in range(run.epoch, config.epochs):
         losses = []
-        for _ in range(config.steps_per_epoch):
-            progress = max(steps / total, (time.perf_counter() - t0) / config.max_train_seconds)
-            if progress >= 1.0:
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(progress, config.lr)
-            xb, yb = (t.to(config.device, memory_format=torch.channels_last) for t in sampler.batch())
-            loss = seg_loss(model.logits(xb), yb, config.pos_weight, config.dice_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            steps += 1
+        while run.steps < (epoch + 1) * config.steps_per_epoch and progress() < 1.0:
+            if config.hard_negatives and run.steps and run.steps % config.mine_every == 0:
+                sampler.hard = mine_hard_negatives(model, train_set, config.mine_images, rng)
+            model.train()
+            losses.append(_step(model, opt, sampler, config, lr_at(progress(), config.lr), teacher))
+            run.steps += 1
             if on_step:
                 on_step()
-        progress = max(steps / total, (time.perf_counter() - t0) / config.max_train_seconds)
-        last = epoch + 1 == config.epochs or progress >= 1.0
+            if resume_from is not None and time.perf_counter() - saved_at > config.checkpoint_every_s:
+                _save_run(resume_from, config, model, opt, rng, sampler, replace(run, seconds=time.perf_counter() - t0))
+                saved_at = time.perf_counter()
+        last = epoch + 1 == config.epochs or progress() >= 1.0
         row = {"epoch": float(epoch + 1), "loss": float(np.mean(losses)) if losses else float("nan"),
                "seconds": time.perf_counter() - t0}
         if val_set is not None and ((epoch + 1) % config.eval_every == 0 or last):
             row |= {f"val_{k}": v for k, v in quick_metrics(predict(model, val_set.x), val_set, config.threshold).items()}
-        history.append(row)
+        run.history.append(row)
+        run.epoch = epoch + 1
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+        if resume_from is not None:
+            _save_run(resume_from, config, model, opt, rng, sampler, replace(run, seconds=time.perf_counter() - t0))
+            saved_at = time.perf_counter()
         if on_epoch:
             on_epoch(epoch + 1, row)
         if last:
             if epoch + 1 < config.epochs:
                 log.warning("time budget %.0f s reached after %d of %d steps; schedule compressed",
-                            config.max_train_seconds, steps, total)
+                            config.max_train_seconds, run.steps, total)
             break
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
-    return TrainResult(model=model, seconds=time.perf_counter() - t0, steps=steps, history=history)
+    return TrainResult(model=model, seconds=time.perf_counter() - t0, steps=run.steps, history=run.history)
+
+
+def _step(model: TileUNet, opt: torch.optim.Optimizer, sampler: Sampler, config: SegTrainConfig, lr: float,
+          teacher: nn.Module | None) -> float:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    xb, yb = (t.to(config.device, memory_format=torch.channels_last) for t in sampler.batch())
+    logits = model.logits(xb)
+    loss = seg_loss(logits, yb, config)
+    if teacher is not None and config.distill_weight:
+        with torch.no_grad():
+            taught = teacher(xb)
+        loss = loss + config.distill_weight * nn.functional.mse_loss(torch.sigmoid(logits), taught)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _save_run(path: Path, config: SegTrainConfig, model: TileUNet, opt: torch.optim.Optimizer,
+              rng: np.random.Generator, sampler: Sampler, run: _Run) -> None:
+    """A resumable checkpoint, written atomically (a kill mid-write leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"config": config.model_dump(mode="json"), "state_dict": model.state_dict(),
+                "optimizer": opt.state_dict(), "rng": rng.bit_generator.state, "hard": sampler.hard,
+                "steps": run.steps, "seconds": run.seconds, "epoch": run.epoch, "history": run.history,
+                "complete": False}, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, config: SegTrainConfig, model: TileUNet, opt: torch.optim.Optimizer,
+            rng: np.random.Generator, sampler: Sampler) -> _Run:
+    data = torch.load(path, map_location=config.device, weights_only=True)
+    if SegTrainConfig(**data["config"]).model_dump(exclude={"threads", "device"}) != config.model_dump(
+            exclude={"threads", "device"}):
+        raise ValueError(f"{path} was written by another training config; delete it or use the same recipe")
+    model.load_state_dict(data["state_dict"])
+    opt.load_state_dict(data["optimizer"])
+    rng.bit_generator.state = data["rng"]
+    sampler.hard = [tuple(spot) for spot in data["hard"]]
+    return _Run(data["steps"], data["seconds"], data["epoch"], data["history"])
 
 
 def save_checkpoint(path: Path, config: SegTrainConfig, result: TrainResult) -> None:
@@ -391,12 +582,16 @@ def save_checkpoint(path: Path, config: SegTrainConfig, result: TrainResult) -> 
     on a GPU box, package on the CPU that will be benchmarked)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": config.model_dump(mode="json"), "state_dict": result.model.state_dict(),
-                "seconds": result.seconds, "steps": result.steps, "history": result.history}, path)
+                "seconds": result.seconds, "steps": result.steps, "history": result.history, "complete": True},
+               path)
 
 
 def load_checkpoint(path: Path) -> tuple[SegTrainConfig, TrainResult]:
-    """(the config it was trained with, the trained model on the cpu)."""
+    """(the config it was trained with, the trained model on the cpu). Refuses a resumable
+    checkpoint of a run that has not finished: a half-trained net is never packaged."""
     data = torch.load(path, map_location="cpu", weights_only=True)
+    if not data.get("complete", True):
+        raise ValueError(f"{path} is the checkpoint of an unfinished run (step {data['steps']}); resume it first")
     config = SegTrainConfig(**data["config"])
     model = TileUNet(config.widths)
     model.load_state_dict(data["state_dict"])
@@ -407,40 +602,63 @@ def load_checkpoint(path: Path) -> tuple[SegTrainConfig, TrainResult]:
 # ---------------------------------------------------------------- export and packages
 
 
-def export_onnx(model: TileUNet, size: int) -> bytes:
-    """Opset 17, dynamic batch, input ``image`` [batch,1,size,size], output ``prob`` (sigmoid)."""
+def export_onnx(model: TileUNet, size: int | tuple[int, int], native: bool = False) -> bytes:
+    """Opset 17, input ``image`` [batch,1,h,w], output ``prob`` (sigmoid); batch is dynamic, and
+    so are height and width when ``native``."""
+    height, width = (size, size) if isinstance(size, int) else size
+    axes = {0: "batch", 2: "height", 3: "width"} if native else {0: "batch"}
     buf = io.BytesIO()
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (torch.zeros(1, 1, size, size),), buf, dynamo=False, opset_version=17,
-            input_names=["image"], output_names=["prob"],
-            dynamic_axes={"image": {0: "batch"}, "prob": {0: "batch"}},
+            model, (torch.zeros(1, 1, height, width),), buf, dynamo=False, opset_version=17,
+            input_names=["image"], output_names=["prob"], dynamic_axes={"image": axes, "prob": axes},
         )
     return buf.getvalue()
 
 
-def onnx_parity(model: TileUNet, onnx_bytes: bytes, x: np.ndarray, threshold: float) -> dict[str, float]:
-    """Torch vs ONNX Runtime on preprocessed inputs [N,h,w]: max abs diff and threshold agreement."""
+def model_input(config: SegTrainConfig) -> tuple[int, int]:
+    """(h, w) the net sees for the reference frame: the padded median tile (native) or size x size."""
+    if config.resize == "native":
+        return tuple(-(-side // STRIDE) * STRIDE for side in config.reference)
+    return config.size, config.size
+
+
+def export_for(model: TileUNet, config: SegTrainConfig) -> bytes:
+    """The graph a package of ``config`` ships: dynamic height/width for a native one."""
+    if config.resize == "native":
+        return export_onnx(model, model_input(config), native=True)
+    return export_onnx(model, config.size)
+
+
+def onnx_parity(model: TileUNet, onnx_bytes: bytes, xs: list[np.ndarray], threshold: float) -> dict[str, float]:
+    """Torch vs ONNX Runtime on preprocessed inputs (each [h,w], padded like the edge pads): max
+    abs diff and threshold agreement."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    ref = predict(model, x)
-    got = np.concatenate([session.run(None, {"image": x[i : i + 8].astype(np.float32)[:, None]})[0][:, 0]
-                          for i in range(0, len(x), 8)])
-    return {"parity_max_abs_diff": float(np.abs(got - ref).max()),
-            "parity_pixel_agreement": float(((got > threshold) == (ref > threshold)).mean())}
+    refs = predict(model, xs)
+    diff, agree, pixels = 0.0, 0.0, 0
+    for x, ref in zip(xs, refs):
+        got = session.run(None, {"image": pad_to_stride(x).astype(np.float32)[None, None]})[0][0, 0]
+        got = got[: x.shape[0], : x.shape[1]]
+        diff = max(diff, float(np.abs(got - ref).max()))
+        agree += float(((got > threshold) == (ref > threshold)).sum())
+        pixels += ref.size
+    return {"parity_max_abs_diff": diff, "parity_pixel_agreement": agree / pixels if pixels else 1.0}
 
 
 def make_manifest(config: SegTrainConfig, precision: str = "fp32", metrics: dict[str, float] | None = None,
                   bench: dict[str, float] | None = None) -> Manifest:
-    s = config.size
+    spec = preprocess_spec(config)
+    shape: list[int | str] = (["batch", 1, "height", "width"] if config.resize == "native"
+                              else ["batch", 1, config.size, config.size])
     return Manifest(
         name=NAMES[config.dataset], version=VERSIONS[config.dataset], task="segmentation",
-        inputs=[TensorSpec(name="image", shape=["batch", 1, s, s])],
-        outputs=[TensorSpec(name="prob", shape=["batch", 1, s, s])],
-        preprocess=preprocess_spec(config),
+        inputs=[TensorSpec(name="image", shape=shape)],
+        outputs=[TensorSpec(name="prob", shape=shape)],
+        preprocess=spec,
         postprocess=SegmentationPostprocess(classes=["background", "defect"], threshold=config.threshold,
                                             min_area=config.min_area),
         precision=precision, metrics=metrics or {}, bench=bench or {},
@@ -500,9 +718,9 @@ def _export_and_package(out_dir: Path, config: SegTrainConfig, result: TrainResu
     from models.quantize import latency_ms
 
     model = result.model
-    onnx_bytes = export_onnx(model, config.size)
+    onnx_bytes = export_for(model, config)
     metrics = {"params": float(count_params(model)),
-               "gflops": conv_flops(model, (1, 1, config.size, config.size)) / 1e9,
+               "gflops": conv_flops(model, (1, 1, *model_input(config))) / 1e9,
                "train_seconds": result.seconds, "train_steps": float(result.steps),
                "train_on_gpu": float(config.device != "cpu"),
                "train_seed": float(config.seed)}
@@ -515,7 +733,7 @@ def _export_and_package(out_dir: Path, config: SegTrainConfig, result: TrainResu
     package = write_package(folder, make_manifest(config, "fp32", metrics), onnx_bytes)
     metrics |= tiles.evaluate_package(package, train_images, val_images, config.threads, config.max_false_alarms,
                                       with_synthetic=config.dataset != "synthetic")
-    bench = {f"ms_per_frame_batch{b}": latency_ms(onnx_bytes, config.size, b, config.threads) for b in (1, 4)}
+    bench = {f"ms_per_frame_batch{b}": latency_ms(onnx_bytes, model_input(config), b, config.threads) for b in (1, 4)}
     bench["threads"] = float(config.threads)
     package = write_package(folder, tiles.with_alarm(make_manifest(config, "fp32", metrics, bench), metrics),
                             onnx_bytes)
