@@ -26,6 +26,19 @@ def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> TableOutput:
                        title)
 
 
+def class_table(rows: list[dict[str, Any]]) -> TableOutput:
+    """One row per class: images, pooled IoU, share flagged (recall; false alarms for Free), precision, AP."""
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    return TableOutput([Column("class", key=True), Column("images", numeric=True), Column("iou", numeric=True),
+                        Column("flagged", numeric=True), Column("precision", numeric=True),
+                        Column("ap", numeric=True)],
+                       [[r["class"], str(r["images"]), num(r["iou"]), num(r["flagged"]), num(r["precision"]),
+                         num(r["average_precision"])] for r in rows],
+                       "per class (flagged: image recall; on Free, the false-alarm rate)")
+
+
 def _report(title: str, packages: list[Any], as_json: bool, extra: dict[str, dict[str, float]] | None = None) -> None:
     """The packages' metrics (``extra``: more columns first, e.g. the fp32 one quantized) and where they are."""
     rows = (extra or {}) | {p.manifest.package_id: p.manifest.metrics for p in packages}
@@ -112,23 +125,74 @@ def register(app: typer.Typer) -> None:
     @app.command("eval-seg")
     def eval_seg(
         package: Annotated[Path, typer.Argument(help="a segmentation package folder")],
-        dataset: Annotated[str, typer.Option(help="tiles (the magnetic-tile val split) or synthetic (fresh "
-                                                  "synthetic cameras)")] = "tiles",
+        data: Annotated[Optional[Path], typer.Option(help="evaluate every image of this folder (MT_<Class>/<stem>.jpg "
+                                                       "+ <stem>.png, or MT_<Class>/Imgs/...) with the package's own "
+                                                       "alarm, instead of a val split")] = None,
+        dataset: Annotated[Optional[str], typer.Option(help="without --data: tiles (the magnetic-tile val split, the "
+                                                            "alarm calibrated on train; default) or synthetic (fresh "
+                                                            "synthetic cameras)")] = None,
         threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = 2,
         val_fraction: Annotated[float, typer.Option(help="val share of each class (must match training)")] = 0.2,
+        max_false_alarms: Annotated[float, typer.Option(min=0, max=1, help="without --data: false-alarm budget on the "
+                                                                           "train Free images")] = 0.05,
+        overlays: Annotated[Optional[Path], typer.Option(help="write the worst and best defect images (frame | truth "
+                                                              "| prediction) and pr_curve.png here")] = None,
+        overlay_count: Annotated[int, typer.Option(min=1, help="N: the worst N and the best N images")] = 6,
         as_json: JsonOption = False,
     ) -> None:
-        """Run a package through the edge runtime on a val set; the image alarm is calibrated on train."""
-        from models import tiles
+        """Run a package through the edge runtime on a folder of tiles (--data) or a val split; pooled
+        defect IoU, per class, image recall, false alarms, precision-recall per class."""
+        from models import seg_eval, tiles
 
         pkg = _load(package)
-        train, val = _dataset_or_exit(dataset, val_fraction)
-        metrics = tiles.evaluate_package(pkg, train, val, threads, with_synthetic=dataset == "tiles")
+        if pkg.manifest.task != "segmentation":
+            raise fail(f"{package}: task is {pkg.manifest.task!r}, not segmentation")
+        if data is not None:
+            if dataset is not None:
+                raise fail("give --data or --dataset, not both")
+            try:
+                evaluation = seg_eval.evaluate_folder(pkg, data, threads)
+            except tiles.DataLayoutError as exc:
+                raise fail(str(exc)) from None
+            source = str(data)
+        else:
+            dataset = dataset or "tiles"
+            if dataset == "tiles":
+                _data_or_exit()
+                train_items, val_items = tiles.load_split(val_fraction)
+                train, val = tiles.ImageSet.from_items(train_items), seg_eval.samples_from_items(val_items)
+            else:
+                train_set, val_set = _dataset_or_exit(dataset, val_fraction)
+                train, val = train_set, seg_eval.samples_from_set(val_set)
+            evaluation = seg_eval.evaluate_split(pkg, train, val, threads, max_false_alarms,
+                                                 with_synthetic=dataset == "tiles")
+            source = f"{dataset} val"
+        written = seg_eval.write_overlays(evaluation, overlays, overlay_count) if overlays is not None else []
         package_id = pkg.manifest.package_id
         if as_json:
-            print_json({"package": package_id, "dataset": dataset, "val_frames": len(val), "metrics": metrics})
+            out = {"package": package_id, "dataset": None if data is not None else dataset,
+                   "data": str(data) if data is not None else None, "images": len(evaluation.samples),
+                   "classes": evaluation.classes, "alarm": evaluation.alarm.describe(),
+                   "alarm_source": "package" if data is not None else "calibrated on train",
+                   "metrics": evaluation.metrics,
+                   "pr_curves": {cls: c.as_dict() for cls, c in evaluation.curves.items()},
+                   "overlays": [str(p) for p in written]}
+            if data is None:
+                out["val_frames"] = len(evaluation.samples)
+            print_json(out)
             return
-        print_table(metrics_table(f"{package_id} on {len(val)} {dataset} val frames", {package_id: metrics}), console)
+        title = f"{package_id} on {len(evaluation.samples)} images of {source}"
+        print_table(metrics_table(title, {package_id: evaluation.metrics}), console)
+        print_table(class_table(evaluation.class_rows()), console)
+        how = "the package's own" if data is not None else f"calibrated on train at {max_false_alarms:g} false alarms"
+        console.print(f"image alarm ({how}): {evaluation.alarm.describe()}", soft_wrap=True, highlight=False,
+                      markup=False)
+        unknown = [cls for cls in evaluation.classes if cls not in tiles.CLASSES]
+        if unknown:
+            console.print(f"classes outside {', '.join(tiles.CLASSES)} (counted as defects): {', '.join(unknown)}",
+                          soft_wrap=True, highlight=False, markup=False)
+        if written:
+            console.print(f"{len(written)} pictures -> {overlays}", soft_wrap=True, highlight=False, markup=False)
 
     @app.command("quantize")
     def quantize(
