@@ -88,36 +88,52 @@ def run_fold(recipe: str, fold: int, threads: int = 1, work: Path = WORK, result
              root: Path | None = None) -> dict:
     """Train fold ``fold`` of ``recipe`` (resuming a checkpoint), score its held-out tiles and the
     calibration tiles through the edge runtime, and write ``<results>/<recipe>/fold<k>.json``."""
-    import torch
+    from models import segmentation as seg
 
+    config = recipe_config(recipe, threads)
+    train_items, _, _ = fold_split(tiles.list_items(root), fold)
+    started = time.perf_counter()
+    weights = fold_weights(recipe, fold, work)
+    if weights.exists():
+        _, result = seg.load_checkpoint(weights)
+    else:
+        train_set = seg.FrameSet.from_set(tiles.ImageSet.from_items(train_items), seg.preprocess_spec(config))
+        result = seg.train(config, train_set, seg.FrameSet([], [], []), resume_from=work / recipe / f"fold{fold}-run.pt")
+        seg.save_checkpoint(weights, config, result)
+    report = score_fold(seg.export_for(result.model, config), config, fold, threads, root=root)
+    report |= {"recipe": recipe, "steps": result.steps, "train_seconds": result.seconds,
+               "seconds": time.perf_counter() - started}
+    write_fold(report, recipe, fold, results)
+    return report
+
+
+def fold_weights(recipe: str, fold: int, work: Path = WORK) -> Path:
+    """Where fold ``fold`` of ``recipe`` keeps its finished weights (pruning and distillation start there)."""
+    return work / recipe / f"fold{fold}.pt"
+
+
+def score_fold(onnx_bytes: bytes, config, fold: int, threads: int = 1, precision: str = "fp32",
+               root: Path | None = None) -> dict:
+    """Score a graph on fold ``fold``'s held-out and calibration tiles through the edge runtime."""
     from edge.inference import SegmentationModel
     from models import segmentation as seg
     from models.package import write_package
 
-    config = recipe_config(recipe, threads)
-    train_items, calib_items, test_items = fold_split(tiles.list_items(root), fold)
-    spec = seg.preprocess_spec(config)
-    train_set = seg.FrameSet.from_set(tiles.ImageSet.from_items(train_items), spec)
-    started = time.perf_counter()
-    weights = work / recipe / f"fold{fold}.pt"
-    if weights.exists():
-        _, result = seg.load_checkpoint(weights)
-    else:
-        result = seg.train(config, train_set, seg.FrameSet([], [], []), resume_from=work / recipe / f"fold{fold}-run.pt")
-        seg.save_checkpoint(weights, config, result)
-    torch.set_num_threads(threads)
+    _, calib_items, test_items = fold_split(tiles.list_items(root), fold)
     with tempfile.TemporaryDirectory() as tmp:
-        package = write_package(Path(tmp) / "pkg", seg.make_manifest(config), seg.export_for(result.model, config))
+        package = write_package(Path(tmp) / "pkg", seg.make_manifest(config, precision), onnx_bytes)
         model = SegmentationModel(package, threads=threads)
         test, calib = tiles.ImageSet.from_items(test_items), tiles.ImageSet.from_items(calib_items)
-        report = {"recipe": recipe, "fold": fold, "config": config.model_dump(mode="json"), "steps": result.steps,
-                  "train_seconds": result.seconds, "seconds": time.perf_counter() - started,
-                  "test": _scored(tiles.score_set(model, test), test_items),
-                  "calib": _scored(tiles.score_set(model, calib), calib_items)}
-    out = results / recipe / f"fold{fold}.json"
+        return {"fold": fold, "config": config.model_dump(mode="json"), "precision": precision,
+                "test": _scored(tiles.score_set(model, test), test_items),
+                "calib": _scored(tiles.score_set(model, calib), calib_items)}
+
+
+def write_fold(report: dict, variant: str, fold: int, results: Path = RESULTS) -> Path:
+    out = results / variant / f"fold{fold}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return out
 
 
 def _scored(scores: list[ImageScore], items: list[TileItem]) -> list[dict]:

@@ -8,6 +8,7 @@ than ``LEVEL`` (0.5 after the 1/255 scale) has a probability near 1 and a bright
 real net of total stride ``stride``, a frame whose sides are not multiples of it must be padded,
 and what the padding holds shows in the last block row and column: zeros make them dark, a mirror
 of the frame keeps them as the frame is. Unsigned: swappers and sites using it trust no keys.
+Without onnx (the models extra) the tests that build it are skipped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from models.package import (Manifest, Package, SegmentationPostprocess, SegmentationPreprocess, TensorSpec,
                             write_package)
@@ -28,7 +30,7 @@ BRIGHT, DARK = 200, 40
 def dark_block_onnx(stride: int = 4, size: tuple[int, int] | None = None) -> bytes:
     """``image[batch, 1, H, W] -> prob[batch, 1, H, W]``; ``size`` fixes H x W in the graph (None:
     dynamic ``height`` and ``width``), as an export without dynamic spatial axes would."""
-    import onnx
+    onnx = pytest.importorskip("onnx", reason="the tiny package's graph is built with onnx.helper (models extra)")
     from onnx import TensorProto, helper, numpy_helper
 
     dims: list[int | str] = ["batch", 1, *(size or ("height", "width"))]
