@@ -1,7 +1,8 @@
 """The edge agent of one vision machine: cameras, inference, sensors, heartbeats, commands, MQTT.
 
 Threads: one ``capture:<machine>/<camera>`` per camera, ``infer:<machine>`` (micro-batches the
-latest frames of all cameras that share a model into one ONNX Runtime call), ``sensors:<machine>``
+latest frames of all cameras that share a model into one ONNX Runtime call; a ``native`` package
+makes one call per frame size among them, each frame at its own size), ``sensors:<machine>``
 (one batched LSTM step per tick for all sensor groups) and ``heartbeat:<machine>``. Shutdown is
 ordered: cameras stop, in-flight work finishes and is published, then the MQTT connection closes
 with a retained ``offline`` status (the last-will does the same if the process dies).
