@@ -264,15 +264,15 @@ def draw_pr_curves(curves: dict[str, tiles.PRCurve], title: str = "") -> np.ndar
     _text(canvas, "recall", ((x0 + x1) // 2 - 20, y0 + 38), 80, (0, 0, 0))
     _text(canvas, "precision", (4, y1 - 10), 100, (0, 0, 0))
     _text(canvas, title or "precision-recall per class", (left + 70, 22), PLOT[1] + LEGEND_WIDTH - left - 80, (0, 0, 0))
-    for n, (cls, curve) in enumerate(curves.items()):
-        r, g, b = CLASS_COLORS[n % len(CLASS_COLORS)]
-        color = (b, g, r)
+    colors = [tuple(reversed(CLASS_COLORS[n % len(CLASS_COLORS)])) for n in range(len(curves))]
+    for color, curve in zip(colors, curves.values()):
         if curve.points:
             pts, previous = [], 0.0  # steps: precision p_n holds over recall (r_n-1, r_n], as AP counts it
             for _, prec, rec in curve.points:
                 pts += [plot_point(previous, prec), plot_point(rec, prec)]
                 previous = rec
             cv2.polylines(canvas, [np.array(pts, np.int32)], False, color, 2, cv2.LINE_AA)
+    for n, (color, (cls, curve)) in enumerate(zip(colors, curves.items())):  # the points over every curve
         op = plot_point(curve.operating_point[1], curve.operating_point[0])
         cv2.circle(canvas, op, 6, color, -1, cv2.LINE_AA)
         cv2.circle(canvas, op, 6, (0, 0, 0), 1, cv2.LINE_AA)
@@ -282,7 +282,7 @@ def draw_pr_curves(curves: dict[str, tiles.PRCurve], title: str = "") -> np.ndar
               LEGEND_WIDTH - 40, (0, 0, 0))
     ly = top + 10 + 26 * len(curves)
     cv2.circle(canvas, (PLOT[1] + 17, ly), 6, (90, 90, 90), -1, cv2.LINE_AA)
-    _text(canvas, "the package's alarm", (PLOT[1] + 36, ly + 5), LEGEND_WIDTH - 40, (0, 0, 0))
+    _text(canvas, "operating point (alarm)", (PLOT[1] + 36, ly + 5), LEGEND_WIDTH - 40, (0, 0, 0))
     negatives = next(iter(curves.values())).negatives if curves else 0
     _text(canvas, f"negatives: {negatives} Free images", (PLOT[1] + 8, ly + 30), LEGEND_WIDTH - 12, (0, 0, 0), 0.45)
     return canvas
