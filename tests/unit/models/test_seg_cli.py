@@ -4,6 +4,7 @@ whole table when piped or as JSON."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from typer.testing import CliRunner
@@ -31,3 +32,54 @@ def test_eval_seg_names_the_package_with_its_precision():
 def test_eval_seg_refuses_a_missing_package_in_one_line(tmp_path):
     result = invoke("eval-seg", str(tmp_path / "nope"), "--dataset", "synthetic")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_seg_on_a_folder_prints_the_table_and_json_with_pr_curves_and_pictures(tmp_path):
+    from tests.unit.models.test_seg_eval import synthetic_folder
+
+    folder = synthetic_folder(tmp_path / "frames", sub="Imgs")
+    package = str(BUILTIN_PACKAGES / "seg-synth-int8")
+    table = invoke("eval-seg", package, "--data", str(folder), "--threads", "1")
+    assert table.exit_code == 0, table.output
+    assert "| iou_defect_images " in table.stdout and "| ap_crack " in table.stdout
+    assert "| Crack " in table.stdout and "| Free " in table.stdout and "image alarm (the package's own)" in table.stdout
+    raw = invoke("eval-seg", package, "--data", str(folder), "--threads", "1", "--json", "--overlays",
+                 str(tmp_path / "ov"), "--overlay-count", "2")
+    assert raw.exit_code == 0, raw.output
+    data = json.loads(raw.stdout)
+    assert (data["package"], data["data"], data["dataset"], data["alarm_source"]) == (
+        "seg-synth-1.0.0-int8", str(folder), None, "package")
+    assert data["images"] == sum(data["classes"].values()) == data["metrics"]["val_images"]
+    assert set(data["classes"]) == {"Crack", "Free"}
+    curve = data["pr_curves"]["Crack"]
+    assert set(curve) == {"average_precision", "positives", "negatives", "operating_point", "points"}
+    assert curve["positives"] == data["classes"]["Crack"] and curve["negatives"] == data["classes"]["Free"]
+    assert all(len(p) == 3 and 0 <= p[1] <= 1 and 0 <= p[2] <= 1 for p in curve["points"])
+    assert [p[0] for p in curve["points"]] == sorted((p[0] for p in curve["points"]), reverse=True)
+    assert curve["average_precision"] == data["metrics"]["ap_crack"]
+    assert curve["operating_point"]["recall"] == data["metrics"]["image_recall"]
+    assert len(data["overlays"]) == 5 and data["overlays"][-1].endswith("pr_curve.png")
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in data["overlays"])
+
+
+def test_eval_seg_refuses_a_folder_without_images_naming_it(tmp_path):
+    (tmp_path / "empty" / "MT_Crack").mkdir(parents=True)
+    result = invoke("eval-seg", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--data", str(tmp_path / "empty"))
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert str(tmp_path / "empty") in result.stderr and "MT_<Class>/<stem>.jpg" in result.stderr
+
+
+def test_eval_seg_refuses_a_missing_mask_naming_the_image(tmp_path):
+    from tests.unit.models.test_seg_eval import synthetic_folder
+
+    folder = synthetic_folder(tmp_path / "frames", frames=4)
+    lonely = next(folder.glob("MT_*/*.png"))
+    lonely.unlink()
+    result = invoke("eval-seg", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--data", str(folder))
+    assert result.exit_code == 2 and lonely.with_suffix(".jpg").name in result.stderr and "mask" in result.stderr
+
+
+def test_eval_seg_takes_data_or_dataset_not_both(tmp_path):
+    result = invoke("eval-seg", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--data", str(tmp_path), "--dataset",
+                    "synthetic")
+    assert result.exit_code == 2 and "not both" in result.stderr
