@@ -144,3 +144,19 @@ def test_real_tiles_in_either_layout_through_the_tiles_package(tmp_path, sub):
     assert 0.2 < m["iou_defect_images"] <= 1.0 and m["iou"] <= m["iou_defect_images"] + 1e-9
     rows = {r["class"]: r for r in evaluation.class_rows()}
     assert rows["Free"]["flagged"] == m["false_alarm_rate"] and rows["Free"]["iou"] is None
+
+
+def test_evaluation_and_pictures_run_without_torch_or_matplotlib(tmp_path):
+    import subprocess
+    import sys
+
+    folder = synthetic_folder(tmp_path / "frames", frames=4)
+    code = (f"import sys; from pathlib import Path; from models import seg_eval; "
+            f"from models.package import load_package; "
+            f"e = seg_eval.evaluate_folder(load_package(Path({str(SYNTH)!r})), Path({str(folder)!r}), 1); "
+            f"seg_eval.write_overlays(e, Path({str(tmp_path / 'ov')!r}), 1); "
+            f"sys.exit(('torch' in sys.modules) + 2 * ('matplotlib' in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ov" / "pr_curve.png").is_file()
