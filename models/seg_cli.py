@@ -187,6 +187,12 @@ def register(app: typer.Typer) -> None:
         how = "the package's own" if data is not None else f"calibrated on train at {max_false_alarms:g} false alarms"
         console.print(f"image alarm ({how}): {evaluation.alarm.describe()}", soft_wrap=True, highlight=False,
                       markup=False)
+        if tiles.FREE not in evaluation.classes:
+            console.print(f"no MT_{tiles.FREE} images: false alarms, precision and AP are not measured",
+                          soft_wrap=True, highlight=False, markup=False)
+        if not any(cls != tiles.FREE for cls in evaluation.classes):
+            console.print("no defect images: recall, defect IoU and AP are not measured", soft_wrap=True,
+                          highlight=False, markup=False)
         unknown = [cls for cls in evaluation.classes if cls not in tiles.CLASSES]
         if unknown:
             console.print(f"classes outside {', '.join(tiles.CLASSES)} (counted as defects): {', '.join(unknown)}",
