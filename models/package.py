@@ -206,6 +206,8 @@ class Manifest(_Strict):
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of every file but the manifest")
     metrics: dict[str, float] = Field(default_factory=dict, description="quality on the eval set")
     bench: dict[str, float] = Field(default_factory=dict, description="latency on the bench machine")
+    training: dict[str, Any] = Field(default_factory=dict, description="how the model was made: the recipe, the "
+                                     "hash of the data it saw, its cross-validated figures")
     signature: Signature | None = Field(None, description="Ed25519 signature of the canonical manifest, or None")
 
     @property

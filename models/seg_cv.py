@@ -17,6 +17,7 @@ checkpoints and fold weights to ``--work`` (default ``~/.cache/edgeline/seg_cv``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import tempfile
@@ -70,10 +71,27 @@ def fold_split(items: list[TileItem], fold: int) -> tuple[list[TileItem], list[T
     whose name hash falls in the lowest ``CALIB_FRACTION``."""
     assignment = assign_folds(items)
     test = [item for item, f in zip(items, assignment) if f == fold]
-    rest = [item for item, f in zip(items, assignment) if f != fold]
-    calib = [item for item in rest if item.cls == FREE and tiles.in_val(item.image.name, CALIB_FRACTION, "calib")]
+    train, calib = split_calibration([item for item, f in zip(items, assignment) if f != fold])
+    return train, calib, test
+
+
+def split_calibration(items: list[TileItem]) -> tuple[list[TileItem], list[TileItem]]:
+    """(train, calibration): the defect-free tiles whose name hash falls in the lowest
+    ``CALIB_FRACTION`` are kept from training, to set the image alarm on tiles the net never saw."""
+    calib = [item for item in items if item.cls == FREE and tiles.in_val(item.image.name, CALIB_FRACTION, "calib")]
     chosen = {item.image for item in calib}
-    return [item for item in rest if item.image not in chosen], calib, test
+    return [item for item in items if item.image not in chosen], calib
+
+
+def dataset_sha256(items: list[TileItem]) -> str:
+    """One hash of the images and masks (class, name and bytes of each), in a fixed order: what a
+    package's manifest records of the data it was trained on."""
+    digest = hashlib.sha256()
+    for item in sorted(items, key=lambda it: (it.cls, it.image.name)):
+        for path in (item.image, item.mask):
+            digest.update(f"{item.cls}/{path.name}:".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def recipe_config(recipe: str, threads: int = 1, **updates):
