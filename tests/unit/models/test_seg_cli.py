@@ -19,14 +19,17 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def test_eval_seg_names_the_package_with_its_precision():
+def test_eval_seg_names_the_package_with_its_precision(tmp_path):
     table = invoke("eval-seg", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--dataset", "synthetic")
     assert table.exit_code == 0, table.output
     assert "| metric " in table.stdout and "| seg-synth-1.0.0-int8 |" in table.stdout and "…" not in table.stdout
-    raw = invoke("eval-seg", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--dataset", "synthetic", "--json")
+    raw = invoke("eval-seg", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--dataset", "synthetic", "--json",
+                 "--overlays", str(tmp_path), "--overlay-count", "1")
     data = json.loads(raw.stdout)
     assert (data["package"], data["dataset"]) == ("seg-synth-1.0.0-int8", "synthetic")
     assert 0 < data["metrics"]["iou"] <= 1 and data["val_frames"] == data["metrics"]["val_images"]
+    assert data["alarm_source"] == "calibrated on train" and set(data["pr_curves"]) == {"Synthetic"}
+    assert sorted(p.name.split("_")[0] for p in tmp_path.iterdir()) == ["best", "pr", "worst"]
 
 
 def test_eval_seg_refuses_a_missing_package_in_one_line(tmp_path):
