@@ -132,7 +132,8 @@ def find_items(folder: Path) -> list[TileItem]:
                 by_class[class_dir.name[3:]] = sorted(images)
     if not by_class:
         raise DataLayoutError(f"{folder}: no images in the magnetic-tile layout (expected {LAYOUTS})")
-    items = [TileItem(cls, image, image.with_suffix(".png")) for cls in class_order(by_class) for image in by_class[cls]]
+    items = [TileItem(cls, image, image.with_suffix(".png"))
+             for cls in class_order(by_class) for image in by_class[cls]]
     missing = [item.image for item in items if not item.mask.is_file()]
     if missing:
         shown = ", ".join(str(p.relative_to(folder)) for p in missing[:3])

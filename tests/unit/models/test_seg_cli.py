@@ -45,7 +45,8 @@ def test_eval_seg_on_a_folder_prints_the_table_and_json_with_pr_curves_and_pictu
     table = invoke("eval-seg", package, "--data", str(folder), "--threads", "1")
     assert table.exit_code == 0, table.output
     assert "| iou_defect_images " in table.stdout and "| ap_crack " in table.stdout
-    assert "| Crack " in table.stdout and "| Free " in table.stdout and "image alarm (the package's own)" in table.stdout
+    assert "| Crack " in table.stdout and "| Free " in table.stdout
+    assert "image alarm (the package's own)" in table.stdout
     raw = invoke("eval-seg", package, "--data", str(folder), "--threads", "1", "--json", "--overlays",
                  str(tmp_path / "ov"), "--overlay-count", "2")
     assert raw.exit_code == 0, raw.output

@@ -140,7 +140,8 @@ def test_real_tiles_in_either_layout_through_the_tiles_package(tmp_path, sub):
     evaluation = seg_eval.evaluate_folder(load_package(TILES), folder, threads=1)
     assert evaluation.classes == {cls: 4 if cls == "Free" else 2 for cls in tiles.CLASSES}
     m = evaluation.metrics
-    assert {f"iou_{c.lower()}" for c in tiles.DEFECT_CLASSES} | {f"ap_{c.lower()}" for c in tiles.DEFECT_CLASSES} <= set(m)
+    for cls in tiles.DEFECT_CLASSES:
+        assert 0 <= m[f"iou_{cls.lower()}"] <= 1 and 0 <= m[f"ap_{cls.lower()}"] <= 1, cls
     assert 0.2 < m["iou_defect_images"] <= 1.0 and m["iou"] <= m["iou_defect_images"] + 1e-9
     rows = {r["class"]: r for r in evaluation.class_rows()}
     assert rows["Free"]["flagged"] == m["false_alarm_rate"] and rows["Free"]["iou"] is None
