@@ -10,6 +10,12 @@ only if its val defect IoU is within ``max_iou_drop`` of fp32's; otherwise
 
 fp16: ``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`` for
 CUDA/TensorRT; checked to load (and, where the CPU provider runs it, to agree) in ORT.
+
+Native packages (``preprocess.resize == "native"``, frames of many sizes): every frame is fed
+alone (a batch of one), mirror-padded to the package's ``pad_multiple`` exactly as the edge pads
+it (:func:`edge.inference.pad_input`); quick IoUs crop each map back to its frame; latencies are
+measured at the reference frame (the manifest's height x width, padded). Fixed packages keep
+stacked [N,1,h,w] arrays.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from edge.inference import preprocess_frame
+from edge.inference import pad_input, padded_size, preprocess_frame
 from models import tiles
-from models.package import MODEL_FILE, Package, write_package
+from models.package import MODEL_FILE, Manifest, Package, write_package
 
 log = logging.getLogger(__name__)
 
@@ -52,43 +58,83 @@ class QualityGateError(RuntimeError):
         )
 
 
-class FrameReader(CalibrationDataReader):
-    """Feeds preprocessed frames [N,1,h,w] one at a time to the calibrator."""
+Frames = np.ndarray | list[np.ndarray]
+"""Model inputs: stacked [N,1,h,w] (a fixed package), or a list of [1,H,W] frames, each padded to
+its own multiple of ``pad_multiple`` (a native one)."""
 
-    def __init__(self, frames: np.ndarray, input_name: str = "image") -> None:
+
+class FrameReader(CalibrationDataReader):
+    """Feeds preprocessed frames (:data:`Frames`) one at a time, as batches of one, to the calibrator."""
+
+    def __init__(self, frames: Frames, input_name: str = "image") -> None:
         self.frames, self.input_name, self.index = frames, input_name, 0
 
     def get_next(self):
         if self.index >= len(self.frames):
             return None
         self.index += 1
-        return {self.input_name: self.frames[self.index - 1 : self.index]}
+        return {self.input_name: np.ascontiguousarray(self.frames[self.index - 1], np.float32)[None]}
 
     def rewind(self) -> None:
         self.index = 0
 
 
-def calibration_frames(package: Package, train: tiles.ImageSet, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` preprocessed TRAIN frames, half with defects and half clean where the set allows;
-    never val frames."""
-    spec = package.manifest.preprocess
+def native(manifest: Manifest) -> bool:
+    return getattr(manifest.preprocess, "resize", "fixed") == "native"
+
+
+def reference_input(manifest: Manifest) -> tuple[int, int]:
+    """(h, w) of the model input for the reference frame: height x width (fixed), or the manifest's
+    reference frame padded to ``pad_multiple`` (native: 325x270 -> 336x272 for seg-tiles)."""
+    spec = manifest.preprocess
+    if native(manifest):
+        return padded_size((spec.height, spec.width), spec.pad_multiple)
+    return spec.height, spec.width
+
+
+def model_inputs(manifest: Manifest, images: list[np.ndarray]) -> Frames:
+    """Frames as the edge runtime feeds them: stacked [N,1,h,w] (fixed), or each [1,H,W] mirror-padded
+    to its own multiple of ``pad_multiple`` (native)."""
+    spec = manifest.preprocess
+    xs = [preprocess_frame(image, spec).astype(np.float32) for image in images]
+    if native(manifest):
+        return [pad_input(x, padded_size(x.shape[1:], spec.pad_multiple)) for x in xs]
+    return np.stack(xs)
+
+
+def calibration_picks(classes: list[str], count: int, seed: int = 0) -> list[int]:
+    """Indexes of ``count`` frames among ``classes``, half with defects and half clean where the
+    set allows (the same picks whatever the images are, so callers may load only these)."""
     rng = np.random.default_rng(seed + 7)
-    defect = [i for i, c in enumerate(train.classes) if c != tiles.FREE]
-    free = [i for i, c in enumerate(train.classes) if c == tiles.FREE]
+    defect = [i for i, c in enumerate(classes) if c != tiles.FREE]
+    free = [i for i, c in enumerate(classes) if c == tiles.FREE]
     picks = [defect[i] for i in rng.permutation(len(defect))[: (count + 1) // 2]]
-    picks += [free[i] for i in rng.permutation(len(free))[: count - len(picks)]]
-    return np.stack([preprocess_frame(train.images[i], spec) for i in picks]).astype(np.float32)
+    return picks + [free[i] for i in rng.permutation(len(free))[: count - len(picks)]]
 
 
-def val_arrays(package: Package, val: tiles.ImageSet) -> tuple[np.ndarray, np.ndarray]:
-    """Val inputs [N,1,h,w] and binary masks at model size, for quick comparisons of variants."""
+def calibration_frames(package: Package, train: tiles.ImageSet, count: int, seed: int = 0) -> Frames:
+    """``count`` preprocessed TRAIN frames (:func:`calibration_picks`); never val frames."""
+    picks = calibration_picks(train.classes, count, seed)
+    return model_inputs(package.manifest, [train.images[i] for i in picks])
+
+
+def val_arrays(package: Package, val: tiles.ImageSet) -> tuple[Frames, np.ndarray | list[np.ndarray]]:
+    """Val inputs (:func:`model_inputs`) and binary masks at model input size (unpadded), for quick
+    comparisons of variants."""
     import cv2
 
-    spec = package.manifest.preprocess
-    xs = [preprocess_frame(image, spec) for image in val.images]
+    manifest = package.manifest
+    xs = model_inputs(manifest, val.images)
+    if native(manifest):
+        from edge.inference import input_size
+
+        sizes = [input_size(image.shape[:2], manifest.preprocess) for image in val.images]
+        return xs, [cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
+                    for mask, (h, w) in zip(val.masks, sizes)]
+    spec = manifest.preprocess
     ys = [cv2.resize(mask.astype(np.float32), (spec.width, spec.height), interpolation=cv2.INTER_AREA) > 0.5
           for mask in val.masks]
-    return np.stack(xs).astype(np.float32), np.stack(ys)
+    return xs, np.stack(ys)
 
 
 def session(onnx_model: bytes | str, threads: int = 2) -> ort.InferenceSession:
@@ -99,15 +145,26 @@ def session(onnx_model: bytes | str, threads: int = 2) -> ort.InferenceSession:
     return ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
 
 
-def run_probs(sess: ort.InferenceSession, x: np.ndarray, batch: int = 8) -> np.ndarray:
+def run_probs(sess: ort.InferenceSession, x: Frames, batch: int = 8) -> np.ndarray | list[np.ndarray]:
+    """Probability maps [N,h,w] of stacked inputs, ``batch`` at a time; or, for a list of frames,
+    a list of maps, each frame alone."""
     name = sess.get_inputs()[0].name
+    if isinstance(x, list):
+        return [sess.run(None, {name: xi[None]})[0][0, 0] for xi in x]
     return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])[:, 0]
 
 
-def quick_iou(sess: ort.InferenceSession, x: np.ndarray, y: np.ndarray, threshold: float) -> float:
-    pred = run_probs(sess, x) > threshold
-    union = float((pred | y).sum())
-    return float((pred & y).sum()) / union if union else 1.0
+def cropped(probs: np.ndarray | list[np.ndarray], ys: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
+    """Each map cut back to its mask's size (the padding of a native frame dropped)."""
+    return [p[: y.shape[0], : y.shape[1]] for p, y in zip(probs, ys)]
+
+
+def quick_iou(sess: ort.InferenceSession, x: Frames, y: np.ndarray | list[np.ndarray], threshold: float) -> float:
+    inter = union = 0.0
+    for prob, truth in zip(cropped(run_probs(sess, x), y), y):
+        pred = prob > threshold
+        inter, union = inter + float((pred & truth).sum()), union + float((pred | truth).sum())
+    return inter / union if union else 1.0
 
 
 def latency_ms(onnx_model: bytes | str, size: int | tuple[int, int], batch: int, threads: int = 2,
@@ -127,7 +184,7 @@ def latency_ms(onnx_model: bytes | str, size: int | tuple[int, int], batch: int,
     return 1000 * float(np.median(times)) / batch
 
 
-def quantize_int8(fp32_path: Path, frames: np.ndarray, method: str, activations: str, work: Path) -> bytes:
+def quantize_int8(fp32_path: Path, frames: Frames, method: str, activations: str, work: Path) -> bytes:
     """Static QDQ quantization of ``fp32_path`` (after ORT's quant pre-processing), all but the
     input layer (the first conv, one gray channel in), which stays fp32. seg-tiles, whole val split
     through the edge runtime, 16 MinMax frames, onnxruntime 1.32: val IoU 0.568 with it fp32,
@@ -181,7 +238,7 @@ def quantize_packages(
     base = dict(fp32.manifest.metrics) | (fp32_metrics if fp32_metrics is not None else tiles.evaluate_package(
         fp32, train, val, threads, max_false_alarms, with_synthetic))
     manifest = fp32.manifest
-    size, threshold = manifest.preprocess.height, manifest.postprocess.threshold
+    size, threshold = reference_input(manifest), manifest.postprocess.threshold
     frames = calibration_frames(fp32, train, calib_frames, seed)
     x_val, y_val = val_arrays(fp32, val)
     fp32_quick = quick_iou(session(str(fp32.model_path), threads), x_val, y_val, threshold)
@@ -242,8 +299,8 @@ def quantize_packages(
     return packages
 
 
-def write_fp16_package(fp32: Package, fp16_bytes: bytes, out_dir: Path, x_val: np.ndarray, y_val: np.ndarray,
-                       base: dict[str, float], threads: int) -> Package:
+def write_fp16_package(fp32: Package, fp16_bytes: bytes, out_dir: Path, x_val: Frames,
+                       y_val: np.ndarray | list[np.ndarray], base: dict[str, float], threads: int) -> Package:
     """fp16 package; where the CPU provider can run it, its quick val IoU and parity vs fp32."""
     manifest = fp32.manifest
     threshold = manifest.postprocess.threshold
@@ -256,14 +313,15 @@ def write_fp16_package(fp32: Package, fp16_bytes: bytes, out_dir: Path, x_val: n
     bench: dict[str, float] = {}
     try:
         sess = session(fp16_bytes, threads)
-        ref = run_probs(session(str(fp32.model_path), threads), x_val[:16])
-        got = run_probs(sess, x_val[:16])
+        ref = np.concatenate([p.ravel() for p in cropped(run_probs(session(str(fp32.model_path), threads),
+                                                                          x_val[:16]), y_val[:16])])
+        got = np.concatenate([p.ravel() for p in cropped(run_probs(sess, x_val[:16]), y_val[:16])])
         metrics |= {"cpu_runs": 1.0, "parity_max_abs_diff_vs_fp32": float(np.abs(got - ref).max()),
                     "parity_pixel_agreement_vs_fp32": float(((got > threshold) == (ref > threshold)).mean()),
                     "quick_iou_model_res": quick_iou(sess, x_val, y_val, threshold),
                     "fp32_quick_iou_model_res": quick_iou(session(str(fp32.model_path), threads), x_val, y_val,
                                                           threshold)}
-        bench["cpu_ms_per_frame_batch1"] = latency_ms(fp16_bytes, manifest.preprocess.height, 1, threads)
+        bench["cpu_ms_per_frame_batch1"] = latency_ms(fp16_bytes, reference_input(manifest), 1, threads)
     except Exception as exc:  # noqa: BLE001 - the CPU provider may lack fp16 kernels; say so in the manifest
         log.warning("fp16 model does not run on the CPU provider here (%s); checked structurally only", exc)
         metrics["cpu_runs"] = 0.0
