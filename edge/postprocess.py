@@ -48,7 +48,7 @@ def top_k_score(prob: np.ndarray, k: int) -> float:
     few dozen pixels), low for scattered faint speckle, unlike the share of pixels above a threshold."""
     flat = prob.ravel()
     k = min(k, flat.size)
-    return float(np.partition(flat, flat.size - k)[flat.size - k :].mean()) if k else 0.0
+    return float(np.partition(flat, flat.size - k)[flat.size - k :].mean(dtype=np.float64)) if k else 0.0
 
 
 def region_mask(prob: np.ndarray, threshold: float, min_area: int) -> np.ndarray:

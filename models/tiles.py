@@ -392,7 +392,7 @@ def top_scores(prob: np.ndarray) -> tuple[float, ...]:
     """The top-k image scores of one probability map, for every k of ``TOP_K``."""
     flat = prob.ravel()
     top = np.sort(np.partition(flat, max(0, flat.size - max(TOP_K)))[-max(TOP_K):])[::-1]
-    return tuple(float(top[:k].mean()) for k in TOP_K)
+    return tuple(float(top[:k].mean(dtype=np.float64)) for k in TOP_K)
 
 
 def score_set(model, images: ImageSet, batch: int = 8) -> list[ImageScore]:
