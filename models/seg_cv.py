@@ -174,10 +174,20 @@ def alarm_rules() -> list[str]:
     return [f"top{k}" for k in tiles.TOP_K] + [f"area@{t}" for t in tiles.ALARM_THRESHOLDS]
 
 
-def image_score(score: ImageScore, rule: str) -> float:
+def rule_alarm(rule: str, threshold: float = 0.0) -> tiles.Alarm:
+    """The :class:`models.tiles.Alarm` of a rule name of :func:`alarm_rules`."""
     if rule.startswith("top"):
-        return score.top_scores[tiles.TOP_K.index(int(rule[3:]))]
-    return score.alarm_ratio(tiles.ALARM_THRESHOLDS.index(float(rule.split("@")[1])))
+        return tiles.Alarm(tiles.TOP_K.index(int(rule[3:])), threshold, "top_k")
+    return tiles.Alarm(tiles.ALARM_THRESHOLDS.index(float(rule.split("@")[1])), threshold, "area")
+
+
+def image_score(score: ImageScore, rule: str) -> float:
+    return rule_alarm(rule).score(score)
+
+
+def calibrated_alarm(rule: str, calib: list[ImageScore], max_false_alarms: float = MAX_FALSE_ALARMS) -> tiles.Alarm:
+    """``rule`` with the threshold that keeps these defect-free tiles within the false-alarm budget."""
+    return rule_alarm(rule, tiles.calibrate_area_threshold([image_score(s, rule) for s in calib], max_false_alarms))
 
 
 def fold_metrics(report: dict, max_false_alarms: float = MAX_FALSE_ALARMS) -> dict[str, float]:
@@ -192,9 +202,9 @@ def fold_metrics(report: dict, max_false_alarms: float = MAX_FALSE_ALARMS) -> di
     for cls in tiles.DEFECT_CLASSES:
         out[f"iou_{cls.lower()}"] = _pooled_iou([s for s in defect if s.cls == cls])
     for rule in alarm_rules():
-        threshold = tiles.calibrate_area_threshold([image_score(s, rule) for s in calib], max_false_alarms)
-        out[f"recall[{rule}]"] = float(np.mean([image_score(s, rule) > threshold for s in defect]))
-        out[f"false_alarms[{rule}]"] = float(np.mean([image_score(s, rule) > threshold for s in free]))
+        alarm = calibrated_alarm(rule, calib, max_false_alarms)
+        out[f"recall[{rule}]"] = float(np.mean([alarm.fires(s) for s in defect]))
+        out[f"false_alarms[{rule}]"] = float(np.mean([alarm.fires(s) for s in free]))
         own = tiles.calibrate_area_threshold([image_score(s, rule) for s in free], max_false_alarms)
         out[f"recall_at_5pct[{rule}]"] = float(np.mean([image_score(s, rule) > own for s in defect]))
     return out

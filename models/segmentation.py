@@ -114,6 +114,12 @@ class SegTrainConfig(BaseModel):
     calib_frames: int = Field(64, ge=1, description="train frames used to calibrate int8")
     eval_every: int = Field(4, ge=1, description="validate every this many epochs (and after the last)")
     checkpoint_every_s: float = Field(300.0, gt=0, description="seconds between two resumable checkpoints")
+    max_side: int | None = Field(640, gt=0, description="native: frames with a longer side are downscaled to it "
+                                 "(a 1080p camera would cost 24 median tiles)")
+    cv_recipe: str | None = Field(
+        None, description="the models.seg_cv recipe this build ships: train on every shared tile but the "
+        "calibration share of defect-free ones, set the image alarm on those with the rule cross-validation "
+        "chose, and record the cross-validated figures (None: the older train/val split)")
 
 
 PRESETS: dict[str, dict] = {
@@ -211,7 +217,7 @@ def preprocess_spec(config: SegTrainConfig) -> SegmentationPreprocess:
     if config.resize == "native":
         height, width = config.reference
         return SegmentationPreprocess(height=height, width=width, grayscale=True, scale=1 / 255, mean=config.mean,
-                                      std=config.std, resize="native", pad_multiple=STRIDE)
+                                      std=config.std, resize="native", pad_multiple=STRIDE, max_side=config.max_side)
     return SegmentationPreprocess(height=config.size, width=config.size, grayscale=True, scale=1 / 255,
                                   mean=config.mean, std=config.std)
 
@@ -685,6 +691,8 @@ def train_fp32_package(out_dir: Path, config: SegTrainConfig, progress: bool = T
         trained_config, result = load_checkpoint(checkpoint)
         config = trained_config.model_copy(update={"threads": config.threads})
         log.info("weights from %s (%d steps on %s)", checkpoint, result.steps, trained_config.device)
+    if config.cv_recipe is not None:
+        return _train_on_shared_tiles(out_dir, config, progress, root, result if checkpoint else None, save_to)
     spec = preprocess_spec(config)
     t_data = time.perf_counter()
     train_images, val_images = tiles.load_dataset(config.dataset, config.val_fraction, root, config.synthetic_cameras,
@@ -699,8 +707,8 @@ def train_fp32_package(out_dir: Path, config: SegTrainConfig, progress: bool = T
     return package, result.model, (train_images, val_images)
 
 
-def _train_with_progress(config: SegTrainConfig, train_set: FrameSet, val_set: FrameSet,
-                         progress: bool) -> TrainResult:
+def _train_with_progress(config: SegTrainConfig, train_set: FrameSet, val_set: FrameSet | None,
+                         progress: bool, resume_from: Path | None = None) -> TrainResult:
     synth = synthetic_train_set(config, preprocess_spec(config))
     total = config.epochs * config.steps_per_epoch
     with _progress(progress) as bar:
@@ -708,9 +716,100 @@ def _train_with_progress(config: SegTrainConfig, train_set: FrameSet, val_set: F
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
             shown = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k not in ("epoch", "seconds"))
-            bar.update(task, info=f"epoch {epoch}/{config.epochs} {shown}")
+            bar.update(task, completed=min(total, epoch * config.steps_per_epoch),
+                       info=f"epoch {epoch}/{config.epochs} {shown}")
 
-        return train(config, train_set, synth, val_set, on_epoch, lambda: bar.advance(task))
+        return train(config, train_set, synth, val_set, on_epoch, lambda: bar.advance(task), resume_from=resume_from)
+
+
+def _train_on_shared_tiles(out_dir: Path, config: SegTrainConfig, progress: bool, root: Path | None,
+                           trained: TrainResult | None,
+                           save_to: Path | None) -> tuple[Package, TileUNet, tuple[tiles.ImageSet, tiles.ImageSet]]:
+    """The shipped build (issue 15's protocol): train on every shared tile but the calibration share
+    of defect-free ones; the image alarm is the rule cross-validation chose for ``config.cv_recipe``,
+    its threshold set on those calibration tiles at ``max_false_alarms``; the manifest records the
+    cross-validated figures, the recipe and the data hash. Returns (package, model, (calibration
+    tiles, gate tiles)): the gate tiles (fold 0's, seen in training) serve parity and the int8 drift
+    gate, which compare two graphs on the same images, never as a quality figure."""
+    from models import seg_cv
+
+    items = tiles.list_items(root)
+    train_items, calib_items = seg_cv.split_calibration(items)
+    calib_set = {item.image for item in calib_items}
+    gate_items = [item for item, fold in zip(items, seg_cv.assign_folds(items)) if fold == 0
+                  and item.image not in calib_set]
+    spec = preprocess_spec(config)
+    calib_images, gate_images = tiles.ImageSet.from_items(calib_items), tiles.ImageSet.from_items(gate_items)
+    if trained is None:
+        train_set = FrameSet.from_set(tiles.ImageSet.from_items(train_items), spec)
+        log.info("data: %d training tiles, %d calibration tiles", len(train_set), len(calib_items))
+        resume = save_to.with_suffix(".run.pt") if save_to is not None else None
+        trained = _train_with_progress(config, train_set, None, progress, resume)
+        if save_to is not None:
+            save_checkpoint(save_to, config, trained)
+    summary = seg_cv.recipe_summary(config.cv_recipe)
+    record = {"recipe": config.model_dump(mode="json"), "cv_recipe": config.cv_recipe,
+              "data_sha256": seg_cv.dataset_sha256(items), "images": len(items), "trained_on": len(train_items),
+              "calibration_tiles": len(calib_items), "fold_seed": seg_cv.FOLD_SEED, "folds": seg_cv.FOLDS,
+              "cv": {k: summary[k] for k in ("folds", "steps", "mean", "std", "alarm_rule")}}
+    package = _export_shipped(out_dir, config, trained, gate_images, record)
+    package = ship_alarm(package, summary["alarm_rule"], calib_images, config.max_false_alarms, config.threads)
+    return package, trained.model, (calib_images, gate_images)
+
+
+def cv_metrics(summary: dict) -> dict[str, float]:
+    """The cross-validated figures a shipped manifest carries: ``cv_<metric>`` (mean over folds) and
+    ``cv_<metric>_std``, for IoU (over defect images, all, per class), dice, and the chosen alarm's
+    recall and false alarms."""
+    from models import seg_cv
+
+    rule = summary["alarm_rule"]
+    keys = seg_cv.HEADLINE + ["iou", f"recall[{rule}]", f"false_alarms[{rule}]"]
+    out: dict[str, float] = {}
+    for key in keys:
+        name = key.replace(f"[{rule}]", "").replace("recall", "image_recall").replace("false_alarms",
+                                                                                      "false_alarm_rate")
+        out[f"cv_{name}"], out[f"cv_{name}_std"] = summary["mean"][key], summary["std"][key]
+    return out
+
+
+def _export_shipped(out_dir: Path, config: SegTrainConfig, trained: TrainResult, gate_images: tiles.ImageSet,
+                    record: dict) -> Package:
+    from models.quantize import latency_ms
+
+    model = trained.model
+    onnx_bytes = export_for(model, config)
+    metrics = {"params": float(count_params(model)), "gflops": conv_flops(model, (1, 1, *model_input(config))) / 1e9,
+               "train_seconds": trained.seconds, "train_steps": float(trained.steps),
+               "train_on_gpu": float(config.device != "cpu"), "train_seed": float(config.seed)}
+    gate_frames = FrameSet.from_set(gate_images, preprocess_spec(config))
+    metrics |= onnx_parity(model, onnx_bytes, gate_frames.x, config.threshold)
+    if metrics["parity_pixel_agreement"] < MIN_PARITY_AGREEMENT:
+        raise ParityError(f"ONNX export disagrees with torch on {1 - metrics['parity_pixel_agreement']:.4%} of "
+                          f"pixels (max abs diff {metrics['parity_max_abs_diff']:.2e}); allowed "
+                          f"{1 - MIN_PARITY_AGREEMENT:.2%}")
+    metrics |= cv_metrics(record["cv"])
+    bench = {f"ms_per_frame_batch{b}": latency_ms(onnx_bytes, model_input(config), b, config.threads) for b in (1, 4)}
+    bench["threads"] = float(config.threads)
+    manifest = make_manifest(config, "fp32", metrics, bench).model_copy(update={"training": record})
+    return write_package(out_dir / f"{NAMES[config.dataset]}-fp32", manifest, onnx_bytes)
+
+
+def ship_alarm(package: Package, rule: str, calib_images: tiles.ImageSet, max_false_alarms: float,
+               threads: int) -> Package:
+    """``package`` rewritten with the image alarm ``rule`` at the threshold that keeps its own
+    scores of the calibration tiles (defect-free, never trained on) within ``max_false_alarms``.
+    Each precision gets its own threshold: int8 probabilities differ slightly from fp32's."""
+    from edge.inference import SegmentationModel
+    from models import seg_cv
+
+    scores = tiles.score_set(SegmentationModel(package, threads=threads), calib_images)
+    alarm = seg_cv.calibrated_alarm(rule, scores, max_false_alarms)
+    metrics = package.manifest.metrics | alarm.metrics() | {"alarm_max_false_alarms": max_false_alarms}
+    manifest = tiles.with_alarm(package.manifest.model_copy(update={"metrics": metrics}), alarm.metrics())
+    log.info("%s: image alarm %s (set on %d calibration tiles)", package.manifest.package_id, alarm.describe(),
+             len(scores))
+    return write_package(package.folder, manifest, package.model_path.read_bytes())
 
 
 def _export_and_package(out_dir: Path, config: SegTrainConfig, result: TrainResult, train_images: tiles.ImageSet,
