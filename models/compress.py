@@ -6,7 +6,8 @@ beside the recipe's in the same table (``bench/results/seg_cv/<recipe>+<variant>
 
 - ``<recipe>+prune<P>``: structured channel pruning of the recipe's fold weights
   (:func:`prune_unet`, P % of the channels of every conv kept by |BatchNorm gamma|), then a short
-  fine-tune at a lower learning rate (:data:`FINETUNE`).
+  fine-tune at a lower learning rate (:data:`FINETUNE`); ``<recipe>+prune<a>-<b>-<c>-<d>``: pruned
+  to those widths per level (``--widths``, e.g. the student's, to compare at equal cost).
 - ``<recipe>+teacher``: a wider net trained longer on the fold (:data:`TEACHER`), trained once and
   kept (resumable) as the teacher of
 - ``<recipe>+distill``: a student of the shipped-size-or-smaller widths (:data:`STUDENT`) trained with
@@ -50,17 +51,19 @@ learning rate (the weights are already trained; a full-height warm-up would undo
 
 TEACHER = {"widths": (24, 48, 96, 144), "steps": 2400}
 """The teacher: 1.5x the shipped widths (2.25x its FLOPs: 3.9 GFLOP at 336x272) trained twice the
-CV budget. Wider or longer costs more than the rest of a fold together on 1 CPU thread."""
+CV budget: 0.33 s a step at 1 thread on this (busy) CPU, ~13 min of a fold's ~20."""
 
-STUDENT = {"widths": (12, 24, 48, 72), "distill_weight": 5.0}
-"""The student: 3/4 of the shipped widths, 0.98 GFLOP at the median tile padded to 336x272 (the
-shipped widths: 1.74), the narrowest step of the 1/4 ladder whose int8 graph at 336x272 is not
-slower at 1 thread than today's int8 package at 256x256 (bench/models.py measures both in one run;
-the shipped widths at native size are ~1.4x slower than that target). Same widths as
-``prune75``, so pruning and distillation can be compared at equal cost. ``distill_weight`` 5: the
-teacher term is an MSE between probabilities, whose gradient per logit is 2 p (1 - p) <= 0.5
-times that of a BCE on the same target, and it is averaged over every pixel of a batch where the
-BCE+dice terms are; 5 makes it about as strong as the label term where the teacher is unsure."""
+STUDENT = {"widths": (16, 16, 32, 64), "distill_weight": 5.0}
+"""The student: 0.77 GFLOP at the median tile padded to 336x272 (the shipped widths: 1.74), whose
+int8 graph there runs at 0.96x the time of today's int8 package at 256x256, 1 thread (bench/models.py,
+both in one run: 3.2 vs 3.3 ms, twice; the shipped widths at native size: 1.38x, 4.5 ms).
+Measured, int8 time on this CPU follows the channel counts' fit to the kernels more than FLOPs:
+(12,24,48,72) is 0.98 GFLOP and 1.52x, (8,16,32,48) 0.44 GFLOP and 1.11x (odd or 8-wide levels run
+padded or on slow paths); level 1 stays at 16 (full-resolution detail: small defects), level 2
+shrinks to 16, levels 3-4 halve/third. fp32 at these widths: 6.1 ms (1.85x of the int8 target).
+``distill_weight`` 5: the teacher term is an MSE between probabilities, whose gradient per logit
+is 2 p (1 - p) <= 0.5 times that of a BCE on the same target, averaged over every pixel as the
+BCE is; 5 makes it about as strong as the label term where the teacher is unsure."""
 
 PER_EPOCH = 100
 """Steps per logged epoch of the trainings here (train() logs and checkpoints per epoch)."""
@@ -73,8 +76,21 @@ def unet_widths(model: TileUNet) -> tuple[int, int, int, int]:
     return tuple(block[0].out_channels for block in (model.enc1, model.enc2, model.enc3, model.enc4))
 
 
-def pruned_widths(widths: tuple[int, ...], keep: float) -> tuple[int, int, int, int]:
+def pruned_widths(widths: tuple[int, ...], keep: float | tuple[int, ...]) -> tuple[int, int, int, int]:
+    """``round(width * keep)`` per level, or ``keep`` itself when it is a tuple of widths."""
+    if isinstance(keep, tuple):
+        if len(keep) != len(widths) or not all(0 < k <= w for k, w in zip(keep, widths)):
+            raise ValueError(f"pruned widths {keep} must be 1..{widths} level by level")
+        return tuple(int(k) for k in keep)
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], not {keep}")
     return tuple(max(1, round(w * keep)) for w in widths)
+
+
+def prune_name(recipe: str, keep: float | tuple[int, ...]) -> str:
+    if isinstance(keep, tuple):
+        return f"{recipe}+prune{'-'.join(map(str, keep))}"
+    return f"{recipe}+prune{round(keep * 100)}"
 
 
 def _ranked(bn: nn.BatchNorm2d, count: int) -> torch.Tensor:
@@ -123,17 +139,16 @@ def _prune_block(big: nn.Sequential, small: nn.Sequential, inputs: torch.Tensor,
 
 
 @torch.no_grad()
-def prune_unet(model: TileUNet, keep: float) -> TileUNet:
+def prune_unet(model: TileUNet, keep: float | tuple[int, ...]) -> TileUNet:
     """Structured channel pruning: a :class:`TileUNet` of ``round(width * keep)`` channels per
-    level, keeping in every conv the output channels whose BatchNorm |gamma| is largest, with the
+    level (or of the widths ``keep``), keeping in every conv the output channels whose BatchNorm
+    |gamma| is largest, with the
     surviving weights copied (inputs of the next conv, the decoder's concatenations, the head).
 
     A dropped channel's BN+ReLU output is nearly constant (its gamma is small); that constant's
     contribution to the next conv is folded into the next BN's running mean (or the head's bias),
     so before any fine-tuning the pruned net computes approximately what the big one did (exactly,
     at ``keep=1``; away from the zero-padded borders, the constants are exact for gamma = 0)."""
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], not {keep}")
     big = model.cpu()
     widths = pruned_widths(unet_widths(big), keep)
     small = TileUNet(widths)
@@ -210,16 +225,17 @@ def _score_and_write(variant: str, fold: int, onnx_bytes: bytes, config, threads
     return report
 
 
-def run_pruned_fold(recipe: str, fold: int, keep: float = 0.5, steps: int = FINETUNE["steps"],
+def run_pruned_fold(recipe: str, fold: int, keep: float | tuple[int, ...] = 0.5, steps: int = FINETUNE["steps"],
                     threads: int = 1, lr: float = FINETUNE["lr"], work: Path = WORK, results: Path = RESULTS,
                     root: Path | None = None, **updates) -> dict:
     """Prune fold ``fold``'s weights of ``recipe`` (:func:`prune_unet`), fine-tune them ``steps`` steps
     at peak ``lr`` on the fold's training tiles (the recipe's own sampling, loss and augmentation),
-    score and write ``<recipe>+prune<P>``. ``updates``: more training-config fields (e.g. device)."""
+    score and write ``<recipe>+prune<P>`` (:func:`prune_name`). ``updates``: more training-config
+    fields (e.g. device)."""
     from models import segmentation as seg
 
     started = time.perf_counter()
-    variant = f"{recipe}+prune{round(keep * 100)}"
+    variant = prune_name(recipe, keep)
     base_config, base = seg.load_checkpoint(seg_cv.fold_weights(recipe, fold, work))
     pruned = prune_unet(base.model, keep)
     config = _config(base_config, threads=threads, widths=unet_widths(pruned), lr=lr, **_schedule(steps), **updates)
@@ -227,7 +243,8 @@ def run_pruned_fold(recipe: str, fold: int, keep: float = 0.5, steps: int = FINE
     return _score_and_write(variant, fold, seg.export_for(result.model, config), config, threads, results, root,
                             started, model=result.model, steps=base.steps + result.steps,
                             finetune_steps=result.steps, train_seconds=base.seconds + result.seconds,
-                            keep=keep, source_widths=list(base_config.widths))
+                            keep=list(keep) if isinstance(keep, tuple) else keep,
+                            source_widths=list(base_config.widths))
 
 
 def run_distilled_fold(recipe: str, fold: int, teacher_widths: tuple[int, ...] = TEACHER["widths"],
@@ -356,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("prune", "distill"):
         commands[name].add_argument("--device", default="cpu", help="torch device that trains (cpu, cuda)")
     commands["prune"].add_argument("--keep", type=float, default=0.5, help="share of channels kept per conv")
+    commands["prune"].add_argument("--widths", type=_widths, default=None,
+                                   help="prune to these widths per level instead (e.g. the student's 16,16,32,64)")
     commands["prune"].add_argument("--steps", type=int, default=FINETUNE["steps"], help="fine-tune steps")
     commands["prune"].add_argument("--lr", type=float, default=FINETUNE["lr"], help="fine-tune peak learning rate")
     distill = commands["distill"]
@@ -378,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"int8 vs fp32 over {drop.pop('folds'):.0f} folds, mean drop in points: "
                   + ", ".join(f"{k.removesuffix('_drop_points')} {v:+.2f}" for k, v in drop.items()))
         return
-    variant = {"prune": f"{args.recipe}+prune{round(getattr(args, 'keep', 0) * 100)}",
+    keep = (args.widths or args.keep) if args.command == "prune" else None
+    variant = {"prune": prune_name(args.recipe, keep) if keep else "",
                "distill": f"{args.recipe}+{'distill' if getattr(args, 'distill_weight', 0) else 'student'}",
                "int8": f"{args.recipe}+int8"}[args.command]
     for fold in (int(f) for f in args.folds.split(",")):
@@ -387,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         t0 = time.perf_counter()
         if args.command == "prune":
-            run_pruned_fold(args.recipe, fold, args.keep, args.steps, args.threads, args.lr, args.work,
+            run_pruned_fold(args.recipe, fold, keep, args.steps, args.threads, args.lr, args.work,
                             args.results, device=args.device)
         elif args.command == "distill":
             run_distilled_fold(args.recipe, fold, args.teacher_widths, args.teacher_steps, args.student_widths,

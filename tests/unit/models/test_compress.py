@@ -191,3 +191,13 @@ def test_quantize_packages_takes_a_native_package(tiny, tmp_path):
     assert int8.bench["ms_per_frame_batch1"] > 0 and int8.bench["fp32_ms_per_frame_batch1"] > 0
     assert packages["fp16"].manifest.preprocess.resize == "native"
     assert quantize.reference_input(int8) == (336, 272)
+
+
+def test_pruning_to_given_widths_per_level():
+    model = scrambled((16, 32, 64, 96))
+    pruned = compress.prune_unet(model, (16, 16, 32, 64))
+    assert compress.unet_widths(pruned) == (16, 16, 32, 64) and pruned.dec2[0].in_channels == 32 + 16
+    assert compress.prune_name("baseline", (16, 16, 32, 64)) == "baseline+prune16-16-32-64"
+    assert compress.prune_name("baseline", 0.5) == "baseline+prune50"
+    with pytest.raises(ValueError, match="must be 1.."):
+        compress.prune_unet(model, (32, 16, 32, 64))  # wider than the source: nothing to keep
