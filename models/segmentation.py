@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import time
 import warnings
@@ -461,7 +462,7 @@ def lr_at(progress: float, peak: float, warmup: float = 0.05) -> float:
     if progress < warmup:
         return peak * (0.1 + 0.9 * progress / warmup)
     t = min(1.0, (progress - warmup) / (1 - warmup))
-    return peak * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t)))
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 @dataclass

@@ -133,3 +133,103 @@ def test_synthetic_dataset_builds_seg_synth_without_tile_data(tmp_path, monkeypa
     assert fp32.manifest.preprocess.height == 128 and fp32.manifest.metrics["gflops"] < 0.2
     assert "iou_crack" not in fp32.manifest.metrics and "synthetic_iou" not in fp32.manifest.metrics
     assert fp32.manifest.metrics["val_images"] == tiles.SYNTH_EVAL_CAMERAS * tiles.SYNTH_EVAL_FRAMES
+
+
+def _frames(sizes: list[tuple[int, int]], classes: list[str]) -> seg.FrameSet:
+    """Noise frames of ``sizes``; a 6x6 defect in the middle of every non-Free one."""
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for (h, w), cls in zip(sizes, classes):
+        xs.append(rng.normal(size=(h, w)).astype(np.float16))
+        y = np.zeros((h, w), np.float16)
+        if cls != tiles.FREE:
+            y[h // 2 - 3 : h // 2 + 3, w // 2 - 3 : w // 2 + 3] = 1
+        ys.append(y)
+    return seg.FrameSet(xs, ys, classes)
+
+
+def test_class_balanced_sampling_draws_every_defect_class_alike():
+    classes = ["Blowhole"] * 12 + ["Fray"] * 2 + ["Free"] * 4
+    frames = _frames([(40, 50)] * len(classes), classes)
+    config = seg.SegTrainConfig(batch=4, crop=32, sampling="class_balanced", defect_fraction=1.0)
+    sampler = seg.Sampler(frames, seg.FrameSet([], [], []), config, np.random.default_rng(0))
+    drawn = [classes[sampler._defect_frame()] for _ in range(2000)]
+    assert 0.45 < drawn.count("Fray") / len(drawn) < 0.55  # 2 of 14 images, half of the draws
+    mixed = seg.Sampler(frames, seg.FrameSet([], [], []), config.model_copy(update={"sampling": "mixed"}),
+                        np.random.default_rng(0))
+    assert [classes[mixed._defect_frame()] for _ in range(2000)].count("Fray") < 400
+
+
+def test_crops_of_frames_smaller_than_the_crop_and_of_any_size():
+    frames = _frames([(20, 90), (70, 33), (128, 128)], ["Crack", "Free", "Crack"])
+    config = seg.SegTrainConfig(batch=6, crop=48, blur=1.0, noise=0.1, gamma=0.3)
+    x, y = seg.Sampler(frames, seg.FrameSet([], [], []), config, np.random.default_rng(2)).batch()
+    assert x.shape == y.shape == (6, 1, 48, 48) and torch.isfinite(x).all()
+    assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+
+
+def test_hard_negatives_are_the_most_defect_like_spots_of_free_frames():
+    frames = _frames([(32, 48)] * 6, ["Free"] * 6)
+    frames.x[4][10, 20] = 60.0  # one bright speck: a thresholding "model" finds it
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.Sigmoid())
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(-10.0)
+    spots = seg.mine_hard_negatives(model, frames, 6, np.random.default_rng(0))
+    assert spots[0] == (4, 10, 20) and len(spots) == 3
+
+
+def test_focal_tversky_weighs_a_missed_pixel_more_than_a_false_one():
+    config = seg.SegTrainConfig(loss="focal_tversky", tversky_alpha=0.3)
+    target = torch.zeros(1, 1, 8, 8)
+    target[0, 0, :2, :2] = 1
+    missed = torch.full((1, 1, 8, 8), -6.0)  # nothing predicted: 4 missed pixels
+    false = torch.full((1, 1, 8, 8), -6.0)
+    false[0, 0, :2, :2] = 6.0
+    false[0, 0, 4:6, 4:6] = 6.0  # the defect plus 4 false pixels
+    assert seg.seg_loss(missed, target, config) > seg.seg_loss(false, target, config)
+    plain = config.model_copy(update={"loss": "bce_dice"})
+    assert seg.seg_loss(missed, target, plain) > 0 and seg.seg_loss(false, target, plain) > 0
+
+
+def test_native_export_and_predict_agree_on_frames_of_any_size():
+    torch.manual_seed(0)
+    model = seg.TileUNet((8, 8, 16, 16)).eval()
+    config = seg.SegTrainConfig(resize="native", widths=(8, 8, 16, 16))
+    xs = [np.random.default_rng(i).normal(size=size).astype(np.float16) for i, size in
+          enumerate([(50, 70), (37, 61), (64, 64)])]
+    probs = seg.predict(model, xs)
+    assert [p.shape for p in probs] == [x.shape for x in xs]
+    parity = seg.onnx_parity(model, seg.export_for(model, config), xs, 0.5)
+    assert parity["parity_max_abs_diff"] < 1e-4
+    manifest = seg.make_manifest(config)
+    assert manifest.preprocess.resize == "native" and manifest.inputs[0].shape == ["batch", 1, "height", "width"]
+    assert seg.model_input(config) == (336, 272)
+
+
+def test_a_killed_run_resumes_where_it_was_and_ends_like_an_unbroken_one(tmp_path):
+    frames = _frames([(48, 48)] * 6, ["Crack"] * 3 + ["Free"] * 3)
+    empty = seg.FrameSet([], [], [])
+    config = seg.SegTrainConfig(epochs=2, steps_per_epoch=3, batch=2, crop=32, widths=(4, 4, 8, 8), threads=1,
+                                hard_negatives=0.5, mine_every=2, mine_images=3)
+    unbroken = seg.train(config, frames, empty)
+    path = tmp_path / "run.pt"
+    with pytest.raises(_Killed):  # killed after its first epoch's checkpoint
+        seg.train(config, frames, empty, on_epoch=lambda epoch, _: _stop_after(epoch, 1), resume_from=path)
+    with pytest.raises(ValueError, match="unfinished run"):
+        seg.load_checkpoint(path)
+    resumed = seg.train(config, frames, empty, resume_from=path)
+    assert resumed.steps == unbroken.steps == 6
+    for (name, a), (_, b) in zip(unbroken.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    with pytest.raises(ValueError, match="another training config"):
+        seg.train(config.model_copy(update={"lr": 1e-2}), frames, empty, resume_from=path)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _stop_after(epoch: int, last: int) -> None:
+    if epoch >= last:
+        raise _Killed
