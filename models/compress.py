@@ -45,13 +45,16 @@ from models.segmentation import TileUNet
 
 log = logging.getLogger(__name__)
 
-FINETUNE = {"steps": 300, "lr": 2e-4}
-"""Fine-tune of a pruned net: a quarter of the CV budget's 1,200 steps at a fifth of its peak
-learning rate (the weights are already trained; a full-height warm-up would undo them)."""
+FINETUNE = {"steps_share": 0.25, "lr_share": 0.2}
+"""Fine-tune of a pruned net: a quarter of the steps that trained the source weights, at a fifth
+of their peak learning rate (the weights are already trained; a full-height warm-up would undo
+them). With the CV budget of 2,000 steps of 8 crops: 500 steps at 2e-4."""
 
-TEACHER = {"widths": (24, 48, 96, 144), "steps": 2400}
-"""The teacher: 1.5x the shipped widths (2.25x its FLOPs: 3.9 GFLOP at 336x272) trained twice the
-CV budget: 0.33 s a step at 1 thread on this (busy) CPU, ~13 min of a fold's ~20."""
+TEACHER = {"widths": (24, 48, 96, 144), "steps_factor": 2}
+"""The teacher: 1.5x the shipped widths (2.25x its FLOPs: 3.9 GFLOP at 336x272) trained for twice
+the recipe's CV budget (4,000 steps of 8 crops: ~0.17 s a step at 1 thread on this busy CPU, so
+~11 of the ~16 minutes a distillation fold takes; the student's 2,000 steps with the teacher's
+forward pass ~3.5, scoring teacher and student ~1)."""
 
 STUDENT = {"widths": (16, 16, 32, 64), "distill_weight": 5.0}
 """The student: 0.77 GFLOP at the median tile padded to 336x272 (the shipped widths: 1.74), whose
@@ -225,11 +228,12 @@ def _score_and_write(variant: str, fold: int, onnx_bytes: bytes, config, threads
     return report
 
 
-def run_pruned_fold(recipe: str, fold: int, keep: float | tuple[int, ...] = 0.5, steps: int = FINETUNE["steps"],
-                    threads: int = 1, lr: float = FINETUNE["lr"], work: Path = WORK, results: Path = RESULTS,
+def run_pruned_fold(recipe: str, fold: int, keep: float | tuple[int, ...] = 0.5, steps: int | None = None,
+                    threads: int = 1, lr: float | None = None, work: Path = WORK, results: Path = RESULTS,
                     root: Path | None = None, **updates) -> dict:
     """Prune fold ``fold``'s weights of ``recipe`` (:func:`prune_unet`), fine-tune them ``steps`` steps
-    at peak ``lr`` on the fold's training tiles (the recipe's own sampling, loss and augmentation),
+    at peak ``lr`` (default: :data:`FINETUNE` of the source's training) on the fold's training
+    tiles (the recipe's own sampling, loss and augmentation),
     score and write ``<recipe>+prune<P>`` (:func:`prune_name`). ``updates``: more training-config
     fields (e.g. device)."""
     from models import segmentation as seg
@@ -238,6 +242,9 @@ def run_pruned_fold(recipe: str, fold: int, keep: float | tuple[int, ...] = 0.5,
     variant = prune_name(recipe, keep)
     base_config, base = seg.load_checkpoint(seg_cv.fold_weights(recipe, fold, work))
     pruned = prune_unet(base.model, keep)
+    if steps is None:
+        steps = max(1, round(FINETUNE["steps_share"] * base_config.epochs * base_config.steps_per_epoch))
+    lr = lr if lr is not None else FINETUNE["lr_share"] * base_config.lr
     config = _config(base_config, threads=threads, widths=unet_widths(pruned), lr=lr, **_schedule(steps), **updates)
     config, result = _trained(variant, fold, config, lambda: _train_set(config, fold, root), work, initial=pruned)
     return _score_and_write(variant, fold, seg.export_for(result.model, config), config, threads, results, root,
@@ -248,12 +255,13 @@ def run_pruned_fold(recipe: str, fold: int, keep: float | tuple[int, ...] = 0.5,
 
 
 def run_distilled_fold(recipe: str, fold: int, teacher_widths: tuple[int, ...] = TEACHER["widths"],
-                       teacher_steps: int = TEACHER["steps"], student_widths: tuple[int, ...] = STUDENT["widths"],
+                       teacher_steps: int | None = None, student_widths: tuple[int, ...] = STUDENT["widths"],
                        steps: int | None = None, distill_weight: float = STUDENT["distill_weight"],
                        threads: int = 1, work: Path = WORK, results: Path = RESULTS, root: Path | None = None,
                        score_teacher: bool = True, **updates) -> dict:
-    """Train (once, resumably) a ``teacher_widths`` net of ``recipe`` for ``teacher_steps`` on fold
-    ``fold``'s training tiles, scored as ``<recipe>+teacher``; then a ``student_widths`` net for
+    """Train (once, resumably) a ``teacher_widths`` net of ``recipe`` for ``teacher_steps`` (default:
+    :data:`TEACHER`'s multiple of the recipe's budget) on fold ``fold``'s training tiles, scored as
+    ``<recipe>+teacher``; then a ``student_widths`` net for
     ``steps`` (default: the recipe's CV budget) with the teacher's maps as a second target
     (``distill_weight``), scored as ``<recipe>+distill`` (``+student`` when ``distill_weight`` is 0:
     the same student without its teacher). ``updates``: more training-config fields (device,
@@ -269,6 +277,8 @@ def run_distilled_fold(recipe: str, fold: int, teacher_widths: tuple[int, ...] =
             frames.append(_train_set(recipe_config, fold, root))
         return frames[0]
 
+    budget = recipe_config.epochs * recipe_config.steps_per_epoch
+    teacher_steps = teacher_steps if teacher_steps is not None else TEACHER["steps_factor"] * budget
     teacher_model = None
     if distill_weight:
         teacher_name = f"{recipe}+teacher"
@@ -280,8 +290,8 @@ def run_distilled_fold(recipe: str, fold: int, teacher_widths: tuple[int, ...] =
                              threads, results, root, time.perf_counter(), model=teacher.model, steps=teacher.steps,
                              train_seconds=teacher.seconds)
     variant = f"{recipe}+distill" if distill_weight else f"{recipe}+student"
-    budget = steps if steps is not None else recipe_config.epochs * recipe_config.steps_per_epoch
-    config = _config(recipe_config, widths=tuple(student_widths), distill_weight=distill_weight, **_schedule(budget))
+    config = _config(recipe_config, widths=tuple(student_widths), distill_weight=distill_weight,
+                     **_schedule(steps if steps is not None else budget))
     config, result = _trained(variant, fold, config, train_set, work, teacher=teacher_model)
     extra = {"teacher_widths": list(teacher_widths), "teacher_steps": teacher_steps} if distill_weight else {}
     return _score_and_write(variant, fold, seg.export_for(result.model, config), config, threads, results, root,
@@ -375,11 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     commands["prune"].add_argument("--keep", type=float, default=0.5, help="share of channels kept per conv")
     commands["prune"].add_argument("--widths", type=_widths, default=None,
                                    help="prune to these widths per level instead (e.g. the student's 16,16,32,64)")
-    commands["prune"].add_argument("--steps", type=int, default=FINETUNE["steps"], help="fine-tune steps")
-    commands["prune"].add_argument("--lr", type=float, default=FINETUNE["lr"], help="fine-tune peak learning rate")
+    commands["prune"].add_argument("--steps", type=int, default=None,
+                                   help="fine-tune steps (default: a quarter of the source's)")
+    commands["prune"].add_argument("--lr", type=float, default=None,
+                                   help="fine-tune peak learning rate (default: a fifth of the source's)")
     distill = commands["distill"]
     distill.add_argument("--teacher-widths", type=_widths, default=TEACHER["widths"])
-    distill.add_argument("--teacher-steps", type=int, default=TEACHER["steps"])
+    distill.add_argument("--teacher-steps", type=int, default=None, help="default: twice the recipe's budget")
     distill.add_argument("--student-widths", type=_widths, default=STUDENT["widths"])
     distill.add_argument("--steps", type=int, default=None, help="student steps (default: the CV budget)")
     distill.add_argument("--distill-weight", type=float, default=STUDENT["distill_weight"],

@@ -116,12 +116,13 @@ def read_fold(results: Path, variant: str) -> dict:
 
 @needs_data
 def test_pruned_fold_is_fine_tuned_scored_and_written(tiny):
-    report = compress.run_pruned_fold("baseline", 0, keep=0.5, steps=3, work=tiny["work"], results=tiny["results"],
+    """Defaults: a quarter of the source's 3 steps (1) at a fifth of its learning rate."""
+    report = compress.run_pruned_fold("baseline", 0, keep=0.5, work=tiny["work"], results=tiny["results"],
                                       root=tiny["root"])
     written = read_fold(tiny["results"], "baseline+prune50")
     assert written["config"]["widths"] == [2, 4, 4, 4] == report["config"]["widths"]
-    assert written["finetune_steps"] == 3 and written["steps"] == 6
-    assert written["config"]["lr"] == compress.FINETUNE["lr"]
+    assert written["finetune_steps"] == 1 and written["steps"] == 4
+    assert written["config"]["lr"] == pytest.approx(0.2 * seg_cv.recipe_config("baseline").lr)
     assert seg_cv.fold_weights("baseline+prune50", 0, tiny["work"]).exists()
     assert len(written["test"]) == len(seg_cv.fold_split(tiles.list_items(tiny["root"]), 0)[2])
 
