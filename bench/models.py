@@ -2,7 +2,8 @@
 (``bench/results/models.json``):
 
 1. Variants (``rows``): one row per model. The baseline rows are today's shipped ``seg-tiles``
-   int8 and fp32 packages (their own graphs, 256x256). Then every cross-validated variant found
+   int8, fp32 and fp16 packages (their own graphs, 256x256; the first, int8, is the reference of
+   the ratios). Then every cross-validated variant found
    under ``bench/results/seg_cv`` (recipes of :mod:`models.seg_cv`, ``+prune<P>``, ``+teacher``,
    ``+distill``, ``+student``, ``+int8`` of :mod:`models.compress`), and candidate student widths
    not covered by one. Columns: GFLOP per frame at the median tile (325x270, padded to 336x272:
@@ -244,7 +245,7 @@ def variant_rows(seconds: float, packages: Path = BUILTIN_PACKAGES, results: Pat
     # (label, precision, widths, graph key, CV variant or None); graphs: key -> (graph, (h, w), GFLOP)
     entries: list[tuple[str, str, tuple[int, ...], tuple, str | None]] = []
     graphs: dict[tuple, tuple[bytes | str, tuple[int, int], float]] = {}
-    for precision in ("int8", "fp32"):
+    for precision in ("int8", "fp32", "fp16"):  # fp16 targets CUDA; the CPU provider runs it (by casts)
         folder = packages / f"{SEG}-{precision}"
         if folder.exists():
             package = load_package(folder)

@@ -58,7 +58,8 @@ def test_models_benchmark_writes_one_json(tmp_path: Path) -> None:
     cv = rows["baseline"]
     summary = recipe_summary("baseline", results)
     mean, std = summary["mean"]["iou_defect_images"], summary["std"]["iou_defect_images"]
-    assert cv["folds"] == 1 and cv["iou_defect"] == f"{mean:.3f}±{std:.3f}" and cv["alarm_rule"] == summary["alarm_rule"]
+    assert cv["folds"] == 1 and cv["iou_defect"] == f"{mean:.3f}±{std:.3f}"
+    assert cv["alarm_rule"] == summary["alarm_rule"]
     assert cv["widths"] == "4,4,4,4" and cv["input"] == "336x272"
     assert cv["gflop"] == pytest.approx(conv_flops(TileUNet(widths), (1, 1, 336, 272)) / 1e9)
     assert cv["x_base_1t"] == pytest.approx(cv["ms_1t"] / first["ms_1t"])
@@ -82,6 +83,8 @@ def test_without_cv_results_the_shipped_rows_are_the_table(tmp_path: Path) -> No
     out = tmp_path / "models.json"
     main(seconds=0.05, out=out, results=tmp_path / "none", candidates="", runtimes=False)
     result = json.loads(out.read_text())
-    assert [row["variant"] for row in result["rows"]] == ["seg-tiles-int8 (shipped)", "seg-tiles-fp32 (shipped)"]
+    shipped = [f"seg-tiles-{p} (shipped)" for p in ("int8", "fp32", "fp16")
+               if (BUILTIN_PACKAGES / f"seg-tiles-{p}").exists()]
+    assert [row["variant"] for row in result["rows"]] == shipped and shipped[0] == "seg-tiles-int8 (shipped)"
     assert all(row["iou_defect"] == "-" and row["ms_1t"] > 0 for row in result["rows"])
     assert result["runtime_rows"] == [] and result["cv"] == []
