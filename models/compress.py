@@ -240,9 +240,8 @@ def run_pruned_fold(recipe: str, fold: int, keep: float | tuple[int, ...] = 0.5,
                     root: Path | None = None, **updates) -> dict:
     """Prune fold ``fold``'s weights of ``recipe`` (:func:`prune_unet`), fine-tune them ``steps`` steps
     at peak ``lr`` (default: :data:`FINETUNE` of the source's training) on the fold's training
-    tiles (the recipe's own sampling, loss and augmentation),
-    score and write ``<recipe>+prune<P>`` (:func:`prune_name`). ``updates``: more training-config
-    fields (e.g. device)."""
+    tiles (the recipe's own sampling, loss and augmentation), score and write ``<recipe>+prune<P>``
+    (:func:`prune_name`). ``updates``: more training-config fields (e.g. device)."""
     from models import segmentation as seg
 
     started = time.perf_counter()
@@ -268,11 +267,10 @@ def run_distilled_fold(recipe: str, fold: int, teacher_widths: tuple[int, ...] =
                        score_teacher: bool = True, **updates) -> dict:
     """Train (once, resumably) a ``teacher_widths`` net of ``recipe`` for ``teacher_steps`` (default:
     :data:`TEACHER`'s multiple of the recipe's budget) on fold ``fold``'s training tiles, scored as
-    ``<recipe>+teacher``; then a ``student_widths`` net for
-    ``steps`` (default: the recipe's CV budget) with the teacher's maps as a second target
-    (``distill_weight``), scored as ``<recipe>+distill`` (``+student`` when ``distill_weight`` is 0:
-    the same student without its teacher). ``updates``: more training-config fields (device,
-    batch, crop)."""
+    ``<recipe>+teacher``; then a ``student_widths`` net for ``steps`` (default: the recipe's CV
+    budget) with the teacher's maps as a second target (``distill_weight``), scored as
+    ``<recipe>+distill`` (``+student`` when ``distill_weight`` is 0: the same student without its
+    teacher). ``updates``: more training-config fields (device, batch, crop)."""
     from models import segmentation as seg
 
     started = time.perf_counter()
