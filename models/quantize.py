@@ -115,7 +115,11 @@ def calibration_picks(classes: list[str], count: int, seed: int = 0) -> list[int
 def calibration_frames(package: Package, train: tiles.ImageSet, count: int, seed: int = 0) -> Frames:
     """``count`` preprocessed TRAIN frames (:func:`calibration_picks`); never val frames."""
     picks = calibration_picks(train.classes, count, seed)
-    return model_inputs(package.manifest, [train.images[i] for i in picks])
+    frames = model_inputs(package.manifest, [train.images[i] for i in picks])
+    if isinstance(frames, list) and frames:  # native: one shape for all, as ORT's histogram calibrators need
+        common = (max(x.shape[1] for x in frames), max(x.shape[2] for x in frames))
+        frames = [pad_input(x, common) for x in frames]
+    return frames
 
 
 def val_arrays(package: Package, val: tiles.ImageSet) -> tuple[Frames, np.ndarray | list[np.ndarray]]:

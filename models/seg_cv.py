@@ -215,8 +215,9 @@ def _pooled_iou(scores: list[ImageScore]) -> float:
     return sum(s.inter for s in scores) / union if union else float("nan")
 
 
-def recipe_summary(recipe: str, results: Path = RESULTS) -> dict:
+def recipe_summary(recipe: str, results: Path | None = None) -> dict:
     """Mean and std over the folds found for ``recipe``; the alarm rule with the best mean recall."""
+    results = results or RESULTS
     reports = [json.loads(path.read_text()) for path in sorted((results / recipe).glob("fold*.json"))]
     per_fold = [fold_metrics(report) for report in reports]
     keys = per_fold[0].keys() if per_fold else []

@@ -749,6 +749,9 @@ def _train_on_shared_tiles(out_dir: Path, config: SegTrainConfig, progress: bool
         if save_to is not None:
             save_checkpoint(save_to, config, trained)
     summary = seg_cv.recipe_summary(config.cv_recipe)
+    if summary["alarm_rule"] is None:
+        raise ValueError(f"no cross-validation results for recipe {config.cv_recipe!r} under {seg_cv.RESULTS} "
+                         f"(run: python -m models.seg_cv run --recipe {config.cv_recipe})")
     record = {"recipe": config.model_dump(mode="json"), "cv_recipe": config.cv_recipe,
               "data_sha256": seg_cv.dataset_sha256(items), "images": len(items), "trained_on": len(train_items),
               "calibration_tiles": len(calib_items), "fold_seed": seg_cv.FOLD_SEED, "folds": seg_cv.FOLDS,
@@ -853,8 +856,36 @@ def build_segmentation_packages(out_dir: Path, config: SegTrainConfig | None = N
     config = config or SegTrainConfig()
     out_dir = Path(out_dir)
     fp32, _, data = train_fp32_package(out_dir, config, progress, root, checkpoint, save_to)
+    config = config if checkpoint is None else load_checkpoint(checkpoint)[0].model_copy(
+        update={"threads": config.threads})
     packages = {"fp32": fp32}
+    shipped = config.cv_recipe is not None
     packages |= quantize_packages(fp32, out_dir, max_iou_drop=config.max_iou_drop, calib_frames=config.calib_frames,
                                   threads=config.threads, max_false_alarms=config.max_false_alarms, seed=config.seed,
-                                  fp32_metrics=fp32.manifest.metrics, data=data)
+                                  fp32_metrics=None if shipped else fp32.manifest.metrics, data=data)
+    if shipped:
+        packages |= {precision: _ship_quantized(packages[precision], fp32, data[0], config)
+                     for precision in packages if precision != "fp32"}
     return packages
+
+
+GATE_RENAMED = {"iou": "gate_iou", "iou_defect_images": "gate_iou_defect_images", "fp32_iou": "gate_fp32_iou"}
+SEEN_QUALITY = ("iou", "dice", "ap_", "image_", "false_alarm", "val_images", "alarm_", "area_threshold", "synthetic_")
+
+
+def _ship_quantized(package: Package, fp32: Package, calib_images: tiles.ImageSet, config: SegTrainConfig) -> Package:
+    """An int8/fp16 package of the shipped build: the quantization gate's figures (measured on tiles
+    the net was trained on, so they compare graphs, not quality) renamed ``gate_*``, the other
+    quality figures of those tiles dropped, fp32's cross-validated figures and training record, and
+    its own alarm threshold on the calibration tiles (fp16 takes fp32's where the CPU cannot run it)."""
+    own = package.manifest.metrics
+    kept = {GATE_RENAMED.get(k, k): v for k, v in own.items()
+            if k in GATE_RENAMED or k == "iou_drop_vs_fp32" or not k.startswith(SEEN_QUALITY)}
+    cv = {k: v for k, v in fp32.manifest.metrics.items() if k.startswith("cv_")}
+    manifest = package.manifest.model_copy(update={"metrics": kept | cv, "training": fp32.manifest.training})
+    if package.manifest.precision == "fp16" and not own.get("cpu_runs"):
+        manifest = manifest.model_copy(update={"postprocess": fp32.manifest.postprocess})
+        return write_package(package.folder, manifest, package.model_path.read_bytes())
+    package = write_package(package.folder, manifest, package.model_path.read_bytes())
+    return ship_alarm(package, fp32.manifest.training["cv"]["alarm_rule"], calib_images, config.max_false_alarms,
+                      config.threads)

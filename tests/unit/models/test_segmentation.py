@@ -233,3 +233,36 @@ class _Killed(Exception):
 def _stop_after(epoch: int, last: int) -> None:
     if epoch >= last:
         raise _Killed
+
+
+@needs_data
+def test_the_shipped_build_records_cv_figures_recipe_data_hash_and_a_calibrated_alarm(tmp_path, monkeypatch):
+    from models import seg_cv
+
+    root = tiny_root(tmp_path, per_class=4, free=30)
+    monkeypatch.setattr(seg_cv, "RESULTS", tmp_path / "cv")
+    config = seg.SegTrainConfig(resize="native", cv_recipe="tiny", epochs=1, steps_per_epoch=3, batch=4, crop=64,
+                                widths=(4, 8, 8, 8), calib_frames=4, threads=1, max_iou_drop=1.0)
+    torch.manual_seed(0)
+    net = seg.TileUNet(config.widths).eval()
+    for fold in (0, 1):  # a real (if untrained) net scored on two real folds: what the CV harness writes
+        report = seg_cv.score_fold(seg.export_for(net, config), config, fold, 1, root=root) | {"steps": 3}
+        seg_cv.write_fold(report, "tiny", fold, tmp_path / "cv")
+    packages = seg.build_segmentation_packages(tmp_path / "out", config, progress=False, root=root)
+    fp32 = packages["fp32"].manifest
+    assert fp32.training["data_sha256"] == seg_cv.dataset_sha256(tiles.list_items(root))
+    assert fp32.training["cv"]["folds"] == [0, 1] and fp32.training["recipe"]["cv_recipe"] == "tiny"
+    summary = seg_cv.recipe_summary("tiny")
+    assert fp32.metrics["cv_iou_defect_images"] == pytest.approx(summary["mean"]["iou_defect_images"])
+    assert "cv_iou_defect_images_std" in fp32.metrics and "iou" not in fp32.metrics
+    assert fp32.preprocess.resize == "native" and fp32.postprocess.alarm_threshold is not None
+    _, calib_items = seg_cv.split_calibration(tiles.list_items(root))
+    for package in (packages["fp32"], packages["int8"]):
+        model = SegmentationModel(package)
+        from edge.postprocess import image_alarm
+
+        fired = [image_alarm(p, package.manifest.postprocess, []) for p in
+                 model.infer([item.load()[0] for item in calib_items])]
+        assert sum(fired) <= config.max_false_alarms * len(fired)  # the budget, on the tiles that set it
+    int8 = packages["int8"].manifest
+    assert int8.training == fp32.training and "gate_iou" in int8.metrics and "iou" not in int8.metrics
