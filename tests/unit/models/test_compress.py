@@ -185,13 +185,14 @@ def test_quantize_packages_takes_a_native_package(tiny, tmp_path):
     config, result = seg.load_checkpoint(seg_cv.fold_weights("baseline", 0, tiny["work"]))
     fp32 = write_package(tmp_path / "seg-tiles-fp32", seg.make_manifest(config), seg.export_for(result.model, config))
     packages = quantize.quantize_packages(load_package(fp32.folder), tmp_path / "out", max_iou_drop=1.0,
-                                          calib_frames=6, threads=1, root=tiny["root"], methods=("minmax",),
-                                          activations=("u8s8",))
+                                          calib_frames=6, threads=1, root=tiny["root"],
+                                          methods=("minmax", "entropy"), activations=("u8s8",))
     int8 = packages["int8"].manifest
     assert int8.preprocess.resize == "native" and int8.precision == "int8"
     assert int8.bench["ms_per_frame_batch1"] > 0 and int8.bench["fp32_ms_per_frame_batch1"] > 0
     assert packages["fp16"].manifest.preprocess.resize == "native"
     assert quantize.reference_input(int8) == (336, 272)
+    assert {"calib_minmax_quick_iou", "calib_entropy_quick_iou"} <= set(int8.metrics)  # histograms: one shape
 
 
 def test_pruning_to_given_widths_per_level():
