@@ -78,6 +78,18 @@ def _dataset_or_exit(dataset: str, val_fraction: float):
         raise fail(str(exc)) from None
 
 
+def _check_resume(save_checkpoint: Path | None, resume: bool) -> None:
+    """An interrupted run is continued only when asked, and never silently overwritten."""
+    if resume and save_checkpoint is None:
+        raise fail("--resume needs --save-checkpoint PATH (the run continues from PATH's .run.pt)")
+    from models.segmentation import run_file
+
+    run = run_file(save_checkpoint)
+    if run is not None and run.exists() and not resume:
+        raise fail(f"{run} holds an interrupted run: add --resume to continue it, or delete it "
+                   f"to start again")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``train-seg``, ``eval-seg`` and ``quantize`` to ``app``."""
 
@@ -95,17 +107,24 @@ def register(app: typer.Typer) -> None:
         max_iou_drop: Annotated[float, typer.Option(help="int8 gate: largest val IoU drop vs fp32")] = 0.01,
         checkpoint: Annotated[Optional[Path], typer.Option(help="package these trained weights instead of "
                                                                 "training (from --save-checkpoint)")] = None,
-        save_checkpoint: Annotated[Optional[Path], typer.Option(help="keep the trained weights here")] = None,
+        save_checkpoint: Annotated[Optional[Path], typer.Option(help="keep the trained weights here; while it "
+                                                                     "trains, a resumable <name>.run.pt beside them "
+                                                                     "is rewritten every few minutes")] = None,
+        resume: Annotated[bool, typer.Option(help="continue the interrupted run in <save-checkpoint>.run.pt")] = False,
         progress: Annotated[bool, typer.Option(help="rich progress bar")] = True,
         as_json: JsonOption = False,
     ) -> None:
-        """Train seg-tiles (magnetic tiles) or seg-synth; export fp32 (parity-checked), int8 (gated), fp16."""
+        """Train seg-tiles (magnetic tiles) or seg-synth; export fp32 (parity-checked), int8 (gated), fp16.
+
+        Long runs: ``nohup edgeline models train-seg --save-checkpoint w.pt &``; killed, the same
+        command with ``--resume`` goes on from the last checkpoint."""
         if preset != "synthetic":
             _data_or_exit()
         with needs_extra("models train-seg", "models"):
             from models.quantize import QualityGateError
             from models.segmentation import ParityError, build_segmentation_packages
             from models.segmentation import preset as make_config
+        _check_resume(save_checkpoint, resume)
         updates: dict = {"seed": seed, "max_iou_drop": max_iou_drop, "device": device, "threads": threads}
         if epochs is not None:
             updates["epochs"] = epochs
@@ -120,6 +139,8 @@ def register(app: typer.Typer) -> None:
                                                    save_to=save_checkpoint)
         except (QualityGateError, ParityError) as exc:
             raise fail(str(exc), status=1) from None
+        except ValueError as exc:  # a run file of another recipe, or no CV results for the shipped recipe
+            raise fail(str(exc)) from None
         _report(packages["fp32"].manifest.name, list(packages.values()), as_json)
 
     @app.command("eval-seg")

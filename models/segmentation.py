@@ -701,11 +701,17 @@ def train_fp32_package(out_dir: Path, config: SegTrainConfig, progress: bool = T
     train_set, val_set = FrameSet.from_set(train_images, spec), FrameSet.from_set(val_images, spec)
     log.info("data: %d train, %d val frames in %.1f s", len(train_set), len(val_set), time.perf_counter() - t_data)
     if checkpoint is None:
-        result = _train_with_progress(config, train_set, val_set, progress)
+        result = _train_with_progress(config, train_set, val_set, progress, run_file(save_to))
         if save_to is not None:
             save_checkpoint(save_to, config, result)
+            run_file(save_to).unlink(missing_ok=True)
     package = _export_and_package(out_dir, config, result, train_images, val_images, val_set)
     return package, result.model, (train_images, val_images)
+
+
+def run_file(save_to: Path | None) -> Path | None:
+    """The resumable checkpoint of a run whose weights go to ``save_to`` (removed once they are there)."""
+    return save_to.with_suffix(".run.pt") if save_to is not None else None
 
 
 def _train_with_progress(config: SegTrainConfig, train_set: FrameSet, val_set: FrameSet | None,
@@ -744,10 +750,10 @@ def _train_on_shared_tiles(out_dir: Path, config: SegTrainConfig, progress: bool
     if trained is None:
         train_set = FrameSet.from_set(tiles.ImageSet.from_items(train_items), spec)
         log.info("data: %d training tiles, %d calibration tiles", len(train_set), len(calib_items))
-        resume = save_to.with_suffix(".run.pt") if save_to is not None else None
-        trained = _train_with_progress(config, train_set, None, progress, resume)
+        trained = _train_with_progress(config, train_set, None, progress, run_file(save_to))
         if save_to is not None:
             save_checkpoint(save_to, config, trained)
+            run_file(save_to).unlink(missing_ok=True)
     summary = seg_cv.recipe_summary(config.cv_recipe)
     if summary["alarm_rule"] is None:
         raise ValueError(f"no cross-validation results for recipe {config.cv_recipe!r} under {seg_cv.RESULTS} "

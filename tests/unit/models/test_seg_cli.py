@@ -87,3 +87,16 @@ def test_eval_seg_takes_data_or_dataset_not_both(tmp_path):
     result = invoke("eval-seg", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--data", str(tmp_path), "--dataset",
                     "synthetic")
     assert result.exit_code == 2 and "not both" in result.stderr
+
+
+def test_train_seg_never_overwrites_an_interrupted_run_and_resume_needs_its_checkpoint(tmp_path):
+    import pytest
+
+    pytest.importorskip("torch")
+    (tmp_path / "w.run.pt").write_bytes(b"an interrupted run")
+    refused = invoke("train-seg", "--preset", "synthetic", "--out", str(tmp_path / "out"),
+                     "--save-checkpoint", str(tmp_path / "w.pt"))
+    assert refused.exit_code == 2 and "w.run.pt holds an interrupted run: add --resume" in refused.output
+    alone = invoke("train-seg", "--preset", "synthetic", "--out", str(tmp_path / "out"), "--resume")
+    assert alone.exit_code == 2 and "--resume needs --save-checkpoint" in alone.output
+    assert not (tmp_path / "out").exists() and (tmp_path / "w.run.pt").read_bytes() == b"an interrupted run"
