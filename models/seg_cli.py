@@ -96,9 +96,10 @@ def register(app: typer.Typer) -> None:
     @app.command("train-seg")
     def train_seg(
         out: Annotated[Path, typer.Option(help="folder that receives <name>-{fp32,int8,fp16}")] = Path("models/packages"),
-        preset: Annotated[str, typer.Option(help="default (seg-tiles, ~18 min on 2 CPU cores), quality (seg-tiles, "
-                                                 "12k steps: the shipped packages) or synthetic (seg-synth, the "
-                                                 "demo's model, ~3 min)")] = "default",
+        preset: Annotated[str, typer.Option(help="default (the shipped seg-tiles: native resolution, the "
+                                                 "cross-validated recipe, ~25 min on 2 CPU cores), fixed256 (the "
+                                                 "previous seg-tiles, 256x256) or synthetic (seg-synth, the demo's "
+                                                 "model, ~3 min)")] = "default",
         epochs: Annotated[Optional[int], typer.Option(min=1, help="training epochs (default: the preset's)")] = None,
         time_budget: Annotated[Optional[float], typer.Option(help="stop training after this many seconds")] = None,
         seed: Annotated[int, typer.Option(help="seed of sampling, augmentation and init")] = 0,

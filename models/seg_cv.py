@@ -234,7 +234,8 @@ HEADLINE = ["iou_defect_images", *(f"iou_{c.lower()}" for c in tiles.DEFECT_CLAS
 def print_report(recipes: list[str], results: Path = RESULTS) -> dict[str, dict]:
     """A table readable in a log: one row per recipe, mean ± std over its folds."""
     summaries = {r: recipe_summary(r, results) for r in recipes if (results / r).is_dir()}
-    header = f"{'recipe':<15}{'folds':>6}  " + "  ".join(f"{k.replace('iou_', ''):>13}" for k in HEADLINE)
+    width = max([15, *(len(name) + 1 for name in summaries)])
+    header = f"{'recipe':<{width}}{'folds':>6}  " + "  ".join(f"{k.replace('iou_', ''):>13}" for k in HEADLINE)
     header += f"  {'alarm rule':>10}  {'recall':>13}  {'false alarms':>13}"
     print(header)
     for name, summary in summaries.items():
@@ -244,7 +245,7 @@ def print_report(recipes: list[str], results: Path = RESULTS) -> dict[str, dict]
         cells = [f"{mean[k]:.3f}±{std[k]:.3f}" for k in HEADLINE]
         cells += [f"{rule:>10}", f"{mean[f'recall[{rule}]']:.3f}±{std[f'recall[{rule}]']:.3f}",
                   f"{mean[f'false_alarms[{rule}]']:.3f}±{std[f'false_alarms[{rule}]']:.3f}"]
-        print(f"{name:<15}{len(summary['folds']):>6}  " + "  ".join(f"{c:>13}" for c in cells))
+        print(f"{name:<{width}}{len(summary['folds']):>6}  " + "  ".join(f"{c:>13}" for c in cells))
     return summaries
 
 

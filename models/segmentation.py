@@ -123,12 +123,29 @@ class SegTrainConfig(BaseModel):
         "chose, and record the cross-validated figures (None: the older train/val split)")
 
 
+SHIPPED_RECIPE = "baseline"
+"""The models.seg_cv recipe cross-validation chose (see the README's table)."""
+
+SHIPPED_WIDTHS = (16, 16, 32, 64)
+"""The shipped widths: at the median tile's native size (336x272 padded) 0.77 GFLOP, and its int8
+graph as fast as the 256x256 int8 package it replaces (models.compress.STUDENT); the recipe's own
+widths (16, 32, 64, 96) cost 1.74 GFLOP and 1.38x the time there."""
+
+
+def _shipped_preset() -> dict:
+    from models import seg_cv
+
+    return (seg_cv.RECIPES[SHIPPED_RECIPE]
+            | {"cv_recipe": f"{SHIPPED_RECIPE}+student", "widths": SHIPPED_WIDTHS, "epochs": 10,
+               "steps_per_epoch": 1200, "batch": 16, "lr": 1e-3, "max_train_seconds": 4 * 3600.0})
+
+
 PRESETS: dict[str, dict] = {
-    # 6k steps of 16 crops: ~18 min on 2 CPU cores (~0.17 s a step)
-    "default": {},
-    # 12k steps at lr 1e-3: the shipped packages (trained on one GPU, --device cuda, capped at
-    # 340 s: 11.6k steps); ~35 min on 2 CPU cores
-    "quality": {"epochs": 10, "steps_per_epoch": 1200, "lr": 1e-3, "max_train_seconds": 4 * 3600.0},
+    # the shipped seg-tiles: the cross-validated recipe at native resolution, 12k steps of 16 crops
+    # on every shared tile but the calibration share (~25 min on 2 CPU cores, ~5 on a GPU)
+    "default": _shipped_preset(),
+    # the previous seg-tiles (1.1.0): every tile resized to 256x256, a fixed train/val split
+    "fixed256": {"epochs": 10, "steps_per_epoch": 1200, "lr": 1e-3, "max_train_seconds": 4 * 3600.0},
     # seg-synth, the demo cameras' model: small (0.06 GFLOP at 128x128), ~3 min on 2 CPU cores
     "synthetic": {"dataset": "synthetic", "size": 128, "widths": (8, 16, 24, 32), "crop": 64, "epochs": 12,
                   "steps_per_epoch": 250, "lr": 2e-3, "synthetic_cameras": 8, "eval_every": 2,
@@ -143,7 +160,7 @@ SMOKE_CONFIG = SegTrainConfig(
 
 
 def preset(name: str, **updates) -> SegTrainConfig:
-    """A named training preset (``default`` or ``quality``) with ``updates`` on top."""
+    """A named training preset (``default``, ``fixed256`` or ``synthetic``) with ``updates`` on top."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return SegTrainConfig(**(PRESETS[name] | updates))

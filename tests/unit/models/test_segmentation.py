@@ -101,7 +101,10 @@ def test_tiny_training_run_writes_a_working_fp32_package(tmp_path):
 
 
 def test_presets_and_unknown_preset():
-    assert seg.preset("quality").epochs * seg.preset("quality").steps_per_epoch == 12_000
+    shipped = seg.preset("default")
+    assert shipped.epochs * shipped.steps_per_epoch == 12_000 and shipped.resize == "native"
+    assert shipped.cv_recipe == f"{seg.SHIPPED_RECIPE}+student" and shipped.widths == seg.SHIPPED_WIDTHS
+    assert seg.preset("fixed256").resize == "fixed"
     assert seg.preset("default", seed=3).seed == 3
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         seg.preset("fast")
