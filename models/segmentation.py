@@ -752,16 +752,18 @@ def _train_on_shared_tiles(out_dir: Path, config: SegTrainConfig, progress: bool
     """The shipped build (issue 15's protocol): train on every shared tile but the calibration share
     of defect-free ones; the image alarm is the rule cross-validation chose for ``config.cv_recipe``,
     its threshold set on those calibration tiles at ``max_false_alarms``; the manifest records the
-    cross-validated figures, the recipe and the data hash. Returns (package, model, (calibration
-    tiles, gate tiles)): the gate tiles (fold 0's, seen in training) serve parity and the int8 drift
-    gate, which compare two graphs on the same images, never as a quality figure."""
+    cross-validated figures, the recipe and the data hash. Returns (package, model, (int8
+    calibration tiles, gate tiles)), both drawn from the training tiles (folds 1 and 0): the gate
+    tiles serve parity and the int8 drift gate, which compare two graphs on the same images, never
+    as a quality figure."""
     from models import seg_cv
 
     items = tiles.list_items(root)
     train_items, calib_items = seg_cv.split_calibration(items)
-    calib_set = {item.image for item in calib_items}
-    gate_items = [item for item, fold in zip(items, seg_cv.assign_folds(items)) if fold == 0
-                  and item.image not in calib_set]
+    folds = seg_cv.assign_folds(items)
+    trained_on = {item.image for item in train_items}
+    quant_items, gate_items = ([item for item, fold in zip(items, folds) if fold == k and item.image in trained_on]
+                               for k in (1, 0))
     spec = preprocess_spec(config)
     calib_images, gate_images = tiles.ImageSet.from_items(calib_items), tiles.ImageSet.from_items(gate_items)
     if trained is None:
@@ -781,7 +783,7 @@ def _train_on_shared_tiles(out_dir: Path, config: SegTrainConfig, progress: bool
               "cv": {k: summary[k] for k in ("folds", "steps", "mean", "std", "alarm_rule")}}
     package = _export_shipped(out_dir, config, trained, gate_images, record)
     package = ship_alarm(package, summary["alarm_rule"], calib_images, config.max_false_alarms, config.threads)
-    return package, trained.model, (calib_images, gate_images)
+    return package, trained.model, (tiles.ImageSet.from_items(quant_items), gate_images)
 
 
 def cv_metrics(summary: dict) -> dict[str, float]:
@@ -887,7 +889,10 @@ def build_segmentation_packages(out_dir: Path, config: SegTrainConfig | None = N
                                   threads=config.threads, max_false_alarms=config.max_false_alarms, seed=config.seed,
                                   fp32_metrics=None if shipped else fp32.manifest.metrics, data=data)
     if shipped:
-        packages |= {precision: _ship_quantized(packages[precision], fp32, data[0], config)
+        from models import seg_cv
+
+        calib = tiles.ImageSet.from_items(seg_cv.split_calibration(tiles.list_items(root))[1])
+        packages |= {precision: _ship_quantized(packages[precision], fp32, calib, config)
                      for precision in packages if precision != "fp32"}
     return packages
 
