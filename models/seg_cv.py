@@ -219,6 +219,8 @@ def recipe_summary(recipe: str, results: Path | None = None) -> dict:
     """Mean and std over the folds found for ``recipe``; the alarm rule with the best mean recall."""
     results = results or RESULTS
     reports = [json.loads(path.read_text()) for path in sorted((results / recipe).glob("fold*.json"))]
+    if not reports:
+        return recorded(recipe)
     per_fold = [fold_metrics(report) for report in reports]
     keys = per_fold[0].keys() if per_fold else []
     mean = {k: float(np.nanmean([m[k] for m in per_fold])) for k in keys}
@@ -228,12 +230,34 @@ def recipe_summary(recipe: str, results: Path | None = None) -> dict:
             "mean": mean, "std": std, "alarm_rule": best}
 
 
+RECORD = tiles.REPO_ROOT / "models" / "seg_cv.json"
+"""The summaries of the cross-validation runs behind the shipped recipe and its variants,
+committed: a fresh clone reports them and builds the shipped package without rerunning them
+(``python -m models.seg_cv report --record`` rewrites it from the fold files here)."""
+
+
+def recorded(recipe: str) -> dict:
+    """``recipe``'s summary from :data:`RECORD` (no folds, no alarm rule when it is not there)."""
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    return record.get(recipe) or {"recipe": recipe, "folds": [], "steps": [], "mean": {}, "std": {},
+                                  "alarm_rule": None}
+
+
+def variants_found(results: Path | None = None) -> list[str]:
+    """Every recipe or variant with fold files under ``results``, then those only in :data:`RECORD`."""
+    results = results or RESULTS
+    here = sorted(p.name for p in results.iterdir() if p.is_dir() and any(p.glob("fold*.json"))) \
+        if results.is_dir() else []
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    return here + [name for name in record if name not in here]
+
+
 HEADLINE = ["iou_defect_images", *(f"iou_{c.lower()}" for c in tiles.DEFECT_CLASSES), "dice"]
 
 
 def print_report(recipes: list[str], results: Path = RESULTS) -> dict[str, dict]:
     """A table readable in a log: one row per recipe, mean ± std over its folds."""
-    summaries = {r: recipe_summary(r, results) for r in recipes if (results / r).is_dir()}
+    summaries = {r: recipe_summary(r, results) for r in recipes}
     width = max([15, *(len(name) + 1 for name in summaries)])
     header = f"{'recipe':<{width}}{'folds':>6}  " + "  ".join(f"{k.replace('iou_', ''):>13}" for k in HEADLINE)
     header += f"  {'alarm rule':>10}  {'recall':>13}  {'false alarms':>13}"
@@ -258,8 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--work", type=Path, default=WORK)
     report = sub.add_parser("report", help="mean ± std over folds, per recipe")
-    report.add_argument("--recipes", default=",".join(RECIPES))
+    report.add_argument("--recipes", help="comma-separated (default: every one found here or recorded)")
     report.add_argument("--json", type=Path, help="also write the summaries here")
+    report.add_argument("--record", action="store_true", help=f"rewrite {RECORD.name} from the fold files here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "run":
@@ -271,9 +296,12 @@ def main(argv: list[str] | None = None) -> None:
             log.info("%s fold %d: %s", args.recipe, fold,
                      {k: round(v, 3) for k, v in fold_metrics(report_).items() if "[" not in k})
         return
-    summaries = print_report(args.recipes.split(","))
+    summaries = print_report(args.recipes.split(",") if args.recipes else variants_found())
     if args.json:
         args.json.write_text(json.dumps(summaries, indent=1) + "\n")
+    if args.record:
+        here = {name: summary for name, summary in summaries.items() if (RESULTS / name).is_dir()}
+        RECORD.write_text(json.dumps(here, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
