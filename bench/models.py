@@ -1,9 +1,10 @@
 """What do the segmentation models cost, and what do they find? One run, one JSON
 (``bench/results/models.json``):
 
-1. Variants (``rows``): one row per model. The baseline rows are today's shipped ``seg-tiles``
-   int8, fp32 and fp16 packages (their own graphs, 256x256; the first, int8, is the reference of
-   the ratios). Then every cross-validated variant found
+1. Variants (``rows``): one row per model. The first, the reference of the ratios, is the net of
+   the previous seg-tiles (1.1.0: 256x256 frames) as int8 (:data:`PREVIOUS`); then the shipped
+   ``seg-tiles`` int8, fp32 and fp16 packages (their own graphs at their reference frame, with the
+   cross-validated figures of the recipe they record). Then every cross-validated variant found
    under ``bench/results/seg_cv`` (recipes of :mod:`models.seg_cv`, ``+prune<P>``, ``+teacher``,
    ``+distill``, ``+student``, ``+int8`` of :mod:`models.compress`), and candidate student widths
    not covered by one. Columns: GFLOP per frame at the median tile (325x270, padded to 336x272:
@@ -41,6 +42,7 @@ import typer
 
 from bench.report import print_rows, report
 from edgeline.config import BUILTIN_PACKAGES
+from edge.inference import reference_input
 from models.package import load_package
 
 SEG = "seg-tiles"
@@ -236,6 +238,25 @@ def _label(widths: tuple[int, ...]) -> str:
     return ",".join(map(str, widths))
 
 
+PREVIOUS = "seg-tiles 1.1.0 int8 (its net; random weights)"
+PREVIOUS_WIDTHS = (16, 32, 64, 96)
+"""The reference row: the net of the seg-tiles package before native resolution (1.1.0: every
+frame resized to 256x256), int8 as its package was made; the speed target is ``x_base <= 1``."""
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _package_widths(package) -> tuple[int, ...]:
+    widths = package.manifest.training.get("recipe", {}).get("widths")
+    return tuple(widths) if widths else PREVIOUS_WIDTHS
+
+
 def variant_rows(seconds: float, packages: Path = BUILTIN_PACKAGES, results: Path = CV_RESULTS,
                  candidates: tuple[tuple[int, ...], ...] = CANDIDATES,
                  threads: tuple[int, ...] = (1, 2)) -> tuple[list[dict], list[dict], str]:
@@ -245,14 +266,22 @@ def variant_rows(seconds: float, packages: Path = BUILTIN_PACKAGES, results: Pat
     # (label, precision, widths, graph key, CV variant or None); graphs: key -> (graph, (h, w), GFLOP)
     entries: list[tuple[str, str, tuple[int, ...], tuple, str | None]] = []
     graphs: dict[tuple, tuple[bytes | str, tuple[int, int], float]] = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-variants-"))
+    torch_ok = _torch_available()
+    if torch_ok:  # the reference: the net of seg-tiles 1.1.0 (256x256 frames), as its int8 package was made
+        key = (PREVIOUS_WIDTHS, "int8", (256, 256))
+        graph, gflop, size = _native_graph(PREVIOUS_WIDTHS, (256, 256), "int8", work)
+        graphs[key] = (graph, size, gflop)
+        entries.append((PREVIOUS, "int8", PREVIOUS_WIDTHS, key, None))
     for precision in ("int8", "fp32", "fp16"):  # fp16 targets CUDA; the CPU provider runs it (by casts)
         folder = packages / f"{SEG}-{precision}"
         if folder.exists():
             package = load_package(folder)
-            spec, key = package.manifest.preprocess, ("shipped", precision)
-            graphs[key] = (str(package.model_path), (spec.height, spec.width),
+            key = ("shipped", precision)
+            graphs[key] = (str(package.model_path), reference_input(package.manifest.preprocess),
                            package.manifest.metrics.get("gflops", float("nan")))
-            entries.append((f"{SEG}-{precision} (shipped)", precision, (16, 32, 64, 96), key, None))
+            entries.append((f"{SEG}-{precision} (shipped)", precision, _package_widths(package), key,
+                            package.manifest.training.get("cv_recipe")))
     cv = _cv_variants(results)
     wanted = [(name, tuple(v["config"]["widths"]), v["precision"], tuple(v["config"].get("reference", (325, 270))),
                name) for name, v in cv.items()]
@@ -260,15 +289,7 @@ def variant_rows(seconds: float, packages: Path = BUILTIN_PACKAGES, results: Pat
         for precision in ("fp32", "int8"):
             if not any(w == widths and p == precision for _, w, p, _, _ in wanted):
                 wanted.append(("candidate (untrained)", widths, precision, (325, 270), None))
-    notes = []
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        torch_ok = False
-        notes.append("native variants: no GFLOP or latency (torch is needed to build their graphs)")
-    else:
-        torch_ok = True
-    work = Path(tempfile.mkdtemp(prefix="bench-variants-"))
+    notes = [] if torch_ok else ["native variants: no GFLOP or latency (torch is needed to build their graphs)"]
     for label, widths, precision, reference, variant in wanted:
         key = (widths, precision, reference)
         if torch_ok and key not in graphs:
@@ -276,7 +297,7 @@ def variant_rows(seconds: float, packages: Path = BUILTIN_PACKAGES, results: Pat
             graphs[key] = (graph, size, gflop)
         entries.append((label, precision, widths, key, variant))
     ms = {t: interleaved_ms({k: (g, size) for k, (g, size, _) in graphs.items()}, t, seconds) for t in threads}
-    base = entries[0][3] if entries and entries[0][3][0] == "shipped" else None
+    base = entries[0][3] if entries else None
     rows, summaries = [], []
     for label, precision, widths, key, variant in entries:
         graph = graphs.get(key)

@@ -110,6 +110,14 @@ def input_size(frame: tuple[int, int], spec: SegmentationPreprocess) -> tuple[in
     return max(1, round(frame[0] * ratio)), max(1, round(frame[1] * ratio))
 
 
+def reference_input(spec: SegmentationPreprocess) -> tuple[int, int]:
+    """(h, w) of the model input for the manifest's reference frame: height x width, padded to
+    ``pad_multiple`` when native (seg-tiles: the median tile 325x270 runs at 336x272)."""
+    if spec.resize == "native":
+        return padded_size((spec.height, spec.width), spec.pad_multiple)
+    return spec.height, spec.width
+
+
 def padded_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
     return -(-size[0] // multiple) * multiple, -(-size[1] // multiple) * multiple
 

@@ -36,7 +36,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from edge.inference import pad_input, padded_size, preprocess_frame
+from edge.inference import pad_input, padded_size, preprocess_frame, reference_input
 from models import tiles
 from models.package import MODEL_FILE, Manifest, Package, write_package
 
@@ -81,15 +81,6 @@ class FrameReader(CalibrationDataReader):
 
 def native(manifest: Manifest) -> bool:
     return getattr(manifest.preprocess, "resize", "fixed") == "native"
-
-
-def reference_input(manifest: Manifest) -> tuple[int, int]:
-    """(h, w) of the model input for the reference frame: height x width (fixed), or the manifest's
-    reference frame padded to ``pad_multiple`` (native: 325x270 -> 336x272 for seg-tiles)."""
-    spec = manifest.preprocess
-    if native(manifest):
-        return padded_size((spec.height, spec.width), spec.pad_multiple)
-    return spec.height, spec.width
 
 
 def model_inputs(manifest: Manifest, images: list[np.ndarray]) -> Frames:
@@ -242,7 +233,7 @@ def quantize_packages(
     base = dict(fp32.manifest.metrics) | (fp32_metrics if fp32_metrics is not None else tiles.evaluate_package(
         fp32, train, val, threads, max_false_alarms, with_synthetic))
     manifest = fp32.manifest
-    size, threshold = reference_input(manifest), manifest.postprocess.threshold
+    size, threshold = reference_input(manifest.preprocess), manifest.postprocess.threshold
     frames = calibration_frames(fp32, train, calib_frames, seed)
     x_val, y_val = val_arrays(fp32, val)
     fp32_quick = quick_iou(session(str(fp32.model_path), threads), x_val, y_val, threshold)
@@ -325,7 +316,7 @@ def write_fp16_package(fp32: Package, fp16_bytes: bytes, out_dir: Path, x_val: F
                     "quick_iou_model_res": quick_iou(sess, x_val, y_val, threshold),
                     "fp32_quick_iou_model_res": quick_iou(session(str(fp32.model_path), threads), x_val, y_val,
                                                           threshold)}
-        bench["cpu_ms_per_frame_batch1"] = latency_ms(fp16_bytes, reference_input(manifest), 1, threads)
+        bench["cpu_ms_per_frame_batch1"] = latency_ms(fp16_bytes, reference_input(manifest.preprocess), 1, threads)
     except Exception as exc:  # noqa: BLE001 - the CPU provider may lack fp16 kernels; say so in the manifest
         log.warning("fp16 model does not run on the CPU provider here (%s); checked structurally only", exc)
         metrics["cpu_runs"] = 0.0

@@ -1,6 +1,6 @@
-"""The models benchmark runs tiny end to end: one row per variant (the shipped packages first, as
-the baseline of the ratios; then every cross-validated variant found, with its CV figures; then
-candidate widths), the runtime rows at batch 1 and 4, one JSON. The CV results it reads are real
+"""The models benchmark runs tiny end to end: one row per variant (the previous package's net
+first, the reference of the ratios; the shipped packages; every cross-validated variant found, with
+its CV figures; then candidate widths), the runtime rows at batch 1 and 4, one JSON. The CV results it reads are real
 fold reports: a tiny native net scored on fold 0 of a few real tiles by models.seg_cv.score_fold."""
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.models import PREVIOUS
+from edge.inference import reference_input
 from edgeline.config import BUILTIN_PACKAGES
 from models import tiles
+from models.package import load_package
 
 pytestmark = pytest.mark.skipif(not (BUILTIN_PACKAGES / "seg-tiles-fp32").exists(),
                                 reason="no seg-tiles packages (run: edgeline models train-seg)")
@@ -53,8 +56,10 @@ def test_models_benchmark_writes_one_json(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["rows"]}
     first = result["rows"][0]
-    assert first["variant"] == "seg-tiles-int8 (shipped)" and first["x_base_1t"] == first["x_base_2t"] == 1.0
-    assert rows["seg-tiles-fp32 (shipped)"]["input"] == "256x256"
+    assert first["variant"] == PREVIOUS and first["x_base_1t"] == first["x_base_2t"] == 1.0
+    assert (first["widths"], first["input"], first["precision"]) == ("16,32,64,96", "256x256", "int8")
+    shipped = load_package(BUILTIN_PACKAGES / "seg-tiles-fp32").manifest.preprocess
+    assert rows["seg-tiles-fp32 (shipped)"]["input"] == "x".join(map(str, reference_input(shipped)))
     cv = rows["baseline"]
     summary = recipe_summary("baseline", results)
     mean, std = summary["mean"]["iou_defect_images"], summary["std"]["iou_defect_images"]
@@ -76,15 +81,33 @@ def test_models_benchmark_writes_one_json(tmp_path: Path) -> None:
     assert "lstm_rows" in result
 
 
-def test_without_cv_results_the_shipped_rows_are_the_table(tmp_path: Path) -> None:
-    """No CV results and no candidates (torch not needed): the baseline rows alone, IoU '-'."""
+def test_without_cv_results_the_shipped_rows_carry_their_recorded_figures(tmp_path: Path) -> None:
+    """No fold files and no candidates: the reference row (where torch builds it) and the shipped
+    packages, each with the recorded CV figures of the recipe its manifest names ('-' if none)."""
     from bench.models import main
+    from models.seg_cv import recipe_summary
 
     out = tmp_path / "models.json"
     main(seconds=0.05, out=out, results=tmp_path / "none", candidates="", runtimes=False)
     result = json.loads(out.read_text())
-    shipped = [f"seg-tiles-{p} (shipped)" for p in ("int8", "fp32", "fp16")
-               if (BUILTIN_PACKAGES / f"seg-tiles-{p}").exists()]
-    assert [row["variant"] for row in result["rows"]] == shipped and shipped[0] == "seg-tiles-int8 (shipped)"
-    assert all(row["iou_defect"] == "-" and row["ms_1t"] > 0 for row in result["rows"])
-    assert result["runtime_rows"] == [] and result["cv"] == []
+    shipped = [p for p in ("int8", "fp32", "fp16") if (BUILTIN_PACKAGES / f"seg-tiles-{p}").exists()]
+    reference = [PREVIOUS] if _torch() else []
+    assert [row["variant"] for row in result["rows"]] == reference + [f"seg-tiles-{p} (shipped)" for p in shipped]
+    for row in result["rows"][len(reference):]:
+        recipe = load_package(BUILTIN_PACKAGES / f"seg-tiles-{row['precision']}").manifest.training.get("cv_recipe")
+        summary = recipe_summary(recipe, tmp_path / "none") if recipe else None
+        if summary and summary["alarm_rule"]:
+            mean, std = summary["mean"]["iou_defect_images"], summary["std"]["iou_defect_images"]
+            assert row["iou_defect"] == f"{mean:.3f}±{std:.3f}"
+        else:
+            assert row["iou_defect"] == "-"
+        assert row["ms_1t"] > 0
+    assert result["runtime_rows"] == []
+
+
+def _torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True

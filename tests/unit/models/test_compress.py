@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edge.inference import SegmentationModel  # noqa: E402
+from edge.inference import SegmentationModel, reference_input  # noqa: E402
 from models import compress, quantize, seg_cv, tiles  # noqa: E402
 from models import segmentation as seg  # noqa: E402
 from models.package import load_package, write_package  # noqa: E402
@@ -191,7 +191,7 @@ def test_quantize_packages_takes_a_native_package(tiny, tmp_path):
     assert int8.preprocess.resize == "native" and int8.precision == "int8"
     assert int8.bench["ms_per_frame_batch1"] > 0 and int8.bench["fp32_ms_per_frame_batch1"] > 0
     assert packages["fp16"].manifest.preprocess.resize == "native"
-    assert quantize.reference_input(int8) == (336, 272)
+    assert reference_input(int8.preprocess) == (336, 272)
     assert {"calib_minmax_quick_iou", "calib_entropy_quick_iou"} <= set(int8.metrics)  # histograms: one shape
 
 
