@@ -46,6 +46,8 @@ five folds take about an hour on 2 cores. Short: the figures compare recipes, th
 a longer run reaches; the shipped net trains longer on all tiles with the chosen recipe."""
 
 RECIPES: dict[str, dict] = {
+    # the previous seg-tiles recipe (1.1.0): every tile resized to 256x256; the reference of native
+    "fixed256": {"resize": "fixed", "size": 256},
     # today's recipe, moved to native resolution (each tile at its own size, 128 px crops of it)
     "baseline": {"resize": "native", "scale_range": (0.8, 1.25)},
     # one change at a time against the baseline:
