@@ -103,13 +103,14 @@ def calibration_picks(classes: list[str], count: int, seed: int = 0) -> list[int
     return picks + [free[i] for i in rng.permutation(len(free))[: count - len(picks)]]
 
 
-def calibration_frames(package: Package, train: tiles.ImageSet, count: int, seed: int = 0) -> Frames:
-    """``count`` preprocessed TRAIN frames (:func:`calibration_picks`); never val frames."""
+def calibration_frames(package: Package, train: tiles.ImageSet, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` preprocessed TRAIN frames (:func:`calibration_picks`; never val frames), stacked
+    [N,1,H,W]: native frames mirror-padded to the largest among them."""
     picks = calibration_picks(train.classes, count, seed)
     frames = model_inputs(package.manifest, [train.images[i] for i in picks])
     if isinstance(frames, list) and frames:  # native: one shape for all, as ORT's histogram calibrators need
         common = (max(x.shape[1] for x in frames), max(x.shape[2] for x in frames))
-        frames = [pad_input(x, common) for x in frames]
+        return np.stack([pad_input(x, common) for x in frames])
     return frames
 
 
