@@ -13,8 +13,8 @@ import pytest
 from bench.models import PREVIOUS
 from edge.inference import reference_input
 from edgeline.config import BUILTIN_PACKAGES
-from models import tiles
 from models.package import load_package
+from tests.tiny_tiles import tiny_tiles_root
 
 pytestmark = pytest.mark.skipif(not (BUILTIN_PACKAGES / "seg-tiles-fp32").exists(),
                                 reason="no seg-tiles packages (run: edgeline models train-seg)")
@@ -26,15 +26,7 @@ def scored_fold(tmp_path: Path) -> tuple[Path, tuple[int, ...]]:
     from models import seg_cv
     from models import segmentation as seg
 
-    if not tiles.tiles_available():
-        pytest.skip(f"magnetic-tile data not under {tiles.tiles_dir()}")
-    root = tmp_path / "data"
-    for cls in tiles.CLASSES:
-        src, dst = tiles.tiles_dir() / f"MT_{cls}", root / "magnetic-tile" / f"MT_{cls}"
-        dst.mkdir(parents=True)
-        for image in sorted(src.glob("*.jpg"))[: 25 if cls == tiles.FREE else 5]:
-            for path in (image, image.with_suffix(".png")):
-                (dst / path.name).symlink_to(path)
+    root = tiny_tiles_root(tmp_path, per_class=5, free=25)
     widths = (4, 4, 4, 4)
     torch.manual_seed(0)
     model = seg.TileUNet(widths).eval()

@@ -20,6 +20,7 @@ from edge.inference import SegmentationModel, reference_input  # noqa: E402
 from models import compress, quantize, seg_cv, tiles  # noqa: E402
 from models import segmentation as seg  # noqa: E402
 from models.package import load_package, write_package  # noqa: E402
+from tests.tiny_tiles import tiny_tiles_root  # noqa: E402
 
 pytestmark = pytest.mark.models
 needs_data = pytest.mark.skipif(
@@ -88,16 +89,8 @@ def test_half_the_channels_halves_widths_quarters_gflop_and_exports():
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A few real tiles per class (symlinks, 5 = one per fold), a results and a work folder, and
     fold 0 weights of ``baseline`` (a (4,8,8,8) net trained 3 steps) where the CV harness keeps them."""
-    if not tiles.tiles_available():
-        pytest.skip(f"magnetic-tile data not under {tiles.tiles_dir()}")
     base = tmp_path_factory.mktemp("compress")
-    root = base / "data"
-    for cls in tiles.CLASSES:
-        src, dst = tiles.tiles_dir() / f"MT_{cls}", root / "magnetic-tile" / f"MT_{cls}"
-        dst.mkdir(parents=True)
-        for image in sorted(src.glob("*.jpg"))[: 25 if cls == tiles.FREE else 5]:
-            for path in (image, image.with_suffix(".png")):
-                (dst / path.name).symlink_to(path)
+    root = tiny_tiles_root(base, per_class=5, free=25)
     _, calib, test = seg_cv.fold_split(tiles.list_items(root), 0)
     assert calib and test
     work = base / "work"

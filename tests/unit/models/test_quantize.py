@@ -3,7 +3,6 @@ purpose, with its numbers, and writes nothing; the fp16 package loads. Runs on a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from edge.inference import SegmentationModel
 from edgeline.config import BUILTIN_PACKAGES
 from models import quantize, tiles
 from models.package import Package, load_package
+from tests.tiny_tiles import tiny_tiles_root
 
 FP32 = BUILTIN_PACKAGES / "seg-tiles-fp32"
 pytestmark = [
@@ -26,15 +26,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """A data folder holding a few real tiles per class (symlinks); val gets ~1-2 per class."""
-    root = tmp_path_factory.mktemp("data")
-    for cls in tiles.CLASSES:
-        src = tiles.tiles_dir() / f"MT_{cls}"
-        dst = root / "magnetic-tile" / f"MT_{cls}"
-        dst.mkdir(parents=True)
-        for image in sorted(src.glob("*.jpg"))[: 16 if cls == tiles.FREE else 8]:
-            for path in (image, image.with_suffix(".png")):
-                os.symlink(path, dst / path.name)
-    return root
+    return tiny_tiles_root(tmp_path_factory.mktemp("tiles"), per_class=8, free=16)
 
 
 @pytest.fixture(scope="module")

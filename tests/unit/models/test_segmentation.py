@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from edge.synthetic import SyntheticCamera  # noqa: E402
 from models import segmentation as seg  # noqa: E402
 from models import tiles  # noqa: E402
 from models.package import load_package  # noqa: E402
+from tests.tiny_tiles import tiny_tiles_root  # noqa: E402
 
 pytestmark = pytest.mark.models
 needs_data = pytest.mark.skipif(
@@ -23,16 +23,7 @@ needs_data = pytest.mark.skipif(
 
 
 def tiny_root(tmp_path: Path, per_class: int = 3, free: int = 6) -> Path:
-    """A data folder holding a handful of the real tiles (symlinks), same layout."""
-    root = tmp_path / "data"
-    for cls in tiles.CLASSES:
-        src = tiles.tiles_dir() / f"MT_{cls}"
-        dst = root / "magnetic-tile" / f"MT_{cls}"
-        dst.mkdir(parents=True)
-        for image in sorted(src.glob("*.jpg"))[: free if cls == tiles.FREE else per_class]:
-            for path in (image, image.with_suffix(".png")):
-                os.symlink(path, dst / path.name)
-    return root
+    return tiny_tiles_root(tmp_path, per_class, free)
 
 
 def test_default_model_fits_the_jetson_budget():
