@@ -51,6 +51,7 @@ SITE = "rollbench"
 TOKEN = "bench-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 START = "seg-synth-1.0.0-int8"
+TILES_INT8 = load_package(BUILTIN_PACKAGES / "seg-tiles-int8").manifest.package_id
 SHADOW_FPS = 5.0
 SHADOW_GATES = {"min_shadow_agreement": 0.9, "shadow_frames": 20}
 
@@ -186,13 +187,13 @@ def main(machines: int = 50, soak: float = 5.0, out: Path | None = None) -> None
         try:
             while len(manager.running) < machines:
                 time.sleep(0.1)
-            fleet.agreement = {"seg-synth-1.0.0-int8": 0.96, "seg-tiles-1.1.0-int8": 0.3}
+            fleet.agreement = {"seg-synth-1.0.0-int8": 0.96, TILES_INT8: 0.3}
             cases = [("good package", "seg-synth-1.0.0-fp32", set(), set(fleet.ids), {}),
                      ("slow at the canary", "seg-synth-1.0.0-fp16", {"seg-synth-1.0.0-fp16"}, set(fleet.ids), {}),
                      ("slow past 5 machines", "seg-synth-1.0.0-fp16", {"seg-synth-1.0.0-fp16"}, set(fleet.ids[5:]),
                       {}),
                      ("shadow-gated, agrees", "seg-synth-1.0.0-int8", set(), set(fleet.ids), SHADOW_GATES),
-                     ("shadow-gated, disagrees", "seg-tiles-1.1.0-int8", set(), set(fleet.ids), SHADOW_GATES)]
+                     ("shadow-gated, disagrees", TILES_INT8, set(), set(fleet.ids), SHADOW_GATES)]
             for label, package, slow_packages, slow_machines, gates in cases:
                 fleet.slow_packages, fleet.slow_machines = slow_packages, slow_machines
                 state = run_rollout(base, package, fleet.ids, soak, gates)

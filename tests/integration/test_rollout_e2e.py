@@ -20,7 +20,7 @@ from central.tokens import DownloadLinks
 from edge.agent import EdgeAgent
 from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import free_port
-from models.package import write_package_tar
+from models.package import load_package, write_package_tar
 from models.signing import builtin_trusted_keys
 from stream.mqtt import MqttClient, MqttSettings
 from tests.conftest import edge_site
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 TOKEN = "rollout-test-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MACHINES = ["m1", "m2", "m3"]
+TILES_INT8 = load_package(BUILTIN_PACKAGES / "seg-tiles-int8").manifest.package_id
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(fleet, unique_name,
     assert any("stage 2/2" in e["text"] for e in done["history"])
 
     slow = httpx.post(f"{base}/rollouts", headers=AUTH, json={
-        "package": "seg-tiles-1.1.0-int8", "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
+        "package": TILES_INT8, "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
         "soak_s": 6, "max_latency_ratio": 1.5, "max_drift": 1.0}).json()  # drift allowed: its latency must fail it
     failed = wait_phase(base, slow["id"], {"completed", "rolled_back"})
     assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate latency"), failed
@@ -118,7 +119,7 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(fleet, unique_name,
         time.sleep(0.2)
     time.sleep(1.0)  # and a heartbeat that says so
     wrong = httpx.post(f"{base}/rollouts", headers=AUTH, json={  # latency allowed: its outputs must fail it
-        "package": "seg-tiles-1.1.0-int8", "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
+        "package": TILES_INT8, "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
         "soak_s": 10, "max_latency_ratio": 100.0, "max_drift": 0.05, "drift_min_frames": 20}).json()
     drifted = wait_phase(base, wrong["id"], {"completed", "rolled_back"})
     assert drifted["phase"] == "rolled_back" and drifted["failure"].startswith("gate drift: m1"), drifted
@@ -161,7 +162,7 @@ def test_a_shadow_gated_rollout_promotes_an_agreeing_package_and_never_deploys_a
     assert all(a.shadows == {} for a in agents)
 
     disagreeing = httpx.post(f"{base}/rollouts", headers=AUTH,
-                             json={"package": "seg-tiles-1.1.0-int8", "model": "seg", "machines": MACHINES,
+                             json={"package": TILES_INT8, "model": "seg", "machines": MACHINES,
                                    **gates}).json()  # a model of other parts: its masks disagree
     failed = wait_phase(base, disagreeing["id"], {"completed", "rolled_back"})
     assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate shadow: m1 agreement"), failed

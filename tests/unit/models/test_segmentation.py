@@ -92,9 +92,11 @@ def test_tiny_training_run_writes_a_working_fp32_package(tmp_path):
 
 
 def test_presets_and_unknown_preset():
+    from models import seg_cv
+
     shipped = seg.preset("default")
-    assert shipped.epochs * shipped.steps_per_epoch == 12_000 and shipped.resize == "native"
-    assert shipped.cv_recipe == f"{seg.SHIPPED_RECIPE}+student" and shipped.widths == seg.SHIPPED_WIDTHS
+    assert shipped.epochs * shipped.steps_per_epoch == 12_000 and shipped.cv_recipe == seg.SHIPPED_RECIPE
+    assert shipped.resize == seg.preset("default", **seg_cv.RECIPES[seg.SHIPPED_RECIPE]).resize
     assert seg.preset("fixed256").resize == "fixed"
     assert seg.preset("default", seed=3).seed == 3
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
