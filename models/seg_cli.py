@@ -78,6 +78,16 @@ def _dataset_or_exit(dataset: str, val_fraction: float):
         raise fail(str(exc)) from None
 
 
+_SEEN_NOTE = ("note: this package trained on every shared tile but a calibration share of defect-free ones, so on "
+              "the shared tiles these figures are on images it saw; its held-out figures are the 5-fold "
+              "cross-validation of its recipe {recipe!r} in its manifest (metrics cv_*)")
+
+
+def _saw_the_shared_tiles(package) -> bool:
+    """A shipped build (its manifest names the cross-validated recipe) trained on the shared tiles."""
+    return bool(package.manifest.training.get("cv_recipe"))
+
+
 def _check_resume(save_checkpoint: Path | None, resume: bool) -> None:
     """An interrupted run is continued only when asked, and never silently overwritten."""
     if resume and save_checkpoint is None:
@@ -201,6 +211,7 @@ def register(app: typer.Typer) -> None:
                    "overlays": [str(p) for p in written]}
             if data is None:
                 out["val_frames"] = len(evaluation.samples)
+            out["trained_on_every_shared_tile"] = _saw_the_shared_tiles(pkg)
             print_json(out)
             return
         title = f"{package_id} on {len(evaluation.samples)} images of {source}"
@@ -221,6 +232,9 @@ def register(app: typer.Typer) -> None:
                           soft_wrap=True, highlight=False, markup=False)
         if written:
             console.print(f"{len(written)} pictures -> {overlays}", soft_wrap=True, highlight=False, markup=False)
+        if _saw_the_shared_tiles(pkg) and data is None and dataset == "tiles":
+            console.print(_SEEN_NOTE.format(recipe=pkg.manifest.training["cv_recipe"]), soft_wrap=True,
+                          highlight=False, markup=False)
 
     @app.command("quantize")
     def quantize(

@@ -100,3 +100,21 @@ def test_train_seg_never_overwrites_an_interrupted_run_and_resume_needs_its_chec
     alone = invoke("train-seg", "--preset", "synthetic", "--out", str(tmp_path / "out"), "--resume")
     assert alone.exit_code == 2 and "--resume needs --save-checkpoint" in alone.output
     assert not (tmp_path / "out").exists() and (tmp_path / "w.run.pt").read_bytes() == b"an interrupted run"
+
+
+def test_eval_seg_says_when_a_shipped_build_saw_the_val_split(tmp_path):
+    import pytest
+
+    from models import tiles
+    from models.package import load_package, write_package
+
+    if not tiles.tiles_available():
+        pytest.skip(f"magnetic-tile data not under {tiles.tiles_dir()}")
+    source = load_package(BUILTIN_PACKAGES / "seg-synth-int8")
+    manifest = source.manifest.model_copy(update={"training": {"cv_recipe": "fixed256"}})
+    shipped = write_package(tmp_path / "shipped", manifest, source.model_path.read_bytes())
+    table = invoke("eval-seg", str(shipped.folder), "--threads", "1")
+    assert table.exit_code == 0, table.output
+    assert "on the shared tiles these figures are on images it saw" in table.output and "'fixed256'" in table.output
+    plain = invoke("eval-seg", str(BUILTIN_PACKAGES / "seg-synth-int8"), "--dataset", "synthetic", "--json")
+    assert json.loads(plain.stdout)["trained_on_every_shared_tile"] is False
