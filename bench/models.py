@@ -252,6 +252,13 @@ def _torch_available() -> bool:
     return True
 
 
+def _frame(config: dict) -> tuple[int, int]:
+    """The frame a CV variant's net is timed on: the median tile (native) or its fixed input."""
+    if config.get("resize", "fixed") == "fixed":
+        return config["size"], config["size"]
+    return tuple(config.get("reference", (325, 270)))
+
+
 def _package_widths(package) -> tuple[int, ...]:
     widths = package.manifest.training.get("recipe", {}).get("widths")
     return tuple(widths) if widths else PREVIOUS_WIDTHS
@@ -283,8 +290,7 @@ def variant_rows(seconds: float, packages: Path = BUILTIN_PACKAGES, results: Pat
             entries.append((f"{SEG}-{precision} (shipped)", precision, _package_widths(package), key,
                             package.manifest.training.get("cv_recipe")))
     cv = _cv_variants(results)
-    wanted = [(name, tuple(v["config"]["widths"]), v["precision"], tuple(v["config"].get("reference", (325, 270))),
-               name) for name, v in cv.items()]
+    wanted = [(name, tuple(v["config"]["widths"]), v["precision"], _frame(v["config"]), name) for name, v in cv.items()]
     for widths in candidates:
         for precision in ("fp32", "int8"):
             if not any(w == widths and p == precision for _, w, p, _, _ in wanted):
