@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from central.registry import MachineRow, Registry, RegistryError
-from central.rollout import GATE_HELP, Gates, Operation, RolloutError
+from central.rollout_machine import GATE_HELP, Gates, Operation, RolloutError
 from central.rollouts import RolloutManager
 from central.tokens import DownloadLinks
 from stream.messages import IDENTIFIER_PATTERN

@@ -18,7 +18,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from central.rollout import GATE_HELP, Operation
+from central.rollout_machine import GATE_HELP, Operation
 from central.tokens import (READ_TOKEN_ENV, READ_TOKEN_FILE_ENV, READ_TOKEN_HELP, TOKEN_ENV, TOKEN_FILE_ENV,
                             TOKEN_HELP, find_read_token, find_token)
 from stream.console import Column, TableOutput, fail, print_json, print_table

@@ -59,7 +59,7 @@ class RolloutRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     model: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(Text)
-    """JSON of :func:`central.rollout.rollout_to_dict`: plan, phase, history, health seen."""
+    """JSON of :func:`central.rollout_machine.rollout_to_dict`: plan, phase, history, health seen."""
     updated_at: Mapped[float] = mapped_column(Float)
 
 

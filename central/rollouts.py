@@ -1,4 +1,4 @@
-"""Rollouts wired to the fleet: the pure :class:`central.rollout.Rollout` fed by the machines'
+"""Rollouts wired to the fleet: the pure :class:`central.rollout_machine.Rollout` fed by the machines'
 heartbeats and events over MQTT, its actions sent as edge commands. The same heartbeats and the
 machines' retained status keep the fleet registry's status, last heartbeat and models current.
 
@@ -30,7 +30,7 @@ from dataclasses import asdict
 import paho.mqtt.client as paho
 
 from central.registry import Registry, RegistryError
-from central.rollout import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, Shadow, StopShadow,
+from central.rollout_machine import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, Shadow, StopShadow,
                              rollout_from_dict, rollout_to_dict)
 from central.tokens import DownloadLinks
 from stream.messages import Command, Event, Heartbeat, MessageError, ModelHealth, parse_message

@@ -35,7 +35,7 @@ from edge.ota import (LOCAL_ROLLBACK_BATCHES, DownloadError, ModelRecord, ModelS
                       fetch_package)
 from edge.outbox import Forwarder, Outbox, Priority
 from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
-from edge.scheduler import LoadShedder
+from edge.load_shedding import LoadShedder
 from edge.sensors import ChannelBatch, MqttSensorFeed, SensorSource, make_sensor_source
 from edgeline.config import ConfigError, ModelRef, OutboxConfig, SiteConfig, resolve_model_path
 from models.package import PackageError, default_cache_dir, load_package

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge.scheduler import LoadShedder
+from edge.load_shedding import LoadShedder
 
 
 def run(shedder: LoadShedder, duty: float, seconds: float, start: float, cycle: float = 0.1):

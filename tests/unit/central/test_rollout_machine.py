@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from central.rollout import (Deploy, Gates, Health, Plan, Rollback, Rollout, RolloutError, Shadow, StopShadow,
+from central.rollout_machine import (Deploy, Gates, Health, Plan, Rollback, Rollout, RolloutError, Shadow, StopShadow,
                              rollout_from_dict, rollout_to_dict)
 
 OLD, NEW = "seg:1.0.0", "seg:1.1.0"
