@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
+from stream.service import Service, Supervisor
+
 
 class Priority(IntEnum):
     """Who goes first when the outbox is full: the lowest value."""
@@ -134,51 +136,45 @@ class Outbox:
             self._db.close()
 
 
-class Forwarder:
-    """Moves outbox rows to the broker and deletes each on its PUBACK; thread ``outbox:<name>``.
+class Forwarder(Service):
+    """Moves outbox rows to the broker and deletes each on its PUBACK; a service named
+    ``outbox:<name>`` whose loop runs in thread ``outbox:<name>/forward``.
 
     Each row is handed to the MQTT client once per process, at most ``window`` at a time and
     only while connected; paho keeps unacknowledged QoS 1 messages and re-sends them after a
     reconnect (``dup`` set), so a broker outage costs nothing here. A restarted process replays
-    every row still stored (at least once; receivers dedupe by ``msg_id``)."""
+    every row still stored (at least once; receivers dedupe by ``msg_id``). ``stop()`` first waits
+    up to ``drain_s`` for the outbox to empty while connected."""
 
-    def __init__(self, outbox: Outbox, mqtt, name: str, window: int = 200) -> None:
-        self.outbox, self.mqtt, self.name, self.window = outbox, mqtt, name, window
+    def __init__(self, outbox: Outbox, mqtt, name: str, window: int = 200, *, drain_s: float = 0.0,
+                 supervisor: Supervisor | None = None) -> None:
+        super().__init__(f"outbox:{name}", supervisor=supervisor)
+        self.outbox, self.mqtt, self.window, self.drain_s = outbox, mqtt, window, drain_s
         self._inflight: dict[int, int] = {}  # mid -> row id
         self._early: set[int] = set()  # PUBACKs that beat the bookkeeping of their publish
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._stop = threading.Event()
         self._last_row = 0
-        self._thread: threading.Thread | None = None
         mqtt.on_publish_acked(self._acked)
+        self.add_loop("forward", self._run)
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"outbox:{self.name}", daemon=True)
-        self._thread.start()
-
-    def stop(self, drain_s: float = 0.0) -> None:
-        """Stop handing rows over, after waiting up to ``drain_s`` for the outbox to empty."""
-        deadline = time.monotonic() + drain_s
+    def stop(self, timeout_s: float = 10.0, drain_s: float | None = None) -> None:
+        """Stop handing rows over, after waiting up to ``drain_s`` (default: the one given at
+        construction) for the outbox to empty."""
+        deadline = time.monotonic() + (self.drain_s if drain_s is None else drain_s)
         while self.outbox.depth and time.monotonic() < deadline and self.mqtt.connected.is_set():
             self._wake.set()
             time.sleep(0.02)
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+        self.stopping.set()
+        self._wake.set()  # the loop sees stopping now rather than at its next poll
+        super().stop(timeout_s)
 
     def notify(self) -> None:
         """A row was written: look now rather than at the next poll."""
         self._wake.set()
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             self._wake.wait(0.1)
             self._wake.clear()
             if self.mqtt.connected.is_set():
@@ -189,7 +185,7 @@ class Forwarder:
         if room <= 0:
             return
         for row in self.outbox.pending(after=self._last_row, limit=room):
-            if not self.mqtt.connected.is_set() or self._stop.is_set():
+            if not self.mqtt.connected.is_set() or self.stopping.is_set():
                 return
             info = self.mqtt.publish(row.topic, row.payload, qos=1)
             self._last_row = row.row_id

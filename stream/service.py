@@ -114,38 +114,39 @@ class Service:
         self.supervisor = supervisor
         self.stopping = threading.Event()
         """Set by stop(); loops watch it."""
-        self._children: list[Service] = []
-        self._loops: list[tuple[str, Callable[[], None]]] = []
-        self._threads: list[threading.Thread] = []
-        self._started = False
-        self._lock = threading.RLock()  # on_start() may add loops
+        self.__children: list[Service] = []
+        self.__loops: list[tuple[str, Callable[[], None]]] = []
+        self.__threads: list[threading.Thread] = []
+        self.__started = False
+        self.__lock = threading.RLock()  # on_start() may add loops
+        # (private names mangled: subclasses keep their own _lock, _threads, ...)
 
     def add_child(self, child: Service) -> Service:
         """Started after on_start(), in order; stopped in reverse before on_stop(). A child with no
         supervisor of its own is supervised by this service's."""
         if child.supervisor is None:
             child.supervisor = self.supervisor
-        self._children.append(child)
+        self.__children.append(child)
         return child
 
     def add_loop(self, name: str, run: Callable[[], None]) -> None:
         """Run ``run`` in thread ``<service>/<name>`` from start() on (at once when already started)
         until it returns or the service is stopping; a crash is logged, and restarted under a supervisor."""
-        with self._lock:
-            self._loops.append((name, run))
-            if self._started:
-                self._spawn(name, run)
+        with self.__lock:
+            self.__loops.append((name, run))
+            if self.__started:
+                self.__spawn(name, run)
 
     def start(self) -> None:
         """on_start(); children start; loops start. A second start() while running does nothing."""
-        with self._lock:
-            if self._started:
+        with self.__lock:
+            if self.__started:
                 return
             self.stopping.clear()
             self.on_start()
             started: list[Service] = []
             try:
-                for child in self._children:
+                for child in self.__children:
                     child.start()
                     started.append(child)
             except BaseException:
@@ -153,19 +154,19 @@ class Service:
                 for child in reversed(started):
                     child.stop()
                 raise
-            for name, run in self._loops:
-                self._spawn(name, run)
-            self._started = True
+            for name, run in self.__loops:
+                self.__spawn(name, run)
+            self.__started = True
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """stopping.set(); children stop, last first; loops are joined (``timeout_s`` in all); on_stop()."""
-        with self._lock:
-            if not self._started:
+        with self.__lock:
+            if not self.__started:
                 return
-            self._started = False
-            threads, self._threads = self._threads, []
+            self.__started = False
+            threads, self.__threads = self.__threads, []
         self.stopping.set()
-        for child in reversed(self._children):
+        for child in reversed(self.__children):
             child.stop(timeout_s)
         deadline = time.monotonic() + timeout_s
         for thread in threads:
@@ -184,15 +185,15 @@ class Service:
         """Until the service is stopping (True) or ``timeout_s`` passed (False)."""
         return self.stopping.wait(timeout_s)
 
-    def _spawn(self, name: str, run: Callable[[], None]) -> None:
+    def __spawn(self, name: str, run: Callable[[], None]) -> None:
         full = f"{self.name}/{name}"
         if self.supervisor is not None:
             self.supervisor.watch(full)
-        thread = threading.Thread(target=self._run_loop, args=(full, run), name=full, daemon=True)
-        self._threads.append(thread)
+        thread = threading.Thread(target=self.__run_loop, args=(full, run), name=full, daemon=True)
+        self.__threads.append(thread)
         thread.start()
 
-    def _run_loop(self, full: str, run: Callable[[], None]) -> None:
+    def __run_loop(self, full: str, run: Callable[[], None]) -> None:
         while not self.stopping.is_set():
             try:
                 run()
