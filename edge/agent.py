@@ -23,25 +23,28 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as paho
 import psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
-from edge.anomaly import AnomalyScore, StreamingAnomalyModel
+from models.package.anomaly import AnomalyScore, StreamingAnomalyModel
 from edge.capture import Camera, CapturedFrame, make_source
 from edge.gate import ChangeGate
 from edge.grouping import ResultGrouper
-from edge.inference import ModelLoadError, SegmentationModel
+from models.package.session import ModelLoadError, SegmentationModel
 from edge.metrics import EdgeMetrics, RecentRate
 from edge.ota import (LOCAL_ROLLBACK_BATCHES, DownloadError, ModelRecord, ModelSwapper, ShadowRun, SwapOutcome,
                       fetch_package)
 from edge.outbox import Forwarder, Outbox, Priority
-from edge.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
+from models.package.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.load_shedding import LoadShedder
 from edge.sensors import ChannelBatch, MqttSensorFeed, SensorSource, make_sensor_source
-from edgeline.config import ConfigError, ModelRef, OutboxConfig, SiteConfig, resolve_model_path
-from models.package import PackageError, default_cache_dir, load_package
+from edge.settings import (EdgeSite, ModelRef, OutboxConfig, machine_config, metrics_for, outbox_path,
+                           resolve_model_path)
+from models.package import PackageError, default_cache_dir, load_package, trusted_keys
 from stream.messages import (AlarmSpan, Alert, Anomaly, CameraStatus, Command, EncodedMask, Envelope, Event,
                              FrameResult, Heartbeat, MessageError, ModelHealth, ModelOutput, Result, parse_message)
 from stream.mqtt import MqttClient, Will
+from stream.settings import ConfigError, mqtt_settings
 from stream.topics import machine_commands_filter, status_topic, topic_for
 
 log = logging.getLogger(__name__)
@@ -88,10 +91,10 @@ class SensorCounters:
 class EdgeAgent:
     """Everything that runs on one machine, built from the site config."""
 
-    def __init__(self, config: SiteConfig, machine_id: str, base_dir: Path = Path("."),
+    def __init__(self, config: EdgeSite, machine_id: str, base_dir: Path = Path("."),
                  heartbeat_s: float = 5.0, client: MqttClient | None = None) -> None:
         self.site = config.site
-        self.machine = config.machine(machine_id)
+        self.machine = machine_config(config, machine_id)
         self.id = machine_id
         self.heartbeat_s = heartbeat_s
         self.started_at = time.monotonic()
@@ -101,8 +104,9 @@ class EdgeAgent:
         self.base_dir = base_dir
         self.packages = config.packages
         self.downloads = default_cache_dir() / "downloads" / machine_id
-        self.seg_models = self._load_seg_models(config, base_dir)
-        self.swapper = ModelSwapper(self.seg_models, config.trusted_keys(base_dir),
+        trusted = trusted_keys(config.signatures, base_dir)
+        self.seg_models = self._load_seg_models(config, base_dir, trusted)
+        self.swapper = ModelSwapper(self.seg_models, trusted,
                                     providers={n: r.providers for n, r in config.models.items()},
                                     threads={n: r.threads for n, r in config.models.items()},
                                     downloads=self.downloads, limits=config.packages)
@@ -111,11 +115,11 @@ class EdgeAgent:
         self.model_records: dict[tuple[str, str], ModelRecord] = {}
         """(model name, package id) -> its health since first loaded; kept for the previous package
         too, so that a rollback goes on with the figures it had."""
-        self.anomaly_models = self._load_anomaly_models(config, base_dir)
+        self.anomaly_models = self._load_anomaly_models(config, base_dir, trusted)
         self.cameras = [Camera(machine_id, cam, make_source(cam, base_dir), self._frame_ready)
                         for cam in self.machine.cameras]
         self.camera_counters = {cam.id: CameraCounters() for cam in self.cameras}
-        self.gates = {cam.id: ChangeGate(cam.config.gate_threshold or 0.0) for cam in self.cameras}
+        self.gates = {cam.id: ChangeGate(cam.config.gate_threshold) for cam in self.cameras}
         self._last_outputs: dict[str, list[ModelOutput]] = {}
         self.inference = config.inference
         self.grouper = ResultGrouper(config.inference.result_window_ms / 1000.0)
@@ -134,13 +138,13 @@ class EdgeAgent:
         self._unrated = {name: {s.id: s.rate_hz for s in self.machine.sensors if s.model == name}
                          for name in self.anomaly_models}
         self.mqtt = client or MqttClient(
-            config.broker.mqtt_settings(machine_id, base_dir), client_id=f"edge-{self.site}-{machine_id}",
+            mqtt_settings(config.broker, machine_id, base_dir), client_id=f"edge-{self.site}-{machine_id}",
             will=Will(status_topic(self.site, machine_id), b"offline"),
         )
         self.publish_failures = 0
         self.outbox = self._open_outbox(config.outbox, base_dir)
         self.forwarder = Forwarder(self.outbox, self.mqtt, machine_id)
-        self.metrics_config, self.metrics_port_path = config.metrics_for(machine_id)
+        self.metrics_config, self.metrics_port_path = metrics_for(config, machine_id)
         self.metrics = EdgeMetrics(self)
         self.metrics_port: int | None = None
 
@@ -187,7 +191,7 @@ class EdgeAgent:
         log.info("edge:%s: stopped", self.id)
 
     def _open_outbox(self, config: OutboxConfig, base_dir: Path) -> Outbox:
-        path = config.path_for(self.id, base_dir)
+        path = outbox_path(config, self.id, base_dir)
         try:
             return Outbox(path, config.max_messages)
         except (OSError, sqlite3.Error) as exc:
@@ -218,20 +222,20 @@ class EdgeAgent:
 
     # ------------------------------------------------------------ models
 
-    def _load_seg_models(self, config: SiteConfig, base_dir: Path) -> dict[str, SegmentationModel]:
+    def _load_seg_models(self, config: EdgeSite, base_dir: Path,
+                         trusted: list[Ed25519PublicKey] | None) -> dict[str, SegmentationModel]:
         """The segmentation models this machine's cameras use, each from a verified package."""
         names = {name for camera in self.machine.cameras for name in camera.models}
-        trusted = config.trusted_keys(base_dir)
         return {
             name: SegmentationModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted,
                                                  limits=config.packages), ref.providers, ref.threads)
             for name, ref in config.models.items() if name in names
         }
 
-    def _load_anomaly_models(self, config: SiteConfig, base_dir: Path) -> dict[str, StreamingAnomalyModel]:
+    def _load_anomaly_models(self, config: EdgeSite, base_dir: Path,
+                             trusted: list[Ed25519PublicKey] | None) -> dict[str, StreamingAnomalyModel]:
         """The anomaly models this machine's sensor groups use, each from a verified package."""
         names = {sensor.model for sensor in self.machine.sensors if sensor.model}
-        trusted = config.trusted_keys(base_dir)
         return {
             name: StreamingAnomalyModel(load_package(resolve_model_path(ref, base_dir), trusted_keys=trusted,
                                                      limits=config.packages),

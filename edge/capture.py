@@ -19,8 +19,8 @@ from typing import Literal, Protocol
 import cv2
 import numpy as np
 
-from edge.synthetic import SyntheticCamera
-from edgeline.config import CameraConfig, FileSource, GStreamerSource, SyntheticSource, UrlSource, UsbSource
+from edge.settings import CameraConfig, FileSource, GStreamerSource, SyntheticSource, UrlSource, UsbSource
+from models.package.synthetic import SyntheticCamera
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,10 @@ class OpenCvSource:
 
 
 def make_source(config: CameraConfig, base_dir: Path) -> FrameSource:
-    width, height = config.resolution  # type: ignore[misc]  # merged from camera_defaults
+    width, height = config.resolution
     source = config.source
     if isinstance(source, SyntheticSource):
-        return SyntheticFrameSource(source, width, height, config.fps or 10.0)
+        return SyntheticFrameSource(source, width, height, config.fps)
     if isinstance(source, FileSource):
         return OpenCvSource(str(base_dir / source.path), loop=source.loop)
     if isinstance(source, UrlSource):
@@ -128,10 +128,10 @@ class Camera:
         self.state: CameraState = "stopped"
         self.frames_captured = 0
         self.frames_dropped = 0
-        self._fps = float(config.fps or 10.0)
+        self._fps = config.fps
         self._source = source
         self._queue: deque[CapturedFrame] = deque()
-        self._queue_size = int(config.queue_size or 2)
+        self._queue_size = config.queue_size
         self._lock = threading.Lock()
         self._frame_ready = frame_ready or threading.Event()
         self._stop = threading.Event()

@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge.synthetic import CHANNELS, SyntheticPump
-from edgeline.config import (CsvSensorSource, MqttSensorSource, SensorChannel, SensorGroupConfig,
-                             SyntheticSensorSource)
-from models.series import gap_flags, read_series_csv
+from edge.settings import (CsvSensorSource, MqttSensorSource, SensorChannel, SensorGroupConfig,
+                           SyntheticSensorSource)
+from models.package.synthetic import CHANNELS, SyntheticPump
+from models.package.series import gap_flags, read_series_csv
 
 log = logging.getLogger(__name__)
 

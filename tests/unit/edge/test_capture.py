@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge.capture import Camera, SourceError
-from edgeline.config import CameraConfig
+from edge.settings import CameraConfig
 
 
 class ScriptedSource:
@@ -152,7 +152,7 @@ def test_take_latest_keeps_the_newest_and_counts_the_rest_as_dropped():
     import threading
 
     from edge.capture import Camera, CapturedFrame
-    from edgeline.config import CameraConfig
+    from edge.settings import CameraConfig
 
     camera = Camera("m1", CameraConfig(id="c1", fps=10, resolution=(32, 24), queue_size=4), None, threading.Event())
     for seq in range(3):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from edge.sensors import ChannelBatch, CsvReplay, MqttSensorFeed, SyntheticSensorGroup, make_sensor_source
-from edge.synthetic import CHANNELS, SyntheticPump
-from edgeline.config import (CsvSensorSource, MqttSensorSource, SensorChannel, SensorGroupConfig,
-                             SyntheticSensorSource)
+from edge.settings import (CsvSensorSource, MqttSensorSource, SensorChannel, SensorGroupConfig,
+                           SyntheticSensorSource)
+from models.package.synthetic import CHANNELS, SyntheticPump
 
 
 def group(gid: str, channels: list, source: dict | None = None) -> SensorGroupConfig:

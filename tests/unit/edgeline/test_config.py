@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edge.synthetic import CHANNELS
+from edge.settings import metrics_for, outbox_path
 from edgeline.cli import app
 from edgeline.config import ConfigError, from_dict, load, yaml_path
+from models.package.synthetic import CHANNELS
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -199,12 +200,12 @@ def test_bad_broker_override_is_one_clear_line(tmp_path: Path, address: str, pro
 def test_each_machine_may_have_its_own_metrics_port(tmp_path: Path) -> None:
     config = from_dict({"site": "s1", "metrics": {"host": "127.0.0.1", "port": 9100},
                         "machines": [{"id": "m1", "metrics_port": 9111}, {"id": "m2"}]})
-    mine, where = config.metrics_for("m1")
+    mine, where = metrics_for(config, "m1")
     assert (mine.host, mine.port, where) == ("127.0.0.1", 9111, "machines[0].metrics_port")
-    assert (config.metrics_for("m2")[0].port, config.metrics_for("m2")[1]) == (9100, "metrics.port")
+    assert (metrics_for(config, "m2")[0].port, metrics_for(config, "m2")[1]) == (9100, "metrics.port")
     shared = from_dict({"site": "s1", "machines": [{"id": "m1"}, {"id": "m2"}, {"id": "m3", "metrics_port": 0},
                                                    {"id": "m4", "metrics_port": 0}]})
-    assert [shared.metrics_for(m)[0].port for m in ("m1", "m2", "m3", "m4")] == [9100, 9100, 0, 0]  # many boxes
+    assert [metrics_for(shared, m)[0].port for m in ("m1", "m2", "m3", "m4")] == [9100, 9100, 0, 0]  # many boxes
 
 
 def test_two_machines_with_the_same_own_metrics_port_are_refused(tmp_path: Path) -> None:
@@ -254,7 +255,7 @@ def test_outbox_path_must_name_the_machine(tmp_path):
         from_dict({"site": "s1", "outbox": {"path": "/var/lib/edgeline/outbox.sqlite"}}, base_dir=tmp_path)
     assert "outbox.path" in str(err.value) and "{machine}" in str(err.value)
     site = from_dict({"site": "s1", "outbox": {"path": "data/{machine}.sqlite"}}, base_dir=tmp_path)
-    assert site.outbox.path_for("m07", tmp_path) == tmp_path / "data" / "m07.sqlite"
+    assert outbox_path(site.outbox, "m07", tmp_path) == tmp_path / "data" / "m07.sqlite"
 
 
 def test_inference_overload_band_must_be_ordered(tmp_path):
@@ -266,7 +267,7 @@ def test_inference_overload_band_must_be_ordered(tmp_path):
 def test_one_box_site_is_the_example_site_on_this_box() -> None:
     one_box, example = load(REPO / "config" / "one-box.yaml"), load(REPO / "config" / "site.yaml")
     assert (one_box.broker.host, one_box.broker.port, one_box.metrics.host) == ("127.0.0.1", 1883, "127.0.0.1")
-    ports = [one_box.metrics_for(m.id)[0].port for m in one_box.machines]
+    ports = [metrics_for(one_box, m.id)[0].port for m in one_box.machines]
     assert len(set(ports)) == len(ports) and not set(ports) & {9102, 9103, 9104}  # bridge, worker, rules
     kept = {"broker", "outbox", "metrics", "stream", "machines", "packages"}
     assert one_box.model_dump(exclude=kept) == example.model_dump(exclude=kept)
@@ -278,7 +279,7 @@ def test_one_box_site_is_the_example_site_on_this_box() -> None:
 
 def test_one_box_outboxes_are_relative_to_the_site_file() -> None:
     path = REPO / "config" / "one-box.yaml"
-    outbox = load(path).outbox.path_for("m01", path.parent)
+    outbox = outbox_path(load(path).outbox, "m01", path.parent)
     assert outbox == REPO / "config" / "var" / "outbox-m01.sqlite"
 
 

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from edgeline.config import WebhookConfig
+from stream.settings import WebhookConfig
 from stream.webhook import WebhookSink
 
 
