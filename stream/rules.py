@@ -1,7 +1,8 @@
 """The pure rules engine: messages in, decisions, alerts and commands out. No I/O, no clocks.
 
-The embedded runner (MQTT + SQLite) and the Kafka/Faust workers both drive :class:`RulesEngine`,
-so the same input sequence gives the same output list, message ids included.
+The embedded runner (MQTT, rule states in memory: :class:`BoundedStates`) and the Kafka/Faust
+workers (rule states in Faust tables, changelogged to Kafka) both drive :class:`RulesEngine`, so
+the same input sequence gives the same output list, message ids included.
 
 How one message is handled:
 

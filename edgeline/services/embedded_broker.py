@@ -25,7 +25,6 @@ class EmbeddedBroker:
     """
 
     def __init__(self, port: int | None = None, *, start_timeout: float = 10.0) -> None:
-        self._requested_port = port
         self._port = port or 0
         self.start_timeout = start_timeout
         self._thread: threading.Thread | None = None
