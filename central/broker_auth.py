@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from edgeline.config import SiteConfig
+from central.settings import CentralSite
 from stream.topics import CAMERA_KINDS, MQTT_ROOT
 
 BRIDGE_USER = "edgeline-bridge"
@@ -31,7 +31,7 @@ MACHINE_KINDS = ("result", "anomaly", "heartbeat", "event", "status")
 """What a machine publishes under its own id; commands, decisions and alerts come from the services."""
 
 
-def site_acl(site: SiteConfig) -> str:
+def site_acl(site: CentralSite) -> str:
     """The ``acl_file`` text for ``site``."""
     root = f"{MQTT_ROOT}/{site.site}"
     lines = [
@@ -47,7 +47,7 @@ def site_acl(site: SiteConfig) -> str:
     return "\n".join(lines)
 
 
-def site_credentials(site: SiteConfig, existing: dict[str, str] | None = None) -> dict[str, str]:
+def site_credentials(site: CentralSite, existing: dict[str, str] | None = None) -> dict[str, str]:
     """A password for every service and machine of the site: ``existing`` ones are kept (so a
     re-run after adding a machine changes no running box's secret), new users get random ones."""
     existing = existing or {}
@@ -55,7 +55,7 @@ def site_credentials(site: SiteConfig, existing: dict[str, str] | None = None) -
     return {user: existing.get(user) or secrets.token_urlsafe(18) for user in users}
 
 
-def write_site_auth(site: SiteConfig, out: Path) -> tuple[dict[str, str], list[str]]:
+def write_site_auth(site: CentralSite, out: Path) -> tuple[dict[str, str], list[str]]:
     """Write ``acl``, ``passwd``, ``credentials.yaml`` and ``secrets/<user>.pass`` into ``out``,
     keeping the passwords of a ``credentials.yaml`` already there. Returns the credentials and
     the users that are new."""

@@ -17,11 +17,12 @@ from rich.logging import RichHandler
 from central.client_cli import register as register_central_client
 from central.tokens import (DOWNLOAD_LINK_TTL_S, READ_TOKEN_ENV, READ_TOKEN_FILE_ENV, READ_TOKEN_HELP, TOKEN_ENV,
                             TOKEN_FILE_ENV, TOKEN_HELP, find_token)
-from edgeline.config import ConfigError, SiteConfig, load
+from edgeline.config import SiteConfig, load
 from models.anomaly_cli import register as register_anomaly_commands
 from models.package_cli import register as register_package_commands
 from models.seg_cli import register as register_segmentation_commands
 from stream.console import fail, needs_extra
+from stream.settings import ConfigError, mqtt_settings
 
 app = typer.Typer(help="Edgeline: real-time analytics on the factory floor.", no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None)  # plain help: whole at any width
@@ -162,7 +163,7 @@ def stream_embedded(config: ConfigOption, broker: BrokerOption = None,
 
     _setup_logging(log_level)
     site = _load_or_exit(config, broker)
-    client = MqttClient(site.broker.mqtt_settings(), client_id=f"rules-{site.site}", clean_session=False)
+    client = MqttClient(mqtt_settings(site.broker), client_id=f"rules-{site.site}", clean_session=False)
     runner = EmbeddedRulesRunner(site.site, site.rules, client, lines=site.lines(),
                                  allowed_lateness_s=site.engine.allowed_lateness_s,
                                  dedupe_ttl_s=site.engine.dedupe_ttl_s, dedupe_max_entries=site.engine.dedupe_max_entries,
@@ -201,7 +202,7 @@ def stream_bridge(config: ConfigOption, kafka: KafkaOption = None, broker: Broke
 
     _setup_logging(log_level)
     site = _with_kafka(_load_or_exit(config, broker), kafka)
-    bridge = MqttKafkaBridge(site.site, site.broker.mqtt_settings(), site.stream.kafka, topics=site.stream.topics(),
+    bridge = MqttKafkaBridge(site.site, mqtt_settings(site.broker), site.stream.kafka, topics=site.stream.topics(),
                              partitions=site.stream.partitions, replication=site.stream.replication,
                              settings=site.stream.bridge, limits=site.messages)
     _run_until_signal(bridge, lambda: bridge.start(metrics_port=metrics_port),
@@ -262,10 +263,11 @@ def central_serve(
         from central.registry import Registry
     site = _load_or_exit(config, broker)
     token, read_token = _central_tokens(token_file, read_token_file)
-    from models.signing import builtin_trusted_keys, load_public_keys
+    from models.package import trusted_keys
 
-    keys = builtin_trusted_keys() + [k for p in site.signatures.trusted_keys for k in load_public_keys(config.parent / p)]
-    registry = Registry(db, storage, keys, site.packages)  # unsigned packages refused whatever the edge requires
+    # unsigned packages refused whatever the edge requires: the builtin and configured keys, always
+    keys = trusted_keys(site.signatures.model_copy(update={"require": True}), config.parent)
+    registry = Registry(db, storage, keys, site.packages)
     registry.sync_site(site.site, {m.id: (m.line, [c.id for c in m.cameras]) for m in site.machines})
     from central.api import central_metrics
     from central.rollouts import RolloutManager
@@ -273,7 +275,7 @@ def central_serve(
     from stream.mqtt import MqttClient
 
     links = DownloadLinks(token, download_link_ttl_s)
-    manager = RolloutManager(site.site, registry, MqttClient(site.broker.mqtt_settings(), f"central-{site.site}"),
+    manager = RolloutManager(site.site, registry, MqttClient(mqtt_settings(site.broker), f"central-{site.site}"),
                              public_url or f"http://{host}:{port}", links=links,
                              register_unknown=register_unknown_machines)
     manager.start()

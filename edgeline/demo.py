@@ -25,6 +25,7 @@ from edgeline.services import start_mqtt_broker
 from stream.embedded import EmbeddedRulesRunner
 from stream.messages import Alert, Anomaly, Command, MessageError, Result, parse_message
 from stream.mqtt import MqttClient
+from stream.settings import mqtt_settings
 from stream.topics import site_filter
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class Demo:
         machines = [m.model_copy(update={"metrics_port": None}) for m in self.config.machines]
         self.config = self.config.model_copy(update={"broker": broker, "outbox": outbox, "metrics": metrics,
                                                      "machines": machines})
-        settings = broker.mqtt_settings()
+        settings = mqtt_settings(broker)
         self.monitor_client = MqttClient(settings, client_id="demo-monitor")
         self.monitor_client.subscribe(site_filter(self.config.site), self.monitor.on_message)
         self.monitor_client.start()
@@ -247,12 +248,12 @@ class Demo:
         total = PumpTally()
         for agent in self.agents:
             for group in agent.machine.sensors:
-                source = agent.sensor_sources.get(group.id)
+                source = agent.sensing.sensor_sources.get(group.id)
                 if not isinstance(source, SyntheticSensorGroup) or group.model is None:
                     continue
                 events = [(first, end) for (machine, name, first), end in self.monitor.alarm_events.items()
                           if (machine, name) == (agent.id, group.id)]
-                calibration = agent.anomaly_models[group.model].calibration.steps
+                calibration = agent.sensing.anomaly_models[group.model].calibration.steps
                 total += tally_pump(source.injected(), events, calibration, round(tolerance_s * group.rate_hz))
         return total
 
@@ -260,10 +261,10 @@ class Demo:
         with self.monitor.lock:
             m = self.monitor
             return DemoSummary(
-                machines=len(self.agents), cameras=sum(len(a.cameras) for a in self.agents),
+                machines=len(self.agents), cameras=sum(len(a.vision.cameras) for a in self.agents),
                 duration_s=self.ran_s or time.monotonic() - self.started,
-                frames_captured=sum(c.frames_captured for a in self.agents for c in a.cameras),
-                frames_inferred=sum(c.frames_inferred for a in self.agents for c in a.camera_counters.values()),
+                frames_captured=sum(c.frames_captured for a in self.agents for c in a.vision.cameras),
+                frames_inferred=sum(c.frames_inferred for a in self.agents for c in a.vision.camera_counters.values()),
                 results=m.results, anomaly_steps=m.anomaly_steps, anomalies=m.anomalies,
                 pump_faults=self._pump_faults(),
                 alerts_firing=m.alerts_firing, alerts_resolved=m.alerts_resolved, commands=m.commands,

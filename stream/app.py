@@ -39,11 +39,11 @@ from typing import Any
 import faust
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from edgeline.config import SiteConfig
-from stream.kafka import deadletter_record
+from stream.deadletter import deadletter_record
 from stream.messages import Alert, Envelope, Event, Heartbeat, MessageError, parse_message, stable_msg_id
 from stream.rules import Observation, RulesEngine, RuleState, observations
 from stream.rules_metrics import EngineStatsCollector
+from stream.settings import StreamSite
 from stream.webhook import WebhookSink
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class WorkerMetrics:
             ["kind"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
 
-def create_app(site: SiteConfig, *, app_id: str | None = None, datadir: Path = Path("edgeline-worker-data"),
+def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = Path("edgeline-worker-data"),
                metrics: WorkerMetrics | None = None) -> faust.App:
     """The Faust app of one site's workers; every worker of a site runs the same app id."""
     cfg = site.stream
@@ -285,7 +285,7 @@ def _offline_alert(site: str, machine: str, state: str, since: float, silent_s: 
                  value=round(silent_s, 3), text=what)
 
 
-def run_worker(site: SiteConfig, datadir: Path, metrics_port: int | None = None, loglevel: str = "info") -> None:
+def run_worker(site: StreamSite, datadir: Path, metrics_port: int | None = None, loglevel: str = "info") -> None:
     """Run one worker until SIGTERM/SIGINT (Faust's own worker: signal handling, ordered shutdown,
     offsets committed and the producer flushed on the way out)."""
     from stream.kafka import ensure_topics

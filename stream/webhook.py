@@ -12,7 +12,7 @@ import logging
 
 import aiohttp
 
-from edgeline.config import WebhookConfig
+from stream.settings import WebhookConfig
 
 log = logging.getLogger(__name__)
 

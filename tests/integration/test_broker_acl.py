@@ -24,6 +24,7 @@ from edgeline.cli import app
 from edgeline.config import ConfigError, from_dict
 from edgeline.services import MosquittoBroker, ServiceError, free_port, mosquitto_path, wait_for_port
 from stream.messages import Command
+from stream.settings import mqtt_settings
 from stream.topics import command_topic
 from tests.conftest import MqttProbe, service_unavailable
 
@@ -155,7 +156,7 @@ def test_an_edge_agent_logs_in_with_its_own_credentials(secured, tmp_path):
         bridge.publish(command_topic("plant", "m01", "set_fps"), command.to_json())
         topics = drain(bridge, 3.0)
         assert "edgeline/v1/plant/m01/heartbeat" in topics and "edgeline/v1/plant/m01/result/c1" in topics
-        assert agent.cameras[0].fps == 2.0  # the agent read its own command
+        assert agent.vision.cameras[0].fps == 2.0  # the agent read its own command
     finally:
         agent.stop()
 
@@ -175,7 +176,7 @@ def test_a_service_logs_in_from_the_environment_and_sees_the_whole_site(secured,
     monkeypatch.setenv("EDGELINE_MQTT_USERNAME", "edgeline-central")
     monkeypatch.setenv("EDGELINE_MQTT_PASSWORD_FILE", str(tmp_path / "auth" / "secrets" / "edgeline-central.pass"))
     site = from_dict({"site": "plant", "broker": {"host": broker.host, "port": broker.port}})
-    settings = site.broker.mqtt_settings()
+    settings = mqtt_settings(site.broker)
     assert settings.username == "edgeline-central"
     central = secured("edgeline-central", settings.password).start()
     central.subscribe("edgeline/v1/plant/+/heartbeat")
@@ -183,7 +184,7 @@ def test_a_service_logs_in_from_the_environment_and_sees_the_whole_site(secured,
     assert drain(central) == ["edgeline/v1/plant/m02/heartbeat"]
     monkeypatch.setenv("EDGELINE_MQTT_PASSWORD_FILE", str(tmp_path / "missing.pass"))
     with pytest.raises(ConfigError, match=r"\$EDGELINE_MQTT_PASSWORD_FILE: cannot read"):
-        site.broker.mqtt_settings()
+        mqtt_settings(site.broker)
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

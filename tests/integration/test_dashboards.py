@@ -27,10 +27,11 @@ from central.registry import Registry
 from central.rollouts import RolloutManager
 from edge.agent import EdgeAgent
 from edgeline.services import free_port
-from models.signing import builtin_trusted_keys
+from models.package.signing import builtin_trusted_keys
 from stream.bridge import MqttKafkaBridge
 from stream.embedded import EmbeddedRulesRunner
 from stream.mqtt import MqttClient, MqttSettings
+from stream.settings import mqtt_settings
 from tests.conftest import REPO_ROOT, service_unavailable
 from tests.integration.streaming import WorkerProcess, write_site
 
@@ -133,16 +134,16 @@ def test_a_real_prometheus_scrapes_every_process_and_runs_every_dashboard_query(
         agent = EdgeAgent(site, "m1", base_dir=tmp_path, heartbeat_s=1.0)
         agent.start()
         running.callback(agent.stop)
-        bridge = MqttKafkaBridge(site.site, site.broker.mqtt_settings(), site.stream.kafka,
+        bridge = MqttKafkaBridge(site.site, mqtt_settings(site.broker), site.stream.kafka,
                                  topics=site.stream.topics(), partitions=site.stream.partitions)
         bridge.start(metrics_port=0)
         running.callback(bridge.stop)
         worker = WorkerProcess(path, tmp_path / "worker").start()
         running.callback(worker.stop)
-        rules = EmbeddedRulesRunner(site.site, site.rules, MqttClient(site.broker.mqtt_settings(), f"{unique_name}-r"))
+        rules = EmbeddedRulesRunner(site.site, site.rules, MqttClient(mqtt_settings(site.broker), f"{unique_name}-r"))
         rules.start(metrics_port=0)
         running.callback(rules.stop)
-        central_port = serve_central(running, site.site, site.broker.mqtt_settings(), tmp_path)
+        central_port = serve_central(running, site.site, mqtt_settings(site.broker), tmp_path)
         targets = {"edge": agent.metrics_port, "bridge": bridge.metrics_port, "worker": worker.metrics_port,
                    "rules": rules.metrics_port, "central": central_port}
         prometheus = start_prometheus(running, binary, targets, tmp_path)

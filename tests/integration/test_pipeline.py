@@ -21,6 +21,7 @@ from edgeline.services import MosquittoBroker, scrape_metrics
 from stream.embedded import EmbeddedRulesRunner, deadletter_topic
 from stream.messages import Alert, Command, Decision, Event, Result, parse_message
 from stream.mqtt import MqttClient
+from stream.settings import mqtt_settings
 from stream.topics import site_filter
 
 pytestmark = pytest.mark.integration
@@ -63,7 +64,7 @@ def site_config(broker: MosquittoBroker, site: str, outbox_dir: Path) -> SiteCon
 
 
 def rules_runner(config: SiteConfig) -> EmbeddedRulesRunner:
-    client = MqttClient(config.broker.mqtt_settings(), client_id=f"{config.site}-rules")
+    client = MqttClient(mqtt_settings(config.broker), client_id=f"{config.site}-rules")
     return EmbeddedRulesRunner(config.site, config.rules, client, lines=config.lines())
 
 

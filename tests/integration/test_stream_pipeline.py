@@ -17,6 +17,7 @@ from stream.embedded import EmbeddedRulesRunner
 from stream.mqtt import MqttClient
 from stream.messages import Alert, Command, Decision, Envelope, FrameResult, Heartbeat, ModelOutput, Result
 from stream.rules import RulesEngine
+from stream.settings import mqtt_settings
 from stream.topics import KafkaTopics, command_topic, status_topic, topic_for
 from tests.unit.stream.test_webhook import Receiver
 from tests.integration.streaming import (WorkerProcess, read_json, read_messages, read_topic, read_until_ids,
@@ -75,7 +76,7 @@ def bridge_for():
     bridges: list[MqttKafkaBridge] = []
 
     def start(config) -> MqttKafkaBridge:
-        bridge = MqttKafkaBridge(config.site, config.broker.mqtt_settings(), config.stream.kafka,
+        bridge = MqttKafkaBridge(config.site, mqtt_settings(config.broker), config.stream.kafka,
                                  topics=config.stream.topics(), partitions=config.stream.partitions)
         bridge.start(metrics_port=0)
         bridges.append(bridge)
@@ -189,7 +190,7 @@ def test_two_workers_split_the_machines_and_decide_as_the_embedded_runner(
     path, config = write_site(tmp_path, unique_name, mosquitto, kafka, RULES, machines(8))
     topics = config.stream.topics()
     bridge_for(config)
-    embedded = EmbeddedRulesRunner(config.site, config.rules, MqttClient(config.broker.mqtt_settings(),
+    embedded = EmbeddedRulesRunner(config.site, config.rules, MqttClient(mqtt_settings(config.broker),
                                    f"{unique_name}-embedded"), lines=config.lines(),
                                    allowed_lateness_s=config.engine.allowed_lateness_s)
     from_embedded: list[Envelope] = []
