@@ -2,7 +2,7 @@
 
     python -m bench.anomaly [--quick] [--nab-package PATH] [--skab-package PATH] [--folds 5] [--seed 0]
 
-Methods: ours (:class:`edge.anomaly.StreamingAnomalyModel` streaming a shipped package, as the
+Methods: ours (:class:`models.package.anomaly.StreamingAnomalyModel` streaming a shipped package, as the
 edge runs it), always-alarm, rolling z-score, PCA T²+Q, Isolation Forest and a small Conv-AE
 (:mod:`models.baselines`; the Conv-AE only with torch).
 
@@ -48,11 +48,10 @@ from rich.console import Console
 from threadpoolctl import threadpool_limits
 
 from bench.report import RESULTS, machine
-from edge.anomaly import StreamingAnomalyModel
 from models import nab, skab
 from models.baselines import (ConvAE, Detector, ThresholdRule, alarms_above, baselines, fit_rows_of,
                               torch_missing)
-from models.package import load_package
+from models.package import StreamingAnomalyModel, load_package
 from stream.console import Column, TableOutput, print_table
 
 PACKAGES = Path(__file__).resolve().parents[1] / "models" / "packages"

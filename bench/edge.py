@@ -98,16 +98,16 @@ def run_agent(broker: MosquittoBroker, probe: LatencyProbe, cameras: int, fps: f
         try:
             time.sleep(WARMUP_S)
             me, mosquitto = psutil.Process(), psutil.Process(broker.pid)
-            inferred0 = sum(c.frames_inferred for c in agent.camera_counters.values())
-            dropped0 = sum(c.frames_dropped for c in agent.cameras)
+            inferred0 = sum(c.frames_inferred for c in agent.vision.camera_counters.values())
+            dropped0 = sum(c.frames_dropped for c in agent.vision.cameras)
             cpu0, broker0 = _cpu_seconds(me), _cpu_seconds(mosquitto)
             probe.take()
             started = time.perf_counter()
             time.sleep(seconds)
             elapsed = time.perf_counter() - started
             latencies = probe.take()
-            inferred = sum(c.frames_inferred for c in agent.camera_counters.values()) - inferred0
-            dropped = sum(c.frames_dropped for c in agent.cameras) - dropped0
+            inferred = sum(c.frames_inferred for c in agent.vision.camera_counters.values()) - inferred0
+            dropped = sum(c.frames_dropped for c in agent.vision.cameras) - dropped0
             cpu, broker_cpu = _cpu_seconds(me) - cpu0, _cpu_seconds(mosquitto) - broker0
         finally:
             agent.stop()
@@ -121,10 +121,10 @@ def run_naive(broker: MosquittoBroker, probe: LatencyProbe, cameras: int, fps: f
     publish. Frames that came due while the loop was busy are lost (counted as dropped)."""
     import torch
 
-    from edge.inference import preprocess_frame
-    from edge.postprocess import regions_from_probabilities
-    from edge.synthetic import SyntheticCamera
-    from edgeline.config import ModelRef, resolve_model_path
+    from models.package.preprocess import preprocess_frame
+    from models.package.postprocess import regions_from_probabilities
+    from models.package.synthetic import SyntheticCamera
+    from edge.settings import ModelRef, resolve_model_path
     from models.package import load_package
     from models.segmentation import TileUNet
     from stream.messages import FrameResult, ModelOutput, Result

@@ -2,7 +2,7 @@
 
     python -m bench.inference [--seconds 3] [--threads 1] [--package seg-synth-int8] [--sizes 320x240]
 
-Synthetic frames through :class:`edge.inference.SegmentationModel` (preprocessing, one
+Synthetic frames through :class:`models.package.session.SegmentationModel` (preprocessing, one
 ``session.run`` per batch, resize back) and the region post-processing, on the CPU. Reports
 frames/s and per-frame latency for each batch size, and the speed-up over batch 1 measured in
 the same run. ``--sizes`` gives the cameras' resolutions (``WxH``, comma-separated); a batch takes
@@ -19,11 +19,7 @@ import numpy as np
 import typer
 
 from bench.report import report
-from edge.inference import SegmentationModel
-from edge.postprocess import regions_from_probabilities
-from edge.synthetic import SyntheticCamera
-from edgeline.config import BUILTIN_PACKAGES
-from models.package import load_package
+from models.package import BUILTIN_PACKAGES, SegmentationModel, SyntheticCamera, load_package, regions_from_probabilities
 
 
 def frames_per_second(model: SegmentationModel, frames: list[np.ndarray], batch: int, seconds: float) -> float:

@@ -5,9 +5,9 @@
 (a) torch full-window recompute (only where torch is installed, the models extra): for every new
     sample, re-run the LSTM over the last 128 samples (what a stateless window model does);
 (b) ONNX Runtime streaming step: one ``session.run`` with the carried (h, c);
-(c) the edge's whole per-tick path, :meth:`edge.anomaly.StreamingAnomalyModel.step`: missing-value
+(c) the edge's whole per-tick path, :meth:`models.package.anomaly.StreamingAnomalyModel.step`: missing-value
     check, normalisation, state gather/scatter, the same ORT step, scores, level EMA, drift, alarm
-    events and the returned :class:`~edge.anomaly.AnomalyScore` per group; on groups past their
+    events and the returned :class:`~models.package.anomaly.AnomalyScore` per group; on groups past their
     per-group calibration, fed a new noisy sample each tick, with the package's own settings.
 
 At 1, 26 (SKAB's files streamed in parallel) and 64 groups per call; torch.set_num_threads(1), ORT
@@ -86,7 +86,7 @@ def _ort_step(path: Path, channels: int, hidden: int, layers: int, groups: int) 
 
 def _edge_step(package: Any, groups: int) -> Callable[[], Any]:
     """``StreamingAnomalyModel.step`` on calibrated groups, cycling through 64 pre-drawn noisy ticks."""
-    from edge.anomaly import StreamingAnomalyModel
+    from models.package import StreamingAnomalyModel
 
     model = StreamingAnomalyModel(package, threads=1, calibration_steps=CALIBRATION)
     mean = np.asarray(package.manifest.preprocess.mean, np.float32)

@@ -41,9 +41,7 @@ import onnxruntime as ort
 import typer
 
 from bench.report import print_rows, report
-from edgeline.config import BUILTIN_PACKAGES
-from edge.inference import reference_input
-from models.package import load_package
+from models.package import BUILTIN_PACKAGES, load_package, reference_input
 
 SEG = "seg-tiles"
 CV_RESULTS = Path(__file__).resolve().parent / "results" / "seg_cv"
@@ -97,8 +95,7 @@ def _ort_runner(sess: ort.InferenceSession, x: np.ndarray) -> Callable[[], Any]:
 def _requantize(fp32_path: Path, size: int, act: str, work: Path) -> bytes:
     """int8 QDQ of the fp32 graph with the given activation type, MinMax-calibrated on a few
     synthetic frames: for timing only (scales do not change the kernels that run)."""
-    from edge.inference import preprocess_frame
-    from edge.synthetic import make_dataset
+    from models.package import make_dataset, preprocess_frame
     from models.quantize import quantize_int8
 
     spec = load_package(fp32_path.parent).manifest.preprocess

@@ -39,10 +39,9 @@ from central.registry import Registry
 from central.rollouts import RolloutManager
 from central.tokens import DownloadLinks
 from edge.ota import fetch_package
-from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import MosquittoBroker, free_port
-from models.package import PackageSettings, load_package, write_package_tar
-from models.signing import builtin_trusted_keys
+from models.package import BUILTIN_PACKAGES, PackageSettings, load_package, write_package_tar
+from models.package.signing import builtin_trusted_keys
 from stream.messages import CameraStatus, Command, Heartbeat, ShadowStatus, parse_message
 from stream.mqtt import MqttClient, MqttSettings
 from stream.topics import topic_for

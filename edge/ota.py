@@ -32,7 +32,7 @@ from typing import IO
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge.inference import ModelLoadError, SegmentationModel
+from models.package.session import ModelLoadError, SegmentationModel
 from models.package import PackageError, PackageSettings, extraction_dir, load_package
 from stream.messages import ModelHealth, ShadowStatus
 

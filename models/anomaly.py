@@ -4,7 +4,7 @@
   ``x_t + head(h_t)`` from the differences ``x_t - x_(t-1)``; exported as a ONE-STEP graph
   ``(x, h, c) -> (y, h_out, c_out)`` with a dynamic batch, so the edge carries ``(h, c)`` per sensor
   group and scores many groups per run. Any number of channels (1..64 tested).
-- Normalisation is per sensor group, as the edge does it online (:mod:`edge.anomaly`): the first
+- Normalisation is per sensor group, as the edge does it online (:mod:`models.package.anomaly`): the first
   ``K = calibration_steps * normalise_fraction`` samples fit the input mean/std. Training windows are
   cut the same way: mean/std from the K samples before a window.
 - :func:`build_anomaly_package`: the generic build (a plant's own normal series -> a package):
@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.anomaly import StreamingAnomalyModel, fit_normalisation, fit_residual_scale
 from models import skab
 from models.package import (
     MAX_CHANNELS,
@@ -43,13 +42,16 @@ from models.package import (
     AnomalyPreprocess,
     Manifest,
     Package,
+    Series,
+    StreamingAnomalyModel,
     TensorSpec,
+    fit_normalisation,
+    fit_residual_scale,
     load_package,
     sha256_file,
     write_manifest,
     write_package,
 )
-from models.series import Series
 
 log = logging.getLogger(__name__)
 

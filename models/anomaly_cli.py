@@ -1,7 +1,7 @@
 """``edgeline models eval-skab`` and ``edgeline models train-anomaly``; mounted with :func:`register`.
 
 ``eval-skab`` needs no torch: it streams every SKAB-format CSV under a folder through
-:class:`edge.anomaly.StreamingAnomalyModel` on ONNX Runtime (each file one sensor group, per-group
+:class:`models.package.anomaly.StreamingAnomalyModel` on ONNX Runtime (each file one sensor group, per-group
 calibration on its first rows) and prints F1/FAR/MAR per file, per folder and pooled.
 """
 
@@ -81,9 +81,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON instead of tables")] = False,
     ) -> None:
         """Score SKAB files with the SKAB protocol through the edge runtime (ONNX Runtime, no torch)."""
-        from edge.anomaly import StreamingAnomalyModel
-        from edge.inference import ModelLoadError
-        from models.package import PackageError, load_package
+        from models.package import ModelLoadError, PackageError, StreamingAnomalyModel, load_package
         from models.skab import evaluate, load_folder, summary
 
         if not path.exists():
@@ -186,8 +184,7 @@ def _build_and_sign(data: Any, name: str, version: str, out: Path, calibration_s
     from dataclasses import replace
 
     from models.anomaly import Recipe, build_anomaly_package
-    from models.package import PackageError
-    from models.signing import SigningError, ensure_signing_key, sign_package
+    from models.package import PackageError, SigningError, ensure_signing_key, sign_package
 
     recipe = Recipe() if steps is None else replace(Recipe(), steps=steps)
     overrides = {k: v for k, v in {"calibration_steps": calibration_steps,

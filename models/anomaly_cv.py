@@ -1,7 +1,7 @@
 """Leave-files-out cross-validation of an anomaly package's postprocess settings, through the edge runtime.
 
 Every setting of a small grid (overrides of :class:`models.package.AnomalyPostprocess`, applied like a
-profile) is scored ONCE on every file by :class:`edge.anomaly.StreamingAnomalyModel` (each file its own
+profile) is scored ONCE on every file by :class:`models.package.anomaly.StreamingAnomalyModel` (each file its own
 sensor group, calibrated on its own first 400 rows: the SKAB protocol), giving per-file confusion counts.
 Then, for each of ``k`` folds of FILES (fixed seed, stratified by folder), the setting is chosen from the
 counts of the training files only, by :class:`Objective` (max pooled F1 subject to a false-alarm rate and
@@ -31,9 +31,8 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from edge.anomaly import StreamingAnomalyModel, event_metrics, runs
 from models import skab
-from models.package import AnomalyPostprocess, Package, load_package
+from models.package import AnomalyPostprocess, Package, StreamingAnomalyModel, event_metrics, load_package, runs
 
 Setting = dict[str, float | None]
 FREE_FOLDER = "anomaly-free"
@@ -305,7 +304,7 @@ def pump_figures(package: Package, profile: Setting, seeds: Iterable[int], rate_
     """Injected episodes vs detected episodes vs false alarm events on synthetic pumps (the demo's
     ``anomaly_rate``), and alarm events on the same pumps with nothing injected; episodes that start
     inside the calibration are not counted."""
-    from edge.synthetic import SyntheticPump
+    from models.package import SyntheticPump
 
     model = StreamingAnomalyModel(with_overrides(package, profile))
     cal = model.calibration.steps

@@ -1,6 +1,6 @@
 """What ``edgeline models train-anomaly`` trains on: a plant's own CSV files, and which of their rows are normal.
 
-No torch here. The files are read with :func:`models.series.read_series_csv` (any separator, a time
+No torch here. The files are read with :func:`models.package.series.read_series_csv` (any separator, a time
 column, channel columns by name); every file must have the same channels. The normal rows come from
 the first choice that applies:
 
@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.anomaly import runs
-from models.series import Series, parse_time, read_series_csv
+from models.package import Series, parse_time, read_series_csv, runs
 from models.skab import find_files
 
 MIN_RUN = 32

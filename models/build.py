@@ -27,7 +27,7 @@ DEFAULT_KEY = Path(os.environ.get("EDGELINE_SIGNING_KEY", "~/.config/edgeline/si
 def build_all(out_dir: Path, key_path: Path = DEFAULT_KEY, progress: bool = True) -> list[Package]:
     from models.anomaly import build_nab_package, build_skab_package
     from models.segmentation import build_segmentation_packages, preset
-    from models.signing import sign_builtin_packages
+    from models.package import sign_builtin_packages
 
     build_segmentation_packages(out_dir, preset("synthetic"), progress=progress)
     build_segmentation_packages(out_dir, progress=progress)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.series import Series, parse_time, read_series_csv
+from models.package import Series, parse_time, read_series_csv
 from models.skab import data_root
 
 PROBATION_PERCENT = 0.15

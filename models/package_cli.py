@@ -27,23 +27,21 @@ from models.package import (
     Manifest,
     Package,
     PackageError,
-    extract_package_tar,
-    is_package_tar,
-    load_package,
-    read_manifest,
-    sha256_file,
-    write_package,
-    write_package_tar,
-)
-from models.signing import (
     SigningError,
     builtin_trusted_keys,
+    extract_package_tar,
     generate_keypair,
+    is_package_tar,
     key_id,
+    load_package,
     load_private_key,
     load_public_keys,
+    read_manifest,
+    sha256_file,
     sign_package,
     verify_signature,
+    write_package,
+    write_package_tar,
 )
 from stream.console import Column, TableOutput, print_json, print_table
 

@@ -13,7 +13,7 @@ CUDA/TensorRT; checked to load (and, where the CPU provider runs it, to agree) i
 
 Native packages (``preprocess.resize == "native"``, frames of many sizes): every frame is fed
 alone (a batch of one), mirror-padded to the package's ``pad_multiple`` exactly as the edge pads
-it (:func:`edge.inference.pad_input`); quick IoUs crop each map back to its frame; latencies are
+it (:func:`models.package.preprocess.pad_input`); quick IoUs crop each map back to its frame; latencies are
 measured at the reference frame (the manifest's height x width, padded). Fixed packages keep
 stacked [N,1,h,w] arrays.
 """
@@ -36,9 +36,9 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from edge.inference import pad_input, padded_size, preprocess_frame, reference_input
 from models import tiles
-from models.package import MODEL_FILE, Manifest, Package, write_package
+from models.package import (Manifest, Package, input_size, pad_input, padded_size, preprocess_frame, reference_input,
+                            write_package)
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,6 @@ def val_arrays(package: Package, val: tiles.ImageSet) -> tuple[Frames, np.ndarra
     manifest = package.manifest
     xs = model_inputs(manifest, val.images)
     if native(manifest):
-        from edge.inference import input_size
-
         sizes = [input_size(image.shape[:2], manifest.preprocess) for image in val.images]
         return xs, [cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
                     for mask, (h, w) in zip(val.masks, sizes)]
@@ -323,7 +321,3 @@ def write_fp16_package(fp32: Package, fp16_bytes: bytes, out_dir: Path, x_val: F
         metrics["cpu_runs"] = 0.0
     fp16_manifest = manifest.model_copy(update={"precision": "fp16", "metrics": metrics, "bench": bench})
     return write_package(out_dir / f"{manifest.name}-fp16", fp16_manifest, fp16_bytes)
-
-
-def model_file(package: Package) -> Path:
-    return package.folder / MODEL_FILE

@@ -4,7 +4,7 @@ Folds are fixed by a seed and stratified by class (each class shuffled with ``FO
 dealt round-robin). For fold k the net trains on the other four folds, less a calibration share
 of their defect-free tiles (``CALIB_FRACTION``, by name hash) that it never sees: the image alarm's
 threshold is set on those at the false-alarm budget, as the shipped package's is. The held-out
-fold is then scored through the edge runtime (ONNX export, :class:`edge.inference.SegmentationModel`,
+fold is then scored through the edge runtime (ONNX export, :class:`models.package.session.SegmentationModel`,
 each tile at its own size). Every recipe choice is made on the mean over the five folds.
 
     python -m models.seg_cv run --recipe baseline            # resumable: finished folds are kept
@@ -137,9 +137,8 @@ def fold_weights(recipe: str, fold: int, work: Path = WORK) -> Path:
 def score_fold(onnx_bytes: bytes, config, fold: int, threads: int = 1, precision: str = "fp32",
                root: Path | None = None) -> dict:
     """Score a graph on fold ``fold``'s held-out and calibration tiles through the edge runtime."""
-    from edge.inference import SegmentationModel
     from models import segmentation as seg
-    from models.package import write_package
+    from models.package import SegmentationModel, write_package
 
     _, calib_items, test_items = fold_split(tiles.list_items(root), fold)
     with tempfile.TemporaryDirectory() as tmp:

@@ -93,7 +93,7 @@ class Evaluation:
 
 
 def score_samples(model, samples: Sequence[Sample], batch: int = 8) -> list[tiles.ImageScore]:
-    """Every sample through ``model`` (an :class:`edge.inference.SegmentationModel`), ``batch``
+    """Every sample through ``model`` (an :class:`models.package.session.SegmentationModel`), ``batch``
     frames loaded at a time."""
     scores: list[tiles.ImageScore] = []
     for start in range(0, len(samples), batch):
@@ -107,7 +107,7 @@ def score_samples(model, samples: Sequence[Sample], batch: int = 8) -> list[tile
 def evaluate_folder(package, folder: Path, threads: int = 2) -> Evaluation:
     """Every image of ``folder`` (:func:`tiles.find_items`) through the edge runtime; the image
     verdict is the package's own alarm (:class:`tiles.PackageAlarm`), not a re-calibration."""
-    from edge.inference import SegmentationModel
+    from models.package import SegmentationModel
 
     samples = samples_from_items(tiles.find_items(folder))
     model = SegmentationModel(package, threads=threads)
@@ -118,7 +118,7 @@ def evaluate_split(package, train: tiles.ImageSet, val: list[Sample], threads: i
                    max_false_alarms: float = 0.05, with_synthetic: bool = True) -> Evaluation:
     """``val`` through the edge runtime, the alarm calibrated on ``train`` (:func:`tiles.calibrate_alarm`):
     :func:`tiles.evaluate_package`'s metrics, with the per-image scores kept."""
-    from edge.inference import SegmentationModel
+    from models.package import SegmentationModel
 
     model = SegmentationModel(package, threads=threads)
     alarm = tiles.calibrate_alarm(tiles.score_set(model, train), max_false_alarms)

@@ -4,7 +4,7 @@ mixed with synthetic conveyor frames, exported to ONNX and packaged fp32 / int8 
 - Model: a 4-level U-Net of plain 3x3 conv + BN + ReLU blocks (the safe kind for QDQ int8;
   depthwise convs quantize poorly and gave no int8 speed-up on x86) with a stride-2 stem, so the
   full-resolution work is one cheap conv; bilinear upsampling; a sigmoid probability map out.
-- Input: gray, resized to 256x256 exactly as :func:`edge.inference.preprocess_frame` does (the
+- Input: gray, resized to 256x256 exactly as :func:`models.package.preprocess.preprocess_frame` does (the
   training frames are made by that very function), then ``(x/255 - mean) / std``.
 - Training: defect-centred random crops with scale, flips, 90-degree rotations and
   brightness/contrast; batches mix defect tiles (oversampled), defect-free tiles and synthetic
@@ -32,7 +32,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from edge.inference import preprocess_frame
 from models import tiles
 from models.package import (
     Manifest,
@@ -40,6 +39,9 @@ from models.package import (
     SegmentationPostprocess,
     SegmentationPreprocess,
     TensorSpec,
+    pad_input,
+    padded_size,
+    preprocess_frame,
     write_package,
 )
 
@@ -411,7 +413,6 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, config: SegTrainConfig)
 
 def pad_to_stride(x: np.ndarray) -> np.ndarray:
     """[h,w] -> [H,W], H and W multiples of :data:`STRIDE`, mirrored like the edge runtime pads."""
-    from edge.inference import pad_input, padded_size
 
     return pad_input(x[None], padded_size(x.shape, STRIDE))[0]
 
@@ -826,7 +827,7 @@ def ship_alarm(package: Package, rule: str, calib_images: tiles.ImageSet, max_fa
     """``package`` rewritten with the image alarm ``rule`` at the threshold that keeps its own
     scores of the calibration tiles (defect-free, never trained on) within ``max_false_alarms``.
     Each precision gets its own threshold: int8 probabilities differ slightly from fp32's."""
-    from edge.inference import SegmentationModel
+    from models.package import SegmentationModel
     from models import seg_cv
 
     scores = tiles.score_set(SegmentationModel(package, threads=threads), calib_images)

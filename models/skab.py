@@ -5,7 +5,7 @@ anomaly-free), score every later row, and count binary outcomes over all scored 
 over files: F1, FAR = FP / (FP + TN) (false alarm rate) and MAR = FN / (FN + TP) (missed alarm
 rate). Per-file numbers are given as well.
 
-The calibration is not done here: :class:`edge.anomaly.StreamingAnomalyModel` does it online per
+The calibration is not done here: :class:`models.package.anomaly.StreamingAnomalyModel` does it online per
 sensor group with ``calibration_steps=400``, exactly as an edge agent does on a live pump; each
 file is one group and all files stream together, one batched step per row. No torch.
 
@@ -23,9 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.anomaly import StreamingAnomalyModel
-from edge.synthetic import CHANNELS
-from models.series import Series, read_series_csv
+from models.package import CHANNELS, Series, StreamingAnomalyModel, read_series_csv
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ class SkabFile:
 
     @classmethod
     def from_series(cls, series: Series) -> SkabFile:
-        """Any labelled (or unlabelled) series of :mod:`models.series`, whatever its channels."""
+        """Any labelled (or unlabelled) series of :mod:`models.package.series`, whatever its channels."""
         return cls(series.path, series.name, series.values, series.labels)
 
 

@@ -198,7 +198,7 @@ class ImageSet:
     @classmethod
     def synthetic(cls, seeds: range, frames: int, defect_rate: float, stride: int) -> ImageSet:
         """Frames of synthetic conveyor cameras ``seeds``; class ``Synthetic`` where a defect shows."""
-        from edge.synthetic import make_dataset
+        from models.package import make_dataset
 
         images: list[np.ndarray] = []
         masks: list[np.ndarray] = []
@@ -321,7 +321,7 @@ class Alarm:
 
 @dataclass(frozen=True)
 class PackageAlarm:
-    """The package's own image verdict (``edge.postprocess.image_alarm`` with its manifest's
+    """The package's own image verdict (``models.package.postprocess.image_alarm`` with its manifest's
     postprocess), as :func:`score_images` recorded it in each score: no re-calibration."""
 
     postprocess: Any
@@ -353,10 +353,10 @@ class PackageAlarm:
 
 def package_verdict(prob: np.ndarray, postprocess) -> tuple[float, bool]:
     """(image score, alarm) of one probability map by the package's own rule, the alarm from
-    ``edge.postprocess.image_alarm`` itself. The score is the top-k mean (``alarm_top_k``), the
+    ``models.package.postprocess.image_alarm`` itself. The score is the top-k mean (``alarm_top_k``), the
     share above ``alarm_threshold`` (area rule), or the share of the frame in kept defect regions
     (no calibrated alarm: any region alarms)."""
-    from edge.postprocess import image_alarm, regions_from_probabilities, top_k_score
+    from models.package import image_alarm, regions_from_probabilities, top_k_score
 
     if postprocess.alarm_threshold is None:
         regions, ratio = regions_from_probabilities(prob, postprocess.threshold, postprocess.min_area)
@@ -370,7 +370,7 @@ def package_verdict(prob: np.ndarray, postprocess) -> tuple[float, bool]:
 
 def score_images(model, images: list[np.ndarray], masks: list[np.ndarray], classes: list[str],
                  batch: int = 8) -> list[ImageScore]:
-    """Run ``images`` through an :class:`edge.inference.SegmentationModel` and score each one."""
+    """Run ``images`` through an :class:`models.package.session.SegmentationModel` and score each one."""
     return [score for _, score in infer_and_score(model, images, masks, classes, batch)]
 
 
@@ -554,7 +554,7 @@ def synthetic_eval_set() -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def synthetic_metrics(model) -> dict[str, float]:
-    from edge.postprocess import region_mask, segmentation_metrics
+    from models.package import region_mask, segmentation_metrics
 
     images, masks = synthetic_eval_set()
     post = model.postprocess
@@ -565,10 +565,10 @@ def synthetic_metrics(model) -> dict[str, float]:
 
 def evaluate_package(package, train: ImageSet, val: ImageSet, threads: int = 2, max_false_alarms: float = 0.05,
                      with_synthetic: bool = True) -> dict[str, float]:
-    """Val metrics of a package run through :mod:`edge.inference` at each image's own size; the
+    """Val metrics of a package run through :mod:`models.package.session` at each image's own size; the
     image-level alarm is calibrated on ``train`` (:func:`calibrate_alarm`). ``with_synthetic``:
     add the region-level metrics on fresh synthetic cameras."""
-    from edge.inference import SegmentationModel
+    from models.package import SegmentationModel
 
     model = SegmentationModel(package, threads=threads)
     alarm = calibrate_alarm(score_set(model, train), max_false_alarms)

@@ -16,9 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgeline.config import BUILTIN_PACKAGES
-from models.package import MANIFEST_FILE, MODEL_FILE, TensorSpec, read_manifest, write_package, write_package_tar
-from models.signing import generate_keypair, load_private_key, sign_package
+from models.package import (BUILTIN_PACKAGES, MANIFEST_FILE, MODEL_FILE, TensorSpec, read_manifest, write_package,
+                            write_package_tar)
+from models.package.files import sign_package
+from models.package.signing import generate_keypair, load_private_key
 from tests.integration.central_process import CENTRAL_CLI, start_central
 from tests.unit.models.test_package import Zeros
 

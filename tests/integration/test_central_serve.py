@@ -16,9 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import free_port
-from models.package import write_package_tar
+from models.package import BUILTIN_PACKAGES, write_package_tar
 from stream.messages import Heartbeat
 from stream.topics import mqtt_topic, topic_for
 from tests.integration.central_process import CENTRAL_CLI, client_env

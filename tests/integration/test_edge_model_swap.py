@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from edge.agent import EdgeAgent
-from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import scrape_metrics
-from models.package import read_manifest, write_package
-from models.signing import generate_keypair, sign_package
+from models.package import BUILTIN_PACKAGES, read_manifest, write_package
+from models.package.files import sign_package
+from models.package.signing import generate_keypair
 from stream.messages import Command, Event, Heartbeat, Result, parse_message
 from stream.topics import command_topic, site_filter
 from tests.conftest import edge_site
@@ -59,24 +59,24 @@ def test_swap_self_test_refusal_and_rollback_with_no_frame_dropped(mosquitto, mq
         deadline = time.monotonic() + 20
         while not any(isinstance(m, Result) for m in parsed(probe)):
             assert time.monotonic() < deadline, "no result from the agent"
-        dropped = agent.cameras[0].frames_dropped
-        inferred = agent.camera_counters["c1"].frames_inferred
+        dropped = agent.vision.cameras[0].frames_dropped
+        inferred = agent.vision.camera_counters["c1"].frames_inferred
 
         loaded = send_and_wait(probe, site, "load_model", {"model": "seg", "path": "builtin:seg-synth-fp32"})
         assert loaded.name == "model_loaded", loaded.text
         assert loaded.details["precision"] == "fp32" and loaded.details["self_test_frames"] >= 1
         assert loaded.details["agreement"] > 0.8  # fp32 and int8 of the same network agree
-        assert agent.seg_models["seg"].package.manifest.precision == "fp32"
+        assert agent.vision.seg_models["seg"].package.manifest.precision == "fp32"
 
         refused = send_and_wait(probe, site, "load_model", {"model": "seg", "path": str(tampered)})
         assert refused.name == "model_load_failed" and "checksum mismatch for model.onnx" in refused.text
-        assert agent.seg_models["seg"].package.manifest.precision == "fp32"
+        assert agent.vision.seg_models["seg"].package.manifest.precision == "fp32"
 
         back = send_and_wait(probe, site, "rollback_model", {"model": "seg"})
         assert back.name == "model_rolled_back" and back.details["precision"] == "int8"
         time.sleep(1.0)
-        assert agent.camera_counters["c1"].frames_inferred > inferred + 3
-        assert agent.cameras[0].frames_dropped == dropped  # nothing waited on the swaps
+        assert agent.vision.camera_counters["c1"].frames_inferred > inferred + 3
+        assert agent.vision.cameras[0].frames_dropped == dropped  # nothing waited on the swaps
     finally:
         agent.stop()
 
@@ -102,10 +102,10 @@ def test_shadow_mode_reports_agreement_then_promotes(mosquitto, mqtt_probe, uniq
                 break
         assert shadow is not None and shadow.package == "seg-synth-1.0.0-fp32"
         assert shadow.agreement > 0.8 and shadow.latency_ratio > 0
-        assert agent.seg_models["seg"].package_id == "seg-synth-1.0.0-int8"  # only a shadow so far
+        assert agent.vision.seg_models["seg"].package_id == "seg-synth-1.0.0-int8"  # only a shadow so far
         promoted = send_and_wait(probe, site, "promote_shadow", {"model": "seg"})
         assert promoted.name == "model_loaded" and promoted.details["frames"] >= 5
-        assert agent.seg_models["seg"].package_id == "seg-synth-1.0.0-fp32" and agent.shadows == {}
+        assert agent.vision.seg_models["seg"].package_id == "seg-synth-1.0.0-fp32" and agent.vision.shadows == {}
         assert send_and_wait(probe, site, "stop_shadow", {"model": "seg"}).name == "shadow_failed"
     finally:
         agent.stop()
@@ -163,7 +163,7 @@ def test_a_package_that_keeps_failing_is_rolled_back_on_the_machine(mosquitto, m
     agent.start()
     try:
         deadline = time.monotonic() + 20
-        while len(agent.recent_frames) < 8:
+        while len(agent.vision.recent_frames) < 8:
             assert time.monotonic() < deadline, "the agent inferred fewer than 8 frames"
             time.sleep(0.1)
         loaded = send_and_wait(probe, site, "load_model", {"model": "seg", "path": str(package)})
@@ -172,12 +172,12 @@ def test_a_package_that_keeps_failing_is_rolled_back_on_the_machine(mosquitto, m
         back = next_event(probe, "model_rolled_back", seen)
         assert back.details["reason"] == "local_failure" and back.details["failed"] == "seg-synth-1.0.1-guarded-fp32"
         assert "failed 3 batches in a row" in back.text and back.details["errors"] >= 3
-        assert agent.seg_models["seg"].package_id == "seg-synth-1.0.0-int8"
-        inferred = agent.camera_counters["c1"].frames_inferred
+        assert agent.vision.seg_models["seg"].package_id == "seg-synth-1.0.0-int8"
+        inferred = agent.vision.camera_counters["c1"].frames_inferred
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
             seen += parsed(probe)
-        assert agent.camera_counters["c1"].frames_inferred > inferred + 3  # inference goes on
+        assert agent.vision.camera_counters["c1"].frames_inferred > inferred + 3  # inference goes on
         health = [m for m in seen if isinstance(m, Heartbeat)][-1].health["seg"]
         assert health.package == "seg-synth-1.0.0-int8" and health.frames > 8 and health.errors == 0
         scraped = scrape_metrics(agent.metrics_port)

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from edge.agent import EdgeAgent
-from edgeline.config import BUILTIN_PACKAGES
-from models.package import CACHE_ENV, MANIFEST_FILE, MODEL_FILE, read_manifest, write_package, write_package_tar
-from models.signing import generate_keypair, sign_package
+from models.package import (BUILTIN_PACKAGES, CACHE_ENV, MANIFEST_FILE, MODEL_FILE, read_manifest, write_package,
+                            write_package_tar)
+from models.package.files import sign_package
+from models.package.signing import generate_keypair
 from stream.topics import site_filter
 from tests.conftest import edge_site
 from tests.integration.test_edge_model_swap import send_and_wait
@@ -137,7 +138,7 @@ def test_the_agent_refuses_bad_urls_and_packages_and_keeps_none(mosquitto, mqtt_
         assert list(downloads.iterdir()) == [] and list(cache.iterdir()) == []  # every refused package is gone
 
         good = load(f"{base}/models/good.tar", sha256(root / "models" / "good.tar"))
-        assert good.name == "model_loaded" and agent.seg_models["seg"].package_id == "seg-synth-1.0.0-fp32"
+        assert good.name == "model_loaded" and agent.vision.seg_models["seg"].package_id == "seg-synth-1.0.0-fp32"
         assert [p.name for p in downloads.iterdir()] == [f"{sha256(root / 'models' / 'good.tar')}.tar"]
     finally:
         agent.stop()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edge.agent import EdgeAgent
-from edge.synthetic import CHANNELS, SyntheticPump
+from models.package.synthetic import CHANNELS, SyntheticPump
 from stream.messages import Anomaly, parse_message
 from stream.topics import mqtt_topic
 from tests.conftest import edge_site
@@ -60,11 +60,11 @@ def test_gateway_samples_become_anomaly_scores(mosquitto, mqtt_probe, unique_nam
         scores = collect_anomalies(probe, 40)
     finally:
         agent.stop()
-    feed = agent.sensor_sources["pump1"]
+    feed = agent.sensing.sensor_sources["pump1"]
     assert feed.counters.bad_payloads == 4 and feed.received >= 55
     assert len(scores) >= 40 and {s.group for s in scores} == {"pump1"}
-    assert agent.sensor_counters["pump1"].steps >= len(scores)  # one model step per fresh sample, none without
-    assert agent.sensor_counters["pump1"].steps <= feed.received
+    assert agent.sensing.sensor_counters["pump1"].steps >= len(scores)  # one model step per fresh sample, none without
+    assert agent.sensing.sensor_counters["pump1"].steps <= feed.received
 
 
 def test_a_plants_own_three_channels_over_mqtt(mosquitto, mqtt_probe, unique_name, tmp_path: Path):
@@ -84,7 +84,7 @@ def test_a_plants_own_three_channels_over_mqtt(mosquitto, mqtt_probe, unique_nam
     probe.subscribe(mqtt_topic(site, "m1", "anomaly"))
     agent = EdgeAgent(config, "m1", base_dir=tmp_path)
     agent.start()
-    counters, feed = agent.sensor_counters["press3"], agent.sensor_sources["press3"]
+    counters, feed = agent.sensing.sensor_counters["press3"], agent.sensing.sensor_sources["press3"]
     rng = np.random.default_rng(2)
     try:
         # until the agent's subscription is up: payloads it counts as bad and never steps on
@@ -106,7 +106,7 @@ def test_a_plants_own_three_channels_over_mqtt(mosquitto, mqtt_probe, unique_nam
         scores = collect_anomalies(probe, counters.steps)
     finally:
         agent.stop()
-    batch = agent.channel_batches["press"]
+    batch = agent.sensing.channel_batches["press"]
     assert batch.counts("press3") == (1, 1)  # (missing, out of range)
     assert feed.counters.bad_payloads == bad + 1
     assert len(scores) == counters.steps == 40 and [s.seq for s in scores] == list(range(len(scores)))

@@ -18,10 +18,9 @@ from central.registry import Registry
 from central.rollouts import RolloutManager
 from central.tokens import DownloadLinks
 from edge.agent import EdgeAgent
-from edgeline.config import BUILTIN_PACKAGES
 from edgeline.services import free_port
-from models.package import load_package, write_package_tar
-from models.signing import builtin_trusted_keys
+from models.package import BUILTIN_PACKAGES, load_package, write_package_tar
+from models.package.signing import builtin_trusted_keys
 from stream.mqtt import MqttClient, MqttSettings
 from tests.conftest import edge_site
 
@@ -93,7 +92,7 @@ def wait_phase(base: str, rollout_id: str, phases: set[str], timeout: float = 90
 def test_good_package_everywhere_then_a_slow_one_rolled_back(fleet, unique_name, central):
     base, manager = central
     agents = fleet(fps=5)
-    dropped = [a.cameras[0].frames_dropped for a in agents]
+    dropped = [a.vision.cameras[0].frames_dropped for a in agents]
 
     good = httpx.post(f"{base}/rollouts", headers=AUTH, json={
         "package": "seg-synth-1.0.0-fp32", "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
@@ -101,8 +100,8 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(fleet, unique_name,
     assert good["previous"] == "seg-synth-1.0.0-int8"
     done = wait_phase(base, good["id"], {"completed", "rolled_back"})
     assert done["phase"] == "completed", (done["failure"], done["history"])
-    assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
-    assert [a.cameras[0].frames_dropped for a in agents] == dropped  # no frame lost to a swap
+    assert [a.vision.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+    assert [a.vision.cameras[0].frames_dropped for a in agents] == dropped  # no frame lost to a swap
     assert any("stage 2/2" in e["text"] for e in done["history"])
 
     slow = httpx.post(f"{base}/rollouts", headers=AUTH, json={
@@ -110,11 +109,11 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(fleet, unique_name,
         "soak_s": 6, "max_latency_ratio": 1.5, "max_drift": 1.0}).json()  # drift allowed: its latency must fail it
     failed = wait_phase(base, slow["id"], {"completed", "rolled_back"})
     assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate latency"), failed
-    assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+    assert [a.vision.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
     assert httpx.post(f"{base}/rollouts/{slow['id']}/resume", headers=AUTH).status_code == 409
 
     deadline = time.monotonic() + 30  # the drift baseline: 20 frames on fp32 on every machine
-    while min(a.model_records[("seg", "seg-synth-1.0.0-fp32")].frames for a in agents) < 20:
+    while min(a.vision.model_records[("seg", "seg-synth-1.0.0-fp32")].frames for a in agents) < 20:
         assert time.monotonic() < deadline, "fewer than 20 frames on fp32"
         time.sleep(0.2)
     time.sleep(1.0)  # and a heartbeat that says so
@@ -123,7 +122,7 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(fleet, unique_name,
         "soak_s": 10, "max_latency_ratio": 100.0, "max_drift": 0.05, "drift_min_frames": 20}).json()
     drifted = wait_phase(base, wrong["id"], {"completed", "rolled_back"})
     assert drifted["phase"] == "rolled_back" and drifted["failure"].startswith("gate drift: m1"), drifted
-    assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+    assert [a.vision.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
     again = RolloutManager(unique_name, manager.registry, MqttClient(MqttSettings(), "unused"), base)
     again.restore()  # a restarted central reads every rollout back from its database
     for rollout_id in (good["id"], slow["id"], wrong["id"]):
@@ -144,7 +143,7 @@ def test_a_shadow_gated_rollout_promotes_an_agreeing_package_and_never_deploys_a
         fleet, central):
     base, manager = central
     agents = fleet(fps=10)
-    dropped = [a.cameras[0].frames_dropped for a in agents]
+    dropped = [a.vision.cameras[0].frames_dropped for a in agents]
     gates = {"stages": [0, 1.0], "soak_s": 1, "max_latency_ratio": 10.0, "min_shadow_agreement": 0.8,
              "shadow_frames": 10}
 
@@ -157,9 +156,9 @@ def test_a_shadow_gated_rollout_promotes_an_agreeing_package_and_never_deploys_a
     texts = [e["text"] for e in done["history"]]
     assert sum("shadowing seg-synth-1.0.0-fp32" in t for t in texts) == 2  # canary, then the rest
     assert sum("promoting" in t for t in texts) == 2
-    assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
-    assert [a.cameras[0].frames_dropped for a in agents] == dropped
-    assert all(a.shadows == {} for a in agents)
+    assert [a.vision.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+    assert [a.vision.cameras[0].frames_dropped for a in agents] == dropped
+    assert all(a.vision.shadows == {} for a in agents)
 
     disagreeing = httpx.post(f"{base}/rollouts", headers=AUTH,
                              json={"package": TILES_INT8, "model": "seg", "machines": MACHINES,
@@ -167,8 +166,8 @@ def test_a_shadow_gated_rollout_promotes_an_agreeing_package_and_never_deploys_a
     failed = wait_phase(base, disagreeing["id"], {"completed", "rolled_back"})
     assert failed["phase"] == "rolled_back" and failed["failure"].startswith("gate shadow: m1 agreement"), failed
     deadline = time.monotonic() + 10
-    while any(a.shadows for a in agents):  # the stop_shadow command is applied off the MQTT thread
+    while any(a.vision.shadows for a in agents):  # the stop_shadow command is applied off the MQTT thread
         assert time.monotonic() < deadline, "the canary's shadow was never stopped"
         time.sleep(0.1)
-    assert [a.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
+    assert [a.vision.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
     assert not any("rolling back" in e["text"] for e in failed["history"])  # nothing was deployed

@@ -14,7 +14,7 @@ from bench.anomaly import (FACTORS, OURS, SKAB_PACKAGE, Run, best_factor, cross_
                            nab_package_problem, run_ours_nab)
 from models import nab, skab
 from models.baselines import torch_missing
-from models.series import Series
+from models.package.series import Series
 from tests.tiny_anomaly import write_tiny_anomaly_package
 
 HAVE_DATA = (skab.skab_root() / "valve1").is_dir() and (nab.nab_root() / nab.WINDOWS_FILE).is_file()

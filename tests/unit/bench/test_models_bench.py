@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench.models import PREVIOUS
-from edge.inference import reference_input
-from edgeline.config import BUILTIN_PACKAGES
-from models.package import load_package
+from models.package.preprocess import reference_input
+from models.package import BUILTIN_PACKAGES, load_package
 from tests.tiny_tiles import tiny_tiles_root
 
 pytestmark = pytest.mark.skipif(not (BUILTIN_PACKAGES / "seg-tiles-fp32").exists(),

@@ -18,9 +18,8 @@ from central.api import create_api
 from central.registry import Registry
 from central.rollouts import RolloutManager
 from central.tokens import DownloadLinks
-from edgeline.config import BUILTIN_PACKAGES
-from models.package import write_package_tar
-from models.signing import builtin_trusted_keys, key_id
+from models.package import BUILTIN_PACKAGES, write_package_tar
+from models.package.signing import builtin_trusted_keys, key_id
 from stream.mqtt import MqttClient, MqttSettings
 
 BUILTIN_KEY_ID = key_id(builtin_trusted_keys()[0])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from edge.agent import EdgeAgent
-from edgeline.config import BUILTIN_PACKAGES, SiteConfig, from_dict
-from models.package import PackageError
+from edgeline.config import SiteConfig, from_dict
+from models.package import BUILTIN_PACKAGES, PackageError
 from stream.messages import Result, parse_message
 
 
@@ -36,7 +36,7 @@ def copy_builtin(tmp_path: Path) -> Path:
 
 def test_signed_builtin_package_loads(tmp_path: Path) -> None:
     agent = EdgeAgent(site(tmp_path, copy_builtin(tmp_path)), "m1")
-    assert agent.seg_models["seg"].package.key_id is not None
+    assert agent.vision.seg_models["seg"].package.key_id is not None
 
 
 def test_tampered_model_is_refused(tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_unsigned_package_is_refused_unless_signatures_are_off(tmp_path: Path) -
     with pytest.raises(PackageError, match="is not signed"):
         EdgeAgent(site(tmp_path, package), "m1")
     agent = EdgeAgent(site(tmp_path, package, require=False), "m1")
-    assert agent.seg_models["seg"].package.key_id is None
+    assert agent.vision.seg_models["seg"].package.key_id is None
 
 
 def test_cameras_of_different_sizes_share_one_native_model(tmp_path: Path) -> None:
@@ -75,24 +75,24 @@ def test_cameras_of_different_sizes_share_one_native_model(tmp_path: Path) -> No
     }, base_dir=tmp_path)
     agent = EdgeAgent(config, "m1")
     try:
-        for camera in agent.cameras:
+        for camera in agent.vision.cameras:
             camera.start()
         deadline = time.monotonic() + 10.0
-        while any(camera.queue_depth() == 0 for camera in agent.cameras):
+        while any(camera.queue_depth() == 0 for camera in agent.vision.cameras):
             assert time.monotonic() < deadline, "the cameras captured no frame in 10 s"
             time.sleep(0.01)
-        for camera in agent.cameras:
+        for camera in agent.vision.cameras:
             camera.stop()
-            agent.camera_counters[camera.id].snapshot_requested = True  # publish the mask with the result
-        assert agent.infer_once() == 3
+            agent.vision.camera_counters[camera.id].snapshot_requested = True  # publish the mask with the result
+        assert agent.vision.infer_once() == 3
         results = [m for m in (parse_message(p.payload) for p in agent.outbox.pending()) if isinstance(m, Result)]
         assert sorted(r.camera for r in results) == sorted(sizes)
-        model = agent.seg_models["seg"]
+        model = agent.vision.seg_models["seg"]
         labels = {"machine": "m1", "model": model.name}
         registry = agent.metrics.registry
         assert registry.get_sample_value("edgeline_edge_inference_batch_frames_count", labels) == 1
         assert registry.get_sample_value("edgeline_edge_inference_batch_frames_sum", labels) == 3
-        frames = {camera.id: image for camera, image in zip(agent.cameras, agent.recent_frames, strict=True)}
+        frames = {camera.id: image for camera, image in zip(agent.vision.cameras, agent.vision.recent_frames, strict=True)}
         for result in results:
             width, height = sizes[result.camera]
             mask = result.frames[0].outputs[0].mask.decode()
@@ -101,6 +101,6 @@ def test_cameras_of_different_sizes_share_one_native_model(tmp_path: Path) -> No
             alone = model.infer([frames[result.camera]])[0] > model.postprocess.threshold
             np.testing.assert_array_equal(mask > 0, alone)
     finally:
-        for camera in agent.cameras:
+        for camera in agent.vision.cameras:
             camera.stop()
         agent.outbox.close()

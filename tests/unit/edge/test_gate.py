@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge.gate import ChangeGate
-from edge.synthetic import SyntheticCamera
+from models.package.synthetic import SyntheticCamera
 
 
 def frame(level: int, noise: float = 0.0, seed: int = 0) -> np.ndarray:

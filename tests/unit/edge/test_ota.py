@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.inference import ModelLoadError, SegmentationModel
+from models.package.session import ModelLoadError, SegmentationModel
 from edge.ota import DownloadError, ModelSwapper, ShadowRun, check_download_url, fetch_package, mask_agreement
-from edge.synthetic import SyntheticCamera
-from edgeline.config import BUILTIN_PACKAGES
-from models.package import CACHE_ENV, PackageSettings, load_package, write_package_tar
-from models.signing import builtin_trusted_keys
+from models.package.synthetic import SyntheticCamera
+from models.package import BUILTIN_PACKAGES, CACHE_ENV, PackageSettings, load_package, write_package_tar
+from models.package.signing import builtin_trusted_keys
 from tests.tiny_segmentation import surface, write_dark_block_package
 
 

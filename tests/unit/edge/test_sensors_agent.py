@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from edge.agent import EdgeAgent, SensorCounters
-from edge.anomaly import AlarmEvent, AnomalyScore
+from models.package.anomaly import AlarmEvent, AnomalyScore
 from edgeline.config import from_dict
 from stream.messages import Anomaly, parse_message
 
@@ -55,13 +55,13 @@ def agent(tmp_path: Path):
 
 
 def test_a_three_channel_csv_group_is_scored_and_its_value_problems_counted(agent: EdgeAgent) -> None:
-    model = agent.anomaly_models["press"]
+    model = agent.sensing.anomaly_models["press"]
     assert model.channels == tuple(CHANNELS)
     calls: list[tuple[dict[str, np.ndarray], object]] = []
     step = model.step
     model.step = lambda samples, rates_hz=None: calls.append((dict(samples), rates_hz)) or step(samples, rates_hz)
     for _ in range(ROWS + 2):  # the file ends after ROWS: no sample, no step
-        agent.sensor_tick()
+        agent.sensing.sensor_tick()
     assert len(calls) == ROWS
     assert calls[0][1] == {"press3": 4.0} and all(rates is None for _, rates in calls[1:])  # the group's rate, once
     first = calls[0][0]["press3"]
@@ -101,12 +101,12 @@ def test_an_alarm_event_becomes_seqs_and_capture_times() -> None:
 
 
 def test_a_score_that_is_no_valid_message_is_counted_not_fatal(agent: EdgeAgent) -> None:
-    model = agent.anomaly_models["press"]
+    model = agent.sensing.anomaly_models["press"]
     flat = AnomalyScore(0.0, 0.0, False, dict.fromkeys(CHANNELS, 0.0), step=0)  # zero threshold: level undefined
-    agent._publish_anomaly(model, "press3", flat, time.time())
-    agent._publish_anomaly(model, "press3", AnomalyScore(0.5, 1.0, False, dict.fromkeys(CHANNELS, 0.1), step=1),
+    agent.sensing._publish_anomaly(model, "press3", flat, time.time())
+    agent.sensing._publish_anomaly(model, "press3", AnomalyScore(0.5, 1.0, False, dict.fromkeys(CHANNELS, 0.1), step=1),
                            time.time())
-    assert agent.sensor_counters["press3"].invalid_scores == 1
+    assert agent.sensing.sensor_counters["press3"].invalid_scores == 1
     assert [parse_message(p.payload).seq for p in agent.outbox.pending()] == [1]
     assert 'edgeline_edge_sensor_invalid_scores_total{group="press3",machine="m1"} 1.0' in generate_latest(
         agent.metrics.registry).decode()

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.anomaly import StreamingAnomalyModel
+from models.package.anomaly import StreamingAnomalyModel
 from models.package import load_package
-from models.series import Series
+from models.package.series import Series
 from tests.unit.models.test_skab import write_csv
 
 torch = pytest.importorskip("torch")

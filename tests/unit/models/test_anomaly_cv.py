@@ -148,7 +148,7 @@ NAB_PACKAGE = PACKAGE.parent / "anomaly-nab"
 def nab_file(category: str, index: int, window: tuple[int, int] | None):
     """A univariate NAB-like file: a daily-ish cycle plus noise; inside the window a 10-sigma jump."""
     from models.nab import NabFile
-    from models.series import Series
+    from models.package.series import Series
 
     rng, t = np.random.default_rng(index), np.arange(1200)
     values = (10 + np.sin(2 * np.pi * t / 288) + 0.1 * rng.standard_normal(1200)).astype(np.float32)

@@ -16,7 +16,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edge.inference import SegmentationModel, reference_input  # noqa: E402
+from models.package.preprocess import reference_input  # noqa: E402
+from models.package.session import SegmentationModel  # noqa: E402
 from models import compress, quantize, seg_cv, tiles  # noqa: E402
 from models import segmentation as seg  # noqa: E402
 from models.package import load_package, write_package  # noqa: E402

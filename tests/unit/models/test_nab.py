@@ -8,7 +8,7 @@ import pytest
 from models import nab
 from models.nab import (STANDARD, CostMatrix, NabFile, load_corpus, nab_raw_score, nab_score, onsets, outcome,
                         probation_rows)
-from models.series import Series
+from models.package.series import Series
 
 
 def sigmoid(x: float) -> float:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from models.package import MANIFEST_FILE, MODEL_FILE, load_package
 from models.package_cli import register
-from models.signing import (
+from models.package.signing import (
     BUILTIN_PACKAGES,
     builtin_trusted_keys,
     generate_keypair,

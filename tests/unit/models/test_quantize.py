@@ -10,10 +10,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edge.inference import SegmentationModel
-from edgeline.config import BUILTIN_PACKAGES
+from models.package.session import SegmentationModel
 from models import quantize, tiles
-from models.package import Package, load_package
+from models.package import BUILTIN_PACKAGES, Package, load_package
 from tests.tiny_tiles import tiny_tiles_root
 
 FP32 = BUILTIN_PACKAGES / "seg-tiles-fp32"

@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from models.seg_cli import register
-from models.signing import BUILTIN_PACKAGES
+from models.package.signing import BUILTIN_PACKAGES
 
 
 def invoke(*args: str):

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.synthetic import make_dataset
+from models.package.synthetic import make_dataset
 from models import seg_eval, tiles
 from models.package import load_package
-from models.signing import BUILTIN_PACKAGES
+from models.package.signing import BUILTIN_PACKAGES
 
 needs_data = pytest.mark.skipif(
     not tiles.tiles_available(), reason=f"magnetic-tile data not under {tiles.tiles_dir()} (set EDGELINE_DATA)"
@@ -64,7 +64,7 @@ def test_folder_of_synthetic_frames_is_scored_with_the_packages_own_alarm(synth_
     assert (m["alarm_pixel_threshold"], m["area_threshold"], m["alarm_top_k"]) == (post.alarm_threshold,
                                                                                    post.alarm_area_ratio, 0.0)
     # the verdict is the edge's image_alarm on each frame's probability map, not a re-calibration
-    from edge.postprocess import image_alarm
+    from models.package.postprocess import image_alarm
 
     frames = [s.load()[0] for s in synth_eval.samples]
     probs = synth_eval.model.infer(frames)

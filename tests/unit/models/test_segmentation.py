@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edge.inference import SegmentationModel  # noqa: E402
-from edge.synthetic import SyntheticCamera  # noqa: E402
+from models.package.session import SegmentationModel  # noqa: E402
+from models.package.synthetic import SyntheticCamera  # noqa: E402
 from models import segmentation as seg  # noqa: E402
 from models import tiles  # noqa: E402
 from models.package import load_package  # noqa: E402
@@ -46,7 +46,7 @@ def test_onnx_export_matches_torch_on_frames():
     config = seg.SegTrainConfig()
     spec = seg.preprocess_spec(config)
     camera = SyntheticCamera(5, defect_rate=1.0)
-    from edge.inference import preprocess_frame
+    from models.package.preprocess import preprocess_frame
 
     x = np.stack([preprocess_frame(camera.frame(i).image, spec)[0] for i in (3, 17, 40)]).astype(np.float16)
     parity = seg.onnx_parity(model, seg.export_onnx(model, config.size), x, 0.5)
@@ -255,7 +255,7 @@ def test_the_shipped_build_records_cv_figures_recipe_data_hash_and_a_calibrated_
     _, calib_items = seg_cv.split_calibration(tiles.list_items(root))
     for package in (packages["fp32"], packages["int8"]):
         model = SegmentationModel(package)
-        from edge.postprocess import image_alarm
+        from models.package.postprocess import image_alarm
 
         fired = [image_alarm(p, package.manifest.postprocess, []) for p in
                  model.infer([item.load()[0] for item in calib_items])]

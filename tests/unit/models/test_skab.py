@@ -6,7 +6,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from edge.anomaly import StreamingAnomalyModel
+from models.package.anomaly import StreamingAnomalyModel
 from models import skab
 from models.anomaly_cli import register
 from models.package import load_package

@@ -205,9 +205,9 @@ def test_top_k_alarm_wins_when_small_defects_have_few_pixels():
 
 
 def test_with_alarm_writes_the_top_k_rule_and_the_edge_agrees_with_the_calibration():
-    from edge.postprocess import image_alarm
+    from models.package.postprocess import image_alarm
     from models.package import load_package
-    from models.signing import BUILTIN_PACKAGES
+    from models.package.signing import BUILTIN_PACKAGES
 
     maps = _speckled_free_and_small_defects(seed=1)
     scores = [_prob_score(cls, prob, truth) for cls, prob, truth in maps]

@@ -47,6 +47,7 @@ off, and only the first ``warmup_steps`` samples never alarm (a group's first sa
 pure helpers below (:func:`fit_normalisation`, :func:`fit_residual_scale`, :func:`ema_rows`,
 :func:`channel_errors`, :func:`smooth_scores`, :func:`calibrated_threshold`) are the whole
 calibration; the offline reference in ``models.anomaly`` reuses them with a full-sequence torch forward.
+How well the alarms match labelled episodes is :mod:`models.package.evaluation`.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from edge.inference import ModelLoadError, PackagedModel, create_session
-from models.package import AnomalyPostprocess, AnomalyPreprocess, Package
+from models.package.files import Package
+from models.package.manifest import AnomalyPostprocess, AnomalyPreprocess
+from models.package.session import ModelLoadError, PackagedModel, create_session
 
 TOP_CHANNELS = 3  # channels named in a score and an event
 THRESHOLD_FLOOR = 1e-9  # a calibrated threshold is at least this: a flat calibration signal scores 0 throughout
@@ -164,6 +166,13 @@ def channel_errors(residuals: np.ndarray, scale: np.ndarray, values: np.ndarray,
     if level_mean is not None and np.any(level_weight):
         errors = errors + level_weight * ((np.asarray(values, np.float64) - level_mean) / level_std) ** 2
     return errors
+
+
+def runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous runs of True as (start, end) half-open intervals."""
+    padded = np.concatenate([[False], np.asarray(flags, bool), [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
 def budget_threshold(smoothed: np.ndarray, events_per_sample: float) -> float:
@@ -589,69 +598,3 @@ class StreamingAnomalyModel(PackagedModel):
     def _run(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> list[np.ndarray]:
         feeds = dict(zip(self._inputs, (x, np.ascontiguousarray(h), np.ascontiguousarray(c))))
         return self.session.run(None, feeds)
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """Contiguous runs of True as (start, end) half-open intervals."""
-    padded = np.concatenate([[False], np.asarray(flags, bool), [False]])
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
-
-
-def event_metrics(labels: np.ndarray, alarms: np.ndarray, tolerance: int = 10) -> dict[str, float]:
-    """Event-level precision/recall/F1 of alarms against labelled anomaly episodes.
-
-    An episode counts as detected when any alarm falls inside it or within ``tolerance`` samples
-    after its end (a forecaster also reacts to the return to normal). A run of consecutive alarms
-    is a false alarm when it touches no such window. Precision = true alarm runs / all alarm runs,
-    recall = detected episodes / episodes. Point-wise precision/recall and the mean detection
-    delay (samples from episode start to first alarm) are reported too.
-    """
-    labels, alarms = np.asarray(labels, bool), np.asarray(alarms, bool)
-    episodes, alarm_runs = runs(labels), runs(alarms)
-    window = np.zeros(len(labels), bool)
-    for start, end in episodes:
-        window[start : min(len(labels), end + tolerance)] = True
-    detected, delays = 0, []
-    for start, end in episodes:
-        hit = np.flatnonzero(alarms[start : min(len(labels), end + tolerance)])
-        if len(hit):
-            detected += 1
-            delays.append(float(hit[0]))
-    true_runs = sum(bool(window[s:e].any()) for s, e in alarm_runs)
-    precision = true_runs / len(alarm_runs) if alarm_runs else 1.0
-    recall = detected / len(episodes) if episodes else 1.0
-    tp = int((labels & alarms).sum())
-    return {
-        "event_precision": precision,
-        "event_recall": recall,
-        "event_f1": _f1(precision, recall),
-        "point_precision": tp / int(alarms.sum()) if alarms.any() else 1.0,
-        "point_recall": tp / int(labels.sum()) if labels.any() else 1.0,
-        "episodes": float(len(episodes)),
-        "false_alarm_runs": float(len(alarm_runs) - true_runs),
-    } | ({"mean_delay": float(np.mean(delays))} if delays else {})
-
-
-def _f1(precision: float, recall: float) -> float:
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-
-
-def score_streams(model: StreamingAnomalyModel, streams: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Run equally long streams ([T, C] each) as parallel groups; returns (scores[G,T], alarms[G,T])."""
-    length = len(streams[0])
-    scores = np.zeros((len(streams), length), np.float32)
-    alarms = np.zeros((len(streams), length), bool)
-    names = [f"eval{i}" for i in range(len(streams))]
-    for name in names:
-        model.reset(name)
-    for t in range(length):
-        result = model.step({name: stream[t] for name, stream in zip(names, streams)})
-        for g, name in enumerate(names):
-            scores[g, t], alarms[g, t] = result[name].score, result[name].is_anomaly
-    for name in names:
-        model.reset(name)
-    return scores, alarms

@@ -1,10 +1,12 @@
-"""ONNX Runtime side of the vision models: one session per model package, batched inference.
+"""ONNX Runtime side of the models: one session per model package, batched inference.
 
-A :class:`SegmentationModel` owns one ``onnxruntime.InferenceSession`` for one package. It
-turns camera frames (BGR or gray, any size) into the model's input as the manifest says
-(gray, resize or keep the frame's own size, scale/mean/std), runs a batch in one ``session.run``
-(a ``native`` package: one per group of frames of the same padded size), and returns each frame's
-defect probability map at that frame's size. No torch here.
+:func:`create_session` opens a package's ``model.onnx`` on the execution providers asked for
+(TensorRT > CUDA > CPU, whichever this machine has); :func:`check_model_graph` refuses a graph
+whose inputs and outputs differ from the manifest's. A :class:`SegmentationModel` owns one
+``onnxruntime.InferenceSession`` for one package. It turns camera frames (BGR or gray, any size)
+into the model's input as the manifest says (:mod:`models.package.preprocess`), runs a batch in one
+``session.run`` (a ``native`` package: one per group of frames of the same padded size), and
+returns each frame's defect probability map at that frame's size. No torch here.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import onnxruntime as ort
 
-from models.package import Package, SegmentationPreprocess
+from models.package.files import Package
+from models.package.manifest import MODEL_FILE, PackageError, SegmentationPreprocess, TensorSpec
+from models.package.preprocess import native_buckets, pad_input, preprocess_frame
 
 log = logging.getLogger(__name__)
 
@@ -84,61 +89,37 @@ def create_session(package: Package, providers: Sequence[str] = ("cpu",), thread
     return session
 
 
-def preprocess_frame(image: np.ndarray, spec: SegmentationPreprocess) -> np.ndarray:
-    """One frame (H,W,3 BGR or H,W gray, uint8) to the model's [C, h, w] float32 input: resized to
-    ``height x width`` (``fixed``), or at its own size, downscaled to ``max_side`` if set (``native``)."""
-    if image.ndim == 3 and spec.grayscale:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    elif image.ndim == 2 and not spec.grayscale:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    height, width = input_size(image.shape[:2], spec)
-    if image.shape[:2] != (height, width):
-        shrinking = image.shape[0] > height or image.shape[1] > width
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    x = (image.astype(np.float32) * spec.scale - spec.mean) / spec.std
-    return x[None] if x.ndim == 2 else np.ascontiguousarray(x.transpose(2, 0, 1))
+def check_model_graph(package: Package) -> None:
+    """Refuse (:class:`PackageError`) a ``model.onnx`` that ONNX Runtime cannot load, or whose graph
+    inputs or outputs differ from the manifest's: names in order, element types, ranks and fixed sizes
+    (a named, dynamic axis on either side matches any size)."""
+    try:
+        session = ort.InferenceSession(str(package.model_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise PackageError(f"{package.ref}: {MODEL_FILE} does not load in ONNX Runtime: {exc}") from None
+    problems = (_tensor_problems("input", package.manifest.inputs, session.get_inputs())
+                + _tensor_problems("output", package.manifest.outputs, session.get_outputs()))
+    if problems:
+        raise PackageError(f"{package.ref}: {MODEL_FILE} does not match the manifest: {'; '.join(problems)}")
 
 
-def input_size(frame: tuple[int, int], spec: SegmentationPreprocess) -> tuple[int, int]:
-    """(h, w) of the model input for a frame of ``frame`` = (H, W), before any padding."""
-    if spec.resize == "fixed":
-        return spec.height, spec.width
-    longest = max(frame)
-    if spec.max_side is None or longest <= spec.max_side:
-        return frame
-    ratio = spec.max_side / longest
-    return max(1, round(frame[0] * ratio)), max(1, round(frame[1] * ratio))
+ONNX_ELEMENT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)",
+                      "uint8": "tensor(uint8)"}
 
 
-def reference_input(spec: SegmentationPreprocess) -> tuple[int, int]:
-    """(h, w) of the model input for the manifest's reference frame: height x width, padded to
-    ``pad_multiple`` when native (seg-tiles: the median tile 325x270 runs at 336x272)."""
-    if spec.resize == "native":
-        return padded_size((spec.height, spec.width), spec.pad_multiple)
-    return spec.height, spec.width
-
-
-def padded_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
-    return -(-size[0] // multiple) * multiple, -(-size[1] // multiple) * multiple
-
-
-def pad_input(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """[C,h,w] -> [C,H,W] by mirroring the bottom and right edges (a mirrored border looks like the
-    surface to the net; zeros would look like a dark defect)."""
-    pad_h, pad_w = size[0] - x.shape[1], size[1] - x.shape[2]
-    if not pad_h and not pad_w:
-        return x
-    mode = "reflect" if pad_h < x.shape[1] and pad_w < x.shape[2] else "symmetric"
-    return np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
-
-
-def native_buckets(inputs: Sequence[np.ndarray], multiple: int) -> dict[tuple[int, int], list[int]]:
-    """Frame indexes grouped by padded input size: one ``session.run`` per group, so cameras of one
-    resolution batch together and no frame is padded beyond its own next multiple."""
-    buckets: dict[tuple[int, int], list[int]] = {}
-    for index, x in enumerate(inputs):
-        buckets.setdefault(padded_size(x.shape[1:], multiple), []).append(index)
-    return buckets
+def _tensor_problems(kind: str, specs: list[TensorSpec], graph: list[Any]) -> list[str]:
+    """What differs between the manifest's ``specs`` and the graph's tensors (ONNX Runtime NodeArgs)."""
+    if [s.name for s in specs] != [t.name for t in graph]:
+        return [f"{kind}s are {[t.name for t in graph]} in the graph, {[s.name for s in specs]} in the manifest"]
+    problems = []
+    for spec, tensor in zip(specs, graph):
+        if ONNX_ELEMENT_TYPES[spec.dtype] != tensor.type:
+            problems.append(f"{kind} {spec.name!r} is {tensor.type} in the graph, {spec.dtype} in the manifest")
+        sizes_differ = any(isinstance(a, int) and isinstance(b, int) and a != b
+                           for a, b in zip(spec.shape, tensor.shape))
+        if len(spec.shape) != len(tensor.shape) or sizes_differ:
+            problems.append(f"{kind} {spec.name!r} has shape {tensor.shape} in the graph, {spec.shape} in the manifest")
+    return problems
 
 
 class PackagedModel:

@@ -6,16 +6,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from models.package import (
-    MANIFEST_FILE,
-    MODEL_FILE,
-    Manifest,
-    PackageError,
-    load_package,
-    read_manifest,
-    write_package,
-)
-from models.signing import (
+from models.package.files import load_package, sign_builtin_packages, sign_package, write_package
+from models.package.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, PackageError, read_manifest
+from models.package.signing import (
     BUILTIN_PACKAGES,
     SigningError,
     builtin_trusted_keys,
@@ -25,11 +18,9 @@ from models.signing import (
     load_private_key,
     load_public_key,
     load_public_keys,
-    sign_builtin_packages,
-    sign_package,
     verify_signature,
 )
-from tests.unit.models.test_package import seg_manifest
+from tests.unit.models.package.test_files import seg_manifest
 
 
 @pytest.fixture(scope="module")

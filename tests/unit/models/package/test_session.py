@@ -1,17 +1,19 @@
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge.inference import (ModelLoadError, SegmentationModel, input_size, native_buckets, preprocess_frame,
-                            resolve_providers, tensorrt_options)
-from edge.postprocess import region_mask, segmentation_metrics
-from edge.synthetic import SyntheticCamera
-from models.package import load_package
+from models.package.evaluation import segmentation_metrics
+from models.package.files import load_package, write_package
+from models.package.manifest import MODEL_FILE, PackageError, TensorSpec
+from models.package.postprocess import region_mask
+from models.package.preprocess import input_size, native_buckets, preprocess_frame
+from models.package.session import (ModelLoadError, SegmentationModel, check_model_graph, resolve_providers,
+                                    tensorrt_options)
+from models.package.signing import BUILTIN_PACKAGES as PACKAGES
+from models.package.synthetic import SyntheticCamera
 from tests.tiny_segmentation import surface, write_dark_block_package
-
-PACKAGES = Path(__file__).resolve().parents[3] / "models" / "packages"
+from tests.unit.models.package.test_files import seg_manifest
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_preprocess_follows_the_manifest(package):
 
 
 def test_unavailable_providers_fall_back_to_cpu(caplog):
-    with caplog.at_level(logging.WARNING, logger="edge.inference"):
+    with caplog.at_level(logging.WARNING, logger="models.package.session"):
         chosen = resolve_providers(["tensorrt", "nonsense", "cpu"])
     assert chosen[-1] == "CPUExecutionProvider"
     assert "nonsense" in caplog.text
@@ -174,3 +176,22 @@ def test_native_package_with_a_fixed_size_graph_is_refused(tmp_path):
     package = write_dark_block_package(tmp_path / "pkg", dynamic=False)
     with pytest.raises(ModelLoadError, match="dynamic height and width"):
         SegmentationModel(package)
+
+
+def test_the_graph_must_load_and_match_the_manifest(tmp_path):
+    real = (PACKAGES / "seg-synth-fp32" / MODEL_FILE).read_bytes()
+    check_model_graph(write_package(tmp_path / "good", seg_manifest(
+        inputs=[TensorSpec(name="image", shape=["batch", 1, 128, 128])],
+        outputs=[TensorSpec(name="prob", shape=["batch", 1, 128, 128])]), real))
+    with pytest.raises(PackageError, match=r"seg-test:0\.0\.1: model\.onnx does not load in ONNX Runtime: .*"
+                       "INVALID_PROTOBUF"):
+        check_model_graph(write_package(tmp_path / "random", seg_manifest(), bytes(range(256)) * 64))
+    mismatched = write_package(tmp_path / "mismatched", seg_manifest(
+        inputs=[TensorSpec(name="image", shape=["batch", 3, 128, 128], dtype="float16")],
+        outputs=[TensorSpec(name="mask", shape=["batch", 1, 128, 128])]), real)
+    with pytest.raises(PackageError) as refused:
+        check_model_graph(mismatched)
+    assert str(refused.value) == (
+        "seg-test:0.0.1: model.onnx does not match the manifest: input 'image' is tensor(float) in the graph, "
+        "float16 in the manifest; input 'image' has shape ['batch', 1, 128, 128] in the graph, "
+        "['batch', 3, 128, 128] in the manifest; outputs are ['prob'] in the graph, ['mask'] in the manifest")

@@ -1,15 +1,17 @@
-"""Ed25519 signatures over model package manifests. No torch here: edge and central import it.
+"""Ed25519 signatures over model package manifests, the keys that make them, and which keys a site
+trusts (:class:`SignatureConfig`, :func:`trusted_keys`). No torch here: edge and central import it.
 
 What is signed
     The manifest, in the canonical form of :func:`canonical_manifest_bytes`. The manifest lists the
     sha256 of every file in the package (``files``; ``manifest.json`` itself excluded), so the
-    signature covers the files through their checksums. :func:`models.package.load_package` checks
-    both: the signature (when given trusted keys) and then every checksum.
+    signature covers the files through their checksums. :func:`models.package.files.load_package`
+    checks both: the signature (when given trusted keys) and then every checksum; signing a package
+    folder is :func:`models.package.files.sign_package`.
 
 Canonical manifest bytes (what another implementation must reproduce)
     1. Take the JSON object of ``manifest.json`` as this project writes it
-       (:func:`models.package.manifest_json`): exactly the keys present in the file (a package built
-       by :func:`models.package.write_package` has every field; a field the schema gains later, with
+       (:func:`models.package.manifest.manifest_json`): exactly the keys present in the file (a package
+       built by :func:`models.package.files.write_package` has every field; a field the schema gains later, with
        a default, is absent from older files and so not part of their signatures, which stay
        valid), ``created`` as ISO 8601 UTC with a ``Z`` suffix, float fields as Python's shortest
        round-trip ``repr`` (``0.5``, ``2.0``, ``1e-07``: a float always has a fraction or an
@@ -45,21 +47,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from pydantic import Field
 
-from models.package import (
-    MANIFEST_FILE,
-    Manifest,
-    Package,
-    PackageError,
-    Signature,
-    load_package,
-    manifest_json,
-    write_manifest,
-)
+from models.package.manifest import Manifest, PackageError, Signature, manifest_json
+from stream.settings import Strict
 
 log = logging.getLogger(__name__)
 
-BUILTIN_PACKAGES = Path(__file__).resolve().parent / "packages"
+BUILTIN_PACKAGES = Path(__file__).resolve().parent.parent / "packages"
 """The packages shipped inside the ``models`` package (``builtin:<name>`` in site configs)."""
 TRUSTED_KEYS_FILE = BUILTIN_PACKAGES / "trusted.pub"
 """Public key(s) that sign the builtin packages."""
@@ -90,6 +85,11 @@ def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def write_public_key(path: str | Path, public_key: Ed25519PublicKey) -> None:
+    """Write a public key as PEM (mode 0644), atomically."""
+    _write_atomic(Path(path), public_key_pem(public_key), mode=0o644)
+
+
 def generate_keypair(
     private_path: str | Path, public_path: str | Path, *, force: bool = False
 ) -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
@@ -109,7 +109,7 @@ def generate_keypair(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     _write_atomic(private_path, private_pem, mode=0o600)
-    _write_atomic(public_path, public_key_pem(private_key.public_key()), mode=0o644)
+    write_public_key(public_path, private_key.public_key())
     log.info("generated signing key %s: %s (public %s)", key_id(private_key.public_key()), private_path, public_path)
     return private_key, private_key.public_key()
 
@@ -165,9 +165,29 @@ def builtin_trusted_keys() -> list[Ed25519PublicKey]:
     if not TRUSTED_KEYS_FILE.is_file():
         raise SigningError(
             f"{TRUSTED_KEYS_FILE}: missing; the build signs the builtin packages and writes it "
-            "(models.signing.sign_builtin_packages)"
+            "(models.package.files.sign_builtin_packages)"
         )
     return load_public_keys(TRUSTED_KEYS_FILE)
+
+
+class SignatureConfig(Strict):
+    """Which model packages a site accepts: signed ones only (``require``), by the builtin key and these."""
+
+    require: bool = Field(True, description="refuse model packages without a valid Ed25519 signature")
+    trusted_keys: list[Path] = Field(
+        default_factory=list, description="PEM public keys trusted to sign packages, besides the builtin packages' key"
+    )
+
+
+def trusted_keys(signatures: SignatureConfig, base_dir: Path) -> list[Ed25519PublicKey] | None:
+    """Keys a package must be signed by (builtin + configured, read from their PEM files), or None
+    when signatures are not required."""
+    if not signatures.require:
+        return None
+    keys = builtin_trusted_keys()
+    for path in signatures.trusted_keys:
+        keys += load_public_keys(base_dir / path)
+    return keys
 
 
 # ------------------------------------------------------------ signatures
@@ -218,20 +238,6 @@ def verify_signature(manifest: Manifest, trusted_keys: Iterable[Ed25519PublicKey
     return signer
 
 
-def sign_package(folder: str | Path, private_key: Ed25519PrivateKey) -> Package:
-    """Sign a package folder in place: verify its checksums first, then write the signature.
-
-    Nothing is recomputed: a package whose files do not match its manifest is refused
-    (:class:`PackageError`), never silently re-hashed. A previous signature is replaced.
-    """
-    folder = Path(folder)
-    package = load_package(folder)  # checksums, unlisted files, paths
-    write_manifest(folder, sign_manifest(package.manifest, private_key))
-    signed = load_package(folder, trusted_keys=[private_key.public_key()])
-    log.info("signed %s at %s with key %s", signed.ref, folder, signed.key_id)
-    return signed
-
-
 def ensure_signing_key(key_path: str | Path | None = None) -> tuple[Ed25519PrivateKey, Path | None]:
     """The private key at ``key_path`` (default :func:`default_signing_key_path`), generated on first use
     (mode 0600, its public half beside it as ``<name>.pub``); returns the key and the path it was created at
@@ -241,27 +247,8 @@ def ensure_signing_key(key_path: str | Path | None = None) -> tuple[Ed25519Priva
         return load_private_key(key_path), None
     key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     private_key = _generate_private_only(key_path)
-    _write_atomic(key_path.with_name(key_path.name + ".pub"), public_key_pem(private_key.public_key()), mode=0o644)
+    write_public_key(key_path.with_name(key_path.name + ".pub"), private_key.public_key())
     return private_key, key_path
-
-
-def sign_builtin_packages(
-    packages_dir: str | Path = BUILTIN_PACKAGES, key_path: str | Path | None = None
-) -> list[Package]:
-    """Sign every package folder in ``packages_dir`` and write its ``trusted.pub``.
-
-    The key is ``key_path`` (default :func:`default_signing_key_path`), generated on first use
-    (mode 0600). ``trusted.pub`` is rewritten with that key's public half, so packages signed by
-    an earlier key must be re-signed, which this does for every folder holding a manifest.
-    """
-    packages_dir = Path(packages_dir)
-    private_key, _ = ensure_signing_key(key_path)
-    folders = sorted(p for p in packages_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file())
-    signed = [sign_package(folder, private_key) for folder in folders]
-    signed_by = key_id(private_key.public_key())
-    _write_atomic(packages_dir / "trusted.pub", public_key_pem(private_key.public_key()), mode=0o644)
-    log.info("signed %d builtin package(s) in %s with key %s", len(signed), packages_dir, signed_by)
-    return signed
 
 
 # --------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""models.series: the generic CSV time-series reader on small written files and on real SKAB / NAB files."""
+"""models.package.series: the generic CSV time-series reader on small written files and on real SKAB / NAB files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.synthetic import CHANNELS as SKAB_CHANNELS
-from models.series import count_gaps, gap_flags, parse_time, read_series_csv, sniff_separator
+from models.package.synthetic import CHANNELS as SKAB_CHANNELS
+from models.package.series import count_gaps, gap_flags, parse_time, read_series_csv, sniff_separator
 from models.skab import data_root
 
 DATA = data_root()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edge.synthetic import CHANNELS, SyntheticCamera, SyntheticPump, make_dataset, pump_dataset
+from models.package.synthetic import CHANNELS, SyntheticCamera, SyntheticPump, make_dataset, pump_dataset
 
 
 def test_same_seed_gives_identical_frames_in_any_order():

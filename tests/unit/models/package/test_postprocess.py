@@ -4,9 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edge.postprocess import (image_alarm, mask_from_probabilities, region_mask, regions_from_probabilities,
-                             segmentation_metrics)
-from models.package import SegmentationPostprocess
+from models.package.manifest import SegmentationPostprocess
+from models.package.postprocess import image_alarm, mask_from_probabilities, region_mask, regions_from_probabilities
 from stream.messages import DefectRegion
 
 
@@ -59,24 +58,6 @@ def test_regions_are_consistent_with_the_kept_mask(prob, min_area):
     assert ratio == pytest.approx(kept.sum() / prob.size)
     assert all(r.area >= min_area and 0 <= r.score <= 1 for r in regions)
     assert np.all(prob[kept > 0] > 0.5)
-
-
-def test_segmentation_metrics_by_hand():
-    empty = np.zeros((10, 10), np.uint8)
-    square = empty.copy()
-    square[2:6, 2:6] = 1  # 16 px
-    shifted = empty.copy()
-    shifted[3:7, 2:6] = 1  # overlaps 12
-    sliver = empty.copy()
-    sliver[0, 0] = 1
-    predicted = [shifted, empty, square, empty]
-    truth = [square, square, empty, sliver]
-    m = segmentation_metrics(predicted, truth, min_area=4)
-    assert m["iou"] == pytest.approx(12 / (20 + 16 + 16 + 1))
-    assert m["recall"] == 0.5  # frame 2 missed, frame 4 (sliver) not counted
-    assert m["false_alarm_rate"] == 1.0  # the one clean frame was flagged
-    assert m["precision"] == 0.5
-    assert m["frames_defective"] == 2 and m["frames_clean"] == 1
 
 
 def test_image_alarm_uses_the_calibrated_area_share_or_falls_back_to_regions():

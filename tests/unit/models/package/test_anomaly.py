@@ -6,29 +6,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.anomaly import (
-    AlarmEvent,
-    AnomalyScore,
-    StreamingAnomalyModel,
-    budget_threshold,
-    event_metrics,
-    runs,
-    score_streams,
-    smooth_scores,
-)
-from edge.inference import ModelLoadError
-from edge.synthetic import CHANNELS, SyntheticPump, pump_dataset
-from models.package import (
-    AnomalyPostprocess,
-    AnomalyPreprocess,
-    Manifest,
-    Package,
-    TensorSpec,
-    load_package,
-    write_package,
-)
-
-PACKAGES = Path(__file__).resolve().parents[3] / "models" / "packages"
+from models.package.anomaly import (AlarmEvent, AnomalyScore, StreamingAnomalyModel, budget_threshold, runs,
+                                    smooth_scores)
+from models.package.evaluation import event_metrics, score_streams
+from models.package.files import Package, load_package, write_package
+from models.package.manifest import AnomalyPostprocess, AnomalyPreprocess, Manifest, TensorSpec
+from models.package.session import ModelLoadError
+from models.package.signing import BUILTIN_PACKAGES as PACKAGES
+from models.package.synthetic import CHANNELS, SyntheticPump, pump_dataset
 # the scoring settings of the runtime's own tests, pinned whatever the shipped package is tuned to
 PLAIN = {"level_alpha": 1.0, "forecast_weight": 1.0, "drift_halflife": 0.0, "exit_ratio": 1.0, "clear_steps": 1,
          "max_false_alarms_per_day": None}
@@ -285,8 +270,8 @@ def test_normal_demo_pumps_stay_quiet_after_a_short_calibration(package):
 def test_detects_anomaly_episodes_on_fresh_demo_pumps(package):
     """The committed SKAB-trained package as the demo runs it: 20 Hz synthetic pumps with the demo's fault
     rate (never used in training or tuning), the 'fast-start' profile and its own calibration. Event-level
-    (edge.anomaly.event_metrics): an episode is caught by any alarm inside it or within 10 samples after; a run
-    of alarms touching no episode is a false alarm. Measured here: 97 of 130 episodes, no false alarm; the
+    (models.package.evaluation.event_metrics): an episode is caught by any alarm inside it or within 10 samples
+    after; a run of alarms touching no episode is a false alarm. Measured here: 97 of 130 episodes, no false alarm; the
     package build reports 101 of 134 and none on its report seeds."""
     model = StreamingAnomalyModel(package, profile="fast-start")
     calibration = model.calibration.steps
@@ -298,23 +283,6 @@ def test_detects_anomaly_episodes_on_fresh_demo_pumps(package):
     assert metrics["episodes"] >= 100
     assert metrics["event_recall"] >= 0.65
     assert metrics["event_precision"] >= 0.95
-
-
-def test_event_metrics_by_hand():
-    labels = np.zeros(100, bool)
-    labels[10:20] = labels[50:55] = labels[80:90] = True
-    alarms = np.zeros(100, bool)
-    alarms[15:17] = True  # inside episode 1
-    alarms[57] = True  # just after episode 2: within tolerance
-    alarms[30:33] = True  # false alarm run
-    m = event_metrics(labels, alarms, tolerance=5)
-    assert m["event_recall"] == pytest.approx(2 / 3)
-    assert m["event_precision"] == pytest.approx(2 / 3)
-    assert m["event_f1"] == pytest.approx(2 / 3)
-    assert m["false_alarm_runs"] == 1
-    assert m["point_precision"] == pytest.approx(2 / 6)
-    assert m["mean_delay"] == pytest.approx((5 + 7) / 2)
-    assert runs(np.array([1, 1, 0, 1], bool)) == [(0, 2), (3, 4)]
 
 
 def test_wrong_task_is_refused():

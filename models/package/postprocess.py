@@ -1,6 +1,7 @@
-"""Probability maps to defect regions, and the quality measures used to judge them.
+"""Probability maps to defect regions, the defect ratio and the image-level alarm.
 
-Pure functions on numpy arrays: no sessions, no I/O.
+Pure functions on numpy arrays: no sessions, no I/O. The quality measures that judge the regions
+against true masks are :mod:`models.package.evaluation`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from models.package import SegmentationPostprocess
+from models.package.manifest import SegmentationPostprocess
 from stream.messages import DefectRegion
 
 
@@ -74,40 +75,3 @@ def _components(prob: np.ndarray, threshold: float, min_area: int, cls: str) -> 
     kept = np.isin(labels, keep).astype(np.uint8) if keep else np.zeros_like(mask)
     regions.sort(key=lambda r: r.area, reverse=True)
     return regions, kept
-
-
-def segmentation_metrics(
-    predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray], min_area: int
-) -> dict[str, float]:
-    """Pixel and image-level quality of predicted defect masks against true ones.
-
-    - ``iou``: pooled defect IoU, sum of intersections over sum of unions across all frames.
-    - ``recall``: share of frames with a true defect of at least ``min_area`` pixels in which
-      anything was predicted. Frames whose only defect is a sliver below ``min_area`` (a part
-      just entering or leaving the view) count neither way.
-    - ``false_alarm_rate``: share of defect-free frames in which anything was predicted.
-    - ``precision``: share of flagged frames that hold any true defect pixel.
-    """
-    inter = union = 0
-    hits = positives = alarms = negatives = flagged = flagged_true = 0
-    for pred, true in zip(predicted, truth, strict=True):
-        pred, true = pred > 0, true > 0
-        inter += int(np.logical_and(pred, true).sum())
-        union += int(np.logical_or(pred, true).sum())
-        area, any_pred = int(true.sum()), bool(pred.any())
-        flagged += any_pred
-        flagged_true += any_pred and area > 0
-        if area >= max(1, min_area):
-            positives += 1
-            hits += any_pred
-        elif area == 0:
-            negatives += 1
-            alarms += any_pred
-    return {
-        "iou": inter / union if union else 1.0,
-        "recall": hits / positives if positives else 1.0,
-        "false_alarm_rate": alarms / negatives if negatives else 0.0,
-        "precision": flagged_true / flagged if flagged else 1.0,
-        "frames_defective": float(positives),
-        "frames_clean": float(negatives),
-    }
