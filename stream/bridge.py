@@ -24,11 +24,15 @@ Outbound: ``<prefix>.commands`` (consumer group ``edgeline-bridge-<site>``) is p
 machine's MQTT command topic at QoS 1; a record's offset is committed only after the broker's
 PUBACK.
 
-``stop()`` is ordered: stop taking messages, give the records in flight ``shutdown_timeout_s`` to
-be confirmed (their MQTT acks go out), then disconnect; whatever is left stays with the broker.
+The bridge is a :class:`stream.service.Service` (``bridge:<site>``) whose loops are supervised
+(``edgeline_bridge_restarts_total`` on its metrics endpoint). ``stop()`` is ordered: stop taking
+MQTT messages, give Kafka ``shutdown_timeout_s`` to confirm the records in flight (the retry loop
+still runs; their MQTT acks go out as Kafka confirms), stop the loops, close the producer (a last
+flush, whose acks go out too), and only then disconnect from MQTT; whatever is left unacked stays
+with the broker.
 
-Threads: paho's network loop (``mqtt:edgeline-bridge-<site>``), kafka-python's sender, one retry
-thread (``bridge-retry:<site>``) and the command forwarder (``bridge-commands:<site>``).
+Threads: paho's network loop (``mqtt:edgeline-bridge-<site>``), kafka-python's sender, the retry
+loop (``bridge:<site>/retry``) and the command forwarder (``bridge:<site>/commands``).
 """
 
 from __future__ import annotations
@@ -49,10 +53,12 @@ from kafka.errors import (CorruptRecordError, InvalidRecordError, InvalidTimesta
                           KafkaTimeoutError, MessageSizeTooLargeError, RecordListTooLargeError, UnsupportedForMessageFormatError)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from stream.kafka import close_producer, deadletter_record, ensure_topics, reliable_producer
-from stream.kafka_settings import BridgeSettings
+from stream.deadletter import deadletter_record
+from stream.kafka import close_producer, ensure_topics, reliable_producer
 from stream.messages import DEFAULT_LIMITS, Command, Envelope, Event, MessageError, MessageLimits, parse_message
 from stream.mqtt import MqttClient, MqttSettings
+from stream.service import Service, Supervisor
+from stream.settings import BridgeSettings
 from stream.topics import KafkaTopics, command_topic, parse_topic, site_filter
 
 log = logging.getLogger(__name__)
@@ -230,12 +236,18 @@ class BridgeMetrics:
                              registry=self.registry)
 
 
-class MqttKafkaBridge:
-    """One site's bridge; ``start()``/``stop()`` (ordered: MQTT intake first, then Kafka flush)."""
+class MqttKafkaBridge(Service):
+    """One site's bridge; ``start()``/``stop()`` (ordered: MQTT intake, Kafka flush and the acks it
+    brings, then MQTT disconnect). ``supervisor``: by default ``Supervisor("bridge")`` counting in
+    :attr:`metrics`' registry."""
 
     def __init__(self, site: str, mqtt: MqttSettings, bootstrap: str, *, topics: KafkaTopics | None = None,
                  partitions: int = 4, replication: int = 1, forward_commands: bool = True,
-                 settings: BridgeSettings | None = None, limits: MessageLimits = DEFAULT_LIMITS) -> None:
+                 settings: BridgeSettings | None = None, limits: MessageLimits = DEFAULT_LIMITS,
+                 supervisor: Supervisor | None = None) -> None:
+        self.metrics = BridgeMetrics()
+        super().__init__(f"bridge:{site}", supervisor=supervisor or Supervisor("bridge",
+                                                                               registry=self.metrics.registry))
         self.site = site
         self.topics = topics or KafkaTopics()
         self.bootstrap = bootstrap
@@ -244,53 +256,69 @@ class MqttKafkaBridge:
         self.forward_commands = forward_commands
         self.settings = settings or BridgeSettings()
         self.limits = limits
-        self.metrics = BridgeMetrics()
         self.mqtt = MqttClient(mqtt, client_id=f"edgeline-bridge-{site}", clean_session=False, manual_ack=True)
         self._acks = _InOrderAcks(self.mqtt.ack)
         self._retries = RetrySchedule(self.settings.retry_first_s, self.settings.retry_max_s)
         self._in_producer = InProducer()
         self._kafka_failing = False
-        self._stop = threading.Event()
         self._taking = False
-        self._threads: list[threading.Thread] = []
+        self._intake = threading.Lock()
+        """Held from the check of ``_taking`` to the expectation of an ack, so that none comes after stop()."""
+        self._all_acked = True
         self._producer: KafkaProducer | None = None
         self._last_refusal: BaseException | None = None
         self._renew_producer = False
         self._metrics_server = None
+        self._metrics_port_wanted: int | None = None
+        self._connect_timeout_s = 30.0
         self.metrics_port: int | None = None
+        self.add_loop("retry", self._retry_loop)
+        if forward_commands:
+            self.add_loop("commands", self._command_loop)
 
     def start(self, metrics_port: int | None = None, connect_timeout_s: float = 30.0) -> None:
+        """Connect to Kafka (creating the topics) and MQTT, then the loops; serve metrics on
+        ``metrics_port`` if given (0: a free one)."""
+        self._metrics_port_wanted, self._connect_timeout_s = metrics_port, connect_timeout_s
+        super().start()
+
+    def on_start(self) -> None:
         ensure_topics(self.bootstrap, self.topics, self.partitions, self.replication)
         self._producer = self._new_producer()
-        self._stop.clear()
+        self._all_acked = True
         self._taking = True
-        self._spawn(f"bridge-retry:{self.site}", self._retry_loop)
-        if self.forward_commands:
-            self._spawn(f"bridge-commands:{self.site}", self._command_loop)
-        self.mqtt.subscribe(site_filter(self.site), self._on_message)
-        self.mqtt.start()
-        self.mqtt.wait_connected(connect_timeout_s)
-        if metrics_port is not None:
-            self._metrics_server, _ = start_http_server(metrics_port, registry=self.metrics.registry)
-            self.metrics_port = self._metrics_server.server_port
+        try:
+            self.mqtt.subscribe(site_filter(self.site), self._on_message)
+            self.mqtt.start()
+            self.mqtt.wait_connected(self._connect_timeout_s)
+            if self._metrics_port_wanted is not None:
+                self._metrics_server, _ = start_http_server(self._metrics_port_wanted, registry=self.metrics.registry)
+                self.metrics_port = self._metrics_server.server_port
+        except BaseException:
+            self._taking = False
+            self.on_stop()
+            raise
         log.info("bridge:%s: MQTT %s:%d -> Kafka %s", self.site, self.mqtt.settings.host, self.mqtt.settings.port,
                  self.bootstrap)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         """Stop taking MQTT messages, give Kafka ``shutdown_timeout_s`` to confirm the records in
-        flight (their MQTT acks go out as it does), then disconnect and close. What is left unacked
-        stays with the broker, which redelivers it to the next session."""
-        self._taking = False
-        all_acked = self._acks.wait_all_acked(self.settings.shutdown_timeout_s)
-        self._stop.set()
-        self._retries.wake()
-        for thread in self._threads:
-            thread.join(self.settings.shutdown_timeout_s + 5.0)
-        self._threads.clear()
-        self.mqtt.stop()
-        if self._producer is not None:
-            close_producer(self._producer, self.settings.shutdown_timeout_s if all_acked else 0.0)
+        flight (their MQTT acks go out as it does), stop the loops, close the producer, and then
+        disconnect from MQTT. What is left unacked stays with the broker, which redelivers it to
+        the next session."""
+        with self._intake:
+            taking, self._taking = self._taking, False
+        if taking:
+            self._all_acked = self._acks.wait_all_acked(self.settings.shutdown_timeout_s)
+            self.stopping.set()
+            self._retries.wake()
+        super().stop(max(timeout_s, self.settings.shutdown_timeout_s + 5.0))
+
+    def on_stop(self) -> None:
+        if self._producer is not None:  # confirmations of this last flush are acked: MQTT is still up
+            close_producer(self._producer, self.settings.shutdown_timeout_s if self._all_acked else 0.0)
             self._producer = None
+        self.mqtt.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
@@ -310,27 +338,23 @@ class MqttKafkaBridge:
                                  request_timeout_ms=min(30_000, delivery_ms // 2), max_block_ms=SEND_BLOCK_MS,
                                  **known)
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
     # ------------------------------------------------------------ MQTT -> Kafka
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
-        if not self._taking:
-            return  # stopping: left unacked, the broker redelivers it to the next session
-        received = time.monotonic()
-        if not self._from_an_edge(message.topic):
-            self._ack_now(message)  # commands we publish, decisions/alerts of an embedded runner, side topics
-            return
-        try:
-            record = self._record_for(message, received)
-        except MessageError as exc:
-            self._dead_letter(message, exc.reason, received)
-            return
-        self.metrics.received.labels(record.kind).inc()
-        self._send(record)
+        with self._intake:
+            if not self._taking:
+                return  # stopping: left unacked, the broker redelivers it to the next session
+            received = time.monotonic()
+            if not self._from_an_edge(message.topic):
+                self._ack_now(message)  # commands we publish, decisions/alerts of an embedded runner, side topics
+                return
+            try:
+                record = self._record_for(message, received)
+            except MessageError as exc:
+                self._dead_letter(message, exc, received)
+                return
+            self.metrics.received.labels(record.kind).inc()
+            self._send(record)
 
     @staticmethod
     def _from_an_edge(topic: str) -> bool:
@@ -344,16 +368,16 @@ class MqttKafkaBridge:
         try:
             parts = parse_topic(message.topic)
         except ValueError as exc:
-            raise MessageError(str(exc)) from None
+            raise MessageError(str(exc), "topic") from None
         if parts.kind == "status":
             envelope: Envelope = self._status_event(parts.machine, message.payload)
         else:
             envelope = parse_message(message.payload, self.limits)
             if (parts.site, parts.machine, parts.kind) != (envelope.site, envelope.machine, envelope.KIND):
                 raise MessageError(f"message for {envelope.site}/{envelope.machine}/{envelope.KIND} "
-                                   f"on topic {message.topic}")
+                                   f"on topic {message.topic}", "topic")
         if not 0 <= envelope.ts <= KAFKA_TS_MAX_S:
-            raise MessageError(f"ts {envelope.ts:.6g} is outside the timestamps a Kafka record can carry")
+            raise MessageError(f"ts {envelope.ts:.6g} is outside the timestamps a Kafka record can carry", "clock")
         value = envelope.to_json() if parts.kind == "status" else message.payload
         return _Record(message.mid, self.topics.for_message(envelope), envelope.machine.encode(), value,
                        int(envelope.ts * 1000), received, envelope.KIND)
@@ -409,7 +433,7 @@ class MqttKafkaBridge:
 
     def _failed(self, record: _Record, exc: BaseException, *, sent: bool) -> None:
         """``sent``: the failure came back from the producer (else ``send()`` raised it)."""
-        if self._stop.is_set():
+        if self.stopping.is_set():
             return  # abandoned at shutdown: its MQTT message is redelivered to the next bridge
         if is_permanent(exc) and exc is not self._last_refusal:
             self._refused(record, exc, sent)
@@ -447,11 +471,11 @@ class MqttKafkaBridge:
                     reason)
         self.metrics.dead_lettered.inc()
         self._produce(_Record(record.mid, self.topics.deadletter, record.key,
-                              deadletter_record(record.topic, reason, record.value), None, record.received,
+                              deadletter_record(record.topic, reason, record.value, "kafka"), None, record.received,
                               "deadletter"))
 
     def _retry_loop(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             if self._renew_producer or self._in_producer.oldest_age(time.monotonic()) > self._stuck_after_s:
                 self._renew_producer = True
                 self._replace_producer()
@@ -482,11 +506,12 @@ class MqttKafkaBridge:
         log.info("bridge:%s: new Kafka producer (the last one refused a record, or let %d expire or hold them)",
                  self.site, len(held))
 
-    def _dead_letter(self, message: paho.MQTTMessage, reason: str, received: float) -> None:
+    def _dead_letter(self, message: paho.MQTTMessage, error: MessageError, received: float) -> None:
         self.metrics.dead_lettered.inc()
-        log.warning("bridge:%s: dead-lettered a message on %s: %s", self.site, message.topic, reason)
+        log.warning("bridge:%s: dead-lettered a message on %s: %s", self.site, message.topic, error.reason)
         record = _Record(message.mid, self.topics.deadletter, self.site.encode(),
-                         deadletter_record(message.topic, reason, message.payload), None, received, "deadletter")
+                         deadletter_record(message.topic, error.reason, message.payload, error.check), None, received,
+                         "deadletter")
         self._send(record)
 
     def _ack_now(self, message: paho.MQTTMessage) -> None:
@@ -502,7 +527,7 @@ class MqttKafkaBridge:
                                  enable_auto_commit=False, auto_offset_reset="earliest")
         failing = False
         try:
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 try:
                     self._forward_commands_once(consumer)
                     failing = False
@@ -510,7 +535,7 @@ class MqttKafkaBridge:
                     if not failing:
                         log.warning("bridge:%s: reading commands failed (%s); retrying", self.site, exc)
                     failing = True
-                    self._stop.wait(1.0)
+                    self.stopping.wait(1.0)
         finally:
             consumer.close()
 
@@ -526,15 +551,16 @@ class MqttKafkaBridge:
         try:
             command = parse_message(payload)
             if not isinstance(command, Command):
-                raise MessageError(f"{command.KIND} on the commands topic")
+                raise MessageError(f"{command.KIND} on the commands topic", "topic")
         except MessageError as exc:
             self.metrics.dead_lettered.inc()
             self._producer.send(self.topics.deadletter, key=self.site.encode(),  # type: ignore[union-attr]
-                                value=deadletter_record(self.topics.for_kind("command"), exc.reason, payload))
+                                value=deadletter_record(self.topics.for_kind("command"), exc.reason, payload,
+                                                        exc.check))
             return
         if command.site != self.site:
             return  # another site's bridge forwards it
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             info = self.mqtt.publish(command_topic(command.site, command.machine, command.name), payload, qos=1)
             if info.rc == paho.MQTT_ERR_SUCCESS:
                 info.wait_for_publish(10.0)
@@ -542,4 +568,4 @@ class MqttKafkaBridge:
                     self.metrics.commands.inc()
                     log.info("bridge:%s: command %s -> %s", self.site, command.name, command.machine)
                     return
-            self._stop.wait(1.0)  # broker away: hold the offset and try again
+            self.stopping.wait(1.0)  # broker away: hold the offset and try again

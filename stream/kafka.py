@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -65,8 +64,3 @@ def close_producer(producer: KafkaProducer, timeout_s: float) -> bool:
         producer.close(timeout=0)
         return False
 
-
-def deadletter_record(source: str, reason: str, payload: bytes) -> bytes:
-    """What goes to ``edgeline.deadletter``: where it came from, why, and the payload as text."""
-    return json.dumps({"source": source, "reason": reason, "ts": time.time(),
-                       "payload": payload[:65536].decode("utf-8", errors="replace")}).encode()

@@ -138,7 +138,10 @@ class Service:
                 self.__spawn(name, run)
 
     def start(self) -> None:
-        """on_start(); children start; loops start. A second start() while running does nothing."""
+        """on_start(); children start; loops start. A second start() while running does nothing.
+        When a child fails to start, the children started before it stop, last first, then
+        on_stop() undoes on_start(), and the error propagates; when on_start() itself raises, it
+        is up to on_start() to release what it took."""
         with self.__lock:
             if self.__started:
                 return
@@ -153,6 +156,7 @@ class Service:
                 self.stopping.set()
                 for child in reversed(started):
                     child.stop()
+                self.on_stop()
                 raise
             for name, run in self.__loops:
                 self.__spawn(name, run)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from kafka.admin import NewTopic
 
 from edgeline.services import KafkaBroker, free_port, scrape_metrics
 from stream.bridge import MqttKafkaBridge
-from stream.kafka_settings import BridgeSettings
 from stream.mqtt import MqttSettings
+from stream.settings import BridgeSettings, mqtt_settings
 from stream.messages import EncodedMask, FrameResult, ModelOutput, Result
 from stream.topics import KafkaTopics, topic_for
 from tests.integration.streaming import EDGELINE, read_json, read_until_ids, write_site
@@ -74,7 +75,7 @@ def test_a_record_kafka_refuses_is_dead_lettered_and_the_ones_behind_it_get_thro
     _, config = write_site(tmp_path, unique_name, mosquitto, kafka, [], [{"id": "m01"}])
     topics = config.stream.topics()
     small_results_topic(kafka.bootstrap, topics)
-    bridge = MqttKafkaBridge(unique_name, config.broker.mqtt_settings(), kafka.bootstrap, topics=topics)
+    bridge = MqttKafkaBridge(unique_name, mqtt_settings(config.broker), kafka.bootstrap, topics=topics)
     bridge.start()
     try:
         probe = mqtt_probe(mosquitto)
@@ -154,7 +155,7 @@ def test_sigterm_stops_a_bridge_process_with_its_acks_sent(mosquitto, kafka, mqt
     # Its acks went out: the next bridge of the site (same persistent session) gets only what came after.
     marker = result(unique_name, "m01", 99)
     publish(probe, [marker])
-    bridge = MqttKafkaBridge(unique_name, config.broker.mqtt_settings(), kafka.bootstrap, topics=topics,
+    bridge = MqttKafkaBridge(unique_name, mqtt_settings(config.broker), kafka.bootstrap, topics=topics,
                              forward_commands=False)
     bridge.start()
     try:
@@ -182,3 +183,41 @@ def test_stop_while_kafka_is_away_returns_within_the_shutdown_timeout(mosquitto,
     finally:
         bridge.stop()
         broker.stop()
+
+
+def test_acks_of_records_in_flight_at_stop_reach_the_broker_before_the_bridge_disconnects(
+        mosquitto, kafka, mqtt_probe, unique_name):
+    """stop() while MQTT messages are still waiting for Kafka: their acks go out during stop, before
+    the disconnect, so the next bridge of the site (same persistent session) gets only what the
+    first one never took, and nothing twice."""
+    topics = KafkaTopics(unique_name)
+    settings = MqttSettings(host=mosquitto.host, port=mosquitto.port)
+    first = MqttKafkaBridge(unique_name, settings, kafka.bootstrap, topics=topics, forward_commands=False)
+    first.start()
+    probe = mqtt_probe(mosquitto)
+    stream = [result(unique_name, "m01", seq) for seq in range(400)]
+    sender = threading.Thread(target=publish, args=(probe, stream), name=f"{unique_name}-publish")
+    sender.start()
+    try:
+        wait_for(lambda: first._acks.pending() > 0 and first.metrics.received.labels("result")._value.get() >= 50,
+                 60, "records in flight")
+        in_flight = first._acks.pending()
+        first.stop()
+    finally:
+        sender.join(30)
+        first.stop()
+    taken = first.metrics.received.labels("result")._value.get()
+    assert in_flight > 0 and first._acks.pending() == 0  # every record in flight at stop was acked during it
+    marker = result(unique_name, "m01", 999)
+    publish(probe, [marker])
+    second = MqttKafkaBridge(unique_name, settings, kafka.bootstrap, topics=topics, forward_commands=False)
+    second.start()
+    try:
+        got = read_until_ids(kafka.bootstrap, topics.for_kind("result"), {m.msg_id for m in stream + [marker]},
+                             timeout=90)
+        assert {m.msg_id for m in got} >= {m.msg_id for m in stream + [marker]}
+        wait_for(lambda: second._acks.pending() == 0, 30, "the second bridge's acks")
+    finally:
+        second.stop()
+    # Redelivered acked messages would be taken twice: the second bridge got exactly the rest.
+    assert second.metrics.received.labels("result")._value.get() == len(stream) - taken + 1

@@ -248,7 +248,7 @@ def test_start_is_idempotent_and_a_stopped_service_starts_again():
         service.stop()
 
 
-def test_a_child_that_fails_to_start_stops_the_ones_started_before_it():
+def test_a_child_that_fails_to_start_stops_the_ones_started_before_it_and_then_its_parent():
     stopped = []
 
     class Ok(Service):
@@ -259,14 +259,14 @@ def test_a_child_that_fails_to_start_stops_the_ones_started_before_it():
         def on_start(self) -> None:
             raise ConnectionError("broker down")
 
-    parent = Service("parent")
+    parent = Ok("parent")
     parent.add_child(Ok("first"))
     parent.add_child(Broken("second"))
     with pytest.raises(ConnectionError):
         parent.start()
-    assert stopped == ["first"]
+    assert stopped == ["first", "parent"]
     parent.stop()  # never started: nothing to do
-    assert stopped == ["first"]
+    assert stopped == ["first", "parent"]
 
 
 CHILD = textwrap.dedent("""
