@@ -1,8 +1,9 @@
-"""Camera capture: one object and one thread per camera, feeding a bounded latest-frame queue.
+"""Camera capture: one object and one supervised thread per camera, feeding a bounded latest-frame queue.
 
 The capture thread never blocks on its consumer: when the queue is full the oldest frame is
 dropped and counted. A source that fails is reopened with exponential backoff and jitter, and
-the camera's state (ok / reconnecting / failed / stopped) is reported in heartbeats.
+the camera's state (ok / reconnecting / failed / stopped) is reported in heartbeats. Sources are
+found by their ``type`` in the site file (:data:`CAMERA_SOURCES`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -21,6 +23,7 @@ import numpy as np
 
 from edge.settings import CameraConfig, FileSource, GStreamerSource, SyntheticSource, UrlSource, UsbSource
 from models.package.synthetic import SyntheticCamera
+from stream.service import Service, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -100,31 +103,62 @@ class OpenCvSource:
             self._capture = None
 
 
-def make_source(config: CameraConfig, base_dir: Path) -> FrameSource:
+SourceFactory = Callable[[CameraConfig, Path], FrameSource]
+
+
+def _synthetic(config: CameraConfig, base_dir: Path) -> FrameSource:
+    assert isinstance(config.source, SyntheticSource)
     width, height = config.resolution
-    source = config.source
-    if isinstance(source, SyntheticSource):
-        return SyntheticFrameSource(source, width, height, config.fps)
-    if isinstance(source, FileSource):
-        return OpenCvSource(str(base_dir / source.path), loop=source.loop)
-    if isinstance(source, UrlSource):
-        return OpenCvSource(source.url, cv2.CAP_FFMPEG)
-    if isinstance(source, UsbSource):
-        return OpenCvSource(source.index, cv2.CAP_V4L2)
-    if isinstance(source, GStreamerSource):
-        return OpenCvSource(source.pipeline, cv2.CAP_GSTREAMER)
-    raise TypeError(f"unknown camera source {source!r}")
+    return SyntheticFrameSource(config.source, width, height, config.fps)
 
 
-class Camera:
-    """Captures one camera at its fps cap into a bounded queue of the latest frames."""
+def _file(config: CameraConfig, base_dir: Path) -> FrameSource:
+    assert isinstance(config.source, FileSource)
+    return OpenCvSource(str(base_dir / config.source.path), loop=config.source.loop)
+
+
+def _url(config: CameraConfig, base_dir: Path) -> FrameSource:
+    assert isinstance(config.source, UrlSource)
+    return OpenCvSource(config.source.url, cv2.CAP_FFMPEG)
+
+
+def _usb(config: CameraConfig, base_dir: Path) -> FrameSource:
+    assert isinstance(config.source, UsbSource)
+    return OpenCvSource(config.source.index, cv2.CAP_V4L2)
+
+
+def _gstreamer(config: CameraConfig, base_dir: Path) -> FrameSource:
+    assert isinstance(config.source, GStreamerSource)
+    return OpenCvSource(config.source.pipeline, cv2.CAP_GSTREAMER)
+
+
+CAMERA_SOURCES: dict[str, SourceFactory] = {
+    "synthetic": _synthetic, "file": _file, "rtsp": _url, "usb": _usb, "gstreamer": _gstreamer,
+}
+"""Camera source ``type`` in the site file -> the factory of its frame source."""
+
+
+def make_source(config: CameraConfig, base_dir: Path) -> FrameSource:
+    try:
+        factory = CAMERA_SOURCES[config.source.type]
+    except KeyError:
+        raise TypeError(f"unknown camera source {config.source!r}") from None
+    return factory(config, base_dir)
+
+
+class Camera(Service):
+    """Captures one camera at its fps cap into a bounded queue of the latest frames: a service
+    ``capture:<machine>`` whose loop, thread ``capture:<machine>/<camera>``, is supervised (an
+    error other than a :class:`SourceError` crashes it; its supervisor restarts it)."""
 
     def __init__(self, machine: str, config: CameraConfig, source: FrameSource,
-                 frame_ready: threading.Event | None = None) -> None:
+                 frame_ready: threading.Event | None = None, supervisor: Supervisor | None = None) -> None:
+        super().__init__(f"capture:{machine}", supervisor=supervisor)
         self.machine = machine
         self.config = config
         self.id = config.id
-        self.name = f"capture:{machine}/{config.id}"
+        self.label = f"capture:{machine}/{config.id}"
+        """What logs call it (its loop's thread name)."""
         self.state: CameraState = "stopped"
         self.frames_captured = 0
         self.frames_dropped = 0
@@ -134,8 +168,7 @@ class Camera:
         self._queue_size = config.queue_size
         self._lock = threading.Lock()
         self._frame_ready = frame_ready or threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.add_loop(config.id, self._run)
 
     @property
     def fps(self) -> float:
@@ -146,16 +179,7 @@ class Camera:
             raise ValueError(f"fps must be in (0, 120], got {fps}")
         self._fps = fps
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def on_stop(self) -> None:
         self.state = "stopped"
 
     def take_latest(self) -> CapturedFrame | None:
@@ -187,7 +211,7 @@ class Camera:
 
     def _run(self) -> None:
         attempts = 0
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             try:
                 self._source.open()
             except SourceError as exc:
@@ -196,7 +220,7 @@ class Camera:
                 continue
             attempts = 0
             self.state = "ok"
-            log.info("%s: source open", self.name)
+            log.info("%s: source open", self.label)
             try:
                 self._capture_until_error()
             except SourceError as exc:
@@ -207,7 +231,7 @@ class Camera:
 
     def _capture_until_error(self) -> None:
         next_due = time.monotonic()
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             image = self._source.read()
             self._put(CapturedFrame(self.id, self.frames_captured, time.time(), image))
             self.frames_captured += 1
@@ -215,10 +239,10 @@ class Camera:
             now = time.monotonic()
             if next_due < now - 1.0 / self._fps:  # fell behind: do not burst to catch up
                 next_due = now
-            self._stop.wait(max(0.0, next_due - now))
+            self.stopping.wait(max(0.0, next_due - now))
 
     def _back_off(self, attempts: int, exc: Exception) -> None:
         self.state = "failed" if attempts >= FAILED_AFTER_ATTEMPTS else "reconnecting"
         delay = min(10.0, 0.25 * 2 ** (attempts - 1)) * random.uniform(0.8, 1.2)
-        log.warning("%s: %s; %s, retry in %.1f s", self.name, exc, self.state, delay)
-        self._stop.wait(delay)
+        log.warning("%s: %s; %s, retry in %.1f s", self.label, exc, self.state, delay)
+        self.stopping.wait(delay)

@@ -5,7 +5,8 @@ A source yields one sample per tick in its group's channel order (the site file'
 channels), a CSV replay (columns by name, any separator, time gaps counted) or the latest sample a
 sensor gateway published on MQTT (one JSON key per channel). :class:`ChannelBatch` puts the samples
 of all groups of one model into the model's channel order in one numpy pass, turns values outside a
-channel's valid range into NaN and counts missing and out-of-range values per group.
+channel's valid range into NaN and counts missing and out-of-range values per group. Sources are
+found by their ``type`` in the site file (:data:`SENSOR_SOURCES`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -192,13 +193,31 @@ class ChannelBatch:
         return int(self.missing[row]), int(self.out_of_range[row])
 
 
+SensorSourceFactory = Callable[[SensorGroupConfig, Sequence[SensorChannel], Path], SensorSource]
+
+
+def _synthetic(config: SensorGroupConfig, channels: Sequence[SensorChannel], base_dir: Path) -> SensorSource:
+    assert isinstance(config.source, SyntheticSensorSource)
+    return SyntheticSensorGroup(config.source, config.rate_hz, [c.name for c in channels])
+
+
+def _mqtt(config: SensorGroupConfig, channels: Sequence[SensorChannel], base_dir: Path) -> SensorSource:
+    assert isinstance(config.source, MqttSensorSource)
+    return MqttSensorFeed(config.source, config.rate_hz, channels)
+
+
+def _csv(config: SensorGroupConfig, channels: Sequence[SensorChannel], base_dir: Path) -> SensorSource:
+    assert isinstance(config.source, CsvSensorSource)
+    return CsvReplay(config.source, config.rate_hz, channels, base_dir)
+
+
+SENSOR_SOURCES: dict[str, SensorSourceFactory] = {"synthetic": _synthetic, "mqtt": _mqtt, "csv": _csv}
+"""Sensor source ``type`` in the site file -> the factory of its source."""
+
+
 def make_sensor_source(config: SensorGroupConfig, base_dir: Path) -> SensorSource:
     """The group's source, over ``config.channels`` (resolved by the site loader: declared, or the package's)."""
     channels = config.channels
     if channels is None:
         raise ValueError(f"sensor group {config.id}: channels not resolved (load the site with edgeline.config)")
-    if isinstance(config.source, SyntheticSensorSource):
-        return SyntheticSensorGroup(config.source, config.rate_hz, [c.name for c in channels])
-    if isinstance(config.source, MqttSensorSource):
-        return MqttSensorFeed(config.source, config.rate_hz, channels)
-    return CsvReplay(config.source, config.rate_hz, channels, base_dir)
+    return SENSOR_SOURCES[config.source.type](config, channels, base_dir)

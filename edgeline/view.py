@@ -82,16 +82,16 @@ class DemoView:
                    *(Column(name, numeric=True) for name in ("fps", "inferred fps", "p50/p99 ms", "drops",
                                                              f"defect frames in last {DEFECT_WINDOW_S:g} s",
                                                              "last frame defect %"))]
-        rows = [self._camera_row(agent, camera) for agent in self.demo.agents for camera in agent.cameras]
+        rows = [self._camera_row(agent, camera) for agent in self.demo.agents for camera in agent.vision.cameras]
         return TableOutput(columns, rows, "Cameras")
 
     def _camera_row(self, agent: EdgeAgent, camera: Camera) -> list[str]:
         key = f"{agent.id}/{camera.id}"
-        counters = agent.camera_counters[camera.id]
+        counters = agent.vision.camera_counters[camera.id]
         fps = f"{self.captured.update(key, camera.frames_captured):.1f}"
         if not camera.config.models:
             return [key, "—", camera.state, fps, "—", "—", str(camera.frames_dropped), "—", "—"]
-        status = agent.camera_status(camera)
+        status = agent.vision.camera_status(camera)
         defects = self.defect_frames.update(key, counters.defect_frames)
         inferred = self.inferred_frames.update(key, counters.frames_inferred)
         return [key, ",".join(camera.config.models), camera.state, fps,
@@ -102,7 +102,7 @@ class DemoView:
     def _sensors(self) -> TableOutput:
         rows = []
         for agent in self.demo.agents:
-            for group, counters in agent.sensor_counters.items():
+            for group, counters in agent.sensing.sensor_counters.items():
                 hot = counters.threshold and counters.score_last >= counters.threshold
                 rows.append([agent.id, group, str(counters.steps),
                              Text(f"{counters.score_last:.2f}", style="bold red" if hot else ""),

@@ -247,6 +247,9 @@ class Heartbeat(Envelope):
     shadow: dict[Identifier, ShadowStatus] = Field(default_factory=dict, description="model name -> its shadow run")
     health: dict[Identifier, ModelHealth] = Field(default_factory=dict, description="model name -> its health "
                                                   "since its package was loaded")
+    restarts: dict[Annotated[str, Field(min_length=1, max_length=200)], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=256, description="supervised loop (<service>/<loop>) -> times it crashed "
+        "and was restarted since the agent started")
 
 
 class Event(Envelope):

@@ -104,7 +104,7 @@ def test_a_model_trained_on_a_plants_own_csvs_alarms_on_its_fault_in_a_real_agen
 def publish_rows(probe, topic: str, table: np.ndarray, agent: EdgeAgent) -> float:  # noqa: ANN001 - MqttProbe
     """Publish every row as a gateway would, one JSON object per sample, each once the agent has stepped the one
     before (so none is superseded, however loaded the machine); returns the wall time the first fault row went out."""
-    counters, fault_at = agent.sensor_counters["press3"], 0.0
+    counters, fault_at = agent.sensing.sensor_counters["press3"], 0.0
     for i, row in enumerate(table):
         if i == FAULT.start:
             fault_at = time.time()

@@ -36,7 +36,7 @@ def test_set_gate_and_set_fps_apply_live(mosquitto, mqtt_probe, unique_name, tmp
     agent.start()
     try:
         wait_for(probe, lambda m: isinstance(m, Result))
-        assert agent.gates["c1"].gated == 0
+        assert agent.vision.gates["c1"].gated == 0
         command = Command(site=site, machine="m1", ts=time.time(), name="set_gate", args={"threshold": 60})
         probe.publish(command_topic(site, "m1", "set_gate"), command.to_json())
         applied = wait_for(probe, lambda m: isinstance(m, Event) and m.details.get("command_id") == command.msg_id)
@@ -53,6 +53,6 @@ def test_set_gate_and_set_fps_apply_live(mosquitto, mqtt_probe, unique_name, tmp
         probe.publish(command_topic(site, "m1", "set_gate"), bad.to_json())
         rejected = wait_for(probe, lambda m: isinstance(m, Event) and m.details.get("command_id") == bad.msg_id)
         assert rejected.name == "command_rejected" and "within 0..255" in rejected.text
-        assert agent.gates["c1"].threshold == 60
+        assert agent.vision.gates["c1"].threshold == 60
     finally:
         agent.stop()

@@ -69,7 +69,7 @@ def test_ten_second_broker_outage_loses_no_result(restartable_mosquitto, mqtt_pr
         time.sleep(4)
     finally:
         agent.stop()
-    produced = sum(c.results_published for c in agent.camera_counters.values())
+    produced = sum(c.results_published for c in agent.vision.camera_counters.values())
     assert held >= 10, "results made during the outage should have waited in the outbox"
     assert agent.outbox.depth == 0
     received = collect_results(probe, lambda ids: len(ids) >= produced, 30)

@@ -52,7 +52,7 @@ def test_a_mask_over_the_size_limit_is_refused_at_the_edge(mosquitto, mqtt_probe
         probe.publish(command_topic(site, "m1", "snapshot"), snapshot.to_json())
         wait_for(lambda m: isinstance(m, Event) and m.details.get("command_id") == snapshot.msg_id)
         deadline = time.monotonic() + 20
-        while agent.camera_counters["c1"].masks_refused == 0:
+        while agent.vision.camera_counters["c1"].masks_refused == 0:
             assert time.monotonic() < deadline, "no mask was refused"
             time.sleep(0.05)
         refused_at = time.time()

@@ -41,10 +41,10 @@ def test_lowest_priority_camera_is_shed_and_reported(mosquitto, mqtt_probe, uniq
         assert shed_events and shed_events[0].camera == "overview", shed_events
         assert "one frame in" in shed_events[0].text
         assert {c.camera for c in beat.cameras if c.shed} <= {"overview", "side"}
-        inferred_before = {c: agent.camera_counters[c].frames_inferred for c in ("inspect", "overview")}
+        inferred_before = {c: agent.vision.camera_counters[c].frames_inferred for c in ("inspect", "overview")}
         time.sleep(2)
-        gained = {c: agent.camera_counters[c].frames_inferred - inferred_before[c] for c in inferred_before}
+        gained = {c: agent.vision.camera_counters[c].frames_inferred - inferred_before[c] for c in inferred_before}
         assert gained["overview"] < gained["inspect"] / 2, gained
-        assert "inspect" not in agent.shedder.shed  # the last camera is never shed
+        assert "inspect" not in agent.vision.shedder.shed  # the last camera is never shed
     finally:
         agent.stop()

@@ -55,7 +55,7 @@ def test_results_are_grouped_per_camera_per_window(mosquitto, mqtt_probe, unique
     finally:
         agent.stop()
     ran_s = time.monotonic() - started
-    published = {c: agent.camera_counters[c].results_published for c in cameras}
+    published = {c: agent.vision.camera_counters[c].results_published for c in cameras}
     collect_until(probe, received, lambda got: all(len(frames_of(got, c)) >= published[c] for c in cameras), 10.0)
     for camera in cameras:
         mine = [r for r in received if isinstance(r, Result) and r.camera == camera]
@@ -113,9 +113,9 @@ def test_file_camera_that_dies_and_comes_back_shows_its_states_in_heartbeats(
         watch("failed", 15.0)
         write_clip(clip)
         watch("ok", 15.0)
-        inferred_before = agent.camera_counters["cam"].frames_inferred
+        inferred_before = agent.vision.camera_counters["cam"].frames_inferred
         deadline = time.monotonic() + 10.0  # the new clip is inferred again
-        while agent.camera_counters["cam"].frames_inferred <= inferred_before:
+        while agent.vision.camera_counters["cam"].frames_inferred <= inferred_before:
             assert time.monotonic() < deadline, "no frame inferred from the new clip within 10 s"
             time.sleep(0.05)
     finally:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from edge.agent import EdgeAgent, SensorCounters
+from edge.agent import EdgeAgent
+from edge.sensing import SensorCounters, alarm_span
 from models.package.anomaly import AlarmEvent, AnomalyScore
 from edgeline.config import from_dict
 from stream.messages import Anomaly, parse_message
@@ -90,14 +91,14 @@ def test_an_alarm_event_becomes_seqs_and_capture_times() -> None:
     # the agent's seq 9 is the runtime's step 109 (the runtime counted 100 steps before, e.g. a swapped model)
     score = AnomalyScore(3.0, 1.0, True, {"a": 1.0}, ("a",), AlarmEvent(start=106, end=None, peak=3.5, channels=("a",)),
                          step=109)
-    span = EdgeAgent._alarm_span(counters, 9, score)
+    span = alarm_span(counters, 9, score)
     assert (span.start_seq, span.start_ts, span.end_seq, span.end_ts, span.peak_level, span.channels) == (
         6, 1006.0, None, None, 3.5, ["a"])
     ended = AnomalyScore(0.2, 1.0, False, {"a": 0.1}, (), AlarmEvent(start=106, end=109, peak=3.5, channels=("a",)),
                          step=109)
-    span = EdgeAgent._alarm_span(counters, 9, ended)
+    span = alarm_span(counters, 9, ended)
     assert (span.start_seq, span.end_seq, span.end_ts) == (6, 9, 1009.0)
-    assert EdgeAgent._alarm_span(counters, 9, AnomalyScore(0.2, 1.0, False, {}, step=109)) is None
+    assert alarm_span(counters, 9, AnomalyScore(0.2, 1.0, False, {}, step=109)) is None
 
 
 def test_a_score_that_is_no_valid_message_is_counted_not_fatal(agent: EdgeAgent) -> None:
