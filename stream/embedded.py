@@ -9,12 +9,12 @@ dead-letter topic with the reason, and is counted by check. Memory is bounded: a
 shown in ``edgeline_rules_state_entries`` beside their bound.
 Every alert (firing or resolved) and command is logged at INFO; :meth:`EmbeddedRulesRunner.summary`
 is the one line ``edgeline stream embedded`` prints at shutdown. ``--metrics-port`` serves
-:class:`RulesMetrics` to Prometheus.
+:class:`RulesMetrics` to Prometheus. The runner is a :class:`stream.service.Service` (``rules:<site>``)
+with no loops of its own: paho's network thread delivers the messages.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -26,21 +26,19 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from stream.deadletter import deadletter_record
 from stream.dedupe import Deduper
 from stream.messages import DEFAULT_LIMITS, Alert, Command, Envelope, MessageError, MessageLimits, parse_message
 from stream.mqtt import MqttClient
 from stream.rule_config import RuleConfig
 from stream.rules import DEFAULT_MAX_STATES, BoundedStates, RulesEngine
 from stream.rules_metrics import EngineStatsCollector
-from stream.topics import MQTT_ROOT, mqtt_topic, parse_topic, topic_for
+from stream.service import Service
+from stream.topics import deadletter_topic, mqtt_topic, parse_topic, topic_for
 
 log = logging.getLogger(__name__)
 
 INPUT_KINDS = ("result", "anomaly")
-
-
-def deadletter_topic(site: str) -> str:
-    return f"{MQTT_ROOT}/{site}/_deadletter"
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -92,13 +90,14 @@ class RulesMetrics:
         return int(self.registry.get_sample_value(f"edgeline_rules_{name}_total", labels) or 0)
 
 
-class EmbeddedRulesRunner:
+class EmbeddedRulesRunner(Service):
     """One rules engine, fed by MQTT on ``edgeline/v1/<site>/+/result/+`` and ``.../anomaly``."""
 
     def __init__(self, site: str, rules: list[RuleConfig], client: MqttClient, *,
                  lines: dict[str, str] | None = None, allowed_lateness_s: float = 2.0,
                  dedupe_ttl_s: float = 60.0, dedupe_max_entries: int = 100_000,
                  max_states: int = DEFAULT_MAX_STATES, limits: MessageLimits = DEFAULT_LIMITS) -> None:
+        super().__init__(f"rules:{site}")
         self.site = site
         self.limits = limits
         states = BoundedStates(max_states)
@@ -113,23 +112,34 @@ class EmbeddedRulesRunner:
         self.listeners: list[Callable[[Envelope], None]] = []
         self._lock = threading.Lock()
         self._metrics_server: WSGIServer | None = None
+        self._metrics_address: tuple[int | None, str] = (None, "127.0.0.1")
 
     def start(self, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
         """Serve metrics on ``metrics_host:metrics_port`` if a port is given (0: a free one), then
         connect; OSError when the port cannot be bound, ConnectionError when the broker is not up."""
-        if metrics_port is not None:
-            self._metrics_server, _ = start_http_server(metrics_port, metrics_host, registry=self.metrics.registry)
-            self.metrics_port = self._metrics_server.server_port
-        self.mqtt.subscribe(mqtt_topic(self.site, "+", "result", "+"), self._on_message)
-        self.mqtt.subscribe(mqtt_topic(self.site, "+", "anomaly"), self._on_message)
-        self.mqtt.start()
-        self.mqtt.wait_connected()
+        self._metrics_address = (metrics_port, metrics_host)
+        super().start()
 
-    def stop(self) -> None:
+    def on_start(self) -> None:
+        port, host = self._metrics_address
+        if port is not None:
+            self._metrics_server, _ = start_http_server(port, host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
+        try:
+            self.mqtt.subscribe(mqtt_topic(self.site, "+", "result", "+"), self._on_message)
+            self.mqtt.subscribe(mqtt_topic(self.site, "+", "anomaly"), self._on_message)
+            self.mqtt.start()
+            self.mqtt.wait_connected()
+        except BaseException:
+            self.on_stop()
+            raise
+
+    def on_stop(self) -> None:
         self.mqtt.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+            self._metrics_server = None
 
     def summary(self) -> str:
         """One line of counts, e.g. for the console at shutdown."""
@@ -176,6 +186,5 @@ class EmbeddedRulesRunner:
         self.metrics.dead_lettered.inc()
         self.metrics.invalid.labels(error.check).inc()
         log.warning("rules: dead-lettered a message on %s: %s", message.topic, error.reason)
-        record = {"topic": message.topic, "reason": error.reason, "check": error.check,
-                  "payload": message.payload[:65536].decode("utf-8", errors="replace")}
-        self.mqtt.publish(deadletter_topic(self.site), json.dumps(record).encode(), qos=1)
+        self.mqtt.publish(deadletter_topic(self.site),
+                          deadletter_record(message.topic, error.reason, message.payload, error.check), qos=1)

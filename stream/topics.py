@@ -94,6 +94,12 @@ def machine_commands_filter(site: str, machine: str) -> str:
     return f"{MQTT_ROOT}/{site}/{machine}/cmd/+"
 
 
+def deadletter_topic(site: str) -> str:
+    """Where the embedded runner puts what it refuses (:func:`stream.deadletter.deadletter_record`);
+    a service's side topic (``_`` level), which the bridge does not carry into Kafka."""
+    return f"{MQTT_ROOT}/{site}/_deadletter"
+
+
 def parse_topic(topic: str) -> TopicParts:
     parts = topic.split("/")
     if len(parts) < 5 or "/".join(parts[:2]) != MQTT_ROOT:

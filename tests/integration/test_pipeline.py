@@ -18,11 +18,11 @@ import pytest
 from edge.agent import EdgeAgent
 from edgeline.config import SiteConfig, from_dict
 from edgeline.services import MosquittoBroker, scrape_metrics
-from stream.embedded import EmbeddedRulesRunner, deadletter_topic
+from stream.embedded import EmbeddedRulesRunner
 from stream.messages import Alert, Command, Decision, Event, Result, parse_message
 from stream.mqtt import MqttClient
 from stream.settings import mqtt_settings
-from stream.topics import site_filter
+from stream.topics import deadletter_topic, site_filter
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +129,7 @@ def test_malformed_messages_are_dead_lettered_and_the_runner_goes_on(
         assert scrape_metrics(runner.metrics_port)["edgeline_rules_dead_lettered_total"] == 2
     finally:
         runner.stop()
-    assert [d["topic"] for d in dead] == [f"edgeline/v1/{site}/m1/result/cam1", f"edgeline/v1/{site}/m1/anomaly"]
+    assert [d["source"] for d in dead] == [f"edgeline/v1/{site}/m1/result/cam1", f"edgeline/v1/{site}/m1/anomaly"]
     assert "JSON" in dead[0]["reason"] and "Field required" in dead[1]["reason"]
     assert runner.metrics.count("dead_lettered") == 2
 

@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from edgeline.services import MosquittoBroker, scrape_metrics
-from stream.embedded import EmbeddedRulesRunner, deadletter_topic
+from stream.embedded import EmbeddedRulesRunner
 from stream.messages import (Alert, Anomaly, Decision, EncodedMask, Envelope, FrameResult, ModelOutput, Result,
                              parse_message)
 from stream.mqtt import MqttClient, MqttSettings
 from stream.rule_config import RuleConfig
-from stream.topics import topic_for
+from stream.topics import deadletter_topic, topic_for
 
 pytestmark = pytest.mark.integration
 
