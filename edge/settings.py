@@ -26,30 +26,30 @@ BUILTIN_PREFIX = "builtin:"
 
 
 class SyntheticSource(Strict):
-    type: Literal["synthetic"] = "synthetic"
+    type: Literal["synthetic"] = Field("synthetic", description="a simulated conveyor with parts and defects")
     seed: int = Field(0, description="random seed: the same seed gives the same frames and defects")
     defect_rate: float = Field(0.15, ge=0, le=1, description="probability that a part carries a defect")
     part_speed: float = Field(0.2, gt=0, le=2, description="conveyor speed in frame widths per second")
 
 
 class FileSource(Strict):
-    type: Literal["file"] = "file"
+    type: Literal["file"] = Field("file", description="a video file")
     path: Path = Field(description="video file read with OpenCV")
     loop: bool = Field(True, description="start again at the end of the file")
 
 
 class UrlSource(Strict):
-    type: Literal["rtsp"] = "rtsp"
+    type: Literal["rtsp"] = Field("rtsp", description="a network stream (RTSP or HTTP)")
     url: Annotated[str, Field(pattern=r"^(rtsps?|https?)://")] = Field(description="RTSP or HTTP stream URL")
 
 
 class UsbSource(Strict):
-    type: Literal["usb"] = "usb"
+    type: Literal["usb"] = Field("usb", description="a USB (V4L2) camera")
     index: int = Field(0, ge=0, description="V4L2 device index (/dev/videoN)")
 
 
 class GStreamerSource(Strict):
-    type: Literal["gstreamer"] = "gstreamer"
+    type: Literal["gstreamer"] = Field("gstreamer", description="a GStreamer pipeline")
     pipeline: str = Field(min_length=1, description="GStreamer pipeline ending in appsink")
 
 
@@ -126,13 +126,13 @@ def _distinct_channels(channels: list[SensorChannel] | None) -> list[SensorChann
 
 
 class SyntheticSensorSource(Strict):
-    type: Literal["synthetic"] = "synthetic"
+    type: Literal["synthetic"] = Field("synthetic", description="a simulated pump")
     seed: int = Field(0, description="random seed of the simulated pump")
     anomaly_rate: float = Field(0.01, ge=0, le=1, description="chance per sample that an anomaly episode starts")
 
 
 class CsvSensorSource(Strict):
-    type: Literal["csv"] = "csv"
+    type: Literal["csv"] = Field("csv", description="a CSV file replayed in (scaled) real time")
     path: Path = Field(description="CSV file, relative to the site file; channels are read by column name")
     time_column: str | None = Field("auto", description="time column ('auto': datetime, timestamp, time or ts; "
                                     "null: none); steps longer than 1.5x the median are counted as gaps")
@@ -143,7 +143,7 @@ class CsvSensorSource(Strict):
 
 
 class MqttSensorSource(Strict):
-    type: Literal["mqtt"] = "mqtt"
+    type: Literal["mqtt"] = Field("mqtt", description="JSON samples from a sensor gateway on MQTT")
     topic: str = Field(min_length=1, description="MQTT topic (filter) a sensor gateway publishes JSON objects on, "
                        "one key per channel (the channels' field)")
 

@@ -34,11 +34,11 @@ class Match(_Strict):
 
 
 class AlertAction(_Strict):
-    type: Literal["alert"] = "alert"
+    type: Literal["alert"] = Field("alert", description="send an alert when the rule fires and when it resolves")
 
 
 class CommandAction(_Strict):
-    type: Literal["command"] = "command"
+    type: Literal["command"] = Field("command", description="send a command to the machines in scope")
     name: Identifier = Field(description="command sent to the machine in scope (every machine of the line for scope line), e.g. snapshot")
     args: dict[str, Scalar] = Field(default_factory=dict, description="arguments of the command")
     on: Literal["firing", "resolved"] = Field("firing", description="send it when the rule fires or resolves")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from edge.settings import metrics_for, outbox_path
 from edgeline.cli import app
-from edgeline.config import ConfigError, from_dict, load, yaml_path
+from edgeline.config import ConfigError, SiteConfig, from_dict, load, yaml_path
 from models.package.synthetic import CHANNELS
 
 REPO = Path(__file__).resolve().parents[3]
@@ -465,3 +468,27 @@ def test_the_mqtt_source_has_no_fixed_field_list_any_more(tmp_path: Path) -> Non
     problems = sensor_problems(tmp_path, [{"id": "p", "model": "anomaly",
                                            "source": {"type": "mqtt", "topic": "t", "fields": SKAB}}])
     assert problems == ["machines[0].sensors[0].source.fields: unknown field"]
+
+
+def test_every_setting_of_the_site_tree_says_what_it_is() -> None:
+    """Every field of every settings model under :class:`SiteConfig` has a description."""
+    seen: set[type[BaseModel]] = set()
+    missing = []
+
+    def models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield annotation
+        for arg in get_args(annotation):
+            yield from models_in(arg)
+
+    def walk(model: type[BaseModel]) -> None:
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{model.__module__}.{model.__name__}.{name}")
+            for inner in models_in(field.annotation):
+                if inner not in seen:
+                    walk(inner)
+
+    walk(SiteConfig)
+    assert missing == [] and len(seen) > 30
