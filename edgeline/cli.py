@@ -7,7 +7,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional, Protocol
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -22,6 +22,7 @@ from models.anomaly_cli import register as register_anomaly_commands
 from models.package_cli import register as register_package_commands
 from models.seg_cli import register as register_segmentation_commands
 from stream.console import fail, needs_extra
+from stream.service import Service
 from stream.settings import ConfigError, mqtt_settings
 
 app = typer.Typer(help="Edgeline: real-time analytics on the factory floor.", no_args_is_help=True,
@@ -71,9 +72,9 @@ def _load_or_exit(path: Path, broker: str | None = None) -> SiteConfig:
         raise typer.Exit(2) from None
 
 
-class Service(Protocol):
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
+EXIT_GAVE_UP = 70
+"""Exit status (EX_SOFTWARE) of a command whose supervisor gave up on a loop that kept crashing:
+systemd or compose restart it."""
 
 
 def _interrupt_on_signals() -> None:
@@ -102,6 +103,16 @@ def _run_until_signal(service: Service, start: Callable[[], None] | None = None,
         pass
     finally:
         service.stop()
+    _exit_if_gave_up(service)
+
+
+def _exit_if_gave_up(service: Service) -> None:
+    """After an ordered stop: exit with :data:`EXIT_GAVE_UP` when the service's supervisor gave up
+    (its SIGTERM is what stopped the command)."""
+    if service.supervisor is not None and service.supervisor.failed.is_set():
+        err_console.print(f"{service.name}: a loop kept crashing, its supervisor gave up (see the log); exiting "
+                          f"with status {EXIT_GAVE_UP}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_GAVE_UP)
 
 
 # ---------------------------------------------------------------- config
@@ -294,6 +305,7 @@ def central_serve(
         manager.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
+    _exit_if_gave_up(manager)
 
 
 def _central_tokens(token_file: Path | None, read_token_file: Path | None) -> tuple[str, str | None]:
