@@ -9,8 +9,10 @@ when the candidate already runs there in shadow mode; ``Shadow`` becomes ``shado
 ``StopShadow`` becomes ``stop_shadow``; ``Rollback`` becomes ``rollback_model`` {model}. Health is
 read from heartbeats (the package each machine runs, p95 inference latency of its cameras, the
 model's failed frames and mean defect ratio since its package was loaded, the shadow's agreement
-and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. A ticker thread
-(``rollouts:<site>``) drives soak times and timeouts.
+and frame count) and from ``model_load_failed`` / ``shadow_failed`` events. The manager is a
+:class:`stream.service.Service` (``rollouts:<site>``) whose supervised loop ``tick`` (thread
+``rollouts:<site>/tick``, restarts counted in ``edgeline_central_restarts_total``) drives soak
+times and timeouts.
 
 A message's machine is the one in its topic, which the broker's ACL binds to the machine's login:
 a payload naming another machine or site, one that fails validation, and a heartbeat from a
@@ -35,6 +37,7 @@ from central.rollout_machine import (Action, Deploy, Gates, Health, Plan, Rollba
 from central.tokens import DownloadLinks
 from stream.messages import Command, Event, Heartbeat, MessageError, ModelHealth, parse_message
 from stream.mqtt import MqttClient
+from stream.service import Service, Supervisor
 from stream.topics import mqtt_topic, parse_topic, topic_for
 
 log = logging.getLogger(__name__)
@@ -47,9 +50,11 @@ WARNED_TOPICS_MAX = 1000
 """Dropped messages are logged at warning once per (topic, reason), for this many pairs at most."""
 
 
-class RolloutManager:
+class RolloutManager(Service):
     def __init__(self, site: str, registry: Registry, mqtt: MqttClient, public_url: str, tick_s: float = 0.5,
-                 *, links: DownloadLinks | None = None, register_unknown: bool = False) -> None:
+                 *, links: DownloadLinks | None = None, register_unknown: bool = False,
+                 supervisor: Supervisor | None = None) -> None:
+        super().__init__(f"rollouts:{site}", supervisor=supervisor or Supervisor("central"))
         self.site = site
         self.links = links
         """Signs the download URLs of load_model/shadow_model (None: unsigned URLs, only for tests that
@@ -77,27 +82,21 @@ class RolloutManager:
         self._saved: dict[str, tuple[int, str, bool]] = {}
         """What was last written per rollout: (history length, phase, paused)."""
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.add_loop("tick", self._tick_loop)
 
     def restore(self) -> None:
         """Load every rollout from the database; unfinished ones go on from where they were."""
         for rollout_id, model, state in self.registry.rollouts():
             self.rollouts[rollout_id], self.models[rollout_id] = rollout_from_dict(state), model
 
-    def start(self) -> None:
+    def on_start(self) -> None:
         self.restore()
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "heartbeat"), self._on_message)
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "event"), self._on_message)
         self.mqtt.subscribe(mqtt_topic(self.site, "+", "status"), self._on_status)
         self.mqtt.start()
-        self._thread = threading.Thread(target=self._tick_loop, name=f"rollouts:{self.site}", daemon=True)
-        self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+    def on_stop(self) -> None:
         self.mqtt.stop()
 
     # ------------------------------------------------------------ operations
@@ -235,7 +234,7 @@ class RolloutManager:
             self._execute(rollout_id, actions)
 
     def _tick_loop(self) -> None:
-        while not self._stop.wait(self.tick_s):
+        while not self.stopping.wait(self.tick_s):
             for rollout_id, rollout in list(self.rollouts.items()):
                 if not rollout.done:
                     with self._lock:
