@@ -3,7 +3,9 @@
 One process tree: an MQTT broker (Mosquitto when installed, else an embedded Python broker),
 N simulated machines running the ONNX models on synthetic cameras and pump sensors, the
 embedded rules engine, and a monitor that reads everything back from MQTT for the live view
-and the closing summary.
+and the closing summary. :class:`Demo` is a :class:`stream.service.Service`: the broker and the
+monitor come up in its ``on_start``, then its children, the rules runner and the edge fleet; they
+stop in reverse (the agents first, then the rules once the site is quiet), the broker last.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,8 @@ from edgeline.config import SiteConfig, from_dict
 from edgeline.services import start_mqtt_broker
 from stream.embedded import EmbeddedRulesRunner
 from stream.messages import Alert, Anomaly, Command, MessageError, Result, parse_message
-from stream.mqtt import MqttClient
+from stream.mqtt import MqttClient, MqttSettings
+from stream.service import Service
 from stream.settings import mqtt_settings
 from stream.topics import site_filter
 
@@ -179,10 +183,25 @@ class DemoSummary:
         ]
 
 
-class Demo:
-    """Starts and stops the demo's parts in order; :meth:`run` drives it for a duration."""
+class EdgeFleet(Service):
+    """The demo's edge agents as one part; once they stopped, ``on_stop`` waits until the site's
+    topics are quiet, so that the rules runner stopped after it has seen what they published."""
+
+    def __init__(self, agents: list[EdgeAgent], wait_quiet: Callable[[], None]) -> None:
+        super().__init__("demo:edge")
+        self.wait_quiet = wait_quiet
+        for agent in agents:
+            self.add_child(agent)
+
+    def on_stop(self) -> None:
+        self.wait_quiet()
+
+
+class Demo(Service):
+    """Starts and stops the demo's parts in order; the CLI drives it for a duration."""
 
     def __init__(self, config: SiteConfig, base_dir: Path = Path("."), prefer_mosquitto: bool = True) -> None:
+        super().__init__(f"demo:{config.site}")
         self.config = config
         self.base_dir = base_dir
         self.prefer_mosquitto = prefer_mosquitto
@@ -195,7 +214,29 @@ class Demo:
         self.ran_s = 0.0
         self._outbox_dir = tempfile.TemporaryDirectory(prefix="edgeline-demo-outbox-")  # a demo keeps nothing
 
+    def on_start(self) -> None:
+        """The broker and the monitor; then the runner and the agents, made now that the broker's
+        port is known, become the children (a demo starts once)."""
+        try:
+            settings = self._start_broker_and_monitor()
+            self.runner = EmbeddedRulesRunner(
+                self.config.site, self.config.rules, MqttClient(settings, client_id="demo-rules"),
+                lines=self.config.lines(), allowed_lateness_s=self.config.engine.allowed_lateness_s,
+                dedupe_ttl_s=self.config.engine.dedupe_ttl_s, dedupe_max_entries=self.config.engine.dedupe_max_entries,
+                max_states=self.config.engine.max_rule_states, limits=self.config.messages,
+            )
+            self.agents = [EdgeAgent(self.config, machine.id, self.base_dir) for machine in self.config.machines]
+        except BaseException:
+            self.on_stop()
+            raise
+        self.add_child(self.runner)
+        self.add_child(EdgeFleet(self.agents, self._wait_quiet))
+
     def start(self) -> None:
+        super().start()
+        self.started = time.monotonic()
+
+    def _start_broker_and_monitor(self) -> MqttSettings:
         self.broker = start_mqtt_broker(prefer_mosquitto=self.prefer_mosquitto)
         broker = self.config.broker.model_copy(update={"host": self.broker.host, "port": self.broker.port})
         outbox = self.config.outbox.model_copy(update={"path": f"{self._outbox_dir.name}/{{machine}}.sqlite"})
@@ -208,27 +249,18 @@ class Demo:
         self.monitor_client.subscribe(site_filter(self.config.site), self.monitor.on_message)
         self.monitor_client.start()
         self.monitor_client.wait_connected()
-        self.runner = EmbeddedRulesRunner(
-            self.config.site, self.config.rules, MqttClient(settings, client_id="demo-rules"),
-            lines=self.config.lines(), allowed_lateness_s=self.config.engine.allowed_lateness_s,
-            dedupe_ttl_s=self.config.engine.dedupe_ttl_s, dedupe_max_entries=self.config.engine.dedupe_max_entries,
-            max_states=self.config.engine.max_rule_states, limits=self.config.messages,
-        )
-        self.runner.start()
-        self.agents = [EdgeAgent(self.config, machine.id, self.base_dir) for machine in self.config.machines]
-        for agent in self.agents:
-            agent.start()
-        self.started = time.monotonic()
+        return settings
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         """Edge first (publishing what is in flight), then let the rules catch up, then the broker."""
-        self.ran_s = time.monotonic() - self.started
-        for agent in self.agents:
-            agent.stop()
-        self._wait_quiet()
-        for client in (self.runner, self.monitor_client):
-            if client is not None:
-                client.stop()
+        if self.started and not self.ran_s:
+            self.ran_s = time.monotonic() - self.started
+        super().stop(timeout_s)
+
+    def on_stop(self) -> None:
+        """After the children (the fleet, then the rules runner): the monitor, then the broker."""
+        if self.monitor_client is not None:
+            self.monitor_client.stop()
         if self.broker is not None:
             self.broker.stop()
         self._outbox_dir.cleanup()
