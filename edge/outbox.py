@@ -158,10 +158,9 @@ class Forwarder(Service):
         mqtt.on_publish_acked(self._acked)
         self.add_loop("forward", self._run)
 
-    def stop(self, timeout_s: float = 10.0, drain_s: float | None = None) -> None:
-        """Stop handing rows over, after waiting up to ``drain_s`` (default: the one given at
-        construction) for the outbox to empty."""
-        deadline = time.monotonic() + (self.drain_s if drain_s is None else drain_s)
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop handing rows over, after waiting up to ``drain_s`` for the outbox to empty."""
+        deadline = time.monotonic() + self.drain_s
         while self.outbox.depth and time.monotonic() < deadline and self.mqtt.connected.is_set():
             self._wake.set()
             time.sleep(0.02)
