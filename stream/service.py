@@ -18,7 +18,6 @@ sees ``supervisor.failed`` and exits non-zero (70) itself; systemd or compose th
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -48,7 +47,9 @@ def exit_process(service: str, exc: BaseException) -> None:
     """The default give-up: SIGTERM to the main thread. Left at its default, SIGTERM ends the
     process (status -15); a command that handles it stops in order and exits non-zero because
     ``supervisor.failed`` is set. Sent to the main thread itself so that a wait there is cut short."""
-    signal.pthread_kill(threading.main_thread().ident or os.getpid(), signal.SIGTERM)
+    main = threading.main_thread().ident
+    assert main is not None  # the main thread always runs
+    signal.pthread_kill(main, signal.SIGTERM)
 
 
 class Supervisor:
