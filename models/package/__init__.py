@@ -14,8 +14,8 @@ Never torch or onnx (those are the ``models`` extra's).
   model
 - :mod:`models.package.postprocess`: probability maps to defect regions and the image-level alarm
 - :mod:`models.package.anomaly`: the streaming LSTM anomaly model and its calibration
-- :mod:`models.package.evaluation`: quality measures shared by training and the edge (event metrics,
-  segmentation metrics)
+- :mod:`models.package.evaluation`: quality measures of anomaly alarms and defect masks, shared by training,
+  the offline evaluations and the benches
 - :mod:`models.package.series`: the generic CSV time-series reader
 - :mod:`models.package.synthetic`: a synthetic conveyor camera and water pump
 """
