@@ -21,7 +21,7 @@ from models.package import (BUILTIN_PACKAGES, MANIFEST_FILE, MODEL_FILE, TensorS
 from models.package.files import sign_package
 from models.package.signing import generate_keypair, load_private_key
 from tests.integration.central_process import CENTRAL_CLI, start_central
-from tests.unit.models.test_package import Zeros
+from tests.unit.models.package.test_files import Zeros
 
 pytestmark = pytest.mark.integration
 TOKEN = "a-long-enough-api-token"

@@ -28,7 +28,7 @@ from models.package.signing import generate_keypair
 from stream.topics import site_filter
 from tests.conftest import edge_site
 from tests.integration.test_edge_model_swap import send_and_wait
-from tests.unit.models.test_package import Zeros
+from tests.unit.models.package.test_files import Zeros
 
 pytestmark = pytest.mark.integration
 
