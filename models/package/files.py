@@ -123,14 +123,14 @@ def load_package(
 
 def _verified(folder: Path, label: Path, trusted_keys: Sequence[Ed25519PublicKey] | None) -> Package:
     manifest = read_manifest(folder, label=label)
-    key_id = None
+    signer = None
     if trusted_keys is not None:
         try:
-            key_id = verify_signature(manifest, trusted_keys)
+            signer = verify_signature(manifest, trusted_keys)
         except PackageError as exc:
             raise type(exc)(f"{label}: {exc}") from None
     _verify_files(folder, manifest, label=label)
-    return Package(folder=folder, manifest=manifest, model_path=folder / MODEL_FILE, key_id=key_id)
+    return Package(folder=folder, manifest=manifest, model_path=folder / MODEL_FILE, key_id=signer)
 
 
 def _verify_files(folder: Path, manifest: Manifest, label: str | Path) -> None:
@@ -162,7 +162,6 @@ def _verify_files(folder: Path, manifest: Manifest, label: str | Path) -> None:
                 )
 
 
-
 # ------------------------------------------------------------------ signing a package folder
 
 
@@ -185,9 +184,10 @@ def sign_builtin_packages(
 ) -> list[Package]:
     """Sign every package folder in ``packages_dir`` and write its ``trusted.pub``.
 
-    The key is ``key_path`` (default :func:`default_signing_key_path`), generated on first use
-    (mode 0600). ``trusted.pub`` is rewritten with that key's public half, so packages signed by
-    an earlier key must be re-signed, which this does for every folder holding a manifest.
+    The key is ``key_path`` (default :func:`models.package.signing.default_signing_key_path`),
+    generated on first use (mode 0600). ``trusted.pub`` is rewritten with that key's public half, so
+    packages signed by an earlier key must be re-signed, which this does for every folder holding a
+    manifest.
     """
     packages_dir = Path(packages_dir)
     private_key, _ = ensure_signing_key(key_path)
@@ -197,7 +197,6 @@ def sign_builtin_packages(
     write_public_key(packages_dir / "trusted.pub", private_key.public_key())
     log.info("signed %d builtin package(s) in %s with key %s", len(signed), packages_dir, signed_by)
     return signed
-
 
 
 # ------------------------------------------------------------------ tar packages

@@ -10,12 +10,12 @@ What is signed
 
 Canonical manifest bytes (what another implementation must reproduce)
     1. Take the JSON object of ``manifest.json`` as this project writes it
-       (:func:`models.package.manifest.manifest_json`): exactly the keys present in the file (a package
-       built by :func:`models.package.files.write_package` has every field; a field the schema gains later, with
-       a default, is absent from older files and so not part of their signatures, which stay
-       valid), ``created`` as ISO 8601 UTC with a ``Z`` suffix, float fields as Python's shortest
-       round-trip ``repr`` (``0.5``, ``2.0``, ``1e-07``: a float always has a fraction or an
-       exponent), integer fields as integers.
+       (:func:`models.package.manifest.manifest_json`): exactly the keys present in the file (a
+       package built by :func:`models.package.files.write_package` has every field; a field the
+       schema gains later, with a default, is absent from older files and so not part of their
+       signatures, which stay valid), ``created`` as ISO 8601 UTC with a ``Z`` suffix, float
+       fields as Python's shortest round-trip ``repr`` (``0.5``, ``2.0``, ``1e-07``: a float always
+       has a fraction or an exponent), integer fields as integers.
     2. Remove the top-level ``signature`` key.
     3. Serialise with object keys sorted by code point at every level, no insignificant whitespace
        (separators ``,`` and ``:``), non-ASCII characters written as themselves (no ``\\u`` escapes),
