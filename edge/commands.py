@@ -58,9 +58,6 @@ class CommandRegistry:
     def get(self, name: str) -> CommandHandler | None:
         return self._handlers.get(name)
 
-    def names(self) -> list[str]:
-        return sorted(self._handlers)
-
 
 class CameraCommand(CommandHandler):
     """A command for one camera of the machine (``command.camera``) or all of them (None)."""

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.commands import CommandHandler, CommandRejected
-from models.package.session import ModelLoadError
 from edge.ota import DownloadError, ShadowRun, SwapOutcome, fetch_package
 from edge.publisher import Publisher
-from edge.vision import VisionPipeline
 from edge.settings import ModelRef, resolve_model_path
+from edge.vision import VisionPipeline
 from models.package import PackageError, PackageSettings
+from models.package.session import ModelLoadError
 from stream.messages import Command, Event, Scalar
 from stream.service import Service
 

@@ -14,10 +14,10 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
-from models.package.anomaly import AnomalyScore, StreamingAnomalyModel
 from edge.publisher import Publisher
 from edge.sensors import ChannelBatch, MqttSensorFeed, SensorSource
 from edge.settings import SensorGroupConfig
+from models.package.anomaly import AnomalyScore, StreamingAnomalyModel
 from stream.messages import AlarmSpan, Anomaly
 from stream.service import Service, Supervisor
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from edge.settings import (CsvSensorSource, MqttSensorSource, SensorChannel, SensorGroupConfig,
                            SyntheticSensorSource)
-from models.package.synthetic import CHANNELS, SyntheticPump
 from models.package.series import gap_flags, read_series_csv
+from models.package.synthetic import CHANNELS, SyntheticPump
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from prometheus_client.registry import Collector
 from edge.capture import Camera, CapturedFrame, FrameSource
 from edge.gate import ChangeGate
 from edge.grouping import ResultGrouper
-from models.package.session import SegmentationModel
 from edge.load_shedding import LoadShedder
 from edge.metrics import EdgeMetrics, RecentRate
 from edge.ota import LOCAL_ROLLBACK_BATCHES, ModelRecord, ModelSwapper, ShadowRun
-from models.package.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from edge.publisher import Publisher
 from edge.settings import CameraConfig, InferenceConfig
+from models.package.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
+from models.package.session import SegmentationModel
 from stream.messages import (CameraStatus, EncodedMask, Event, FrameResult, ModelHealth, ModelOutput, Result,
                              ShadowStatus)
 from stream.service import Service, Supervisor
