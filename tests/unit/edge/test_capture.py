@@ -159,3 +159,24 @@ def test_take_latest_keeps_the_newest_and_counts_the_rest_as_dropped():
         camera._put(CapturedFrame("c1", seq, float(seq), None))
     assert camera.take_latest().seq == 2
     assert camera.frames_dropped == 2 and camera.queue_depth() == 0 and camera.take_latest() is None
+
+
+def test_every_camera_source_type_has_a_factory(tmp_path) -> None:
+    """The registry by ``type`` covers every source the site file may name, and builds the right reader."""
+    from typing import get_args
+
+    import cv2
+
+    from edge.capture import CAMERA_SOURCES, OpenCvSource, SyntheticFrameSource, make_source
+    from edge.settings import CameraSource
+
+    kinds = [get_args(model.model_fields["type"].annotation)[0] for model in get_args(get_args(CameraSource)[0])]
+    assert sorted(CAMERA_SOURCES) == sorted(kinds)
+    made = {kind: make_source(CameraConfig.model_validate({"id": "c1", "source": source}), tmp_path)
+            for kind, source in [("synthetic", {"type": "synthetic"}), ("file", {"type": "file", "path": "a.avi"}),
+                                 ("rtsp", {"type": "rtsp", "url": "rtsp://cam/1"}), ("usb", {"type": "usb", "index": 2}),
+                                 ("gstreamer", {"type": "gstreamer", "pipeline": "videotestsrc ! appsink"})]}
+    assert isinstance(made.pop("synthetic"), SyntheticFrameSource)
+    assert {kind: (s._target, s._api) for kind, s in made.items() if isinstance(s, OpenCvSource)} == {
+        "file": (str(tmp_path / "a.avi"), cv2.CAP_ANY), "rtsp": ("rtsp://cam/1", cv2.CAP_FFMPEG),
+        "usb": (2, cv2.CAP_V4L2), "gstreamer": ("videotestsrc ! appsink", cv2.CAP_GSTREAMER)}

@@ -107,3 +107,18 @@ def test_synthetic_group_gives_the_declared_pump_channels_in_their_order() -> No
 def test_a_group_without_resolved_channels_is_refused() -> None:
     with pytest.raises(ValueError, match="sensor group g: channels not resolved"):
         make_sensor_source(SensorGroupConfig(id="g"), Path("."))
+
+
+def test_every_sensor_source_type_has_a_factory(tmp_path: Path) -> None:
+    from typing import get_args
+
+    from edge.sensors import SENSOR_SOURCES
+    from edge.settings import SensorSource
+
+    kinds = [get_args(model.model_fields["type"].annotation)[0] for model in get_args(get_args(SensorSource)[0])]
+    assert sorted(SENSOR_SOURCES) == sorted(kinds)
+    (tmp_path / "p.csv").write_text("Current\n1.0\n")
+    made = {kind: type(make_sensor_source(group("g", ["Current"], source), tmp_path))
+            for kind, source in [("synthetic", {"type": "synthetic"}), ("mqtt", {"type": "mqtt", "topic": "t"}),
+                                 ("csv", {"type": "csv", "path": "p.csv", "time_column": None})]}
+    assert made == {"synthetic": SyntheticSensorGroup, "mqtt": MqttSensorFeed, "csv": CsvReplay}
