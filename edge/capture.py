@@ -16,12 +16,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
 
-from edge.settings import CameraConfig, FileSource, GStreamerSource, SyntheticSource, UrlSource, UsbSource
+from edge.settings import CameraConfig, SyntheticSource
 from models.package.synthetic import SyntheticCamera
 from stream.service import Service, Supervisor
 
@@ -103,47 +103,18 @@ class OpenCvSource:
             self._capture = None
 
 
-SourceFactory = Callable[[CameraConfig, Path], FrameSource]
-
-
-def _synthetic(config: CameraConfig, base_dir: Path) -> FrameSource:
-    assert isinstance(config.source, SyntheticSource)
-    width, height = config.resolution
-    return SyntheticFrameSource(config.source, width, height, config.fps)
-
-
-def _file(config: CameraConfig, base_dir: Path) -> FrameSource:
-    assert isinstance(config.source, FileSource)
-    return OpenCvSource(str(base_dir / config.source.path), loop=config.source.loop)
-
-
-def _url(config: CameraConfig, base_dir: Path) -> FrameSource:
-    assert isinstance(config.source, UrlSource)
-    return OpenCvSource(config.source.url, cv2.CAP_FFMPEG)
-
-
-def _usb(config: CameraConfig, base_dir: Path) -> FrameSource:
-    assert isinstance(config.source, UsbSource)
-    return OpenCvSource(config.source.index, cv2.CAP_V4L2)
-
-
-def _gstreamer(config: CameraConfig, base_dir: Path) -> FrameSource:
-    assert isinstance(config.source, GStreamerSource)
-    return OpenCvSource(config.source.pipeline, cv2.CAP_GSTREAMER)
-
-
-CAMERA_SOURCES: dict[str, SourceFactory] = {
-    "synthetic": _synthetic, "file": _file, "rtsp": _url, "usb": _usb, "gstreamer": _gstreamer,
+CAMERA_SOURCES: dict[str, Callable[[Any, CameraConfig, Path], FrameSource]] = {
+    "synthetic": lambda source, camera, base_dir: SyntheticFrameSource(source, *camera.resolution, camera.fps),
+    "file": lambda source, camera, base_dir: OpenCvSource(str(base_dir / source.path), loop=source.loop),
+    "rtsp": lambda source, camera, base_dir: OpenCvSource(source.url, cv2.CAP_FFMPEG),
+    "usb": lambda source, camera, base_dir: OpenCvSource(source.index, cv2.CAP_V4L2),
+    "gstreamer": lambda source, camera, base_dir: OpenCvSource(source.pipeline, cv2.CAP_GSTREAMER),
 }
-"""Camera source ``type`` in the site file -> the factory of its frame source."""
+"""Camera source ``type`` in the site file -> (its source settings, the camera, the site folder) -> frame source."""
 
 
 def make_source(config: CameraConfig, base_dir: Path) -> FrameSource:
-    try:
-        factory = CAMERA_SOURCES[config.source.type]
-    except KeyError:
-        raise TypeError(f"unknown camera source {config.source!r}") from None
-    return factory(config, base_dir)
+    return CAMERA_SOURCES[config.source.type](config.source, config, base_dir)
 
 
 class Camera(Service):

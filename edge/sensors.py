@@ -193,26 +193,14 @@ class ChannelBatch:
         return int(self.missing[row]), int(self.out_of_range[row])
 
 
-SensorSourceFactory = Callable[[SensorGroupConfig, Sequence[SensorChannel], Path], SensorSource]
-
-
-def _synthetic(config: SensorGroupConfig, channels: Sequence[SensorChannel], base_dir: Path) -> SensorSource:
-    assert isinstance(config.source, SyntheticSensorSource)
-    return SyntheticSensorGroup(config.source, config.rate_hz, [c.name for c in channels])
-
-
-def _mqtt(config: SensorGroupConfig, channels: Sequence[SensorChannel], base_dir: Path) -> SensorSource:
-    assert isinstance(config.source, MqttSensorSource)
-    return MqttSensorFeed(config.source, config.rate_hz, channels)
-
-
-def _csv(config: SensorGroupConfig, channels: Sequence[SensorChannel], base_dir: Path) -> SensorSource:
-    assert isinstance(config.source, CsvSensorSource)
-    return CsvReplay(config.source, config.rate_hz, channels, base_dir)
-
-
-SENSOR_SOURCES: dict[str, SensorSourceFactory] = {"synthetic": _synthetic, "mqtt": _mqtt, "csv": _csv}
-"""Sensor source ``type`` in the site file -> the factory of its source."""
+SENSOR_SOURCES: dict[str, Callable[[Any, SensorGroupConfig, Sequence[SensorChannel], Path], SensorSource]] = {
+    "synthetic": lambda source, group, channels, base_dir: SyntheticSensorGroup(source, group.rate_hz,
+                                                                                [c.name for c in channels]),
+    "mqtt": lambda source, group, channels, base_dir: MqttSensorFeed(source, group.rate_hz, channels),
+    "csv": lambda source, group, channels, base_dir: CsvReplay(source, group.rate_hz, channels, base_dir),
+}
+"""Sensor source ``type`` in the site file -> (its source settings, the group, its channels, the site folder)
+-> sensor source."""
 
 
 def make_sensor_source(config: SensorGroupConfig, base_dir: Path) -> SensorSource:
@@ -220,4 +208,4 @@ def make_sensor_source(config: SensorGroupConfig, base_dir: Path) -> SensorSourc
     channels = config.channels
     if channels is None:
         raise ValueError(f"sensor group {config.id}: channels not resolved (load the site with edgeline.config)")
-    return SENSOR_SOURCES[config.source.type](config, channels, base_dir)
+    return SENSOR_SOURCES[config.source.type](config.source, config, channels, base_dir)
