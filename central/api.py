@@ -235,6 +235,12 @@ class CentralCollector(Collector):
             frames.add_metric([machine, package], count)
         yield agreement
         yield frames
+        restarts = CounterMetricFamily("edgeline_central_restarts", "Restarts of central's crashed loops "
+                                       "(the rollout manager's tick), by service", labels=["service"])
+        supervisor = self.rollouts.supervisor if self.rollouts else None
+        for service, count in sorted((supervisor.restarts() if supervisor else {}).items()):
+            restarts.add_metric([service], count)
+        yield restarts
         rejected = CounterMetricFamily("edgeline_central_messages_rejected", "Messages from the machines that "
                                        "central dropped, by reason: identity (payload and topic disagree), invalid, "
                                        "unknown_machine", labels=["reason"])

@@ -428,6 +428,8 @@ def demo(
     if summary.results == 0:
         err_console.print("[bold red]no results reached the broker: the pipeline did not work[/]")
         raise typer.Exit(1)
+    for service in (runner, *runner.agents):
+        _exit_if_gave_up(service)
 
 
 class _NoLive:

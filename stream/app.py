@@ -157,7 +157,8 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     async def dead_letter(event: faust.EventT, reason: str, check: str = "schema") -> None:
         metrics.dead_lettered.labels(check).inc()
         log.warning("worker: dead-lettered a record of %s: %s", event.message.topic, reason)
-        await deadletter.send(key=event.key or b"", value=deadletter_record(event.message.topic, reason, bytes(event.value or b"")))
+        record = deadletter_record(event.message.topic, reason, bytes(event.value or b""), check)
+        await deadletter.send(key=event.key or b"", value=record)
 
     async def evaluate(event: faust.EventT, engine: RulesEngine, batch: list[Observation]) -> None:
         """Run a message's observations through the rules and emit what they cause; an engine

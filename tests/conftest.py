@@ -36,6 +36,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeline.services import KafkaBroker, MosquittoBroker, PostgresServer, ServiceError
+import stream.service as service_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LEAK_GRACE_S = 3.0
@@ -287,6 +288,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     unmarked = unmarked_tests(items)
     if unmarked:
         raise pytest.UsageError("tests without their folder's marker:\n  " + "\n  ".join(unmarked))
+
+
+# ------------------------------------------------------------------ supervision
+
+
+@pytest.fixture(autouse=True)
+def supervisors_may_not_give_up(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A supervisor that gives up with its default action signals the main thread to end the
+    process, which would end the whole pytest run; here it fails the test instead. Tests of the
+    give-up pass their own ``on_give_up`` or run it in a child process."""
+    gave_up: list[str] = []
+    monkeypatch.setattr(service_module, "exit_process",
+                        lambda service, exc: gave_up.append(f"{service}: {type(exc).__name__}: {exc}"))
+    yield
+    if gave_up:
+        pytest.fail("a supervisor gave up on a loop that kept crashing:\n  " + "\n  ".join(gave_up), pytrace=False)
 
 
 # ------------------------------------------------------------------ leak guard

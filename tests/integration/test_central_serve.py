@@ -219,6 +219,7 @@ def test_central_takes_the_machine_from_the_topic_and_registers_no_stranger(tmp_
         metrics = httpx.get(f"{base}/metrics").text
         assert 'edgeline_central_messages_rejected_total{reason="identity"} 1.0' in metrics
         assert 'edgeline_central_messages_rejected_total{reason="unknown_machine"} 1.0' in metrics
+        assert f'edgeline_central_restarts_total{{service="rollouts:{unique_name}/tick"}} 0.0' in metrics
     finally:
         server.terminate()
         server.wait(10)
