@@ -109,7 +109,11 @@ class EdgeAgent(Service):
 
     def on_start(self) -> None:
         if self.metrics_config.enabled:
-            self.metrics_port = self._serve_metrics()
+            try:
+                self.metrics_port = self._serve_metrics()
+            except ConfigError:  # nothing else has started: release the outbox, as stop() would
+                self.outbox.close()
+                raise
         self.mqtt.subscribe(machine_commands_filter(self.site, self.id), self.commands.on_message)
         for feed in self.sensing.feeds():
             self.mqtt.subscribe(feed.topic, feed.on_message)

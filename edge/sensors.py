@@ -71,7 +71,7 @@ class CsvReplay:
 
     def __init__(self, config: CsvSensorSource, rate_hz: float, channels: Sequence[SensorChannel],
                  base_dir: Path) -> None:
-        series = read_series_csv(base_dir / config.path, columns=[c.column or c.name for c in channels],
+        series = read_series_csv(base_dir / config.path, columns=[c.column for c in channels],
                                  time_column=config.time_column, separator=config.separator)
         self._rows = series.values
         self._gaps = gap_flags(series.timestamps) if series.timestamps is not None else np.zeros(len(self._rows), bool)
@@ -101,7 +101,7 @@ class MqttSensorFeed:
 
     def __init__(self, config: MqttSensorSource, rate_hz: float, channels: Sequence[SensorChannel]) -> None:
         self.topic = config.topic
-        self.fields = [channel.field or channel.name for channel in channels]
+        self.fields = [channel.field for channel in channels]
         self.rate_hz = rate_hz
         self.counters = FeedCounters()
         self.received = 0

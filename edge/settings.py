@@ -94,9 +94,9 @@ class SensorChannel(Strict):
     """One channel of a sensor group; ``column`` and ``field`` default to ``name`` at validation."""
 
     name: Identifier = Field(description="channel name, as the group's model package names it")
-    column: str | None = Field(None, min_length=1, description="csv source: the CSV column (default: the name; "
-                               "spaces are ignored, as in SKAB's 'Volume Flow RateRMS')")
-    field: str | None = Field(None, min_length=1, description="mqtt source: the JSON key (default: the name)")
+    column: str = Field("", min_length=1, description="csv source: the CSV column (default: the name; "
+                        "spaces are ignored, as in SKAB's 'Volume Flow RateRMS')")
+    field: str = Field("", min_length=1, description="mqtt source: the JSON key (default: the name)")
     unit: str | None = Field(None, max_length=32, description="unit, for people (e.g. degC, bar)")
     min: float | None = Field(None, allow_inf_nan=False, description="lowest valid value: below it the value "
                               "is treated as missing and counted as out of range")
@@ -106,14 +106,18 @@ class SensorChannel(Strict):
     @model_validator(mode="before")
     @classmethod
     def _name_alone(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+        """A bare name is a channel; ``column`` and ``field`` default to the name (a channel
+        without a name fails on the name alone)."""
+        if isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            value = {"column": value["name"], "field": value["name"]} | value
+        return value
 
     @model_validator(mode="after")
-    def _defaults_and_range(self) -> "SensorChannel":
+    def _ordered_range(self) -> "SensorChannel":
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min:g}) is above max ({self.max:g})")
-        self.column = self.column or self.name
-        self.field = self.field or self.name
         return self
 
 

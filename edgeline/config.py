@@ -179,7 +179,7 @@ def _csv_problems(where: str, source: CsvSensorSource, channels: list[SensorChan
         return [f"{where}.source.path: file not found: {source.path}"]
     sep = source.separator or sniff_separator(header)
     columns = {column_key(name) for name in next(csv.reader([header], delimiter=sep), [])}
-    wanted = [channel.column or channel.name for channel in channels or []]
+    wanted = [channel.column for channel in channels or []]
     if source.time_column not in (None, "auto"):
         wanted.append(source.time_column)
     absent = [name for name in wanted if column_key(name) not in columns]

@@ -341,8 +341,9 @@ def leak_guard() -> Iterator[None]:
     """Fail a test that leaves threads or child processes behind.
 
     Daemon threads count too: every long-running thread the project starts is a daemon that its
-    owner's ``stop()`` must end (``capture:``, ``infer:``, ``sensors:``, ``heartbeat:``, ``ota:``,
-    ``outbox:``, ``bridge-retry:``, ``bridge-commands:``, ``rollouts:``, ``mqtt:embedded-broker``),
+    owner's ``stop()`` must end (every supervised loop is named ``<service>/<loop>``: ``capture:m1/c1``,
+    ``vision:m1/infer``, ``sensing:m1/step``, ``heartbeat:m1/publish``, ``ota:m1/apply``,
+    ``outbox:m1/forward``, ``bridge:<site>/retry``, ``rollouts:<site>/tick``; and ``mqtt:embedded-broker``),
     and so are the ones its libraries start for it (paho's ``paho-mqtt-client-*``, kafka-python's
     ``kafka-io-*`` and ``*-network-thread``, prometheus_client's ``serve_forever``). Matching all
     threads rather than a list of names keeps a new thread from slipping past."""

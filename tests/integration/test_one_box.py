@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -135,6 +136,8 @@ def test_two_agents_on_one_metrics_port_get_a_clear_error(mosquitto: MosquittoBr
         second.stop()
         first.stop()
     assert caught.value.problems == [f"metrics.port: 127.0.0.1:{port} {CLASH}"]
+    with pytest.raises(sqlite3.ProgrammingError):  # the refused agent let go of its outbox
+        second.outbox.oldest_age_s()
 
 
 def test_edge_run_on_a_taken_metrics_port_exits_2_with_one_line(mosquitto: MosquittoBroker, unique_name: str,

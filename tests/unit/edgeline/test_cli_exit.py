@@ -13,7 +13,7 @@ import typer
 from prometheus_client import CollectorRegistry
 
 from edgeline.cli import EXIT_GAVE_UP, _run_until_signal
-from stream.service import Service, Supervisor
+from stream.service import Service, Supervisor, exit_process
 
 
 @pytest.fixture(autouse=True)
@@ -27,11 +27,13 @@ def restore_signal_handlers() -> Iterator[None]:
 
 class Crashing(Service):
     """One loop that raises every time it runs, under a supervisor that gives up after two crashes
-    (its default give-up: SIGTERM to the main thread)."""
+    with the default give-up, SIGTERM to the main thread (named here: the suite's conftest turns
+    the default into a test failure)."""
 
     def __init__(self) -> None:
         super().__init__("crashing", supervisor=Supervisor("clitest", registry=CollectorRegistry(),
-                                                            backoff_first_s=0.01, max_crashes=2))
+                                                            backoff_first_s=0.01, max_crashes=2,
+                                                            on_give_up=exit_process))
         self.stopped = threading.Event()
         self.add_loop("step", self.step)
 
