@@ -29,19 +29,21 @@ its session times out (``stream.workers.session_timeout_s``, 8 s; Faust's own de
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import faust
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from stream.batches import Marks, Position, StateCache, at_event
 from stream.deadletter import deadletter_record
 from stream.messages import Alert, Envelope, Event, Heartbeat, MessageError, parse_message, stable_msg_id
-from stream.rules import Observation, RulesEngine, RuleState, observations
+from stream.rules import Observation, RulesEngine, observations
 from stream.rules_metrics import EngineStatsCollector
 from stream.settings import StreamSite
 from stream.webhook import WebhookSink
@@ -51,44 +53,7 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2,
                    1.3, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 OFFLINE_RULE = "machine-offline"
-
-
-class TableStates(MutableMapping[str, RuleState]):
-    """Rule states kept in a Faust table as JSON-ready dicts (written back on every update)."""
-
-    def __init__(self, table: Any) -> None:
-        self._table = table
-
-    def __getitem__(self, key: str) -> RuleState:
-        return RuleState.from_dict(self._table[key])
-
-    def __setitem__(self, key: str, state: RuleState) -> None:
-        self._table[key] = state.to_dict()
-
-    def __delitem__(self, key: str) -> None:
-        del self._table[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._table)
-
-    def __len__(self) -> int:
-        return len(self._table)
-
-
-class TableDeduper:
-    """``msg_id`` dedupe on a tumbling event-time table: an id counts as seen in its window and
-    the one before, and windows expire, so the table stays bounded."""
-
-    def __init__(self, table: Any, ttl_s: float) -> None:
-        self._table = table
-        self._ttl_s = ttl_s
-
-    def seen(self, msg_id: str, now: float) -> bool:
-        windows = self._table[msg_id]
-        if windows.current() or windows.delta(self._ttl_s):
-            return True
-        self._table[msg_id] = 1
-        return False
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 class WorkerMetrics:
@@ -104,6 +69,8 @@ class WorkerMetrics:
         self.latency = Histogram("edgeline_worker_event_latency_seconds",
                                  "Capture time of each frame or sample to its rule evaluation", ["kind"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_records = Histogram("edgeline_worker_batch_records", "Records per batch an agent took",
+                                       ["agent"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.pipeline_latency = Histogram(
             "edgeline_worker_pipeline_latency_seconds", "Capture time of a message's newest frame or sample (about "
             "when the edge sent it) to its rule evaluation: the pipeline's own delay, without edge grouping",
@@ -137,43 +104,43 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     line_observations = raw_topic(topics.line_observations)
     liveness_checks = raw_topic(topics.liveness_checks)
 
-    def rule_engine(scopes: tuple[str, ...], table: str) -> RulesEngine:
-        seen = app.Table(f"{table}-seen", default=int, partitions=cfg.partitions).tumbling(
-            site.engine.dedupe_ttl_s, expires=2 * site.engine.dedupe_ttl_s).relative_to_stream()
-        states = app.Table(table, default=None, partitions=cfg.partitions)
+    def rule_engine(scopes: tuple[str, ...]) -> RulesEngine:
         return RulesEngine(site.rules, lines=site.lines(), allowed_lateness_s=site.engine.allowed_lateness_s,
-                           max_ahead_s=site.messages.max_ahead_s, scopes=scopes, states=TableStates(states),
-                           deduper=TableDeduper(seen, site.engine.dedupe_ttl_s))
+                           max_ahead_s=site.messages.max_ahead_s, scopes=scopes)
 
-    by_machine = rule_engine(("camera", "machine"), "rule-states")
-    by_line = rule_engine(("line",), "line-rule-states")
+    by_machine, by_line = rule_engine(("camera", "machine")), rule_engine(("line",))
     metrics.registry.register(EngineStatsCollector("edgeline_worker", lambda: [by_machine.stats, by_line.stats]))
+    tables = {name: app.Table(name, default=None, partitions=cfg.partitions)
+              for name in ("rule-states", "rule-marks", "line-rule-states", "line-rule-marks")}
     liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
+    batch_max, batch_s = cfg.workers.batch_max, cfg.workers.batch_ms / 1000.0
 
-    async def emit(message: Envelope) -> None:
-        await outputs[message.KIND].send(key=message.machine.encode(), value=message.to_json(), timestamp=message.ts)
-        metrics.emitted.labels(message.KIND).inc()
+    async def send_all(sends: list[tuple[faust.TopicT, bytes, bytes, float | None]]) -> None:
+        """Produce a batch's records, then wait until Kafka has acknowledged every one of them."""
+        pending = [await topic.send(key=key, value=value, timestamp=ts) for topic, key, value, ts in sends]
+        if pending:
+            await asyncio.gather(*pending)
 
-    async def dead_letter(event: faust.EventT, reason: str, check: str = "schema") -> None:
+    def output_records(messages: list[Envelope]) -> list[tuple[faust.TopicT, bytes, bytes, float | None]]:
+        for message in messages:
+            metrics.emitted.labels(message.KIND).inc()
+        return [(outputs[m.KIND], m.machine.encode(), m.to_json(), m.ts) for m in messages]
+
+    def dead_letter(event: faust.EventT, reason: str, check: str) -> tuple[faust.TopicT, bytes, bytes, None]:
         metrics.dead_lettered.labels(check).inc()
         log.warning("worker: dead-lettered a record of %s: %s", event.message.topic, reason)
         record = deadletter_record(event.message.topic, reason, bytes(event.value or b""), check)
-        await deadletter.send(key=event.key or b"", value=record)
+        return deadletter, event.key or b"", record, None
 
-    async def evaluate(event: faust.EventT, engine: RulesEngine, batch: list[Observation]) -> None:
-        """Run a message's observations through the rules and emit what they cause; an engine
-        failure dead-letters the record with the reason instead of crashing the agent."""
-        try:
-            outputs = engine.observe_all(batch, now=time.time())
-        except ValueError as exc:  # e.g. a Decision that fails validation
-            log.exception("worker: the rules engine failed on a record of %s", event.message.topic)
-            await dead_letter(event, f"rules engine: {exc}", "engine")
-            return
-        for output in outputs:
-            await emit(output)
+    def count(agent: str, events: Sequence[faust.EventT]) -> None:
+        metrics.batch_records.labels(agent).observe(len(events))
+        per_topic: dict[str, int] = {}
+        for event in events:
+            per_topic[event.message.topic] = per_topic.get(event.message.topic, 0) + 1
+        for topic, n in per_topic.items():
+            metrics.consumed.labels(topic).inc(n)
 
     def parse(event: faust.EventT, kinds: tuple[str, ...]) -> Envelope:
-        metrics.consumed.labels(event.message.topic).inc()
         if not isinstance(event.value, bytes | bytearray):
             raise MessageError("record without a value")
         message = parse_message(bytes(event.value), site.messages)
@@ -181,59 +148,123 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             raise MessageError(f"a {message.KIND} message on {event.message.topic}", "topic")
         return message
 
-    async def site_messages(stream: faust.StreamT,
-                            kinds: tuple[str, ...]) -> AsyncIterator[tuple[faust.EventT, Envelope]]:
-        """The stream's valid messages of ``kinds`` for this site, each with its record; bad
-        records are dead-lettered, other sites' messages (sharing the topics) skipped."""
-        async for event in stream.events():
+    def evaluate(engine: RulesEngine, states: StateCache, messages: list[tuple[faust.EventT, list[Observation]]],
+                 sends: list[tuple[faust.TopicT, bytes, bytes, float | None]]) -> None:
+        """Each message's observations through the engine, all on one batch of cached states; an
+        engine failure dead-letters that message's record with the reason and the batch goes on."""
+        engine.states = states
+        now = time.time()
+        for event, observed in messages:
             try:
-                message = parse(event, kinds)
-            except MessageError as exc:
-                await dead_letter(event, exc.reason, exc.check)
-                continue
-            if message.site == site.site:
-                yield event, message
+                sends += output_records(engine.observe_all(observed, now=now, fresh=states.fresh))
+            except ValueError as exc:  # e.g. a Decision that fails validation
+                log.exception("worker: the rules engine failed on a record of %s", event.message.topic)
+                sends.append(dead_letter(event, f"rules engine: {exc}", "engine"))
 
     @app.agent(raw_topic(topics.for_kind("result"), topics.for_kind("anomaly")), name="machine-stage", concurrency=1)
     async def machine_stage(stream: faust.StreamT) -> None:
-        async for event, message in site_messages(stream, ("result", "anomaly")):
-            if not by_machine.accept(message):
-                metrics.duplicates.inc()
-                continue
-            batch = observations(message, by_machine.lines)
-            await evaluate(event, by_machine, batch)
-            now = time.time()
-            for obs in batch:
-                metrics.latency.labels(message.KIND).observe(max(0.0, now - obs.ts))
-            if batch:
-                metrics.pipeline_latency.labels(message.KIND).observe(max(0.0, now - max(o.ts for o in batch)))
-            for_line = [obs.to_dict() for obs in batch if by_line.wants(obs)]
-            if for_line:  # one record per message: a message's observations share a machine, so a line
-                forwarded = {"msg_id": message.msg_id, "ts": message.ts, "observations": for_line}
-                await line_observations.send(key=batch[0].line.encode(), value=json.dumps(forwarded).encode(),
-                                             timestamp=message.ts)
+        async for events in stream.take_events(batch_max, batch_s):
+            count("machine-stage", events)
+            sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
+            marks = Marks(tables["rule-marks"], site.engine.dedupe_ttl_s)
+            origins: dict[int, tuple[faust.EventT, Position]] = {}
+            batch: list[tuple[faust.EventT, list[Observation]]] = []
+            newest: list[tuple[str, float]] = []
+            for_line: dict[str, list[dict[str, Any]]] = {}
+            for event in events:
+                try:
+                    message = parse(event, ("result", "anomaly"))
+                except MessageError as exc:
+                    sends.append(dead_letter(event, exc.reason, exc.check))
+                    continue
+                position = Position.of(event)
+                if message.site != site.site:
+                    continue
+                if not marks.first(message.machine, message.msg_id, message.ts, event, position):
+                    metrics.duplicates.inc()
+                    continue
+                observed = observations(message, by_machine.lines)
+                for obs in observed:
+                    origins[id(obs)] = (event, position)
+                batch.append((event, observed))
+                if observed:
+                    newest.append((message.KIND, max(o.ts for o in observed)))
+                line_obs = [obs.to_dict() for obs in observed if by_line.wants(obs)]
+                if line_obs:  # a message's observations share a machine, hence a line
+                    for_line.setdefault(observed[0].line, []).append(
+                        {"msg_id": message.msg_id, "ts": message.ts, "observations": line_obs})
+            states = StateCache(tables["rule-states"], lambda obs: origins[id(obs)])
+            evaluate(by_machine, states, batch, sends)
+            for line, items in for_line.items():
+                sends.append((line_observations, line.encode(), json.dumps({"items": items}).encode(),
+                              max(item["ts"] for item in items)))
+            await send_all(sends)
+            states.flush()
+            marks.flush()
+            observe_latency([obs for _, observed in batch for obs in observed], newest)
+
+    def observe_latency(batch: list[Observation], newest: list[tuple[str, float]]) -> None:
+        now = time.time()
+        for obs in batch:
+            metrics.latency.labels("anomaly" if obs.group is not None else "result").observe(max(0.0, now - obs.ts))
+        for kind, ts in newest:
+            metrics.pipeline_latency.labels(kind).observe(max(0.0, now - ts))
 
     @app.agent(line_observations, name="line-stage", concurrency=1)
     async def line_stage(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            metrics.consumed.labels(event.message.topic).inc()
-            try:
-                forwarded = json.loads(event.value)
-                batch = [Observation.from_dict(obs) for obs in forwarded["observations"]]
-                msg_id, ts = str(forwarded["msg_id"]), float(forwarded["ts"])
-            except (ValueError, KeyError, TypeError) as exc:
-                await dead_letter(event, f"bad line observations: {exc}")
-                continue
-            if not by_line.first_time(msg_id, ts):
-                metrics.duplicates.inc()
-                continue
-            await evaluate(event, by_line, batch)
+        async for events in stream.take_events(batch_max, batch_s):
+            count("line-stage", events)
+            sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
+            marks = Marks(tables["line-rule-marks"], site.engine.dedupe_ttl_s)
+            origins: dict[int, tuple[faust.EventT, Position]] = {}
+            batch: list[tuple[faust.EventT, list[Observation]]] = []
+            for event in events:
+                position = Position.of(event)
+                try:
+                    items = [(str(item["msg_id"]), float(item["ts"]), [Observation.from_dict(o) for o in item[
+                        "observations"]]) for item in json.loads(event.value)["items"]]
+                except (ValueError, KeyError, TypeError) as exc:
+                    sends.append(dead_letter(event, f"bad line observations: {exc}", "schema"))
+                    continue
+                scope = f"line:{(event.key or b'').decode(errors='replace')}"
+                for msg_id, ts, observed in items:
+                    if not marks.first(scope, msg_id, ts, event, position):
+                        metrics.duplicates.inc()
+                        continue
+                    for obs in observed:
+                        origins[id(obs)] = (event, position)
+                    batch.append((event, observed))
+            states = StateCache(tables["line-rule-states"], lambda obs: origins[id(obs)])
+            evaluate(by_line, states, batch, sends)
+            await send_all(sends)
+            states.flush()
+            marks.flush()
 
-    @app.agent(raw_topic(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks), name="liveness", concurrency=1)
+    @app.agent(raw_topic(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks),
+               name="liveness", concurrency=1)
     async def liveness_stage(stream: faust.StreamT) -> None:
-        async for _, message in site_messages(stream, ("heartbeat", "event")):
-            for alert in update_liveness(liveness, message, time.time(), cfg.heartbeat_timeout_s):
-                await emit(alert)
+        async for events in stream.take_events(batch_max, batch_s):
+            count("liveness", events)
+            sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
+            entries: dict[str, Any] = {}
+            last_event: dict[str, faust.EventT] = {}
+            for event in events:
+                try:
+                    message = parse(event, ("heartbeat", "event"))
+                except MessageError as exc:
+                    sends.append(dead_letter(event, exc.reason, exc.check))
+                    continue
+                if message.site != site.site:
+                    continue
+                if message.machine not in entries:
+                    with at_event(event):
+                        entries[message.machine] = liveness.get(message.machine)
+                last_event[message.machine] = event
+                sends += output_records(update_liveness(entries, message, time.time(), cfg.heartbeat_timeout_s))
+            await send_all(sends)
+            for machine, entry in entries.items():
+                with at_event(last_event[machine]):
+                    liveness[machine] = entry
 
     @app.timer(interval=max(0.5, cfg.heartbeat_timeout_s / 4))
     async def find_silent_machines() -> None:
@@ -251,7 +282,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             async for event in stream.events():
                 failure = await sink.deliver(event.value)
                 if failure is not None:
-                    await dead_letter(event, f"webhook: {failure}", "webhook")
+                    await send_all([dead_letter(event, f"webhook: {failure}", "webhook")])
 
     return app
 

@@ -52,7 +52,7 @@ import operator
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, MutableMapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from stream.dedupe import Deduper
 from stream.messages import DEFAULT_LIMITS, Alert, Anomaly, Command, Decision, Envelope, Result, stable_msg_id
@@ -256,21 +256,6 @@ class _Transition:
     value: float
 
 
-class SeenIds(Protocol):
-    def seen(self, msg_id: str, now: float) -> bool: ...
-
-
-class _OneClock:
-    """A shared-clock :class:`SeenIds` (e.g. the Faust worker's table) used where the engine asks
-    per machine: the machine is not passed on."""
-
-    def __init__(self, ids: SeenIds) -> None:
-        self._ids = ids
-
-    def seen(self, msg_id: str, now: float, source: str) -> bool:
-        return self._ids.seen(msg_id, now)
-
-
 class BoundedStates(MutableMapping[str, RuleState]):
     """In-memory rule states, at most ``max_entries``: beyond that the least recently updated goes
     (counted in ``evicted``; its key starts afresh if it comes back)."""
@@ -309,11 +294,11 @@ class RulesEngine:
 
     ``scopes`` limits the engine to the rules of those scopes (the Faust worker runs camera and
     machine rules where messages are partitioned by machine, and line rules after repartitioning
-    by line). ``states`` (rule state by ``"<rule>|<scope key>"``) and ``deduper`` default to
-    in-memory ones bounded by ``max_states`` and ``dedupe_max_entries`` (dedupe clocks per
-    machine); the Faust worker passes table-backed ones so that a restart resumes (a passed
-    ``deduper`` keeps its own clock). ``max_ahead_s``: how far ahead of the ``now`` a runner
-    passes an observation's time may be.
+    by line). ``states`` (rule state by ``"<rule>|<scope key>"``) defaults to an in-memory store
+    bounded by ``max_states``; the Faust worker passes each batch's table-backed states (and
+    dedupes in its own tables, :mod:`stream.batches`). The in-memory dedupe (:meth:`accept`) keeps
+    at most ``dedupe_max_entries`` ids, one clock per machine. ``max_ahead_s``: how far ahead of
+    the ``now`` a runner passes an observation's time may be.
     """
 
     def __init__(
@@ -328,7 +313,6 @@ class RulesEngine:
         max_ahead_s: float = DEFAULT_LIMITS.max_ahead_s,
         scopes: Collection[str] = ("camera", "machine", "line"),
         states: MutableMapping[str, RuleState] | None = None,
-        deduper: SeenIds | None = None,
     ) -> None:
         self._rules = [rule for rule in rules if rule.scope in scopes]
         self._lines = dict(lines or {})
@@ -337,8 +321,7 @@ class RulesEngine:
             self._line_machines.setdefault(line, []).append(machine)
         self._lateness = allowed_lateness_s
         self._max_ahead_s = max_ahead_s
-        self.deduper = Deduper(dedupe_ttl_s, dedupe_max_entries) if deduper is None else None
-        self._seen_ids = self.deduper if self.deduper is not None else _OneClock(deduper)
+        self.deduper = Deduper(dedupe_ttl_s, dedupe_max_entries)
         self.states: MutableMapping[str, RuleState] = states if states is not None else BoundedStates(max_states)
         self.stats = EngineStats()
 
@@ -360,7 +343,7 @@ class RulesEngine:
 
     def first_time(self, msg_id: str, ts: float, machine: str = "") -> bool:
         """Record an id of ``machine`` at event time ``ts``; False (and counted) when it is a repeat."""
-        if self._seen_ids.seen(msg_id, ts, machine):
+        if self.deduper.seen(msg_id, ts, machine):
             self.stats.duplicates += 1
             return False
         return True
@@ -373,10 +356,15 @@ class RulesEngine:
         """Feed one observation; the messages its transitions emit."""
         return self.observe_all([obs])
 
-    def observe_all(self, batch: list[Observation], now: float | None = None) -> list[Envelope]:
+    def observe_all(self, batch: list[Observation], now: float | None = None,
+                    fresh: Callable[[str, Observation], bool] | None = None) -> list[Envelope]:
         """Feed observations in order, received at ``now`` (None: not checked against a clock);
         each rule state they touch is read from ``states`` once and written back once at the end
-        (a table-backed store then serialises a state once per message, not once per frame)."""
+        (a table-backed store then serialises a state once per batch, not once per frame).
+
+        ``fresh(state_key, obs)``, asked before a state is read, lets a runner that replays its
+        input after a crash say that a state already took an observation (False): the engine then
+        leaves that state alone for it, so no state takes the same input twice."""
         touched: dict[str, RuleState] = {}
         out: list[Envelope] = []
         try:
@@ -384,7 +372,7 @@ class RulesEngine:
                 self.stats.observations += 1
                 if not self._admissible(obs, now):
                     continue
-                for transition in self._observe(obs, touched):
+                for transition in self._observe(obs, touched, fresh):
                     out.extend(self._emit(transition))
         finally:
             for key, state in touched.items():
@@ -405,7 +393,8 @@ class RulesEngine:
                     "not finite, or more than %g s ahead", obs.machine, obs.source, obs.ts, now, self._max_ahead_s)
         return False
 
-    def _observe(self, obs: Observation, touched: dict[str, RuleState]) -> list[_Transition]:
+    def _observe(self, obs: Observation, touched: dict[str, RuleState],
+                 fresh: Callable[[str, Observation], bool] | None) -> list[_Transition]:
         transitions: list[_Transition] = []
         late = False
         for rule in self._rules:
@@ -413,6 +402,8 @@ class RulesEngine:
                 continue
             key = scope_key(rule, obs)
             state_key = f"{rule.name}|{key}"
+            if fresh is not None and not fresh(state_key, obs):
+                continue
             state = touched.get(state_key) or self.states.get(state_key) or RuleState()
             if not add_point(state, rule, self._lateness, obs.ts, obs.values[rule.metric]):
                 late = True

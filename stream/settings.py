@@ -142,7 +142,7 @@ class BridgeSettings(Strict):
 
 
 class WorkerGroupSettings(Strict):
-    """How fast the Faust workers' consumer group notices a dead member."""
+    """The Faust workers' consumer group (how fast it notices a dead member) and their batches."""
 
     session_timeout_s: float = Field(8.0, ge=1, le=1800, description="a worker whose heartbeats stop this long "
                                      "(a kill -9, a lost host) leaves the group and its partitions move (a worker "
@@ -152,6 +152,10 @@ class WorkerGroupSettings(Strict):
                                         "alive; at most a third of session_timeout_s")
     rebalance_timeout_s: float = Field(20.0, ge=1, le=3600, description="how long a rebalance waits for every "
                                        "live member to rejoin")
+    batch_max: int = Field(1000, ge=1, le=100_000, description="most records an agent takes in one batch: "
+                           "parsed, deduped, evaluated and written back together")
+    batch_ms: float = Field(100.0, gt=0, le=10_000, description="how long an agent waits for a batch to fill "
+                            "before it processes what it has (adds up to this to a record's latency)")
 
     @model_validator(mode="after")
     def _heartbeats_fit_the_session(self) -> WorkerGroupSettings:

@@ -1,0 +1,222 @@
+"""A batch of Kafka records in the Faust worker: rule states and dedupe marks read once and
+written once per batch, each tagged with the input it covers, so that a replay after a crash
+neither loses nor doubles anything.
+
+Why tagging: a worker that dies mid-batch (``kill -9``) may have flushed some of its table writes
+and not others, and its input offsets were not committed, so the next owner replays the batch.
+
+* A rule state is stored with the position (topic, partition, offset) of the newest record it has
+  taken. On replay, the engine is told (:meth:`StateCache.fresh`) to leave a state alone for the
+  records it already holds, so no state takes an input twice, and every state takes each input once.
+* A dedupe mark stores where its ``msg_id`` was first read. The same record read again (a replay)
+  is not a duplicate; another record with that ``msg_id`` (an upstream redelivery) is.
+* The batch's outputs are acknowledged by Kafka before any of its states or marks is written, so
+  a state never covers an input whose outputs could still be lost.
+
+Faust tables know the partition of a key from the stream's current event; a batch mixes
+partitions, so every read and write runs under the event its key came from (:func:`at_event`).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from faust.streams import _current_event  # the context variable faust.current_event() reads
+from faust.types import EventT
+
+from stream.rules import Observation, RuleState
+
+DEDUPE_BUCKETS = 6
+"""Marks are kept per scope (a machine, or a line) in buckets of ``dedupe_ttl_s / DEDUPE_BUCKETS``
+of event time; a record's copies carry its ``ts``, so one bucket answers whether it was seen."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a record was read: topic, partition, offset."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    @classmethod
+    def of(cls, event: EventT) -> Position:
+        message = event.message
+        return cls(message.topic, message.partition, message.offset)
+
+    @property
+    def source(self) -> str:
+        return f"{self.topic}/{self.partition}"
+
+    def __str__(self) -> str:
+        return f"{self.source}/{self.offset}"
+
+
+@contextmanager
+def at_event(event: EventT) -> Iterator[None]:
+    """Table reads and writes inside go to ``event``'s partition (and its changelog partition)."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+Scope = Callable[[EventT], Any]
+"""Makes a table access belong to an event's partition: :func:`at_event`, or a no-op in tests."""
+
+
+@dataclass
+class _Entry:
+    state: RuleState | None
+    source: str | None
+    upto: int | None
+    event: EventT | None = None
+    dirty: bool = False
+
+
+class StateCache(MutableMapping[str, RuleState]):
+    """The rule states one batch touches, read from ``table`` once and written back by
+    :meth:`flush` once, each with the position of the newest record it took.
+
+    The engine reads and writes it as its ``states``; :meth:`fresh` is the engine's ``fresh``
+    hook. ``origin(obs)`` says which record (event and position) an observation came from."""
+
+    def __init__(self, table: MutableMapping[str, Any], origin: Callable[[Observation], tuple[EventT, Position]],
+                 scope: Scope = at_event) -> None:
+        self._table = table
+        self._origin = origin
+        self._scope = scope
+        self._entries: dict[str, _Entry] = {}
+
+    def fresh(self, key: str, obs: Observation) -> bool:
+        """False when the state of ``key`` already took the record ``obs`` came from."""
+        event, position = self._origin(obs)
+        entry = self._load(key, event)
+        if entry.source == position.source and entry.upto is not None and position.offset <= entry.upto:
+            return False
+        entry.source, entry.upto, entry.event = position.source, position.offset, event
+        return True
+
+    def flush(self) -> int:
+        """Write every state the batch changed, with its position; how many were written."""
+        written = 0
+        for key, entry in self._entries.items():
+            if entry.dirty and entry.state is not None and entry.event is not None:
+                with self._scope(entry.event):
+                    self._table[key] = {"state": entry.state.to_dict(), "source": entry.source, "upto": entry.upto}
+                written += 1
+        self._entries.clear()
+        return written
+
+    def _load(self, key: str, event: EventT) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            with self._scope(event):
+                stored = self._table.get(key)
+            if stored is None:
+                entry = _Entry(None, None, None, event)
+            elif "state" in stored:
+                entry = _Entry(RuleState.from_dict(stored["state"]), stored["source"], stored["upto"], event)
+            else:  # written before states carried their position (no replay guard for it yet)
+                entry = _Entry(RuleState.from_dict(stored), None, None, event)
+            self._entries[key] = entry
+        return entry
+
+    def __getitem__(self, key: str) -> RuleState:
+        entry = self._entries.get(key)
+        if entry is None or entry.state is None:
+            raise KeyError(key)
+        return entry.state
+
+    def __setitem__(self, key: str, state: RuleState) -> None:
+        entry = self._entries[key]  # fresh() loaded it before the engine could change it
+        entry.state, entry.dirty = state, True
+
+    def __delitem__(self, key: str) -> None:
+        raise NotImplementedError("the engine never deletes a rule state")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(key for key, entry in self._entries.items() if entry.state is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for entry in self._entries.values() if entry.state is not None)
+
+
+class Marks:
+    """``msg_id`` dedupe marks of a batch, per scope (a machine or a line) and event-time bucket,
+    read once per bucket and written once per bucket by :meth:`flush`; buckets older than
+    ``ttl_s`` behind a scope's newest are deleted."""
+
+    def __init__(self, table: MutableMapping[str, Any], ttl_s: float, scope: Scope = at_event) -> None:
+        self._table = table
+        self._width = ttl_s / DEDUPE_BUCKETS
+        self._scope = scope
+        self._buckets: dict[str, dict[str, str]] = {}
+        self._indexes: dict[str, list[int]] = {}
+        self._events: dict[str, EventT] = {}
+        self._dirty: set[str] = set()
+
+    def first(self, scope: str, msg_id: str, ts: float, event: EventT, position: Position) -> bool:
+        """True for the first record with ``msg_id`` (or that same record read again); False
+        for another record carrying it: an upstream duplicate."""
+        bucket = math.floor(ts / self._width) if math.isfinite(ts) else 0
+        index = self._index(scope, event)
+        if index and bucket < index[-1] - DEDUPE_BUCKETS:
+            return True  # older than the dedupe horizon: its observations are late for every rule anyway
+        key = f"{scope}|{bucket}"
+        marks = self._bucket(key, event)
+        seen = marks.get(msg_id)
+        if seen is None:
+            marks[msg_id] = str(position)
+            self._dirty.add(key)
+            if bucket not in index:
+                index.append(bucket)
+                index.sort()
+                self._dirty.add(f"{scope}|index")
+            self._events[scope] = event
+            return True
+        return seen == str(position)
+
+    def flush(self) -> None:
+        """Write the changed buckets and indexes; delete the buckets past the horizon."""
+        for scope, index in self._indexes.items():
+            event = self._events.get(scope)
+            if event is None or f"{scope}|index" not in self._dirty and not any(
+                    f"{scope}|{b}" in self._dirty for b in index):
+                continue
+            expired = [b for b in index if b < index[-1] - DEDUPE_BUCKETS]
+            kept = [b for b in index if b not in expired]
+            with self._scope(event):
+                for bucket in kept:
+                    if f"{scope}|{bucket}" in self._dirty:
+                        self._table[f"{scope}|{bucket}"] = self._buckets[f"{scope}|{bucket}"]
+                for bucket in expired:
+                    self._table.pop(f"{scope}|{bucket}", None)
+                if expired or f"{scope}|index" in self._dirty:
+                    self._table[f"{scope}|index"] = kept
+        self._buckets.clear()
+        self._indexes.clear()
+        self._events.clear()
+        self._dirty.clear()
+
+    def _index(self, scope: str, event: EventT) -> list[int]:
+        index = self._indexes.get(scope)
+        if index is None:
+            with self._scope(event):
+                index = list(self._table.get(f"{scope}|index") or [])
+            self._indexes[scope] = index
+        return index
+
+    def _bucket(self, key: str, event: EventT) -> dict[str, str]:
+        marks = self._buckets.get(key)
+        if marks is None:
+            with self._scope(event):
+                marks = dict(self._table.get(key) or {})
+            self._buckets[key] = marks
+        return marks
