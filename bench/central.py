@@ -1,20 +1,33 @@
-"""Can this box decide on a whole site? A simulated site publishing to a real Mosquitto -> the
-bridge -> a real Kafka -> Faust worker(s), each a real process, at 10, 25 and 50 machines.
+"""Can this box decide on a whole site? Three measurements in one run, each with real processes:
 
-    python -m bench.central [--seconds 60] [--machines 10,25,50] [--window-ms 200] [--workers 1] [--two-workers]
+    python -m bench.central [--seconds 60] [--machines 50] [--window-ms 200] [--workers 1]
+                            [--replay 100000] [--no-replay] [--no-embedded] [--no-site] [--profile-to DIR]
 
-Every machine has 4 cameras at 15 fps, results grouped per camera per ``--window-ms`` at the edge
-(0: one message per frame), and one sensor group of 8 channels scored at 1 Hz, plus a heartbeat
-every 5 s. Per step: offered frames/s, MQTT messages/s published, records/s the bridge got
-acknowledged by Kafka, messages and observations/s the worker(s) consumed, p50/p99 latency from a
-frame's capture ``ts`` to its rule evaluation in the worker, consumer lag at the end of the step,
-and CPU per process. In the same run: the embedded rules engine's max messages/s on one core
-(the anchor: eKuiper filters 12k msg/s on a Raspberry Pi 3B+). Needs Mosquitto and the Kafka jars.
+1. **replay**: Kafka pre-filled with ``--replay`` recorded messages of the simulated site (50
+   machines, the site's mix below, timestamps ending now), produced straight to Kafka keyed by
+   machine before any worker runs; then ONE ``edgeline stream worker`` on it, nothing else
+   running. Wall time from its first consumed record until the group's lag on its input topics
+   (results, anomalies, heartbeats and its own line-observations) is 0, its CPU seconds over the
+   same span (psutil): msg/s, msg/s per worker core (= messages / worker CPU s), CPU %.
+2. **embedded replay**: the same messages (results and anomaly scores: the runner does not take
+   heartbeats) queued in Mosquitto for ``edgeline stream embedded``'s persistent session, then
+   the runner started on them and measured the same way.
+3. **site**: a simulated site (every machine: 4 cameras at 15 fps, results grouped per camera
+   per ``--window-ms``, one 8-channel sensor group scored at 1 Hz, a heartbeat every 5 s, each
+   stream on its own phase) publishing to a real Mosquitto -> the bridge -> a real Kafka ->
+   ``--workers`` Faust workers, at each ``--machines`` step for ``--seconds``: frame and
+   pipeline p50/p99, the lag sampled through the step (start, end, least-squares slope), CPU
+   per process and per 1k site msg/s, and a projection to 50, 200 and 1,000 machines.
+
+In the same run, the embedded rules engine's msg/s on one core in this process (no I/O).
+Needs Mosquitto and the Kafka jars; ``--profile-to`` needs py-spy.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +43,32 @@ import numpy as np
 import psutil
 import typer
 import yaml
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from rich.console import Console
 
-from bench.report import report
+from bench.central_model import (LagTrend, cores_per_1k, cpu_table, lag_trend, projection, projection_table,
+                                 replay_table, site_latency_table, site_rates_table)
+from bench.report import RESULTS, machine
 from edgeline.services import KafkaBroker, MosquittoBroker, free_port, scrape_metrics
-from stream.messages import Anomaly, FrameResult, Heartbeat, ModelOutput, Result
+from stream.console import print_table
+from stream.kafka import ensure_topics
+from stream.messages import Anomaly, Envelope, FrameResult, Heartbeat, ModelOutput, Result
 from stream.mqtt import MqttClient, MqttSettings
 from stream.rule_config import RuleConfig
 from stream.rules import RulesEngine
 from stream.topics import KafkaTopics, topic_for
 
 SITE = "benchsite"
+REPLAY_SITE = "benchreplay"
+"""The replays' site: its own topics and its own persistent MQTT session, apart from the live site."""
+REPLAY_MACHINES = 50
 CAMERAS = 4
 FPS = 15.0
+PUMP_PERIOD_S = 1.0
+HEARTBEAT_PERIOD_S = 5.0
 SENSOR_CHANNELS = [f"ch{i}" for i in range(8)]
 EDGELINE = [sys.executable, "-m", "edgeline.cli"]
+POLL_S = 0.2
 RULES = [
     {"name": "defects", "metric": "defect_ratio", "condition": {"op": ">=", "value": 0.05}, "scope": "camera",
      "hold_for_s": 1.0, "actions": [{"type": "alert"}, {"type": "command", "name": "snapshot", "on": "firing"}]},
@@ -60,19 +85,84 @@ def machine_ids(count: int) -> list[str]:
     return [f"m{i:02d}" for i in range(1, count + 1)]
 
 
+# --- the simulated site -----------------------------------------------------------------------
+
+
+def tick_s(window_s: float) -> float:
+    """How often a camera sends: its grouping window, or every frame without grouping."""
+    return window_s if window_s > 0 else 1.0 / FPS
+
+
+def site_schedule(machines: list[str], window_s: float, t0: float) -> Iterator[tuple[float, str, str]]:
+    """``(due time, machine, stream)`` in time order, forever: each camera every window, the pump
+    score every second, the heartbeat every 5 s, every stream on its own phase (no site-wide bursts)."""
+    streams = [(m, kind) for m in machines for kind in [f"c{c}" for c in range(CAMERAS)] + ["pump", "hb"]]
+    periods = {"pump": PUMP_PERIOD_S, "hb": HEARTBEAT_PERIOD_S}
+    tick = tick_s(window_s)
+    due = [(t0 + periods.get(kind, tick) * i / len(streams), i, m, kind) for i, (m, kind) in enumerate(streams)]
+    heapq.heapify(due)
+    while due:
+        when, i, m, kind = heapq.heappop(due)
+        yield when, m, kind
+        heapq.heappush(due, (when + periods.get(kind, tick), i, m, kind))
+
+
+def site_msg_per_s(machines: int, window_s: float) -> float:
+    """Messages per second the schedule makes for ``machines``."""
+    return machines * (CAMERAS / tick_s(window_s) + 1.0 / PUMP_PERIOD_S + 1.0 / HEARTBEAT_PERIOD_S)
+
+
+class SiteMessages:
+    """What an edge agent sends, made for a machine's stream at a time (the simulator and the replay share it)."""
+
+    def __init__(self, site: str, window_s: float, seed: int = 0) -> None:
+        self.site = site
+        self.frames_per_message = max(1, round(tick_s(window_s) * FPS))
+        self.frames = 0
+        self._seq = 0
+        self._rng = np.random.default_rng(seed)
+
+    def make(self, machine: str, stream: str, now: float) -> Envelope:
+        if stream == "pump":
+            return self.anomaly(machine, now)
+        if stream == "hb":
+            return Heartbeat(site=self.site, machine=machine, ts=now, uptime_s=1.0)
+        return self.result(machine, stream, now)
+
+    def result(self, machine: str, camera: str, now: float) -> Result:
+        count = self.frames_per_message
+        frames = []
+        for k in range(count):
+            ratio = float(self._rng.random() < 0.03) * 0.1
+            output = ModelOutput(model="seg", version="1", latency_ms=float(self._rng.uniform(5, 9)), defect_ratio=ratio)
+            frames.append(FrameResult(seq=self._seq + k, ts=now - (count - 1 - k) / FPS, outputs=[output]))
+        self._seq += count
+        self.frames += count
+        return Result(site=self.site, machine=machine, camera=camera, ts=frames[0].ts, frames=frames)
+
+    def anomaly(self, machine: str, now: float) -> Anomaly:
+        scores = {name: float(v) for name, v in zip(SENSOR_CHANNELS, self._rng.random(len(SENSOR_CHANNELS)))}
+        score = max(scores.values())
+        return Anomaly(site=self.site, machine=machine, ts=now, group="pump", seq=int(now), model="lstm", version="1",
+                       score=score, threshold=1.2, is_anomaly=score >= 1.2, channel_scores=scores)
+
+
 class SiteSimulator:
     """Publishes what ``machines`` edge agents would, on the wall clock, from one thread."""
 
     def __init__(self, broker: MosquittoBroker, window_s: float) -> None:
         self.client = MqttClient(MqttSettings(host=broker.host, port=broker.port), client_id="bench-site")
         self.window_s = window_s
+        self.messages = SiteMessages(SITE, window_s)
         self.machines: list[str] = []
         self.published = 0
-        self.frames = 0
-        self._rng = np.random.default_rng(0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    @property
+    def frames(self) -> int:
+        return self.messages.frames
 
     def start(self) -> None:
         self.client.start()
@@ -91,56 +181,42 @@ class SiteSimulator:
         self.client.stop()
 
     def _run(self) -> None:
-        """Each camera sends on its own phase of the window and each machine its sensor score and
-        heartbeat on its own phase of the second, as unsynchronised machines do (no site-wide bursts)."""
-        tick = self.window_s if self.window_s > 0 else 1.0 / FPS
-        frames_per_message = max(1, round(tick * FPS))
-        due: dict[tuple[str, str], float] = {}
-        seq = 0
+        schedule: Iterator[tuple[float, str, str]] | None = None
+        running: list[str] = []
+        when, machine, stream = 0.0, "", ""
         while not self._stop.is_set():
-            now = time.time()
             with self._lock:
                 machines = list(self.machines)
-            streams = [(m, kind) for m in machines for kind in [f"c{c}" for c in range(CAMERAS)] + ["pump", "hb"]]
-            for index, key in enumerate(streams):
-                period = {"pump": 1.0, "hb": 5.0}.get(key[1], tick)
-                when = due.setdefault(key, now + period * index / len(streams))
-                if now < when:
-                    continue
-                machine, kind = key
-                if kind == "pump":
-                    self._publish(self._anomaly(machine, now, int(now)))
-                elif kind == "hb":
-                    self._publish(Heartbeat(site=SITE, machine=machine, ts=now, uptime_s=1.0))
-                else:
-                    self._publish(self._result(machine, kind, seq, now, frames_per_message))
-                    seq += frames_per_message
-                due[key] = max(when + period, now)
-            self._stop.wait(0.005)
+            if machines != running:
+                running, schedule = machines, site_schedule(machines, self.window_s, time.time())
+                when, machine, stream = next(schedule, (math.inf, "", ""))
+            now = time.time()
+            while when <= now and schedule is not None:
+                self._publish(self.messages.make(machine, stream, now))
+                when, machine, stream = next(schedule)
+            self._stop.wait(min(0.005, max(0.0, when - now)) if when < math.inf else 0.05)
 
-    def _result(self, machine: str, camera: str, seq: int, now: float, count: int) -> Result:
-        frames = []
-        for k in range(count):
-            ratio = float(self._rng.random() < 0.03) * 0.1
-            output = ModelOutput(model="seg", version="1", latency_ms=float(self._rng.uniform(5, 9)), defect_ratio=ratio)
-            frames.append(FrameResult(seq=seq + k, ts=now - (count - 1 - k) / FPS, outputs=[output]))
-        self.frames += count
-        return Result(site=SITE, machine=machine, camera=camera, ts=frames[0].ts, frames=frames)
-
-    def _anomaly(self, machine: str, now: float, seq: int) -> Anomaly:
-        scores = {name: float(v) for name, v in zip(SENSOR_CHANNELS, self._rng.random(len(SENSOR_CHANNELS)))}
-        score = max(scores.values())
-        return Anomaly(site=SITE, machine=machine, ts=now, group="pump", seq=seq, model="lstm", version="1",
-                       score=score, threshold=1.2, is_anomaly=score >= 1.2, channel_scores=scores)
-
-    def _publish(self, message: Any) -> None:
+    def _publish(self, message: Envelope) -> None:
         while self.client.publish(topic_for(message), message.to_json(), qos=1).rc != 0:
             time.sleep(0.001)  # paho's in-flight window is full: wait for PUBACKs
         self.published += 1
 
 
+def replay_messages(count: int, machines: int = REPLAY_MACHINES, window_s: float = 0.2,
+                    end_ts: float | None = None) -> list[Envelope]:
+    """``count`` messages of the site's schedule, in time order, the newest at ``end_ts`` (now)."""
+    end_ts = time.time() if end_ts is None else end_ts
+    t0 = end_ts - count / site_msg_per_s(machines, window_s)
+    maker = SiteMessages(REPLAY_SITE, window_s, seed=2)
+    schedule = site_schedule(machine_ids(machines), window_s, t0)
+    return [maker.make(m, stream, when) for (when, m, stream), _ in zip(schedule, range(count))]
+
+
+# --- processes and measurements ---------------------------------------------------------------
+
+
 class Process:
-    """A bridge or worker as a child process, with its metrics endpoint."""
+    """A bridge, worker or rules runner as a child process, with its metrics endpoint."""
 
     def __init__(self, name: str, args: list[str], workdir: Path) -> None:
         self.name = name
@@ -160,6 +236,7 @@ class Process:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(10)
         self.log.close()
 
 
@@ -172,8 +249,8 @@ def _cpu(process: psutil.Process) -> float:
         return 0.0
 
 
-def _sum(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+def _sum(metrics: dict[str, float], prefix: str, label: str = "") -> float:
+    return sum(v for k, v in metrics.items() if k.startswith(prefix) and label in k)
 
 
 def _latency_buckets(workers: list[Process], histogram: str = "event") -> dict[float, float]:
@@ -206,17 +283,30 @@ def _quantile(before: dict[float, float], after: dict[float, float], q: float) -
     return float("nan")
 
 
-def _lag(bootstrap: str, group: str, topics: list[str]) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench-lag")
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="bench-lag-end")
-    try:
-        committed = admin.list_group_offsets(group).get(group, {})
-        partitions = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or []]
-        ends = consumer.end_offsets(partitions)
-        return int(sum(end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()))
-    finally:
-        admin.close()
-        consumer.close()
+class LagProbe:
+    """A consumer group's lag (end offsets - committed) on some topics, over one admin connection."""
+
+    def __init__(self, bootstrap: str, group: str, topics: list[str]) -> None:
+        self.group = group
+        self.topics = topics
+        self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench-lag")
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="bench-lag-end")
+
+    def lag(self) -> int:
+        committed = self.admin.list_group_offsets(self.group).get(self.group, {})
+        partitions = [TopicPartition(t, p) for t in self.topics for p in self.consumer.partitions_for_topic(t) or []]
+        ends = self.consumer.end_offsets(partitions)
+        return int(sum(end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+                       for tp, end in ends.items()))
+
+    def close(self) -> None:
+        self.admin.close()
+        self.consumer.close()
+
+
+def worker_input_topics(topics: KafkaTopics) -> list[str]:
+    return [topics.for_kind("result"), topics.for_kind("anomaly"), topics.for_kind("heartbeat"),
+            topics.line_observations]
 
 
 def embedded_engine_rate(seconds: float = 5.0) -> dict[str, Any]:
@@ -226,70 +316,56 @@ def embedded_engine_rate(seconds: float = 5.0) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     messages = []
     for i in range(20_000):
-        machine, camera = f"m{1 + i % 50:02d}", f"c{(i // 50) % CAMERAS}"
+        machine_id, camera = f"m{1 + i % 50:02d}", f"c{(i // 50) % CAMERAS}"
         ts = 1_760_000_000.0 + i / 3000.0
         output = ModelOutput(model="seg", version="1", latency_ms=6.0, defect_ratio=float(rng.random() < 0.03) * 0.1)
-        messages.append(Result(site=SITE, machine=machine, camera=camera, ts=ts,
+        messages.append(Result(site=SITE, machine=machine_id, camera=camera, ts=ts,
                                frames=[FrameResult(seq=i, ts=ts, outputs=[output])]))
-    done, started = 0, time.process_time()
+    done, started, wall0 = 0, time.process_time(), time.monotonic()
     while time.process_time() - started < seconds:
         for message in messages:
             engine.process(message.model_copy(update={"msg_id": f"{message.msg_id}-{done}"}))
             done += 1
-    elapsed = time.process_time() - started
-    return {"step": "embedded engine, 1 core", "msg_per_s": round(done / elapsed), "alerts": engine.stats.alerts}
+    cpu = time.process_time() - started
+    wall = time.monotonic() - wall0
+    return {"runner": "engine alone, in-process", "messages": done, "wall_s": round(wall, 1),
+            "msg_per_s": round(done / wall), "cpu_s": round(cpu, 1), "cpu_pct": round(100 * cpu / wall),
+            "msg_per_core_s": round(done / cpu), "broker_cpu_pct": None}
 
 
-def run_step(label: str, machines: int, seconds: float, site: SiteSimulator, bridge: Process,
-             workers: list[Process], kafka: KafkaBroker, mosquitto_ps: psutil.Process, topics: KafkaTopics,
-             window_ms: float) -> dict[str, Any]:
-    site.set_machines(machines)
-    time.sleep(10.0)  # reach the new rate before measuring
-    settle_until = time.monotonic() + 120.0
-    while time.monotonic() < settle_until and _lag(kafka.bootstrap, f"{topics.prefix}-worker-{SITE}",
-                                                   [topics.for_kind("result"), topics.for_kind("anomaly")]) > 1000:
-        time.sleep(5.0)  # a backlog from an earlier step would be measured as latency: let it drain
-    me, kafka_ps = psutil.Process(), psutil.Process(kafka.pid)
-    processes = {"site": me, "mosquitto": mosquitto_ps, "bridge": bridge.ps, "kafka": kafka_ps,
-                 **{f"worker{i + 1}": w.ps for i, w in enumerate(workers)}}
-    cpu0 = {name: _cpu(p) for name, p in processes.items()}
-    published0, frames0 = site.published, site.frames
-    bridge0 = bridge.metrics()
-    workers0 = [w.metrics() for w in workers]
-    lat0, pipe0 = _latency_buckets(workers), _latency_buckets(workers, "pipeline")
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    elapsed = time.monotonic() - t0
-    bridge1 = bridge.metrics()
-    workers1 = [w.metrics() for w in workers]
-    lat1, pipe1 = _latency_buckets(workers), _latency_buckets(workers, "pipeline")
-    consumed = sum(_sum(b, "edgeline_worker_messages_total") - _sum(a, "edgeline_worker_messages_total")
-                   for a, b in zip(workers0, workers1))
-    row: dict[str, Any] = {
-        "step": label, "machines": machines, "window_ms": window_ms,
-        "frames_per_s": round((site.frames - frames0) / elapsed),
-        "mqtt_msg_per_s": round((site.published - published0) / elapsed),
-        "kafka_rec_per_s": round((_sum(bridge1, "edgeline_bridge_kafka_produced_total")
-                                  - _sum(bridge0, "edgeline_bridge_kafka_produced_total")) / elapsed),
-        "worker_msg_per_s": round(consumed / elapsed),
-        "p50_ms": round(_quantile(lat0, lat1, 0.5), 1), "p99_ms": round(_quantile(lat0, lat1, 0.99), 1),
-        "pipeline_p50_ms": round(_quantile(pipe0, pipe1, 0.5), 1),
-        "pipeline_p99_ms": round(_quantile(pipe0, pipe1, 0.99), 1),
-        "lag_end": _lag(kafka.bootstrap, f"{topics.prefix}-worker-{SITE}",
-                        [topics.for_kind("result"), topics.for_kind("anomaly")]),
-        "dead_letters": int(_sum(bridge1, "edgeline_bridge_dead_lettered_total")),
-    }
-    for name, process in processes.items():
-        row[f"cpu_{name}_%"] = round(100.0 * (_cpu(process) - cpu0[name]) / elapsed)
-    return row
+def site_config(path: Path, site: str, machines: int, mosquitto: MosquittoBroker, kafka: KafkaBroker,
+                prefix: str, workers: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump({
+        "site": site, "broker": {"host": mosquitto.host, "port": mosquitto.port},
+        "machines": [{"id": m, "line": f"L{1 + i // 10}"} for i, m in enumerate(machine_ids(machines))],
+        "rules": RULES,
+        "stream": {"kafka": kafka.bootstrap, "topic_prefix": prefix, "partitions": 4,
+                   **({"workers": workers} if workers else {})},
+    }))
+    return path
 
 
-def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy on a process for ``seconds`` (collapsed stacks in ``out``); runs beside the step."""
+def start_profile(pid: int, out: Path, seconds: float | None = None) -> subprocess.Popen[bytes] | None:
+    """py-spy on a process (collapsed stacks in ``out``) until ``seconds`` or SIGINT; None without py-spy."""
     py_spy = Path(sys.executable).with_name("py-spy")
+    if not py_spy.exists():
+        print(f"no py-spy next to {sys.executable}: no profile (pip install py-spy)", flush=True)
+        return None
     log = out.with_suffix(".log").open("wb")
-    return subprocess.Popen([str(py_spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
+    duration = ["--duration", str(int(seconds))] if seconds else []
+    return subprocess.Popen([str(py_spy), "record", "--pid", str(pid), *duration, "--rate", "50",
                              "--format", "raw", "--nonblocking", "--output", str(out)], stdout=log, stderr=log)
+
+
+def stop_profile(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is None:
+        return
+    if spy.poll() is None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+    try:
+        spy.wait(60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
 
 
 def summarize_profile(path: Path, top: int = 12) -> list[tuple[str, float]]:
@@ -308,72 +384,335 @@ def summarize_profile(path: Path, top: int = 12) -> list[tuple[str, float]]:
     return [(k, 100.0 * v / max(total, 1)) for k, v in sorted(by_place.items(), key=lambda kv: -kv[1])[:top]]
 
 
-def central_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, two_workers: bool,
-                 workdir: Path, profile_dir: Path | None = None, start_workers: int = 1) -> list[dict[str, Any]]:
-    rows = [embedded_engine_rate()]
-    with MosquittoBroker() as mosquitto, KafkaBroker(workdir / "kafka", heap="1g", fast_start=False) as kafka:
-        topics = KafkaTopics(f"bench{int(time.time())}")
-        config = workdir / "site.yaml"
-        config.write_text(yaml.safe_dump({
-            "site": SITE, "broker": {"host": mosquitto.host, "port": mosquitto.port},
-            "machines": [{"id": m, "line": f"L{1 + i // 10}"} for i, m in enumerate(machine_ids(max(machine_steps)))],
-            "rules": RULES, "stream": {"kafka": kafka.bootstrap, "topic_prefix": topics.prefix, "partitions": 4},
-        }))
-        bridge = Process("bridge", ["stream", "bridge", "-c", str(config)], workdir)
-        workers = [Process(f"worker{i}", ["stream", "worker", "-c", str(config), "--data-dir", str(workdir / f"w{i}")],
-                           workdir) for i in range(1, start_workers + 1)]
-        site = SiteSimulator(mosquitto, window_ms / 1000.0)
-        try:
-            time.sleep(15.0)  # bridge connected, worker joined its group
-            site.start()
-            for machines in machine_steps:
-                spies = []
-                if profile_dir is not None and machines == machine_steps[-1]:
-                    spies = [profile(p.proc.pid, min(30.0, seconds), profile_dir / f"{p.name}.txt")
-                             for p in (bridge, workers[0])]
-                rows.append(run_step(f"{machines} machines, {len(workers)} worker(s)", machines, seconds, site, bridge, workers,
-                                     kafka, psutil.Process(mosquitto.pid), topics, window_ms))
-                for spy in spies:
-                    spy.wait(60)
-                print(json.dumps(rows[-1]), flush=True)
-            if two_workers and len(workers) == 1:
-                workers.append(Process("worker2", ["stream", "worker", "-c", str(config), "--data-dir",
-                                                   str(workdir / "w2")], workdir))
-                time.sleep(20.0)  # rebalance
-                rows.append(run_step(f"{machine_steps[-1]} machines, 2 workers", machine_steps[-1], seconds, site,
-                                     bridge, workers, kafka, psutil.Process(mosquitto.pid), topics, window_ms))
-                print(json.dumps(rows[-1]), flush=True)
-        finally:
-            site.stop()
-            for process in [*workers, bridge]:
-                process.stop()
+def summarize_profile_inclusive(path: Path, places: tuple[str, ...] = (
+        "stream/rules.py", "stream/messages.py", "stream/app.py", "pydantic", "faust", "mode", "aiokafka",
+        "kafka", "json", "orjson", "msgspec", "asyncio", "rocksdict", "prometheus_client")) -> list[tuple[str, float]]:
+    """Share of samples with a frame in each of ``places`` anywhere on the stack (inclusive time)."""
+    hits = dict.fromkeys(places, 0)
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        files = [f.split(" (")[1].split(":")[0] if " (" in f else "" for f in stack.split(";")]
+        for place in places:
+            needle = place if "/" in place else f"/{place}/"
+            if any(needle in f or f.endswith(f"/{place}.py") for f in files):
+                hits[place] += int(count)
+    return [(p, 100.0 * n / max(total, 1)) for p, n in sorted(hits.items(), key=lambda kv: -kv[1]) if n]
+
+
+def _wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"bench.central: {what} after {timeout:.0f} s")
+        time.sleep(POLL_S)
+
+
+class Drain:
+    """Measures one process draining a known amount of input: from its first consumed message
+    (wall time and its CPU seconds then) until ``done()``."""
+
+    def __init__(self, process: Process, consumed: Any) -> None:
+        self.process = process
+        self.consumed = consumed
+        self.t_first = self.cpu_first = 0.0
+        self.first_count = 0.0
+
+    def run(self, expected: float, done: Any, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            count = self.consumed(self.process.metrics())
+            if count > 0:
+                self.t_first, self.cpu_first, self.first_count = time.monotonic(), _cpu(self.process.ps), count
+                break
+            if self.process.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"bench.central: {self.process.name} consumed nothing (see its log)")
+            time.sleep(POLL_S / 4)
+        while not done():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(POLL_S)
+        wall = time.monotonic() - self.t_first
+        cpu = _cpu(self.process.ps) - self.cpu_first
+        counted = self.consumed(self.process.metrics()) - self.first_count
+        return {"messages": int(expected), "timed_out": time.monotonic() > deadline, "wall_s": round(wall, 2),
+                "measured_messages": int(counted), "msg_per_s": round(counted / wall) if wall else None,
+                "cpu_s": round(cpu, 2), "cpu_pct": round(100.0 * cpu / wall) if wall else None,
+                "msg_per_core_s": round(counted / cpu) if cpu else None}
+
+
+def kafka_replay(messages: list[Envelope], kafka: KafkaBroker, mosquitto: MosquittoBroker, workdir: Path,
+                 workers: dict[str, Any], profile_dir: Path | None, timeout: float = 600.0) -> dict[str, Any]:
+    """Pre-fill the topics, then one worker on them alone: its rate and CPU until the lag is 0."""
+    prefix = f"replay{int(time.time())}"
+    config = site_config(workdir / "replay.yaml", REPLAY_SITE, REPLAY_MACHINES, mosquitto, kafka, prefix, workers)
+    topics = KafkaTopics(prefix)
+    ensure_topics(kafka.bootstrap, topics, 4, 1)
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, linger_ms=20, batch_size=512 * 1024, acks=1,
+                             client_id="bench-replay")
+    started = time.monotonic()
+    for message in messages:
+        producer.send(topics.for_message(message), key=message.machine.encode(), value=message.to_json(),
+                      timestamp_ms=int(message.ts * 1000))
+    producer.flush()
+    producer.close()
+    print(f"replay: {len(messages):,} messages produced to Kafka in {time.monotonic() - started:.1f} s", flush=True)
+    input_topics = [topics.for_kind(k) for k in ("result", "anomaly", "heartbeat")]
+    probe = LagProbe(kafka.bootstrap, f"{prefix}-worker-{REPLAY_SITE}", [*input_topics, topics.line_observations])
+    kafka_ps = psutil.Process(kafka.pid)
+    worker = Process("replay-worker", ["stream", "worker", "-c", str(config), "--data-dir", str(workdir / "wr")], workdir)
+    spy = None
+    try:
+        consumed = lambda m: sum(_sum(m, "edgeline_worker_messages_total", f'topic="{t}"') for t in input_topics)
+        drain = Drain(worker, consumed)
+        if profile_dir is not None:
+            spy = start_profile(worker.proc.pid, profile_dir / "replay-worker.txt")
+        kafka0 = _cpu(kafka_ps)
+        row = drain.run(len(messages), lambda: consumed(worker.metrics()) >= len(messages) and probe.lag() == 0, timeout)
+        kafka_cpu = _cpu(kafka_ps) - kafka0  # from before the worker's first record: a little more than its span
+        stop_profile(spy)
+        spy = None
+        worker_metrics = worker.metrics()
+        row.update({"runner": "Faust worker (1 process)", "broker_cpu_pct": round(100 * kafka_cpu / row["wall_s"]),
+                    "batches": _sum(worker_metrics, "edgeline_worker_batch_records_count") or None,
+                    "emitted": int(_sum(worker_metrics, "edgeline_worker_emitted_total")),
+                    "dead_letters": int(_sum(worker_metrics, "edgeline_worker_dead_lettered_total"))})
+        return row
+    finally:
+        stop_profile(spy)
+        worker.stop()
+        probe.close()
+
+
+def embedded_replay(messages: list[Envelope], mosquitto: MosquittoBroker, kafka: KafkaBroker, workdir: Path,
+                    timeout: float = 600.0) -> dict[str, Any]:
+    """The same messages queued in Mosquitto for the embedded runner's persistent session, then the
+    runner started on them: its rate and CPU until it has evaluated them all."""
+    config = site_config(workdir / "embedded.yaml", REPLAY_SITE, REPLAY_MACHINES, mosquitto, kafka, "unused", {})
+    inputs = [m for m in messages if m.KIND in ("result", "anomaly")]  # the runner subscribes to these only
+    args = ["stream", "embedded", "-c", str(config)]
+    first = Process("embedded-setup", args, workdir)  # makes the persistent session and its subscriptions
+    try:
+        _wait_until(lambda: bool(first.metrics()), 60, "the embedded runner's metrics did not answer")
+        time.sleep(2.0)  # connected and subscribed (the runner subscribes on connect)
+    finally:
+        first.stop()
+    client = MqttClient(MqttSettings(host=mosquitto.host, port=mosquitto.port), client_id="bench-replay")
+    client.start()
+    client.wait_connected()
+    started = time.monotonic()
+    try:
+        infos = [client.publish(topic_for(m), m.to_json(), qos=1) for m in inputs]
+        _wait_until(lambda: infos[-1].is_published() and all(info.is_published() for info in infos), timeout,
+                    "Mosquitto did not acknowledge the replay")
+    finally:
+        client.stop()
+    print(f"replay: {len(inputs):,} messages queued in Mosquitto in {time.monotonic() - started:.1f} s", flush=True)
+    mosquitto_ps = psutil.Process(mosquitto.pid)
+    runner = Process("embedded", args, workdir)
+    try:
+        seen = lambda m: (_sum(m, "edgeline_rules_messages_total") + _sum(m, "edgeline_rules_dead_lettered_total")
+                          + _sum(m, "edgeline_rules_duplicates_total"))
+        mosquitto0 = _cpu(mosquitto_ps)
+        row = Drain(runner, seen).run(len(inputs), lambda: seen(runner.metrics()) >= len(inputs), timeout)
+        mosquitto_cpu = _cpu(mosquitto_ps) - mosquitto0
+        metrics = runner.metrics()
+        row.update({"runner": "embedded runner (MQTT)", "broker_cpu_pct": round(100 * mosquitto_cpu / row["wall_s"]),
+                    "emitted": int(_sum(metrics, "edgeline_rules_emitted_total")),
+                    "dead_letters": int(_sum(metrics, "edgeline_rules_dead_lettered_total"))})
+        return row
+    finally:
+        runner.stop()
+        _forget_session(mosquitto, f"rules-{REPLAY_SITE}")
+
+
+def _forget_session(mosquitto: MosquittoBroker, client_id: str) -> None:
+    """Connect once with a clean session: Mosquitto drops the persistent one (no more queueing for it)."""
+    client = MqttClient(MqttSettings(host=mosquitto.host, port=mosquitto.port), client_id=client_id,
+                        clean_session=True)
+    client.start()
+    try:
+        client.wait_connected()
+    finally:
+        client.stop()
+
+
+# --- the live site ----------------------------------------------------------------------------
+
+
+def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process, workers: list[Process],
+             kafka: KafkaBroker, mosquitto_ps: psutil.Process, probe: LagProbe, window_ms: float) -> dict[str, Any]:
+    site.set_machines(machines)
+    time.sleep(10.0)  # reach the new rate before measuring
+    settle_until = time.monotonic() + 120.0
+    while time.monotonic() < settle_until and probe.lag() > 1000:
+        time.sleep(5.0)  # a backlog from an earlier step would be measured as latency: let it drain
+    me, kafka_ps = psutil.Process(), psutil.Process(kafka.pid)
+    processes = {"site": me, "mosquitto": mosquitto_ps, "bridge": bridge.ps, "kafka": kafka_ps,
+                 **{w.name: w.ps for w in workers}}
+    cpu0 = {name: _cpu(p) for name, p in processes.items()}
+    published0, frames0 = site.published, site.frames
+    bridge0 = bridge.metrics()
+    workers0 = [w.metrics() for w in workers]
+    lat0, pipe0 = _latency_buckets(workers), _latency_buckets(workers, "pipeline")
+    t0 = time.monotonic()
+    samples = [(0.0, float(probe.lag()))]
+    while time.monotonic() - t0 < seconds:
+        time.sleep(min(2.0, max(0.0, seconds - (time.monotonic() - t0))))
+        samples.append((time.monotonic() - t0, float(probe.lag())))
+    elapsed = time.monotonic() - t0
+    cpu = {name: _cpu(p) - cpu0[name] for name, p in processes.items()}
+    bridge1 = bridge.metrics()
+    workers1 = [w.metrics() for w in workers]
+    lat1, pipe1 = _latency_buckets(workers), _latency_buckets(workers, "pipeline")
+    consumed = sum(_sum(b, "edgeline_worker_messages_total") - _sum(a, "edgeline_worker_messages_total")
+                   for a, b in zip(workers0, workers1))
+    trend: LagTrend = lag_trend(samples)
+    mqtt_rate = (site.published - published0) / elapsed
+    return {
+        "machines": machines, "workers": len(workers), "window_ms": window_ms, "seconds": round(elapsed, 1),
+        "frames_per_s": round((site.frames - frames0) / elapsed),
+        "mqtt_msg_per_s": round(mqtt_rate),
+        "kafka_rec_per_s": round((_sum(bridge1, "edgeline_bridge_kafka_produced_total")
+                                  - _sum(bridge0, "edgeline_bridge_kafka_produced_total")) / elapsed),
+        "worker_msg_per_s": round(consumed / elapsed),
+        "p50_ms": round(_quantile(lat0, lat1, 0.5)), "p99_ms": round(_quantile(lat0, lat1, 0.99)),
+        "pipeline_p50_ms": round(_quantile(pipe0, pipe1, 0.5)),
+        "pipeline_p99_ms": round(_quantile(pipe0, pipe1, 0.99)),
+        "lag_start": trend.start, "lag_end": trend.end, "lag_slope": round(trend.slope, 2),
+        "lag_slope_stderr": round(trend.stderr, 2), "lag_grows": trend.grows, "lag_samples": samples,
+        "dead_letters": int(_sum(bridge1, "edgeline_bridge_dead_lettered_total")
+                            + sum(_sum(w, "edgeline_worker_dead_lettered_total") for w in workers1)),
+        "cpu": {name: {"cpu_s": round(s, 2), "cpu_pct": round(100.0 * s / elapsed),
+                       "cores_per_1k": round(cores_per_1k(s, elapsed, mqtt_rate), 4)} for name, s in cpu.items()},
+    }
+
+
+def site_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, worker_count: int,
+              mosquitto: MosquittoBroker, kafka: KafkaBroker, workdir: Path, workers_settings: dict[str, Any],
+              profile_dir: Path | None) -> list[dict[str, Any]]:
+    prefix = f"bench{int(time.time())}"
+    topics = KafkaTopics(prefix)
+    config = site_config(workdir / "site.yaml", SITE, max(machine_steps), mosquitto, kafka, prefix, workers_settings)
+    bridge = Process("bridge", ["stream", "bridge", "-c", str(config)], workdir)
+    workers = [Process(f"worker{i}", ["stream", "worker", "-c", str(config), "--data-dir", str(workdir / f"w{i}")],
+                       workdir) for i in range(1, worker_count + 1)]
+    site = SiteSimulator(mosquitto, window_ms / 1000.0)
+    probe: LagProbe | None = None
+    rows = []
+    try:
+        _wait_until(lambda: all(p.metrics() for p in (bridge, *workers)), 120, "bridge/workers metrics did not answer")
+        time.sleep(5.0)  # bridge connected, workers joined their group
+        probe = LagProbe(kafka.bootstrap, f"{prefix}-worker-{SITE}", worker_input_topics(topics))
+        site.start()
+        for machines in machine_steps:
+            spy = None
+            if profile_dir is not None and machines == machine_steps[-1]:
+                spy = start_profile(workers[0].proc.pid, profile_dir / "site-worker1.txt", seconds)
+            rows.append(run_step(machines, seconds, site, bridge, workers, kafka, psutil.Process(mosquitto.pid),
+                                 probe, window_ms))
+            stop_profile(spy)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "lag_samples"}), flush=True)
+    finally:
+        site.stop()
+        for process in [*workers, bridge]:
+            process.stop()
+        if probe is not None:
+            probe.close()
     return rows
 
 
-def main(seconds: float = 60.0, machines: str = "10,25,50", window_ms: float = 200.0, two_workers: bool = True,
-         workers: int = 1, profile_to: Path | None = None, out: Path | None = None) -> None:
-    """``--profile-to DIR``: py-spy the bridge and the worker during the largest step; ``--workers``:
-    how many workers run from the start; ``--two-workers``: add a second for a last step at the
-    largest site."""
-    steps = tuple(int(m) for m in machines.split(","))
+# --- output -----------------------------------------------------------------------------------
+
+
+def print_profiles(profile_dir: Path, console: Console) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name in ("replay-worker", "site-worker1"):
+        path = profile_dir / f"{name}.txt"
+        if not path.is_file() or not path.read_text().strip():
+            console.print(f"{name}: no profile (see {path.with_suffix('.log')})", markup=False, highlight=False)
+            continue
+        top, inclusive = summarize_profile(path), summarize_profile_inclusive(path)
+        found[name] = {"innermost": top, "inclusive": inclusive}
+        console.print(f"{name}: where the samples are (py-spy, innermost frame)", markup=False, highlight=False)
+        for place, share in top:
+            console.print(f"  {share:5.1f}%  {place}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"{name}: samples with a frame in (inclusive)", markup=False, highlight=False)
+        for place, share in inclusive:
+            console.print(f"  {share:5.1f}%  {place}", markup=False, highlight=False)
+    return found
+
+
+def main(seconds: float = typer.Option(60.0, help="measured seconds per site step"),
+         machines: str = typer.Option("50", help="site steps, e.g. 10,25,50"),
+         window_ms: float = typer.Option(200.0, help="edge grouping of results per camera (0: one message per frame)"),
+         workers: int = typer.Option(1, help="Faust workers in the site run"),
+         replay: int = typer.Option(100_000, help="messages in the replay (0: no replay rows)"),
+         embedded: bool = typer.Option(True, help="the embedded runner on the same replay"),
+         site: bool = typer.Option(True, help="the live site rows"),
+         batch_max: int | None = typer.Option(None, help="stream.workers.batch_max for the workers (default: the site default)"),
+         batch_ms: float | None = typer.Option(None, help="stream.workers.batch_ms for the workers"),
+         profile_to: Path | None = typer.Option(None, help="py-spy the replay worker and the site's first worker into DIR"),
+         out: Path | None = typer.Option(None, help="JSON results (default bench/results/central.json)")) -> None:
+    """Replay rows (Faust worker, embedded runner), the live site, CPU per process and a projection."""
+    steps = tuple(int(m) for m in machines.split(",") if m)
+    workers_settings = {k: v for k, v in (("batch_max", batch_max), ("batch_ms", batch_ms)) if v is not None}
     if profile_to is not None:
         profile_to.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    replay_rows: list[dict[str, Any]] = [embedded_engine_rate()]
+    print(json.dumps(replay_rows[-1]), flush=True)
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-central-") as tmp:
-        rows = central_rows(seconds, steps, window_ms, two_workers, Path(tmp), profile_to, workers)
+        workdir = Path(tmp)
+        with MosquittoBroker(max_queued_messages=max(100_000, replay + 10_000)) as mosquitto, \
+                KafkaBroker(workdir / "kafka", heap="1g", fast_start=False) as kafka:
+            if replay > 0:
+                messages = replay_messages(replay, window_s=window_ms / 1000.0)
+                replay_rows.append(kafka_replay(messages, kafka, mosquitto, workdir, workers_settings, profile_to))
+                print(json.dumps(replay_rows[-1]), flush=True)
+                if embedded:
+                    replay_rows.append(embedded_replay(messages, mosquitto, kafka, workdir))
+                    print(json.dumps(replay_rows[-1]), flush=True)
+                del messages
+            if site and steps:
+                rows = site_rows(seconds, steps, window_ms, workers, mosquitto, kafka, workdir, workers_settings,
+                                 profile_to)
+    result: dict[str, Any] = {"benchmark": "central", "machine": machine(), "replay": replay_rows, "site": rows}
+    print_table(replay_table(replay_rows), console)
+    if rows:
+        largest = rows[-1]
+        cpu_rows = [{"process": name, **values} for name, values in largest["cpu"].items()]
+        per_machine = largest["mqtt_msg_per_s"] / largest["machines"]
+        plan = projection(per_machine, {name: v["cores_per_1k"] for name, v in largest["cpu"].items()})
+        result["projection"] = {
+            "assumption": f"the measured per-machine mix ({per_machine:.1f} msg/s per machine: {CAMERAS} cameras x "
+                          f"{FPS:g} fps grouped per {window_ms:g} ms, pump 1 Hz, heartbeat 5 s), each component's "
+                          f"CPU linear in site msg/s from the {largest['machines']}-machine step, workers at "
+                          "<= 70% of a core each, partitions a multiple of the workers (>= 2 per worker, >= 4)",
+            "rows": plan}
+        print_table(site_rates_table(rows), console)
+        print_table(site_latency_table(rows), console)
+        print_table(cpu_table(cpu_rows), console)
+        print_table(projection_table(plan), console)
+        console.print("projection: " + result["projection"]["assumption"], markup=False, highlight=False,
+                      soft_wrap=True)
     if profile_to is not None:
-        for name in ("bridge", "worker1"):
-            if not (profile_to / f"{name}.txt").is_file():
-                print(f"{name}: no profile (see {profile_to / name}.log)")
-                continue
-            print(f"{name}: where the samples are (py-spy, innermost frame)")
-            for place, share in summarize_profile(profile_to / f"{name}.txt"):
-                print(f"  {share:5.1f}%  {place}")
-    report("central", f"site -> Mosquitto -> bridge -> Kafka -> Faust, {CAMERAS} cameras x {FPS:g} fps per machine, "
-           f"results grouped per {window_ms:g} ms, {seconds:g} s per step", rows,
-           notes="p50/p99: a frame's capture ts to its rule evaluation in the worker, edge grouping included; "
-           "pipeline_p50/p99: the message's newest frame (when the edge sent it) to evaluation (histogram quantiles); "
-           "cpu: % of one core per process over the step; lag_end: worker group's unconsumed records at the end; "
-           f"os cores: {os.cpu_count()}", out=out)
+        result["profiles"] = print_profiles(profile_to, console)
+    notes = ("replay msg/s: messages / wall time from the first consumed record until all are consumed and the "
+             "group's lag (inputs and line-observations) is 0; msg/s per core: messages / that process's CPU s over "
+             "the same span; broker CPU %: Kafka (worker) or Mosquitto (embedded) over it. Site: frame p50/p99 from "
+             "a frame's capture ts to its evaluation in the worker (edge grouping included), pipe p50/p99 from the "
+             "message's send; lag sampled every 2 s, slope by least squares (+/-: its standard error; 'grows' when "
+             "above twice that and 1 rec/s). CPU %: of one core. "
+             f"Target: >= 10,000 msg/s per worker core on the replay. os cores: {os.cpu_count()}")
+    console.print(notes, markup=False, highlight=False, soft_wrap=True)
+    result["notes"] = notes
+    path = out or RESULTS / "central.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
