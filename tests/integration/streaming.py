@@ -9,15 +9,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from edgeline.config import SiteConfig, load
 from edgeline.services import free_port, scrape_metrics
+from stream.kafka import close_producer, reliable_producer
 from stream.messages import Envelope, parse_message
 
 EDGELINE = [sys.executable, "-m", "edgeline.cli"]
@@ -71,7 +74,10 @@ class WorkerProcess:
             time.sleep(0.5)
         raise TimeoutError(f"{self.name} consumed nothing in {timeout:.0f} s; log:\n{self.tail()}")
 
-    def consumed(self) -> float:
+    def consumed(self, topic: str | None = None) -> float:
+        """Records consumed so far (``edgeline_worker_messages_total``), of ``topic`` or of all topics."""
+        if topic is not None:
+            return self.metrics().get(f'edgeline_worker_messages_total{{topic="{topic}"}}', 0.0)
         return sum(v for k, v in self.metrics().items() if k.startswith("edgeline_worker_messages_total"))
 
     def metrics(self) -> dict[str, float]:
@@ -139,3 +145,146 @@ def read_messages(bootstrap: str, topic: str, **kwargs: Any) -> list[Envelope]:
 
 def read_json(bootstrap: str, topic: str, **kwargs: Any) -> list[dict[str, Any]]:
     return [json.loads(v) for v in read_topic(bootstrap, topic, **kwargs)]
+
+
+# ------------------------------------------------------------------ straight to Kafka, group lag
+
+
+def worker_group(site: SiteConfig) -> str:
+    """The consumer group of a site's Faust workers (their app id, see ``stream.app.create_app``)."""
+    return f"{site.stream.topic_prefix}-worker-{site.site}"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str | Callable[[], str],
+             workers: Sequence[WorkerProcess] = (), interval: float = 0.2) -> float:
+    """Poll ``condition`` until it holds (seconds it took); a worker of ``workers`` that exits
+    fails at once, and ``timeout`` raises with ``what`` (or what it returns) and the workers' logs."""
+    started = time.monotonic()
+    while not condition():
+        for worker in workers:
+            worker.check_alive()
+        if time.monotonic() - started > timeout:
+            logs = "\n".join(f"--- {w.name}:\n{w.tail(30)}" for w in workers)
+            raise TimeoutError(f"not within {timeout:.0f} s: {what() if callable(what) else what}\n{logs}")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+def produce(bootstrap: str, topic_of: Callable[[Envelope], str], messages: Iterable[Envelope],
+            timeout: float = 60.0) -> int:
+    """Send ``messages`` straight to Kafka as the bridge does (key = machine, record timestamp =
+    the message's ts), in order per machine (an idempotent producer); wait for every ack."""
+    producer = reliable_producer(bootstrap, "test-producer")
+    try:
+        futures = [producer.send(topic_of(m), key=m.machine.encode(), value=m.to_json(),
+                                 timestamp_ms=int(m.ts * 1000)) for m in messages]
+        producer.flush(timeout)
+        for future in futures:
+            future.get(timeout)
+        return len(futures)
+    finally:
+        close_producer(producer, 10.0)
+
+
+class Feeder(threading.Thread):
+    """Keeps producing straight to Kafka in the background: step ``i`` sends the messages
+    ``make_step(i)`` (keyed by machine, as :func:`produce`), ``steps_per_s`` steps a second,
+    until :meth:`finish`. ``sent`` is every message sent, in the order sent."""
+
+    def __init__(self, bootstrap: str, topic_of: Callable[[Envelope], str],
+                 make_step: Callable[[int], list[Envelope]], steps_per_s: float) -> None:
+        super().__init__(name="test-feeder", daemon=True)
+        self.topic_of, self.make_step, self.period = topic_of, make_step, 1.0 / steps_per_s
+        self.producer = reliable_producer(bootstrap, "test-feeder")
+        self.sent: list[Envelope] = []
+        self.steps = 0
+        self.error: BaseException | None = None
+        self._futures: list[Any] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        next_at = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                for message in self.make_step(self.steps):
+                    self._futures.append(self.producer.send(
+                        self.topic_of(message), key=message.machine.encode(), value=message.to_json(),
+                        timestamp_ms=int(message.ts * 1000)))
+                    self.sent.append(message)
+                self.steps += 1
+                next_at += self.period
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+
+    def finish(self, timeout: float = 60.0) -> list[Envelope]:
+        """Stop, wait until Kafka acknowledged every message sent; the messages sent."""
+        self._stop.set()
+        if self.is_alive():
+            self.join(timeout)
+        try:
+            if self.error is not None:
+                raise RuntimeError(f"the feeder failed: {self.error!r}") from self.error
+            self.producer.flush(timeout)
+            for future in self._futures:
+                future.get(timeout)
+        finally:
+            close_producer(self.producer, 10.0)
+        return self.sent
+
+
+def group_lag(bootstrap: str, group: str, topics: Iterable[str]) -> dict[str, int]:
+    """Per topic: records not yet committed by ``group`` (end offset - committed offset, summed
+    over the partitions; a partition the group never committed counts from 0)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="test-lag")
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="test-lag-end", group_id=None)
+    try:
+        committed = admin.list_group_offsets({group: None}).get(group, {})
+        lag: dict[str, int] = {}
+        for topic in topics:
+            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+            ends = consumer.end_offsets(partitions)
+            lag[topic] = int(sum(end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+                                 for tp, end in ends.items()))
+        return lag
+    finally:
+        admin.close()
+        consumer.close()
+
+
+def wait_until_consumed(bootstrap: str, group: str, topics: Sequence[str], workers: Sequence[WorkerProcess],
+                        timeout: float = 120.0) -> float:
+    """Until ``group`` has committed every record of ``topics`` (in order: a later topic may be
+    fed from an earlier one); seconds it took. The workers must stay alive."""
+    last: dict[str, int] = {}
+
+    def done() -> bool:
+        last.update(group_lag(bootstrap, group, topics))
+        return not any(last.values())
+
+    return wait_for(done, timeout, lambda: f"group {group} consumes everything (lag now {last})", workers,
+                    interval=0.5)
+
+
+def read_to_end(bootstrap: str, topic: str, timeout: float = 60.0) -> list[bytes]:
+    """Every record value on ``topic``, from the start up to its end offsets as they were when
+    called (so nothing already written is missed, whatever the pauses in between)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                             client_id="test-read-to-end")
+    deadline = time.monotonic() + timeout
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not partitions:
+            return []
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        values: list[bytes] = []
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: read {len(values)} records, not up to its end within {timeout:.0f} s")
+            for records in consumer.poll(timeout_ms=500).values():
+                values += [r.value for r in records if r.offset < ends[TopicPartition(r.topic, r.partition)]]
+        return values
+    finally:
+        consumer.close()
