@@ -200,12 +200,12 @@ class Feeder(threading.Thread):
         self.steps = 0
         self.error: BaseException | None = None
         self._futures: list[Any] = []
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
         next_at = time.monotonic()
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 for message in self.make_step(self.steps):
                     self._futures.append(self.producer.send(
                         self.topic_of(message), key=message.machine.encode(), value=message.to_json(),
@@ -213,13 +213,13 @@ class Feeder(threading.Thread):
                     self.sent.append(message)
                 self.steps += 1
                 next_at += self.period
-                self._stop.wait(max(0.0, next_at - time.monotonic()))
+                self._stopping.wait(max(0.0, next_at - time.monotonic()))
         except BaseException as exc:  # noqa: BLE001 - reported by finish()
             self.error = exc
 
     def finish(self, timeout: float = 60.0) -> list[Envelope]:
         """Stop, wait until Kafka acknowledged every message sent; the messages sent."""
-        self._stop.set()
+        self._stopping.set()
         if self.is_alive():
             self.join(timeout)
         try:
