@@ -283,6 +283,15 @@ def _quantile(before: dict[float, float], after: dict[float, float], q: float) -
     return float("nan")
 
 
+def _ms(before: dict[float, float], after: dict[float, float], q: float) -> int | str | None:
+    """A quantile in whole ms; ``">N"`` when it lies beyond the histogram's largest bound (N ms)."""
+    value = _quantile(before, after, q)
+    if math.isnan(value):
+        return None
+    top = max((b for b in after if b != float("inf")), default=0.0) * 1000.0
+    return f">{top:.0f}" if value >= top else round(value)
+
+
 class LagProbe:
     """A consumer group's lag (end offsets - committed) on some topics, over one admin connection."""
 
@@ -293,11 +302,15 @@ class LagProbe:
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="bench-lag-end")
 
     def lag(self) -> int:
+        return sum(self.by_topic().values())
+
+    def by_topic(self) -> dict[str, int]:
         committed = self.admin.list_group_offsets(self.group).get(self.group, {})
         partitions = [TopicPartition(t, p) for t in self.topics for p in self.consumer.partitions_for_topic(t) or []]
-        ends = self.consumer.end_offsets(partitions)
-        return int(sum(end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
-                       for tp, end in ends.items()))
+        lags = dict.fromkeys(self.topics, 0)
+        for tp, end in self.consumer.end_offsets(partitions).items():
+            lags[tp.topic] += int(end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0))
+        return lags
 
     def close(self) -> None:
         self.admin.close()
@@ -384,19 +397,24 @@ def summarize_profile(path: Path, top: int = 12) -> list[tuple[str, float]]:
     return [(k, 100.0 * v / max(total, 1)) for k, v in sorted(by_place.items(), key=lambda kv: -kv[1])[:top]]
 
 
-def summarize_profile_inclusive(path: Path, places: tuple[str, ...] = (
-        "stream/rules.py", "stream/messages.py", "stream/app.py", "pydantic", "faust", "mode", "aiokafka",
-        "kafka", "json", "orjson", "msgspec", "asyncio", "rocksdict", "prometheus_client")) -> list[tuple[str, float]]:
-    """Share of samples with a frame in each of ``places`` anywhere on the stack (inclusive time)."""
+PROFILE_PLACES = ("stream/rules.py", "stream/batches.py", "stream/messages.py", "pydantic", "json", "orjson",
+                  "msgspec", "faust", "mode", "aiokafka", "kafka", "rocksdict", "prometheus_client", "selectors")
+"""Modules and libraries whose inclusive share of the samples is printed (the agents' own module,
+at the root of every stack, is left out)."""
+
+
+def summarize_profile_inclusive(path: Path, places: tuple[str, ...] = PROFILE_PLACES) -> list[tuple[str, float]]:
+    """Share of samples with a frame in each of ``places`` anywhere on the stack (inclusive time):
+    a path like ``stream/rules.py``, or a library (``pydantic``: ``pydantic/...`` or ``pydantic.py``)."""
     hits = dict.fromkeys(places, 0)
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         total += int(count)
-        files = [f.split(" (")[1].split(":")[0] if " (" in f else "" for f in stack.split(";")]
+        files = ["/" + f.split(" (")[1].rsplit(":", 1)[0] if " (" in f else "" for f in stack.split(";")]
         for place in places:
-            needle = place if "/" in place else f"/{place}/"
-            if any(needle in f or f.endswith(f"/{place}.py") for f in files):
+            needles = (f"/{place}",) if "/" in place else (f"/{place}/", f"/{place}.py")
+            if any(needle in f for f in files for needle in needles):
                 hits[place] += int(count)
     return [(p, 100.0 * n / max(total, 1)) for p, n in sorted(hits.items(), key=lambda kv: -kv[1]) if n]
 
@@ -419,12 +437,15 @@ class Drain:
         self.t_first = self.cpu_first = 0.0
         self.first_count = 0.0
 
-    def run(self, expected: float, done: Any, timeout: float) -> dict[str, Any]:
+    def run(self, expected: float, done: Any, timeout: float, on_first: Any = None) -> dict[str, Any]:
+        """``on_first()`` is called once the first message is consumed (e.g. to start a profiler)."""
         deadline = time.monotonic() + timeout
         while True:
             count = self.consumed(self.process.metrics())
             if count > 0:
                 self.t_first, self.cpu_first, self.first_count = time.monotonic(), _cpu(self.process.ps), count
+                if on_first is not None:
+                    on_first()
                 break
             if self.process.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"bench.central: {self.process.name} consumed nothing (see its log)")
@@ -462,17 +483,22 @@ def kafka_replay(messages: list[Envelope], kafka: KafkaBroker, mosquitto: Mosqui
     probe = LagProbe(kafka.bootstrap, f"{prefix}-worker-{REPLAY_SITE}", [*input_topics, topics.line_observations])
     kafka_ps = psutil.Process(kafka.pid)
     worker = Process("replay-worker", ["stream", "worker", "-c", str(config), "--data-dir", str(workdir / "wr")], workdir)
-    spy = None
+    spy: list[subprocess.Popen[bytes] | None] = [None]
+    kafka0 = [0.0]
+
+    def first_record() -> None:
+        kafka0[0] = _cpu(kafka_ps)
+        if profile_dir is not None:  # from the first record on: the worker's start-up is not in the profile
+            spy[0] = start_profile(worker.proc.pid, profile_dir / "replay-worker.txt")
+
     try:
         consumed = lambda m: sum(_sum(m, "edgeline_worker_messages_total", f'topic="{t}"') for t in input_topics)
-        drain = Drain(worker, consumed)
-        if profile_dir is not None:
-            spy = start_profile(worker.proc.pid, profile_dir / "replay-worker.txt")
-        kafka0 = _cpu(kafka_ps)
-        row = drain.run(len(messages), lambda: consumed(worker.metrics()) >= len(messages) and probe.lag() == 0, timeout)
-        kafka_cpu = _cpu(kafka_ps) - kafka0  # from before the worker's first record: a little more than its span
-        stop_profile(spy)
-        spy = None
+        row = Drain(worker, consumed).run(
+            len(messages), lambda: consumed(worker.metrics()) >= len(messages) and probe.lag() == 0, timeout,
+            on_first=first_record)
+        kafka_cpu = _cpu(kafka_ps) - kafka0[0]
+        stop_profile(spy[0])
+        spy[0] = None
         worker_metrics = worker.metrics()
         row.update({"runner": "Faust worker (1 process)", "broker_cpu_pct": round(100 * kafka_cpu / row["wall_s"]),
                     "batches": _sum(worker_metrics, "edgeline_worker_batch_records_count") or None,
@@ -480,7 +506,7 @@ def kafka_replay(messages: list[Envelope], kafka: KafkaBroker, mosquitto: Mosqui
                     "dead_letters": int(_sum(worker_metrics, "edgeline_worker_dead_lettered_total"))})
         return row
     finally:
-        stop_profile(spy)
+        stop_profile(spy[0])
         worker.stop()
         probe.close()
 
@@ -514,9 +540,10 @@ def embedded_replay(messages: list[Envelope], mosquitto: MosquittoBroker, kafka:
     try:
         seen = lambda m: (_sum(m, "edgeline_rules_messages_total") + _sum(m, "edgeline_rules_dead_lettered_total")
                           + _sum(m, "edgeline_rules_duplicates_total"))
-        mosquitto0 = _cpu(mosquitto_ps)
-        row = Drain(runner, seen).run(len(inputs), lambda: seen(runner.metrics()) >= len(inputs), timeout)
-        mosquitto_cpu = _cpu(mosquitto_ps) - mosquitto0
+        mosquitto0 = [0.0]
+        row = Drain(runner, seen).run(len(inputs), lambda: seen(runner.metrics()) >= len(inputs), timeout,
+                                      on_first=lambda: mosquitto0.__setitem__(0, _cpu(mosquitto_ps)))
+        mosquitto_cpu = _cpu(mosquitto_ps) - mosquitto0[0]
         metrics = runner.metrics()
         row.update({"runner": "embedded runner (MQTT)", "broker_cpu_pct": round(100 * mosquitto_cpu / row["wall_s"]),
                     "emitted": int(_sum(metrics, "edgeline_rules_emitted_total")),
@@ -568,6 +595,7 @@ def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process
     lat1, pipe1 = _latency_buckets(workers), _latency_buckets(workers, "pipeline")
     consumed = sum(_sum(b, "edgeline_worker_messages_total") - _sum(a, "edgeline_worker_messages_total")
                    for a, b in zip(workers0, workers1))
+    lag_by_topic = probe.by_topic()
     trend: LagTrend = lag_trend(samples)
     mqtt_rate = (site.published - published0) / elapsed
     return {
@@ -577,11 +605,11 @@ def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process
         "kafka_rec_per_s": round((_sum(bridge1, "edgeline_bridge_kafka_produced_total")
                                   - _sum(bridge0, "edgeline_bridge_kafka_produced_total")) / elapsed),
         "worker_msg_per_s": round(consumed / elapsed),
-        "p50_ms": round(_quantile(lat0, lat1, 0.5)), "p99_ms": round(_quantile(lat0, lat1, 0.99)),
-        "pipeline_p50_ms": round(_quantile(pipe0, pipe1, 0.5)),
-        "pipeline_p99_ms": round(_quantile(pipe0, pipe1, 0.99)),
+        "p50_ms": _ms(lat0, lat1, 0.5), "p99_ms": _ms(lat0, lat1, 0.99),
+        "pipeline_p50_ms": _ms(pipe0, pipe1, 0.5), "pipeline_p99_ms": _ms(pipe0, pipe1, 0.99),
         "lag_start": trend.start, "lag_end": trend.end, "lag_slope": round(trend.slope, 2),
         "lag_slope_stderr": round(trend.stderr, 2), "lag_grows": trend.grows, "lag_samples": samples,
+        "lag_end_by_topic": lag_by_topic,
         "dead_letters": int(_sum(bridge1, "edgeline_bridge_dead_lettered_total")
                             + sum(_sum(w, "edgeline_worker_dead_lettered_total") for w in workers1)),
         "cpu": {name: {"cpu_s": round(s, 2), "cpu_pct": round(100.0 * s / elapsed),
@@ -654,6 +682,8 @@ def main(seconds: float = typer.Option(60.0, help="measured seconds per site ste
          batch_max: int | None = typer.Option(None, help="stream.workers.batch_max for the workers (default: the site default)"),
          batch_ms: float | None = typer.Option(None, help="stream.workers.batch_ms for the workers"),
          profile_to: Path | None = typer.Option(None, help="py-spy the replay worker and the site's first worker into DIR"),
+         workdir: Path | None = typer.Option(None, help="keep the processes' logs, configs and Kafka data here "
+                                             "(default: a temp folder, removed)"),
          out: Path | None = typer.Option(None, help="JSON results (default bench/results/central.json)")) -> None:
     """Replay rows (Faust worker, embedded runner), the live site, CPU per process and a projection."""
     steps = tuple(int(m) for m in machines.split(",") if m)
@@ -665,7 +695,8 @@ def main(seconds: float = typer.Option(60.0, help="measured seconds per site ste
     print(json.dumps(replay_rows[-1]), flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-central-") as tmp:
-        workdir = Path(tmp)
+        workdir = Path(tmp) if workdir is None else workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         with MosquittoBroker(max_queued_messages=max(100_000, replay + 10_000)) as mosquitto, \
                 KafkaBroker(workdir / "kafka", heap="1g", fast_start=False) as kafka:
             if replay > 0:

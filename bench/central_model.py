@@ -121,6 +121,8 @@ def fmt(value: Any, digits: int = 0) -> str:
         return "-"
     if isinstance(value, (int, float)):
         return f"{value:,.{digits}f}"
+    if isinstance(value, str) and value.startswith(">") and value[1:].replace(".", "", 1).isdigit():
+        return f"> {float(value[1:]):,.{digits}f}"  # beyond a histogram's largest bound
     return str(value)
 
 

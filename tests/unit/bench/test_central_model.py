@@ -99,3 +99,23 @@ def test_every_table_fits_a_log_line_and_nothing_is_cut():
     projection_text = tables[4].markdown()
     assert "1000 machines" in projection_text and "cores: workers" in projection_text
     assert "partitions" in projection_text
+
+
+def test_a_quantile_beyond_the_top_bucket_reads_as_more_than_it():
+    from bench.central import _ms
+    from bench.central_model import fmt
+    before = {1.0: 0.0, 30.0: 0.0, float("inf"): 0.0}
+    after = {1.0: 10.0, 30.0: 10.0, float("inf"): 100.0}
+    assert _ms(before, after, 0.05) == 500 and _ms(before, after, 0.99) == ">30000"
+    assert fmt(">30000") == "> 30,000" and _ms(after, after, 0.5) is None and fmt(None) == "-"
+
+
+def test_profile_inclusive_shares_by_module_or_library(tmp_path):
+    from bench.central import summarize_profile_inclusive
+    raw = tmp_path / "worker.txt"
+    raw.write_text("agent (stream/app.py:1);take (stream/batches.py:3);validate_json (pydantic/type_adapter.py:9) 30\n"
+                   "agent (stream/app.py:1);evaluate (stream/rules.py:10);dumps (json/encoder.py:5) 10\n"
+                   "agent (stream/app.py:1);send (aiokafka/producer/producer.py:5) 60\n")
+    shares = dict(summarize_profile_inclusive(raw))
+    assert shares == {"aiokafka": 60.0, "stream/batches.py": 30.0, "pydantic": 30.0, "stream/rules.py": 10.0,
+                      "json": 10.0}
