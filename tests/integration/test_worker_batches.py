@@ -57,20 +57,30 @@ def partition_of(machine: str) -> int:
     return (murmur2(machine.encode()) & 0x7FFFFFFF) % PARTITIONS
 
 
-def result(site: str, machine: str, camera: str, ts: float, ratio: float, seq: int) -> Result:
-    output = ModelOutput(model="seg", version="1", latency_ms=5.0, defect_ratio=ratio)
-    frame = FrameResult(seq=seq, ts=ts, outputs=[output])
-    return Result(site=site, machine=machine, camera=camera, ts=ts, frames=[frame])
+FRAMES = 3
+"""Frames per result (an edge groups about 200 ms of a 15 fps camera): each is an observation."""
+FRAME_S = 0.03
 
 
-def defective(step: int, machine_index: int, camera_index: int) -> bool:
-    """Waves of 6 clean and 6 defective steps, shifted per machine and camera: a camera rule fires
-    or resolves every 6 steps of each camera, the machine and line rules follow the mix."""
-    return ((step + 3 * machine_index + 2 * camera_index) // 6) % 2 == 1
+def result(site: str, machine: str, camera: str, ts: float, ratios: list[float], seq: int) -> Result:
+    """A result of ``len(ratios)`` frames, the last one at ``ts``."""
+    frames = [FrameResult(seq=seq * len(ratios) + i, ts=ts - FRAME_S * (len(ratios) - 1 - i),
+                          outputs=[ModelOutput(model="seg", version="1", latency_ms=5.0, defect_ratio=ratio)])
+              for i, ratio in enumerate(ratios)]
+    return Result(site=site, machine=machine, camera=camera, ts=ts, frames=frames)
+
+
+def defective(frame: int, machine_index: int, camera_index: int) -> bool:
+    """Waves of 6 clean and 6 defective frames, shifted per machine and camera, so that a camera
+    rule fires or resolves every 6 frames, often inside a result, and the counting rules follow
+    the mix: every frame of a result counts."""
+    return ((frame + 3 * machine_index + 2 * camera_index) // 6) % 2 == 1
 
 
 def step_results(site: str, machine_ids: list[str], cameras: list[str], step: int, ts: float) -> list[Result]:
-    return [result(site, machine, camera, ts, 0.2 if defective(step, m, c) else 0.0, seq=step)
+    """One result per machine and camera, of frames ``step * FRAMES`` ..."""
+    return [result(site, machine, camera, ts,
+                   [0.2 if defective(step * FRAMES + f, m, c) else 0.0 for f in range(FRAMES)], seq=step)
             for m, machine in enumerate(machine_ids) for c, camera in enumerate(cameras)]
 
 
