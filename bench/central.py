@@ -17,7 +17,7 @@
    stream on its own phase) publishing to a real Mosquitto -> the bridge -> a real Kafka ->
    ``--workers`` Faust workers, at each ``--machines`` step for ``--seconds``: frame and
    pipeline p50/p99, the lag sampled through the step (start, end, least-squares slope), CPU
-   per process and per 1k site msg/s, and a projection to 50, 200 and 1,000 machines.
+   per process and per 1k msg/s it handled, and a projection to 50, 200 and 1,000 machines.
 
 In the same run, the embedded rules engine's msg/s on one core in this process (no I/O).
 Needs Mosquitto and the Kafka jars; ``--profile-to`` needs py-spy.
@@ -46,7 +46,7 @@ import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from rich.console import Console
 
-from bench.central_model import (LagTrend, cores_per_1k, cpu_table, lag_trend, projection, projection_table,
+from bench.central_model import (LagTrend, components_per_1k, cores_per_1k, cpu_table, lag_trend, projection, projection_table,
                                  replay_table, site_latency_table, site_rates_table)
 from bench.report import RESULTS, machine
 from edgeline.services import KafkaBroker, MosquittoBroker, free_port, scrape_metrics
@@ -398,9 +398,9 @@ def summarize_profile(path: Path, top: int = 12) -> list[tuple[str, float]]:
 
 
 PROFILE_PLACES = ("stream/rules.py", "stream/batches.py", "stream/messages.py", "pydantic", "json", "orjson",
-                  "msgspec", "faust", "mode", "aiokafka", "kafka", "rocksdict", "prometheus_client", "selectors")
-"""Modules and libraries whose inclusive share of the samples is printed (the agents' own module,
-at the root of every stack, is left out)."""
+                  "msgspec", "aiokafka", "kafka", "rocksdict", "prometheus_client", "selectors")
+"""Modules and libraries whose inclusive share of the samples is printed (the agents' module and
+the frameworks at the root of every stack, stream/app.py, faust and mode, are left out)."""
 
 
 def summarize_profile_inclusive(path: Path, places: tuple[str, ...] = PROFILE_PLACES) -> list[tuple[str, float]]:
@@ -569,7 +569,17 @@ def _forget_session(mosquitto: MosquittoBroker, client_id: str) -> None:
 
 
 def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process, workers: list[Process],
-             kafka: KafkaBroker, mosquitto_ps: psutil.Process, probe: LagProbe, window_ms: float) -> dict[str, Any]:
+             kafka: KafkaBroker, mosquitto_ps: psutil.Process, probe: LagProbe, window_ms: float,
+             topics: KafkaTopics) -> dict[str, Any]:
+    """One step of the live site. Each process's CPU per 1k msg/s is over what it handled: the
+    site and Mosquitto the MQTT messages, the bridge and Kafka the records the bridge produced,
+    each worker the input records (results, anomalies, heartbeats) it consumed; so a worker that
+    falls behind is not credited with work it did not do."""
+    inputs = [topics.for_kind(k) for k in ("result", "anomaly", "heartbeat")]
+
+    def worker_inputs(metrics: dict[str, float]) -> float:
+        return sum(_sum(metrics, "edgeline_worker_messages_total", f'topic="{t}"') for t in inputs)
+
     site.set_machines(machines)
     time.sleep(10.0)  # reach the new rate before measuring
     settle_until = time.monotonic() + 120.0
@@ -598,12 +608,16 @@ def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process
     lag_by_topic = probe.by_topic()
     trend: LagTrend = lag_trend(samples)
     mqtt_rate = (site.published - published0) / elapsed
+    kafka_rate = (_sum(bridge1, "edgeline_bridge_kafka_produced_total")
+                  - _sum(bridge0, "edgeline_bridge_kafka_produced_total")) / elapsed
+    handled = {"site": mqtt_rate, "mosquitto": mqtt_rate, "bridge": kafka_rate, "kafka": kafka_rate,
+               **{w.name: (worker_inputs(b) - worker_inputs(a)) / elapsed for w, a, b in zip(workers, workers0, workers1)}}
     return {
         "machines": machines, "workers": len(workers), "window_ms": window_ms, "seconds": round(elapsed, 1),
         "frames_per_s": round((site.frames - frames0) / elapsed),
         "mqtt_msg_per_s": round(mqtt_rate),
-        "kafka_rec_per_s": round((_sum(bridge1, "edgeline_bridge_kafka_produced_total")
-                                  - _sum(bridge0, "edgeline_bridge_kafka_produced_total")) / elapsed),
+        "kafka_rec_per_s": round(kafka_rate),
+        "worker_in_per_s": round(sum(v for k, v in handled.items() if k.startswith("worker"))),
         "worker_msg_per_s": round(consumed / elapsed),
         "p50_ms": _ms(lat0, lat1, 0.5), "p99_ms": _ms(lat0, lat1, 0.99),
         "pipeline_p50_ms": _ms(pipe0, pipe1, 0.5), "pipeline_p99_ms": _ms(pipe0, pipe1, 0.99),
@@ -612,8 +626,10 @@ def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process
         "lag_end_by_topic": lag_by_topic,
         "dead_letters": int(_sum(bridge1, "edgeline_bridge_dead_lettered_total")
                             + sum(_sum(w, "edgeline_worker_dead_lettered_total") for w in workers1)),
-        "cpu": {name: {"cpu_s": round(s, 2), "cpu_pct": round(100.0 * s / elapsed),
-                       "cores_per_1k": round(cores_per_1k(s, elapsed, mqtt_rate), 4)} for name, s in cpu.items()},
+        "cpu": {name: {"cpu_s": round(s, 2), "cpu_pct": round(100.0 * s / elapsed), "msg_per_s": round(handled[name]),
+                       "cores_per_1k": round(cores_per_1k(s, elapsed, handled[name]), 4)} for name, s in cpu.items()},
+        "components_per_1k": {name: round(v, 4) for name, v in components_per_1k(
+            {name: {"cpu_s": s, "msg_per_s": handled[name]} for name, s in cpu.items()}, elapsed).items()},
     }
 
 
@@ -639,7 +655,7 @@ def site_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, 
             if profile_dir is not None and machines == machine_steps[-1]:
                 spy = start_profile(workers[0].proc.pid, profile_dir / "site-worker1.txt", seconds)
             rows.append(run_step(machines, seconds, site, bridge, workers, kafka, psutil.Process(mosquitto.pid),
-                                 probe, window_ms))
+                                 probe, window_ms, topics))
             stop_profile(spy)
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "lag_samples"}), flush=True)
     finally:
@@ -716,11 +732,12 @@ def main(seconds: float = typer.Option(60.0, help="measured seconds per site ste
         largest = rows[-1]
         cpu_rows = [{"process": name, **values} for name, values in largest["cpu"].items()]
         per_machine = largest["mqtt_msg_per_s"] / largest["machines"]
-        plan = projection(per_machine, {name: v["cores_per_1k"] for name, v in largest["cpu"].items()})
+        plan = projection(per_machine, largest["components_per_1k"])
         result["projection"] = {
             "assumption": f"the measured per-machine mix ({per_machine:.1f} msg/s per machine: {CAMERAS} cameras x "
                           f"{FPS:g} fps grouped per {window_ms:g} ms, pump 1 Hz, heartbeat 5 s), each component's "
-                          f"CPU linear in site msg/s from the {largest['machines']}-machine step, workers at "
+                          f"CPU per 1k msg/s it handled in the {largest['machines']}-machine step (workers pooled), "
+                          "linear in site msg/s, workers at "
                           "<= 70% of a core each, partitions a multiple of the workers (>= 2 per worker, >= 4)",
             "rows": plan}
         print_table(site_rates_table(rows), console)

@@ -80,17 +80,25 @@ def partitions_for(workers: int, minimum: int = MIN_PARTITIONS) -> int:
     return workers * per_worker
 
 
-def projection(msg_per_s_per_machine: float, cores_per_1k_by_process: dict[str, float],
+def components_per_1k(cpu: dict[str, dict[str, float]], elapsed_s: float) -> dict[str, float]:
+    """Cores per 1k msg/s of each component from processes' ``{"cpu_s", "msg_per_s"}``: the worker
+    processes pooled into ``workers`` (their CPU over the input records they consumed together)."""
+    pooled: dict[str, list[float]] = {}
+    for name, values in cpu.items():
+        key = "workers" if name.startswith("worker") else name
+        total = pooled.setdefault(key, [0.0, 0.0])
+        total[0] += values["cpu_s"]
+        total[1] += values["msg_per_s"]
+    return {name: cores_per_1k(cpu_s, elapsed_s, rate) for name, (cpu_s, rate) in pooled.items()}
+
+
+def projection(msg_per_s_per_machine: float, components: dict[str, float],
                machines: Sequence[int] = PROJECTED_MACHINES) -> list[dict[str, Any]]:
     """Cores per component at each site size, linear in msg/s, and the workers/partitions to run.
 
-    ``cores_per_1k_by_process`` maps a process (``site``, ``mosquitto``, ``bridge``, ``kafka``,
-    ``worker1``...) to its measured cores per 1k site msg/s; the workers are summed into one
-    ``workers`` component. Assumes the measured per-machine message mix and grouping."""
-    components: dict[str, float] = {}
-    for name, per_1k in cores_per_1k_by_process.items():
-        key = "workers" if name.startswith("worker") else name
-        components[key] = components.get(key, 0.0) + per_1k
+    ``components`` maps a component (``site``, ``mosquitto``, ``bridge``, ``kafka``, ``workers``)
+    to its measured cores per 1k msg/s it handles; each handles about one record per site message.
+    Assumes the measured per-machine message mix and grouping."""
     rows = []
     for count in machines:
         rate = msg_per_s_per_machine * count
@@ -152,6 +160,7 @@ def site_rates_table(rows: Sequence[dict[str, Any]]) -> TableOutput:
         Col("frames/s", lambda r: fmt(r["frames_per_s"])),
         Col("MQTT msg/s", lambda r: fmt(r["mqtt_msg_per_s"])),
         Col("Kafka rec/s", lambda r: fmt(r["kafka_rec_per_s"])),
+        Col("worker in/s", lambda r: fmt(r["worker_in_per_s"])),
         Col("worker rec/s", lambda r: fmt(r["worker_msg_per_s"])),
         Col("dead letters", lambda r: fmt(r["dead_letters"])),
     ], rows)
@@ -176,7 +185,8 @@ def cpu_table(rows: Sequence[dict[str, Any]]) -> TableOutput:
     return table("site: CPU per process (largest step)", [
         Col("process", lambda r: r["process"], numeric=False),
         Col("CPU %", lambda r: fmt(r["cpu_pct"])),
-        Col("cores per 1k site msg/s", lambda r: fmt(r["cores_per_1k"], 3)),
+        Col("msg/s handled", lambda r: fmt(r["msg_per_s"])),
+        Col("cores per 1k msg/s", lambda r: fmt(r["cores_per_1k"], 3)),
     ], rows)
 
 

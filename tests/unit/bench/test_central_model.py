@@ -8,7 +8,7 @@ import math
 import pytest
 
 from bench.central import replay_messages, site_msg_per_s, site_schedule
-from bench.central_model import (LOG_WIDTH, cores_per_1k, cpu_table, lag_trend, partitions_for, projection,
+from bench.central_model import (LOG_WIDTH, components_per_1k, cores_per_1k, cpu_table, lag_trend, partitions_for, projection,
                                  projection_table, replay_table, site_latency_table, site_rates_table, widest_line,
                                  workers_for)
 
@@ -39,7 +39,12 @@ def test_workers_at_70_percent_and_partitions_a_multiple_with_headroom():
 
 
 def test_projection_is_linear_in_msg_per_s_and_sums_the_workers():
-    per_1k = {"site": 0.1, "mosquitto": 0.05, "bridge": 0.2, "kafka": 0.1, "worker1": 0.15, "worker2": 0.15}
+    cpu = {"site": {"cpu_s": 6.0, "msg_per_s": 1000.0}, "mosquitto": {"cpu_s": 3.0, "msg_per_s": 1000.0},
+           "bridge": {"cpu_s": 12.0, "msg_per_s": 1000.0}, "kafka": {"cpu_s": 6.0, "msg_per_s": 1000.0},
+           "worker1": {"cpu_s": 9.0, "msg_per_s": 300.0}, "worker2": {"cpu_s": 9.0, "msg_per_s": 300.0}}
+    per_1k = components_per_1k(cpu, elapsed_s=60.0)  # two workers that got through 600 msg/s on 0.3 cores
+    assert per_1k == pytest.approx({"site": 0.1, "mosquitto": 0.05, "bridge": 0.2, "kafka": 0.1, "workers": 0.5})
+    per_1k["workers"] = 0.3
     rows = projection(21.2, per_1k, machines=(50, 200, 1000))
     assert [r["msg_per_s"] for r in rows] == [1060, 4240, 21200]
     assert rows[0]["cores"] == {"site": 0.11, "mosquitto": 0.05, "bridge": 0.21, "kafka": 0.11, "workers": 0.32}
@@ -76,17 +81,17 @@ def _rows() -> dict[str, list[dict]]:
               {"runner": "embedded runner (MQTT)", "messages": 98_100, "wall_s": 10.2, "msg_per_s": 9_617,
                "cpu_s": 9.9, "cpu_pct": 97, "msg_per_core_s": 9_909, "broker_cpu_pct": None}]
     site = [{"machines": 1000, "workers": 16, "window_ms": 200.0, "frames_per_s": 600_000, "mqtt_msg_per_s": 21_200,
-             "kafka_rec_per_s": 21_200, "worker_msg_per_s": 42_400, "dead_letters": 12_345, "p50_ms": 12_345,
+             "kafka_rec_per_s": 21_200, "worker_in_per_s": 21_200, "worker_msg_per_s": 42_400, "dead_letters": 12_345, "p50_ms": 12_345,
              "p99_ms": 123_456, "pipeline_p50_ms": 12_345, "pipeline_p99_ms": 123_456, "lag_start": 1_234_567,
              "lag_end": 12_345_678, "lag_slope": 12_345.67, "lag_slope_stderr": 1_234.5, "lag_grows": True}]
-    cpu = [{"process": name, "cpu_pct": 123, "cores_per_1k": 0.1234} for name in
+    cpu = [{"process": name, "cpu_pct": 123, "msg_per_s": 21_200, "cores_per_1k": 0.1234} for name in
            ("site", "mosquitto", "bridge", "kafka", *(f"worker{i}" for i in range(1, 17)))]
     return {"replay": replay, "site": site, "cpu": cpu}
 
 
 def test_every_table_fits_a_log_line_and_nothing_is_cut():
     rows = _rows()
-    per_1k = {row["process"]: row["cores_per_1k"] for row in rows["cpu"]}
+    per_1k = {"site": 0.1, "mosquitto": 0.05, "bridge": 0.2, "kafka": 0.1, "workers": 0.3}
     tables = [replay_table(rows["replay"]), site_rates_table(rows["site"]), site_latency_table(rows["site"]),
               cpu_table(rows["cpu"]), projection_table(projection(21.2, per_1k))]
     for output in tables:
