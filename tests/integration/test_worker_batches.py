@@ -207,9 +207,14 @@ def test_workers_joining_and_leaving_mid_stream_decide_as_the_engine(mosquitto, 
                     lambda step: step_results(unique_name, machine_ids, ["cam1"], step, time.time()), steps_per_s=10)
     feeder.start()
     try:
-        a, b = workers(path, "a"), workers(path, "b")
-        wait_for(lambda: a.consumed(results_topic) > 0 and b.consumed(results_topic) > 0, 120,
-                 "workers a and b both consume results", [a, b], interval=0.5)
+        # b starts once a consumes: two workers starting together on a new site race on creating the
+        # changelog topics (the old worker's line stage then crashed on a 0-partition changelog, and
+        # its worker stayed up with the partitions it would never read); that is not this test's case
+        a = workers(path, "a")
+        wait_for(lambda: a.consumed(results_topic) > 0, 120, "worker a consumes results", [a], interval=0.5)
+        b = workers(path, "b")
+        wait_for(lambda: b.consumed(results_topic) > 0, 120, "workers a and b both consume results", [a, b],
+                 interval=0.5)
         c = workers(path, "c")
         wait_for(lambda: c.consumed(results_topic) > 0, 120, "worker c, started mid-stream, consumes results",
                  [a, b, c], interval=0.5)
