@@ -158,6 +158,9 @@ class SiteSimulator:
         self.messages = SiteMessages(SITE, window_s)
         self.machines: list[str] = []
         self.published = 0
+        self.behind_s = 0.0
+        """How late the latest message went out against its schedule (a loaded box delays the thread,
+        which then catches up: a step's rate runs above the schedule's while it does)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -194,6 +197,7 @@ class SiteSimulator:
                 when, machine, stream = next(schedule, (math.inf, "", ""))
             now = time.time()
             while when <= now and schedule is not None:
+                self.behind_s = now - when
                 self._publish(self.messages.make(machine, stream, now))
                 when, machine, stream = next(schedule)
             self._stop.wait(min(0.005, max(0.0, when - now)) if when < math.inf else 0.05)
@@ -591,7 +595,7 @@ def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process
     processes = {"site": me, "mosquitto": mosquitto_ps, "bridge": bridge.ps, "kafka": kafka_ps,
                  **{w.name: w.ps for w in workers}}
     cpu0 = {name: _cpu(p) for name, p in processes.items()}
-    published0, frames0 = site.published, site.frames
+    published0, frames0, behind0 = site.published, site.frames, site.behind_s
     bridge0 = bridge.metrics()
     workers0 = [w.metrics() for w in workers]
     lat0, pipe0 = _latency_buckets(workers), _latency_buckets(workers, "pipeline")
@@ -617,7 +621,8 @@ def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process
     return {
         "machines": machines, "workers": len(workers), "window_ms": window_ms, "seconds": round(elapsed, 1),
         "frames_per_s": round((site.frames - frames0) / elapsed),
-        "mqtt_msg_per_s": round(mqtt_rate),
+        "mqtt_msg_per_s": round(mqtt_rate), "scheduled_msg_per_s": round(site_msg_per_s(machines, window_ms / 1000.0)),
+        "site_behind_s": [round(behind0, 3), round(site.behind_s, 3)],
         "kafka_rec_per_s": round(kafka_rate),
         "worker_in_per_s": round(sum(v for k, v in handled.items() if k.startswith("worker"))),
         "worker_msg_per_s": round(consumed / elapsed),
@@ -737,7 +742,7 @@ def main(seconds: float = typer.Option(60.0, help="measured seconds per site ste
         # above it while the simulator catches up after a stall on a loaded box)
         plan = projection(per_machine, largest["components_per_1k"])
         result["projection"] = {
-            "assumption": f"the measured per-machine mix ({per_machine:.1f} msg/s per machine: {CAMERAS} cameras x "
+            "assumption": f"the simulated per-machine mix ({per_machine:.1f} msg/s per machine: {CAMERAS} cameras x "
                           f"{FPS:g} fps grouped per {window_ms:g} ms, pump 1 Hz, heartbeat 5 s), each component's "
                           f"CPU per 1k msg/s it handled in the {largest['machines']}-machine step (workers pooled), "
                           "linear in site msg/s, workers at "
