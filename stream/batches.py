@@ -74,9 +74,11 @@ Scope = Callable[[EventT], Any]
 @dataclass
 class _Entry:
     state: RuleState | None
-    source: str | None
-    upto: int | None
+    held: Position | None
+    """The newest record the stored state took (as read when the batch began)."""
     event: EventT | None = None
+    newest: Position | None = None
+    """The newest record it took in this batch."""
     dirty: bool = False
 
 
@@ -95,21 +97,24 @@ class StateCache(MutableMapping[str, RuleState]):
         self._entries: dict[str, _Entry] = {}
 
     def fresh(self, key: str, obs: Observation) -> bool:
-        """False when the state of ``key`` already took the record ``obs`` came from."""
+        """False when the stored state of ``key`` already took the record ``obs`` came from (all
+        of that record's observations, which were taken in the batch that stored it)."""
         event, position = self._origin(obs)
         entry = self._load(key, event)
-        if entry.source == position.source and entry.upto is not None and position.offset <= entry.upto:
+        held = entry.held
+        if held is not None and held.source == position.source and position.offset <= held.offset:
             return False
-        entry.source, entry.upto, entry.event = position.source, position.offset, event
+        entry.event, entry.newest = event, position
         return True
 
     def flush(self) -> int:
-        """Write every state the batch changed, with its position; how many were written."""
+        """Write every state the batch changed, with its newest record; how many were written."""
         written = 0
         for key, entry in self._entries.items():
-            if entry.dirty and entry.state is not None and entry.event is not None:
+            if entry.dirty and entry.state is not None and entry.event is not None and entry.newest is not None:
                 with self._scope(entry.event):
-                    self._table[key] = {"state": entry.state.to_dict(), "source": entry.source, "upto": entry.upto}
+                    self._table[key] = {"state": entry.state.to_dict(), "source": entry.newest.source,
+                                        "upto": entry.newest.offset}
                 written += 1
         self._entries.clear()
         return written
@@ -120,11 +125,13 @@ class StateCache(MutableMapping[str, RuleState]):
             with self._scope(event):
                 stored = self._table.get(key)
             if stored is None:
-                entry = _Entry(None, None, None, event)
+                entry = _Entry(None, None, event)
             elif "state" in stored:
-                entry = _Entry(RuleState.from_dict(stored["state"]), stored["source"], stored["upto"], event)
+                topic, _, partition = stored["source"].rpartition("/")
+                entry = _Entry(RuleState.from_dict(stored["state"]), Position(topic, int(partition), stored["upto"]),
+                               event)
             else:  # written before states carried their position (no replay guard for it yet)
-                entry = _Entry(RuleState.from_dict(stored), None, None, event)
+                entry = _Entry(RuleState.from_dict(stored), None, event)
             self._entries[key] = entry
         return entry
 
