@@ -33,7 +33,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,20 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         if pending:
             await asyncio.gather(*pending)
 
+    async def batches(stream: faust.StreamT, process: Callable[[Sequence[faust.EventT]], Awaitable[None]]) -> None:
+        """Run ``process`` on each batch of ``stream``; a stop in the middle of one lets it finish.
+
+        faust acks a batch's events (so their offsets get committed) when the consumer of
+        ``take_events`` leaves it, even by cancellation: a batch cut short after its outputs but
+        before its states were written would then never be replayed, so it is shielded."""
+        async for events in stream.take_events(batch_max, batch_s):
+            task = asyncio.ensure_future(process(events))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await task
+                raise
+
     def output_records(messages: list[Envelope]) -> list[tuple[faust.TopicT, bytes, bytes, float | None]]:
         for message in messages:
             metrics.emitted.labels(message.KIND).inc()
@@ -163,45 +177,47 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
 
     @app.agent(raw_topic(topics.for_kind("result"), topics.for_kind("anomaly")), name="machine-stage", concurrency=1)
     async def machine_stage(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch_max, batch_s):
-            count("machine-stage", events)
-            sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
-            marks = Marks(tables["rule-marks"], site.engine.dedupe_ttl_s)
-            origins: dict[int, tuple[faust.EventT, Position]] = {}
-            batch: list[tuple[faust.EventT, list[Observation]]] = []
-            newest: list[tuple[str, float]] = []
-            for_line: dict[str, list[dict[str, Any]]] = {}
-            for event in events:
-                try:
-                    message = parse(event, ("result", "anomaly"))
-                except MessageError as exc:
-                    sends.append(dead_letter(event, exc.reason, exc.check))
-                    continue
-                position = Position.of(event)
-                if message.site != site.site:
-                    continue
-                if not marks.first(message.machine, message.msg_id, message.ts, event, position):
-                    metrics.duplicates.inc()
-                    continue
-                observed = observations(message, by_machine.lines)
-                for obs in observed:
-                    origins[id(obs)] = (event, position)
-                batch.append((event, observed))
-                if observed:
-                    newest.append((message.KIND, max(o.ts for o in observed)))
-                line_obs = [obs.to_dict() for obs in observed if by_line.wants(obs)]
-                if line_obs:  # a message's observations share a machine, hence a line
-                    for_line.setdefault(observed[0].line, []).append(
-                        {"msg_id": message.msg_id, "ts": message.ts, "observations": line_obs})
-            states = StateCache(tables["rule-states"], lambda obs: origins[id(obs)])
-            evaluate(by_machine, states, batch, sends)
-            for line, items in for_line.items():
-                sends.append((line_observations, line.encode(), json.dumps({"items": items}).encode(),
-                              max(item["ts"] for item in items)))
-            await send_all(sends)
-            states.flush()
-            marks.flush()
-            observe_latency([obs for _, observed in batch for obs in observed], newest)
+        await batches(stream, machine_batch)
+
+    async def machine_batch(events: Sequence[faust.EventT]) -> None:
+        count("machine-stage", events)
+        sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
+        marks = Marks(tables["rule-marks"], site.engine.dedupe_ttl_s)
+        origins: dict[int, tuple[faust.EventT, Position]] = {}
+        batch: list[tuple[faust.EventT, list[Observation]]] = []
+        newest: list[tuple[str, float]] = []
+        for_line: dict[str, list[dict[str, Any]]] = {}
+        for event in events:
+            try:
+                message = parse(event, ("result", "anomaly"))
+            except MessageError as exc:
+                sends.append(dead_letter(event, exc.reason, exc.check))
+                continue
+            position = Position.of(event)
+            if message.site != site.site:
+                continue
+            if not marks.first(message.machine, message.msg_id, message.ts, event, position):
+                metrics.duplicates.inc()
+                continue
+            observed = observations(message, by_machine.lines)
+            for obs in observed:
+                origins[id(obs)] = (event, position)
+            batch.append((event, observed))
+            if observed:
+                newest.append((message.KIND, max(o.ts for o in observed)))
+            line_obs = [obs.to_dict() for obs in observed if by_line.wants(obs)]
+            if line_obs:  # a message's observations share a machine, hence a line
+                for_line.setdefault(observed[0].line, []).append(
+                    {"msg_id": message.msg_id, "ts": message.ts, "observations": line_obs})
+        states = StateCache(tables["rule-states"], lambda obs: origins[id(obs)])
+        evaluate(by_machine, states, batch, sends)
+        for line, items in for_line.items():
+            sends.append((line_observations, line.encode(), json.dumps({"items": items}).encode(),
+                          max(item["ts"] for item in items)))
+        await send_all(sends)
+        states.flush()
+        marks.flush()
+        observe_latency([obs for _, observed in batch for obs in observed], newest)
 
     def observe_latency(batch: list[Observation], newest: list[tuple[str, float]]) -> None:
         now = time.time()
@@ -212,59 +228,63 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
 
     @app.agent(line_observations, name="line-stage", concurrency=1)
     async def line_stage(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch_max, batch_s):
-            count("line-stage", events)
-            sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
-            marks = Marks(tables["line-rule-marks"], site.engine.dedupe_ttl_s)
-            origins: dict[int, tuple[faust.EventT, Position]] = {}
-            batch: list[tuple[faust.EventT, list[Observation]]] = []
-            for event in events:
-                position = Position.of(event)
-                try:
-                    items = [(str(item["msg_id"]), float(item["ts"]), [Observation.from_dict(o) for o in item[
-                        "observations"]]) for item in json.loads(event.value)["items"]]
-                except (ValueError, KeyError, TypeError) as exc:
-                    sends.append(dead_letter(event, f"bad line observations: {exc}", "schema"))
+        await batches(stream, line_batch)
+
+    async def line_batch(events: Sequence[faust.EventT]) -> None:
+        count("line-stage", events)
+        sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
+        marks = Marks(tables["line-rule-marks"], site.engine.dedupe_ttl_s)
+        origins: dict[int, tuple[faust.EventT, Position]] = {}
+        batch: list[tuple[faust.EventT, list[Observation]]] = []
+        for event in events:
+            position = Position.of(event)
+            try:
+                items = [(str(item["msg_id"]), float(item["ts"]), [Observation.from_dict(o) for o in item[
+                    "observations"]]) for item in json.loads(event.value)["items"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                sends.append(dead_letter(event, f"bad line observations: {exc}", "schema"))
+                continue
+            scope = f"line:{(event.key or b'').decode(errors='replace')}"
+            for msg_id, ts, observed in items:
+                if not marks.first(scope, msg_id, ts, event, position):
+                    metrics.duplicates.inc()
                     continue
-                scope = f"line:{(event.key or b'').decode(errors='replace')}"
-                for msg_id, ts, observed in items:
-                    if not marks.first(scope, msg_id, ts, event, position):
-                        metrics.duplicates.inc()
-                        continue
-                    for obs in observed:
-                        origins[id(obs)] = (event, position)
-                    batch.append((event, observed))
-            states = StateCache(tables["line-rule-states"], lambda obs: origins[id(obs)])
-            evaluate(by_line, states, batch, sends)
-            await send_all(sends)
-            states.flush()
-            marks.flush()
+                for obs in observed:
+                    origins[id(obs)] = (event, position)
+                batch.append((event, observed))
+        states = StateCache(tables["line-rule-states"], lambda obs: origins[id(obs)])
+        evaluate(by_line, states, batch, sends)
+        await send_all(sends)
+        states.flush()
+        marks.flush()
 
     @app.agent(raw_topic(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks),
                name="liveness", concurrency=1)
     async def liveness_stage(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch_max, batch_s):
-            count("liveness", events)
-            sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
-            entries: dict[str, Any] = {}
-            last_event: dict[str, faust.EventT] = {}
-            for event in events:
-                try:
-                    message = parse(event, ("heartbeat", "event"))
-                except MessageError as exc:
-                    sends.append(dead_letter(event, exc.reason, exc.check))
-                    continue
-                if message.site != site.site:
-                    continue
-                if message.machine not in entries:
-                    with at_event(event):
-                        entries[message.machine] = liveness.get(message.machine)
-                last_event[message.machine] = event
-                sends += output_records(update_liveness(entries, message, time.time(), cfg.heartbeat_timeout_s))
-            await send_all(sends)
-            for machine, entry in entries.items():
-                with at_event(last_event[machine]):
-                    liveness[machine] = entry
+        await batches(stream, liveness_batch)
+
+    async def liveness_batch(events: Sequence[faust.EventT]) -> None:
+        count("liveness", events)
+        sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
+        entries: dict[str, Any] = {}
+        last_event: dict[str, faust.EventT] = {}
+        for event in events:
+            try:
+                message = parse(event, ("heartbeat", "event"))
+            except MessageError as exc:
+                sends.append(dead_letter(event, exc.reason, exc.check))
+                continue
+            if message.site != site.site:
+                continue
+            if message.machine not in entries:
+                with at_event(event):
+                    entries[message.machine] = liveness.get(message.machine)
+            last_event[message.machine] = event
+            sends += output_records(update_liveness(entries, message, time.time(), cfg.heartbeat_timeout_s))
+        await send_all(sends)
+        for machine, entry in entries.items():
+            with at_event(last_event[machine]):
+                liveness[machine] = entry
 
     @app.timer(interval=max(0.5, cfg.heartbeat_timeout_s / 4))
     async def find_silent_machines() -> None:
