@@ -30,6 +30,7 @@ its session times out (``stream.workers.session_timeout_s``, 8 s; Faust's own de
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -37,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import faust
-import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from stream.batches import Marks, Position, StateCache, at_event, forward_item, forwarded_observations
+from stream.batches import Marks, Position, StateCache, at_event
 from stream.deadletter import deadletter_record
 from stream.messages import Alert, Envelope, Event, Heartbeat, MessageError, parse_message, stable_msg_id
 from stream.rules import Observation, RulesEngine, observations
@@ -110,15 +110,10 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
 
     by_machine, by_line = rule_engine(("camera", "machine")), rule_engine(("line",))
     metrics.registry.register(EngineStatsCollector("edgeline_worker", lambda: [by_machine.stats, by_line.stats]))
-    encoded = faust.Schema(key_type=str, value_type=bytes, key_serializer="json", value_serializer="raw")
-    tables = {name: app.Table(name, default=None, partitions=cfg.partitions, schema=encoded)  # values: orjson
+    tables = {name: app.Table(name, default=None, partitions=cfg.partitions)
               for name in ("rule-states", "rule-marks", "line-rule-states", "line-rule-marks")}
-    line_metrics = {rule.metric for rule in site.rules if rule.scope == "line"}
     liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
     batch_max, batch_s = cfg.workers.batch_max, cfg.workers.batch_ms / 1000.0
-    # A batch writes its states and marks together (a few hundred changelog records); faust's
-    # default lets 100 wait before it stops the stream to drain them one by one.
-    app.producer.buffer.max_messages = max(app.producer.buffer.max_messages, 4 * batch_max)
 
     async def send_all(sends: list[tuple[faust.TopicT, bytes, bytes, float | None]]) -> None:
         """Produce a batch's records, then wait until Kafka has acknowledged every one of them."""
@@ -210,29 +205,26 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             batch.append((event, observed))
             if observed:
                 newest.append((message.KIND, max(o.ts for o in observed)))
-            line_obs = [obs for obs in observed if by_line.wants(obs)]
+            line_obs = [obs.to_dict() for obs in observed if by_line.wants(obs)]
             if line_obs:  # a message's observations share a machine, hence a line
                 for_line.setdefault(observed[0].line, []).append(
-                    forward_item(message.msg_id, message.ts, line_obs, line_metrics))
+                    {"msg_id": message.msg_id, "ts": message.ts, "observations": line_obs})
         states = StateCache(tables["rule-states"], lambda obs: origins[id(obs)])
         evaluate(by_machine, states, batch, sends)
         for line, items in for_line.items():
-            sends.append((line_observations, line.encode(), orjson.dumps({"items": items}),
+            sends.append((line_observations, line.encode(), json.dumps({"items": items}).encode(),
                           max(item["ts"] for item in items)))
         await send_all(sends)
         states.flush()
         marks.flush()
         observe_latency([obs for _, observed in batch for obs in observed], newest)
 
-    latency = {kind: metrics.latency.labels(kind) for kind in ("result", "anomaly")}
-    pipeline_latency = {kind: metrics.pipeline_latency.labels(kind) for kind in ("result", "anomaly")}
-
     def observe_latency(batch: list[Observation], newest: list[tuple[str, float]]) -> None:
         now = time.time()
         for obs in batch:
-            latency["anomaly" if obs.group is not None else "result"].observe(max(0.0, now - obs.ts))
+            metrics.latency.labels("anomaly" if obs.group is not None else "result").observe(max(0.0, now - obs.ts))
         for kind, ts in newest:
-            pipeline_latency[kind].observe(max(0.0, now - ts))
+            metrics.pipeline_latency.labels(kind).observe(max(0.0, now - ts))
 
     @app.agent(line_observations, name="line-stage", concurrency=1)
     async def line_stage(stream: faust.StreamT) -> None:
@@ -247,8 +239,8 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         for event in events:
             position = Position.of(event)
             try:
-                items = [(str(item["msg_id"]), float(item["ts"]), forwarded_observations(item))
-                         for item in orjson.loads(event.value)["items"]]
+                items = [(str(item["msg_id"]), float(item["ts"]), [Observation.from_dict(o) for o in item[
+                    "observations"]]) for item in json.loads(event.value)["items"]]
             except (ValueError, KeyError, TypeError) as exc:
                 sends.append(dead_letter(event, f"bad line observations: {exc}", "schema"))
                 continue

@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Collection, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from faust.streams import _current_event  # the context variable faust.current_event() reads
 from faust.types import EventT
 
 from stream.rules import Observation, RuleState
 
-DEDUPE_BUCKETS = 30
+DEDUPE_BUCKETS = 6
 """Marks are kept per scope (a machine, or a line) in buckets of ``dedupe_ttl_s / DEDUPE_BUCKETS``
-of event time (2 s by default: a bucket is rewritten whole once per batch, so it stays small); a
-record's copies carry its ``ts``, so one bucket answers whether it was seen."""
+of event time; a record's copies carry its ``ts``, so one bucket answers whether it was seen."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,26 +53,18 @@ class Position:
     def source(self) -> str:
         return f"{self.topic}/{self.partition}"
 
-    @property
-    def mark(self) -> str:
-        """Where a ``msg_id`` was read, within its scope: its copies share topic and partition."""
-        return f"{self.partition}:{self.offset}"
+    def __str__(self) -> str:
+        return f"{self.source}/{self.offset}"
 
 
-class at_event:  # noqa: N801 - used as a function: ``with at_event(event): ...``
-    """Table reads and writes inside go to ``event``'s partition (and its changelog partition).
-    A class rather than a generator: it runs once per table access of a batch."""
-
-    __slots__ = ("_event", "_token")
-
-    def __init__(self, event: EventT) -> None:
-        self._event = event
-
-    def __enter__(self) -> None:
-        self._token = _current_event.set(weakref.ref(self._event))
-
-    def __exit__(self, *exc: object) -> None:
-        _current_event.reset(self._token)
+@contextmanager
+def at_event(event: EventT) -> Iterator[None]:
+    """Table reads and writes inside go to ``event``'s partition (and its changelog partition)."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
 
 
 Scope = Callable[[EventT], Any]
@@ -122,8 +113,8 @@ class StateCache(MutableMapping[str, RuleState]):
         for key, entry in self._entries.items():
             if entry.dirty and entry.state is not None and entry.event is not None and entry.newest is not None:
                 with self._scope(entry.event):
-                    self._table[key] = orjson.dumps({"state": entry.state.to_dict(), "source": entry.newest.source,
-                                                     "upto": entry.newest.offset})
+                    self._table[key] = {"state": entry.state.to_dict(), "source": entry.newest.source,
+                                        "upto": entry.newest.offset}
                 written += 1
         self._entries.clear()
         return written
@@ -132,8 +123,7 @@ class StateCache(MutableMapping[str, RuleState]):
         entry = self._entries.get(key)
         if entry is None:
             with self._scope(event):
-                raw = self._table.get(key)
-            stored = None if raw is None else orjson.loads(raw)
+                stored = self._table.get(key)
             if stored is None:
                 entry = _Entry(None, None, event)
             elif "state" in stored:
@@ -190,7 +180,7 @@ class Marks:
         marks = self._bucket(key, event)
         seen = marks.get(msg_id)
         if seen is None:
-            marks[msg_id] = position.mark
+            marks[msg_id] = str(position)
             self._dirty.add(key)
             if bucket not in index:
                 index.append(bucket)
@@ -198,7 +188,7 @@ class Marks:
                 self._dirty.add(f"{scope}|index")
             self._events[scope] = event
             return True
-        return seen == position.mark
+        return seen == str(position)
 
     def flush(self) -> None:
         """Write the changed buckets and indexes; delete the buckets past the horizon."""
@@ -212,11 +202,11 @@ class Marks:
             with self._scope(event):
                 for bucket in kept:
                     if f"{scope}|{bucket}" in self._dirty:
-                        self._table[f"{scope}|{bucket}"] = orjson.dumps(self._buckets[f"{scope}|{bucket}"])
+                        self._table[f"{scope}|{bucket}"] = self._buckets[f"{scope}|{bucket}"]
                 for bucket in expired:
                     self._table.pop(f"{scope}|{bucket}", None)
                 if expired or f"{scope}|index" in self._dirty:
-                    self._table[f"{scope}|index"] = orjson.dumps(kept)
+                    self._table[f"{scope}|index"] = kept
         self._buckets.clear()
         self._indexes.clear()
         self._events.clear()
@@ -226,8 +216,7 @@ class Marks:
         index = self._indexes.get(scope)
         if index is None:
             with self._scope(event):
-                raw = self._table.get(f"{scope}|index")
-            index = [] if raw is None else list(orjson.loads(raw))
+                index = list(self._table.get(f"{scope}|index") or [])
             self._indexes[scope] = index
         return index
 
@@ -235,24 +224,6 @@ class Marks:
         marks = self._buckets.get(key)
         if marks is None:
             with self._scope(event):
-                raw = self._table.get(key)
-            marks = {} if raw is None else dict(orjson.loads(raw))
+                marks = dict(self._table.get(key) or {})
             self._buckets[key] = marks
         return marks
-
-
-def forward_item(msg_id: str, ts: float, observed: list[Observation], metrics: Collection[str]) -> dict[str, Any]:
-    """One message's observations for the line stage, compact: what they share once, and per
-    observation only its model, time and the ``metrics`` line rules read."""
-    first = observed[0]
-    return {"msg_id": msg_id, "ts": ts, "site": first.site, "machine": first.machine, "line": first.line,
-            "camera": first.camera, "group": first.group, "channels": list(first.channels),
-            "obs": [[obs.model, obs.ts, {m: v for m, v in obs.values.items() if m in metrics}] for obs in observed]}
-
-
-def forwarded_observations(item: dict[str, Any]) -> list[Observation]:
-    """The observations of a :func:`forward_item`."""
-    shared = {"site": item["site"], "machine": item["machine"], "line": item["line"], "camera": item["camera"],
-              "group": item["group"], "channels": tuple(item["channels"])}
-    return [Observation(model=str(model), ts=float(ts), values={str(k): float(v) for k, v in values.items()},
-                        **shared) for model, ts, values in item["obs"]]
