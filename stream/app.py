@@ -20,6 +20,12 @@ with partitions and workers):
   last-will arrived raises a ``machine-offline`` alert, resolved by its next heartbeat.
 * ``webhook`` on ``edgeline.alerts`` when ``stream.webhook`` is set (:mod:`stream.webhook`).
 
+Each stage takes its records in batches (``stream.workers.batch_max`` / ``batch_ms``) and keeps its
+rule states and dedupe marks per batch (:mod:`stream.batches`). The worker commits the input
+offsets itself, only for batches whose outputs, states and marks Kafka has acknowledged, and
+before a rebalance or a stop hands its partitions on (:class:`stream.batches.Progress` says why
+Faust's own acks are off for these topics).
+
 Decisions, alerts and commands go to their topics keyed by machine, with stable ids: a restart
 that reprocesses input recomputes the same ids, which consumers dedupe.
 
@@ -33,14 +39,17 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faust
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from faust.types import TP
+from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
-from stream.batches import Marks, Position, StateCache, at_event
+from stream.batches import FaustTable, Marks, Pending, Position, Progress, StateCache
 from stream.deadletter import deadletter_record
 from stream.messages import Alert, Envelope, Event, Heartbeat, MessageError, parse_message, stable_msg_id
 from stream.rules import Observation, RulesEngine, observations
@@ -53,6 +62,9 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2,
                    1.3, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 OFFLINE_RULE = "machine-offline"
+COMMIT_INTERVAL_S = 1.0
+Send = tuple[faust.TopicT, bytes, bytes, float | None]
+"""A record to produce: topic, key, value, timestamp."""
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -86,7 +98,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     app = faust.App(
         app_id, broker=[f"kafka://{server}" for server in cfg.kafka.split(",")], store=cfg.store,
         datadir=str(datadir), topic_partitions=cfg.partitions, topic_replication_factor=cfg.replication,
-        web_enabled=False, consumer_auto_offset_reset="earliest", broker_commit_interval=1.0,
+        web_enabled=False, consumer_auto_offset_reset="earliest", broker_commit_interval=COMMIT_INTERVAL_S,
         table_standby_replicas=0, producer_acks=-1, stream_wait_empty=True,
         # a killed worker's partitions move after session_timeout_s (Faust's default: 60 s)
         broker_session_timeout=cfg.workers.session_timeout_s, broker_heartbeat_interval=cfg.workers.heartbeat_interval_s,
@@ -94,15 +106,19 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         producer_linger=0.005,  # batch the many small changelog and output records (5 ms)
     )
 
-    def raw_topic(*names: str) -> faust.TopicT:
+    def raw_topic(*names: str, acks: bool = True) -> faust.TopicT:
         return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-                         partitions=cfg.partitions)
+                         partitions=cfg.partitions, acks=acks)
+
+    def batch_input(*names: str) -> faust.TopicT:
+        """A topic a batched agent reads: Faust's acks off, the worker commits (:class:`Progress`)."""
+        return raw_topic(*names, acks=False)
 
     topics = cfg.topics()
     outputs = {kind: raw_topic(topics.for_kind(kind)) for kind in ("decision", "alert", "command")}
     deadletter = raw_topic(topics.deadletter)
-    line_observations = raw_topic(topics.line_observations)
-    liveness_checks = raw_topic(topics.liveness_checks)
+    line_observations = batch_input(topics.line_observations)
+    liveness_checks = batch_input(topics.liveness_checks)
 
     def rule_engine(scopes: tuple[str, ...]) -> RulesEngine:
         return RulesEngine(site.rules, lines=site.lines(), allowed_lateness_s=site.engine.allowed_lateness_s,
@@ -110,32 +126,79 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
 
     by_machine, by_line = rule_engine(("camera", "machine")), rule_engine(("line",))
     metrics.registry.register(EngineStatsCollector("edgeline_worker", lambda: [by_machine.stats, by_line.stats]))
-    tables = {name: app.Table(name, default=None, partitions=cfg.partitions)
+    tables = {name: FaustTable(app.Table(name, default=None, partitions=cfg.partitions))
               for name in ("rule-states", "rule-marks", "line-rule-states", "line-rule-marks")}
     liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
+    liveness_writes = FaustTable(liveness)
     batch_max, batch_s = cfg.workers.batch_max, cfg.workers.batch_ms / 1000.0
+    progress = Progress()
+    running: set[asyncio.Future[None]] = set()
+    metrics.registry.register(_GapsCollector(progress))
 
-    async def send_all(sends: list[tuple[faust.TopicT, bytes, bytes, float | None]]) -> None:
+    async def send_all(sends: list[Send]) -> None:
         """Produce a batch's records, then wait until Kafka has acknowledged every one of them."""
         pending = [await topic.send(key=key, value=value, timestamp=ts) for topic, key, value, ts in sends]
         if pending:
             await asyncio.gather(*pending)
 
     async def batches(stream: faust.StreamT, process: Callable[[Sequence[faust.EventT]], Awaitable[None]]) -> None:
-        """Run ``process`` on each batch of ``stream``; a stop in the middle of one lets it finish.
-
-        faust acks a batch's events (so their offsets get committed) when the consumer of
-        ``take_events`` leaves it, even by cancellation: a batch cut short after its outputs but
-        before its states were written would then never be replayed, so it is shielded."""
+        """Run ``process`` on each batch of ``stream`` that :class:`Progress` lets it take; a stop
+        in the middle of one lets it finish (shielded), and a failed one stops the worker: its
+        records are not committed, and the next owner of their partitions reads them again."""
         async for events in stream.take_events(batch_max, batch_s):
-            task = asyncio.ensure_future(process(events))
+            taken = progress.take(events, app.consumer_generation_id)
+            for tp, offset in progress.rewinds().items():
+                await rewind(tp, offset)
+            if not taken:
+                continue
+            task = asyncio.ensure_future(finish(process, taken))
+            running.add(task)
+            task.add_done_callback(running.discard)
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
-                await task
+                await asyncio.wait([task])
                 raise
 
-    def output_records(messages: list[Envelope]) -> list[tuple[faust.TopicT, bytes, bytes, float | None]]:
+    async def rewind(tp: TP, offset: int) -> None:
+        """Read a partition again from a record it skipped (from its earliest one if that is gone)."""
+        earliest = (await app.consumer.earliest_offsets(tp)).get(tp) or 0
+        progress.rewound(tp, max(offset, earliest))
+        await app.consumer.seek(tp, max(offset, earliest))
+
+    async def finish(process: Callable[[Sequence[faust.EventT]], Awaitable[None]],
+                     events: Sequence[faust.EventT]) -> None:
+        generation = app.consumer_generation_id
+        try:
+            await process(events)
+        except Exception as exc:
+            progress.close(generation)  # nothing after this batch may be committed
+            log.exception("worker: a batch of %d records failed; the worker stops", len(events))
+            await app.crash(exc)
+            raise
+        progress.finished(events)
+
+    async def commit_finished() -> None:
+        offsets = progress.to_commit()
+        if offsets:
+            await app.consumer._commit_offsets(offsets)  # faust's commit of given offsets (producer flushed first)
+
+    async def let_partitions_go(*_args: Any, **_kwargs: Any) -> None:
+        """Before a rebalance (or a stop) hands the partitions on: no batch starts, the running
+        ones finish, and what they finished is committed, so the next owner starts after it."""
+        progress.close(app.consumer_generation_id)
+        if running:
+            await asyncio.wait(list(running))
+        await commit_finished()
+
+    app.on_partitions_revoked.connect(let_partitions_go)
+    app.on_before_shutdown.connect(let_partitions_go)
+
+    @app.timer(interval=COMMIT_INTERVAL_S)
+    async def commit_periodically() -> None:
+        await commit_finished()
+
+    def output_records(messages: list[Envelope]) -> list[Send]:
         for message in messages:
             metrics.emitted.labels(message.KIND).inc()
         return [(outputs[m.KIND], m.machine.encode(), m.to_json(), m.ts) for m in messages]
@@ -162,36 +225,40 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             raise MessageError(f"a {message.KIND} message on {event.message.topic}", "topic")
         return message
 
-    def evaluate(engine: RulesEngine, states: StateCache, messages: list[tuple[faust.EventT, list[Observation]]],
-                 sends: list[tuple[faust.TopicT, bytes, bytes, float | None]]) -> None:
-        """Each message's observations through the engine, all on one batch of cached states; an
-        engine failure dead-letters that message's record with the reason and the batch goes on."""
+    async def decide(engine: RulesEngine, state_table: str, marks: Marks, batch: RuleBatch) -> None:
+        """The engine over a batch's observations on states read once, then, in this order: every
+        output acknowledged by Kafka, the states and marks written and acknowledged (a state never
+        covers an input whose outputs could still be lost; the batch's offsets are committed after)."""
+        states = StateCache(tables[state_table], lambda obs: batch.origins[id(obs)])
         engine.states = states
         now = time.time()
-        for event, observed in messages:
+        for event, observed in batch.messages:
             try:
-                sends += output_records(engine.observe_all(observed, now=now, fresh=states.fresh))
+                batch.sends += output_records(engine.observe_all(observed, now=now, fresh=states.fresh))
             except ValueError as exc:  # e.g. a Decision that fails validation
                 log.exception("worker: the rules engine failed on a record of %s", event.message.topic)
-                sends.append(dead_letter(event, f"rules engine: {exc}", "engine"))
+                batch.sends.append(dead_letter(event, f"rules engine: {exc}", "engine"))
+        await send_all(batch.sends)
+        pending: Pending = []
+        states.flush(pending)
+        marks.flush(pending)
+        await asyncio.gather(*pending)
 
-    @app.agent(raw_topic(topics.for_kind("result"), topics.for_kind("anomaly")), name="machine-stage", concurrency=1)
+    @app.agent(batch_input(topics.for_kind("result"), topics.for_kind("anomaly")), name="machine-stage", concurrency=1)
     async def machine_stage(stream: faust.StreamT) -> None:
         await batches(stream, machine_batch)
 
     async def machine_batch(events: Sequence[faust.EventT]) -> None:
         count("machine-stage", events)
-        sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
+        batch = RuleBatch()
         marks = Marks(tables["rule-marks"], site.engine.dedupe_ttl_s)
-        origins: dict[int, tuple[faust.EventT, Position]] = {}
-        batch: list[tuple[faust.EventT, list[Observation]]] = []
         newest: list[tuple[str, float]] = []
         for_line: dict[str, list[dict[str, Any]]] = {}
         for event in events:
             try:
                 message = parse(event, ("result", "anomaly"))
             except MessageError as exc:
-                sends.append(dead_letter(event, exc.reason, exc.check))
+                batch.sends.append(dead_letter(event, exc.reason, exc.check))
                 continue
             position = Position.of(event)
             if message.site != site.site:
@@ -200,24 +267,18 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
                 metrics.duplicates.inc()
                 continue
             observed = observations(message, by_machine.lines)
-            for obs in observed:
-                origins[id(obs)] = (event, position)
-            batch.append((event, observed))
+            batch.add(event, position, observed)
             if observed:
                 newest.append((message.KIND, max(o.ts for o in observed)))
             line_obs = [obs.to_dict() for obs in observed if by_line.wants(obs)]
             if line_obs:  # a message's observations share a machine, hence a line
                 for_line.setdefault(observed[0].line, []).append(
                     {"msg_id": message.msg_id, "ts": message.ts, "observations": line_obs})
-        states = StateCache(tables["rule-states"], lambda obs: origins[id(obs)])
-        evaluate(by_machine, states, batch, sends)
         for line, items in for_line.items():
-            sends.append((line_observations, line.encode(), json.dumps({"items": items}).encode(),
-                          max(item["ts"] for item in items)))
-        await send_all(sends)
-        states.flush()
-        marks.flush()
-        observe_latency([obs for _, observed in batch for obs in observed], newest)
+            batch.sends.append((line_observations, line.encode(), json.dumps({"items": items}).encode(),
+                                max(item["ts"] for item in items)))
+        await decide(by_machine, "rule-states", marks, batch)
+        observe_latency([obs for _, observed in batch.messages for obs in observed], newest)
 
     def observe_latency(batch: list[Observation], newest: list[tuple[str, float]]) -> None:
         now = time.time()
@@ -232,40 +293,32 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
 
     async def line_batch(events: Sequence[faust.EventT]) -> None:
         count("line-stage", events)
-        sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
+        batch = RuleBatch()
         marks = Marks(tables["line-rule-marks"], site.engine.dedupe_ttl_s)
-        origins: dict[int, tuple[faust.EventT, Position]] = {}
-        batch: list[tuple[faust.EventT, list[Observation]]] = []
         for event in events:
             position = Position.of(event)
             try:
                 items = [(str(item["msg_id"]), float(item["ts"]), [Observation.from_dict(o) for o in item[
                     "observations"]]) for item in json.loads(event.value)["items"]]
             except (ValueError, KeyError, TypeError) as exc:
-                sends.append(dead_letter(event, f"bad line observations: {exc}", "schema"))
+                batch.sends.append(dead_letter(event, f"bad line observations: {exc}", "schema"))
                 continue
             scope = f"line:{(event.key or b'').decode(errors='replace')}"
             for msg_id, ts, observed in items:
                 if not marks.first(scope, msg_id, ts, event, position):
                     metrics.duplicates.inc()
                     continue
-                for obs in observed:
-                    origins[id(obs)] = (event, position)
-                batch.append((event, observed))
-        states = StateCache(tables["line-rule-states"], lambda obs: origins[id(obs)])
-        evaluate(by_line, states, batch, sends)
-        await send_all(sends)
-        states.flush()
-        marks.flush()
+                batch.add(event, position, observed)
+        await decide(by_line, "line-rule-states", marks, batch)
 
-    @app.agent(raw_topic(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks),
+    @app.agent(batch_input(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks),
                name="liveness", concurrency=1)
     async def liveness_stage(stream: faust.StreamT) -> None:
         await batches(stream, liveness_batch)
 
     async def liveness_batch(events: Sequence[faust.EventT]) -> None:
         count("liveness", events)
-        sends: list[tuple[faust.TopicT, bytes, bytes, float | None]] = []
+        sends: list[Send] = []
         entries: dict[str, Any] = {}
         last_event: dict[str, faust.EventT] = {}
         for event in events:
@@ -277,14 +330,12 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             if message.site != site.site:
                 continue
             if message.machine not in entries:
-                with at_event(event):
-                    entries[message.machine] = liveness.get(message.machine)
+                entries[message.machine] = liveness_writes.get(message.machine, event)
             last_event[message.machine] = event
             sends += output_records(update_liveness(entries, message, time.time(), cfg.heartbeat_timeout_s))
         await send_all(sends)
-        for machine, entry in entries.items():
-            with at_event(last_event[machine]):
-                liveness[machine] = entry
+        await asyncio.gather(*[liveness_writes.put(machine, entry, last_event[machine])
+                               for machine, entry in entries.items()])
 
     @app.timer(interval=max(0.5, cfg.heartbeat_timeout_s / 4))
     async def find_silent_machines() -> None:
@@ -305,6 +356,35 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
                     await send_all([dead_letter(event, f"webhook: {failure}", "webhook")])
 
     return app
+
+
+@dataclass
+class RuleBatch:
+    """What a batch of a rules stage gathers before the engine runs: each message's observations
+    with the record they came from, and the records to produce."""
+
+    messages: list[tuple[faust.EventT, list[Observation]]] = field(default_factory=list)
+    origins: dict[int, tuple[faust.EventT, Position]] = field(default_factory=dict)
+    sends: list[Send] = field(default_factory=list)
+
+    def add(self, event: faust.EventT, position: Position, observed: list[Observation]) -> None:
+        for obs in observed:
+            self.origins[id(obs)] = (event, position)
+        self.messages.append((event, observed))
+
+
+class _GapsCollector:
+    """``edgeline_worker_offset_gaps_total``: times Faust skipped an input record and the worker read
+    its partition again from it (:class:`stream.batches.Progress`)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("edgeline_worker_offset_gaps", "Times an input partition jumped over a record "
+                                     "Faust skipped, and was read again from it")
+        family.add_metric([], self._progress.gaps)
+        yield family
 
 
 def update_liveness(table: MutableMapping[str, Any], message: Envelope, now: float,

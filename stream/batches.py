@@ -12,6 +12,8 @@ and not others, and its input offsets were not committed, so the next owner repl
   is not a duplicate; another record with that ``msg_id`` (an upstream redelivery) is.
 * The batch's outputs are acknowledged by Kafka before any of its states or marks is written, so
   a state never covers an input whose outputs could still be lost.
+* The worker commits input offsets itself (:class:`Progress`), only for records whose outputs,
+  states and marks Kafka has acknowledged.
 
 Faust tables know the partition of a key from the stream's current event; a batch mixes
 partitions, so every read and write runs under the event its key came from (:func:`at_event`).
@@ -19,17 +21,20 @@ partitions, so every read and write runs under the event its key came from (:fun
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from faust.streams import _current_event  # the context variable faust.current_event() reads
-from faust.types import EventT
+from faust.types import TP, CollectionT, EventT
 
 from stream.rules import Observation, RuleState
+
+log = logging.getLogger(__name__)
 
 DEDUPE_BUCKETS = 6
 """Marks are kept per scope (a machine, or a line) in buckets of ``dedupe_ttl_s / DEDUPE_BUCKETS``
@@ -67,8 +72,42 @@ def at_event(event: EventT) -> Iterator[None]:
         _current_event.reset(token)
 
 
-Scope = Callable[[EventT], Any]
-"""Makes a table access belong to an event's partition: :func:`at_event`, or a no-op in tests."""
+Pending = list[Awaitable[Any]]
+"""The acknowledgements a batch waits for before its input counts as done."""
+
+
+class BatchTable(Protocol):
+    """A table as a batch reads and writes it: each access belongs to the partition of an event,
+    and a write hands back its changelog record's acknowledgement (None: written for good)."""
+
+    def get(self, key: str, event: EventT) -> Any: ...
+
+    def put(self, key: str, value: Any, event: EventT) -> Awaitable[Any] | None: ...
+
+    def drop(self, key: str, event: EventT) -> Awaitable[Any] | None: ...
+
+
+class FaustTable:
+    """A Faust table written so that a batch can wait for its changelog records: ``table[key] =
+    value`` queues the record in Faust's producer buffer and forgets it, and a batch must not count
+    its input done (commit its offsets) before its states are in Kafka."""
+
+    def __init__(self, table: CollectionT) -> None:
+        self._table = table
+
+    def get(self, key: str, event: EventT) -> Any:
+        with at_event(event):
+            return self._table.get(key)
+
+    def put(self, key: str, value: Any, event: EventT) -> Awaitable[Any]:
+        with at_event(event):
+            self._table.data[key] = value
+        return self._table.send_changelog(event.message.partition, key, value)
+
+    def drop(self, key: str, event: EventT) -> Awaitable[Any]:
+        with at_event(event):
+            self._table.data.pop(key, None)
+        return self._table.send_changelog(event.message.partition, key, None, value_serializer="raw")
 
 
 @dataclass
@@ -89,11 +128,9 @@ class StateCache(MutableMapping[str, RuleState]):
     The engine reads and writes it as its ``states``; :meth:`fresh` is the engine's ``fresh``
     hook. ``origin(obs)`` says which record (event and position) an observation came from."""
 
-    def __init__(self, table: MutableMapping[str, Any], origin: Callable[[Observation], tuple[EventT, Position]],
-                 scope: Scope = at_event) -> None:
+    def __init__(self, table: BatchTable, origin: Callable[[Observation], tuple[EventT, Position]]) -> None:
         self._table = table
         self._origin = origin
-        self._scope = scope
         self._entries: dict[str, _Entry] = {}
 
     def fresh(self, key: str, obs: Observation) -> bool:
@@ -107,14 +144,14 @@ class StateCache(MutableMapping[str, RuleState]):
         entry.event, entry.newest = event, position
         return True
 
-    def flush(self) -> int:
-        """Write every state the batch changed, with its newest record; how many were written."""
+    def flush(self, pending: Pending) -> int:
+        """Write every state the batch changed, with its newest record; how many were written.
+        Their changelog acknowledgements are added to ``pending``."""
         written = 0
         for key, entry in self._entries.items():
             if entry.dirty and entry.state is not None and entry.event is not None and entry.newest is not None:
-                with self._scope(entry.event):
-                    self._table[key] = {"state": entry.state.to_dict(), "source": entry.newest.source,
-                                        "upto": entry.newest.offset}
+                _wait_for(pending, self._table.put(key, {"state": entry.state.to_dict(), "source": entry.newest.source,
+                                                         "upto": entry.newest.offset}, entry.event))
                 written += 1
         self._entries.clear()
         return written
@@ -122,8 +159,7 @@ class StateCache(MutableMapping[str, RuleState]):
     def _load(self, key: str, event: EventT) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
-            with self._scope(event):
-                stored = self._table.get(key)
+            stored = self._table.get(key, event)
             if stored is None:
                 entry = _Entry(None, None, event)
             elif "state" in stored:
@@ -160,10 +196,9 @@ class Marks:
     read once per bucket and written once per bucket by :meth:`flush`; buckets older than
     ``ttl_s`` behind a scope's newest are deleted."""
 
-    def __init__(self, table: MutableMapping[str, Any], ttl_s: float, scope: Scope = at_event) -> None:
+    def __init__(self, table: BatchTable, ttl_s: float) -> None:
         self._table = table
         self._width = ttl_s / DEDUPE_BUCKETS
-        self._scope = scope
         self._buckets: dict[str, dict[str, str]] = {}
         self._indexes: dict[str, list[int]] = {}
         self._events: dict[str, EventT] = {}
@@ -190,8 +225,9 @@ class Marks:
             return True
         return seen == str(position)
 
-    def flush(self) -> None:
-        """Write the changed buckets and indexes; delete the buckets past the horizon."""
+    def flush(self, pending: Pending) -> None:
+        """Write the changed buckets and indexes; delete the buckets past the horizon. Their
+        changelog acknowledgements are added to ``pending``."""
         for scope, index in self._indexes.items():
             event = self._events.get(scope)
             if event is None or f"{scope}|index" not in self._dirty and not any(
@@ -199,14 +235,13 @@ class Marks:
                 continue
             expired = [b for b in index if b < index[-1] - DEDUPE_BUCKETS]
             kept = [b for b in index if b not in expired]
-            with self._scope(event):
-                for bucket in kept:
-                    if f"{scope}|{bucket}" in self._dirty:
-                        self._table[f"{scope}|{bucket}"] = self._buckets[f"{scope}|{bucket}"]
-                for bucket in expired:
-                    self._table.pop(f"{scope}|{bucket}", None)
-                if expired or f"{scope}|index" in self._dirty:
-                    self._table[f"{scope}|index"] = kept
+            for bucket in kept:
+                if f"{scope}|{bucket}" in self._dirty:
+                    _wait_for(pending, self._table.put(f"{scope}|{bucket}", self._buckets[f"{scope}|{bucket}"], event))
+            for bucket in expired:
+                _wait_for(pending, self._table.drop(f"{scope}|{bucket}", event))
+            if expired or f"{scope}|index" in self._dirty:
+                _wait_for(pending, self._table.put(f"{scope}|index", kept, event))
         self._buckets.clear()
         self._indexes.clear()
         self._events.clear()
@@ -215,15 +250,99 @@ class Marks:
     def _index(self, scope: str, event: EventT) -> list[int]:
         index = self._indexes.get(scope)
         if index is None:
-            with self._scope(event):
-                index = list(self._table.get(f"{scope}|index") or [])
+            index = list(self._table.get(f"{scope}|index", event) or [])
             self._indexes[scope] = index
         return index
 
     def _bucket(self, key: str, event: EventT) -> dict[str, str]:
         marks = self._buckets.get(key)
         if marks is None:
-            with self._scope(event):
-                marks = dict(self._table.get(key) or {})
+            marks = dict(self._table.get(key, event) or {})
             self._buckets[key] = marks
         return marks
+
+
+def _wait_for(pending: Pending, ack: Awaitable[Any] | None) -> None:
+    if ack is not None:
+        pending.append(ack)
+
+
+class Progress:
+    """The input records a worker has finished, per partition: the offsets it commits itself.
+
+    Faust's own acks cannot be trusted with a batch: during a rebalance it skips the records it
+    reads and acks them as if processed, and its commit right after a rebalance may pass records
+    not yet processed (found by the test whose group grows and shrinks, under load: one result of a
+    machine lost, its states one step off). So the batched topics run with Faust's acks off. A
+    batch takes only the records of the current consumer generation, each partition's in order
+    from where the last batch of this generation stopped; what it finished (its outputs, states
+    and marks acknowledged by Kafka) is committed by the worker, on a timer and before a rebalance
+    or a stop lets the partitions go. A record read but not taken is read again: by this worker
+    after the rebalance (Faust seeks every partition to its committed offset), or by the next owner.
+
+    Faust can also drop a record inside a generation (its fetcher marks a record read when a pause
+    of the flow cuts its delivery short): the next record of that partition then jumps over an
+    offset. The partition is read again from the skipped record (:meth:`rewinds`, the worker seeks),
+    and its records are not taken until that one comes."""
+
+    def __init__(self) -> None:
+        self._next: dict[TP, int] = {}
+        self._done: dict[TP, int] = {}
+        self._rewinding: dict[TP, int] = {}
+        self._to_rewind: dict[TP, int] = {}
+        self._generation: int | None = None
+        self._closed: int | None = None
+        self.gaps = 0
+
+    def take(self, events: Sequence[EventT], generation: int) -> list[EventT]:
+        """The records of ``events`` a batch may process now."""
+        if generation != self._generation:
+            self._next.clear()
+            self._rewinding.clear()
+            self._to_rewind.clear()
+            self._generation = generation
+        if generation == self._closed:
+            return []  # the partitions are being let go: the next owner reads these
+        taken: list[EventT] = []
+        for event in events:
+            message = event.message
+            if message.generation_id != generation:
+                continue
+            expected = self._next.get(message.tp)
+            if expected is not None and message.offset != expected:
+                if message.offset > expected and message.tp not in self._rewinding:
+                    self.gaps += 1
+                    log.warning("worker: %s jumped from offset %d to %d: reading it again from %d",
+                                message.tp, expected, message.offset, expected)
+                    self._rewinding[message.tp] = self._to_rewind[message.tp] = expected
+                continue  # read before (offset < expected), or after a record still to come
+            self._rewinding.pop(message.tp, None)
+            self._next[message.tp] = message.offset + 1
+            taken.append(event)
+        return taken
+
+    def rewinds(self) -> dict[TP, int]:
+        """Partitions that skipped a record and the offset to read them again from (each once)."""
+        new, self._to_rewind = self._to_rewind, {}
+        return new
+
+    def rewound(self, tp: TP, offset: int) -> None:
+        """``tp`` is read again from ``offset`` (later than the skipped record when retention
+        already deleted it)."""
+        self._next[tp] = offset
+        self._rewinding[tp] = offset
+
+    def finished(self, events: Sequence[EventT]) -> None:
+        """A batch's records are done: their outputs, states and marks are in Kafka."""
+        for event in events:
+            message = event.message
+            self._done[message.tp] = max(self._done.get(message.tp, 0), message.offset + 1)
+
+    def close(self, generation: int) -> None:
+        """No batch takes a record of ``generation`` any more (its partitions are being revoked)."""
+        self._closed = generation
+
+    def to_commit(self) -> dict[TP, int]:
+        """The offsets to commit (each partition's next record to read); forgotten once handed out."""
+        done, self._done = self._done, {}
+        return done

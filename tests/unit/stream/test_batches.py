@@ -1,15 +1,17 @@
 """The worker's batch bookkeeping (stream.batches) on plain dicts: states and dedupe marks read once
-and written once per batch, and a replay after a partial write neither loses nor doubles input."""
+and written once per batch, a replay after a partial write neither loses nor doubles input, and
+the offsets the worker commits cover only records a batch took and finished."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from stream.batches import DEDUPE_BUCKETS, Marks, Position, StateCache
+from faust.types import TP
+
+from stream.batches import DEDUPE_BUCKETS, Marks, Pending, Position, Progress, StateCache
 from stream.messages import FrameResult, ModelOutput, Result
 from stream.rule_config import RuleConfig
 from stream.rules import Observation, RulesEngine, observations
@@ -27,6 +29,11 @@ class Message:
     topic: str
     partition: int
     offset: int
+    generation_id: int = 1
+    tp: TP = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tp = TP(self.topic, self.partition)
 
 
 @dataclass
@@ -51,8 +58,27 @@ class CountingTable(dict[str, Any]):
         super().__setitem__(key, value)
 
 
-def no_partition(_event: Any) -> nullcontext[None]:
-    return nullcontext()
+@dataclass
+class DictTable:
+    """A dict as a batch reads and writes a table (stream.batches.BatchTable); writes are final."""
+
+    data: dict[str, Any]
+
+    def get(self, key: str, _event: Any) -> Any:
+        return self.data.get(key)
+
+    def put(self, key: str, value: Any, _event: Any) -> None:
+        self.data[key] = value
+
+    def drop(self, key: str, _event: Any) -> None:
+        self.data.pop(key, None)
+
+
+def flush(states: StateCache) -> int:
+    pending: Pending = []
+    written = states.flush(pending)
+    assert not pending  # a dict's writes are final
+    return written
 
 
 def stream_of(count: int, seed: int = 0, frames: int = 3) -> list[Result]:
@@ -68,7 +94,7 @@ def stream_of(count: int, seed: int = 0, frames: int = 3) -> list[Result]:
 def run_batch(engine: RulesEngine, table: dict[str, Any], records: list[tuple[Event, Result]]) -> tuple[list[str], StateCache]:
     """One batch as the worker runs it: the ids it emits, and its cache (flush not yet done)."""
     origins: dict[int, tuple[Event, Position]] = {}
-    states = StateCache(table, lambda obs: origins[id(obs)], scope=no_partition)
+    states = StateCache(DictTable(table), lambda obs: origins[id(obs)])
     engine.states = states
     emitted: list[str] = []
     for event, message in records:
@@ -89,7 +115,7 @@ def test_a_batch_reads_each_state_once_and_writes_it_once_with_its_position() ->
     emitted, states = run_batch(RulesEngine(RULES), table, list(records_of(stream_of(30))))
     keys = {"hot|m0/c0", "hot|m0/c1", "hot|m0/c2", "hot|m1/c0", "hot|m1/c1", "hot|m1/c2", "burst|m0", "burst|m1"}
     assert table.reads == len(keys)
-    assert states.flush() == len(keys) == table.writes
+    assert flush(states) == len(keys) == table.writes
     assert set(table) == keys
     last = {key: max(o for o, m in enumerate(stream_of(30)) if key.endswith(f"|{m.machine}/{m.camera}")
                      or key == f"burst|{m.machine}") for key in keys}
@@ -128,16 +154,16 @@ def test_a_replay_after_a_partial_write_emits_only_the_pure_engines_ids_and_ends
     for written in range(9):
         table = DyingTable()
         first, states = run_batch(RulesEngine(RULES), table, records[:40])
-        states.flush()
+        flush(states)
         second, states = run_batch(RulesEngine(RULES), table, records[40:])
         table.budget = written
         try:
-            states.flush()
+            flush(states)
         except Killed:
             pass
         table.budget = None
         replay, states = run_batch(RulesEngine(RULES), table, records[40:])
-        states.flush()
+        flush(states)
         assert first + second == want  # every frame of every record counts
         assert set(replay) <= set(want)
         assert {key: value["state"] for key, value in table.items()} == {
@@ -161,13 +187,13 @@ def test_the_fresh_hook_is_asked_before_a_state_is_read_and_skips_what_it_refuse
 
 def test_a_mark_tells_a_replayed_record_from_an_upstream_duplicate() -> None:
     table = CountingTable()
-    marks = Marks(table, ttl_s=60.0, scope=no_partition)
+    marks = Marks(DictTable(table), ttl_s=60.0)
     event = Event(Message("results", 1, 7))
     here = Position.of(event)
     assert marks.first("m1", "id-1", 1000.0, event, here)
     assert marks.first("m1", "id-1", 1000.0, event, here)  # the same record, read again in the batch
-    marks.flush()
-    replay = Marks(table, ttl_s=60.0, scope=no_partition)
+    marks.flush([])
+    replay = Marks(DictTable(table), ttl_s=60.0)
     assert replay.first("m1", "id-1", 1000.0, event, here)  # the same record after a crash: not a duplicate
     again = Event(Message("results", 1, 9))
     assert not replay.first("m1", "id-1", 1000.0, again, Position.of(again))  # a redelivered copy is
@@ -176,16 +202,65 @@ def test_a_mark_tells_a_replayed_record_from_an_upstream_duplicate() -> None:
 def test_marks_are_written_once_per_bucket_and_expire_past_the_horizon() -> None:
     table = CountingTable()
     width = 60.0 / DEDUPE_BUCKETS
-    marks = Marks(table, ttl_s=60.0, scope=no_partition)
+    marks = Marks(DictTable(table), ttl_s=60.0)
     for i in range(50):
         event = Event(Message("results", 0, i))
         assert marks.first("m1", f"id-{i}", 1000.0 + i * 0.1, event, Position.of(event))
-    marks.flush()
+    marks.flush([])
     buckets = {int((1000.0 + i * 0.1) // width) for i in range(50)}
     assert table.writes == len(buckets) + 1  # the buckets and the machine's index
-    late = Marks(table, ttl_s=60.0, scope=no_partition)
+    late = Marks(DictTable(table), ttl_s=60.0)
     event = Event(Message("results", 0, 99))
     assert late.first("m1", "id-late", 1000.0 + 200.0, event, Position.of(event))
-    late.flush()
+    late.flush([])
     assert table["m1|index"] == [int(1200.0 // width)]
     assert not any(f"m1|{bucket}" in table for bucket in buckets)
+
+
+def events(partition: int, offsets: range, generation: int = 1) -> list[Event]:
+    return [Event(Message("results", partition, offset, generation)) for offset in offsets]
+
+
+def test_progress_commits_each_partition_after_the_last_record_its_batches_finished() -> None:
+    progress = Progress()
+    batch = progress.take(events(0, range(10, 15)) + events(1, range(3, 5)), generation=1)
+    assert len(batch) == 7
+    assert progress.to_commit() == {}  # taken, not finished: nothing to commit
+    progress.finished(batch)
+    assert progress.to_commit() == {TP("results", 0): 15, TP("results", 1): 5}
+    assert progress.to_commit() == {}  # handed out once
+
+
+def test_progress_takes_no_record_of_an_old_generation_nor_of_one_being_revoked() -> None:
+    progress = Progress()
+    progress.finished(progress.take(events(0, range(0, 5)), generation=1))
+    assert progress.take(events(0, range(5, 8), generation=1), generation=2) == []  # read before the rebalance
+    taken = progress.take(events(0, range(3, 8), generation=2), generation=2)  # re-read from the committed offset
+    assert [e.message.offset for e in taken] == [3, 4, 5, 6, 7]
+    progress.close(2)
+    assert progress.take(events(0, range(8, 10), generation=2), generation=2) == []
+    assert progress.take(events(0, range(8, 10), generation=3), generation=3) != []
+
+
+def test_progress_drops_a_record_read_twice_and_rewinds_a_partition_that_skipped_one() -> None:
+    progress = Progress()
+    progress.take(events(0, range(0, 5)), generation=1)
+    assert progress.take(events(0, range(3, 6)), generation=1) == events(0, range(5, 6))
+    assert progress.gaps == 0 and progress.rewinds() == {}
+    # offset 6 never came: nothing after it is taken, the partition is read again from 6, once
+    assert progress.take(events(0, range(7, 10)) + events(1, range(0, 2)), generation=1) == events(1, range(0, 2))
+    assert progress.gaps == 1
+    assert progress.rewinds() == {TP("results", 0): 6}
+    assert progress.take(events(0, range(10, 12)), generation=1) == []  # still read before the seek
+    assert progress.rewinds() == {} and progress.gaps == 1
+    progress.rewound(TP("results", 0), 6)
+    assert progress.take(events(0, range(6, 9)), generation=1) == events(0, range(6, 9))
+
+
+def test_progress_goes_on_from_the_earliest_record_when_the_skipped_ones_are_gone() -> None:
+    progress = Progress()
+    progress.take(events(0, range(0, 5)), generation=1)
+    progress.take(events(0, range(40, 41)), generation=1)
+    assert progress.rewinds() == {TP("results", 0): 5}
+    progress.rewound(TP("results", 0), 30)  # retention deleted 5..29
+    assert progress.take(events(0, range(30, 32)), generation=1) == events(0, range(30, 32))
