@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from faust.types import TP
 from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
@@ -131,7 +130,8 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
     liveness_writes = FaustTable(liveness)
     batch_max, batch_s = cfg.workers.batch_max, cfg.workers.batch_ms / 1000.0
-    progress = Progress()
+    # where Faust's seek to the committed offsets put each partition at the start of a generation
+    progress = Progress(start_of=lambda tp: app.consumer._committed_offset.get(tp))
     running: set[asyncio.Future[None]] = set()
     metrics.registry.register(_GapsCollector(progress))
 
@@ -147,8 +147,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         records are not committed, and the next owner of their partitions reads them again."""
         async for events in stream.take_events(batch_max, batch_s):
             taken = progress.take(events, app.consumer_generation_id)
-            for tp, offset in progress.rewinds().items():
-                await rewind(tp, offset)
+            await rewind_skipped()
             if not taken:
                 continue
             task = asyncio.ensure_future(finish(process, taken))
@@ -160,11 +159,13 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
                 await asyncio.wait([task])
                 raise
 
-    async def rewind(tp: TP, offset: int) -> None:
-        """Read a partition again from a record it skipped (from its earliest one if that is gone)."""
-        earliest = (await app.consumer.earliest_offsets(tp)).get(tp) or 0
-        progress.rewound(tp, max(offset, earliest))
-        await app.consumer.seek(tp, max(offset, earliest))
+    async def rewind_skipped() -> None:
+        """Read each partition that skipped a record again from it (from its earliest record if
+        that one is gone)."""
+        for tp, offset in progress.rewinds(time.monotonic()).items():
+            earliest = (await app.consumer.earliest_offsets(tp)).get(tp) or 0
+            progress.rewound(tp, max(offset, earliest))
+            await app.consumer.seek(tp, max(offset, earliest))
 
     async def finish(process: Callable[[Sequence[faust.EventT]], Awaitable[None]],
                      events: Sequence[faust.EventT]) -> None:
@@ -196,6 +197,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
 
     @app.timer(interval=COMMIT_INTERVAL_S)
     async def commit_periodically() -> None:
+        await rewind_skipped()  # a partition whose records stopped coming after a lost seek
         await commit_finished()
 
     def output_records(messages: list[Envelope]) -> list[Send]:

@@ -267,6 +267,10 @@ def _wait_for(pending: Pending, ack: Awaitable[Any] | None) -> None:
         pending.append(ack)
 
 
+REWIND_RETRY_S = 1.0
+"""How long a partition read again from a skipped record waits for it before seeking again."""
+
+
 class Progress:
     """The input records a worker has finished, per partition: the offsets it commits itself.
 
@@ -280,16 +284,20 @@ class Progress:
     or a stop lets the partitions go. A record read but not taken is read again: by this worker
     after the rebalance (Faust seeks every partition to its committed offset), or by the next owner.
 
-    Faust can also drop a record inside a generation (its fetcher marks a record read when a pause
-    of the flow cuts its delivery short): the next record of that partition then jumps over an
-    offset. The partition is read again from the skipped record (:meth:`rewinds`, the worker seeks),
-    and its records are not taken until that one comes."""
+    Faust can also drop records inside a generation (its fetcher marks a record read when a pause
+    of the flow cuts its delivery short, and its fetch loop can undo the seek to the committed
+    offset that starts a generation): the first record of a partition then comes after the offset
+    the generation started from (``start_of``), or a later one jumps over an offset. The partition is read again from the skipped record (:meth:`rewinds`, the worker seeks),
+    and its records are not taken until that one comes. Faust's fetch loop can undo a seek (it
+    sets its read offset after the records it was delivering), so the seek is repeated every
+    ``REWIND_RETRY_S`` until the record arrives."""
 
-    def __init__(self) -> None:
+    def __init__(self, start_of: Callable[[TP], int | None]) -> None:
+        self._start_of = start_of
         self._next: dict[TP, int] = {}
         self._done: dict[TP, int] = {}
         self._rewinding: dict[TP, int] = {}
-        self._to_rewind: dict[TP, int] = {}
+        self._sought_at: dict[TP, float] = {}
         self._generation: int | None = None
         self._closed: int | None = None
         self.gaps = 0
@@ -299,7 +307,7 @@ class Progress:
         if generation != self._generation:
             self._next.clear()
             self._rewinding.clear()
-            self._to_rewind.clear()
+            self._sought_at.clear()
             self._generation = generation
         if generation == self._closed:
             return []  # the partitions are being let go: the next owner reads these
@@ -309,22 +317,29 @@ class Progress:
             if message.generation_id != generation:
                 continue
             expected = self._next.get(message.tp)
+            if expected is None:
+                expected = self._start_of(message.tp)
             if expected is not None and message.offset != expected:
                 if message.offset > expected and message.tp not in self._rewinding:
                     self.gaps += 1
                     log.warning("worker: %s jumped from offset %d to %d: reading it again from %d",
                                 message.tp, expected, message.offset, expected)
-                    self._rewinding[message.tp] = self._to_rewind[message.tp] = expected
+                    self._rewinding[message.tp] = expected
                 continue  # read before (offset < expected), or after a record still to come
             self._rewinding.pop(message.tp, None)
+            self._sought_at.pop(message.tp, None)
             self._next[message.tp] = message.offset + 1
             taken.append(event)
         return taken
 
-    def rewinds(self) -> dict[TP, int]:
-        """Partitions that skipped a record and the offset to read them again from (each once)."""
-        new, self._to_rewind = self._to_rewind, {}
-        return new
+    def rewinds(self, now: float) -> dict[TP, int]:
+        """Partitions that skipped a record and the offset to read them again from: each when it
+        is found, and again every ``REWIND_RETRY_S`` (``now``: a monotonic clock) until it comes."""
+        due = {tp: offset for tp, offset in self._rewinding.items()
+               if now - self._sought_at.get(tp, -math.inf) >= REWIND_RETRY_S}
+        for tp in due:
+            self._sought_at[tp] = now
+        return due
 
     def rewound(self, tp: TP, offset: int) -> None:
         """``tp`` is read again from ``offset`` (later than the skipped record when retention

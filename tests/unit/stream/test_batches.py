@@ -11,7 +11,7 @@ from typing import Any
 
 from faust.types import TP
 
-from stream.batches import DEDUPE_BUCKETS, Marks, Pending, Position, Progress, StateCache
+from stream.batches import DEDUPE_BUCKETS, REWIND_RETRY_S, Marks, Pending, Position, Progress, StateCache
 from stream.messages import FrameResult, ModelOutput, Result
 from stream.rule_config import RuleConfig
 from stream.rules import Observation, RulesEngine, observations
@@ -222,7 +222,7 @@ def events(partition: int, offsets: range, generation: int = 1) -> list[Event]:
 
 
 def test_progress_commits_each_partition_after_the_last_record_its_batches_finished() -> None:
-    progress = Progress()
+    progress = Progress(start_of=lambda _tp: None)
     batch = progress.take(events(0, range(10, 15)) + events(1, range(3, 5)), generation=1)
     assert len(batch) == 7
     assert progress.to_commit() == {}  # taken, not finished: nothing to commit
@@ -232,35 +232,47 @@ def test_progress_commits_each_partition_after_the_last_record_its_batches_finis
 
 
 def test_progress_takes_no_record_of_an_old_generation_nor_of_one_being_revoked() -> None:
-    progress = Progress()
+    committed: dict[TP, int] = {}
+    progress = Progress(start_of=committed.get)
     progress.finished(progress.take(events(0, range(0, 5)), generation=1))
+    committed.update(progress.to_commit())
     assert progress.take(events(0, range(5, 8), generation=1), generation=2) == []  # read before the rebalance
-    taken = progress.take(events(0, range(3, 8), generation=2), generation=2)  # re-read from the committed offset
-    assert [e.message.offset for e in taken] == [3, 4, 5, 6, 7]
+    taken = progress.take(events(0, range(3, 8), generation=2), generation=2)  # 3, 4: committed before
+    assert [e.message.offset for e in taken] == [5, 6, 7]
     progress.close(2)
     assert progress.take(events(0, range(8, 10), generation=2), generation=2) == []
-    assert progress.take(events(0, range(8, 10), generation=3), generation=3) != []
+    assert len(progress.take(events(0, range(5, 10), generation=3), generation=3)) == 5  # from the committed 5
 
 
 def test_progress_drops_a_record_read_twice_and_rewinds_a_partition_that_skipped_one() -> None:
-    progress = Progress()
+    progress = Progress(start_of=lambda _tp: None)
     progress.take(events(0, range(0, 5)), generation=1)
     assert progress.take(events(0, range(3, 6)), generation=1) == events(0, range(5, 6))
-    assert progress.gaps == 0 and progress.rewinds() == {}
-    # offset 6 never came: nothing after it is taken, the partition is read again from 6, once
+    assert progress.gaps == 0 and progress.rewinds(now=0.0) == {}
+    # offset 6 never came: nothing after it is taken, the partition is read again from 6
     assert progress.take(events(0, range(7, 10)) + events(1, range(0, 2)), generation=1) == events(1, range(0, 2))
     assert progress.gaps == 1
-    assert progress.rewinds() == {TP("results", 0): 6}
-    assert progress.take(events(0, range(10, 12)), generation=1) == []  # still read before the seek
-    assert progress.rewinds() == {} and progress.gaps == 1
+    assert progress.rewinds(now=0.0) == {TP("results", 0): 6}
     progress.rewound(TP("results", 0), 6)
+    assert progress.take(events(0, range(10, 12)), generation=1) == []  # still read before the seek
+    assert progress.rewinds(now=0.5) == {} and progress.gaps == 1
+    assert progress.rewinds(now=0.0 + REWIND_RETRY_S) == {TP("results", 0): 6}  # the seek was lost: again
     assert progress.take(events(0, range(6, 9)), generation=1) == events(0, range(6, 9))
+    assert progress.rewinds(now=10.0) == {}
 
 
 def test_progress_goes_on_from_the_earliest_record_when_the_skipped_ones_are_gone() -> None:
-    progress = Progress()
+    progress = Progress(start_of=lambda _tp: None)
     progress.take(events(0, range(0, 5)), generation=1)
     progress.take(events(0, range(40, 41)), generation=1)
-    assert progress.rewinds() == {TP("results", 0): 5}
+    assert progress.rewinds(now=0.0) == {TP("results", 0): 5}
     progress.rewound(TP("results", 0), 30)  # retention deleted 5..29
     assert progress.take(events(0, range(30, 32)), generation=1) == events(0, range(30, 32))
+
+
+def test_progress_rewinds_a_partition_whose_generation_starts_past_its_committed_offset() -> None:
+    progress = Progress(start_of={TP("results", 0): 100}.get)
+    assert progress.take(events(0, range(120, 125), generation=4), generation=4) == []  # faust lost 100..119
+    assert progress.rewinds(now=0.0) == {TP("results", 0): 100}
+    progress.rewound(TP("results", 0), 100)
+    assert len(progress.take(events(0, range(100, 125), generation=4), generation=4)) == 25
