@@ -59,6 +59,8 @@ from stream.rules import RulesEngine
 from stream.topics import KafkaTopics, topic_for
 
 SITE = "benchsite"
+REPLAY_CHUNK = 2_000
+"""Replay messages published to Mosquitto before waiting for their acknowledgements."""
 REPLAY_SITE = "benchreplay"
 """The replays' site: its own topics and its own persistent MQTT session, apart from the live site."""
 REPLAY_MACHINES = 50
@@ -535,9 +537,10 @@ def embedded_replay(messages: list[Envelope], mosquitto: MosquittoBroker, kafka:
     client.wait_connected()
     started = time.monotonic()
     try:
-        infos = [client.publish(topic_for(m), m.to_json(), qos=1) for m in inputs]
-        _wait_until(lambda: infos[-1].is_published() and all(info.is_published() for info in infos), timeout,
-                    "Mosquitto did not acknowledge the replay")
+        for start in range(0, len(inputs), REPLAY_CHUNK):  # paho refuses a queue of 100k at once
+            infos = [client.publish(topic_for(m), m.to_json(), qos=1) for m in inputs[start:start + REPLAY_CHUNK]]
+            _wait_until(lambda: infos[-1].is_published() and all(info.is_published() for info in infos), timeout,
+                        "Mosquitto did not acknowledge the replay")
     finally:
         client.stop()
     print(f"replay: {len(inputs):,} messages queued in Mosquitto in {time.monotonic() - started:.1f} s", flush=True)
