@@ -164,8 +164,9 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         that one is gone)."""
         for tp, offset in progress.rewinds(time.monotonic()).items():
             earliest = (await app.consumer.earliest_offsets(tp)).get(tp) or 0
-            progress.rewound(tp, max(offset, earliest))
-            await app.consumer.seek(tp, max(offset, earliest))
+            start = max(offset, earliest)
+            progress.rewound(tp, start)
+            await app.consumer.seek(tp, start)
 
     async def finish(process: Callable[[Sequence[faust.EventT]], Awaitable[None]],
                      events: Sequence[faust.EventT]) -> None:

@@ -284,19 +284,20 @@ class Progress:
     or a stop lets the partitions go. A record read but not taken is read again: by this worker
     after the rebalance (Faust seeks every partition to its committed offset), or by the next owner.
 
-    Faust can also drop records inside a generation (its fetcher marks a record read when a pause
-    of the flow cuts its delivery short, and its fetch loop can undo the seek to the committed
-    offset that starts a generation): the first record of a partition then comes after the offset
-    the generation started from (``start_of``), or a later one jumps over an offset. The partition is read again from the skipped record (:meth:`rewinds`, the worker seeks),
-    and its records are not taken until that one comes. Faust's fetch loop can undo a seek (it
-    sets its read offset after the records it was delivering), so the seek is repeated every
-    ``REWIND_RETRY_S`` until the record arrives."""
+    Faust can also drop records inside a generation: its fetcher marks a record read when a pause
+    of the flow cuts its delivery short, and its fetch loop, which sets its read offset after the
+    records it was delivering, can undo a seek (the one to the committed offset that starts a
+    generation included). The first record of a partition then comes after the offset the
+    generation started from (``start_of``), or a later one jumps over an offset. The partition is
+    read again from the skipped record (:meth:`rewinds`, the worker seeks), its records are not
+    taken until that one comes, and the seek is repeated every ``REWIND_RETRY_S`` until it does."""
 
     def __init__(self, start_of: Callable[[TP], int | None]) -> None:
         self._start_of = start_of
         self._next: dict[TP, int] = {}
         self._done: dict[TP, int] = {}
-        self._rewinding: dict[TP, int] = {}
+        self._rewinding: set[TP] = set()
+        """Partitions waiting for the record at their ``_next`` offset, which they skipped."""
         self._sought_at: dict[TP, float] = {}
         self._generation: int | None = None
         self._closed: int | None = None
@@ -324,9 +325,10 @@ class Progress:
                     self.gaps += 1
                     log.warning("worker: %s jumped from offset %d to %d: reading it again from %d",
                                 message.tp, expected, message.offset, expected)
-                    self._rewinding[message.tp] = expected
+                    self._next[message.tp] = expected
+                    self._rewinding.add(message.tp)
                 continue  # read before (offset < expected), or after a record still to come
-            self._rewinding.pop(message.tp, None)
+            self._rewinding.discard(message.tp)
             self._sought_at.pop(message.tp, None)
             self._next[message.tp] = message.offset + 1
             taken.append(event)
@@ -335,7 +337,7 @@ class Progress:
     def rewinds(self, now: float) -> dict[TP, int]:
         """Partitions that skipped a record and the offset to read them again from: each when it
         is found, and again every ``REWIND_RETRY_S`` (``now``: a monotonic clock) until it comes."""
-        due = {tp: offset for tp, offset in self._rewinding.items()
+        due = {tp: self._next[tp] for tp in self._rewinding
                if now - self._sought_at.get(tp, -math.inf) >= REWIND_RETRY_S}
         for tp in due:
             self._sought_at[tp] = now
@@ -345,7 +347,7 @@ class Progress:
         """``tp`` is read again from ``offset`` (later than the skipped record when retention
         already deleted it)."""
         self._next[tp] = offset
-        self._rewinding[tp] = offset
+        self._rewinding.add(tp)
 
     def finished(self, events: Sequence[EventT]) -> None:
         """A batch's records are done: their outputs, states and marks are in Kafka."""
