@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from aiokafka.errors import IllegalStateError
 from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
@@ -130,6 +131,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
     liveness_writes = FaustTable(liveness)
     batch_max, batch_s = cfg.workers.batch_max, cfg.workers.batch_ms / 1000.0
+    deadline_s = cfg.workers.batch_deadline_s
     # where Faust's seek to the committed offsets put each partition at the start of a generation
     progress = Progress(start_of=lambda tp: app.consumer._committed_offset.get(tp))
     running: set[asyncio.Future[None]] = set()
@@ -154,19 +156,36 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             running.add(task)
             task.add_done_callback(running.discard)
             try:
-                await asyncio.shield(task)
+                await asyncio.wait_for(asyncio.shield(task), deadline_s)
             except asyncio.CancelledError:
-                await asyncio.wait([task])
+                await asyncio.wait([task], timeout=deadline_s)
                 raise
+            except TimeoutError as exc:
+                await give_up(task, f"a batch of {len(taken)} records took more than {deadline_s:g} s", exc)
+                return
+
+    async def give_up(task: asyncio.Future[None], why: str, exc: BaseException) -> None:
+        """Stop the worker on a batch stuck past its deadline (seen in the bench: a worker whose
+        first batch never finished, its producer busy with cluster metadata, and whose stop then
+        waited for that batch for good); nothing of it or after it is committed."""
+        progress.close(app.consumer_generation_id)
+        log.error("worker: %s; the worker stops and its records are read again", why)
+        task.cancel()
+        await app.crash(exc)
 
     async def rewind_skipped() -> None:
         """Read each partition that skipped a record again from it (from its earliest record if
-        that one is gone)."""
+        that one is gone). The seek runs on the consumer's own thread (``seek_wait``): Faust's
+        ``seek`` changes aiokafka's fetcher from this one while that thread iterates it (CI:
+        ``KeyError`` in ``fetched_records``, the worker crashed)."""
         for tp, offset in progress.rewinds(time.monotonic()).items():
             earliest = (await app.consumer.earliest_offsets(tp)).get(tp) or 0
             start = max(offset, earliest)
             progress.rewound(tp, start)
-            await app.consumer.seek(tp, start)
+            try:
+                await app.consumer.seek_wait({tp: start})
+            except IllegalStateError:
+                log.info("worker: %s was revoked before its seek to %d; its next owner reads it", tp, start)
 
     async def finish(process: Callable[[Sequence[faust.EventT]], Awaitable[None]],
                      events: Sequence[faust.EventT]) -> None:
@@ -190,7 +209,10 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         ones finish, and what they finished is committed, so the next owner starts after it."""
         progress.close(app.consumer_generation_id)
         if running:
-            await asyncio.wait(list(running))
+            _, stuck = await asyncio.wait(list(running), timeout=deadline_s)
+            for task in stuck:
+                log.error("worker: a batch still running after %g s is abandoned uncommitted", deadline_s)
+                task.cancel()
         await commit_finished()
 
     app.on_partitions_revoked.connect(let_partitions_go)

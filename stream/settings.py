@@ -156,6 +156,9 @@ class WorkerGroupSettings(Strict):
                            "parsed, deduped, evaluated and written back together")
     batch_ms: float = Field(100.0, gt=0, le=10_000, description="how long an agent waits for a batch to fill "
                             "before it processes what it has (adds up to this to a record's latency)")
+    batch_deadline_s: float = Field(60.0, gt=0, le=3600, description="longest a batch may take to be processed "
+                                    "and acknowledged by Kafka; past it the worker stops (exit non-zero, its "
+                                    "supervisor restarts it) and the batch's records are read again")
 
     @model_validator(mode="after")
     def _heartbeats_fit_the_session(self) -> WorkerGroupSettings:

@@ -239,3 +239,25 @@ def test_workers_joining_and_leaving_mid_stream_decide_as_the_engine(mosquitto, 
     summary = assert_outputs_are_the_engines(got, expected)
     print(f"\n{len(sent)} results in {feeder.steps} steps; results consumed per worker {consumed}; the rest consumed "
           f"{took:.1f} s after the feed stopped; {summary}; {time.monotonic() - began:.0f} s in all")
+
+
+def test_a_batch_past_its_deadline_stops_the_worker_and_commits_nothing(
+        mosquitto, kafka, unique_name, tmp_path, workers):
+    # a deadline no batch can meet (its outputs' acks alone take longer): the first batch stands
+    # for one that hangs, which once kept a worker busy for good, deaf to SIGTERM
+    path, config = write_site(tmp_path, unique_name, mosquitto, kafka, RULES, machines(2), partitions=PARTITIONS,
+                              workers={"batch_deadline_s": 0.001})
+    topics = config.stream.topics()
+    results_topic = topics.for_kind("result")
+    stream = [r for step in range(20)
+              for r in step_results(unique_name, [m.id for m in config.machines], ["cam1"], step, time.time())]
+    ensure_topics(kafka.bootstrap, topics, PARTITIONS)
+    produce(kafka.bootstrap, topics.for_message, stream)
+
+    stuck = workers(path, "stuck")
+    wait_for(lambda: stuck.proc.poll() is not None, 120, "the worker stops on its first batch's deadline",
+             interval=0.2)
+    assert stuck.proc.returncode != 0, stuck.tail()
+    assert "Crashed reason=TimeoutError" in stuck.tail(200), stuck.tail()
+    assert group_lag(kafka.bootstrap, worker_group(config), [results_topic])[results_topic] == len(stream), \
+        "the worker committed input of a batch it gave up on"
