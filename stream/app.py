@@ -36,6 +36,7 @@ its session times out (``stream.workers.session_timeout_s``, 8 s; Faust's own de
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -223,10 +224,15 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         await rewind_skipped()  # a partition whose records stopped coming after a lost seek
         await commit_finished()
 
-    def output_records(messages: list[Envelope]) -> list[Send]:
-        for message in messages:
-            metrics.emitted.labels(message.KIND).inc()
+    def output_records(messages: list[Envelope], emitted: collections.Counter[str]) -> list[Send]:
+        """The records of ``messages``, counted per kind in ``emitted`` (the metric is increased
+        once per kind and batch, after Kafka acknowledged them: :func:`count_emitted`)."""
+        emitted.update(m.KIND for m in messages)
         return [(outputs[m.KIND], m.machine.encode(), m.to_json(), m.ts) for m in messages]
+
+    def count_emitted(emitted: collections.Counter[str]) -> None:
+        for kind, n in emitted.items():
+            metrics.emitted.labels(kind).inc(n)
 
     def dead_letter(event: faust.EventT, reason: str, check: str) -> tuple[faust.TopicT, bytes, bytes, None]:
         metrics.dead_lettered.labels(check).inc()
@@ -236,10 +242,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
 
     def count(agent: str, events: Sequence[faust.EventT]) -> None:
         metrics.batch_records.labels(agent).observe(len(events))
-        per_topic: dict[str, int] = {}
-        for event in events:
-            per_topic[event.message.topic] = per_topic.get(event.message.topic, 0) + 1
-        for topic, n in per_topic.items():
+        for topic, n in collections.Counter(event.message.topic for event in events).items():
             metrics.consumed.labels(topic).inc(n)
 
     def parse(event: faust.EventT, kinds: tuple[str, ...]) -> Envelope:
@@ -257,13 +260,17 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         states = StateCache(tables[state_table], lambda obs: batch.origins[id(obs)])
         engine.states = states
         now = time.time()
+        emitted: collections.Counter[str] = collections.Counter()
         for event, observed in batch.messages:
             try:
-                batch.sends += output_records(engine.observe_all(observed, now=now, fresh=states.fresh))
+                batch.sends += output_records(engine.observe_all(observed, now=now, fresh=states.fresh), emitted)
             except ValueError as exc:  # e.g. a Decision that fails validation
                 log.exception("worker: the rules engine failed on a record of %s", event.message.topic)
                 batch.sends.append(dead_letter(event, f"rules engine: {exc}", "engine"))
         await send_all(batch.sends)
+        count_emitted(emitted)
+        if batch.duplicates:
+            metrics.duplicates.inc(batch.duplicates)
         pending: Pending = []
         states.flush(pending)
         marks.flush(pending)
@@ -289,7 +296,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             if message.site != site.site:
                 continue
             if not marks.first(message.machine, message.msg_id, message.ts, event, position):
-                metrics.duplicates.inc()
+                batch.duplicates += 1
                 continue
             observed = observations(message, by_machine.lines)
             batch.add(event, position, observed)
@@ -306,11 +313,14 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         observe_latency([obs for _, observed in batch.messages for obs in observed], newest)
 
     def observe_latency(batch: list[Observation], newest: list[tuple[str, float]]) -> None:
+        """The latency histograms of a batch, each label's series looked up once."""
         now = time.time()
+        per_frame = {kind: metrics.latency.labels(kind) for kind in ("result", "anomaly")}
         for obs in batch:
-            metrics.latency.labels("anomaly" if obs.group is not None else "result").observe(max(0.0, now - obs.ts))
+            per_frame["anomaly" if obs.group is not None else "result"].observe(max(0.0, now - obs.ts))
+        per_message = {kind: metrics.pipeline_latency.labels(kind) for kind in {kind for kind, _ in newest}}
         for kind, ts in newest:
-            metrics.pipeline_latency.labels(kind).observe(max(0.0, now - ts))
+            per_message[kind].observe(max(0.0, now - ts))
 
     @app.agent(line_observations, name="line-stage", concurrency=1)
     async def line_stage(stream: faust.StreamT) -> None:
@@ -331,7 +341,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             scope = f"line:{(event.key or b'').decode(errors='replace')}"
             for msg_id, ts, observed in items:
                 if not marks.first(scope, msg_id, ts, event, position):
-                    metrics.duplicates.inc()
+                    batch.duplicates += 1
                     continue
                 batch.add(event, position, observed)
         await decide(by_line, "line-rule-states", marks, batch)
@@ -346,6 +356,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         sends: list[Send] = []
         entries: dict[str, Any] = {}
         last_event: dict[str, faust.EventT] = {}
+        emitted: collections.Counter[str] = collections.Counter()
         for event in events:
             try:
                 message = parse(event, ("heartbeat", "event"))
@@ -357,8 +368,9 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             if message.machine not in entries:
                 entries[message.machine] = liveness_writes.get(message.machine, event)
             last_event[message.machine] = event
-            sends += output_records(update_liveness(entries, message, time.time(), cfg.heartbeat_timeout_s))
+            sends += output_records(update_liveness(entries, message, time.time(), cfg.heartbeat_timeout_s), emitted)
         await send_all(sends)
+        count_emitted(emitted)
         await asyncio.gather(*[liveness_writes.put(machine, entry, last_event[machine])
                                for machine, entry in entries.items()])
 
@@ -391,6 +403,8 @@ class RuleBatch:
     messages: list[tuple[faust.EventT, list[Observation]]] = field(default_factory=list)
     origins: dict[int, tuple[faust.EventT, Position]] = field(default_factory=dict)
     sends: list[Send] = field(default_factory=list)
+    duplicates: int = 0
+    """Messages dropped as repeats of a msg_id (counted in the metric once per batch)."""
 
     def add(self, event: faust.EventT, position: Position, observed: list[Observation]) -> None:
         for obs in observed:

@@ -43,10 +43,13 @@ def ensure_topics(bootstrap: str, topics: KafkaTopics, partitions: int = 4, repl
 
 
 def reliable_producer(bootstrap: str, client_id: str, **overrides: object) -> KafkaProducer:
-    """Idempotent, acks=all: a send is acknowledged only once every in-sync replica has it."""
+    """Idempotent, acks=all: a send is acknowledged only once every in-sync replica has it; and in
+    order per partition (the rules depend on a machine's order): one request in flight, because
+    kafka-python puts a batch to retry back at the head of its partition's queue, so two failed
+    batches (``NotLeaderForPartition`` while a new topic elects its leader) would go out swapped."""
     settings: dict[str, object] = {"bootstrap_servers": bootstrap, "client_id": client_id, "acks": "all",
                                    "enable_idempotence": True, "linger_ms": 5, "batch_size": 65536,
-                                   "max_in_flight_requests_per_connection": 5}
+                                   "max_in_flight_requests_per_connection": 1}
     return KafkaProducer(**(settings | overrides))
 
 

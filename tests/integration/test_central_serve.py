@@ -118,12 +118,15 @@ def test_every_read_needs_a_token_and_metrics_may_stay_open(tmp_path, central):
         assert httpx.get(f"{base}{path}", headers=READ).status_code == 200, path
     assert httpx.get(f"{base}/metrics").status_code == 200
     assert httpx.post(f"{base}/models", content=tar, headers=READ).status_code == 403
-    for command in (["models"], ["machines"], ["rollouts"], ["wait", "--machines", "m01"]):
+    for command in (["models"], ["machines"], ["rollouts"], ["wait", "--machines", "m01", "--timeout", "1"]):
         refused = central_cli(*command, "--url", base)
         assert refused.returncode == 1 and refused.stderr.startswith("401: reads need the read token"), refused
         assert "--read-token-file" in refused.stderr and "$EDGELINE_CENTRAL_TOKEN_FILE" in refused.stderr
-        assert central_cli(*command, "--url", base, "--read-token-file", str(tmp_path / "token")).returncode == (
-            0 if command != ["wait", "--machines", "m01"] else 1)  # any token file; m01 never reported
+        read = central_cli(*command, "--url", base, "--read-token-file", str(tmp_path / "token"))  # any token file
+        if command[0] == "wait":  # the token was taken: central answered, and m01 never reported
+            assert read.returncode == 1 and read.stderr.startswith("no heartbeat from m01"), read
+        else:
+            assert read.returncode == 0, read
 
 
 def heartbeat(probe, site: str, package: str) -> None:
