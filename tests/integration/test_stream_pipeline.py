@@ -20,8 +20,8 @@ from stream.rules import RulesEngine
 from stream.settings import mqtt_settings
 from stream.topics import KafkaTopics, command_topic, status_topic, topic_for
 from tests.unit.stream.test_webhook import Receiver
-from tests.integration.streaming import (WorkerProcess, read_json, read_messages, read_topic, read_until_ids,
-                                        write_site)
+from tests.integration.streaming import (WorkerProcess, group_lag, read_json, read_messages, read_topic, read_until_ids,
+                                        worker_group, write_site)
 
 pytestmark = pytest.mark.integration
 
@@ -179,10 +179,31 @@ def test_restarting_the_worker_mid_stream_loses_no_decision_and_duplicates_no_al
     decisions = read_until_ids(kafka.bootstrap, topics.for_kind("decision"), want_decisions)
     second.check_alive()
     alerts = read_until_ids(kafka.bootstrap, topics.for_kind("alert"), want_alerts, timeout=30)
-    assert ids(decisions, Decision) == want_decisions
+    assert ids(decisions, Decision) == want_decisions, where_decisions_went(kafka.bootstrap, config, stream, decisions,
+                                                                          expected)
     assert ids(alerts, Alert) == want_alerts
     transitions = Counter((a.rule, a.key, a.state, a.ts) for a in alerts if isinstance(a, Alert))
     assert max(transitions.values()) == 1, "an alert was raised twice for the same transition"
+
+
+def where_decisions_went(bootstrap: str, config, sent: list[Result], got: list[Envelope],
+                         expected: list[Envelope]) -> str:
+    """For a failed equality: the decisions missing and extra (rule, key, state, seconds into the
+    stream), whether every result sent reached Kafka, and what the workers left uncommitted."""
+    t0, got_ids = sent[0].ts, ids(got, Decision)
+    want = {m.msg_id: m for m in expected if isinstance(m, Decision)}
+
+    def described(ms) -> str:
+        return "; ".join(f"{m.rule} {m.key} {m.state} at {m.ts - t0:.1f} s"
+                         for m in sorted(ms, key=lambda m: (m.key, m.ts))[:12])
+
+    in_kafka = {m.msg_id for m in read_messages(bootstrap, config.stream.topics().for_kind("result"))}
+    topics = config.stream.topics()
+    lag = group_lag(bootstrap, worker_group(config), [topics.for_kind("result"), topics.line_observations])
+    return (f"missing: {described(want[i] for i in set(want) - got_ids)}\n"
+            f"extra: {described(m for m in got if isinstance(m, Decision) and m.msg_id not in want)}\n"
+            f"results sent {len(sent)}, in Kafka {len({m.msg_id for m in sent} & in_kafka)} "
+            f"(last sent at {sent[-1].ts - t0:.1f} s); workers' uncommitted records {lag}")
 
 
 def test_two_workers_split_the_machines_and_decide_as_the_embedded_runner(
