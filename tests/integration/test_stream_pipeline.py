@@ -197,8 +197,8 @@ def where_decisions_went(bootstrap: str, config, sent: list[Result], got: list[E
         return "; ".join(f"{m.rule} {m.key} {m.state} at {m.ts - t0:.1f} s"
                          for m in sorted(ms, key=lambda m: (m.key, m.ts))[:12])
 
-    in_kafka = {m.msg_id for m in read_messages(bootstrap, config.stream.topics().for_kind("result"))}
     topics = config.stream.topics()
+    in_kafka = {m.msg_id for m in read_messages(bootstrap, topics.for_kind("result"))}
     lag = group_lag(bootstrap, worker_group(config), [topics.for_kind("result"), topics.line_observations])
     return (f"missing: {described(want[i] for i in set(want) - got_ids)}\n"
             f"extra: {described(m for m in got if isinstance(m, Decision) and m.msg_id not in want)}\n"
