@@ -52,7 +52,7 @@ from bench.report import RESULTS, machine
 from edgeline.services import KafkaBroker, MosquittoBroker, free_port, scrape_metrics
 from stream.console import print_table
 from stream.kafka import ensure_topics
-from stream.messages import Anomaly, Envelope, FrameResult, Heartbeat, ModelOutput, Result
+from stream.messages import Anomaly, Envelope, FrameResult, Heartbeat, ModelOutput, Result, parse_message
 from stream.mqtt import MqttClient, MqttSettings
 from stream.rule_config import RuleConfig
 from stream.rules import RulesEngine
@@ -349,9 +349,29 @@ def embedded_engine_rate(seconds: float = 5.0) -> dict[str, Any]:
             done += 1
     cpu = time.process_time() - started
     wall = time.monotonic() - wall0
-    return {"runner": "engine alone, in-process", "messages": done, "wall_s": round(wall, 1),
+    return {"runner": "engine alone, single-frame results", "messages": done, "wall_s": round(wall, 1),
             "msg_per_s": round(done / wall), "cpu_s": round(cpu, 1), "cpu_pct": round(100 * cpu / wall),
             "msg_per_core_s": round(done / cpu), "broker_cpu_pct": None}
+
+
+def replay_engine_rate(messages: list[Envelope], window_s: float) -> list[dict[str, Any]]:
+    """The worker's own work without Kafka or Faust, on the replay's messages (its peer, like for
+    like: multi-frame results): the engine on parsed messages, then parse + engine from the bytes."""
+    engine_rules = [RuleConfig.model_validate(r) for r in RULES]
+    lines = {m: f"L{1 + i // 10}" for i, m in enumerate(machine_ids(REPLAY_MACHINES))}
+    wire = [m.to_json() for m in messages]
+    rows = []
+    for what, feed in (("parsed", messages), ("from bytes", wire)):
+        engine = RulesEngine(engine_rules, lines=lines)
+        started, wall0 = time.process_time(), time.monotonic()
+        for item in feed:
+            engine.process(item if isinstance(item, Envelope) else parse_message(item))
+        cpu, wall = time.process_time() - started, time.monotonic() - wall0
+        rows.append({"runner": f"engine on the replay, {what} ({window_s * FPS:.0f}-frame results)",
+                     "messages": len(feed), "wall_s": round(wall, 1), "msg_per_s": round(len(feed) / wall),
+                     "cpu_s": round(cpu, 1), "cpu_pct": round(100 * cpu / wall), "msg_per_core_s": round(len(feed) / cpu),
+                     "broker_cpu_pct": None})
+    return rows
 
 
 def site_config(path: Path, site: str, machines: int, mosquitto: MosquittoBroker, kafka: KafkaBroker,
@@ -727,6 +747,9 @@ def main(seconds: float = typer.Option(60.0, help="measured seconds per site ste
                 KafkaBroker(workdir / "kafka", heap="1g", fast_start=False) as kafka:
             if replay > 0:
                 messages = replay_messages(replay, window_s=window_ms / 1000.0)
+                for row in replay_engine_rate(messages, window_ms / 1000.0):
+                    replay_rows.append(row)
+                    print(json.dumps(row), flush=True)
                 replay_rows.append(kafka_replay(messages, kafka, mosquitto, workdir, workers_settings, profile_to))
                 print(json.dumps(replay_rows[-1]), flush=True)
                 if embedded:

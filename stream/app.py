@@ -11,7 +11,7 @@ with partitions and workers):
   (bad input to ``edgeline.deadletter``, counted), dedupe on ``msg_id`` in an event-time tumbling
   table that expires, camera- and machine-scoped rules (state in table ``rule-states``), and the
   observations line-scoped rules need forwarded to ``edgeline.line-observations`` keyed by line
-  (one record per message).
+  (one compact record per line and batch, :mod:`stream.line_records`).
 * ``line-stage`` on ``edgeline.line-observations``: the line-scoped rules, state in
   ``line-rule-states`` (a line's machines may sit on different partitions, hence the repartition).
 * ``liveness`` on ``edgeline.heartbeats`` + ``edgeline.events`` + ``edgeline.liveness-checks``:
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
@@ -52,6 +51,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from stream.batches import FaustTable, Marks, Pending, Position, Progress, StateCache
 from stream.deadletter import deadletter_record
+from stream.line_records import LineItem, decode_line_record, encode_line_record
 from stream.messages import Alert, Envelope, Event, Heartbeat, MessageError, parse_message, stable_msg_id
 from stream.rules import Observation, RulesEngine, observations
 from stream.rules_metrics import EngineStatsCollector
@@ -126,6 +126,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
                            max_ahead_s=site.messages.max_ahead_s, scopes=scopes)
 
     by_machine, by_line = rule_engine(("camera", "machine")), rule_engine(("line",))
+    line_metrics = by_line.metrics
     metrics.registry.register(EngineStatsCollector("edgeline_worker", lambda: [by_machine.stats, by_line.stats]))
     tables = {name: FaustTable(app.Table(name, default=None, partitions=cfg.partitions))
               for name in ("rule-states", "rule-marks", "line-rule-states", "line-rule-marks")}
@@ -285,7 +286,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         batch = RuleBatch()
         marks = Marks(tables["rule-marks"], site.engine.dedupe_ttl_s)
         newest: list[tuple[str, float]] = []
-        for_line: dict[str, list[dict[str, Any]]] = {}
+        for_line: dict[str, list[LineItem]] = {}
         for event in events:
             try:
                 message = parse(event, ("result", "anomaly"))
@@ -302,13 +303,12 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             batch.add(event, position, observed)
             if observed:
                 newest.append((message.KIND, max(o.ts for o in observed)))
-            line_obs = [obs.to_dict() for obs in observed if by_line.wants(obs)]
+            line_obs = [obs for obs in observed if by_line.wants(obs)]
             if line_obs:  # a message's observations share a machine, hence a line
-                for_line.setdefault(observed[0].line, []).append(
-                    {"msg_id": message.msg_id, "ts": message.ts, "observations": line_obs})
+                for_line.setdefault(observed[0].line, []).append(LineItem(message.msg_id, message.ts, line_obs))
         for line, items in for_line.items():
-            batch.sends.append((line_observations, line.encode(), json.dumps({"items": items}).encode(),
-                                max(item["ts"] for item in items)))
+            batch.sends.append((line_observations, line.encode(),
+                                encode_line_record(site.site, line, line_metrics, items), max(i.ts for i in items)))
         await decide(by_machine, "rule-states", marks, batch)
         observe_latency([obs for _, observed in batch.messages for obs in observed], newest)
 
@@ -333,17 +333,16 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         for event in events:
             position = Position.of(event)
             try:
-                items = [(str(item["msg_id"]), float(item["ts"]), [Observation.from_dict(o) for o in item[
-                    "observations"]]) for item in json.loads(event.value)["items"]]
+                items = decode_line_record(event.value)
             except (ValueError, KeyError, TypeError) as exc:
                 batch.sends.append(dead_letter(event, f"bad line observations: {exc}", "schema"))
                 continue
             scope = f"line:{(event.key or b'').decode(errors='replace')}"
-            for msg_id, ts, observed in items:
-                if not marks.first(scope, msg_id, ts, event, position):
+            for item in items:
+                if not marks.first(scope, item.msg_id, item.ts, event, position):
                     batch.duplicates += 1
                     continue
-                batch.add(event, position, observed)
+                batch.add(event, position, item.observations)
         await decide(by_line, "line-rule-states", marks, batch)
 
     @app.agent(batch_input(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks),

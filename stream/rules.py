@@ -204,12 +204,17 @@ def add_point(state: RuleState, rule: RuleConfig, allowed_lateness_s: float, ts:
     when older than the watermark."""
     if ts < state.clock - allowed_lateness_s:
         return False
-    state.clock = max(state.clock, ts)
-    bisect.insort_right(state.points, (ts, value), key=lambda p: p[0])
-    span = 0.0 if rule.kind == "threshold" else rule.window_s
-    cap = {"threshold": 1, "k_of_n": rule.n}.get(rule.kind, RATE_BUFFER_CAP)
-    first = bisect.bisect_left(state.points, state.clock - span, key=lambda p: p[0])
-    del state.points[: max(first, len(state.points) - cap)]
+    points = state.points
+    if ts >= state.clock:  # in order, the common case: it goes last
+        state.clock = ts
+        points.append((ts, value))
+    else:
+        bisect.insort_right(points, (ts, value), key=_time)
+    horizon = state.clock - (0.0 if rule.kind == "threshold" else rule.window_s)
+    cap = 1 if rule.kind == "threshold" else rule.n if rule.kind == "k_of_n" else RATE_BUFFER_CAP
+    if len(points) > cap or points[0][0] < horizon:
+        first = bisect.bisect_left(points, horizon, key=_time)
+        del points[: max(first, len(points) - cap)]
     return True
 
 
@@ -220,15 +225,20 @@ def evaluate(rule: RuleConfig, points: list[tuple[float, float]], now: float) ->
     if rule.kind == "threshold":
         value = points[-1][1]
         return cond(value, limit), value
-    start = bisect.bisect_left(points, now - rule.window_s, key=lambda p: p[0])
+    horizon = now - rule.window_s
+    start = 0 if points[0][0] >= horizon else bisect.bisect_left(points, horizon, key=_time)
     if rule.kind == "k_of_n":
-        bad = sum(1 for _, v in points[max(start, len(points) - rule.n) :] if cond(v, limit))
+        bad = sum([cond(v, limit) for _, v in points[max(start, len(points) - rule.n):]])
         return bad >= rule.k, float(bad)
     (t0, v0), (t1, v1) = points[start], points[-1]
     if t1 <= t0:
         return None, 0.0
     rate = capped((v1 - v0) / (t1 - t0))
     return cond(rate, limit), rate
+
+
+def _time(point: tuple[float, float]) -> float:
+    return point[0]
 
 
 def hysteresis(state: RuleState, rule: RuleConfig, now: float, bad: bool | None) -> State | None:
@@ -328,6 +338,11 @@ class RulesEngine:
     @property
     def lines(self) -> dict[str, str]:
         return self._lines
+
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics this engine's rules read, sorted."""
+        return sorted({rule.metric for rule in self._rules})
 
     def process(self, message: Envelope, now: float | None = None) -> list[Envelope]:
         """Feed one parsed message received at ``now`` (the receiver's clock; None: not checked);
