@@ -681,12 +681,14 @@ def site_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, 
         probe = LagProbe(kafka.bootstrap, f"{prefix}-worker-{SITE}", worker_input_topics(topics))
         site.start()
         for machines in machine_steps:
-            spy = None
+            spies = []
             if profile_dir is not None and machines == machine_steps[-1]:
-                spy = start_profile(workers[0].proc.pid, profile_dir / "site-worker1.txt", seconds)
+                spies = [start_profile(workers[0].proc.pid, profile_dir / "site-worker1.txt", seconds),
+                         start_profile(bridge.proc.pid, profile_dir / "site-bridge.txt", seconds)]
             rows.append(run_step(machines, seconds, site, bridge, workers, kafka, psutil.Process(mosquitto.pid),
                                  probe, window_ms, topics))
-            stop_profile(spy)
+            for spy in spies:
+                stop_profile(spy)
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "lag_samples"}), flush=True)
     finally:
         site.stop()
@@ -702,7 +704,7 @@ def site_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, 
 
 def print_profiles(profile_dir: Path, console: Console) -> dict[str, Any]:
     found: dict[str, Any] = {}
-    for name in ("replay-worker", "site-worker1"):
+    for name in ("replay-worker", "site-worker1", "site-bridge"):
         path = profile_dir / f"{name}.txt"
         if not path.is_file() or not path.read_text().strip():
             console.print(f"{name}: no profile (see {path.with_suffix('.log')})", markup=False, highlight=False)
@@ -727,7 +729,8 @@ def main(seconds: float = typer.Option(60.0, help="measured seconds per site ste
          site: bool = typer.Option(True, help="the live site rows"),
          batch_max: int | None = typer.Option(None, help="stream.workers.batch_max for the workers (default: the site default)"),
          batch_ms: float | None = typer.Option(None, help="stream.workers.batch_ms for the workers"),
-         profile_to: Path | None = typer.Option(None, help="py-spy the replay worker and the site's first worker into DIR"),
+         profile_to: Path | None = typer.Option(None, help="py-spy the replay worker, the site's first worker and its "
+                                                  "bridge into DIR"),
          workdir: Path | None = typer.Option(None, help="keep the processes' logs, configs and Kafka data here "
                                              "(default: a temp folder, removed)"),
          out: Path | None = typer.Option(None, help="JSON results (default bench/results/central.json)")) -> None:
