@@ -36,9 +36,12 @@ from stream.rules import Observation, RuleState
 
 log = logging.getLogger(__name__)
 
-DEDUPE_BUCKETS = 6
+DEDUPE_BUCKETS = 60
 """Marks are kept per scope (a machine, or a line) in buckets of ``dedupe_ttl_s / DEDUPE_BUCKETS``
-of event time; a record's copies carry its ``ts``, so one bucket answers whether it was seen."""
+of event time; a record's copies carry its ``ts``, so one bucket answers whether it was seen. A
+batch rewrites each bucket it added to, whole: narrow buckets (1 s at the default 60 s) keep that
+write near the batch's own ids (with 6, a 50-machine site at 100 ms batches wrote 2.6 MB/s of marks,
+with 60 0.3 MB/s)."""
 
 
 @dataclass(frozen=True, slots=True)

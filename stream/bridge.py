@@ -335,6 +335,7 @@ class MqttKafkaBridge(Service):
         delivery_ms = int(self.settings.delivery_timeout_s * 1000)
         known = {"api_version": self._producer.config["api_version"]} if self._producer is not None else {}
         return reliable_producer(self.bootstrap, f"edgeline-bridge-{self.site}", delivery_timeout_ms=delivery_ms,
+                                 linger_ms=self.settings.linger_ms,
                                  request_timeout_ms=min(30_000, delivery_ms // 2), max_block_ms=SEND_BLOCK_MS,
                                  **known)
 

@@ -133,6 +133,9 @@ class BridgeSettings(Strict):
     shutdown_timeout_s: float = Field(10.0, ge=0, le=600, description="on stop, how long the records in flight "
                                       "get to be acknowledged by Kafka (and acked on MQTT); the broker redelivers "
                                       "the rest to the next bridge")
+    linger_ms: int = Field(25, ge=0, le=1000, description="how long the Kafka producer waits to fill a batch "
+                           "(linger.ms): 25 ms took a third less bridge CPU than 5 ms at 1,000 msg/s (bench in the "
+                           "README), for at most that much more latency")
 
     @model_validator(mode="after")
     def _first_within_max(self) -> BridgeSettings:
