@@ -64,6 +64,7 @@ REPLAY_CHUNK = 2_000
 REPLAY_SITE = "benchreplay"
 """The replays' site: its own topics and its own persistent MQTT session, apart from the live site."""
 REPLAY_MACHINES = 50
+REPLAY_PARTITIONS = 4
 CAMERAS = 4
 FPS = 15.0
 PUMP_PERIOD_S = 1.0
@@ -374,6 +375,53 @@ def replay_engine_rate(messages: list[Envelope], window_s: float) -> list[dict[s
     return rows
 
 
+def bare_consumer_rate(bootstrap: str, topics: KafkaTopics, partitions: int, expected: int,
+                       timeout_s: float = 300.0) -> dict[str, Any]:
+    """The worker's peer without Faust, in this process: an aiokafka consumer (no group, every
+    partition of the replay's input topics from the start, batches of up to 1,000) parsing each
+    record and feeding one in-memory engine of all scopes. No state writes, outputs or commits: an
+    upper bound for a Kafka worker of this engine, which shows what Faust's machinery costs.
+    Fetches are small (64 KB per partition) so that the partitions interleave as in a live
+    stream; line rules still see other partitions' records late, and a late observation is
+    dropped early, which makes this row cheaper per message (``late_observations``)."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition as AioPartition
+
+    engine = RulesEngine([RuleConfig.model_validate(r) for r in RULES],
+                         lines={m: f"L{1 + i // 10}" for i, m in enumerate(machine_ids(REPLAY_MACHINES))})
+
+    async def consume() -> tuple[int, float, float]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", max_partition_fetch_bytes=64 * 1024)
+        await consumer.start()
+        try:
+            names = [topics.for_kind(kind) for kind in ("result", "anomaly", "heartbeat")]
+            consumer.assign([AioPartition(name, p) for name in names for p in range(partitions)])
+            done, deadline = 0, time.monotonic() + timeout_s
+            cpu0 = wall0 = None
+            while done < expected and time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=100, max_records=1000)
+                if cpu0 is None and batches:
+                    cpu0, wall0 = time.process_time(), time.monotonic()
+                for records in batches.values():
+                    for record in records:
+                        engine.process(parse_message(record.value))
+                    done += len(records)
+            if cpu0 is None or wall0 is None:
+                raise RuntimeError(f"the bare consumer read no record of {names} in {timeout_s:g} s")
+            return done, time.process_time() - cpu0, time.monotonic() - wall0
+        finally:
+            await consumer.stop()
+
+    done, cpu, wall = asyncio.run(consume())
+    return {"runner": "bare aiokafka consumer + parse + engine (no state, outputs, commits)", "messages": done,
+            "wall_s": round(wall, 1), "msg_per_s": round(done / wall), "cpu_s": round(cpu, 1),
+            "cpu_pct": round(100 * cpu / wall), "msg_per_core_s": round(done / cpu), "broker_cpu_pct": None,
+            "observations": engine.stats.observations, "late_observations": engine.stats.late}
+
+
 def site_config(path: Path, site: str, machines: int, mosquitto: MosquittoBroker, kafka: KafkaBroker,
                 prefix: str, workers: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump({
@@ -492,12 +540,13 @@ class Drain:
 
 
 def kafka_replay(messages: list[Envelope], kafka: KafkaBroker, mosquitto: MosquittoBroker, workdir: Path,
-                 workers: dict[str, Any], profile_dir: Path | None, timeout: float = 600.0) -> dict[str, Any]:
-    """Pre-fill the topics, then one worker on them alone: its rate and CPU until the lag is 0."""
+                 workers: dict[str, Any], profile_dir: Path | None, timeout: float = 600.0) -> list[dict[str, Any]]:
+    """Pre-fill the topics; the bare consumer on them (:func:`bare_consumer_rate`), then one
+    worker on them alone: its rate and CPU until the lag is 0."""
     prefix = f"replay{int(time.time())}"
     config = site_config(workdir / "replay.yaml", REPLAY_SITE, REPLAY_MACHINES, mosquitto, kafka, prefix, workers)
     topics = KafkaTopics(prefix)
-    ensure_topics(kafka.bootstrap, topics, 4, 1)
+    ensure_topics(kafka.bootstrap, topics, REPLAY_PARTITIONS, 1)
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, linger_ms=20, batch_size=512 * 1024, acks=1,
                              client_id="bench-replay")
     started = time.monotonic()
@@ -507,6 +556,7 @@ def kafka_replay(messages: list[Envelope], kafka: KafkaBroker, mosquitto: Mosqui
     producer.flush()
     producer.close()
     print(f"replay: {len(messages):,} messages produced to Kafka in {time.monotonic() - started:.1f} s", flush=True)
+    bare = bare_consumer_rate(kafka.bootstrap, topics, REPLAY_PARTITIONS, len(messages))
     input_topics = [topics.for_kind(k) for k in ("result", "anomaly", "heartbeat")]
     probe = LagProbe(kafka.bootstrap, f"{prefix}-worker-{REPLAY_SITE}", [*input_topics, topics.line_observations])
     kafka_ps = psutil.Process(kafka.pid)
@@ -532,7 +582,7 @@ def kafka_replay(messages: list[Envelope], kafka: KafkaBroker, mosquitto: Mosqui
                     "batches": _sum(worker_metrics, "edgeline_worker_batch_records_count") or None,
                     "emitted": int(_sum(worker_metrics, "edgeline_worker_emitted_total")),
                     "dead_letters": int(_sum(worker_metrics, "edgeline_worker_dead_lettered_total"))})
-        return row
+        return [bare, row]
     finally:
         stop_profile(spy[0])
         worker.stop()
@@ -753,8 +803,9 @@ def main(seconds: float = typer.Option(60.0, help="measured seconds per site ste
                 for row in replay_engine_rate(messages, window_ms / 1000.0):
                     replay_rows.append(row)
                     print(json.dumps(row), flush=True)
-                replay_rows.append(kafka_replay(messages, kafka, mosquitto, workdir, workers_settings, profile_to))
-                print(json.dumps(replay_rows[-1]), flush=True)
+                for row in kafka_replay(messages, kafka, mosquitto, workdir, workers_settings, profile_to):
+                    replay_rows.append(row)
+                    print(json.dumps(row), flush=True)
                 if embedded:
                     replay_rows.append(embedded_replay(messages, mosquitto, kafka, workdir))
                     print(json.dumps(replay_rows[-1]), flush=True)
