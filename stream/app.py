@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from aiokafka.errors import IllegalStateError
+from aiokafka.errors import IllegalStateError, KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
@@ -111,8 +111,11 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
                          partitions=cfg.partitions, acks=acks)
 
+    batch_topics: set[str] = set()
+
     def batch_input(*names: str) -> faust.TopicT:
         """A topic a batched agent reads: Faust's acks off, the worker commits (:class:`Progress`)."""
+        batch_topics.update(names)
         return raw_topic(*names, acks=False)
 
     topics = cfg.topics()
@@ -222,8 +225,26 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
 
     @app.timer(interval=COMMIT_INTERVAL_S)
     async def commit_periodically() -> None:
+        await find_stalled()
         await rewind_skipped()  # a partition whose records stopped coming after a lost seek
         await commit_finished()
+
+    async def find_stalled() -> None:
+        """Hand :meth:`Progress.stalled` the end offsets of the batched partitions assigned now
+        (not while a rebalance or the tables' recovery holds the streams back)."""
+        if app.rebalancing or app.in_recovery:
+            return
+        generation = app.consumer_generation_id
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic in batch_topics]
+        if not assigned:
+            return
+        try:
+            ends = await app.consumer.highwaters(*assigned)
+        except (KafkaError, IllegalStateError) as exc:  # a rebalance under way: the next tick asks again
+            log.info("worker: no end offsets for the stall check: %r", exc)
+            return
+        if generation == app.consumer_generation_id:
+            progress.stalled(ends, generation, time.monotonic())
 
     def output_records(messages: list[Envelope], emitted: collections.Counter[str]) -> list[Send]:
         """The records of ``messages``, counted per kind in ``emitted`` (the metric is increased
@@ -412,15 +433,16 @@ class RuleBatch:
 
 
 class _GapsCollector:
-    """``edgeline_worker_offset_gaps_total``: times Faust skipped an input record and the worker read
-    its partition again from it (:class:`stream.batches.Progress`)."""
+    """``edgeline_worker_offset_gaps_total``: times Faust skipped an input record (or a partition
+    stalled) and the worker read its partition again from it (:class:`stream.batches.Progress`)."""
 
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily("edgeline_worker_offset_gaps", "Times an input partition jumped over a record "
-                                     "Faust skipped, and was read again from it")
+                                     "Faust skipped, or took none of the records Kafka held for it for a while, and "
+                                     "was read again from it")
         family.add_metric([], self._progress.gaps)
         yield family
 

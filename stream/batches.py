@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -272,6 +272,9 @@ def _wait_for(pending: Pending, ack: Awaitable[Any] | None) -> None:
 
 REWIND_RETRY_S = 1.0
 """How long a partition read again from a skipped record waits for it before seeking again."""
+STALL_S = 5.0
+"""How long a partition whose next record is in Kafka may go without one taken before it is read
+again from that record."""
 
 
 class Progress:
@@ -293,7 +296,10 @@ class Progress:
     generation included). The first record of a partition then comes after the offset the
     generation started from (``start_of``), or a later one jumps over an offset. The partition is
     read again from the skipped record (:meth:`rewinds`, the worker seeks), its records are not
-    taken until that one comes, and the seek is repeated every ``REWIND_RETRY_S`` until it does."""
+    taken until that one comes, and the seek is repeated every ``REWIND_RETRY_S`` until it does.
+    A skip shows only when a later record comes: a partition whose last records were skipped, or
+    whose fetch stopped, is found by :meth:`stalled` (Kafka holds its next record, none came for
+    ``STALL_S``) and read again the same way."""
 
     def __init__(self, start_of: Callable[[TP], int | None]) -> None:
         self._start_of = start_of
@@ -302,17 +308,15 @@ class Progress:
         self._rewinding: set[TP] = set()
         """Partitions waiting for the record at their ``_next`` offset, which they skipped."""
         self._sought_at: dict[TP, float] = {}
+        self._waiting_since: dict[TP, float] = {}
+        """Partitions whose next record Kafka holds, since when none was taken."""
         self._generation: int | None = None
         self._closed: int | None = None
         self.gaps = 0
 
     def take(self, events: Sequence[EventT], generation: int) -> list[EventT]:
         """The records of ``events`` a batch may process now."""
-        if generation != self._generation:
-            self._next.clear()
-            self._rewinding.clear()
-            self._sought_at.clear()
-            self._generation = generation
+        self._enter(generation)
         if generation == self._closed:
             return []  # the partitions are being let go: the next owner reads these
         taken: list[EventT] = []
@@ -333,9 +337,43 @@ class Progress:
                 continue  # read before (offset < expected), or after a record still to come
             self._rewinding.discard(message.tp)
             self._sought_at.pop(message.tp, None)
+            self._waiting_since.pop(message.tp, None)
             self._next[message.tp] = message.offset + 1
             taken.append(event)
         return taken
+
+    def stalled(self, ends: Mapping[TP, int], generation: int, now: float) -> None:
+        """Given each assigned partition's end offset in Kafka: a partition that holds its next
+        record (the one after the last taken, or the committed one) and has had none taken for
+        ``STALL_S`` (``now``: a monotonic clock) is read again from that record, as after a skip
+        (:meth:`rewinds`). Seen under load after a restart: the last records of a partition never
+        taken, and no later record to show a jump."""
+        self._enter(generation)
+        if generation == self._closed:
+            return
+        for tp, end in ends.items():
+            expected = self._next.get(tp)
+            if expected is None:
+                expected = self._start_of(tp)
+            if tp in self._rewinding or expected is None or end <= expected:
+                self._waiting_since.pop(tp, None)
+                continue
+            if now - self._waiting_since.setdefault(tp, now) >= STALL_S:
+                self.gaps += 1
+                log.warning("worker: no record of %s taken for %g s while Kafka holds offsets %d to %d: reading it "
+                            "again from %d", tp, STALL_S, expected, end - 1, expected)
+                self._next[tp] = expected
+                self._rewinding.add(tp)
+                self._waiting_since.pop(tp, None)
+
+    def _enter(self, generation: int) -> None:
+        """Forget the positions of an earlier generation (its partitions were revoked or reassigned)."""
+        if generation != self._generation:
+            self._next.clear()
+            self._rewinding.clear()
+            self._sought_at.clear()
+            self._waiting_since.clear()
+            self._generation = generation
 
     def rewinds(self, now: float) -> dict[TP, int]:
         """Partitions that skipped a record and the offset to read them again from: each when it

@@ -11,7 +11,7 @@ from typing import Any
 
 from faust.types import TP
 
-from stream.batches import DEDUPE_BUCKETS, REWIND_RETRY_S, Marks, Pending, Position, Progress, StateCache
+from stream.batches import DEDUPE_BUCKETS, REWIND_RETRY_S, STALL_S, Marks, Pending, Position, Progress, StateCache
 from stream.messages import FrameResult, ModelOutput, Result
 from stream.rule_config import RuleConfig
 from stream.rules import Observation, RulesEngine, observations
@@ -276,3 +276,38 @@ def test_progress_rewinds_a_partition_whose_generation_starts_past_its_committed
     assert progress.rewinds(now=0.0) == {TP("results", 0): 100}
     progress.rewound(TP("results", 0), 100)
     assert len(progress.take(events(0, range(100, 125), generation=4), generation=4)) == 25
+
+
+def test_progress_reads_again_a_partition_whose_last_records_never_came() -> None:
+    tp, other = TP("results", 0), TP("results", 1)
+    progress = Progress(start_of={tp: 20, other: 0}.get)
+    progress.finished(progress.take(events(0, range(20, 25)) + events(1, range(0, 3)), generation=1))
+    ends = {tp: 30, other: 3}  # Kafka holds 25..29 of partition 0; partition 1 is read to its end
+    progress.stalled(ends, generation=1, now=100.0)
+    assert progress.rewinds(now=100.0) == {}  # just found waiting: records may be on their way
+    progress.stalled(ends, generation=1, now=100.0 + STALL_S - 0.1)
+    assert progress.rewinds(now=100.0 + STALL_S - 0.1) == {}
+    progress.stalled(ends, generation=1, now=100.0 + STALL_S)
+    assert progress.gaps == 1
+    assert progress.rewinds(now=100.0 + STALL_S) == {tp: 25}
+    assert progress.take(events(0, range(25, 30)), generation=1) == events(0, range(25, 30))
+
+
+def test_progress_leaves_a_partition_alone_while_its_records_are_taken() -> None:
+    tp = TP("results", 0)
+    progress = Progress(start_of={tp: 0}.get)
+    for step in range(10):  # always behind the end, never quiet for STALL_S
+        now = step * STALL_S / 2
+        progress.stalled({tp: 10 * step + 50}, generation=1, now=now)
+        progress.take(events(0, range(10 * step, 10 * step + 10)), generation=1)
+    assert progress.gaps == 0 and progress.rewinds(now=100.0) == {}
+
+
+def test_progress_finds_a_stall_in_a_generation_that_took_no_record_yet() -> None:
+    tp = TP("results", 0)
+    progress = Progress(start_of={tp: 7}.get)
+    progress.take(events(0, range(0, 3)), generation=1)
+    progress.close(1)  # revoked; generation 2 starts and nothing of partition 0 ever comes
+    progress.stalled({tp: 9}, generation=2, now=0.0)
+    progress.stalled({tp: 9}, generation=2, now=STALL_S)
+    assert progress.rewinds(now=STALL_S) == {tp: 7}
