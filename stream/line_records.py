@@ -7,7 +7,8 @@ Why not one dict per observation: the bench's profile had this repartition's ``j
 line and the metrics once; each message is ``[msg_id, ts, machine, camera, group, observations]``
 and each of its observations ``[model, ts, values in the record's metric order, channels]``; only
 the metrics the line rules read are carried (a rule sees an observation only when it carries the
-rule's metric, so dropping the others changes no decision). About a quarter of the bytes, half the CPU.
+rule's metric, so dropping the others changes no decision). On the bench's messages: about a quarter
+of the bytes, and half the CPU to encode and decode (85 to 42 us per message).
 """
 
 from __future__ import annotations
