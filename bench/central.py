@@ -90,6 +90,22 @@ def machine_ids(count: int) -> list[str]:
     return [f"m{i:02d}" for i in range(1, count + 1)]
 
 
+def machine_lines(count: int) -> dict[str, str]:
+    """The simulated site's lines: ten machines to a line."""
+    return {m: f"L{1 + i // 10}" for i, m in enumerate(machine_ids(count))}
+
+
+def rule_configs() -> list[RuleConfig]:
+    return [RuleConfig.model_validate(r) for r in RULES]
+
+
+def in_process_row(runner: str, messages: int, cpu: float, wall: float) -> dict[str, Any]:
+    """A replay-table row for work measured in this process (no broker beside it)."""
+    return {"runner": runner, "messages": messages, "wall_s": round(wall, 1), "msg_per_s": round(messages / wall),
+            "cpu_s": round(cpu, 1), "cpu_pct": round(100 * cpu / wall), "msg_per_core_s": round(messages / cpu),
+            "broker_cpu_pct": None}
+
+
 # --- the simulated site -----------------------------------------------------------------------
 
 
@@ -333,8 +349,7 @@ def worker_input_topics(topics: KafkaTopics) -> list[str]:
 
 def embedded_engine_rate(seconds: float = 5.0) -> dict[str, Any]:
     """The rules engine alone on one core: single-frame results from 50 machines x 4 cameras."""
-    rules = [RuleConfig.model_validate(r) for r in RULES]
-    engine = RulesEngine(rules, lines={m: "L1" for m in machine_ids(50)})
+    engine = RulesEngine(rule_configs(), lines={m: "L1" for m in machine_ids(50)})
     rng = np.random.default_rng(1)
     messages = []
     for i in range(20_000):
@@ -348,30 +363,22 @@ def embedded_engine_rate(seconds: float = 5.0) -> dict[str, Any]:
         for message in messages:
             engine.process(message.model_copy(update={"msg_id": f"{message.msg_id}-{done}"}))
             done += 1
-    cpu = time.process_time() - started
-    wall = time.monotonic() - wall0
-    return {"runner": "engine alone, single-frame results", "messages": done, "wall_s": round(wall, 1),
-            "msg_per_s": round(done / wall), "cpu_s": round(cpu, 1), "cpu_pct": round(100 * cpu / wall),
-            "msg_per_core_s": round(done / cpu), "broker_cpu_pct": None}
+    return in_process_row("engine alone, single-frame results", done, time.process_time() - started,
+                          time.monotonic() - wall0)
 
 
 def replay_engine_rate(messages: list[Envelope], window_s: float) -> list[dict[str, Any]]:
     """The worker's own work without Kafka or Faust, on the replay's messages (its peer, like for
     like: multi-frame results): the engine on parsed messages, then parse + engine from the bytes."""
-    engine_rules = [RuleConfig.model_validate(r) for r in RULES]
-    lines = {m: f"L{1 + i // 10}" for i, m in enumerate(machine_ids(REPLAY_MACHINES))}
     wire = [m.to_json() for m in messages]
     rows = []
-    for what, feed in (("parsed", messages), ("from bytes", wire)):
-        engine = RulesEngine(engine_rules, lines=lines)
+    for what, timed in (("parsed", lambda engine: [engine.process(m) for m in messages]),
+                        ("from bytes", lambda engine: [engine.process(parse_message(b)) for b in wire])):
+        engine = RulesEngine(rule_configs(), lines=machine_lines(REPLAY_MACHINES))
         started, wall0 = time.process_time(), time.monotonic()
-        for item in feed:
-            engine.process(item if isinstance(item, Envelope) else parse_message(item))
-        cpu, wall = time.process_time() - started, time.monotonic() - wall0
-        rows.append({"runner": f"engine on the replay, {what} ({window_s * FPS:.0f}-frame results)",
-                     "messages": len(feed), "wall_s": round(wall, 1), "msg_per_s": round(len(feed) / wall),
-                     "cpu_s": round(cpu, 1), "cpu_pct": round(100 * cpu / wall), "msg_per_core_s": round(len(feed) / cpu),
-                     "broker_cpu_pct": None})
+        timed(engine)
+        rows.append(in_process_row(f"engine on the replay, {what} ({window_s * FPS:.0f}-frame results)",
+                                   len(messages), time.process_time() - started, time.monotonic() - wall0))
     return rows
 
 
@@ -389,8 +396,7 @@ def bare_consumer_rate(bootstrap: str, topics: KafkaTopics, partitions: int, exp
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition as AioPartition
 
-    engine = RulesEngine([RuleConfig.model_validate(r) for r in RULES],
-                         lines={m: f"L{1 + i // 10}" for i, m in enumerate(machine_ids(REPLAY_MACHINES))})
+    engine = RulesEngine(rule_configs(), lines=machine_lines(REPLAY_MACHINES))
 
     async def consume() -> tuple[int, float, float]:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
@@ -416,17 +422,15 @@ def bare_consumer_rate(bootstrap: str, topics: KafkaTopics, partitions: int, exp
             await consumer.stop()
 
     done, cpu, wall = asyncio.run(consume())
-    return {"runner": "bare aiokafka consumer + parse + engine (no state, outputs, commits)", "messages": done,
-            "wall_s": round(wall, 1), "msg_per_s": round(done / wall), "cpu_s": round(cpu, 1),
-            "cpu_pct": round(100 * cpu / wall), "msg_per_core_s": round(done / cpu), "broker_cpu_pct": None,
-            "observations": engine.stats.observations, "late_observations": engine.stats.late}
+    return in_process_row("bare aiokafka consumer + parse + engine (no state, outputs, commits)", done, cpu, wall) | {
+        "observations": engine.stats.observations, "late_observations": engine.stats.late}
 
 
 def site_config(path: Path, site: str, machines: int, mosquitto: MosquittoBroker, kafka: KafkaBroker,
                 prefix: str, workers: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump({
         "site": site, "broker": {"host": mosquitto.host, "port": mosquitto.port},
-        "machines": [{"id": m, "line": f"L{1 + i // 10}"} for i, m in enumerate(machine_ids(machines))],
+        "machines": [{"id": m, "line": line} for m, line in machine_lines(machines).items()],
         "rules": RULES,
         "stream": {"kafka": kafka.bootstrap, "topic_prefix": prefix, "partitions": 4,
                    **({"workers": workers} if workers else {})},

@@ -324,9 +324,7 @@ class Progress:
             message = event.message
             if message.generation_id != generation:
                 continue
-            expected = self._next.get(message.tp)
-            if expected is None:
-                expected = self._start_of(message.tp)
+            expected = self._expected(message.tp)
             if expected is not None and message.offset != expected:
                 if message.offset > expected and message.tp not in self._rewinding:
                     self.gaps += 1
@@ -352,9 +350,7 @@ class Progress:
         if generation == self._closed:
             return
         for tp, end in ends.items():
-            expected = self._next.get(tp)
-            if expected is None:
-                expected = self._start_of(tp)
+            expected = self._expected(tp)
             if tp in self._rewinding or expected is None or end <= expected:
                 self._waiting_since.pop(tp, None)
                 continue
@@ -365,6 +361,12 @@ class Progress:
                 self._next[tp] = expected
                 self._rewinding.add(tp)
                 self._waiting_since.pop(tp, None)
+
+    def _expected(self, tp: TP) -> int | None:
+        """The offset of the partition's next record to take: after the last one taken in this
+        generation, or where the generation started (None: not known yet)."""
+        expected = self._next.get(tp)
+        return self._start_of(tp) if expected is None else expected
 
     def _enter(self, generation: int) -> None:
         """Forget the positions of an earlier generation (its partitions were revoked or reassigned)."""
