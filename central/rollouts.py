@@ -82,6 +82,10 @@ class RolloutManager(Service):
         self._saved: dict[str, tuple[int, str, bool]] = {}
         """What was last written per rollout: (history length, phase, paused)."""
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
+        """Held from a rollout's snapshot to its write: the API's create and the tick loop save the
+        same new rollout at once (two INSERTs of one id), and a later state must never be
+        overwritten by an earlier one."""
         self.add_loop("tick", self._tick_loop)
 
     def restore(self) -> None:
@@ -245,14 +249,15 @@ class RolloutManager(Service):
 
     def _save(self, rollout_id: str) -> None:
         """Write the rollout when something it records changed (not on every heartbeat)."""
-        with self._lock:
-            rollout = self.rollouts[rollout_id]
-            version = (len(rollout.history), rollout.phase, rollout.paused)
-            if self._saved.get(rollout_id) == version:
-                return
-            state = rollout_to_dict(rollout)
-        self.registry.save_rollout(rollout_id, self.models[rollout_id], state)
-        self._saved[rollout_id] = version
+        with self._save_lock:
+            with self._lock:
+                rollout = self.rollouts[rollout_id]
+                version = (len(rollout.history), rollout.phase, rollout.paused)
+                if self._saved.get(rollout_id) == version:
+                    return
+                state = rollout_to_dict(rollout)
+            self.registry.save_rollout(rollout_id, self.models[rollout_id], state)
+            self._saved[rollout_id] = version
 
     def _execute(self, rollout_id: str, actions: list[Action]) -> None:
         self._save(rollout_id)

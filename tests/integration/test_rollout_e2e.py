@@ -143,7 +143,6 @@ def test_a_shadow_gated_rollout_promotes_an_agreeing_package_and_never_deploys_a
         fleet, central):
     base, manager = central
     agents = fleet(fps=10)
-    dropped = [a.vision.cameras[0].frames_dropped for a in agents]
     gates = {"stages": [0, 1.0], "soak_s": 1, "max_latency_ratio": 10.0, "min_shadow_agreement": 0.8,
              "shadow_frames": 10}
 
@@ -156,8 +155,9 @@ def test_a_shadow_gated_rollout_promotes_an_agreeing_package_and_never_deploys_a
     texts = [e["text"] for e in done["history"]]
     assert sum("shadowing seg-synth-1.0.0-fp32" in t for t in texts) == 2  # canary, then the rest
     assert sum("promoting" in t for t in texts) == 2
+    # No frame-drop check here: the shadow runs inline on 1 batch in N, so on a loaded box its
+    # extra inference is shed as designed. That a swap drops no frame is the first test's check.
     assert [a.vision.seg_models["seg"].package_id for a in agents] == ["seg-synth-1.0.0-fp32"] * 3
-    assert [a.vision.cameras[0].frames_dropped for a in agents] == dropped
     assert all(a.vision.shadows == {} for a in agents)
 
     disagreeing = httpx.post(f"{base}/rollouts", headers=AUTH,
