@@ -52,7 +52,7 @@ import operator
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, MutableMapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from stream.dedupe import Deduper
 from stream.messages import DEFAULT_LIMITS, Alert, Anomaly, Command, Decision, Envelope, Result, stable_msg_id
@@ -67,6 +67,9 @@ VALUE_CAP = 1e12
 """Largest magnitude of a value the engine computes (an anomaly level, a rate): beyond it, capped."""
 DEFAULT_MAX_STATES = 10_000
 """Rule states an in-memory engine keeps (rules x scope keys; a 50-machine site needs a few thousand)."""
+MAX_ROUTES = 10_000
+"""Observation sources (machine, line, model, camera, group) whose matching rules an engine keeps
+worked out; beyond it the cache starts again."""
 
 State = Literal["firing", "resolved"]
 
@@ -156,12 +159,12 @@ def capped(value: float) -> float:
     return max(-VALUE_CAP, min(VALUE_CAP, value))
 
 
-def matches(rule: RuleConfig, obs: Observation) -> bool:
-    """Whether the rule sees this observation; a filter on a field the observation lacks is ignored."""
+def matches_source(rule: RuleConfig, obs: Observation) -> bool:
+    """Whether the rule sees observations from where ``obs`` comes from (the rule also needs its
+    metric among the values); a filter on a field the observation lacks is ignored."""
     m = rule.match
     return (
-        rule.metric in obs.values
-        and (not m.machines or obs.machine in m.machines)
+        (not m.machines or obs.machine in m.machines)
         and (not m.lines or obs.line in m.lines)
         and (not m.models or obs.model in m.models)
         and (not m.cameras or obs.camera is None or obs.camera in m.cameras)
@@ -187,6 +190,9 @@ class RuleState:
     clock: float = float("-inf")
     firing: bool = False
     pending_since: float | None = None
+    bad: int | None = field(default=None, compare=False, repr=False)
+    """k_of_n: how many of ``points`` meet the rule's condition, kept by :func:`add_point` so that
+    an evaluation does not count the window again (None: not counted yet; never stored)."""
 
     def to_dict(self) -> dict[str, object]:
         return {"points": [list(p) for p in self.points], "clock": None if self.clock == float("-inf") else self.clock,
@@ -200,41 +206,57 @@ class RuleState:
 
 
 def add_point(state: RuleState, rule: RuleConfig, allowed_lateness_s: float, ts: float, value: float) -> bool:
-    """Insert in event-time order and trim to the rule's span and cap; False (and nothing stored)
-    when older than the watermark."""
+    """Insert in event-time order and trim to the rule's window as of the key's clock: its span
+    and cap (what :func:`evaluate` reads); False (and nothing stored) when older than the watermark."""
     if ts < state.clock - allowed_lateness_s:
         return False
     points = state.points
+    kind = rule.kind
+    counting = kind == "k_of_n"
+    if counting:
+        cond, limit = _OPS[rule.condition.op], rule.condition.value
+        bad = (_count_bad(rule, points) if state.bad is None else state.bad) + cond(value, limit)
     if ts >= state.clock:  # in order, the common case: it goes last
         state.clock = ts
         points.append((ts, value))
     else:
         bisect.insort_right(points, (ts, value), key=_time)
-    horizon = state.clock - (0.0 if rule.kind == "threshold" else rule.window_s)
-    cap = 1 if rule.kind == "threshold" else rule.n if rule.kind == "k_of_n" else RATE_BUFFER_CAP
-    if len(points) > cap or points[0][0] < horizon:
-        first = bisect.bisect_left(points, horizon, key=_time)
-        del points[: max(first, len(points) - cap)]
+    horizon = state.clock - (0.0 if kind == "threshold" else rule.window_s)
+    cap = 1 if kind == "threshold" else rule.n if counting else RATE_BUFFER_CAP
+    cut = len(points) - cap if len(points) > cap else 0
+    if points[cut][0] < horizon:
+        cut = bisect.bisect_left(points, horizon, key=_time)
+    if cut:
+        if counting:
+            bad -= cond(points[0][1], limit) if cut == 1 else _count_bad(rule, points[:cut])
+        del points[:cut]
+    if counting:
+        state.bad = bad
     return True
 
 
-def evaluate(rule: RuleConfig, points: list[tuple[float, float]], now: float) -> tuple[bool | None, float]:
-    """The rule's signal (None: unknown) and value as of ``now`` over the window's points."""
+def evaluate(rule: RuleConfig, state: RuleState) -> tuple[bool | None, float]:
+    """The rule's signal (None: unknown) and value as of the key's clock, over the window
+    :func:`add_point` left in ``state``."""
     cond = _OPS[rule.condition.op]
     limit = rule.condition.value
+    points = state.points
     if rule.kind == "threshold":
         value = points[-1][1]
         return cond(value, limit), value
-    horizon = now - rule.window_s
-    start = 0 if points[0][0] >= horizon else bisect.bisect_left(points, horizon, key=_time)
     if rule.kind == "k_of_n":
-        bad = sum([cond(v, limit) for _, v in points[max(start, len(points) - rule.n):]])
+        bad = _count_bad(rule, points) if state.bad is None else state.bad
         return bad >= rule.k, float(bad)
-    (t0, v0), (t1, v1) = points[start], points[-1]
+    (t0, v0), (t1, v1) = points[0], points[-1]
     if t1 <= t0:
         return None, 0.0
     rate = capped((v1 - v0) / (t1 - t0))
     return cond(rate, limit), rate
+
+
+def _count_bad(rule: RuleConfig, points: list[tuple[float, float]]) -> int:
+    cond, limit = _OPS[rule.condition.op], rule.condition.value
+    return sum([cond(v, limit) for _, v in points])
 
 
 def _time(point: tuple[float, float]) -> float:
@@ -264,6 +286,14 @@ class _Transition:
     state: State
     ts: float
     value: float
+
+
+class _Route(NamedTuple):
+    """A rule that sees a source's observations, with that source's scope key and state key."""
+
+    rule: RuleConfig
+    key: str
+    state_key: str
 
 
 class BoundedStates(MutableMapping[str, RuleState]):
@@ -334,6 +364,7 @@ class RulesEngine:
         self.deduper = Deduper(dedupe_ttl_s, dedupe_max_entries)
         self.states: MutableMapping[str, RuleState] = states if states is not None else BoundedStates(max_states)
         self.stats = EngineStats()
+        self._routes: dict[tuple[str, str, str, str | None, str | None], list[_Route]] = {}
 
     @property
     def lines(self) -> dict[str, str]:
@@ -365,7 +396,7 @@ class RulesEngine:
 
     def wants(self, obs: Observation) -> bool:
         """Whether any of this engine's rules sees the observation."""
-        return any(matches(rule, obs) for rule in self._rules)
+        return any(route.rule.metric in obs.values for route in self._routes_of(obs))
 
     def observe(self, obs: Observation) -> list[Envelope]:
         """Feed one observation; the messages its transitions emit."""
@@ -400,7 +431,7 @@ class RulesEngine:
 
     def _admissible(self, obs: Observation, now: float | None) -> bool:
         """False (and counted) for a time or value that is not finite, or a time too far ahead."""
-        finite = math.isfinite(obs.ts) and all(math.isfinite(v) for v in obs.values.values())
+        finite = math.isfinite(obs.ts) and all(map(math.isfinite, obs.values.values()))
         if finite and (now is None or obs.ts <= now + self._max_ahead_s):
             return True
         self.stats.refused += 1
@@ -412,19 +443,18 @@ class RulesEngine:
                  fresh: Callable[[str, Observation], bool] | None) -> list[_Transition]:
         transitions: list[_Transition] = []
         late = False
-        for rule in self._rules:
-            if not matches(rule, obs):
+        values = obs.values
+        for rule, key, state_key in self._routes_of(obs):
+            if rule.metric not in values:
                 continue
-            key = scope_key(rule, obs)
-            state_key = f"{rule.name}|{key}"
             if fresh is not None and not fresh(state_key, obs):
                 continue
             state = touched.get(state_key) or self.states.get(state_key) or RuleState()
-            if not add_point(state, rule, self._lateness, obs.ts, obs.values[rule.metric]):
+            if not add_point(state, rule, self._lateness, obs.ts, values[rule.metric]):
                 late = True
                 continue
             touched[state_key] = state
-            bad, value = evaluate(rule, state.points, state.clock)
+            bad, value = evaluate(rule, state)
             new_state = hysteresis(state, rule, state.clock, bad)
             if new_state is not None:
                 transitions.append(_Transition(rule, obs, key, new_state, state.clock, value))
@@ -432,6 +462,21 @@ class RulesEngine:
             self.stats.late += 1
             log.debug("late observation dropped: %s/%s ts=%s", obs.machine, obs.source, obs.ts)
         return transitions
+
+    def _routes_of(self, obs: Observation) -> list[_Route]:
+        """The rules that see observations from ``obs``'s source (metric aside), with their scope
+        and state keys, worked out once per source."""
+        source = (obs.machine, obs.line, obs.model, obs.camera, obs.group)
+        routes = self._routes.get(source)
+        if routes is None:
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            routes = self._routes[source] = [
+                _Route(rule, key, f"{rule.name}|{key}")
+                for rule in self._rules if matches_source(rule, obs)
+                for key in (scope_key(rule, obs),)
+            ]
+        return routes
 
     def _emit(self, t: _Transition) -> list[Envelope]:
         rule, obs = t.rule, t.obs

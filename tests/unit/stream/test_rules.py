@@ -27,7 +27,7 @@ from stream.messages import (
 )
 from stream.rule_config import RuleConfig
 from stream.rules import (RATE_BUFFER_CAP, VALUE_CAP, BoundedStates, EngineStats, Observation, RulesEngine, RuleState,
-                          observations)
+                          add_point, evaluate, observations)
 
 # ---------------------------------------------------------------- builders
 
@@ -390,6 +390,26 @@ def test_out_of_order_rate_uses_the_event_time_order() -> None:
     out = engine.process(result(8.0, 0.1))  # arrives late, but is older: rate (0.5-0.1)/2 = 0.2
     assert transitions(out) == [("m01/cam1", "firing", 10.0)]
     assert of(Decision, out)[0].value == pytest.approx(0.2)
+
+
+@given(st.lists(st.tuples(st.floats(0, 12), st.sampled_from([0.0, 0.1]), st.booleans()), max_size=80))
+def test_k_of_n_window_and_count_equal_a_recount_through_late_points_trims_and_restores(
+        arrivals: list[tuple[float, float, bool]]) -> None:
+    """The window add_point keeps and the bad count it carries (not stored: a restore forgets it)
+    equal the docstring's definition worked out from every accepted point."""
+    k_of_n = rule(kind="k_of_n", k=3, n=5, window_s=2)
+    state, accepted = RuleState(), []
+    for ts, value, restore in arrivals:
+        if restore:
+            state = RuleState.from_dict(json.loads(json.dumps(state.to_dict())))
+        if not add_point(state, k_of_n, 1.5, ts, value):
+            assert ts < state.clock - 1.5
+            continue
+        accepted.insert(sum(t <= ts for t, _ in accepted), (ts, value))  # ties keep arrival order
+        window = [p for p in accepted if p[0] >= state.clock - 2][-5:]
+        bad = sum(v >= 0.05 for _, v in window)
+        assert state.points == window
+        assert evaluate(k_of_n, state) == (bad >= 3, float(bad))
 
 
 def test_hold_for_measured_in_event_time_not_arrival_order() -> None:
