@@ -731,9 +731,11 @@ def site_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, 
     rows = []
     try:
         _wait_until(lambda: all(p.metrics() for p in (bridge, *workers)), 120, "bridge/workers metrics did not answer")
-        time.sleep(5.0)  # bridge connected, workers joined their group
         probe = LagProbe(kafka.bootstrap, f"{prefix}-worker-{SITE}", worker_input_topics(topics))
         site.start()
+        site.set_machines(1)  # a trickle until the group consumes: a cold worker's start is no backlog to measure
+        _wait_until(lambda: sum(_sum(w.metrics(), "edgeline_worker_messages_total") for w in workers) > 0, 180,
+                    "the workers consumed nothing of one machine's messages")
         for machines in machine_steps:
             spies = []
             if profile_dir is not None and machines == machine_steps[-1]:

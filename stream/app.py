@@ -20,8 +20,9 @@ with partitions and workers):
   last-will arrived raises a ``machine-offline`` alert, resolved by its next heartbeat.
 * ``webhook`` on ``edgeline.alerts`` when ``stream.webhook`` is set (:mod:`stream.webhook`).
 
-Each stage takes its records in batches (``stream.workers.batch_max`` / ``batch_ms``) and keeps its
-rule states and dedupe marks per batch (:mod:`stream.batches`). The worker commits the input
+Each stage takes its records in batches (``stream.workers.batch_max`` / ``batch_ms``), produces each
+batch's outputs at once, and writes the rule states and dedupe marks its batches changed once per
+checkpoint, about every ``CHECKPOINT_S`` (:class:`stream.batches.Checkpoint`). The worker commits the input
 offsets itself, only for batches whose outputs, states and marks Kafka has acknowledged, and
 before a rebalance or a stop hands its partitions on (:class:`stream.batches.Progress` says why
 Faust's own acks are off for these topics).
@@ -49,7 +50,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
-from stream.batches import FaustTable, Marks, Pending, Position, Progress, StateCache
+from stream.batches import Checkpoint, FaustTable, Marks, Position, Progress
 from stream.deadletter import deadletter_record
 from stream.line_records import LineItem, decode_line_record, encode_line_record
 from stream.messages import Alert, Envelope, Event, Heartbeat, MessageError, parse_message, stable_msg_id
@@ -64,12 +65,18 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5
                    1.3, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 OFFLINE_RULE = "machine-offline"
 COMMIT_INTERVAL_S = 1.0
+CHECKPOINT_S = 1.0
+"""How often a rules stage writes the states and marks its batches changed (:class:`Checkpoint`):
+a crash replays at most about this much input, plus the commit interval."""
 STALL_CHECK_S = 1.0
 """How often the worker compares its batched partitions with their end offsets in Kafka (its own
 timer: the end-offset request must not hold the commits back; under load it took seconds)."""
 Send = tuple[faust.TopicT, bytes, bytes, float | None]
 """A record to produce: topic, key, value, timestamp."""
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+Process = Callable[[Sequence[faust.EventT]], Awaitable[Sequence[faust.EventT]]]
+"""A stage's work on a batch; the records now finished (their offsets may be committed): the
+batch's, or for a rules stage those of its batches whose checkpoint was written."""
 
 
 class WorkerMetrics:
@@ -136,6 +143,9 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     metrics.registry.register(EngineStatsCollector("edgeline_worker", lambda: [by_machine.stats, by_line.stats]))
     tables = {name: FaustTable(app.Table(name, default=None, partitions=cfg.partitions))
               for name in ("rule-states", "rule-marks", "line-rule-states", "line-rule-marks")}
+    checkpoints = {stage: Checkpoint(tables[f"{prefix}rule-states"], tables[f"{prefix}rule-marks"],
+                                     site.engine.dedupe_ttl_s, CHECKPOINT_S)
+                   for stage, prefix in (("machine-stage", ""), ("line-stage", "line-"))}
     liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
     liveness_writes = FaustTable(liveness)
     batch_max, batch_s = cfg.workers.batch_max, cfg.workers.batch_ms / 1000.0
@@ -151,7 +161,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         if pending:
             await asyncio.gather(*pending)
 
-    async def batches(stream: faust.StreamT, process: Callable[[Sequence[faust.EventT]], Awaitable[None]]) -> None:
+    async def batches(stream: faust.StreamT, process: Process) -> None:
         """Run ``process`` on each batch of ``stream`` that :class:`Progress` lets it take; a stop
         in the middle of one lets it finish (shielded), and a failed one stops the worker: its
         records are not committed, and the next owner of their partitions reads them again."""
@@ -195,17 +205,20 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             except IllegalStateError:
                 log.info("worker: %s was revoked before its seek to %d; its next owner reads it", tp, start)
 
-    async def finish(process: Callable[[Sequence[faust.EventT]], Awaitable[None]],
-                     events: Sequence[faust.EventT]) -> None:
+    async def finish(process: Process, events: Sequence[faust.EventT]) -> None:
         generation = app.consumer_generation_id
         try:
-            await process(events)
+            finished = await process(events)
         except Exception as exc:
             progress.close(generation)  # nothing after this batch may be committed
             log.exception("worker: a batch of %d records failed; the worker stops", len(events))
             await app.crash(exc)
             raise
-        progress.finished(events)
+        progress.finished(finished)
+
+    async def checkpoint_all(force: bool) -> None:
+        for checkpoint in checkpoints.values():
+            progress.finished(await checkpoint.flush(force))
 
     async def commit_finished() -> None:
         offsets = progress.to_commit()
@@ -221,6 +234,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             for task in stuck:
                 log.error("worker: a batch still running after %g s is abandoned uncommitted", deadline_s)
                 task.cancel()
+        await checkpoint_all(force=True)
         await commit_finished()
 
     app.on_partitions_revoked.connect(let_partitions_go)
@@ -229,6 +243,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     @app.timer(interval=COMMIT_INTERVAL_S)
     async def commit_periodically() -> None:
         await rewind_skipped()  # a partition whose records stopped coming after a lost seek
+        await checkpoint_all(force=False)  # a stage whose input went quiet
         await commit_finished()
 
     @app.timer(interval=STALL_CHECK_S)
@@ -278,12 +293,12 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             raise MessageError(f"a {message.KIND} message on {event.message.topic}", "topic")
         return message
 
-    async def decide(engine: RulesEngine, state_table: str, marks: Marks, batch: RuleBatch) -> None:
-        """The engine over a batch's observations on states read once, then, in this order: every
-        output acknowledged by Kafka, the states and marks written and acknowledged (a state never
-        covers an input whose outputs could still be lost; the batch's offsets are committed after)."""
-        states = StateCache(tables[state_table], lambda obs: batch.origins[id(obs)])
-        engine.states = states
+    async def decide(engine: RulesEngine, checkpoint: Checkpoint, batch: RuleBatch) -> None:
+        """The engine over a batch's observations on the checkpoint's states (each read once),
+        then every output acknowledged by Kafka; the states and marks are written by the
+        checkpoint afterwards (a state never covers an input whose outputs could still be lost)."""
+        checkpoint.origins = batch.origins
+        states = engine.states = checkpoint.states
         now = time.time()
         emitted: collections.Counter[str] = collections.Counter()
         for event, observed in batch.messages:
@@ -296,19 +311,24 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         count_emitted(emitted)
         if batch.duplicates:
             metrics.duplicates.inc(batch.duplicates)
-        pending: Pending = []
-        states.flush(pending)
-        marks.flush(pending)
-        await asyncio.gather(*pending)
 
     @app.agent(batch_input(topics.for_kind("result"), topics.for_kind("anomaly")), name="machine-stage", concurrency=1)
     async def machine_stage(stream: faust.StreamT) -> None:
         await batches(stream, machine_batch)
 
-    async def machine_batch(events: Sequence[faust.EventT]) -> None:
+    async def machine_batch(events: Sequence[faust.EventT]) -> list[faust.EventT]:
         count("machine-stage", events)
+        checkpoint = checkpoints["machine-stage"]
+        async with checkpoint.batch(events) as marks:
+            batch, newest = machine_records(events, marks)
+            await decide(by_machine, checkpoint, batch)
+        observe_latency([obs for _, observed in batch.messages for obs in observed], newest)
+        return await checkpoint.flush()
+
+    def machine_records(events: Sequence[faust.EventT], marks: Marks) -> tuple[RuleBatch, list[tuple[str, float]]]:
+        """A machine-stage batch parsed and deduped, its line records added to its sends; and the
+        kind and newest event time of each message (for the pipeline latency)."""
         batch = RuleBatch()
-        marks = Marks(tables["rule-marks"], site.engine.dedupe_ttl_s)
         newest: list[tuple[str, float]] = []
         for_line: dict[str, list[LineItem]] = {}
         for event in events:
@@ -333,8 +353,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         for line, items in for_line.items():
             batch.sends.append((line_observations, line.encode(),
                                 encode_line_record(site.site, line, line_metrics, items), max(i.ts for i in items)))
-        await decide(by_machine, "rule-states", marks, batch)
-        observe_latency([obs for _, observed in batch.messages for obs in observed], newest)
+        return batch, newest
 
     def observe_latency(batch: list[Observation], newest: list[tuple[str, float]]) -> None:
         """The latency histograms of a batch, each label's series looked up once."""
@@ -350,10 +369,16 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     async def line_stage(stream: faust.StreamT) -> None:
         await batches(stream, line_batch)
 
-    async def line_batch(events: Sequence[faust.EventT]) -> None:
+    async def line_batch(events: Sequence[faust.EventT]) -> list[faust.EventT]:
         count("line-stage", events)
+        checkpoint = checkpoints["line-stage"]
+        async with checkpoint.batch(events) as marks:
+            await decide(by_line, checkpoint, line_records(events, marks))
+        return await checkpoint.flush()
+
+    def line_records(events: Sequence[faust.EventT], marks: Marks) -> RuleBatch:
+        """A line-stage batch decoded and deduped."""
         batch = RuleBatch()
-        marks = Marks(tables["line-rule-marks"], site.engine.dedupe_ttl_s)
         for event in events:
             position = Position.of(event)
             try:
@@ -367,14 +392,14 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
                     batch.duplicates += 1
                     continue
                 batch.add(event, position, item.observations)
-        await decide(by_line, "line-rule-states", marks, batch)
+        return batch
 
     @app.agent(batch_input(topics.for_kind("heartbeat"), topics.for_kind("event"), topics.liveness_checks),
                name="liveness", concurrency=1)
     async def liveness_stage(stream: faust.StreamT) -> None:
         await batches(stream, liveness_batch)
 
-    async def liveness_batch(events: Sequence[faust.EventT]) -> None:
+    async def liveness_batch(events: Sequence[faust.EventT]) -> Sequence[faust.EventT]:
         count("liveness", events)
         sends: list[Send] = []
         entries: dict[str, Any] = {}
@@ -396,6 +421,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         count_emitted(emitted)
         await asyncio.gather(*[liveness_writes.put(machine, entry, last_event[machine])
                                for machine, entry in entries.items()])
+        return events
 
     @app.timer(interval=max(0.5, cfg.heartbeat_timeout_s / 4))
     async def find_silent_machines() -> None:
