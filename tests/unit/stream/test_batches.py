@@ -1,9 +1,10 @@
 """The worker's batch bookkeeping (stream.batches) on plain dicts: states and dedupe marks read once
-and written once per batch, a replay after a partial write neither loses nor doubles input, and
-the offsets the worker commits cover only records a batch took and finished."""
+and written once per checkpoint, a replay after a partial write neither loses nor doubles input,
+and the offsets the worker commits cover only records a batch took and finished."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,7 +12,8 @@ from typing import Any
 
 from faust.types import TP
 
-from stream.batches import DEDUPE_BUCKETS, REWIND_RETRY_S, STALL_S, Marks, Pending, Position, Progress, StateCache
+from stream.batches import (DEDUPE_BUCKETS, REWIND_RETRY_S, STALL_S, Checkpoint, Marks, Pending, Position, Progress,
+                           StateCache)
 from stream.messages import FrameResult, ModelOutput, Result
 from stream.rule_config import RuleConfig
 from stream.rules import Observation, RulesEngine, observations
@@ -183,6 +185,55 @@ def test_the_fresh_hook_is_asked_before_a_state_is_read_and_skips_what_it_refuse
     assert not any(key.startswith("burst|") for key in engine.states)
     assert any(key.startswith("hot|") for key in engine.states)
     assert {key.split("|")[0] for key in asked} == {"hot", "burst"}
+
+
+async def checkpoint_batch(checkpoint: Checkpoint, engine: RulesEngine, records: list[tuple[Event, Result]],
+                           fail: bool = False) -> None:
+    """One rules-stage batch as the worker runs it on a checkpoint (``fail``: it dies after the engine)."""
+    async with checkpoint.batch([event for event, _ in records]) as marks:
+        checkpoint.origins = {}
+        engine.states = checkpoint.states
+        for event, message in records:
+            assert marks.first(message.machine, message.msg_id, message.ts, event, Position.of(event))
+            observed = observations(message)
+            checkpoint.origins.update({id(obs): (event, Position.of(event)) for obs in observed})
+            engine.observe_all(observed, fresh=checkpoint.states.fresh)
+        if fail:
+            raise Killed("the batch's outputs were never acknowledged")
+
+
+def test_a_checkpoint_writes_its_batches_states_once_and_only_then_finishes_their_records() -> None:
+    states, marks = CountingTable(), CountingTable()
+    checkpoint = Checkpoint(DictTable(states), DictTable(marks), 60.0, interval_s=3600.0)
+    records = list(records_of(stream_of(30)))
+    engine = RulesEngine(RULES)
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        await checkpoint_batch(checkpoint, engine, records[:15])
+        await checkpoint_batch(checkpoint, engine, records[15:])
+        return await checkpoint.flush(), await checkpoint.flush(force=True)
+
+    early, finished = asyncio.run(run())
+    assert early == [] and finished == [event for event, _ in records]  # not before its interval, then all
+    assert states.writes == len(states) == 8 and marks.writes == len(marks) > 0  # each key once for 2 batches
+    assert {value["upto"] for key, value in states.items() if key.startswith("burst|")} == {28, 29}
+
+
+def test_a_failed_batch_discards_the_checkpoint_and_finishes_nothing_of_it() -> None:
+    states, marks = CountingTable(), CountingTable()
+    checkpoint = Checkpoint(DictTable(states), DictTable(marks), 60.0, interval_s=0.0)
+    records = list(records_of(stream_of(30)))
+
+    async def run() -> list[Any]:
+        await checkpoint_batch(checkpoint, RulesEngine(RULES), records[:15])
+        try:
+            await checkpoint_batch(checkpoint, RulesEngine(RULES), records[15:], fail=True)
+        except Killed:
+            pass
+        return await checkpoint.flush(force=True)
+
+    assert asyncio.run(run()) == []  # the first batch's records are read again with the second's
+    assert states.writes == marks.writes == 0
 
 
 def test_a_mark_tells_a_replayed_record_from_an_upstream_duplicate() -> None:
