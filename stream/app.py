@@ -153,6 +153,8 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     # where Faust's seek to the committed offsets put each partition at the start of a generation
     progress = Progress(start_of=lambda tp: app.consumer._committed_offset.get(tp))
     running: set[asyncio.Future[None]] = set()
+    watchdogs: set[asyncio.Future[None]] = set()
+    """A worker's stop on a batch past its deadline, while it runs (the loop keeps only weak references)."""
     metrics.registry.register(_GapsCollector(progress))
 
     async def send_all(sends: list[Send]) -> None:
@@ -162,25 +164,47 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             await asyncio.gather(*pending)
 
     async def batches(stream: faust.StreamT, process: Process) -> None:
-        """Run ``process`` on each batch of ``stream`` that :class:`Progress` lets it take; a stop
-        in the middle of one lets it finish (shielded), and a failed one stops the worker: its
-        records are not committed, and the next owner of their partitions reads them again."""
+        """Run ``process`` on each batch of ``stream`` that :class:`Progress` lets it take, one at a
+        time and in order, while Faust gathers the next: it fills its take buffer only while this
+        loop is outside its body, so waiting for a batch in there left every batch's outputs' acks
+        and the take's ``batch_ms`` as idle time one after the other. A stop while a batch runs
+        lets it finish; a failed one stops the worker: its records are not committed, and the next
+        owner of their partitions reads them again."""
+        previous: asyncio.Future[None] | None = None
         async for events in stream.take_events(batch_max, batch_s):
+            if previous is not None:
+                await let_finish(previous)
+                if previous.cancelled():
+                    return  # given up past its deadline: the worker stops
             taken = progress.take(events, app.consumer_generation_id)
             await rewind_skipped()
-            if not taken:
-                continue
-            task = asyncio.ensure_future(finish(process, taken))
-            running.add(task)
-            task.add_done_callback(running.discard)
-            try:
-                await asyncio.wait_for(asyncio.shield(task), deadline_s)
-            except asyncio.CancelledError:
-                await asyncio.wait([task], timeout=deadline_s)
-                raise
-            except TimeoutError as exc:
-                await give_up(task, f"a batch of {len(taken)} records took more than {deadline_s:g} s", exc)
-                return
+            if taken:
+                previous = start_batch(process, taken)
+        if previous is not None:
+            await let_finish(previous)
+
+    def start_batch(process: Process, taken: list[faust.EventT]) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(finish(process, taken))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        why = f"a batch of {len(taken)} records took more than {deadline_s:g} s"
+
+        def past_deadline() -> None:
+            if not task.done():
+                watchdogs.add(stopping := asyncio.ensure_future(give_up(task, why, TimeoutError(why))))
+                stopping.add_done_callback(watchdogs.discard)
+
+        watchdog = asyncio.get_running_loop().call_later(deadline_s, past_deadline)
+        task.add_done_callback(lambda _: watchdog.cancel())
+        return task
+
+    async def let_finish(task: asyncio.Future[None]) -> None:
+        """Wait for a batch; cancelling this wait (a stop) leaves it running, for up to its deadline."""
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            await asyncio.wait([task], timeout=deadline_s)
+            raise
 
     async def give_up(task: asyncio.Future[None], why: str, exc: BaseException) -> None:
         """Stop the worker on a batch stuck past its deadline (seen in the bench: a worker whose
