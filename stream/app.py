@@ -22,7 +22,7 @@ with partitions and workers):
 
 Each stage takes its records in batches (``stream.workers.batch_max`` / ``batch_ms``), produces each
 batch's outputs at once, and writes the rule states and dedupe marks its batches changed once per
-checkpoint, about every ``CHECKPOINT_S`` (:class:`stream.batches.Checkpoint`). The worker commits the input
+checkpoint, every ``COMMIT_INTERVAL_S`` (:class:`stream.batches.Checkpoint`). The worker commits the input
 offsets itself, only for batches whose outputs, states and marks Kafka has acknowledged, and
 before a rebalance or a stop hands its partitions on (:class:`stream.batches.Progress` says why
 Faust's own acks are off for these topics).
@@ -65,9 +65,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5
                    1.3, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 OFFLINE_RULE = "machine-offline"
 COMMIT_INTERVAL_S = 1.0
-CHECKPOINT_S = 1.0
-"""How often a rules stage writes the states and marks its batches changed (:class:`Checkpoint`):
-a crash replays at most about this much input, plus the commit interval."""
+"""How often the worker writes its rules stages' checkpoints (:class:`stream.batches.Checkpoint`)
+and then commits what they finished: a crash replays about this much input or a little more."""
 STALL_CHECK_S = 1.0
 """How often the worker compares its batched partitions with their end offsets in Kafka (its own
 timer: the end-offset request must not hold the commits back; under load it took seconds)."""
@@ -76,7 +75,7 @@ Send = tuple[faust.TopicT, bytes, bytes, float | None]
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 Process = Callable[[Sequence[faust.EventT]], Awaitable[Sequence[faust.EventT]]]
 """A stage's work on a batch; the records now finished (their offsets may be committed): the
-batch's, or for a rules stage those of its batches whose checkpoint was written."""
+batch's, or none for a rules stage, whose checkpoint finishes them on the commit timer."""
 
 
 class WorkerMetrics:
@@ -144,7 +143,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     tables = {name: FaustTable(app.Table(name, default=None, partitions=cfg.partitions))
               for name in ("rule-states", "rule-marks", "line-rule-states", "line-rule-marks")}
     checkpoints = {stage: Checkpoint(tables[f"{prefix}rule-states"], tables[f"{prefix}rule-marks"],
-                                     site.engine.dedupe_ttl_s, CHECKPOINT_S)
+                                     site.engine.dedupe_ttl_s)
                    for stage, prefix in (("machine-stage", ""), ("line-stage", "line-"))}
     liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
     liveness_writes = FaustTable(liveness)
@@ -240,9 +239,16 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             raise
         progress.finished(finished)
 
-    async def checkpoint_all(force: bool) -> None:
+    async def checkpoint_all() -> None:
+        generation = app.consumer_generation_id
         for checkpoint in checkpoints.values():
-            progress.finished(await checkpoint.flush(force))
+            try:
+                progress.finished(await checkpoint.flush())
+            except Exception as exc:
+                progress.close(generation)  # no later flush may commit past these records
+                log.exception("worker: a checkpoint's writes failed; the worker stops")
+                await app.crash(exc)
+                raise
 
     async def commit_finished() -> None:
         offsets = progress.to_commit()
@@ -258,7 +264,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             for task in stuck:
                 log.error("worker: a batch still running after %g s is abandoned uncommitted", deadline_s)
                 task.cancel()
-        await checkpoint_all(force=True)
+        await checkpoint_all()
         await commit_finished()
 
     app.on_partitions_revoked.connect(let_partitions_go)
@@ -267,7 +273,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     @app.timer(interval=COMMIT_INTERVAL_S)
     async def commit_periodically() -> None:
         await rewind_skipped()  # a partition whose records stopped coming after a lost seek
-        await checkpoint_all(force=False)  # a stage whose input went quiet
+        await checkpoint_all()
         await commit_finished()
 
     @app.timer(interval=STALL_CHECK_S)
@@ -347,7 +353,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             batch, newest = machine_records(events, marks)
             await decide(by_machine, checkpoint, batch)
         observe_latency([obs for _, observed in batch.messages for obs in observed], newest)
-        return await checkpoint.flush()
+        return []  # finished by the checkpoint (commit timer)
 
     def machine_records(events: Sequence[faust.EventT], marks: Marks) -> tuple[RuleBatch, list[tuple[str, float]]]:
         """A machine-stage batch parsed and deduped, its line records added to its sends; and the
@@ -398,7 +404,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         checkpoint = checkpoints["line-stage"]
         async with checkpoint.batch(events) as marks:
             await decide(by_line, checkpoint, line_records(events, marks))
-        return await checkpoint.flush()
+        return []  # finished by the checkpoint (commit timer)
 
     def line_records(events: Sequence[faust.EventT], marks: Marks) -> RuleBatch:
         """A line-stage batch decoded and deduped."""

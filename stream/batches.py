@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -291,10 +290,10 @@ class Marks:
 
 
 class Checkpoint:
-    """A rules stage's states and dedupe marks across the batches of about ``interval_s``
-    (write-behind): each state and mark bucket they touch is written once per checkpoint, not
-    once per batch, and their records count as finished (their offsets may be committed) only
-    once those writes are acknowledged.
+    """A rules stage's states and dedupe marks across its batches until the next :meth:`flush`
+    (write-behind; the worker flushes on its commit timer): each state and mark bucket they touch
+    is written once per checkpoint, not once per batch, and their records count as finished (their
+    offsets may be committed) only once those writes are acknowledged.
 
     Why: at a 50-machine site a 100 ms batch touches about as many states and buckets as it has
     records, so writing them per batch produced more changelog records than the input had.
@@ -306,15 +305,14 @@ class Checkpoint:
     next, and the stored states skip what they already hold (:meth:`StateCache.fresh`), so the
     replay re-emits the same ids."""
 
-    def __init__(self, states: BatchTable, marks: BatchTable, dedupe_ttl_s: float, interval_s: float) -> None:
+    def __init__(self, states: BatchTable, marks: BatchTable, dedupe_ttl_s: float) -> None:
         self.lock = asyncio.Lock()
+        self._flushing = asyncio.Lock()
         self.origins: dict[int, tuple[EventT, Position]] = {}
         """The current batch's observations (by ``id``) to the record each came from."""
         self.states = StateCache(states, lambda obs: self.origins[id(obs)])
         self.marks = Marks(marks, dedupe_ttl_s)
-        self._interval_s = interval_s
         self._taken: list[EventT] = []
-        self._since = time.monotonic()
 
     @asynccontextmanager
     async def batch(self, events: Sequence[EventT]) -> AsyncIterator[Marks]:
@@ -327,22 +325,22 @@ class Checkpoint:
                 raise
             self._taken.extend(events)
 
-    async def flush(self, force: bool = False) -> list[EventT]:
-        """Once ``interval_s`` has passed since the last one (at once with ``force``): write what
-        the batches since then changed and wait for Kafka's acks; the records now finished."""
-        async with self.lock:
-            now = time.monotonic()
-            if not self._taken or (not force and now - self._since < self._interval_s):
-                return []
-            pending: Pending = []
-            try:
+    async def flush(self) -> list[EventT]:
+        """Write what the batches since the last flush changed and wait for Kafka's acks; the
+        records now finished. The writes are taken under ``lock`` and their acks awaited outside
+        it, so batches go on meanwhile; one flush at a time, so a key's writes reach Kafka in
+        order. A failed write raises: the worker must then stop and commit nothing more (a later
+        flush would cover these records' offsets without their states)."""
+        async with self._flushing:
+            async with self.lock:
+                if not self._taken:
+                    return []
+                pending: Pending = []
                 self.states.flush(pending)
                 self.marks.flush(pending)
-                await asyncio.gather(*pending)
-            except BaseException:
-                self._discard()  # written in part: none of these records may count as finished
-                raise
-            finished, self._taken, self._since = self._taken, [], now
+                finished, self._taken = self._taken, []
+                writes = [asyncio.ensure_future(ack) for ack in pending]
+            await asyncio.gather(*writes)
             return finished
 
     def _discard(self) -> None:

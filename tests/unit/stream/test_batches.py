@@ -204,24 +204,25 @@ async def checkpoint_batch(checkpoint: Checkpoint, engine: RulesEngine, records:
 
 def test_a_checkpoint_writes_its_batches_states_once_and_only_then_finishes_their_records() -> None:
     states, marks = CountingTable(), CountingTable()
-    checkpoint = Checkpoint(DictTable(states), DictTable(marks), 60.0, interval_s=3600.0)
+    checkpoint = Checkpoint(DictTable(states), DictTable(marks), 60.0)
     records = list(records_of(stream_of(30)))
     engine = RulesEngine(RULES)
 
-    async def run() -> tuple[list[Any], list[Any]]:
+    async def run() -> tuple[int, list[Any], list[Any]]:
         await checkpoint_batch(checkpoint, engine, records[:15])
         await checkpoint_batch(checkpoint, engine, records[15:])
-        return await checkpoint.flush(), await checkpoint.flush(force=True)
+        before = states.writes + marks.writes
+        return before, await checkpoint.flush(), await checkpoint.flush()
 
-    early, finished = asyncio.run(run())
-    assert early == [] and finished == [event for event, _ in records]  # not before its interval, then all
+    before, finished, again = asyncio.run(run())
+    assert before == 0 and finished == [event for event, _ in records] and again == []
     assert states.writes == len(states) == 8 and marks.writes == len(marks) > 0  # each key once for 2 batches
     assert {value["upto"] for key, value in states.items() if key.startswith("burst|")} == {28, 29}
 
 
 def test_a_failed_batch_discards_the_checkpoint_and_finishes_nothing_of_it() -> None:
     states, marks = CountingTable(), CountingTable()
-    checkpoint = Checkpoint(DictTable(states), DictTable(marks), 60.0, interval_s=0.0)
+    checkpoint = Checkpoint(DictTable(states), DictTable(marks), 60.0)
     records = list(records_of(stream_of(30)))
 
     async def run() -> list[Any]:
@@ -230,7 +231,7 @@ def test_a_failed_batch_discards_the_checkpoint_and_finishes_nothing_of_it() -> 
             await checkpoint_batch(checkpoint, RulesEngine(RULES), records[15:], fail=True)
         except Killed:
             pass
-        return await checkpoint.flush(force=True)
+        return await checkpoint.flush()
 
     assert asyncio.run(run()) == []  # the first batch's records are read again with the second's
     assert states.writes == marks.writes == 0
