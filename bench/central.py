@@ -72,6 +72,9 @@ HEARTBEAT_PERIOD_S = 5.0
 SENSOR_CHANNELS = [f"ch{i}" for i in range(8)]
 EDGELINE = [sys.executable, "-m", "edgeline.cli"]
 POLL_S = 0.2
+SETTLED_S = 2.5
+"""A lag under this many seconds of the step's input counts as drained (see :func:`settle`)."""
+SETTLE_SAMPLES = 3
 DRAIN_POLL_S = 0.5
 """How often a drain scrapes the process it measures (a scrape costs that process CPU too)."""
 RULES = [
@@ -651,6 +654,16 @@ def _forget_session(mosquitto: MosquittoBroker, client_id: str) -> None:
 # --- the live site ----------------------------------------------------------------------------
 
 
+def settle(probe: LagProbe, msg_per_s: float, timeout: float = 180.0) -> None:
+    """Wait until the step-up's backlog has drained (it would be measured as latency): the lag
+    under ``SETTLED_S`` of input in ``SETTLE_SAMPLES`` samples in a row, 2 s apart. A lag that
+    keeps up still swings by about a second of input, the worker committing once a second."""
+    deadline, below = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and below < SETTLE_SAMPLES:
+        below = below + 1 if probe.lag() <= SETTLED_S * msg_per_s else 0
+        time.sleep(2.0)
+
+
 def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process, workers: list[Process],
              kafka: KafkaBroker, mosquitto_ps: psutil.Process, probe: LagProbe, window_ms: float,
              topics: KafkaTopics) -> dict[str, Any]:
@@ -665,9 +678,7 @@ def run_step(machines: int, seconds: float, site: SiteSimulator, bridge: Process
 
     site.set_machines(machines)
     time.sleep(10.0)  # reach the new rate before measuring
-    settle_until = time.monotonic() + 120.0
-    while time.monotonic() < settle_until and probe.lag() > 1000:
-        time.sleep(5.0)  # a backlog from an earlier step would be measured as latency: let it drain
+    settle(probe, site_msg_per_s(machines, window_ms / 1000.0))
     me, kafka_ps = psutil.Process(), psutil.Process(kafka.pid)
     processes = {"site": me, "mosquitto": mosquitto_ps, "bridge": bridge.ps, "kafka": kafka_ps,
                  **{w.name: w.ps for w in workers}}
