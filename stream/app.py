@@ -145,6 +145,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
     checkpoints = {stage: Checkpoint(tables[f"{prefix}rule-states"], tables[f"{prefix}rule-marks"],
                                      site.engine.dedupe_ttl_s)
                    for stage, prefix in (("machine-stage", ""), ("line-stage", "line-"))}
+    by_machine.states, by_line.states = checkpoints["machine-stage"].states, checkpoints["line-stage"].states
     liveness = app.Table("liveness", default=None, partitions=cfg.partitions)
     liveness_writes = FaustTable(liveness)
     batch_max, batch_s = cfg.workers.batch_max, cfg.workers.batch_ms / 1000.0
@@ -209,9 +210,15 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         """Stop the worker on a batch stuck past its deadline (seen in the bench: a worker whose
         first batch never finished, its producer busy with cluster metadata, and whose stop then
         waited for that batch for good); nothing of it or after it is committed."""
-        progress.close(app.consumer_generation_id)
-        log.error("worker: %s; the worker stops and its records are read again", why)
         task.cancel()
+        await stop_worker(app.consumer_generation_id, why, exc)
+
+    async def stop_worker(generation: int, why: str, exc: BaseException) -> None:
+        """Crash the app on ``exc``; nothing of ``generation`` is committed any more (a later
+        batch or checkpoint would cover the offsets of records whose work was lost), and the
+        records not committed are read again by the next owner of their partitions."""
+        progress.close(generation)
+        log.error("worker: %s; the worker stops and its records are read again", why, exc_info=exc)
         await app.crash(exc)
 
     async def rewind_skipped() -> None:
@@ -233,9 +240,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         try:
             finished = await process(events)
         except Exception as exc:
-            progress.close(generation)  # nothing after this batch may be committed
-            log.exception("worker: a batch of %d records failed; the worker stops", len(events))
-            await app.crash(exc)
+            await stop_worker(generation, f"a batch of {len(events)} records failed", exc)
             raise
         progress.finished(finished)
 
@@ -245,9 +250,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
             try:
                 progress.finished(await checkpoint.flush())
             except Exception as exc:
-                progress.close(generation)  # no later flush may commit past these records
-                log.exception("worker: a checkpoint's writes failed; the worker stops")
-                await app.crash(exc)
+                await stop_worker(generation, "a checkpoint's writes failed", exc)
                 raise
 
     async def commit_finished() -> None:
@@ -328,7 +331,7 @@ def create_app(site: StreamSite, *, app_id: str | None = None, datadir: Path = P
         then every output acknowledged by Kafka; the states and marks are written by the
         checkpoint afterwards (a state never covers an input whose outputs could still be lost)."""
         checkpoint.origins = batch.origins
-        states = engine.states = checkpoint.states
+        states = checkpoint.states
         now = time.time()
         emitted: collections.Counter[str] = collections.Counter()
         for event, observed in batch.messages:

@@ -172,7 +172,7 @@ class StateCache(MutableMapping[str, RuleState]):
                 _wait_for(pending, self._table.put(key, {"state": entry.state.to_dict(), "source": entry.newest.source,
                                                          "upto": entry.newest.offset}, entry.event))
                 written += 1
-        self._entries.clear()
+        self.discard()
         return written
 
     def discard(self) -> None:
