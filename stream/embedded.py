@@ -121,15 +121,16 @@ class EmbeddedRulesRunner(Service):
         super().start()
 
     def on_start(self) -> None:
-        port, host = self._metrics_address
-        if port is not None:
-            self._metrics_server, _ = start_http_server(port, host, registry=self.metrics.registry)
-            self.metrics_port = self._metrics_server.server_port
+        """Subscribe, then serve metrics: once the metrics port answers, the runner hears every message."""
         try:
             self.mqtt.subscribe(mqtt_topic(self.site, "+", "result", "+"), self._on_message)
             self.mqtt.subscribe(mqtt_topic(self.site, "+", "anomaly"), self._on_message)
             self.mqtt.start()
             self.mqtt.wait_connected()
+            port, host = self._metrics_address
+            if port is not None:
+                self._metrics_server, _ = start_http_server(port, host, registry=self.metrics.registry)
+                self.metrics_port = self._metrics_server.server_port
         except BaseException:
             self.on_stop()
             raise

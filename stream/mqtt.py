@@ -10,6 +10,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,11 +69,14 @@ class MqttClient:
         self.settings = settings
         self.stats = MqttStats()
         self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        """Set once the subscriptions held at the latest connect are granted (SUBACK)."""
         self.last_error: str | None = None
         """Why the latest connection attempt failed (None once connected)."""
         self._stopping = False
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._on_connected: list[Callable[[], None]] = []
+        self._connect_suback_mid: int | None = None
         self._lock = threading.Lock()
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=clean_session, protocol=paho.MQTTv311, manual_ack=manual_ack)
@@ -90,6 +94,7 @@ class MqttClient:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
 
     def start(self) -> None:
         self._stopping = False
@@ -97,10 +102,16 @@ class MqttClient:
         self._client.loop_start()
 
     def wait_connected(self, timeout: float = 10.0) -> None:
+        """Wait until connected and the subscriptions made before are granted: from then on a message
+        published to them reaches this client."""
+        deadline = time.monotonic() + timeout
         if not self.connected.wait(timeout):
             reason = f": {self.last_error}" if self.last_error else ""
             raise ConnectionError(f"mqtt:{self.client_id}: no connection to {self.settings.host}:{self.settings.port} "
                                   f"after {timeout:.0f} s{reason}")
+        if not self.subscribed.wait(max(0.0, deadline - time.monotonic())):
+            raise ConnectionError(f"mqtt:{self.client_id}: connected to {self.settings.host}:{self.settings.port} "
+                                  f"but its subscriptions were not granted within {timeout:.0f} s")
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Disconnect cleanly, after publishing ``final`` (topic, payload; retained) if given."""
@@ -111,6 +122,7 @@ class MqttClient:
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
+        self.subscribed.clear()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
@@ -153,7 +165,9 @@ class MqttClient:
         with self._lock:
             subscriptions = [(topic, qos) for topic, (qos, _) in self._subscriptions.items()]
         if subscriptions:
-            client.subscribe(subscriptions)
+            _, self._connect_suback_mid = client.subscribe(subscriptions)
+        else:
+            self.subscribed.set()
         log.info("mqtt:%s: connected to %s:%d", self.client_id, self.settings.host, self.settings.port)
         self.connected.set()
         for callback in self._on_connected:
@@ -184,6 +198,17 @@ class MqttClient:
             self.stats.disconnects += 1
             log.warning("mqtt:%s: disconnected (%s); reconnecting", self.client_id, reason_code)
         self.connected.clear()
+        self.subscribed.clear()
+
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reason_codes: list[object],
+                      properties: object) -> None:
+        """Runs on the network thread after ``_on_connect``, so the connect's mid is already known."""
+        if mid != self._connect_suback_mid:
+            return
+        refused = [str(code) for code in reason_codes if getattr(code, "is_failure", False)]
+        if refused:
+            log.warning("mqtt:%s: the broker refused a subscription: %s", self.client_id, ", ".join(refused))
+        self.subscribed.set()
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         self.stats.received += 1

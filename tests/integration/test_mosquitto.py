@@ -3,6 +3,7 @@ last-wills, and a restart on the same port."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeline.services import MosquittoBroker, port_open, start_mqtt_broker
+from stream.mqtt import MqttClient, MqttSettings
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +130,22 @@ def test_start_mqtt_broker_prefers_mosquitto(mosquitto, mqtt_probe, unique_name)
         probe.stop()
     finally:
         broker.stop()
+
+
+def test_the_clients_wait_connected_returns_only_once_its_subscriptions_are_granted(mosquitto, mqtt_probe,
+                                                                                     unique_name):
+    """A service that reports ready after ``wait_connected`` hears a message published right then
+    (the embedded runner serves its metrics, the readiness tests poll for, only after it)."""
+    topic = f"edgeline/v1/{unique_name}/m01/result/cam1"
+    client = MqttClient(MqttSettings(host=mosquitto.host, port=mosquitto.port), client_id=f"{unique_name}-ready")
+    got: queue.Queue[bytes] = queue.Queue()
+    client.subscribe(topic, lambda message: got.put(message.payload))
+    client.start()
+    try:
+        client.wait_connected()
+        assert client.subscribed.is_set()
+        mqtt_probe(mosquitto, "pub").publish(topic, b"right after ready", qos=1)
+        assert got.get(timeout=5) == b"right after ready"
+    finally:
+        client.stop()
+    assert not client.subscribed.is_set()
