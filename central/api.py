@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
@@ -28,13 +28,16 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from central.evidence import IMAGES, EvidenceArchive, EvidenceRefused, Image
 from central.registry import MachineRow, Registry, RegistryError
 from central.rollout_machine import GATE_HELP, Gates, Operation, RolloutError
 from central.rollouts import RolloutManager
-from central.tokens import DownloadLinks
-from stream.messages import IDENTIFIER_PATTERN
+from central.tokens import DownloadLinks, MachineTokens
+from stream.messages import IDENTIFIER_PATTERN, EvidenceUpload
 
 MAX_PACKAGE_BYTES = 512 * 2**20
+MAX_EVIDENCE_BODY_BYTES = 48 * 2**20
+"""Three images of at most 8 MiB each, base64 in JSON, and the record."""
 
 
 class RolloutIn(BaseModel):
@@ -91,7 +94,7 @@ def check_token(authorization: str | None, accepted: list[str], what: str) -> No
 
 def create_api(registry: Registry, token: str, rollouts: RolloutManager | None = None, *,
                read_token: str | None = None, links: DownloadLinks | None = None,
-               open_metrics: bool = True) -> FastAPI:
+               open_metrics: bool = True, evidence: EvidenceArchive | None = None) -> FastAPI:
     """The API: writes take ``token``; reads take it or ``read_token``; downloads also take a link
     signed by ``links`` (by default keyed on ``token``); ``/metrics`` needs a read token unless
     ``open_metrics``."""
@@ -165,7 +168,9 @@ def create_api(registry: Registry, token: str, rollouts: RolloutManager | None =
 
     if rollouts is not None:
         _rollout_routes(app, rollouts, require_token, require_read)
-    metrics_registry = central_metrics(registry, rollouts)
+    if evidence is not None:
+        _evidence_routes(app, registry, evidence, token, require_read)
+    metrics_registry = central_metrics(registry, rollouts, evidence)
 
     @app.get("/metrics", response_class=PlainTextResponse,
              dependencies=[] if open_metrics else [Depends(require_read)])
@@ -175,11 +180,41 @@ def create_api(registry: Registry, token: str, rollouts: RolloutManager | None =
     return app
 
 
-def central_metrics(registry: Registry, rollouts: RolloutManager | None) -> CollectorRegistry:
-    """A Prometheus registry holding :class:`CentralCollector`."""
+def central_metrics(registry: Registry, rollouts: RolloutManager | None,
+                    evidence: EvidenceArchive | None = None) -> CollectorRegistry:
+    """A Prometheus registry holding :class:`CentralCollector` (and the evidence archive's figures)."""
     metrics_registry = CollectorRegistry()
     metrics_registry.register(CentralCollector(registry, rollouts))
+    if evidence is not None:
+        metrics_registry.register(EvidenceCollector(evidence))
     return metrics_registry
+
+
+class EvidenceCollector(Collector):
+    """What the evidence archive received, refused and removed, and what it holds."""
+
+    def __init__(self, evidence: EvidenceArchive) -> None:
+        self.evidence = evidence
+
+    def collect(self) -> Any:
+        evidence = self.evidence
+        records, size = evidence.totals()
+        yield GaugeMetricFamily("edgeline_central_evidence_records", "Evidence records kept", value=records)
+        yield GaugeMetricFamily("edgeline_central_evidence_bytes", "Bytes of the evidence records kept", value=size)
+        yield CounterMetricFamily("edgeline_central_evidence_received", "Evidence records received and kept",
+                                  value=evidence.received)
+        yield CounterMetricFamily("edgeline_central_evidence_duplicates", "Evidence records received again "
+                                  "(a retried delivery) and kept once", value=evidence.duplicates)
+        refused = CounterMetricFamily("edgeline_central_evidence_refused", "Evidence records refused, by reason "
+                                      "(auth, identity, unknown_machine, schema, image, size)", labels=["reason"])
+        for reason, count in sorted(evidence.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        evicted = CounterMetricFamily("edgeline_central_evidence_evicted", "Evidence records removed by retention, "
+                                      "by reason (age, size)", labels=["reason"])
+        for reason in ("age", "size"):
+            evicted.add_metric([reason], evidence.evicted[reason])
+        yield evicted
 
 
 class CentralCollector(Collector):
@@ -291,3 +326,73 @@ def _rollout_routes(app: FastAPI, rollouts: RolloutManager, require_token: Any, 
         except RolloutError as exc:
             raise HTTPException(409, str(exc)) from None
         return rollouts.describe(rollout_id)
+
+
+def _evidence_routes(app: FastAPI, registry: Registry, evidence: EvidenceArchive, token: str,
+                     require_read: Any) -> None:
+    machine_tokens = MachineTokens(token)
+
+    def refuse(reason: str, status: int, detail: str) -> HTTPException:
+        evidence.refused[reason] += 1
+        return HTTPException(status, detail)
+
+    def check_machine_token(authorization: str | None, machine: str) -> None:
+        """The machine's own token (or the write token): a machine delivers only its own evidence."""
+        presented = presented_token(authorization)
+        if not presented:
+            evidence.refused["auth"] += 1
+            raise HTTPException(401, "evidence delivery: send 'Authorization: Bearer <machine token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not (machine_tokens.valid(machine, presented) or secrets.compare_digest(presented.encode(), token.encode())):
+            raise refuse("auth", 403, f"the token is not valid for machine {machine!r}")
+
+    @app.put("/evidence/{msg_id}", summary="Deliver an evidence record (the edge, with its machine token)")
+    async def put_evidence(msg_id: str, request: Request,
+                           authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        body = await request.body()
+        if len(body) > MAX_EVIDENCE_BODY_BYTES:
+            raise refuse("size", 413, f"an evidence record is limited to {MAX_EVIDENCE_BODY_BYTES // 2**20} MiB")
+        try:
+            upload = EvidenceUpload.model_validate_json(body)
+        except ValueError as exc:
+            raise refuse("schema", 422, f"not an evidence record: {exc}"[:2000]) from None
+        check_machine_token(authorization, upload.evidence.machine)
+        if upload.evidence.msg_id != msg_id:
+            raise refuse("schema", 422, f"the record's msg_id {upload.evidence.msg_id!r} is not the URL's {msg_id!r}")
+        try:
+            machine = registry.machine(upload.evidence.machine)
+        except RegistryError:
+            raise refuse("unknown_machine", 404, f"no machine {upload.evidence.machine!r} in the fleet") from None
+        if machine.site != upload.evidence.site:
+            raise refuse("identity", 422, f"machine {machine.id} is on site {machine.site}, "
+                                          f"not {upload.evidence.site}")
+        try:
+            stored = await run_in_threadpool(evidence.add, upload)
+        except EvidenceRefused as exc:
+            raise HTTPException(422, str(exc)) from None
+        return JSONResponse(stored.record, status_code=201 if stored.created else 200)
+
+    @app.get("/evidence", dependencies=[Depends(require_read)])
+    def list_evidence(machine: str | None = None, camera: str | None = None, since: float | None = None,
+                      until: float | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+                      ) -> list[dict[str, Any]]:
+        """Evidence records, newest first (capture time, UTC epoch seconds)."""
+        return evidence.records(machine=machine, camera=camera, since=since, until=until, limit=limit)
+
+    def known(msg_id: str) -> dict[str, Any]:
+        record = evidence.record(msg_id)
+        if record is None:
+            raise HTTPException(404, f"no evidence {msg_id!r}")
+        return record
+
+    @app.get("/evidence/{msg_id}", dependencies=[Depends(require_read)])
+    def get_evidence(msg_id: str) -> dict[str, Any]:
+        return known(msg_id)
+
+    @app.get("/evidence/{msg_id}/{image}", response_class=FileResponse, dependencies=[Depends(require_read)],
+             summary="An image of an evidence record: frame, mask, overlay or thumbnail")
+    def evidence_image(msg_id: str, image: Image) -> FileResponse:
+        path = evidence.image_path(known(msg_id), image)
+        if not path.is_file():  # removed by retention meanwhile
+            raise HTTPException(404, f"evidence {msg_id!r} has no {image} any more")
+        return FileResponse(path, media_type=IMAGES[image][1])

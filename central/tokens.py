@@ -7,6 +7,11 @@ downloads, docs). For each, the file given by ``--token-file`` / ``--read-token-
 token itself is read from ``$EDGELINE_CENTRAL_TOKEN`` / ``$EDGELINE_CENTRAL_READ_TOKEN``
 (containers, ``.env`` files).
 
+A machine token (:class:`MachineTokens`) lets one edge agent deliver its evidence
+(``PUT /evidence/...``) and nothing else: an HMAC-SHA256 of the machine id under another key
+derived from the write token, printed by ``edgeline central machine-token --machine <id>``. Central
+checks it against the machine the record names, as the broker's ACL ties topics to logins.
+
 A download link is ``/models/{id}/download?expires=<epoch s>&signature=<hex>``: an HMAC-SHA256 of
 the package id and the expiry under a key derived from the write token, so the edge agents fetch
 packages during a rollout with no credential of their own, and only until the link expires.
@@ -31,6 +36,7 @@ READ_TOKEN_HELP = (f"file holding the read-only API token, also ${READ_TOKEN_FIL
 MIN_LENGTH = 16
 DOWNLOAD_LINK_TTL_S = 900.0
 _LINK_KEY_LABEL = b"edgeline central download links"
+_MACHINE_KEY_LABEL = b"edgeline central machine tokens"
 
 
 def find_token(token_file: Path | None, environ: Mapping[str, str] = os.environ,
@@ -71,6 +77,19 @@ class DownloadLinks:
 
     def _signature(self, package_id: str, expires: int) -> str:
         return hmac.new(self._key, f"{package_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+class MachineTokens:
+    """Derives and checks the per-machine evidence tokens."""
+
+    def __init__(self, write_token: str) -> None:
+        self._key = hmac.new(write_token.encode(), _MACHINE_KEY_LABEL, hashlib.sha256).digest()
+
+    def token(self, machine: str) -> str:
+        return hmac.new(self._key, machine.encode(), hashlib.sha256).hexdigest()
+
+    def valid(self, machine: str, presented: str) -> bool:
+        return hmac.compare_digest(presented.encode(), self.token(machine).encode())
 
 
 def _checked(token: str, where: str) -> str:

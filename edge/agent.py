@@ -7,6 +7,7 @@ Its children, started in this order and stopped in reverse:
 
 - heartbeats (:mod:`edge.heartbeat`): every ``heartbeat_s``, and a last one on stop;
 - the outbox forwarder (:class:`edge.outbox.Forwarder`): first replays what an earlier run left;
+- evidence (:mod:`edge.evidence`): alarmed frames encoded, stored and delivered to central;
 - vision (:mod:`edge.vision`): cameras -> change gate -> micro-batches -> ONNX Runtime -> results;
 - sensing (:mod:`edge.sensing`): one batched LSTM step per tick for all sensor groups;
 - OTA (:mod:`edge.model_commands`): model loads, shadows and rollbacks, off the MQTT thread;
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.capture import make_source
 from edge.commands import CommandRegistry, CommandsPipeline, camera_commands
+from edge.evidence import EvidenceCollector, EvidenceService
 from edge.heartbeat import HeartbeatPipeline
 from edge.metrics import EdgeMetrics
 from edge.model_commands import OtaPipeline, model_commands
@@ -77,9 +79,11 @@ class EdgeAgent(Service):
         self.outbox = self._open_outbox(config.outbox, base_dir)
         self.forwarder = Forwarder(self.outbox, self.mqtt, machine_id, drain_s=OUTBOX_DRAIN_S)
         self.publisher = OutboxPublisher(self.outbox, self.forwarder, self.mqtt)
+        self.evidence = self._evidence_service(config, base_dir)
         self.vision = VisionPipeline(self.site, machine_id, self.machine.cameras,
                                      lambda camera: make_source(camera, base_dir), swapper, config.inference,
-                                     config.messages.max_bytes, self.publisher, self.metrics, self.supervisor)
+                                     config.messages.max_bytes, self.publisher, self.metrics, self.supervisor,
+                                     evidence=self.evidence)
         self.sensing = SensingPipeline(self.site, machine_id, self.machine.sensors, anomaly_models,
                                        {s.id: make_sensor_source(s, base_dir) for s in self.machine.sensors if s.model},
                                        self.publisher, self.supervisor)
@@ -89,11 +93,15 @@ class EdgeAgent(Service):
         self.commands = CommandsPipeline(self.site, machine_id, CommandRegistry(
             [*camera_commands(self.vision), *model_commands(self.vision, config.packages, downloads, base_dir)]),
             self.publisher, self.ota.submit)
-        for child in (self.heartbeats, self.forwarder, self.vision, self.sensing, self.ota, self.commands):
-            self.add_child(child)
+        for child in (self.heartbeats, self.forwarder, self.evidence, self.vision, self.sensing, self.ota,
+                      self.commands):
+            if child is not None:
+                self.add_child(child)
         for collector in (VisionCollector(self.vision), SensingCollector(self.sensing),
                           TransportCollector(machine_id, self.publisher)):
             self.metrics.registry.register(collector)
+        if self.evidence is not None:
+            self.metrics.registry.register(EvidenceCollector(self.evidence))
         self.metrics_config, self.metrics_port_path = metrics_for(config, machine_id)
         self.metrics_port: int | None = None
 
@@ -139,6 +147,16 @@ class EdgeAgent(Service):
             reason = getattr(exc, "strerror", None) or exc
             raise ConfigError(f"edge:{self.id}", [f"outbox.path: cannot open {path}: {reason} (a writable folder: "
                                                   "relative paths are relative to the site file)"]) from None
+
+    def _evidence_service(self, config: EdgeSite, base_dir: Path) -> EvidenceService | None:
+        """Evidence for machines with cameras, when ``evidence.enabled``."""
+        if not (config.evidence.enabled and self.machine.cameras):
+            return None
+        try:
+            return EvidenceService(self.id, config.evidence, base_dir, self.supervisor)
+        except ConfigError:  # nothing else has started: release the outbox, as stop() would
+            self.outbox.close()
+            raise
 
     def _serve_metrics(self) -> int:
         host, port = self.metrics_config.host, self.metrics_config.port

@@ -221,6 +221,37 @@ class OutboxConfig(Strict):
         return value
 
 
+class EvidenceConfig(Strict):
+    """Evidence of alarmed frames (:mod:`edge.evidence`): kept on local disk first, then delivered
+    to central over HTTP."""
+
+    enabled: bool = Field(True, description="keep evidence of alarmed frames and snapshots")
+    path: str = Field("edgeline-evidence-{machine}", description="folder of the local evidence store, one per "
+                      "machine: must contain {machine}; relative to the site file's folder")
+    max_bytes: int = Field(256 * 2**20, ge=2**20, description="size bound of the local store; the oldest "
+                           "records go first (delivered ones before undelivered), each counted")
+    min_interval_s: float = Field(5.0, ge=0, le=3600, description="per camera: at most one record this often "
+                                  "while an alarm lasts (its first frame is always kept; snapshots always)")
+    min_gap_s: float = Field(1.0, ge=0, le=3600, description="per camera: never two records closer than this, "
+                             "even for alarms that flicker on and off (snapshots excepted)")
+    jpeg_quality: int = Field(85, ge=10, le=100, description="JPEG quality of the frame and the overlay")
+    queue_size: int = Field(4, ge=1, le=64, description="records waiting to be encoded; when full a new one is "
+                            "dropped and counted, never the inference slowed")
+    central_url: Annotated[str, Field(pattern=r"^https?://")] | None = Field(
+        None, description="central's API to deliver evidence to (e.g. http://central:8080); none: keep it locally")
+    token_file: str | None = Field(None, description="file holding this machine's evidence token (`edgeline "
+                                   "central machine-token`), '{machine}' filled in, relative to the site file; "
+                                   "else $EDGELINE_EVIDENCE_TOKEN")
+    retry_max_s: float = Field(60.0, ge=1, le=3600, description="longest wait between delivery attempts")
+
+    @field_validator("path")
+    @classmethod
+    def _one_folder_per_machine(cls, value: str) -> str:
+        if "{machine}" not in value:
+            raise ValueError(f"must contain {{machine}} so that every machine gets its own folder (got {value!r})")
+        return value
+
+
 class MetricsConfig(Strict):
     enabled: bool = Field(True, description="serve Prometheus metrics")
     host: str = Field("127.0.0.1", description="address the metrics endpoint binds")
@@ -242,6 +273,7 @@ class EdgeSite(StreamSite):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="edge outbox")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     inference: InferenceConfig = Field(default_factory=InferenceConfig, description="edge batching and overload")
+    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig, description="evidence of alarmed frames")
 
     @model_validator(mode="after")
     def _complete_cameras(self) -> "EdgeSite":
@@ -275,6 +307,12 @@ def metrics_for(site: EdgeSite, machine_id: str) -> tuple[MetricsConfig, str]:
 def outbox_path(outbox: OutboxConfig, machine: str, base_dir: Path) -> Path:
     """The outbox file of ``machine``: ``{machine}`` filled in, relative paths under ``base_dir``."""
     path = Path(outbox.path.replace("{machine}", machine)).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def evidence_path(evidence: EvidenceConfig, machine: str, base_dir: Path) -> Path:
+    """The evidence folder of ``machine``: ``{machine}`` filled in, relative paths under ``base_dir``."""
+    path = Path(evidence.path.replace("{machine}", machine)).expanduser()
     return path if path.is_absolute() else base_dir / path
 
 

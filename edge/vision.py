@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from edge.capture import Camera, CapturedFrame, FrameSource
+from edge.evidence import Candidate, EvidenceService
 from edge.gate import ChangeGate
 from edge.grouping import ResultGrouper
 from edge.load_shedding import LoadShedder
@@ -31,8 +32,8 @@ from edge.publisher import Publisher
 from edge.settings import CameraConfig, InferenceConfig
 from models.package.postprocess import image_alarm, mask_from_probabilities, regions_from_probabilities
 from models.package.session import SegmentationModel
-from stream.messages import (CameraStatus, EncodedMask, Event, FrameResult, ModelHealth, ModelOutput, Result,
-                             ShadowStatus)
+from stream.messages import (CameraStatus, EncodedMask, Event, Evidence, FrameResult, ModelHealth, ModelOutput,
+                             Result, ShadowStatus, stable_msg_id)
 from stream.service import Service, Supervisor
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class VisionPipeline(Service):
     def __init__(self, site: str, machine: str, cameras: Sequence[CameraConfig],
                  source_for: Callable[[CameraConfig], FrameSource], swapper: ModelSwapper,
                  inference: InferenceConfig, max_message_bytes: int, publisher: Publisher, metrics: EdgeMetrics,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None, evidence: EvidenceService | None = None) -> None:
         super().__init__(f"vision:{machine}", supervisor=supervisor)
         self.site = site
         self.id = machine
@@ -83,6 +84,9 @@ class VisionPipeline(Service):
         """(model name, package id) -> its health since first loaded; kept for the previous package
         too, so that a rollback goes on with the figures it had."""
         self._last_outputs: dict[str, list[ModelOutput]] = {}
+        self.evidence = evidence
+        self._evidence_waiting: dict[str, list[Candidate]] = {cam.id: [] for cam in self.cameras}
+        """Per camera, evidence whose frame's result message is not published yet (it gives the msg_id)."""
         self.inference = inference
         self.grouper = ResultGrouper(inference.result_window_ms / 1000.0)
         self.max_message_bytes = max_message_bytes
@@ -199,16 +203,33 @@ class VisionPipeline(Service):
             ratios.append(ratio)
             alarm = image_alarm(prob, model.postprocess, regions)
             counters = self.camera_counters[camera.id]
-            mask = None
-            if counters.snapshot_requested:
-                mask = EncodedMask.encode(mask_from_probabilities(prob, model.postprocess.threshold))
-                counters.snapshot_requested = False
-            outputs.setdefault((camera.id, frame.seq), []).append(ModelOutput(
-                model=model.name, version=model.version, latency_ms=latency_ms,
-                defect_ratio=ratio, regions=regions, alarm=alarm, mask=mask,
-            ))
+            snapshot, counters.snapshot_requested = counters.snapshot_requested, False
+            mask = EncodedMask.encode(mask_from_probabilities(prob, model.postprocess.threshold)) if snapshot else None
+            output = ModelOutput(model=model.name, version=model.version, latency_ms=latency_ms, defect_ratio=ratio,
+                                 regions=regions, alarm=alarm, mask=mask)
+            outputs.setdefault((camera.id, frame.seq), []).append(output)
+            if snapshot or alarm:
+                self._keep_evidence(camera, frame, output, prob, model.postprocess.threshold, snapshot)
         record.succeeded(ratios)
         return True
+
+    def _keep_evidence(self, camera: Camera, frame: CapturedFrame, output: ModelOutput, prob: np.ndarray,
+                       threshold: float, snapshot: bool) -> None:
+        """Hold the frame as evidence when :class:`~edge.evidence.EvidenceRate` says so, until
+        its result message is published."""
+        if self.evidence is None:
+            return
+        reason = self.evidence.rate.keep(camera.id, output.model, output.alarm, snapshot, frame.ts)
+        if reason is None:
+            return
+        height, width = frame.image.shape[:2]
+        evidence = Evidence(msg_id=stable_msg_id("evidence", self.site, self.id, camera.id, output.model, frame.seq,
+                                                 frame.ts),
+                            site=self.site, machine=self.id, ts=frame.ts, camera=camera.id, seq=frame.seq,
+                            model=output.model, version=output.version, reason=reason,
+                            defect_ratio=output.defect_ratio, regions=list(output.regions), width=width, height=height)
+        self._evidence_waiting[camera.id].append(Candidate(evidence, frame.image.copy(),
+                                                           mask_from_probabilities(prob, threshold)))
 
     def _shadow_compare(self, name: str, images: list[np.ndarray], probabilities: list[np.ndarray], seconds: float,
                         threshold: float) -> None:
@@ -262,6 +283,18 @@ class VisionPipeline(Service):
                                           frames=frames))
         if self.publisher.publish(result):
             self.camera_counters[camera].results_published += len(frames)
+        self._hand_over_evidence(camera, {frame.seq for frame in frames}, result.msg_id)
+
+    def _hand_over_evidence(self, camera: str, seqs: set[int], result_msg_id: str) -> None:
+        """The waiting evidence of these frames, now that their result message has its msg_id."""
+        waiting = self._evidence_waiting.get(camera)
+        if self.evidence is None or not waiting:
+            return
+        self._evidence_waiting[camera] = [c for c in waiting if c.evidence.seq not in seqs]
+        for candidate in waiting:
+            if candidate.evidence.seq in seqs:
+                candidate.evidence.result_msg_id = result_msg_id
+                self.evidence.submit(candidate)
 
     def _within_size(self, result: Result) -> Result:
         """The result, or without its masks when they would take it over the message size limit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from models.anomaly_cli import register as register_anomaly_commands
 from models.package_cli import register as register_package_commands
 from models.seg_cli import register as register_segmentation_commands
 from stream.console import fail, needs_extra
+from stream.messages import IDENTIFIER_PATTERN
 from stream.service import Service
 from stream.settings import ConfigError, mqtt_settings
 
@@ -264,9 +266,15 @@ def central_serve(
     metrics_port: Annotated[Optional[int], typer.Option(
         help="serve /metrics without a token on this port (of --metrics-host); the API's own /metrics then "
              "needs a read token (default: /metrics open on the API port)")] = None,
+    evidence_dir: Annotated[Path, typer.Option(help="where the edges' evidence images are kept")] = Path(
+        "central-evidence"),
+    evidence_max_gb: Annotated[float, typer.Option(min=0.001, help="evidence kept in all; the oldest goes "
+                                                   "first")] = 20.0,
+    evidence_max_days: Annotated[float, typer.Option(min=0.001, help="evidence older than this goes")] = 30.0,
     log_level: str = "info",
 ) -> None:
-    """Serve the fleet and model registries and run rollouts over MQTT (OpenAPI docs at /docs)."""
+    """Serve the fleet and model registries, keep the edges' evidence and run rollouts over MQTT
+    (OpenAPI docs at /docs)."""
     with needs_extra("central serve", "central"):
         import uvicorn
 
@@ -289,19 +297,27 @@ def central_serve(
     manager = RolloutManager(site.site, registry, MqttClient(mqtt_settings(site.broker), f"central-{site.site}"),
                              public_url or f"http://{host}:{port}", links=links,
                              register_unknown=register_unknown_machines)
+    from central.evidence import EvidenceArchive
+
+    evidence = EvidenceArchive(registry.engine, evidence_dir, max_bytes=int(evidence_max_gb * 1e9),
+                               max_age_s=evidence_max_days * 86_400, supervisor=manager.supervisor)
     manager.start()
+    evidence.start()
     metrics_server = None
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        metrics_server, _ = start_http_server(metrics_port, metrics_host, registry=central_metrics(registry, manager))
+        metrics_server, _ = start_http_server(metrics_port, metrics_host,
+                                              registry=central_metrics(registry, manager, evidence))
     _interrupt_on_signals()  # uvicorn re-raises the SIGTERM it caught once it has shut down: let it come back here
     try:
         uvicorn.run(create_api(registry, token, manager, read_token=read_token, links=links,
-                               open_metrics=metrics_port is None), host=host, port=port, log_level=log_level)
+                               open_metrics=metrics_port is None, evidence=evidence),
+                    host=host, port=port, log_level=log_level)
     except KeyboardInterrupt:
         pass
     finally:
+        evidence.stop()
         manager.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -366,6 +382,34 @@ def central_broker_auth(
                   f"users ({len(added)} new{': ' + ', '.join(added) if added else ''}). Each process logs in with "
                   "its own: broker.username/password_file, or $EDGELINE_MQTT_USERNAME and "
                   "$EDGELINE_MQTT_PASSWORD_FILE.")
+
+
+@central_app.command("machine-token")
+def central_machine_token(
+    machine: Annotated[list[str], typer.Option(help="machine id (repeat for several)")],
+    token_file: Annotated[Optional[Path], typer.Option(envvar=TOKEN_FILE_ENV, show_envvar=False,
+                                                       help=TOKEN_HELP)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="write <out>/<machine>.evidence-token (mode 600) instead of "
+                                                "printing")] = None,
+) -> None:
+    """The evidence token of each machine (derived from the API token): the edge agent's
+    evidence.token_file or $EDGELINE_EVIDENCE_TOKEN. It lets the machine deliver its own evidence, nothing else."""
+    from central.tokens import MachineTokens
+
+    tokens = MachineTokens(_central_tokens(token_file, None)[0])
+    bad = [m for m in machine if not re.fullmatch(IDENTIFIER_PATTERN, m)]
+    if bad:
+        raise fail(f"not a machine id: {', '.join(map(repr, bad))}")
+    for machine_id in machine:
+        if out is None:
+            console.print(f"{machine_id} {tokens.token(machine_id)}", soft_wrap=True)
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{machine_id}.evidence-token"
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(tokens.token(machine_id) + "\n")
+        console.print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------- models

@@ -240,10 +240,11 @@ class Demo(Service):
         self.broker = start_mqtt_broker(prefer_mosquitto=self.prefer_mosquitto)
         broker = self.config.broker.model_copy(update={"host": self.broker.host, "port": self.broker.port})
         outbox = self.config.outbox.model_copy(update={"path": f"{self._outbox_dir.name}/{{machine}}.sqlite"})
+        evidence = self.config.evidence.model_copy(update={"path": f"{self._outbox_dir.name}/evidence-{{machine}}"})
         metrics = self.config.metrics.model_copy(update={"port": 0})  # several agents in one process
         machines = [m.model_copy(update={"metrics_port": None}) for m in self.config.machines]
-        self.config = self.config.model_copy(update={"broker": broker, "outbox": outbox, "metrics": metrics,
-                                                     "machines": machines})
+        self.config = self.config.model_copy(update={"broker": broker, "outbox": outbox, "evidence": evidence,
+                                                     "metrics": metrics, "machines": machines})
         settings = mqtt_settings(broker)
         self.monitor_client = MqttClient(settings, client_id="demo-monitor")
         self.monitor_client.subscribe(site_filter(self.config.site), self.monitor.on_message)

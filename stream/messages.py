@@ -311,6 +311,46 @@ class Decision(Envelope):
     actions: list[str] = Field(default_factory=list)
 
 
+# ---------------------------------------------------------------- evidence (edge -> central over HTTP)
+
+
+MAX_EVIDENCE_IMAGE_BYTES = 8 * 2**20
+
+
+class Evidence(Envelope):
+    """What the edge keeps of one alarmed (or snapshot) frame: its msg_id is the record's id,
+    stable across delivery retries. Sent to central over HTTP with its images
+    (:class:`EvidenceUpload`), never on MQTT."""
+
+    SCHEMA: ClassVar[str] = "edgeline.evidence/1"
+    KIND: ClassVar[str] = "evidence"
+    schema_: Literal["edgeline.evidence/1"] = Field("edgeline.evidence/1", alias="schema")
+    camera: Identifier
+    seq: Annotated[int, Field(ge=0)] = Field(description="the frame's sequence number on its camera")
+    result_msg_id: Annotated[str, Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")] | None = Field(
+        None, description="the result message that carried this frame")
+    model: Identifier
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    reason: Literal["alarm", "snapshot"]
+    defect_ratio: UnitFloat
+    regions: list[DefectRegion] = Field(default_factory=list, max_length=256)
+    width: Annotated[int, Field(gt=0, le=8192)]
+    height: Annotated[int, Field(gt=0, le=8192)]
+
+
+EvidenceImage = Annotated[bytes, Field(min_length=1, max_length=MAX_EVIDENCE_IMAGE_BYTES)]
+
+
+class EvidenceUpload(_Strict):
+    """The body of ``PUT /evidence/{msg_id}``: the record and its three images, base64 in JSON."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+    evidence: Evidence
+    frame_jpeg: EvidenceImage
+    mask_png: EvidenceImage = Field(description="class-index mask (0 = background), the frame's size")
+    overlay_jpeg: EvidenceImage = Field(description="the frame with the mask's contours drawn on it")
+
+
 Message = Annotated[
     Union[Result, Anomaly, Heartbeat, Event, Command, Alert, Decision], Field(discriminator="schema_")
 ]

@@ -24,14 +24,15 @@ def client_env(**extra: str) -> dict[str, str]:
 
 
 def start_central(tmp_path: Path, site_yaml: str, *options: str, env: dict[str, str] | None = None,
-                  timeout: float = 30.0) -> tuple[subprocess.Popen, str]:
+                  timeout: float = 30.0, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """``central serve`` of ``site_yaml`` (written to ``tmp_path/site.yaml``) with ``options``, once its
     open ``/metrics`` answers: the process and its base URL. A central that exits or does not answer
-    within ``timeout`` fails the test with its output."""
+    within ``timeout`` fails the test with its output. ``port``: a given one (default: a free one)."""
     (tmp_path / "site.yaml").write_text(site_yaml)
-    port = free_port()
+    port = port or free_port()
     server = subprocess.Popen([*CENTRAL_CLI, "serve", "-c", str(tmp_path / "site.yaml"), "--db",
                                f"sqlite:///{tmp_path / 'c.db'}", "--storage", str(tmp_path / "store"),
+                               "--evidence-dir", str(tmp_path / "evidence"),
                                "--port", str(port), "--log-level", "warning", *options],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or client_env())
     base = f"http://127.0.0.1:{port}"

@@ -112,5 +112,5 @@ def test_the_agent_counts_a_restart_in_its_registry_and_reports_it_in_its_heartb
     assert registry.get_sample_value("edgeline_edge_restarts_total", {"service": "vision:m1/infer"}) == 0
     assert isinstance(beat, Heartbeat) and beat.restarts[STEP] == 1
     assert set(beat.restarts) == {STEP, "vision:m1/infer", "capture:m1/c1", "heartbeat:m1/publish",
-                                  "outbox:m1/forward", "ota:m1/apply"}
+                                  "outbox:m1/forward", "ota:m1/apply", "evidence:m1/write"}
     assert not agent.supervisor.failed.is_set()

@@ -272,7 +272,7 @@ def test_one_box_site_is_the_example_site_on_this_box() -> None:
     assert (one_box.broker.host, one_box.broker.port, one_box.metrics.host) == ("127.0.0.1", 1883, "127.0.0.1")
     ports = [metrics_for(one_box, m.id)[0].port for m in one_box.machines]
     assert len(set(ports)) == len(ports) and not set(ports) & {9102, 9103, 9104}  # bridge, worker, rules
-    kept = {"broker", "outbox", "metrics", "stream", "machines", "packages"}
+    kept = {"broker", "outbox", "evidence", "metrics", "stream", "machines", "packages"}
     assert one_box.model_dump(exclude=kept) == example.model_dump(exclude=kept)
     assert [m.model_dump(exclude={"metrics_port"}) for m in one_box.machines] == [
         m.model_dump(exclude={"metrics_port"}) for m in example.machines]
