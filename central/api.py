@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from central.alerts import LINK_BEFORE_S, AlertError, AlertStore, Filter
 from central.evidence import IMAGES, EvidenceArchive, EvidenceRefused, Image
 from central.registry import MachineRow, Registry, RegistryError
 from central.rollout_machine import GATE_HELP, Gates, Operation, RolloutError
@@ -55,6 +56,21 @@ class RolloutIn(BaseModel):
     min_shadow_agreement: float | None = Field(None, ge=0, le=1, description=GATE_HELP["min_shadow_agreement"])
     shadow_frames: int = Field(50, ge=1, description=GATE_HELP["shadow_frames"])
     shadow_timeout_s: float = Field(300.0, gt=0, description=GATE_HELP["shadow_timeout_s"])
+
+
+class AcknowledgeIn(BaseModel):
+    by: str = Field("operator", min_length=1, max_length=64, description="who acknowledges")
+    note: str = Field("", max_length=2000)
+
+
+class ShelveIn(BaseModel):
+    by: str = Field("operator", min_length=1, max_length=64, description="who shelves")
+    for_s: float = Field(gt=0, le=7 * 86_400, description="shelved for this long (at most a week)")
+    note: str = Field("", max_length=2000, description="why (ISA-18.2 asks for a reason)")
+
+
+class UnshelveIn(BaseModel):
+    by: str = Field("operator", min_length=1, max_length=64)
 
 
 class MachineIn(BaseModel):
@@ -94,7 +110,8 @@ def check_token(authorization: str | None, accepted: list[str], what: str) -> No
 
 def create_api(registry: Registry, token: str, rollouts: RolloutManager | None = None, *,
                read_token: str | None = None, links: DownloadLinks | None = None,
-               open_metrics: bool = True, evidence: EvidenceArchive | None = None) -> FastAPI:
+               open_metrics: bool = True, evidence: EvidenceArchive | None = None,
+               alerts: AlertStore | None = None) -> FastAPI:
     """The API: writes take ``token``; reads take it or ``read_token``; downloads also take a link
     signed by ``links`` (by default keyed on ``token``); ``/metrics`` needs a read token unless
     ``open_metrics``."""
@@ -170,7 +187,9 @@ def create_api(registry: Registry, token: str, rollouts: RolloutManager | None =
         _rollout_routes(app, rollouts, require_token, require_read)
     if evidence is not None:
         _evidence_routes(app, registry, evidence, token, require_read)
-    metrics_registry = central_metrics(registry, rollouts, evidence)
+    if alerts is not None:
+        _alert_routes(app, registry, alerts, evidence, require_token, require_read)
+    metrics_registry = central_metrics(registry, rollouts, evidence, alerts)
 
     @app.get("/metrics", response_class=PlainTextResponse,
              dependencies=[] if open_metrics else [Depends(require_read)])
@@ -180,14 +199,52 @@ def create_api(registry: Registry, token: str, rollouts: RolloutManager | None =
     return app
 
 
-def central_metrics(registry: Registry, rollouts: RolloutManager | None,
-                    evidence: EvidenceArchive | None = None) -> CollectorRegistry:
-    """A Prometheus registry holding :class:`CentralCollector` (and the evidence archive's figures)."""
+def central_metrics(registry: Registry, rollouts: RolloutManager | None, evidence: EvidenceArchive | None = None,
+                    alerts: AlertStore | None = None) -> CollectorRegistry:
+    """A Prometheus registry holding :class:`CentralCollector` (and the evidence and alarm figures)."""
     metrics_registry = CollectorRegistry()
     metrics_registry.register(CentralCollector(registry, rollouts))
     if evidence is not None:
         metrics_registry.register(EvidenceCollector(evidence))
+    if alerts is not None:
+        metrics_registry.register(AlarmCollector(alerts))
     return metrics_registry
+
+
+class AlarmCollector(Collector):
+    """Alarm KPIs at scrape time (:meth:`central.alerts.AlertStore.kpis`)."""
+
+    def __init__(self, alerts: AlertStore) -> None:
+        self.alerts = alerts
+
+    def collect(self) -> Any:
+        kpis = self.alerts.kpis()
+        per_line = GaugeMetricFamily("edgeline_central_alarms_per_10_min", "Alarm episodes fired in the last 10 "
+                                     "minutes, per line ('' for machines on no line)", labels=["line"])
+        for line, count in sorted(kpis["per_line_per_10_min"].items()):
+            per_line.add_metric([line], count)
+        yield per_line
+        yield GaugeMetricFamily("edgeline_central_site_alarms_per_10_min", "Alarm episodes fired in the last 10 "
+                                "minutes on the site", value=kpis["site_per_10_min"])
+        yield GaugeMetricFamily("edgeline_central_alarm_rate_reference_per_10_min", "EEMUA 191: at most one alarm "
+                                "per 10 minutes per operator on average", value=kpis["eemua_per_10_min"])
+        standing = GaugeMetricFamily("edgeline_central_alarms_standing", "Alarms neither acknowledged nor shelved, "
+                                     "by severity", labels=["severity"])
+        for severity in ("info", "warning", "critical"):
+            standing.add_metric([severity], kpis["standing"].get(severity, 0))
+        yield standing
+        actors = GaugeMetricFamily("edgeline_central_bad_actor_episodes", "The 10 rule and key pairs with the most "
+                                   "alarm episodes in the last 24 hours", labels=["rule", "key"])
+        for actor in kpis["bad_actors"]:
+            actors.add_metric([actor["rule"], actor["key"]], actor["episodes"])
+        yield actors
+        yield CounterMetricFamily("edgeline_central_alert_messages", "Alert messages recorded",
+                                  value=self.alerts.recorded)
+        rejected = CounterMetricFamily("edgeline_central_alert_messages_rejected", "Alert messages dropped, by "
+                                       "reason (invalid, identity)", labels=["reason"])
+        for reason in ("invalid", "identity"):
+            rejected.add_metric([reason], self.alerts.rejected[reason])
+        yield rejected
 
 
 class EvidenceCollector(Collector):
@@ -396,3 +453,55 @@ def _evidence_routes(app: FastAPI, registry: Registry, evidence: EvidenceArchive
         if not path.is_file():  # removed by retention meanwhile
             raise HTTPException(404, f"evidence {msg_id!r} has no {image} any more")
         return FileResponse(path, media_type=IMAGES[image][1])
+
+
+def _alert_routes(app: FastAPI, registry: Registry, alerts: AlertStore, evidence: EvidenceArchive | None,
+                  require_token: Any, require_read: Any) -> None:
+    @app.exception_handler(AlertError)
+    async def alert_error(request: Request, exc: AlertError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    def linked_evidence(alert: dict[str, Any]) -> list[dict[str, Any]]:
+        """The evidence of the alert's machines (its camera for a camera-scope alert) from
+        ``LINK_BEFORE_S`` before it fired until it resolved (or now), newest first."""
+        if evidence is None:
+            return []
+        machines = ([row.id for row in registry.machines() if row.line == alert["line"]] if alert["scope"] == "line"
+                    else [alert["machine"]])
+        camera = alert["camera"] if alert["scope"] == "camera" else None
+        until = alert["resolved_at"] if alert["resolved_at"] is not None else time.time()
+        records = [record for machine in machines for record in evidence.records(
+            machine=machine, camera=camera, since=alert["fired_at"] - LINK_BEFORE_S, until=until, limit=50)]
+        return sorted(records, key=lambda record: record["ts"], reverse=True)[:50]
+
+    @app.get("/alerts", dependencies=[Depends(require_read)])
+    def list_alerts(state: Filter | None = None, severity: str | None = None, machine: str | None = None,
+                    line: str | None = None, rule: str | None = None, since: float | None = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
+        """Alert episodes, newest first; ``state``: firing, resolved, standing (neither acknowledged
+        nor shelved) or shelved."""
+        return alerts.alerts(state=state, severity=severity, machine=machine, line=line, rule=rule, since=since,
+                             limit=limit)
+
+    @app.get("/alerts/kpis", dependencies=[Depends(require_read)])
+    def alarm_kpis() -> dict[str, Any]:
+        """Alarms per 10 minutes (site, per line), standing alarms, the top 10 bad actors, EEMUA 191's figure."""
+        return alerts.kpis()
+
+    @app.get("/alerts/{alert_id}", dependencies=[Depends(require_read)])
+    def get_alert(alert_id: str) -> dict[str, Any]:
+        """One episode with its history and the evidence in its scope and time window."""
+        alert = alerts.alert(alert_id)
+        return alert | {"evidence": linked_evidence(alert)}
+
+    @app.post("/alerts/{alert_id}/acknowledge", dependencies=[Depends(require_token)])
+    def acknowledge(alert_id: str, body: AcknowledgeIn) -> dict[str, Any]:
+        return alerts.acknowledge(alert_id, body.by, body.note)
+
+    @app.post("/alerts/{alert_id}/shelve", dependencies=[Depends(require_token)])
+    def shelve(alert_id: str, body: ShelveIn) -> dict[str, Any]:
+        return alerts.shelve(alert_id, body.by, time.time() + body.for_s, body.note)
+
+    @app.post("/alerts/{alert_id}/unshelve", dependencies=[Depends(require_token)])
+    def unshelve(alert_id: str, body: UnshelveIn) -> dict[str, Any]:
+        return alerts.unshelve(alert_id, body.by)

@@ -212,6 +212,12 @@ class Registry:
             raise RegistryError(404, f"no machine {machine_id!r}")
         return row
 
+    def line_of(self, machine_id: str) -> str:
+        """The machine's line ('' for a machine on none, or not in the fleet)."""
+        with self.sessions() as session:
+            row = session.get(MachineRow, machine_id)
+        return row.line if row is not None else ""
+
 
 def _stored(row: PackageRow) -> StoredPackage:
     return StoredPackage(row.id, row.name, row.version, row.precision, row.task, row.sha256, row.key_id,

@@ -297,10 +297,14 @@ def central_serve(
     manager = RolloutManager(site.site, registry, MqttClient(mqtt_settings(site.broker), f"central-{site.site}"),
                              public_url or f"http://{host}:{port}", links=links,
                              register_unknown=register_unknown_machines)
+    from central.alerts import AlertListener, AlertStore
     from central.evidence import EvidenceArchive
 
     evidence = EvidenceArchive(registry.engine, evidence_dir, max_bytes=int(evidence_max_gb * 1e9),
                                max_age_s=evidence_max_days * 86_400, supervisor=manager.supervisor)
+    alerts = AlertStore(registry.engine, registry.line_of)
+    listener = AlertListener(alerts, site.site)
+    manager.mqtt.subscribe(listener.topic, listener.on_message)
     manager.start()
     evidence.start()
     metrics_server = None
@@ -308,11 +312,11 @@ def central_serve(
         from prometheus_client import start_http_server
 
         metrics_server, _ = start_http_server(metrics_port, metrics_host,
-                                              registry=central_metrics(registry, manager, evidence))
+                                              registry=central_metrics(registry, manager, evidence, alerts))
     _interrupt_on_signals()  # uvicorn re-raises the SIGTERM it caught once it has shut down: let it come back here
     try:
         uvicorn.run(create_api(registry, token, manager, read_token=read_token, links=links,
-                               open_metrics=metrics_port is None, evidence=evidence),
+                               open_metrics=metrics_port is None, evidence=evidence, alerts=alerts),
                     host=host, port=port, log_level=log_level)
     except KeyboardInterrupt:
         pass

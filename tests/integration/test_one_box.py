@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -24,6 +25,7 @@ from edgeline.config import ConfigError
 from edgeline.services import MosquittoBroker, free_port, scrape_metrics
 from stream.messages import Alert, DefectRegion, FrameResult, Heartbeat, ModelOutput, Result, parse_message
 from tests.conftest import edge_site
+from tests.integration.central_process import client_env, start_central
 
 pytestmark = pytest.mark.integration
 
@@ -232,3 +234,31 @@ def test_stream_embedded_logs_alerts_binds_metrics_host_and_prints_its_counts(
     assert "rules: alert firing: surface-defect on camera m01/cam1, severity warning, value 3" in err
     assert (f"rules {unique_name}: 6 messages, 1 decisions, 1 alerts, 1 commands, 1 dead-lettered, 1 late, "
             "1 duplicates") in out
+
+
+def test_central_keeps_the_embedded_runners_alerts_and_an_operator_acknowledges_one(
+        mosquitto: MosquittoBroker, mqtt_probe: Callable[..., Any], unique_name: str, tmp_path: Path) -> None:
+    site = one_box_copy(tmp_path, unique_name)
+    (tmp_path / "token").write_text("a-token-for-the-alert-store\n")
+    server, base = start_central(tmp_path, site.read_text(), "--broker", f"{mosquitto.host}:{mosquitto.port}",
+                                 env=client_env(EDGELINE_CENTRAL_TOKEN_FILE=str(tmp_path / "token")))
+    auth = {"Authorization": "Bearer a-token-for-the-alert-store"}
+    port = free_port()
+    rules = Command(tmp_path, "rules", ["stream", "embedded", "-c", str(site), "--metrics-port", str(port),
+                                        "--broker", f"{mosquitto.host}:{mosquitto.port}"])
+    try:
+        wait_for(lambda: scrape_metrics(port), 60, "the rules runner's metrics", rules)
+        probe = mqtt_probe(mosquitto)
+        now = time.time()
+        for i in range(4):
+            probe.publish(f"edgeline/v1/{unique_name}/m01/result/cam1", defect_result(unique_name, now + 0.2 * i, i).to_json())
+        firing = wait_for(lambda: httpx.get(f"{base}/alerts", params={"state": "firing"}, headers=auth).json(), 30,
+                          "the alert at central", rules)
+        acked = httpx.post(f"{base}/alerts/{firing[0]['id']}/acknowledge", json={"by": "anna"}, headers=auth)
+        standing = httpx.get(f"{base}/alerts", params={"state": "standing"}, headers=auth).json()
+    finally:
+        rules.stop()
+        server.terminate()
+        server.wait(10)
+    assert (firing[0]["rule"], firing[0]["key"], firing[0]["line"]) == ("surface-defect", "m01/cam1", "line-1")
+    assert acked.status_code == 200 and acked.json()["acknowledged_by"] == "anna" and standing == []
