@@ -8,9 +8,9 @@ history, each with its time: ``firing``, ``resolved``, ``acknowledged`` (by whom
 their msg_id (a redelivered alert changes nothing); a ``resolved`` with no open episode (central
 was away when it fired) is kept as an episode of its own, already resolved.
 
-Evidence is linked when read: the records of the episode's machine (its camera, for a camera-scope
-alert; any machine of its line, for a line-scope one) captured from ``LINK_BEFORE_S`` before it fired
-until it resolved (or now).
+Evidence is linked when read (:meth:`central.evidence.EvidenceArchive.linked`): the records of the
+episode's machine (its camera, for a camera-scope alert; any machine of its line, for a line-scope
+one) captured from shortly before it fired until it resolved (or now).
 
 KPIs (:meth:`AlertStore.kpis`): episodes fired in the last 10 minutes on the site and per line
 (EEMUA 191's figure: an average of at most one alarm per 10 minutes per operator is acceptable),
@@ -38,7 +38,6 @@ from stream.topics import mqtt_topic, parse_topic
 
 log = logging.getLogger(__name__)
 
-LINK_BEFORE_S = 30.0
 KPI_WINDOW_S = 600.0
 BAD_ACTORS_WINDOW_S = 86_400.0
 EEMUA_ALARMS_PER_10_MIN = 1.0

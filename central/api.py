@@ -28,8 +28,10 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from central.alerts import LINK_BEFORE_S, AlertError, AlertStore, Filter
+from central.alerts import AlertError, AlertStore, Filter
+from central.console import add_console
 from central.evidence import IMAGES, EvidenceArchive, EvidenceRefused, Image
+from central.fleet import FleetStatus
 from central.registry import MachineRow, Registry, RegistryError
 from central.rollout_machine import GATE_HELP, Gates, Operation, RolloutError
 from central.rollouts import RolloutManager
@@ -111,7 +113,7 @@ def check_token(authorization: str | None, accepted: list[str], what: str) -> No
 def create_api(registry: Registry, token: str, rollouts: RolloutManager | None = None, *,
                read_token: str | None = None, links: DownloadLinks | None = None,
                open_metrics: bool = True, evidence: EvidenceArchive | None = None,
-               alerts: AlertStore | None = None) -> FastAPI:
+               alerts: AlertStore | None = None, fleet: FleetStatus | None = None) -> FastAPI:
     """The API: writes take ``token``; reads take it or ``read_token``; downloads also take a link
     signed by ``links`` (by default keyed on ``token``); ``/metrics`` needs a read token unless
     ``open_metrics``."""
@@ -189,6 +191,7 @@ def create_api(registry: Registry, token: str, rollouts: RolloutManager | None =
         _evidence_routes(app, registry, evidence, token, require_read)
     if alerts is not None:
         _alert_routes(app, registry, alerts, evidence, require_token, require_read)
+        add_console(app, registry, token, readers, alerts, evidence, rollouts, fleet)
     metrics_registry = central_metrics(registry, rollouts, evidence, alerts)
 
     @app.get("/metrics", response_class=PlainTextResponse,
@@ -462,17 +465,7 @@ def _alert_routes(app: FastAPI, registry: Registry, alerts: AlertStore, evidence
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     def linked_evidence(alert: dict[str, Any]) -> list[dict[str, Any]]:
-        """The evidence of the alert's machines (its camera for a camera-scope alert) from
-        ``LINK_BEFORE_S`` before it fired until it resolved (or now), newest first."""
-        if evidence is None:
-            return []
-        machines = ([row.id for row in registry.machines() if row.line == alert["line"]] if alert["scope"] == "line"
-                    else [alert["machine"]])
-        camera = alert["camera"] if alert["scope"] == "camera" else None
-        until = alert["resolved_at"] if alert["resolved_at"] is not None else time.time()
-        records = [record for machine in machines for record in evidence.records(
-            machine=machine, camera=camera, since=alert["fired_at"] - LINK_BEFORE_S, until=until, limit=50)]
-        return sorted(records, key=lambda record: record["ts"], reverse=True)[:50]
+        return evidence.linked(alert, registry.machines_on(alert["line"])) if evidence is not None else []
 
     @app.get("/alerts", dependencies=[Depends(require_read)])
     def list_alerts(state: Filter | None = None, severity: str | None = None, machine: str | None = None,

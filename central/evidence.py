@@ -34,6 +34,8 @@ from stream.service import Service, Supervisor
 
 THUMBNAIL_WIDTH = 320
 RETENTION_CHECK_S = 60.0
+LINK_BEFORE_S = 30.0
+"""An alert links the evidence captured from this long before it fired until it resolved."""
 IMAGES = {"frame": ("frame.jpg", "image/jpeg"), "mask": ("mask.png", "image/png"),
           "overlay": ("overlay.jpg", "image/jpeg"), "thumbnail": ("thumbnail.jpg", "image/jpeg")}
 Image = Literal["frame", "mask", "overlay", "thumbnail"]
@@ -131,6 +133,17 @@ class EvidenceArchive(Service):
             query = query.where(EvidenceRow.ts <= until)
         with self.sessions() as session:
             return [record_dict(row) for row in session.scalars(query)]
+
+    def linked(self, alert: dict[str, Any], line_machines: list[str], limit: int = 50) -> list[dict[str, Any]]:
+        """The records in an alert's scope (its camera; its machine; for a line rule every machine
+        of ``line_machines``) from ``LINK_BEFORE_S`` before it fired until it resolved (or now),
+        newest first."""
+        machines = line_machines if alert["scope"] == "line" else [alert["machine"]]
+        camera = alert["camera"] if alert["scope"] == "camera" else None
+        until = alert["resolved_at"] if alert["resolved_at"] is not None else time.time()
+        records = [record for machine in machines for record in self.records(
+            machine=machine, camera=camera, since=alert["fired_at"] - LINK_BEFORE_S, until=until, limit=limit)]
+        return sorted(records, key=lambda record: record["ts"], reverse=True)[:limit]
 
     def record(self, msg_id: str) -> dict[str, Any] | None:
         with self.sessions() as session:

@@ -212,6 +212,11 @@ class Registry:
             raise RegistryError(404, f"no machine {machine_id!r}")
         return row
 
+    def machines_on(self, line: str) -> list[str]:
+        """The ids of the machines on ``line``."""
+        with self.sessions() as session:
+            return list(session.scalars(select(MachineRow.id).where(MachineRow.line == line).order_by(MachineRow.id)))
+
     def line_of(self, machine_id: str) -> str:
         """The machine's line ('' for a machine on none, or not in the fleet)."""
         with self.sessions() as session:

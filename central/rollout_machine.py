@@ -163,6 +163,10 @@ class Rollout:
     _baseline: dict[str, Health] = field(default_factory=dict)
     _latest: dict[str, Health] = field(default_factory=dict)
 
+    def latest_health(self) -> dict[str, Health]:
+        """Each target machine's latest report: what the gates were last checked against."""
+        return dict(self._latest)
+
     # ------------------------------------------------------------ inputs
 
     def start(self, now: float) -> list[Action]:

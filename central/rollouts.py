@@ -31,6 +31,7 @@ from dataclasses import asdict
 
 import paho.mqtt.client as paho
 
+from central.fleet import FleetStatus
 from central.registry import Registry, RegistryError
 from central.rollout_machine import (Action, Deploy, Gates, Health, Plan, Rollback, Rollout, Shadow, StopShadow,
                              rollout_from_dict, rollout_to_dict)
@@ -53,9 +54,11 @@ WARNED_TOPICS_MAX = 1000
 class RolloutManager(Service):
     def __init__(self, site: str, registry: Registry, mqtt: MqttClient, public_url: str, tick_s: float = 0.5,
                  *, links: DownloadLinks | None = None, register_unknown: bool = False,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None, fleet: FleetStatus | None = None) -> None:
         super().__init__(f"rollouts:{site}", supervisor=supervisor or Supervisor("central"))
         self.site = site
+        self.fleet = fleet
+        """Where each accepted heartbeat also goes (the console's fleet view), if anywhere."""
         self.links = links
         """Signs the download URLs of load_model/shadow_model (None: unsigned URLs, only for tests that
         never download)."""
@@ -162,8 +165,13 @@ class RolloutManager(Service):
             return {"id": rollout_id, "package": rollout.plan.package, "previous": rollout.plan.previous,
                     "model": self.models[rollout_id], "phase": rollout.phase, "stage": rollout.stage + 1,
                     "stages": len(rollout.plan.stages), "paused": rollout.paused, "failure": rollout.failure,
-                    "machines": list(rollout.plan.targets),
+                    "machines": list(rollout.plan.targets), "gates": asdict(rollout.plan.gates),
                     "history": [asdict(e) | {"stage": e.stage + 1} for e in rollout.history]}
+
+    def gate_values(self, rollout_id: str) -> dict[str, dict]:
+        """Each target machine's latest report, which the gates were last checked against."""
+        with self._lock:
+            return {machine: asdict(health) for machine, health in self._get(rollout_id).latest_health().items()}
 
     def _get(self, rollout_id: str) -> Rollout:
         if rollout_id not in self.rollouts:
@@ -195,6 +203,8 @@ class RolloutManager(Service):
                 self._reject(message.topic, "unknown_machine", f"{parsed.machine} is in neither the site file nor "
                              "the registry (central serve --register-unknown-machines admits it)")
                 return
+            if self.fleet is not None:
+                self.fleet.on_heartbeat(parsed)
             with self._lock:
                 self.running[parsed.machine] = dict(parsed.models)
                 self.model_health[parsed.machine] = dict(parsed.health)

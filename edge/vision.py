@@ -321,6 +321,8 @@ class VisionPipeline(Service):
             queue_depth=camera.queue_depth(), frames_dropped=camera.frames_dropped,
             frames_gated=self.gates[camera.id].gated, shed=camera.id in self.shedder.shed,
             models=[f"{m.name}:{m.version}" for n, m in self.seg_models.items() if n in camera.config.models],
+            frames_inferred=counters.frames_inferred, defect_frames=counters.defect_frames,
+            defect_ratio=counters.defect_ratio_last,
         )
 
     def models_running(self) -> dict[str, str]:

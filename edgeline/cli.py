@@ -273,8 +273,8 @@ def central_serve(
     evidence_max_days: Annotated[float, typer.Option(min=0.001, help="evidence older than this goes")] = 30.0,
     log_level: str = "info",
 ) -> None:
-    """Serve the fleet and model registries, keep the edges' evidence and run rollouts over MQTT
-    (OpenAPI docs at /docs)."""
+    """Serve the fleet and model registries, keep the alerts and the edges' evidence, run rollouts
+    over MQTT, and serve the operator console at /console (OpenAPI docs at /docs)."""
     with needs_extra("central serve", "central"):
         import uvicorn
 
@@ -293,10 +293,13 @@ def central_serve(
     from central.tokens import DownloadLinks
     from stream.mqtt import MqttClient
 
+    from central.fleet import FleetStatus
+
     links = DownloadLinks(token, download_link_ttl_s)
+    fleet = FleetStatus()
     manager = RolloutManager(site.site, registry, MqttClient(mqtt_settings(site.broker), f"central-{site.site}"),
                              public_url or f"http://{host}:{port}", links=links,
-                             register_unknown=register_unknown_machines)
+                             register_unknown=register_unknown_machines, fleet=fleet)
     from central.alerts import AlertListener, AlertStore
     from central.evidence import EvidenceArchive
 
@@ -316,7 +319,8 @@ def central_serve(
     _interrupt_on_signals()  # uvicorn re-raises the SIGTERM it caught once it has shut down: let it come back here
     try:
         uvicorn.run(create_api(registry, token, manager, read_token=read_token, links=links,
-                               open_metrics=metrics_port is None, evidence=evidence, alerts=alerts),
+                               open_metrics=metrics_port is None, evidence=evidence, alerts=alerts,
+                               fleet=fleet),
                     host=host, port=port, log_level=log_level)
     except KeyboardInterrupt:
         pass
@@ -444,19 +448,30 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed of the simulated factory")] = 0,
     live: Annotated[bool, typer.Option(help="live terminal view")] = True,
     embedded_broker: Annotated[bool, typer.Option(help="use the Python broker even where Mosquitto is installed")] = False,
+    console_port: Annotated[int, typer.Option(min=0, max=65535, help="where central serves the operator console "
+                                              "(0: a free port)")] = 8080,
+    with_console: Annotated[bool, typer.Option("--console/--no-console", help="run central with the operator "
+                                               "console (needs the central extra)")] = True,
     log_level: str = "warning",
 ) -> None:
-    """A simulated factory on this box: broker, edge agents, rules engine and a live view."""
+    """A simulated factory on this box: broker, edge agents, rules engine, central with the
+    operator console, and a live view."""
     from edgeline.demo import Demo, demo_config
     from edgeline.view import DemoView
 
     _setup_logging(log_level)
     _interrupt_on_signals()
     site = _load_or_exit(config) if config else demo_config(machines=machines, seed=seed)
-    runner = Demo(site, base_dir=config.parent if config else Path("."), prefer_mosquitto=not embedded_broker)
+    runner = Demo(site, base_dir=config.parent if config else Path("."), prefer_mosquitto=not embedded_broker,
+                  console_port=console_port if with_console else None)
     interrupted = False
     try:
         runner.start()
+        if runner.central is not None:
+            console.print(f"operator console: {runner.central.url}/console (sign in with the token "
+                          f"{runner.central.token})", soft_wrap=True)
+        elif with_console:
+            console.print("no operator console: the central extra is not installed (pip install -e '.[central]')")
         view = DemoView(runner, duration)
         with Live(view.render(), console=console, refresh_per_second=4, transient=False,
                   auto_refresh=False) if live and console.is_terminal else _NoLive() as screen:

@@ -2,29 +2,38 @@
 
 One process tree: an MQTT broker (Mosquitto when installed, else an embedded Python broker),
 N simulated machines running the ONNX models on synthetic cameras and pump sensors, the
-embedded rules engine, and a monitor that reads everything back from MQTT for the live view
-and the closing summary. :class:`Demo` is a :class:`stream.service.Service`: the broker and the
-monitor come up in its ``on_start``, then its children, the rules runner and the edge fleet; they
-stop in reverse (the agents first, then the rules once the site is quiet), the broker last.
+embedded rules engine, central with the operator console (a child process, when the ``central``
+extra is installed: it keeps the alerts and the agents' evidence), and a monitor that reads
+everything back from MQTT for the live view and the closing summary. :class:`Demo` is a
+:class:`stream.service.Service`: the broker and the monitor come up in its ``on_start``, then its
+children, central, the rules runner and the edge fleet; they stop in reverse (the agents first,
+then the rules once the site is quiet, then central), the broker last.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import secrets
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import yaml
 
 from edge.agent import EdgeAgent
 from edge.sensors import SyntheticSensorGroup
 from edgeline.config import SiteConfig, from_dict
-from edgeline.services import start_mqtt_broker
+from edgeline.services import free_port, port_open, start_mqtt_broker
 from stream.embedded import EmbeddedRulesRunner
 from stream.messages import Alert, Anomaly, Command, MessageError, Result, parse_message
 from stream.mqtt import MqttClient, MqttSettings
@@ -197,12 +206,69 @@ class EdgeFleet(Service):
         self.wait_quiet()
 
 
+CENTRAL_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "jinja2")
+
+
+def central_installed() -> bool:
+    """Whether the ``central`` extra is here (the demo runs without it, and without a console)."""
+    return all(importlib.util.find_spec(name) is not None for name in CENTRAL_MODULES)
+
+
+class CentralProcess(Service):
+    """``edgeline central serve`` for the demo's site as a child process on ``port`` (its output in
+    ``folder/central.log``): it keeps the alerts and evidence and serves the operator console."""
+
+    def __init__(self, config: SiteConfig, folder: Path, port: int, token: str) -> None:
+        super().__init__("demo:central")
+        self.folder, self.port, self.token = folder, port, token
+        self.url = f"http://127.0.0.1:{port}"
+        self.site_file = folder / "site.yaml"
+        self.site_file.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True, exclude_none=True)))
+        (folder / "token").write_text(token + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def on_start(self, timeout_s: float = 60.0) -> None:
+        with (self.folder / "central.log").open("wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgeline.cli", "central", "serve", "-c", str(self.site_file),
+                 "--token-file", str(self.folder / "token"), "--db", f"sqlite:///{self.folder / 'central.db'}",
+                 "--storage", str(self.folder / "packages"), "--evidence-dir", str(self.folder / "evidence"),
+                 "--port", str(self.port), "--log-level", "warning"], stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while not self._answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.on_stop()
+                log_text = (self.folder / "central.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"central did not come up on port {self.port}: {log_text}")
+            time.sleep(0.3)
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/console/login", timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def on_stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
 class Demo(Service):
     """Starts and stops the demo's parts in order; the CLI drives it for a duration."""
 
-    def __init__(self, config: SiteConfig, base_dir: Path = Path("."), prefer_mosquitto: bool = True) -> None:
+    def __init__(self, config: SiteConfig, base_dir: Path = Path("."), prefer_mosquitto: bool = True,
+                 console_port: int | None = 0) -> None:
+        """``console_port``: where central serves the console (0: a free port; None: no central)."""
         super().__init__(f"demo:{config.site}")
         self.config = config
+        self.console_port = console_port
+        self.central: CentralProcess | None = None
         self.base_dir = base_dir
         self.prefer_mosquitto = prefer_mosquitto
         self.monitor = SiteMonitor()
@@ -219,6 +285,7 @@ class Demo(Service):
         port is known, become the children (a demo starts once)."""
         try:
             settings = self._start_broker_and_monitor()
+            self.central = self._central()
             self.runner = EmbeddedRulesRunner(
                 self.config.site, self.config.rules, MqttClient(settings, client_id="demo-rules"),
                 lines=self.config.lines(), allowed_lateness_s=self.config.engine.allowed_lateness_s,
@@ -229,6 +296,8 @@ class Demo(Service):
         except BaseException:
             self.on_stop()
             raise
+        if self.central is not None:
+            self.add_child(self.central)
         self.add_child(self.runner)
         self.add_child(EdgeFleet(self.agents, self._wait_quiet))
 
@@ -251,6 +320,26 @@ class Demo(Service):
         self.monitor_client.start()
         self.monitor_client.wait_connected()
         return settings
+
+    def _central(self) -> CentralProcess | None:
+        """Central for the console, with the agents' evidence delivered to it (per-machine tokens)."""
+        if self.console_port is None or not central_installed():
+            return None
+        from central.tokens import MachineTokens
+
+        folder = Path(self._outbox_dir.name)
+        token = secrets.token_urlsafe(18)
+        port = self.console_port
+        if port and port_open("127.0.0.1", port):
+            log.warning("demo: port %d is taken; the console goes on a free port", port)
+            port = 0
+        central = CentralProcess(self.config, folder, port or free_port(), token)
+        for machine in self.config.machines:
+            (folder / f"{machine.id}.evidence-token").write_text(MachineTokens(token).token(machine.id))
+        evidence = self.config.evidence.model_copy(update={
+            "central_url": central.url, "token_file": str(folder / "{machine}.evidence-token")})
+        self.config = self.config.model_copy(update={"evidence": evidence})
+        return central
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Edge first (publishing what is in flight), then let the rules catch up, then the broker."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the embedded demo: `scripts/demo.sh [edgeline demo options]`.
-# Creates .venv and installs the base package (no torch, no Kafka) on first use, at the versions
-# of requirements.lock.
+# Creates .venv and installs the package with the central extra (the operator console; no torch, no
+# Kafka) on first use, at the versions of requirements.lock.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
@@ -13,11 +13,11 @@ fi
 
 # Skip pip while pyproject.toml and the lock are unchanged since the last install (base or full).
 hash=$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.lock" | sha256sum)
-base=$( (echo "$hash"; echo base) | sha256sum | cut -c1-16)
+base=$( (echo "$hash"; echo demo) | sha256sum | cut -c1-16)
 all=$( (echo "$hash"; echo all) | sha256sum | cut -c1-16)
 if ! grep -qsx -e "$base" "$ROOT/.venv/.edgeline-install-base" && ! grep -qsx -e "$all" "$ROOT/.venv/.edgeline-install-all"; then
-    echo "[demo] pip install -c requirements.lock -e $ROOT" >&2
-    "$ROOT/.venv/bin/python" -m pip install -q -c "$ROOT/requirements.lock" -e "$ROOT"
+    echo "[demo] pip install -c requirements.lock -e $ROOT[central]" >&2
+    "$ROOT/.venv/bin/python" -m pip install -q -c "$ROOT/requirements.lock" -e "$ROOT[central]"
     echo "$base" > "$ROOT/.venv/.edgeline-install-base"
 fi
 

@@ -2,7 +2,8 @@
 # Install everything the test suite needs; safe to run again (it skips what is already there).
 #
 #   - Debian packages: mosquitto, mosquitto-clients (the compose healthcheck's mosquitto_sub),
-#     prometheus, postgresql (central's registry on PostgreSQL), docker-compose (v1, for
+#     prometheus, postgresql (central's registry on PostgreSQL), chromium and chromium-driver (the
+#     operator console's browser tests, through Selenium), docker-compose (v1, for
 #     `docker-compose config`), and a JRE / Maven only when java / mvn are missing;
 #   - .venv with `pip install -c requirements.lock -e '.[all]'`: every version pinned by the lock
 #     (scripts/lock.sh refreshes it); skipped while pyproject.toml and the lock are unchanged;
@@ -67,6 +68,8 @@ command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 command -v prometheus >/dev/null 2>&1 || command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if ! have_kafka_jars && ! command -v mvn >/dev/null 2>&1; then missing+=(maven); fi
 if ! command -v docker-compose >/dev/null 2>&1; then
     # Compose v1 (pure Python): `docker-compose config` validates the compose file without an engine.
@@ -75,7 +78,7 @@ fi
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}" || say "WARNING: could not install ${missing[*]}; tests that need them will skip (or fail under EDGELINE_REQUIRE_SERVICES=1)"
 else
-    say "system packages present (mosquitto, mosquitto-clients, postgresql, prometheus, java$(command -v docker-compose >/dev/null 2>&1 && echo ', docker-compose'))"
+    say "system packages present (mosquitto, mosquitto-clients, postgresql, prometheus, java, chromium$(command -v docker-compose >/dev/null 2>&1 && echo ', docker-compose'))"
 fi
 
 # ---------------------------------------------------------------- Python

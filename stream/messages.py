@@ -207,6 +207,10 @@ class CameraStatus(_Strict):
     frames_gated: Annotated[int, Field(ge=0)] = 0
     shed: bool = Field(False, description="the overload policy infers only one frame in a few")
     models: list[str] = Field(default_factory=list, description="name:version of each loaded model")
+    frames_inferred: Annotated[int, Field(ge=0)] = Field(0, description="frames inferred since the agent started")
+    defect_frames: Annotated[int, Field(ge=0)] = Field(0, description="of those, frames whose image-level alarm "
+                                                       "fired (central's alarm rate per camera)")
+    defect_ratio: UnitFloat = Field(0.0, description="the defect ratio of the camera's latest result")
 
 
 class ShadowStatus(_Strict):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -77,3 +78,28 @@ def test_demo_runs_on_the_embedded_broker_where_mosquitto_is_missing() -> None:
     assert "EmbeddedBroker" in done.stdout
     found = counts(done.stdout)
     assert found["results"] > 10 and found["scores"] > 10
+
+
+def test_the_demo_runs_central_with_the_console_which_keeps_alerts_and_evidence() -> None:
+    require_mosquitto()
+    process = subprocess.Popen([*DEMO, "--duration", "40", "--machines", "2", "--no-live", "--console-port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
+    try:
+        line = process.stdout.readline()  # the console's line comes first, before the run
+        match = re.search(r"operator console: (http://127\.0\.0\.1:\d+)/console \(sign in with the token (\S+)\)", line)
+        assert match, line
+        base, auth = match.group(1), {"Authorization": f"Bearer {match.group(2)}"}
+        deadline = time.monotonic() + 35
+        alerts = evidence = []
+        while time.monotonic() < deadline and not (alerts and evidence):
+            alerts = httpx.get(f"{base}/alerts", headers=auth, timeout=5).json()
+            evidence = httpx.get(f"{base}/evidence", headers=auth, timeout=5).json()
+            time.sleep(1)
+        page = httpx.get(f"{base}/console/alerts", headers=auth, timeout=5)
+    finally:
+        stdout, stderr = process.communicate(timeout=90)
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert alerts and evidence, (alerts, evidence)
+    assert page.status_code == 200 and alerts[0]["rule"] in page.text
+    assert counts(stdout)["alerts"] > 0
