@@ -1,7 +1,9 @@
 """Grafana dashboards as code (grafana-foundation-sdk, pinned in the central extra).
 
 Each panel is one PromQL query over the metrics the edge agents, the bridge, the Faust workers
-and central expose. ``write_dashboards`` renders them to JSON for Grafana's file provisioning
+and central expose. Every dashboard links to the operator console (``$console``, a text variable:
+the console's base URL as the browser reaches it), and the alert and camera panels link to its
+alert and camera pages. ``write_dashboards`` renders them to JSON for Grafana's file provisioning
 (``deploy/grafana/dashboards``); ``provision`` pushes the Prometheus datasource and the
 dashboards to a running Grafana with grafana-client.
 """
@@ -17,10 +19,13 @@ from typing import Any
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import prometheus, stat, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableOption, VariableRefresh, VariableSort
+from grafana_foundation_sdk.models.dashboard import (DashboardLinkType, DataSourceRef, VariableOption, VariableRefresh,
+                                                     VariableSort)
 
 DATASOURCE_UID = "edgeline-prometheus"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
+CONSOLE_DEFAULT = "http://localhost:8080"
+CAMERA_PAGE = "${console}/console/cameras/${__field.labels.machine}/${__field.labels.camera}"
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,10 @@ class PanelSpec:
     unit: str = "short"
     kind: str = "timeseries"
     description: str = ""
+    link: tuple[str, str] | None = None
+    """A panel link (title, URL), e.g. to a console page."""
+    data_link: tuple[str, str] | None = None
+    """A link on each series (title, URL with ``${__field.labels.<label>}``), e.g. to its camera's page."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +57,10 @@ class DashboardSpec:
 
 
 def panel(title: str, expr: str, legend: str = "", unit: str = "short", kind: str = "timeseries",
-          description: str = "") -> PanelSpec:
+          description: str = "", link: tuple[str, str] | None = None,
+          data_link: tuple[str, str] | None = None) -> PanelSpec:
     """A panel of one query."""
-    return PanelSpec(title, (Query(expr, legend),), unit, kind, description)
+    return PanelSpec(title, (Query(expr, legend),), unit, kind, description, link, data_link)
 
 
 M = 'machine=~"$machine"'
@@ -99,6 +109,9 @@ DASHBOARDS = (
     DashboardSpec("edgeline-quality", "Edgeline: defects and anomalies", (
         panel("Defect frames per minute", "60 * sum by (machine) (rate(edgeline_edge_defect_frames_total[5m]))",
               "{{machine}}", description="Frames on which a model's image-level alarm fired"),
+        panel("Defect frames per minute per camera", "60 * rate(edgeline_edge_defect_frames_total[5m])",
+              "{{machine}}/{{camera}}", description="Click a series for its camera's page in the operator console "
+              "(latest evidence, alarm rate)", data_link=("Camera in the console", CAMERA_PAGE)),
         panel("Anomalous sensor samples per minute",
               "60 * sum by (machine, group) (rate(edgeline_edge_anomalies_total[5m]))", "{{machine}}/{{group}}"),
         PanelSpec("Capture to decision latency p99", (
@@ -112,7 +125,17 @@ DASHBOARDS = (
         PanelSpec("Alerts raised per minute", (
             Query('60 * sum(rate(edgeline_worker_emitted_total{kind="alert"}[5m]))', "workers (Kafka)"),
             Query('60 * sum(rate(edgeline_rules_emitted_total{kind="alert"}[5m]))', "embedded rules"),
-        )),
+        ), link=("Alerts in the console", "${console}/console/alerts")),
+        PanelSpec("Alarms per 10 minutes per line", (
+            Query("edgeline_central_alarms_per_10_min", "{{line}}"),
+            Query("edgeline_central_alarm_rate_reference_per_10_min", "EEMUA 191: 1 per operator"),
+        ), description="Alarm episodes fired in the last 10 minutes, against EEMUA 191's acceptable average of "
+           "one per 10 minutes per operator", link=("Alerts in the console", "${console}/console/alerts")),
+        panel("Standing alarms", "sum by (severity) (edgeline_central_alarms_standing)", "{{severity}}",
+              description="Neither acknowledged nor shelved", link=("Alerts in the console",
+                                                                   "${console}/console/alerts")),
+        panel("Bad actors (episodes in 24 h)", "edgeline_central_bad_actor_episodes", "{{rule}} {{key}}",
+              description="The 10 rule and key pairs with the most alarm episodes"),
         PanelSpec("Commands sent to machines per minute", (
             Query("60 * sum(rate(edgeline_bridge_commands_forwarded_total[5m]))", "bridge: Kafka to MQTT"),
             Query('60 * sum(rate(edgeline_rules_emitted_total{kind="command"}[5m]))', "embedded rules"),
@@ -145,7 +168,21 @@ def _panel(spec: PanelSpec) -> object:
     for ref, query in zip("ABCDEFGH", spec.queries, strict=False):
         builder = builder.with_target(prometheus.Dataquery().expr(query.expr).legend_format(query.legend or "__auto")
                                       .ref_id(ref))
+    if spec.link is not None:
+        builder = builder.links([_link(*spec.link)])
+    if spec.data_link is not None:
+        builder = builder.data_links([_link(*spec.data_link)])
     return builder
+
+
+def _link(title: str, url: str) -> db.DashboardLink:
+    return db.DashboardLink(title).type(DashboardLinkType.LINK).url(url).target_blank(True)
+
+
+def _console_variable() -> object:
+    """``$console``: the console's base URL as the browser reaches it (edit it on the dashboard)."""
+    return (db.TextBoxVariable("console").label("Console URL").default_value(CONSOLE_DEFAULT)
+            .current(VariableOption(selected=True, text=CONSOLE_DEFAULT, value=CONSOLE_DEFAULT)))
 
 
 def _machine_variable() -> object:
@@ -158,7 +195,8 @@ def _machine_variable() -> object:
 
 def build(spec: DashboardSpec) -> dict:
     builder = (db.Dashboard(spec.title).uid(spec.uid).tags(["edgeline"]).refresh("10s").time("now-1h", "now")
-               .timezone("browser"))
+               .timezone("browser").with_variable(_console_variable())
+               .link(_link("Operator console", "${console}/console")))
     if spec.machine_variable:
         builder = builder.with_variable(_machine_variable())
     for panel_spec in spec.panels:

@@ -21,8 +21,10 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from central.alerts import AlertStore
 from central.api import create_api
 from central.dashboards import DASHBOARDS, build, metric_names, provision
+from central.evidence import EvidenceArchive
 from central.registry import Registry
 from central.rollouts import RolloutManager
 from edge.agent import EdgeAgent
@@ -172,8 +174,10 @@ def serve_central(running: ExitStack, site: str, mqtt: MqttSettings, tmp_path: P
     manager = RolloutManager(site, registry, MqttClient(mqtt, f"{site}-central"), f"http://127.0.0.1:{port}")
     manager.start()
     running.callback(manager.stop)
-    server = uvicorn.Server(uvicorn.Config(create_api(registry, "x" * 20, manager), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    evidence = EvidenceArchive(registry.engine, tmp_path / "evidence", max_bytes=10**9, max_age_s=86_400)
+    alerts = AlertStore(registry.engine, registry.line_of)
+    api = create_api(registry, "x" * 20, manager, evidence=evidence, alerts=alerts)
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     running.callback(lambda: (setattr(server, "should_exit", True), thread.join(10)))
