@@ -1,9 +1,10 @@
-"""What evidence costs and takes: the one-box site's vision machine (``config/one-box.yaml``, m01:
-``cam1`` with the seg model, 10 fps 320x240 synthetic, and ``overview`` without a model) as a real
-agent against a real Mosquitto and a real ``central serve``, first with evidence off, then on (the
-default settings, delivered to central), ``--seconds`` each, in the same run.
+"""What evidence costs and takes: one vision machine as a real agent against a real Mosquitto and a
+real ``central serve``, first with evidence off, then on (the default settings, delivered to
+central), ``--seconds`` each, in the same run. ``--site one-box``: ``config/one-box.yaml``'s m01
+(``cam1`` with the seg model, 10 fps 320x240 synthetic; ``overview`` without a model); ``--site
+demo``: ``edgeline demo``'s site (5 fps, defect rate 0.3), e.g. its m02 with three cameras.
 
-    python -m bench.evidence [--seconds 120] [--machine m01]
+    python -m bench.evidence [--seconds 120] [--site one-box|demo] [--machine m01]
 
 Per run and camera with a model: frames inferred per second (the ratio on/off says whether
 evidence slows inference), frames whose image-level alarm fired, evidence records kept and
@@ -25,11 +26,13 @@ from typing import Any
 
 import httpx
 import typer
+import yaml
 
 from bench.report import report
 from central.tokens import MachineTokens
 from edge.agent import EdgeAgent
 from edgeline.config import SiteConfig, load
+from edgeline.demo import demo_config
 from edgeline.services import MosquittoBroker, free_port
 
 SITE_FILE = Path(__file__).resolve().parent.parent / "config" / "one-box.yaml"
@@ -75,7 +78,7 @@ def counts(agent: EdgeAgent) -> dict[str, Any]:
 
 
 def run(config: SiteConfig, machine: str, seconds: float, label: str) -> list[dict[str, Any]]:
-    agent = EdgeAgent(config, machine, SITE_FILE.parent, heartbeat_s=5.0)
+    agent = EdgeAgent(config, machine, SITE_FILE.parent, heartbeat_s=5.0)  # builtin packages: any base works
     agent.start()
     try:
         time.sleep(WARMUP_S)
@@ -102,11 +105,19 @@ def run(config: SiteConfig, machine: str, seconds: float, label: str) -> list[di
 
 
 def main(seconds: float = typer.Option(120.0, help="measured seconds per run (after a 5 s warm-up)"),
-         machine: str = typer.Option("m01", help="the one-box site's machine to run")) -> None:
-    config = load(SITE_FILE)
+         site: str = typer.Option("one-box", help="one-box (config/one-box.yaml) or demo (edgeline demo's site)"),
+         machine: str = typer.Option("m01", help="the site's machine to run")) -> None:
     with tempfile.TemporaryDirectory(prefix="edgeline-bench-evidence-") as tmp, MosquittoBroker() as broker:
         folder = Path(tmp)
-        server, base = start_central(SITE_FILE, broker, folder)
+        site_file = SITE_FILE
+        if site == "demo":
+            site_file = folder / "demo.yaml"
+            site_file.write_text(yaml.safe_dump(demo_config().model_dump(mode="json", by_alias=True,
+                                                                          exclude_none=True)))
+        elif site != "one-box":
+            raise typer.BadParameter(f"--site is one-box or demo, not {site!r}")
+        config = load(site_file)
+        server, base = start_central(site_file, broker, folder)
         os.environ["EDGELINE_EVIDENCE_TOKEN"] = MachineTokens(TOKEN).token(machine)
         try:
             rows = run(site_for(config, broker, folder / "off", None), machine, seconds, "evidence off")
@@ -118,7 +129,7 @@ def main(seconds: float = typer.Option(120.0, help="measured seconds per run (af
             server.wait(10)
     off, on = rows[0], rows[-1]
     ratio = on["inferred fps"] / off["inferred fps"] if off["inferred fps"] else float("nan")
-    report("evidence", f"evidence on the one-box site's {machine}, {seconds:g} s per run", rows,
+    report(f"evidence-{site}", f"evidence on the {site} site's {machine}, {seconds:g} s per run", rows,
            notes=(f"inferred fps with evidence on / off: {ratio:.2f}; records at central after the run: "
                   f"{at_central}. Records and bytes per hour are projected linearly from the run; "
                   f"'store after 1 h' is the agent's store at the default bound "

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from central.registry import Base
 from stream.messages import Alert, MessageError, parse_message
+from stream.service import Service, Supervisor
 from stream.topics import mqtt_topic, parse_topic
 
 log = logging.getLogger(__name__)
@@ -264,3 +265,55 @@ class AlertListener:
     def _reject(self, reason: str, topic: str, why: str) -> None:
         self.store.rejected[reason] += 1
         log.warning("alerts: dropped a message on %s: %s", topic, why[:500])
+
+
+class KafkaAlerts(Service):
+    """The alerts of a site whose rules run on Kafka (``<prefix>.alerts``, what the workers
+    produce) into the store: consumer group ``edgeline-central-<site>``, offsets committed only
+    after a poll's records are stored, so a restarted central reads again at most what it had not
+    committed (deduped on msg_id). Kafka away: the loop retries every second (the alerts wait in
+    their topic). Needs the ``kafka`` extra (kafka-python)."""
+
+    def __init__(self, store: AlertStore, site: str, bootstrap: str, topic: str,
+                 supervisor: Supervisor | None = None) -> None:
+        super().__init__(f"alerts-kafka:{site}", supervisor=supervisor)
+        self.store, self.site, self.bootstrap, self.topic = store, site, bootstrap, topic
+        self.add_loop("consume", self._consume_loop)
+
+    def _consume_loop(self) -> None:
+        from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+
+        consumer = KafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, group_id=f"edgeline-central-{self.site}",
+                                 client_id=f"edgeline-central-{self.site}-alerts", enable_auto_commit=False,
+                                 auto_offset_reset="earliest")
+        failing = False
+        try:
+            while not self.stopping.is_set():
+                try:
+                    batches = consumer.poll(timeout_ms=500)
+                    for records in batches.values():
+                        for record in records:
+                            self._record(record.value)
+                    if batches:
+                        consumer.commit()
+                    failing = False
+                except KafkaError as exc:
+                    if not failing:
+                        log.warning("alerts: reading %s failed (%s); retrying", self.topic, exc)
+                    failing = True
+                    self.stopping.wait(1.0)
+        finally:
+            consumer.close()
+
+    def _record(self, payload: bytes) -> None:
+        try:
+            alert = parse_message(payload)
+        except MessageError as exc:
+            self.store.rejected["invalid"] += 1
+            log.warning("alerts: dropped a record of %s: %s", self.topic, exc.reason[:500])
+            return
+        if isinstance(alert, Alert) and alert.site == self.site:
+            self.store.record(alert)
+        elif not isinstance(alert, Alert):
+            self.store.rejected["invalid"] += 1

@@ -8,7 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from stream.console import fail, needs_extra
 from stream.messages import IDENTIFIER_PATTERN
 from stream.service import Service
 from stream.settings import ConfigError, mqtt_settings
+
+if TYPE_CHECKING:
+    from central.alerts import AlertStore
 
 app = typer.Typer(help="Edgeline: real-time analytics on the factory floor.", no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None)  # plain help: whole at any width
@@ -271,6 +274,9 @@ def central_serve(
     evidence_max_gb: Annotated[float, typer.Option(min=0.001, help="evidence kept in all; the oldest goes "
                                                    "first")] = 20.0,
     evidence_max_days: Annotated[float, typer.Option(min=0.001, help="evidence older than this goes")] = 30.0,
+    alerts_from_kafka: Annotated[bool, typer.Option(
+        "--alerts-from-kafka", help="also read the alerts from Kafka (stream.kafka, the workers' alerts topic; "
+        "needs the kafka extra): for sites whose rules run on Kafka workers")] = False,
     log_level: str = "info",
 ) -> None:
     """Serve the fleet and model registries, keep the alerts and the edges' evidence, run rollouts
@@ -308,8 +314,11 @@ def central_serve(
     alerts = AlertStore(registry.engine, registry.line_of)
     listener = AlertListener(alerts, site.site)
     manager.mqtt.subscribe(listener.topic, listener.on_message)
+    kafka_alerts = _kafka_alerts(alerts, site, manager) if alerts_from_kafka else None
     manager.start()
     evidence.start()
+    if kafka_alerts is not None:
+        kafka_alerts.start()
     metrics_server = None
     if metrics_port is not None:
         from prometheus_client import start_http_server
@@ -325,11 +334,24 @@ def central_serve(
     except KeyboardInterrupt:
         pass
     finally:
+        if kafka_alerts is not None:
+            kafka_alerts.stop()
         evidence.stop()
         manager.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
     _exit_if_gave_up(manager)
+
+
+def _kafka_alerts(alerts: AlertStore, site: SiteConfig, manager: Service) -> Service:
+    """The Kafka reader of the site's alerts topic (the kafka extra)."""
+    with needs_extra("central serve --alerts-from-kafka", "kafka"):
+        import kafka  # noqa: F401 - fail here, with the extra named, not in the loop
+
+    from central.alerts import KafkaAlerts
+
+    return KafkaAlerts(alerts, site.site, site.stream.kafka, site.stream.topics().for_kind("alert"),
+                       supervisor=manager.supervisor)
 
 
 def _central_tokens(token_file: Path | None, read_token_file: Path | None) -> tuple[str, str | None]:

@@ -18,7 +18,7 @@ import pytest
 
 from edgeline.services import free_port
 from models.package import BUILTIN_PACKAGES, write_package_tar
-from stream.messages import Heartbeat
+from stream.messages import Alert, Heartbeat
 from stream.topics import mqtt_topic, topic_for
 from tests.integration.central_process import CENTRAL_CLI, client_env
 from tests.integration.central_process import start_central as start_central_process
@@ -256,3 +256,40 @@ def test_metrics_served_apart_stay_open_and_the_api_copy_needs_a_token(tmp_path,
         server.terminate()
         server.wait(10)
     assert server.returncode == 0
+
+
+def test_central_reads_the_alerts_of_a_kafka_site_and_keeps_each_once(tmp_path, mosquitto, kafka, unique_name):
+    """`--alerts-from-kafka`: the workers' alerts topic into the alert store; a record produced twice
+    (an at-least-once replay) is one episode, and one that is not an alert is counted, not kept."""
+    from kafka import KafkaProducer
+
+    prefix = unique_name.replace("_", "-")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    site_yaml = (f"site: {unique_name}\nbroker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
+                 "machines: [{id: m01, line: line-1, cameras: [{id: c1}]}]\n"
+                 f"stream: {{kafka: '{kafka.bootstrap}', topic_prefix: {prefix}}}\n")
+    server, base = start_central_process(tmp_path, site_yaml, "--alerts-from-kafka",
+                                         env=client_env(EDGELINE_CENTRAL_TOKEN_FILE=str(tmp_path / "token")))
+    now = time.time()
+    firing = Alert(msg_id="a" * 16, site=unique_name, machine="m01", ts=now, rule="surface-defect", state="firing",
+                   severity="warning", scope="camera", key="m01/c1", value=3.0, camera="c1")
+    resolved = firing.model_copy(update={"msg_id": "b" * 16, "state": "resolved", "ts": now + 5})
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap)
+    try:
+        for record in (firing.to_json(), firing.to_json(), b"{not an alert", resolved.to_json()):
+            producer.send(f"{prefix}.alerts", key=b"m01", value=record)
+        producer.flush(30)
+        deadline = time.monotonic() + 60
+        while True:
+            alerts = httpx.get(f"{base}/alerts", headers=AUTH, timeout=5).json()
+            if alerts and alerts[0]["state"] == "resolved" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        metrics = httpx.get(f"{base}/metrics", timeout=5).text
+    finally:
+        producer.close()
+        server.terminate()
+        server.wait(10)
+    assert [(a["id"], a["state"], a["line"]) for a in alerts] == [(firing.msg_id, "resolved", "line-1")]
+    assert "edgeline_central_alert_messages_total 2.0" in metrics
+    assert 'edgeline_central_alert_messages_rejected_total{reason="invalid"} 1.0' in metrics

@@ -61,11 +61,12 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 def wait_in_page(driver: Any, condition: Any, timeout: float, what: str) -> Any:
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    try:  # htmx swaps fragments in place: an element read while it is replaced is read again
+        return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition)
     except TimeoutException:
         shot = screenshots_dir() / f"timeout-{int(time.time())}.png"
         driver.save_screenshot(str(shot))
@@ -109,8 +110,9 @@ def test_a_defect_becomes_an_alert_with_its_overlay_and_is_acknowledged_from_the
         natural = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", overlay)
         browser.save_screenshot(str(shots / "alert.png"))
         browser.find_element(By.CSS_SELECTOR, "button.ack").click()
-        wait_in_page(browser, lambda d: "acknowledged by operator" in d.find_element(By.ID, f"state-{alert_id}").text,
-                     10, "the acknowledgement on the page")
+        wait_in_page(browser, lambda d: "acknowledged by operator" in d.execute_script(
+            "return (document.getElementById(arguments[0]) || {}).innerText || ''", f"state-{alert_id}"),
+            10, "the acknowledgement on the page")
         acknowledged = httpx.get(f"{base}/alerts/{alert_id}", headers=AUTH, timeout=5).json()
         for name, path in (("fleet", "/console"), ("camera", "/console/cameras/m01/cam1"),
                            ("rollouts", "/console/rollouts")):
