@@ -73,7 +73,9 @@ def site_for(config: SiteConfig, broker: MosquittoBroker, folder: Path, central:
 def counts(agent: EdgeAgent) -> dict[str, Any]:
     evidence = agent.evidence
     return {"cameras": {c: (n.frames_inferred, n.defect_frames) for c, n in agent.vision.camera_counters.items()},
-            "kept": sum(evidence.kept.values()) if evidence else 0, "delivered": evidence.delivered if evidence else 0,
+            "kept": sum(evidence.kept.values()) if evidence else 0,
+            "by_camera": dict(evidence.kept_by_camera) if evidence else {},
+            "delivered": evidence.delivered if evidence else 0,
             "bytes": evidence.store.bytes if evidence else 0}
 
 
@@ -92,15 +94,16 @@ def run(config: SiteConfig, machine: str, seconds: float, label: str) -> list[di
     for camera in modelled:
         inferred = after["cameras"][camera][0] - before["cameras"][camera][0]
         alarms = after["cameras"][camera][1] - before["cameras"][camera][1]
-        kept = (after["kept"] - before["kept"]) / len(modelled)  # the store is per machine
-        record_bytes = (after["bytes"] - before["bytes"]) / max(1.0, after["kept"] - before["kept"])
+        kept = after["by_camera"].get(camera, 0) - before["by_camera"].get(camera, 0)
+        record_bytes = (after["bytes"] - before["bytes"]) / max(1.0, after["kept"] - before["kept"])  # machine mean
         per_hour = kept / elapsed * 3600 * record_bytes
         rows.append({"run": label, "camera": camera, "inferred fps": round(inferred / elapsed, 2),
                      "alarm frames/min": round(alarms / elapsed * 60, 1),
                      "records/min": round(kept / elapsed * 60, 2),
-                     "delivered/min": round((after["delivered"] - before["delivered"]) / len(modelled) / elapsed * 60, 2),
+                     "delivered/min (machine)": round((after["delivered"] - before["delivered"]) / elapsed * 60, 2),
                      "record KB": round(record_bytes / 1024, 1), "MB/h per camera": round(per_hour / 2**20, 2),
-                     "store after 1 h MB": round(min(per_hour * len(modelled), config.evidence.max_bytes) / 2**20, 1)})
+                     "machine store after 1 h MB": round(min((after["bytes"] - before["bytes"]) / elapsed * 3600,
+                                                             config.evidence.max_bytes) / 2**20, 1)})
     return rows
 
 

@@ -230,6 +230,8 @@ class EvidenceService(Service):
                                                   "writable folder: relative paths are relative to the site file)"])
         self.token = evidence_token(config, machine, base_dir)
         self.kept: Counter[str] = Counter()
+        """Records stored, by reason."""
+        self.kept_by_camera: Counter[str] = Counter()
         self.dropped = 0
         self.delivered = 0
         self.refused = 0
@@ -257,6 +259,7 @@ class EvidenceService(Service):
                 continue
             self.store.add(render(candidate, self.config.jpeg_quality))
             self.kept[candidate.evidence.reason] += 1
+            self.kept_by_camera[candidate.evidence.camera] += 1
             self._stored.set()
 
     def _deliver_loop(self) -> None:
