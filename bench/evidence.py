@@ -17,8 +17,6 @@ central extra.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,32 +30,12 @@ from bench.report import report
 from central.tokens import MachineTokens
 from edge.agent import EdgeAgent
 from edgeline.config import SiteConfig, load
-from edgeline.demo import demo_config
+from edgeline.demo import CentralProcess, demo_config
 from edgeline.services import MosquittoBroker, free_port
 
 SITE_FILE = Path(__file__).resolve().parent.parent / "config" / "one-box.yaml"
 TOKEN = "bench-evidence-api-token"
 WARMUP_S = 5.0
-
-
-def start_central(site_file: Path, broker: MosquittoBroker, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    (folder / "token").write_text(TOKEN)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "edgeline.cli", "central", "serve", "-c", str(site_file),
-                               "--broker", f"{broker.host}:{broker.port}", "--db", f"sqlite:///{folder / 'c.db'}",
-                               "--storage", str(folder / "packages"), "--evidence-dir", str(folder / "evidence"),
-                               "--token-file", str(folder / "token"), "--port", str(port), "--log-level", "warning"])
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(f"{base}/metrics", timeout=1)
-            return server, base
-        except httpx.TransportError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("central serve did not come up") from None
-            time.sleep(0.3)
 
 
 def site_for(config: SiteConfig, broker: MosquittoBroker, folder: Path, central: str | None) -> SiteConfig:
@@ -120,7 +98,9 @@ def main(seconds: float = typer.Option(120.0, help="measured seconds per run (af
         elif site != "one-box":
             raise typer.BadParameter(f"--site is one-box or demo, not {site!r}")
         config = load(site_file)
-        server, base = start_central(site_file, broker, folder)
+        central = CentralProcess(site_for(config, broker, folder, None), folder, free_port(), TOKEN)
+        central.start()
+        base = central.url
         os.environ["EDGELINE_EVIDENCE_TOKEN"] = MachineTokens(TOKEN).token(machine)
         try:
             rows = run(site_for(config, broker, folder / "off", None), machine, seconds, "evidence off")
@@ -128,8 +108,7 @@ def main(seconds: float = typer.Option(120.0, help="measured seconds per run (af
             at_central = len(httpx.get(f"{base}/evidence", params={"limit": 1000},
                                        headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json())
         finally:
-            server.terminate()
-            server.wait(10)
+            central.stop()
     off, on = rows[0], rows[-1]
     ratio = on["inferred fps"] / off["inferred fps"] if off["inferred fps"] else float("nan")
     report(f"evidence-{site}", f"evidence on the {site} site's {machine}, {seconds:g} s per run", rows,

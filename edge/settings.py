@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from models.package import BUILTIN_PACKAGES, MAX_CHANNELS, PackageSettings, SignatureConfig
 from stream.messages import Identifier
@@ -208,17 +208,21 @@ class InferenceConfig(Strict):
         return self
 
 
-class OutboxConfig(Strict):
-    path: str = Field("edgeline-outbox-{machine}.sqlite", description="SQLite file of the store-and-forward outbox, "
-                      "one per machine: must contain {machine}; relative to the site file's folder")
-    max_messages: int = Field(100_000, ge=10, description="size bound; the lowest priority is dropped first")
+def _names_the_machine(value: str) -> str:
+    if "{machine}" not in value:
+        raise ValueError(f"must contain {{machine}}, so that machines sharing a box never share it (got {value!r})")
+    return value
 
-    @field_validator("path")
-    @classmethod
-    def _one_file_per_machine(cls, value: str) -> str:
-        if "{machine}" not in value:
-            raise ValueError(f"must contain {{machine}} so that every machine gets its own file (got {value!r})")
-        return value
+
+PerMachinePath = Annotated[str, AfterValidator(_names_the_machine)]
+"""A file or folder path with ``{machine}`` in it: machines sharing a box never share it."""
+
+
+class OutboxConfig(Strict):
+    path: PerMachinePath = Field("edgeline-outbox-{machine}.sqlite", description="SQLite file of the "
+                                 "store-and-forward outbox, one per machine: must contain {machine}; relative to "
+                                 "the site file's folder")
+    max_messages: int = Field(100_000, ge=10, description="size bound; the lowest priority is dropped first")
 
 
 class EvidenceConfig(Strict):
@@ -226,8 +230,8 @@ class EvidenceConfig(Strict):
     to central over HTTP."""
 
     enabled: bool = Field(True, description="keep evidence of alarmed frames and snapshots")
-    path: str = Field("edgeline-evidence-{machine}", description="folder of the local evidence store, one per "
-                      "machine: must contain {machine}; relative to the site file's folder")
+    path: PerMachinePath = Field("edgeline-evidence-{machine}", description="folder of the local evidence store, "
+                                 "one per machine: must contain {machine}; relative to the site file's folder")
     max_bytes: int = Field(256 * 2**20, ge=2**20, description="size bound of the local store; the oldest "
                            "records go first (delivered ones before undelivered), each counted")
     min_interval_s: float = Field(5.0, ge=0, le=3600, description="per camera: at most one record this often "
@@ -243,13 +247,6 @@ class EvidenceConfig(Strict):
                                    "central machine-token`), '{machine}' filled in, relative to the site file; "
                                    "else $EDGELINE_EVIDENCE_TOKEN")
     retry_max_s: float = Field(60.0, ge=1, le=3600, description="longest wait between delivery attempts")
-
-    @field_validator("path")
-    @classmethod
-    def _one_folder_per_machine(cls, value: str) -> str:
-        if "{machine}" not in value:
-            raise ValueError(f"must contain {{machine}} so that every machine gets its own folder (got {value!r})")
-        return value
 
 
 class MetricsConfig(Strict):
@@ -304,16 +301,20 @@ def metrics_for(site: EdgeSite, machine_id: str) -> tuple[MetricsConfig, str]:
     return site.metrics, "metrics.port"
 
 
-def outbox_path(outbox: OutboxConfig, machine: str, base_dir: Path) -> Path:
-    """The outbox file of ``machine``: ``{machine}`` filled in, relative paths under ``base_dir``."""
-    path = Path(outbox.path.replace("{machine}", machine)).expanduser()
+def machine_path(template: str, machine: str, base_dir: Path) -> Path:
+    """A :data:`PerMachinePath` of ``machine``: ``{machine}`` filled in, relative paths under ``base_dir``."""
+    path = Path(template.replace("{machine}", machine)).expanduser()
     return path if path.is_absolute() else base_dir / path
+
+
+def outbox_path(outbox: OutboxConfig, machine: str, base_dir: Path) -> Path:
+    """The outbox file of ``machine``."""
+    return machine_path(outbox.path, machine, base_dir)
 
 
 def evidence_path(evidence: EvidenceConfig, machine: str, base_dir: Path) -> Path:
-    """The evidence folder of ``machine``: ``{machine}`` filled in, relative paths under ``base_dir``."""
-    path = Path(evidence.path.replace("{machine}", machine)).expanduser()
-    return path if path.is_absolute() else base_dir / path
+    """The evidence folder of ``machine``."""
+    return machine_path(evidence.path, machine, base_dir)
 
 
 def resolve_model_path(ref: ModelRef, base_dir: Path) -> Path:
