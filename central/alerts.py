@@ -160,6 +160,15 @@ class AlertStore:
 
         return self._change(alert_id, change, now)
 
+    def note(self, alert_id: str, by: str, note: str, now: float | None = None) -> dict[str, Any]:
+        """A note in the alert's history (what was found, what was done), its state unchanged."""
+        def change(row: AlertRow, ts: float) -> AlertEventRow:
+            if not note.strip():
+                raise AlertError(422, "an empty note")
+            return AlertEventRow(alert_id=alert_id, ts=ts, kind="note", by=by, note=note)
+
+        return self._change(alert_id, change, now)
+
     def _change(self, alert_id: str, change: Callable[[AlertRow, float], AlertEventRow],
                 now: float | None) -> dict[str, Any]:
         ts = time.time() if now is None else now

@@ -75,6 +75,11 @@ class UnshelveIn(BaseModel):
     by: str = Field("operator", min_length=1, max_length=64)
 
 
+class NoteIn(BaseModel):
+    by: str = Field("operator", min_length=1, max_length=64)
+    note: str = Field(min_length=1, max_length=2000)
+
+
 class MachineIn(BaseModel):
     site: str = Field(pattern=IDENTIFIER_PATTERN)
     line: str = ""
@@ -498,3 +503,8 @@ def _alert_routes(app: FastAPI, registry: Registry, alerts: AlertStore, evidence
     @app.post("/alerts/{alert_id}/unshelve", dependencies=[Depends(require_token)])
     def unshelve(alert_id: str, body: UnshelveIn) -> dict[str, Any]:
         return alerts.unshelve(alert_id, body.by)
+
+    @app.post("/alerts/{alert_id}/note", dependencies=[Depends(require_token)])
+    def note(alert_id: str, body: NoteIn) -> dict[str, Any]:
+        """A note in the alert's history, its state unchanged."""
+        return alerts.note(alert_id, body.by, body.note)

@@ -82,9 +82,12 @@ def test_acknowledge_and_shelve_need_the_write_token_and_change_the_state(centra
     assert [a["id"] for a in client.get("/alerts", params={"state": "shelved"}, headers=READ).json()] == [other]
     assert client.post(f"/alerts/{other}/unshelve", json={"by": "anna"}, headers=WRITE).json()["standing"]
     assert client.post(f"/alerts/{other}/unshelve", json={}, headers=WRITE).status_code == 409
+    noted = client.post(f"/alerts/{other}/note", json={"by": "ben", "note": "lens wiped at 10:40"}, headers=WRITE)
+    assert noted.status_code == 200 and noted.json()["standing"]  # a note changes no state
     history = client.get(f"/alerts/{other}", headers=READ).json()["history"]
-    assert [(e["kind"], e["by"]) for e in history] == [("firing", ""), ("shelved", "anna"), ("unshelved", "anna")]
-    assert history[1]["note"] == "lens cleaning"
+    assert [(e["kind"], e["by"]) for e in history] == [("firing", ""), ("shelved", "anna"), ("unshelved", "anna"),
+                                                      ("note", "ben")]
+    assert history[1]["note"] == "lens cleaning" and history[3]["note"] == "lens wiped at 10:40"
 
 
 def record_evidence(archive: EvidenceArchive, machine: str, camera: str, ts: float) -> str:
