@@ -97,12 +97,15 @@ def test_a_defect_becomes_an_alert_with_its_overlay_and_is_acknowledged_from_the
         browser.find_element(By.NAME, "token").send_keys(TOKEN)
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         started = time.monotonic()
-        wait_in_page(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr[id^=alert-] img.thumb"), 60,
-                     "alert with an evidence thumbnail on the alerts page")
+        # the camera rule's row once it shows its evidence (the site's line rule may fire too); read in
+        # one script call: the list is swapped every 3 s, so a held element goes stale
+        row_id = wait_in_page(browser, lambda d: d.execute_script(
+            "const row = [...document.querySelectorAll('tr[id^=alert-]')].find("
+            "r => r.innerText.includes('surface-defect') && r.querySelector('img.thumb')); return row && row.id"),
+            60, "the camera rule's alert with an evidence thumbnail on the alerts page")
         seen_after_s, seen_at = time.monotonic() - started, time.time()
         browser.save_screenshot(str(shots / "alerts.png"))
-        # one read in the page: the list is swapped every 3 s, so a held element goes stale
-        alert_id = browser.execute_script("return document.querySelector('tr[id^=alert-]').id").removeprefix("alert-")
+        alert_id = row_id.removeprefix("alert-")
         browser.get(f"{base}/console/alerts/{alert_id}")
         overlay = wait_in_page(browser, lambda d: d.find_elements(By.ID, "overlay"), 10, "overlay on the alert page")[0]
         wait_in_page(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
