@@ -61,6 +61,22 @@ def test_committed_dashboards_are_the_built_ones():
         assert committed == build(spec), f"{spec.uid}: run `edgeline grafana build`"
 
 
+def test_the_dashboards_link_to_the_operator_console():
+    """Every dashboard links to the console; the alert panels to its alerts, and the per-camera
+    defect panel's series each to their camera's page (labels filled in by Grafana)."""
+    links: dict[str, str] = {}
+    for spec in DASHBOARDS:
+        built = build(spec)
+        assert [(link["title"], link["url"]) for link in built["links"]] == [("Operator console", "${console}/console")]
+        assert "console" in {variable["name"] for variable in built["templating"]["list"]}
+        for panel in built["panels"]:
+            for link in [*panel.get("links", []), *panel["fieldConfig"]["defaults"].get("links", [])]:
+                links[panel["title"]] = link["url"]
+    assert links["Alerts raised per minute"] == links["Standing alarms"] == "${console}/console/alerts"
+    assert links["Defect frames per minute per camera"] == (
+        "${console}/console/cameras/${__field.labels.machine}/${__field.labels.camera}")
+
+
 class FakeGrafana:
     """Stands in for a Grafana server (none can run here): records the API calls provisioning makes."""
 
