@@ -403,13 +403,11 @@ def _evidence_routes(app: FastAPI, registry: Registry, evidence: EvidenceArchive
 
     def check_machine_token(authorization: str | None, machine: str) -> None:
         """The machine's own token (or the write token): a machine delivers only its own evidence."""
-        presented = presented_token(authorization)
-        if not presented:
+        try:
+            check_token(authorization, [machine_tokens.token(machine), token], f"evidence delivery for {machine}")
+        except HTTPException:
             evidence.refused["auth"] += 1
-            raise HTTPException(401, "evidence delivery: send 'Authorization: Bearer <machine token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if not (machine_tokens.valid(machine, presented) or secrets.compare_digest(presented.encode(), token.encode())):
-            raise refuse("auth", 403, f"the token is not valid for machine {machine!r}")
+            raise
 
     @app.put("/evidence/{msg_id}", summary="Deliver an evidence record (the edge, with its machine token)")
     async def put_evidence(msg_id: str, request: Request,
