@@ -15,7 +15,7 @@
 3. **site**: a simulated site (every machine: 4 cameras at 15 fps, results grouped per camera
    per ``--window-ms``, one 8-channel sensor group scored at 1 Hz, a heartbeat every 5 s, each
    stream on its own phase) publishing to a real Mosquitto -> the bridge -> a real Kafka ->
-   ``--workers`` Faust workers, at each ``--machines`` step for ``--seconds``: frame and
+   ``--workers`` workers, at each ``--machines`` step for ``--seconds``: frame and
    pipeline p50/p99, the lag sampled through the step (start, end, least-squares slope), CPU
    per process and per 1k msg/s it handled, and a projection to 50, 200 and 1,000 machines.
 
@@ -371,7 +371,7 @@ def embedded_engine_rate(seconds: float = 5.0) -> dict[str, Any]:
 
 
 def replay_engine_rate(messages: list[Envelope], window_s: float) -> list[dict[str, Any]]:
-    """The worker's own work without Kafka or Faust, on the replay's messages (its peer, like for
+    """The worker's own work without Kafka, on the replay's messages (its peer, like for
     like: multi-frame results): the engine on parsed messages, then parse + engine from the bytes."""
     wire = [m.to_json() for m in messages]
     rows = []
@@ -387,10 +387,10 @@ def replay_engine_rate(messages: list[Envelope], window_s: float) -> list[dict[s
 
 def bare_consumer_rate(bootstrap: str, topics: KafkaTopics, partitions: int, expected: int,
                        timeout_s: float = 300.0) -> dict[str, Any]:
-    """The worker's peer without Faust, in this process: an aiokafka consumer (no group, every
+    """The worker's peer, bare, in this process: an aiokafka consumer (no group, every
     partition of the replay's input topics from the start, batches of up to 1,000) parsing each
     record and feeding one in-memory engine of all scopes. No state writes, outputs or commits: an
-    upper bound for a Kafka worker of this engine, which shows what Faust's machinery costs.
+    upper bound for a Kafka worker of this engine, which shows what its tables, outputs and commits cost.
     Fetches are small (64 KB per partition) so that the partitions interleave as in a live
     stream; line rules still see other partitions' records late, and a late observation is
     dropped early, which makes this row cheaper per message (``late_observations``)."""
@@ -480,10 +480,11 @@ def summarize_profile(path: Path, top: int = 12) -> list[tuple[str, float]]:
     return [(k, 100.0 * v / max(total, 1)) for k, v in sorted(by_place.items(), key=lambda kv: -kv[1])[:top]]
 
 
-PROFILE_PLACES = ("stream/rules.py", "stream/batches.py", "stream/messages.py", "pydantic", "json", "orjson",
-                  "msgspec", "aiokafka", "kafka", "rocksdict", "prometheus_client", "selectors")
-"""Modules and libraries whose inclusive share of the samples is printed (the agents' module and
-the frameworks at the root of every stack, stream/app.py, faust and mode, are left out)."""
+PROFILE_PLACES = ("stream/rules.py", "stream/batches.py", "stream/tables.py", "stream/line_records.py",
+                  "stream/messages.py", "pydantic", "json", "orjson", "aiokafka", "kafka", "prometheus_client",
+                  "selectors")
+"""Modules and libraries whose inclusive share of the samples is printed (the worker's module, at
+the root of every stack, is left out)."""
 
 
 def summarize_profile_inclusive(path: Path, places: tuple[str, ...] = PROFILE_PLACES) -> list[tuple[str, float]]:
@@ -567,7 +568,7 @@ def kafka_replay(messages: list[Envelope], kafka: KafkaBroker, mosquitto: Mosqui
     input_topics = [topics.for_kind(k) for k in ("result", "anomaly", "heartbeat")]
     probe = LagProbe(kafka.bootstrap, f"{prefix}-worker-{REPLAY_SITE}", [*input_topics, topics.line_observations])
     kafka_ps = psutil.Process(kafka.pid)
-    worker = Process("replay-worker", ["stream", "worker", "-c", str(config), "--data-dir", str(workdir / "wr")], workdir)
+    worker = Process("replay-worker", ["stream", "worker", "-c", str(config)], workdir)
     spy: list[subprocess.Popen[bytes] | None] = [None]
     kafka0 = [0.0]
 
@@ -585,7 +586,7 @@ def kafka_replay(messages: list[Envelope], kafka: KafkaBroker, mosquitto: Mosqui
         stop_profile(spy[0])
         spy[0] = None
         worker_metrics = worker.metrics()
-        row.update({"runner": "Faust worker (1 process)", "broker_cpu_pct": round(100 * kafka_cpu / row["wall_s"]),
+        row.update({"runner": "Kafka worker (1 process)", "broker_cpu_pct": round(100 * kafka_cpu / row["wall_s"]),
                     "batches": _sum(worker_metrics, "edgeline_worker_batch_records_count") or None,
                     "emitted": int(_sum(worker_metrics, "edgeline_worker_emitted_total")),
                     "dead_letters": int(_sum(worker_metrics, "edgeline_worker_dead_lettered_total"))})
@@ -735,7 +736,7 @@ def site_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, 
     topics = KafkaTopics(prefix)
     config = site_config(workdir / "site.yaml", SITE, max(machine_steps), mosquitto, kafka, prefix, workers_settings)
     bridge = Process("bridge", ["stream", "bridge", "-c", str(config)], workdir)
-    workers = [Process(f"worker{i}", ["stream", "worker", "-c", str(config), "--data-dir", str(workdir / f"w{i}")],
+    workers = [Process(f"worker{i}", ["stream", "worker", "-c", str(config)],
                        workdir) for i in range(1, worker_count + 1)]
     site = SiteSimulator(mosquitto, window_ms / 1000.0)
     probe: LagProbe | None = None
@@ -790,7 +791,7 @@ def print_profiles(profile_dir: Path, console: Console) -> dict[str, Any]:
 def main(seconds: float = typer.Option(60.0, help="measured seconds per site step"),
          machines: str = typer.Option("50", help="site steps, e.g. 10,25,50"),
          window_ms: float = typer.Option(200.0, help="edge grouping of results per camera (0: one message per frame)"),
-         workers: int = typer.Option(1, help="Faust workers in the site run"),
+         workers: int = typer.Option(1, help="workers in the site run"),
          replay: int = typer.Option(100_000, help="messages in the replay (0: no replay rows)"),
          embedded: bool = typer.Option(True, help="the embedded runner on the same replay"),
          site: bool = typer.Option(True, help="the live site rows"),
@@ -801,7 +802,7 @@ def main(seconds: float = typer.Option(60.0, help="measured seconds per site ste
          workdir: Path | None = typer.Option(None, help="keep the processes' logs, configs and Kafka data here "
                                              "(default: a temp folder, removed)"),
          out: Path | None = typer.Option(None, help="JSON results (default bench/results/central.json)")) -> None:
-    """Replay rows (Faust worker, embedded runner), the live site, CPU per process and a projection."""
+    """Replay rows (Kafka worker, embedded runner), the live site, CPU per process and a projection."""
     steps = tuple(int(m) for m in machines.split(",") if m)
     workers_settings = {k: v for k, v in (("batch_max", batch_max), ("batch_ms", batch_ms)) if v is not None}
     if profile_to is not None:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Edgeline: real-time analytics on the factory floor.", no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None)  # plain help: whole at any width
 edge_app = typer.Typer(help="The edge agent of a vision machine.", no_args_is_help=True)
-stream_app = typer.Typer(help="Stream processing: the MQTT->Kafka bridge, Faust workers, or the embedded rules engine.",
+stream_app = typer.Typer(help="Stream processing: the MQTT->Kafka bridge, Kafka workers, or the embedded rules engine.",
                          no_args_is_help=True)
 models_app = typer.Typer(help="Model training, export and packages (training needs the 'models' extra).",
                          no_args_is_help=True)
@@ -228,19 +228,15 @@ def stream_bridge(config: ConfigOption, kafka: KafkaOption = None, broker: Broke
 
 @stream_app.command("worker")
 def stream_worker(config: ConfigOption, kafka: KafkaOption = None,
-                  data_dir: Annotated[Path, typer.Option(help="Faust table data (rocksdb://)")] = Path("edgeline-worker-data"),
-                  store: Annotated[Optional[str], typer.Option(help="memory:// or rocksdb:// (default: stream.store)")] = None,
                   metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics here")] = 9103,
                   log_level: str = "info") -> None:
-    """Run one Faust worker of the site (start more, on any host, to share the partitions)."""
+    """Run one worker of the site (start more, on any host, to share the partitions)."""
     with needs_extra("stream worker", "kafka"):
-        from stream.app import run_worker
+        from stream.worker import run_worker
 
     _setup_logging(log_level)
     site = _with_kafka(_load_or_exit(config), kafka)
-    if store is not None:
-        site = site.model_copy(update={"stream": site.stream.model_copy(update={"store": store})})
-    run_worker(site, data_dir, metrics_port=metrics_port, loglevel=log_level)
+    run_worker(site, metrics_port=metrics_port)
 
 
 # ---------------------------------------------------------------- central

@@ -1,9 +1,10 @@
-"""Kafka helpers shared by the bridge, the Faust worker and the benchmarks (kafka-python)."""
+"""Kafka helpers shared by the bridge, the worker and the benchmarks (kafka-python)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
@@ -14,8 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def ensure_topics(bootstrap: str, topics: KafkaTopics, partitions: int = 4, replication: int = 1,
-                  timeout_s: float = 60.0, client_id: str = "edgeline-admin") -> None:
-    """Create the pipeline's topics that do not exist yet; wait for the broker up to ``timeout_s``.
+                  timeout_s: float = 60.0, client_id: str = "edgeline-admin",
+                  configured: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    """Create the pipeline's topics that do not exist yet, and those of ``configured`` (name ->
+    topic configs, e.g. the worker's compacted changelogs); wait for the broker up to ``timeout_s``.
 
     Partitions bound how many workers share the load: one machine's messages stay on one
     partition (key = machine id), so ``partitions`` is the most workers that can be busy."""
@@ -30,11 +33,12 @@ def ensure_topics(bootstrap: str, topics: KafkaTopics, partitions: int = 4, repl
             time.sleep(1.0)
     try:
         existing = set(admin.list_topics())
-        missing = [t for t in topics.all() if t not in existing]
+        wanted = {t: {} for t in topics.all()} | dict(configured or {})
+        missing = [t for t in wanted if t not in existing]
         if missing:
             try:
-                admin.create_topics({t: {"num_partitions": partitions, "replication_factor": replication}
-                                     for t in missing}, wait_for_metadata=True)
+                admin.create_topics({t: {"num_partitions": partitions, "replication_factor": replication,
+                                         "configs": dict(wanted[t])} for t in missing}, wait_for_metadata=True)
             except TopicAlreadyExistsError:
                 pass  # another process created them first
             log.info("kafka: created topics %s (%d partitions)", ", ".join(missing), partitions)

@@ -1,4 +1,4 @@
-"""The records the Faust worker's machine stage forwards to its line stage (topic
+"""The records the worker's machine stage forwards to its line stage (topic
 ``<prefix>.line-observations``, keyed by line): per batch and line, the observations the line
 rules read, in a compact positional form.
 
@@ -47,14 +47,21 @@ def decode_line_record(data: bytes) -> list[LineItem]:
     """The items of a record; ``ValueError``, ``KeyError`` or ``TypeError`` when it is not one."""
     record = orjson.loads(data)
     site, line, metrics = str(record["site"]), str(record["line"]), [str(m) for m in record["metrics"]]
+    width = len(metrics)
     items = []
     for msg_id, ts, machine, camera, group, observed in record["items"]:
         decoded = []
         for model, obs_ts, values, channels in observed:
-            if len(values) != len(metrics):
-                raise ValueError(f"{len(values)} values for {len(metrics)} metrics")
-            decoded.append(Observation(site, machine, line, model, float(obs_ts), {
-                metric: float(value) for metric, value in zip(metrics, values) if value is not None},
-                camera, group, tuple(channels)))
+            if len(values) != width:
+                raise ValueError(f"{len(values)} values for {width} metrics")
+            decoded.append(Observation(site, machine, line, model, float(obs_ts), _values(metrics, values),
+                                       camera, group, tuple(channels) if channels else ()))
         items.append(LineItem(str(msg_id), float(ts), decoded))
     return items
+
+
+def _values(metrics: list[str], values: list[float | None]) -> dict[str, float]:
+    if len(metrics) == 1:  # the common case: the line rules read one metric
+        value = values[0]
+        return {} if value is None else {metrics[0]: float(value)}
+    return {metric: float(value) for metric, value in zip(metrics, values) if value is not None}

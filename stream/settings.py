@@ -1,4 +1,4 @@
-"""The stream's settings: the MQTT broker, the rules engine, the Kafka bridge and Faust workers,
+"""The stream's settings: the MQTT broker, the rules engine, the Kafka bridge and the workers,
 and :class:`StreamSite`, the slice of the site file the stream's services read.
 
 Plain pydantic, no Kafka import, so that loading a site file does not need the ``kafka`` extra.
@@ -101,7 +101,7 @@ def _opt_str(path: Path | None) -> str | None:
     return str(path) if path is not None else None
 
 
-# ---------------------------------------------------------------- rules engine, Kafka, Faust
+# ---------------------------------------------------------------- rules engine, Kafka, workers
 
 
 class EngineConfig(Strict):
@@ -145,7 +145,7 @@ class BridgeSettings(Strict):
 
 
 class WorkerGroupSettings(Strict):
-    """The Faust workers' consumer group (how fast it notices a dead member) and their batches."""
+    """The workers' consumer group (how fast it notices a dead member) and their batches."""
 
     session_timeout_s: float = Field(8.0, ge=1, le=1800, description="a worker whose heartbeats stop this long "
                                      "(a kill -9, a lost host) leaves the group and its partitions move (a worker "
@@ -155,10 +155,10 @@ class WorkerGroupSettings(Strict):
                                         "alive; at most a third of session_timeout_s")
     rebalance_timeout_s: float = Field(20.0, ge=1, le=3600, description="how long a rebalance waits for every "
                                        "live member to rejoin")
-    batch_max: int = Field(1000, ge=1, le=100_000, description="most records an agent takes in one batch: "
+    batch_max: int = Field(1000, ge=1, le=100_000, description="most records a worker takes in one batch: "
                            "parsed, deduped, evaluated and written back together")
-    batch_ms: float = Field(100.0, gt=0, le=10_000, description="how long an agent waits for a batch to fill "
-                            "before it processes what it has (adds up to this to a record's latency)")
+    batch_ms: float = Field(100.0, gt=0, le=10_000, description="longest a worker waits for records "
+                            "when none are there (the broker's fetch wait); what is there is taken at once")
     batch_deadline_s: float = Field(60.0, gt=0, le=3600, description="longest a batch may take to be processed "
                                     "and acknowledged by Kafka; past it the worker stops (exit non-zero, its "
                                     "supervisor restarts it) and the batch's records are read again")
@@ -179,14 +179,14 @@ class StreamConfig(Strict):
                             "that share the load (keyed by machine)")
     replication: int = Field(1, ge=1, le=16, description="replication factor of the topics Edgeline creates "
                              "(3 on a production cluster)")
-    store: str = Field("memory://", pattern=r"^(memory|rocksdb|aerospike)://",
-                       description="Faust table store: memory:// (state rebuilt from changelogs at start) or "
-                       "rocksdb:// (needs rocksdict; on disk, fast restarts)")
+    store: str = Field("memory://", pattern=r"^memory://$",
+                       description="the workers' tables: memory:// (the only store: a worker rebuilds the partitions "
+                       "it is given from their compacted changelogs in Kafka; rocksdb:// went with the Faust workers)")
     heartbeat_timeout_s: float = Field(15.0, gt=0, description="a machine silent this long raises an offline alert")
     webhook: WebhookConfig | None = Field(None, description="POST every alert here (retries, then dead-letter)")
     bridge: BridgeSettings = Field(default_factory=BridgeSettings, description="the MQTT->Kafka bridge's "
                                    "delivery, retries and shutdown")
-    workers: WorkerGroupSettings = Field(default_factory=WorkerGroupSettings, description="the Faust workers' "
+    workers: WorkerGroupSettings = Field(default_factory=WorkerGroupSettings, description="the workers' "
                                          "consumer group: how fast a dead worker's partitions move to the others")
 
     def topics(self) -> KafkaTopics:
@@ -204,7 +204,7 @@ class MachineIdentity(Strict):
 
 
 class StreamSite(Strict):
-    """What the stream's services (bridge, rules runners, Faust workers) read from the site file."""
+    """What the stream's services (bridge, rules runners, workers) read from the site file."""
 
     site: Identifier = Field(description="site id: first level of every topic")
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="MQTT broker")
@@ -213,7 +213,7 @@ class StreamSite(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="rules engine settings")
     messages: MessageLimits = Field(default_factory=MessageLimits, description="what the rules runners, the "
                                     "bridge and the edge accept: timestamps near the receiver's clock, size")
-    stream: StreamConfig = Field(default_factory=StreamConfig, description="Kafka bridge and Faust workers")
+    stream: StreamConfig = Field(default_factory=StreamConfig, description="Kafka bridge and workers")
 
     def lines(self) -> dict[str, str]:
         """machine id -> line id."""

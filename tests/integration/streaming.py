@@ -1,5 +1,5 @@
 """Helpers for the Kafka pipeline tests: a site file of the test's own (its own topic prefix, so
-tests share the session's Kafka without seeing each other), Faust workers as real processes,
+tests share the session's Kafka without seeing each other), workers as real processes,
 and a reader of what landed on a topic."""
 
 from __future__ import annotations
@@ -45,19 +45,17 @@ def write_site(tmp_path: Path, name: str, mosquitto: Any, kafka: Any, rules: lis
 class WorkerProcess:
     """``edgeline stream worker`` as a child process, its output in a log file."""
 
-    def __init__(self, config: Path, workdir: Path, name: str = "worker", data: str | None = None) -> None:
+    def __init__(self, config: Path, workdir: Path, name: str = "worker") -> None:
         self.config = config
         self.workdir = workdir
         self.name = name
-        self.data_dir = workdir / f"{data or name}-data"
         self.log = workdir / f"{name}.log"
         self.metrics_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        command = [*EDGELINE, "stream", "worker", "-c", str(self.config), "--data-dir",
-                   str(self.data_dir), "--metrics-port", str(self.metrics_port),
+        command = [*EDGELINE, "stream", "worker", "-c", str(self.config), "--metrics-port", str(self.metrics_port),
                    "--log-level", "info"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
@@ -88,7 +86,7 @@ class WorkerProcess:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log:\n{self.tail()}")
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM (Faust's ordered shutdown: commit offsets, flush the producer), then wait."""
+        """SIGTERM (the worker's ordered shutdown: checkpoint, commit, leave the group), then wait."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -151,7 +149,7 @@ def read_json(bootstrap: str, topic: str, **kwargs: Any) -> list[dict[str, Any]]
 
 
 def worker_group(site: SiteConfig) -> str:
-    """The consumer group of a site's Faust workers (their app id, see ``stream.app.create_app``)."""
+    """The consumer group of a site's workers (``stream.worker.worker_group``)."""
     return f"{site.stream.topic_prefix}-worker-{site.site}"
 
 

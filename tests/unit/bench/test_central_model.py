@@ -76,7 +76,7 @@ def test_replay_messages_end_now_and_are_unique():
 
 
 def _rows() -> dict[str, list[dict]]:
-    replay = [{"runner": "Faust worker (1 process)", "messages": 100_000, "wall_s": 123.45, "msg_per_s": 12_345,
+    replay = [{"runner": "Kafka worker (1 process)", "messages": 100_000, "wall_s": 123.45, "msg_per_s": 12_345,
                "cpu_s": 98.7, "cpu_pct": 99, "msg_per_core_s": 10_123, "broker_cpu_pct": 45},
               {"runner": "embedded runner (MQTT)", "messages": 98_100, "wall_s": 10.2, "msg_per_s": 9_617,
                "cpu_s": 9.9, "cpu_pct": 97, "msg_per_core_s": 9_909, "broker_cpu_pct": None}]
@@ -99,7 +99,7 @@ def test_every_table_fits_a_log_line_and_nothing_is_cut():
         assert widest_line(output) <= LOG_WIDTH, text
         assert "…" not in text
     replay_text = tables[0].markdown()
-    assert "Faust worker (1 process)" in replay_text and "10,123" in replay_text and "| -" in replay_text
+    assert "Kafka worker (1 process)" in replay_text and "10,123" in replay_text and "| -" in replay_text
     assert "grows" in tables[2].markdown()
     projection_text = tables[4].markdown()
     assert "1000 machines" in projection_text and "cores: workers" in projection_text

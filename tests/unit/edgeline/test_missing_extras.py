@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-EXTRAS_MODULES = ("fastapi", "sqlalchemy", "uvicorn", "psycopg", "faust", "kafka", "aiokafka", "torch", "onnx",
+EXTRAS_MODULES = ("fastapi", "sqlalchemy", "uvicorn", "psycopg", "kafka", "aiokafka", "torch", "onnx",
                   "grafana_foundation_sdk", "grafana_client")
 BASE_INSTALL = f"""
 import runpy, sys

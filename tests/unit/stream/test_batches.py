@@ -7,13 +7,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from faust.types import TP
-
-from stream.batches import (DEDUPE_BUCKETS, REWIND_RETRY_S, STALL_S, Checkpoint, Marks, Pending, Position, Progress,
-                           StateCache)
+from stream.batches import TP, DEDUPE_BUCKETS, Checkpoint, Marks, Offsets, Pending, Position, StateCache
 from stream.messages import FrameResult, ModelOutput, Result
 from stream.rule_config import RuleConfig
 from stream.rules import Observation, RulesEngine, observations
@@ -26,25 +23,17 @@ RULES = [RuleConfig.model_validate(r) for r in (
 )]
 
 
-@dataclass
-class Message:
+@dataclass(frozen=True)
+class Rec:
+    """A Kafka record, as far as the batches look at one."""
+
     topic: str
     partition: int
     offset: int
-    generation_id: int = 1
-    tp: TP = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tp = TP(self.topic, self.partition)
-
-
-@dataclass
-class Event:
-    message: Message
 
 
 class CountingTable(dict[str, Any]):
-    """A dict that counts reads and writes, as a Faust table would cost them."""
+    """A dict that counts reads and writes, as a Kafka-backed table would cost them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,9 +82,9 @@ def stream_of(count: int, seed: int = 0, frames: int = 3) -> list[Result]:
             for i in range(count)]
 
 
-def run_batch(engine: RulesEngine, table: dict[str, Any], records: list[tuple[Event, Result]]) -> tuple[list[str], StateCache]:
+def run_batch(engine: RulesEngine, table: dict[str, Any], records: list[tuple[Rec, Result]]) -> tuple[list[str], StateCache]:
     """One batch as the worker runs it: the ids it emits, and its cache (flush not yet done)."""
-    origins: dict[int, tuple[Event, Position]] = {}
+    origins: dict[int, tuple[Rec, Position]] = {}
     states = StateCache(DictTable(table), lambda obs: origins[id(obs)])
     engine.states = states
     emitted: list[str] = []
@@ -107,9 +96,9 @@ def run_batch(engine: RulesEngine, table: dict[str, Any], records: list[tuple[Ev
     return emitted, states
 
 
-def records_of(messages: list[Result]) -> Iterator[tuple[Event, Result]]:
+def records_of(messages: list[Result]) -> Iterator[tuple[Rec, Result]]:
     for offset, message in enumerate(messages):
-        yield Event(Message("results", 0, offset)), message
+        yield Rec("results", 0, offset), message
 
 
 def test_a_batch_reads_each_state_once_and_writes_it_once_with_its_position() -> None:
@@ -187,7 +176,7 @@ def test_the_fresh_hook_is_asked_before_a_state_is_read_and_skips_what_it_refuse
     assert {key.split("|")[0] for key in asked} == {"hot", "burst"}
 
 
-async def checkpoint_batch(checkpoint: Checkpoint, engine: RulesEngine, records: list[tuple[Event, Result]],
+async def checkpoint_batch(checkpoint: Checkpoint, engine: RulesEngine, records: list[tuple[Rec, Result]],
                            fail: bool = False) -> None:
     """One rules-stage batch as the worker runs it on a checkpoint (``fail``: it dies after the engine)."""
     async with checkpoint.batch([event for event, _ in records]) as marks:
@@ -240,14 +229,14 @@ def test_a_failed_batch_discards_the_checkpoint_and_finishes_nothing_of_it() -> 
 def test_a_mark_tells_a_replayed_record_from_an_upstream_duplicate() -> None:
     table = CountingTable()
     marks = Marks(DictTable(table), ttl_s=60.0)
-    event = Event(Message("results", 1, 7))
+    event = Rec("results", 1, 7)
     here = Position.of(event)
     assert marks.first("m1", "id-1", 1000.0, event, here)
     assert marks.first("m1", "id-1", 1000.0, event, here)  # the same record, read again in the batch
     marks.flush([])
     replay = Marks(DictTable(table), ttl_s=60.0)
     assert replay.first("m1", "id-1", 1000.0, event, here)  # the same record after a crash: not a duplicate
-    again = Event(Message("results", 1, 9))
+    again = Rec("results", 1, 9)
     assert not replay.first("m1", "id-1", 1000.0, again, Position.of(again))  # a redelivered copy is
 
 
@@ -256,110 +245,53 @@ def test_marks_are_written_once_per_bucket_and_expire_past_the_horizon() -> None
     width = 60.0 / DEDUPE_BUCKETS
     marks = Marks(DictTable(table), ttl_s=60.0)
     for i in range(50):
-        event = Event(Message("results", 0, i))
+        event = Rec("results", 0, i)
         assert marks.first("m1", f"id-{i}", 1000.0 + i * 0.1, event, Position.of(event))
     marks.flush([])
     buckets = {int((1000.0 + i * 0.1) // width) for i in range(50)}
     assert table.writes == len(buckets) + 1  # the buckets and the machine's index
     late = Marks(DictTable(table), ttl_s=60.0)
-    event = Event(Message("results", 0, 99))
+    event = Rec("results", 0, 99)
     assert late.first("m1", "id-late", 1000.0 + 200.0, event, Position.of(event))
     late.flush([])
     assert table["m1|index"] == [int(1200.0 // width)]
     assert not any(f"m1|{bucket}" in table for bucket in buckets)
 
 
-def events(partition: int, offsets: range, generation: int = 1) -> list[Event]:
-    return [Event(Message("results", partition, offset, generation)) for offset in offsets]
+def records(partition: int, offsets: range | list[int]) -> list[Rec]:
+    return [Rec("results", partition, offset) for offset in offsets]
 
 
-def test_progress_commits_each_partition_after_the_last_record_its_batches_finished() -> None:
-    progress = Progress(start_of=lambda _tp: None)
-    batch = progress.take(events(0, range(10, 15)) + events(1, range(3, 5)), generation=1)
-    assert len(batch) == 7
-    assert progress.to_commit() == {}  # taken, not finished: nothing to commit
-    progress.finished(batch)
-    assert progress.to_commit() == {TP("results", 0): 15, TP("results", 1): 5}
-    assert progress.to_commit() == {}  # handed out once
+def test_offsets_commit_each_partition_after_the_last_record_its_batches_finished() -> None:
+    offsets = Offsets()
+    offsets.assign({TP("results", 0): 10, TP("results", 1): 3})
+    batch, rewinds = offsets.take([(TP("results", 0), records(0, range(10, 15))), (TP("results", 1), records(1, range(3, 5)))])
+    assert len(batch) == 7 and rewinds == {}
+    assert offsets.to_commit() == {}  # taken, not finished: nothing to commit
+    offsets.finished(batch)
+    assert offsets.to_commit() == {TP("results", 0): 15, TP("results", 1): 5}
+    assert offsets.to_commit() == {}  # handed out once
 
 
-def test_progress_takes_no_record_of_an_old_generation_nor_of_one_being_revoked() -> None:
-    committed: dict[TP, int] = {}
-    progress = Progress(start_of=committed.get)
-    progress.finished(progress.take(events(0, range(0, 5)), generation=1))
-    committed.update(progress.to_commit())
-    assert progress.take(events(0, range(5, 8), generation=1), generation=2) == []  # read before the rebalance
-    taken = progress.take(events(0, range(3, 8), generation=2), generation=2)  # 3, 4: committed before
-    assert [e.message.offset for e in taken] == [5, 6, 7]
-    progress.close(2)
-    assert progress.take(events(0, range(8, 10), generation=2), generation=2) == []
-    assert len(progress.take(events(0, range(5, 10), generation=3), generation=3)) == 5  # from the committed 5
+def test_offsets_take_no_record_read_before_nor_of_a_partition_not_assigned() -> None:
+    offsets = Offsets()
+    offsets.assign({TP("results", 0): 5})
+    # a batch fetched before the rebalance: 3, 4 were committed before it, partition 1 went elsewhere
+    batch, rewinds = offsets.take([(TP("results", 0), records(0, range(3, 8))), (TP("results", 1), records(1, range(0, 4)))])
+    assert batch == records(0, range(5, 8)) and rewinds == {}
+    batch, _ = offsets.take([(TP("results", 0), records(0, range(5, 10)))])  # read again from the committed 5
+    assert batch == records(0, range(8, 10))
+    offsets.revoke()
+    assert offsets.take([(TP("results", 0), records(0, range(10, 12)))]) == ([], {})
+    offsets.finished(records(0, range(10, 12)))
+    assert offsets.to_commit() == {}  # not assigned: the next owner commits these
 
 
-def test_progress_drops_a_record_read_twice_and_rewinds_a_partition_that_skipped_one() -> None:
-    progress = Progress(start_of=lambda _tp: None)
-    progress.take(events(0, range(0, 5)), generation=1)
-    assert progress.take(events(0, range(3, 6)), generation=1) == events(0, range(5, 6))
-    assert progress.gaps == 0 and progress.rewinds(now=0.0) == {}
-    # offset 6 never came: nothing after it is taken, the partition is read again from 6
-    assert progress.take(events(0, range(7, 10)) + events(1, range(0, 2)), generation=1) == events(1, range(0, 2))
-    assert progress.gaps == 1
-    assert progress.rewinds(now=0.0) == {TP("results", 0): 6}
-    progress.rewound(TP("results", 0), 6)
-    assert progress.take(events(0, range(10, 12)), generation=1) == []  # still read before the seek
-    assert progress.rewinds(now=0.5) == {} and progress.gaps == 1
-    assert progress.rewinds(now=0.0 + REWIND_RETRY_S) == {TP("results", 0): 6}  # the seek was lost: again
-    assert progress.take(events(0, range(6, 9)), generation=1) == events(0, range(6, 9))
-    assert progress.rewinds(now=10.0) == {}
-
-
-def test_progress_goes_on_from_the_earliest_record_when_the_skipped_ones_are_gone() -> None:
-    progress = Progress(start_of=lambda _tp: None)
-    progress.take(events(0, range(0, 5)), generation=1)
-    progress.take(events(0, range(40, 41)), generation=1)
-    assert progress.rewinds(now=0.0) == {TP("results", 0): 5}
-    progress.rewound(TP("results", 0), 30)  # retention deleted 5..29
-    assert progress.take(events(0, range(30, 32)), generation=1) == events(0, range(30, 32))
-
-
-def test_progress_rewinds_a_partition_whose_generation_starts_past_its_committed_offset() -> None:
-    progress = Progress(start_of={TP("results", 0): 100}.get)
-    assert progress.take(events(0, range(120, 125), generation=4), generation=4) == []  # faust lost 100..119
-    assert progress.rewinds(now=0.0) == {TP("results", 0): 100}
-    progress.rewound(TP("results", 0), 100)
-    assert len(progress.take(events(0, range(100, 125), generation=4), generation=4)) == 25
-
-
-def test_progress_reads_again_a_partition_whose_last_records_never_came() -> None:
-    tp, other = TP("results", 0), TP("results", 1)
-    progress = Progress(start_of={tp: 20, other: 0}.get)
-    progress.finished(progress.take(events(0, range(20, 25)) + events(1, range(0, 3)), generation=1))
-    ends = {tp: 30, other: 3}  # Kafka holds 25..29 of partition 0; partition 1 is read to its end
-    progress.stalled(ends, generation=1, now=100.0)
-    assert progress.rewinds(now=100.0) == {}  # just found waiting: records may be on their way
-    progress.stalled(ends, generation=1, now=100.0 + STALL_S - 0.1)
-    assert progress.rewinds(now=100.0 + STALL_S - 0.1) == {}
-    progress.stalled(ends, generation=1, now=100.0 + STALL_S)
-    assert progress.gaps == 1
-    assert progress.rewinds(now=100.0 + STALL_S) == {tp: 25}
-    assert progress.take(events(0, range(25, 30)), generation=1) == events(0, range(25, 30))
-
-
-def test_progress_leaves_a_partition_alone_while_its_records_are_taken() -> None:
-    tp = TP("results", 0)
-    progress = Progress(start_of={tp: 0}.get)
-    for step in range(10):  # always behind the end, never quiet for STALL_S
-        now = step * STALL_S / 2
-        progress.stalled({tp: 10 * step + 50}, generation=1, now=now)
-        progress.take(events(0, range(10 * step, 10 * step + 10)), generation=1)
-    assert progress.gaps == 0 and progress.rewinds(now=100.0) == {}
-
-
-def test_progress_finds_a_stall_in_a_generation_that_took_no_record_yet() -> None:
-    tp = TP("results", 0)
-    progress = Progress(start_of={tp: 7}.get)
-    progress.take(events(0, range(0, 3)), generation=1)
-    progress.close(1)  # revoked; generation 2 starts and nothing of partition 0 ever comes
-    progress.stalled({tp: 9}, generation=2, now=0.0)
-    progress.stalled({tp: 9}, generation=2, now=STALL_S)
-    assert progress.rewinds(now=STALL_S) == {tp: 7}
+def test_offsets_read_a_partition_again_from_a_record_that_did_not_come() -> None:
+    offsets = Offsets()
+    offsets.assign({TP("results", 0): 0, TP("results", 1): 0})
+    batch, rewinds = offsets.take([(TP("results", 0), records(0, [0, 1, 3, 4])), (TP("results", 1), records(1, range(0, 2)))])
+    assert batch == records(0, range(0, 2)) + records(1, range(0, 2))
+    assert rewinds == {TP("results", 0): 2}
+    batch, rewinds = offsets.take([(TP("results", 0), records(0, range(2, 5)))])  # after the seek
+    assert batch == records(0, range(2, 5)) and rewinds == {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stream.app import update_liveness
+from stream.worker import update_liveness
 from stream.messages import Event, Heartbeat
 
 SITE = {"site": "s1", "machine": "m01"}
