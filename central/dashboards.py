@@ -1,6 +1,6 @@
 """Grafana dashboards as code (grafana-foundation-sdk, pinned in the central extra).
 
-Each panel is one PromQL query over the metrics the edge agents, the bridge, the Faust workers
+Each panel is one PromQL query over the metrics the edge agents, the bridge, the Kafka workers
 and central expose. Every dashboard links to the operator console (``$console``, a text variable:
 the console's base URL as the browser reaches it), and the alert and camera panels link to its
 alert and camera pages. ``write_dashboards`` renders them to JSON for Grafana's file provisioning

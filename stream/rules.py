@@ -1,7 +1,7 @@
 """The pure rules engine: messages in, decisions, alerts and commands out. No I/O, no clocks.
 
-The embedded runner (MQTT, rule states in memory: :class:`BoundedStates`) and the Kafka/Faust
-workers (rule states in Faust tables, changelogged to Kafka) both drive :class:`RulesEngine`, so
+The embedded runner (MQTT, rule states in memory: :class:`BoundedStates`) and the Kafka
+workers (rule states in tables changelogged to Kafka) both drive :class:`RulesEngine`, so
 the same input sequence gives the same output list, message ids included.
 
 How one message is handled:
@@ -186,7 +186,7 @@ def scope_key(rule: RuleConfig, obs: Observation) -> str:
 @dataclass
 class RuleState:
     """What one (rule, scope key) remembers: its window of (event time, value) points in
-    event-time order, its clock, and its hysteresis. Plain data, so that a Faust table (or any
+    event-time order, its clock, and its hysteresis. Plain data, so that a worker's table (or any
     mapping) can hold it; see :meth:`to_dict`."""
 
     points: list[tuple[float, float]] = field(default_factory=list)
@@ -335,10 +335,10 @@ class BoundedStates(MutableMapping[str, RuleState]):
 class RulesEngine:
     """Feeds messages through the rules; see the module docstring for the exact semantics.
 
-    ``scopes`` limits the engine to the rules of those scopes (the Faust worker runs camera and
+    ``scopes`` limits the engine to the rules of those scopes (the Kafka worker runs camera and
     machine rules where messages are partitioned by machine, and line rules after repartitioning
     by line). ``states`` (rule state by ``"<rule>|<scope key>"``) defaults to an in-memory store
-    bounded by ``max_states``; the Faust worker passes each batch's table-backed states (and
+    bounded by ``max_states``; the Kafka worker passes each batch's table-backed states (and
     dedupes in its own tables, :mod:`stream.batches`). The in-memory dedupe (:meth:`accept`) keeps
     at most ``dedupe_max_entries`` ids, one clock per machine. ``max_ahead_s``: how far ahead of
     the ``now`` a runner passes an observation's time may be.

@@ -1,4 +1,4 @@
-"""The rules engine's own counts as Prometheus metrics, for every runner (embedded, Faust worker)."""
+"""The rules engine's own counts as Prometheus metrics, for every runner (embedded, Kafka worker)."""
 
 from __future__ import annotations
 

@@ -135,7 +135,7 @@ def test_prometheus_config_is_valid():
 
 def test_a_real_prometheus_scrapes_every_process_and_runs_every_dashboard_query(mosquitto, kafka, unique_name,
                                                                                   tmp_path):
-    """Debian's prometheus scraping a live edge agent, the bridge, a Faust worker (a process), the
+    """Debian's prometheus scraping a live edge agent, the bridge, a Kafka worker (a process), the
     embedded rules engine and central (with its rollout manager): every target up, every page
     promtool-clean, every metric a dashboard query names is on some page, and Prometheus runs
     every query without an error."""

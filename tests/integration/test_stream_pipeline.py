@@ -1,4 +1,4 @@
-"""Edge messages over a real Mosquitto, the bridge, a real Kafka and real Faust worker processes:
+"""Edge messages over a real Mosquitto, the bridge, a real Kafka and real worker processes:
 decisions, alerts, commands back to the edge, liveness, dead letters, restarts and scale-out."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Faust worker against real Kafka, as separate processes, checked against the pure rules
+"""The Kafka worker against real Kafka, as separate processes, checked against the pure rules
 engine (issue 17): a ``kill -9`` mid-batch and a group that grows and shrinks mid-stream neither
 lose an output nor invent one.
 

@@ -1,5 +1,6 @@
-"""Worker failover (issue 13, defect 6): after a ``kill -9`` of a Faust worker, the worker started
-in its place processes records within seconds, not after Faust's default 60 s session timeout."""
+"""Worker failover (issue 13, defect 6): after a ``kill -9`` of a worker, the worker started
+in its place processes records within seconds, not after a 60 s session timeout (Faust's default,
+which the first workers ran)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A real Faust worker on a real Kafka: a result a year ahead must not silence its machine (issue
+"""A real worker on a real Kafka: a result a year ahead must not silence its machine (issue
 13, defect 1: m01 got 0 of 20 expected decisions, and the worker never recovered, its rule state
 being in Kafka). Records go straight to Kafka, as a bridge without checks would have put them."""
 

@@ -1,4 +1,4 @@
-"""The Faust worker against a real Kafka (issue 13): late drops show in its metrics (defect 3), and
+"""The Kafka worker against a real Kafka (issue 13): late drops show in its metrics (defect 3), and
 an anomaly level that overflows to infinity neither crashes an agent nor loses its alert (defect 5)."""
 
 from __future__ import annotations

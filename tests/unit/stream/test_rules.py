@@ -121,7 +121,7 @@ def test_anomaly_observation_carries_the_alarm_channels_else_the_top_channels() 
     assert observations(top.model_copy(update={"alarm": event}))[0].channels == ("Voltage",)
     assert observations(anomaly(5.0, 1.7))[0].channels == ()
     (obs,) = observations(top)
-    assert Observation.from_dict(json.loads(json.dumps(obs.to_dict()))) == obs  # as the Faust worker forwards it
+    assert Observation.from_dict(json.loads(json.dumps(obs.to_dict()))) == obs  # as a worker forwards it
     old = {k: v for k, v in obs.to_dict().items() if k != "channels"}  # forwarded by a worker before this field
     assert Observation.from_dict(old).channels == ()
 
@@ -661,7 +661,7 @@ def test_anomaly_level_is_score_over_threshold() -> None:
 
 
 class JsonStates(dict):
-    """A mapping that keeps rule states only as JSON-ready dicts, as a Faust table does."""
+    """A mapping that keeps rule states only as JSON-ready dicts, as a worker's table does."""
 
     def __getitem__(self, key: str) -> RuleState:
         return RuleState.from_dict(json.loads(super().__getitem__(key)))
@@ -712,7 +712,7 @@ def test_json_backed_states_give_the_same_outputs(seed):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_machine_and_line_engines_together_equal_one_engine(seed):
-    """The Faust worker's split: camera/machine rules where messages are partitioned by machine,
+    """The Kafka worker's split: camera/machine rules where messages are partitioned by machine,
     line rules on the observations forwarded (repartitioned) by line."""
     lines = {"m01": "L1", "m02": "L1", "m03": "L2"}
     messages = mixed_site_messages(seed)
