@@ -58,9 +58,9 @@ class TP(NamedTuple):
     partition: int
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
-    """Where a record was read: topic, partition, offset."""
+class Position(NamedTuple):
+    """Where a record was read: topic, partition, offset (a tuple: the worker makes one per record,
+    and a frozen dataclass's ``__init__`` costs several times a tuple's)."""
 
     topic: str
     partition: int
@@ -75,7 +75,7 @@ class Position:
         return f"{self.topic}/{self.partition}"
 
     def __str__(self) -> str:
-        return f"{self.source}/{self.offset}"
+        return f"{self.topic}/{self.partition}/{self.offset}"
 
 
 Pending = list[Awaitable[Any]]
@@ -122,7 +122,8 @@ class StateCache(MutableMapping[str, RuleState]):
         record, position = self._origin(obs)
         entry = self._load(key, record)
         held = entry.held
-        if held is not None and held.source == position.source and position.offset <= held.offset:
+        if (held is not None and position.offset <= held.offset and held.partition == position.partition
+                and held.topic == position.topic):
             return False
         entry.record, entry.newest = record, position
         return True
