@@ -96,7 +96,9 @@ def test_good_package_everywhere_then_a_slow_one_rolled_back(fleet, unique_name,
 
     good = httpx.post(f"{base}/rollouts", headers=AUTH, json={
         "package": "seg-synth-1.0.0-fp32", "model": "seg", "machines": MACHINES, "stages": [0, 1.0],
-        "soak_s": 2, "max_latency_ratio": 10.0}).json()  # fp32 is honestly slower than int8
+        "soak_s": 2, "max_latency_ratio": 100.0}).json()  # fp32 is slower than int8, and at ~1.6 ms a
+    # p95 under CI load reached 10.8x (a failed run): this rollout is about reaching every machine;
+    # the latency gate is the slow package's test below
     assert good["previous"] == "seg-synth-1.0.0-int8"
     done = wait_phase(base, good["id"], {"completed", "rolled_back"})
     assert done["phase"] == "completed", (done["failure"], done["history"])
