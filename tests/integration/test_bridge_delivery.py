@@ -195,8 +195,18 @@ def test_acks_of_records_in_flight_at_stop_reach_the_broker_before_the_bridge_di
     first = MqttKafkaBridge(unique_name, settings, kafka.bootstrap, topics=topics, forward_commands=False)
     first.start()
     probe = mqtt_probe(mosquitto)
-    stream = [result(unique_name, "m01", seq) for seq in range(400)]
-    sender = threading.Thread(target=publish, args=(probe, stream), name=f"{unique_name}-publish")
+    stream: list[Result] = []
+    sending = threading.Event()
+    sending.set()
+
+    def keep_publishing() -> None:  # until the stop: a fixed 400 could all be acked before a poll saw one in flight
+        for seq in range(20_000):
+            if not sending.is_set():
+                return
+            publish(probe, [message := result(unique_name, "m01", seq)])
+            stream.append(message)
+
+    sender = threading.Thread(target=keep_publishing, name=f"{unique_name}-publish")
     sender.start()
     try:
         wait_for(lambda: first._acks.pending() > 0 and first.metrics.received.labels("result")._value.get() >= 50,
@@ -204,11 +214,12 @@ def test_acks_of_records_in_flight_at_stop_reach_the_broker_before_the_bridge_di
         in_flight = first._acks.pending()
         first.stop()
     finally:
+        sending.clear()
         sender.join(30)
         first.stop()
     taken = first.metrics.received.labels("result")._value.get()
     assert in_flight > 0 and first._acks.pending() == 0  # every record in flight at stop was acked during it
-    marker = result(unique_name, "m01", 999)
+    marker = result(unique_name, "m01", 1_000_000)
     publish(probe, [marker])
     second = MqttKafkaBridge(unique_name, settings, kafka.bootstrap, topics=topics, forward_commands=False)
     second.start()
