@@ -57,6 +57,7 @@ from stream.mqtt import MqttClient, MqttSettings
 from stream.rule_config import RuleConfig
 from stream.rules import RulesEngine
 from stream.topics import KafkaTopics, topic_for
+from stream.worker import worker_group
 
 SITE = "benchsite"
 REPLAY_CHUNK = 2_000
@@ -566,7 +567,7 @@ def kafka_replay(messages: list[Envelope], kafka: KafkaBroker, mosquitto: Mosqui
     print(f"replay: {len(messages):,} messages produced to Kafka in {time.monotonic() - started:.1f} s", flush=True)
     bare = bare_consumer_rate(kafka.bootstrap, topics, REPLAY_PARTITIONS, len(messages))
     input_topics = [topics.for_kind(k) for k in ("result", "anomaly", "heartbeat")]
-    probe = LagProbe(kafka.bootstrap, f"{prefix}-worker-{REPLAY_SITE}", [*input_topics, topics.line_observations])
+    probe = LagProbe(kafka.bootstrap, worker_group(prefix, REPLAY_SITE), [*input_topics, topics.line_observations])
     kafka_ps = psutil.Process(kafka.pid)
     worker = Process("replay-worker", ["stream", "worker", "-c", str(config)], workdir)
     spy: list[subprocess.Popen[bytes] | None] = [None]
@@ -743,7 +744,7 @@ def site_rows(seconds: float, machine_steps: tuple[int, ...], window_ms: float, 
     rows = []
     try:
         _wait_until(lambda: all(p.metrics() for p in (bridge, *workers)), 120, "bridge/workers metrics did not answer")
-        probe = LagProbe(kafka.bootstrap, f"{prefix}-worker-{SITE}", worker_input_topics(topics))
+        probe = LagProbe(kafka.bootstrap, worker_group(prefix, SITE), worker_input_topics(topics))
         site.start()
         site.set_machines(1)  # a trickle until the group consumes: a cold worker's start is no backlog to measure
         _wait_until(lambda: sum(_sum(w.metrics(), "edgeline_worker_messages_total") for w in workers) > 0, 180,

@@ -50,6 +50,12 @@ class Record(Protocol):
     @property
     def offset(self) -> int: ...
 
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
 
 class TP(NamedTuple):
     """A topic partition (aiokafka's ``TopicPartition`` is one as well)."""

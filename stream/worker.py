@@ -91,7 +91,7 @@ tables' live states and marks, took a sixth of the worker's CPU on the replay be
 collections every 50,000 net allocations still cost about a tenth. Garbage without cycles is
 freed at once either way; only cycles wait longer."""
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-RULE_TABLES = ("rule-states", "rule-marks", "line-rule-states", "line-rule-marks")
+TABLES = ("rule-states", "rule-marks", "line-rule-states", "line-rule-marks", "liveness")
 Send = tuple[str, bytes, bytes, float | None]
 """A record to produce: topic, key, value, timestamp (s)."""
 
@@ -177,14 +177,14 @@ class RuleBatch:
         self.messages.append((record, observed))
 
 
-def worker_group(site: StreamSite) -> str:
+def worker_group(topic_prefix: str, site: str) -> str:
     """The consumer group of a site's workers."""
-    return f"{site.stream.topic_prefix}-worker-{site.site}"
+    return f"{topic_prefix}-worker-{site}"
 
 
 def changelogs(group: str) -> dict[str, Mapping[str, str]]:
     """The changelog topics of a group's tables, with their configs (to create them)."""
-    return {changelog_topic(group, name): CHANGELOG_CONFIG for name in (*RULE_TABLES, "liveness")}
+    return {changelog_topic(group, name): CHANGELOG_CONFIG for name in TABLES}
 
 
 class Worker:
@@ -196,7 +196,7 @@ class Worker:
         self.site = site
         self.cfg = cfg
         self.metrics = metrics or WorkerMetrics()
-        self.group = worker_group(site)
+        self.group = worker_group(cfg.topic_prefix, site.site)
         self.topics = cfg.topics()
         self.machine_topics = {self.topics.for_kind("result"), self.topics.for_kind("anomaly")}
         self.liveness_topics = {self.topics.for_kind("heartbeat"), self.topics.for_kind("event"),
@@ -209,7 +209,7 @@ class Worker:
         self.producer = AIOKafkaProducer(bootstrap_servers=cfg.kafka, client_id=self.group, acks="all",
                                          enable_idempotence=True, linger_ms=5, max_batch_size=256 * 1024)
         self.tables = {name: ChangelogTable(name, changelog_topic(self.group, name), self.producer)
-                       for name in (*RULE_TABLES, "liveness")}
+                       for name in TABLES}
         self.checkpoints = {stage: Checkpoint(self.tables[f"{prefix}rule-states"], self.tables[f"{prefix}rule-marks"],
                                               site.engine.dedupe_ttl_s)
                             for stage, prefix in (("machine-stage", ""), ("line-stage", "line-"))}
@@ -248,12 +248,12 @@ class Worker:
             await self._close(failed)
 
     async def _consume(self) -> None:
-        batch_s = self.cfg.workers.batch_ms / 1000.0
         next_commit = time.monotonic() + COMMIT_INTERVAL_S
         liveness_every = max(0.5, self.cfg.heartbeat_timeout_s / 4)
         next_liveness = time.monotonic() + liveness_every
         while not self._stopping.is_set():
-            fetched = await self.consumer.getmany(timeout_ms=int(batch_s * 1000), max_records=self.cfg.workers.batch_max)
+            fetched = await self.consumer.getmany(timeout_ms=int(self.cfg.workers.batch_ms),
+                                                  max_records=self.cfg.workers.batch_max)
             self._raise_failure()
             async with self.lock:
                 self._raise_failure()
@@ -543,11 +543,11 @@ class Worker:
 
 
 def _value(record: Record) -> bytes:
-    return getattr(record, "value", None) or b""
+    return record.value or b""
 
 
 def _key(record: Record) -> bytes:
-    return getattr(record, "key", None) or b""
+    return record.key or b""
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -649,7 +649,7 @@ def run_worker(site: StreamSite, metrics_port: int | None = None) -> None:
 
     metrics = WorkerMetrics()
     ensure_topics(site.stream.kafka, site.stream.topics(), site.stream.partitions, site.stream.replication,
-                  configured=changelogs(worker_group(site)))
+                  configured=changelogs(worker_group(site.stream.topic_prefix, site.site)))
     if metrics_port is not None:
         start_http_server(metrics_port, registry=metrics.registry)
     try:

@@ -22,6 +22,7 @@ from edgeline.config import SiteConfig, load
 from edgeline.services import free_port, scrape_metrics
 from stream.kafka import close_producer, reliable_producer
 from stream.messages import Envelope, parse_message
+from stream.worker import worker_group as stream_worker_group
 
 EDGELINE = [sys.executable, "-m", "edgeline.cli"]
 
@@ -149,8 +150,8 @@ def read_json(bootstrap: str, topic: str, **kwargs: Any) -> list[dict[str, Any]]
 
 
 def worker_group(site: SiteConfig) -> str:
-    """The consumer group of a site's workers (``stream.worker.worker_group``)."""
-    return f"{site.stream.topic_prefix}-worker-{site.site}"
+    """The consumer group of a site's workers."""
+    return stream_worker_group(site.stream.topic_prefix, site.site)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str | Callable[[], str],
